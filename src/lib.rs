@@ -1,0 +1,26 @@
+//! strata: exact CPU references and (coming) fused CUDA kernels for the interfaces between frozen
+//! self-supervised speech upstreams (HuBERT, wav2vec2/XLSR, WavLM) and downstream heads.
+//!
+//! Layers, bottom to top:
+//! - [`tensor`], [`runtime`]: tensors and devices.
+//! - [`ops`]: each op's readable CPU reference, forward and backward, generic over f32/f64.
+//! - [`autograd`]: a minimal tape and parameter store; [`optim`]: Adam/AdamW, grad clipping.
+//! - [`models`]: the interfaces (WS, HConv, Concat+Proj, GroupWS, single layer, CLS pooling) and
+//!   the SUPERB heads; losses (CTC, cross-entropy) are tape ops.
+
+pub mod autograd;
+pub mod batch;
+pub mod error;
+pub mod io;
+pub mod models;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+pub mod runtime;
+pub mod tensor;
+
+pub use autograd::{ParamId, ParamStore, Tape, Var};
+pub use batch::PackedBatch;
+pub use error::{Error, Result};
+pub use ops::ctc::Reduction;
+pub use tensor::{DType, Device, Tensor};

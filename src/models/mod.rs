@@ -1,0 +1,5 @@
+//! The mission's trainable modules: interfaces (hidden-state stack -> features) and downstream heads.
+
+pub mod head;
+pub mod interface;
+pub mod nn;

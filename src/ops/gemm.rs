@@ -1,0 +1,130 @@
+//! Row-major matrix products on top of `matrixmultiply` (strided, so transposes cost nothing).
+//! `C = beta*C + A·B` with A either [m,k] or stored transposed as [k,m], B either [k,n] or [n,k].
+
+use super::Real;
+
+/// Whether an operand is stored as written (`N`) or transposed (`T`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Trans {
+    N,
+    T,
+}
+
+/// `c[m,n] = beta * c + op(a) · op(b)` where op(a) is [m,k] and op(b) is [k,n].
+///
+/// `a` is stored [m,k] for `Trans::N` or [k,m] for `Trans::T`; `b` is [k,n] or [n,k]. `c` must be
+/// m*n long. With beta == 0 the previous contents of `c` are ignored (even NaN).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<R: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[R],
+    ta: Trans,
+    b: &[R],
+    tb: Trans,
+    beta: R,
+    c: &mut [R],
+) {
+    assert_eq!(
+        a.len(),
+        m * k,
+        "gemm: a has {} elements, expected {m}x{k}",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "gemm: b has {} elements, expected {k}x{n}",
+        b.len()
+    );
+    assert_eq!(
+        c.len(),
+        m * n,
+        "gemm: c has {} elements, expected {m}x{n}",
+        c.len()
+    );
+    if k == 0 {
+        if beta == R::ZERO {
+            c.iter_mut().for_each(|x| *x = R::ZERO);
+        } else {
+            c.iter_mut().for_each(|x| *x *= beta);
+        }
+        return;
+    }
+    // matrixmultiply documents that beta == 0 overwrites C without reading it (NaN-safe).
+    let (rsa, csa) = match ta {
+        Trans::N => (k as isize, 1),
+        Trans::T => (1, m as isize),
+    };
+    let (rsb, csb) = match tb {
+        Trans::N => (n as isize, 1),
+        Trans::T => (1, k as isize),
+    };
+    R::gemm_raw(
+        m,
+        k,
+        n,
+        R::ONE,
+        a,
+        rsa,
+        csa,
+        b,
+        rsb,
+        csb,
+        beta,
+        c,
+        n as isize,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: &[f64], ta: Trans, b: &[f64], tb: Trans) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..k {
+                    let av = if ta == Trans::N {
+                        a[i * k + p]
+                    } else {
+                        a[p * m + i]
+                    };
+                    let bv = if tb == Trans::N {
+                        b[p * n + j]
+                    } else {
+                        b[j * k + p]
+                    };
+                    s += av * bv;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_transposes_match_naive() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.11).cos()).collect();
+        for ta in [Trans::N, Trans::T] {
+            for tb in [Trans::N, Trans::T] {
+                let mut c = vec![f64::NAN; m * n];
+                gemm(m, k, n, &a, ta, &b, tb, 0.0, &mut c);
+                let r = naive(m, k, n, &a, ta, &b, tb);
+                for (x, y) in c.iter().zip(&r) {
+                    assert!((x - y).abs() < 1e-12, "{ta:?} {tb:?}: {x} vs {y}");
+                }
+                let mut c2 = r.clone();
+                gemm(m, k, n, &a, ta, &b, tb, 1.0, &mut c2);
+                for (x, y) in c2.iter().zip(&r) {
+                    assert!((x - 2.0 * y).abs() < 1e-12);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! CPU reference ops: one op family per file, each a plain forward and backward over slices.
+//!
+//! Every op is generic over [`Real`] so the same code runs in f32 (the engine) and in f64 (the
+//! finite-difference gradient checks). These are the references the CUDA kernels are tested against.
+
+pub mod activation;
+pub mod attention;
+pub mod cross_entropy;
+pub mod ctc;
+pub mod dropout;
+pub mod gemm;
+pub mod layer_conv;
+pub mod layer_sum;
+pub mod layernorm;
+pub mod linear;
+pub mod pooling;
+pub mod shape;
+pub mod softmax;
+
+use std::fmt::Debug;
+use std::iter::Sum;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// The float types the reference ops compute in.
+pub trait Real:
+    Copy
+    + Debug
+    + Default
+    + PartialOrd
+    + Send
+    + Sync
+    + Sum
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
+    fn max(self, o: Self) -> Self;
+    fn is_finite(self) -> bool;
+    /// C[m,n] = alpha * A·B + beta * C, row-major with explicit strides (see [`gemm`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: &[Self],
+        rsa: isize,
+        csa: isize,
+        b: &[Self],
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: &mut [Self],
+        rsc: isize,
+    );
+}
+
+macro_rules! impl_real {
+    ($t:ty, $erf:path, $gemm:path) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            #[inline]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline]
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+            #[inline]
+            fn max(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
+            #[inline]
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
+            }
+            fn gemm_raw(
+                m: usize,
+                k: usize,
+                n: usize,
+                alpha: Self,
+                a: &[Self],
+                rsa: isize,
+                csa: isize,
+                b: &[Self],
+                rsb: isize,
+                csb: isize,
+                beta: Self,
+                c: &mut [Self],
+                rsc: isize,
+            ) {
+                if m == 0 || n == 0 {
+                    return;
+                }
+                // SAFETY: the callers in `gemm` check every slice against m, k, n and the strides.
+                unsafe {
+                    $gemm(
+                        m,
+                        k,
+                        n,
+                        alpha,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        beta,
+                        c.as_mut_ptr(),
+                        rsc,
+                        1,
+                    )
+                }
+            }
+        }
+    };
+}
+
+impl_real!(f32, libm::erff, matrixmultiply::sgemm);
+impl_real!(f64, libm::erf, matrixmultiply::dgemm);

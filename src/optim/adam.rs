@@ -1,0 +1,141 @@
+//! Adam and AdamW as torch.optim's single-tensor implementation (foreach=False, the CPU default):
+//!
+//!   Adam:  g += wd * p                     AdamW: p *= 1 - lr * wd
+//!   m.lerp_(g, 1 - b1);  v = b2 * v + (1 - b2) * g * g
+//!   denom = sqrt(v) / sqrt(1 - b2^t) + eps;  p -= lr / (1 - b1^t) * m / denom
+//!
+//! Scalars (bias corrections, step size) are computed in f64 as Python does and rounded to f32 when
+//! they meet a tensor, as PyTorch's CPU kernels do.
+
+use crate::autograd::ParamStore;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// true: AdamW (decoupled decay); false: Adam (L2 added to the gradient).
+    pub decoupled: bool,
+}
+
+impl AdamConfig {
+    /// torch.optim.Adam defaults.
+    pub fn adam(lr: f64) -> Self {
+        AdamConfig {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: false,
+        }
+    }
+    /// torch.optim.AdamW defaults (weight_decay 0.01).
+    pub fn adamw(lr: f64) -> Self {
+        AdamConfig {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decoupled: true,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = self.lr >= 0.0
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps >= 0.0
+            && self.weight_decay >= 0.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Config(format!("Adam hyper-parameters out of range: {self:?} (need lr >= 0, 0 <= betas < 1, eps >= 0, weight_decay >= 0)")))
+        }
+    }
+}
+
+/// Optimizer state: step count and first/second moments per parameter (fp32).
+#[derive(Clone, Debug)]
+pub struct Adam {
+    pub config: AdamConfig,
+    pub step: u64,
+    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg_sq: Vec<Vec<f32>>,
+}
+
+impl Adam {
+    pub fn new(config: AdamConfig, store: &ParamStore) -> Result<Self> {
+        config.validate()?;
+        let zeros = || {
+            store
+                .iter()
+                .map(|p| vec![0.0f32; p.value.numel()])
+                .collect()
+        };
+        Ok(Adam {
+            config,
+            step: 0,
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+        })
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// One update of every parameter from its accumulated gradient.
+    pub fn step(&mut self, store: &mut ParamStore) -> Result<()> {
+        if self.exp_avg.len() != store.len() {
+            return Err(Error::Config(format!(
+                "optimizer was built for {} parameters but the store has {}",
+                self.exp_avg.len(),
+                store.len()
+            )));
+        }
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as f64;
+        let bias_correction1 = 1.0 - c.beta1.powf(t);
+        let bias_correction2 = 1.0 - c.beta2.powf(t);
+        let step_size = (c.lr / bias_correction1) as f32;
+        let bc2_sqrt = bias_correction2.sqrt() as f32;
+        let (b1w, b2, one_minus_b2) = (
+            (1.0 - c.beta1) as f32,
+            c.beta2 as f32,
+            (1.0 - c.beta2) as f32,
+        );
+        let (eps, wd) = (c.eps as f32, c.weight_decay as f32);
+        let decay = (1.0 - c.lr * c.weight_decay) as f32;
+        for (i, id) in store.ids().collect::<Vec<_>>().into_iter().enumerate() {
+            let p = store.get_mut(id);
+            let grad = std::mem::take(&mut p.grad);
+            let mut value = p.value.to_vec();
+            let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
+            for j in 0..value.len() {
+                let mut g = grad[j];
+                if c.decoupled {
+                    if c.weight_decay != 0.0 {
+                        value[j] *= decay;
+                    }
+                } else if c.weight_decay != 0.0 {
+                    g += wd * value[j];
+                }
+                // torch.lerp with weight < 0.5: self + weight * (end - self).
+                m[j] += b1w * (g - m[j]);
+                v[j] = v[j] * b2 + one_minus_b2 * g * g;
+                let denom = v[j].sqrt() / bc2_sqrt + eps;
+                value[j] += -step_size * (m[j] / denom);
+            }
+            let shape = p.value.shape().to_vec();
+            p.value = crate::tensor::Tensor::from_vec(value, &shape)?;
+            p.grad = grad;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,140 @@
+//! Shared test helpers: reading the PyTorch fixtures (tools/gen_fixtures.py) and comparing tensors.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use strata::{ParamStore, Tensor};
+
+pub struct Fixture {
+    pub name: String,
+    floats: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    ints: HashMap<String, Vec<i64>>,
+}
+
+impl Fixture {
+    pub fn load(file: &str) -> Fixture {
+        let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e} (regenerate: python tools/gen_fixtures.py)"));
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        let mut floats = HashMap::new();
+        let mut ints = HashMap::new();
+        for (k, v) in st.tensors() {
+            match v.dtype() {
+                safetensors::Dtype::F32 => {
+                    let d = v
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    floats.insert(k.clone(), (v.shape().to_vec(), d));
+                }
+                safetensors::Dtype::I64 => {
+                    let d = v
+                        .data()
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
+                    ints.insert(k.clone(), d);
+                }
+                other => panic!("{file}: tensor {k} has unexpected dtype {other:?}"),
+            }
+        }
+        Fixture {
+            name: file.to_string(),
+            floats,
+            ints,
+        }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.floats.contains_key(key) || self.ints.contains_key(key)
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self
+            .floats
+            .keys()
+            .chain(self.ints.keys())
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    }
+
+    pub fn f(&self, key: &str) -> &[f32] {
+        &self
+            .floats
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+            .1
+    }
+
+    pub fn shape(&self, key: &str) -> &[usize] {
+        &self
+            .floats
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+            .0
+    }
+
+    pub fn tensor(&self, key: &str) -> Tensor {
+        Tensor::from_vec(self.f(key).to_vec(), self.shape(key)).unwrap()
+    }
+
+    pub fn usizes(&self, key: &str) -> Vec<usize> {
+        self.ints
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no int tensor {key}", self.name))
+            .iter()
+            .map(|&v| v as usize)
+            .collect()
+    }
+
+    /// Sets every parameter of `store` from `prefix + name`.
+    pub fn load_params(&self, store: &mut ParamStore, prefix: &str) {
+        let ids: Vec<_> = store.ids().collect();
+        for id in ids {
+            let key = format!("{prefix}{}", store.get(id).name);
+            store
+                .set_value(id, self.tensor(&key))
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+    }
+}
+
+/// max|got - want| / max|want|: the error relative to the tensor's scale (elementwise relative
+/// error is meaningless for entries that are zero up to rounding).
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+    if scale == 0.0 {
+        err
+    } else {
+        err / scale
+    }
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite values"
+    );
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+/// Splits packed targets by their lengths.
+pub fn split_targets(flat: &[usize], lengths: &[usize]) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    let mut o = 0;
+    for &l in lengths {
+        out.push(flat[o..o + l].to_vec());
+        o += l;
+    }
+    out
+}
