@@ -162,6 +162,15 @@ impl Tensor {
         })
     }
 
+    /// The index of the first NaN or infinite element, if any.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match &self.storage {
+            Storage::F32(v) => v.iter().position(|x| !x.is_finite()),
+            Storage::BF16(v) => v.iter().position(|x| !x.is_finite()),
+            Storage::F16(v) => v.iter().position(|x| !x.is_finite()),
+        }
+    }
+
     /// The single value of a one-element tensor.
     pub fn item(&self) -> Result<f32> {
         if self.numel() != 1 {

@@ -99,6 +99,13 @@ pub trait Interface: Send + Sync {
                 format!("{s:?}"),
             ));
         }
+        if let Some(i) = tape.value(stack).first_non_finite() {
+            let (frame, layer) = (i / (cfg.layers * cfg.dim), (i / cfg.dim) % cfg.layers);
+            return Err(Error::value(
+                "interface input (hidden-state stack)",
+                format!("NaN or Inf at frame {frame}, layer {layer}: check the upstream's input audio and weights"),
+            ));
+        }
         let stack = if cfg.normalize {
             tape.layer_norm(stack, None, 1e-5)?
         } else {

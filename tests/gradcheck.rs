@@ -1,0 +1,308 @@
+//! Finite-difference gradient checks in f64 for every reference op: the analytic backward of each
+//! op against central differences of its forward, through the probe loss sum(r * f(x)).
+
+use strata::ops::{self, attention::AttnGeom, layer_conv::ConvGeom};
+
+/// Deterministic pseudo-random values in (-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = strata::rng::Rng::new(seed);
+    (0..n)
+        .map(|_| rng.uniform(-1.0, 1.0) as f64 + 1e-3 * rng.next_f64())
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Checks `analytic` = d loss / d x at up to 40 evenly spread coordinates, loss(x) a scalar.
+#[track_caller]
+fn check(what: &str, x: &[f64], analytic: &[f64], loss: impl Fn(&[f64]) -> f64) {
+    assert_eq!(x.len(), analytic.len(), "{what}: gradient length");
+    let h = 1e-5;
+    let step = (x.len() / 40).max(1);
+    let mut xp = x.to_vec();
+    for i in (0..x.len()).step_by(step) {
+        xp[i] = x[i] + h;
+        let up = loss(&xp);
+        xp[i] = x[i] - h;
+        let down = loss(&xp);
+        xp[i] = x[i];
+        let numeric = (up - down) / (2.0 * h);
+        let err = (numeric - analytic[i]).abs();
+        assert!(
+            err <= 1e-6 * (1.0 + numeric.abs()),
+            "{what}[{i}]: analytic {} vs numeric {numeric}",
+            analytic[i]
+        );
+    }
+}
+
+#[test]
+fn linear() {
+    let (rows, i, o) = (4, 5, 3);
+    let (x, w, b, r) = (
+        rand_vec(rows * i, 1),
+        rand_vec(o * i, 2),
+        rand_vec(o, 3),
+        rand_vec(rows * o, 4),
+    );
+    let (dx, dw, db) = ops::linear::backward(&x, rows, i, &w, o, &r, true);
+    check("linear dx", &x, &dx.unwrap(), |x| {
+        dot(&r, &ops::linear::forward(x, rows, i, &w, o, Some(&b)))
+    });
+    check("linear dw", &w, &dw, |w| {
+        dot(&r, &ops::linear::forward(&x, rows, i, w, o, Some(&b)))
+    });
+    check("linear db", &b, &db, |b| {
+        dot(&r, &ops::linear::forward(&x, rows, i, &w, o, Some(b)))
+    });
+}
+
+#[test]
+fn activations() {
+    // Keep ReLU inputs away from its kink.
+    let x: Vec<f64> = rand_vec(30, 5)
+        .iter()
+        .map(|v| if v.abs() < 0.05 { v + 0.1 } else { *v } * 3.0)
+        .collect();
+    let r = rand_vec(30, 6);
+    let y = ops::activation::relu_forward(&x);
+    check("relu", &x, &ops::activation::relu_backward(&y, &r), |x| {
+        dot(&r, &ops::activation::relu_forward(x))
+    });
+    check("gelu", &x, &ops::activation::gelu_backward(&x, &r), |x| {
+        dot(&r, &ops::activation::gelu_forward(x))
+    });
+}
+
+#[test]
+fn layer_norm() {
+    let d = 7;
+    let (x, w, b, r) = (
+        rand_vec(4 * d, 7),
+        rand_vec(d, 8),
+        rand_vec(d, 9),
+        rand_vec(4 * d, 10),
+    );
+    let f = |x: &[f64], w: &[f64], b: &[f64]| {
+        dot(&r, &ops::layernorm::forward(x, d, Some((w, b)), 1e-5).0)
+    };
+    let (_, saved) = ops::layernorm::forward(&x, d, Some((&w, &b)), 1e-5);
+    let (dx, dp) = ops::layernorm::backward(&x, d, Some(&w), &saved, &r);
+    let (dw, db) = dp.unwrap();
+    check("ln dx", &x, &dx, |x| f(x, &w, &b));
+    check("ln dw", &w, &dw, |w| f(&x, w, &b));
+    check("ln db", &b, &db, |b| f(&x, &w, b));
+    let (_, saved) = ops::layernorm::forward(&x, d, None, 1e-5);
+    let (dx, _) = ops::layernorm::backward(&x, d, None, &saved, &r);
+    check("ln plain dx", &x, &dx, |x| {
+        dot(&r, &ops::layernorm::forward(x, d, None, 1e-5).0)
+    });
+}
+
+#[test]
+fn softmax_and_log_softmax() {
+    let d = 6;
+    let (x, r) = (rand_vec(3 * d, 11), rand_vec(3 * d, 12));
+    let y = ops::softmax::softmax_forward(&x, d);
+    check(
+        "softmax",
+        &x,
+        &ops::softmax::softmax_backward(&y, &r, d),
+        |x| dot(&r, &ops::softmax::softmax_forward(x, d)),
+    );
+    let y = ops::softmax::log_softmax_forward(&x, d);
+    check(
+        "log_softmax",
+        &x,
+        &ops::softmax::log_softmax_backward(&y, &r, d),
+        |x| dot(&r, &ops::softmax::log_softmax_forward(x, d)),
+    );
+}
+
+#[test]
+fn dropout() {
+    let (x, r) = (rand_vec(50, 13), rand_vec(50, 14));
+    check("dropout", &x, &ops::dropout::backward(&r, 0.3, 99), |x| {
+        dot(&r, &ops::dropout::forward(x, 0.3, 99))
+    });
+}
+
+#[test]
+fn masked_mean_pooling() {
+    let (c, offsets) = (3, [0usize, 2, 7, 8]);
+    let (x, r) = (rand_vec(8 * c, 15), rand_vec(3 * c, 16));
+    check(
+        "mean_pool",
+        &x,
+        &ops::pooling::mean_backward(&r, c, &offsets),
+        |x| dot(&r, &ops::pooling::mean_forward(x, c, &offsets)),
+    );
+}
+
+#[test]
+fn layer_axis_convolution() {
+    for (i, g) in [
+        ConvGeom {
+            l_in: 13,
+            c_in: 4,
+            c_out: 5,
+            kernel: 5,
+            stride: 3,
+            pad: 2,
+        },
+        ConvGeom {
+            l_in: 5,
+            c_in: 3,
+            c_out: 2,
+            kernel: 5,
+            stride: 3,
+            pad: 2,
+        },
+        ConvGeom {
+            l_in: 7,
+            c_in: 2,
+            c_out: 3,
+            kernel: 4,
+            stride: 2,
+            pad: 2,
+        },
+        ConvGeom {
+            l_in: 2,
+            c_in: 3,
+            c_out: 3,
+            kernel: 5,
+            stride: 3,
+            pad: 2,
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = 3;
+        let seed = 20 + 4 * i as u64;
+        let (x, w, b) = (
+            rand_vec(n * g.l_in * g.c_in, seed),
+            rand_vec(g.c_out * g.c_in * g.kernel, seed + 1),
+            rand_vec(g.c_out, seed + 2),
+        );
+        let r = rand_vec(n * g.l_out() * g.c_out, seed + 3);
+        let (dx, dw, db) = ops::layer_conv::backward(&x, n, &w, &g, &r, true);
+        let f =
+            |x: &[f64], w: &[f64], b: &[f64]| dot(&r, &ops::layer_conv::forward(x, n, w, b, &g));
+        check(&format!("conv{i} dx"), &x, &dx.unwrap(), |x| f(x, &w, &b));
+        check(&format!("conv{i} dw"), &w, &dw, |w| f(&x, w, &b));
+        check(&format!("conv{i} db"), &b, &db, |b| f(&x, &w, b));
+    }
+}
+
+#[test]
+fn layer_weighted_sum_over_a_range() {
+    let (n, l, d) = (4, 7, 5);
+    for (first, k) in [(0usize, 7usize), (2, 3)] {
+        let (x, w, r) = (
+            rand_vec(n * l * d, 40 + first as u64),
+            rand_vec(k, 41),
+            rand_vec(n * d, 42),
+        );
+        let (dw, dx) = ops::layer_sum::backward(&x, l, d, first, &w, &r, true);
+        check("ws dw", &w, &dw, |w| {
+            dot(&r, &ops::layer_sum::forward(&x, l, d, first, w))
+        });
+        check("ws dx", &x, &dx.unwrap(), |x| {
+            dot(&r, &ops::layer_sum::forward(x, l, d, first, &w))
+        });
+    }
+}
+
+#[test]
+fn attention() {
+    let g = AttnGeom {
+        sq: 2,
+        sk: 5,
+        heads: 2,
+        head_dim: 3,
+    };
+    let n = 3;
+    let e = g.heads * g.head_dim;
+    let (q, k, v) = (
+        rand_vec(n * g.sq * e, 50),
+        rand_vec(n * g.sk * e, 51),
+        rand_vec(n * g.sk * e, 52),
+    );
+    let r = rand_vec(n * g.sq * e, 53);
+    let (_, probs) = ops::attention::forward(&q, &k, &v, n, &g);
+    let (dq, dk, dv) = ops::attention::backward(&q, &k, &v, &probs, &r, n, &g);
+    let f = |q: &[f64], k: &[f64], v: &[f64]| dot(&r, &ops::attention::forward(q, k, v, n, &g).0);
+    check("attn dq", &q, &dq, |q| f(q, &k, &v));
+    check("attn dk", &k, &dk, |k| f(&q, k, &v));
+    check("attn dv", &v, &dv, |v| f(&q, &k, v));
+}
+
+#[test]
+fn ctc() {
+    let v = 5;
+    let offsets = [0usize, 6, 10];
+    let targets = [1usize, 1, 2, 3];
+    let toff = [0usize, 3, 4];
+    let raw = rand_vec(10 * v, 60);
+    // The loss is defined for any log-probabilities, normalised or not.
+    let lp: Vec<f64> = ops::softmax::log_softmax_forward(&raw, v);
+    for red in [ops::ctc::Reduction::Mean, ops::ctc::Reduction::Sum] {
+        let res = ops::ctc::forward_backward(&lp, v, &offsets, &targets, &toff, 0, red, false);
+        check("ctc dlp", &lp, &res.grad, |lp| {
+            ops::ctc::forward_backward(lp, v, &offsets, &targets, &toff, 0, red, false).loss
+        });
+    }
+}
+
+#[test]
+fn cross_entropy() {
+    let (x, labels) = (rand_vec(4 * 6, 61), [0usize, 5, 2, 2]);
+    for red in [ops::ctc::Reduction::Mean, ops::ctc::Reduction::Sum] {
+        let (_, g) = ops::cross_entropy::forward_backward(&x, 6, &labels, red);
+        check("ce", &x, &g, |x| {
+            ops::cross_entropy::forward_backward(x, 6, &labels, red).0
+        });
+    }
+}
+
+#[test]
+fn shape_ops() {
+    use ops::shape::*;
+    let (l, d, n) = (4, 3, 2);
+    let x = rand_vec(n * l * d, 70);
+    let r = rand_vec(n * d, 71);
+    check(
+        "select_layer",
+        &x,
+        &select_layer_backward(&r, l, d, 2),
+        |x| dot(&r, &select_layer(x, l, d, 2)),
+    );
+    let r = rand_vec(n * l * d, 72);
+    check(
+        "flatten",
+        &x,
+        &flatten_channel_major_backward(&r, l, d),
+        |x| dot(&r, &flatten_channel_major(x, l, d)),
+    );
+    let tok = rand_vec(d, 73);
+    let r = rand_vec(n * (l + 1) * d, 74);
+    let (dx, dt) = prepend_token_backward(&r, l, d);
+    check("prepend dx", &x, &dx, |x| {
+        dot(&r, &prepend_token(x, l, d, &tok))
+    });
+    check("prepend dtoken", &tok, &dt, |t| {
+        dot(&r, &prepend_token(&x, l, d, t))
+    });
+    let (a, b) = (rand_vec(3 * 2, 75), rand_vec(3 * 4, 76));
+    let r = rand_vec(3 * 6, 77);
+    let parts = split_cols(&r, &[2, 4], 3);
+    check("concat a", &a, &parts[0], |a| {
+        dot(&r, &concat_cols(&[a, &b], &[2, 4], 3))
+    });
+    check("concat b", &b, &parts[1], |b| {
+        dot(&r, &concat_cols(&[&a, b], &[2, 4], 3))
+    });
+}

@@ -1,0 +1,148 @@
+//! Adam / AdamW against torch.optim over 10 steps, clip_grad_norm_ against PyTorch, and the tape's
+//! gradient bookkeeping (accumulation across micro-batches, zero_grad, no-grad mode).
+
+mod common;
+use common::{assert_close, Fixture};
+use strata::optim::{clip_grad_norm, Adam, AdamConfig};
+use strata::{ParamStore, Reduction, Tape, Tensor};
+
+fn store_from(fx: &Fixture, prefix: &str) -> ParamStore {
+    let mut store = ParamStore::new();
+    for i in 0..3 {
+        store
+            .add(&format!("p{i}"), fx.tensor(&format!("{prefix}{i}")))
+            .unwrap();
+    }
+    store
+}
+
+fn set_grads(store: &mut ParamStore, fx: &Fixture, prefix: &str) {
+    for (i, id) in store.ids().collect::<Vec<_>>().into_iter().enumerate() {
+        store.get_mut(id).grad = fx.f(&format!("{prefix}{i}")).to_vec();
+    }
+}
+
+#[test]
+fn adam_and_adamw_match_torch_for_ten_steps() {
+    let fx = Fixture::load("optim.safetensors");
+    for (name, cfg) in [
+        (
+            "adamw",
+            AdamConfig {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                decoupled: true,
+            },
+        ),
+        (
+            "adam_l2",
+            AdamConfig {
+                lr: 3e-3,
+                beta1: 0.8,
+                beta2: 0.99,
+                eps: 1e-6,
+                weight_decay: 0.1,
+                decoupled: false,
+            },
+        ),
+    ] {
+        let mut store = store_from(&fx, &format!("{name}.init."));
+        let mut opt = Adam::new(cfg, &store).unwrap();
+        for step in 0..10 {
+            set_grads(&mut store, &fx, &format!("{name}.step{step}.grad."));
+            opt.step(&mut store).unwrap();
+            for (i, p) in store.iter().enumerate() {
+                assert_close(
+                    &format!("{name} step {step} param {i}"),
+                    &p.value.to_vec(),
+                    fx.f(&format!("{name}.step{step}.param.{i}")),
+                    1e-6,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn clip_grad_norm_matches_torch() {
+    let fx = Fixture::load("optim.safetensors");
+    for name in ["clip", "noclip"] {
+        let mut store = store_from(&fx, &format!("{name}.grad."));
+        set_grads(&mut store, &fx, &format!("{name}.grad."));
+        let max_norm = if name == "clip" { 1.0 } else { 1e3 };
+        let total = clip_grad_norm(&mut store, max_norm).unwrap();
+        assert_close(
+            &format!("{name} total norm"),
+            &[total as f32],
+            fx.f(&format!("{name}.total")),
+            1e-6,
+        );
+        for (i, p) in store.iter().enumerate() {
+            assert_close(
+                &format!("{name} grad {i}"),
+                &p.grad,
+                fx.f(&format!("{name}.clipped.{i}")),
+                1e-6,
+            );
+        }
+    }
+}
+
+/// Two micro-batches with 'sum' reduction accumulate to exactly the gradient of the whole batch.
+#[test]
+fn gradients_accumulate_across_micro_batches_until_zero_grad() {
+    let mut store = ParamStore::new();
+    let w = store
+        .add(
+            "w",
+            Tensor::from_vec(vec![0.3, -0.2, 0.5, 0.1, 0.7, -0.4], &[3, 2]).unwrap(),
+        )
+        .unwrap();
+    let x_all = [1.0f32, 2.0, -1.0, 0.5, 0.3, 0.3, 2.0, -2.0];
+    let labels = [0usize, 2, 1, 2];
+    let run = |store: &mut ParamStore, rows: std::ops::Range<usize>| {
+        let mut tape = Tape::new();
+        let x = tape
+            .constant(
+                Tensor::from_vec(
+                    x_all[rows.start * 2..rows.end * 2].to_vec(),
+                    &[rows.len(), 2],
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let wv = tape.param(store, w);
+        let logits = tape.linear(x, wv, None).unwrap();
+        let loss = tape
+            .cross_entropy(logits, &labels[rows], Reduction::Sum)
+            .unwrap();
+        tape.backward(loss, store).unwrap();
+    };
+    run(&mut store, 0..4);
+    let full = store.grad(w).to_vec();
+    store.zero_grad();
+    assert!(store.grad(w).iter().all(|&g| g == 0.0));
+    run(&mut store, 0..2);
+    run(&mut store, 2..4);
+    assert_close("accumulated", store.grad(w), &full, 1e-6);
+}
+
+#[test]
+fn no_grad_tape_records_nothing_to_differentiate() {
+    let mut store = ParamStore::new();
+    let w = store
+        .add("w", Tensor::from_vec(vec![1.0, 2.0], &[1, 2]).unwrap())
+        .unwrap();
+    let mut tape = Tape::no_grad();
+    let x = tape
+        .constant(Tensor::from_vec(vec![1.0, 1.0], &[1, 2]).unwrap())
+        .unwrap();
+    let wv = tape.param(&store, w);
+    let y = tape.linear(x, wv, None).unwrap();
+    assert_eq!(tape.value(y).to_vec(), vec![3.0]);
+    assert!(!tape.requires_grad(y));
+    assert!(tape.backward(y, &mut store).is_err());
+}
