@@ -18,9 +18,13 @@ pub mod optim;
 pub mod rng;
 pub mod runtime;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{ParamId, ParamStore, Tape, Var};
 pub use batch::PackedBatch;
 pub use error::{Error, Result};
 pub use ops::ctc::Reduction;
 pub use tensor::{DType, Device, Tensor};
+
+/// The git commit this build came from ("unknown" outside a git checkout).
+pub const GIT_COMMIT: &str = env!("STRATA_GIT_COMMIT");

@@ -165,9 +165,9 @@ impl Tensor {
     /// The index of the first NaN or infinite element, if any.
     pub fn first_non_finite(&self) -> Option<usize> {
         match &self.storage {
-            Storage::F32(v) => v.iter().position(|x| !x.is_finite()),
-            Storage::BF16(v) => v.iter().position(|x| !x.is_finite()),
-            Storage::F16(v) => v.iter().position(|x| !x.is_finite()),
+            Storage::F32(v) => first_in_chunks(v, |x| !x.is_finite()),
+            Storage::BF16(v) => first_in_chunks(v, |x| !x.is_finite()),
+            Storage::F16(v) => first_in_chunks(v, |x| !x.is_finite()),
         }
     }
 
@@ -182,4 +182,13 @@ impl Tensor {
         }
         Ok(self.to_vec()[0])
     }
+}
+
+/// Index of the first element matching `pred`, scanning 64K-element chunks in parallel.
+fn first_in_chunks<T: Sync>(v: &[T], pred: impl Fn(&T) -> bool + Sync) -> Option<usize> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    v.par_chunks(CHUNK)
+        .enumerate()
+        .find_map_first(|(ci, c)| c.iter().position(&pred).map(|p| ci * CHUNK + p))
 }

@@ -1,0 +1,93 @@
+//! Recognition metrics: greedy CTC decoding (s3prl: argmax, unique_consecutive, drop the blank)
+//! and edit-distance error rates (PER / CER / WER).
+
+/// Greedy CTC decoding of log-probabilities [frames, v].
+pub fn ctc_greedy_decode(log_probs: &[f32], v: usize, blank: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut prev = usize::MAX;
+    for row in log_probs.chunks_exact(v) {
+        let best = row
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0;
+        if best != prev && best != blank {
+            out.push(best);
+        }
+        prev = best;
+    }
+    out
+}
+
+/// Levenshtein distance (substitutions, insertions and deletions all cost 1).
+pub fn edit_distance<T: PartialEq>(hyp: &[T], reference: &[T]) -> usize {
+    let mut prev: Vec<usize> = (0..=reference.len()).collect();
+    let mut cur = vec![0; reference.len() + 1];
+    for (i, h) in hyp.iter().enumerate() {
+        cur[0] = i + 1;
+        for (j, r) in reference.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(h != r))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[reference.len()]
+}
+
+/// Errors accumulated over a test set; `rate()` is errors / reference length (0 for no reference).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ErrorRate {
+    pub errors: usize,
+    pub reference_len: usize,
+}
+
+impl ErrorRate {
+    pub fn add<T: PartialEq>(&mut self, hyp: &[T], reference: &[T]) {
+        self.errors += edit_distance(hyp, reference);
+        self.reference_len += reference.len();
+    }
+    pub fn rate(&self) -> f64 {
+        if self.reference_len == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.reference_len as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distance_cases() {
+        assert_eq!(edit_distance(&[1, 2, 3], &[1, 2, 3]), 0);
+        assert_eq!(edit_distance(&[1, 3], &[1, 2, 3]), 1);
+        assert_eq!(edit_distance(&[1, 2, 4, 3], &[1, 2, 3]), 1);
+        assert_eq!(edit_distance::<u8>(&[], &[1, 2]), 2);
+        assert_eq!(
+            edit_distance(
+                &"kitten".chars().collect::<Vec<_>>(),
+                &"sitting".chars().collect::<Vec<_>>()
+            ),
+            3
+        );
+    }
+
+    #[test]
+    fn greedy_decode_collapses_repeats_and_drops_blanks() {
+        // frames argmax: 1 1 0 1 2 2 0 -> 1 1 2
+        let v = 3;
+        let hot = |c: usize| {
+            (0..v)
+                .map(|i| if i == c { 0.0 } else { -5.0 })
+                .collect::<Vec<f32>>()
+        };
+        let lp: Vec<f32> = [1, 1, 0, 1, 2, 2, 0].iter().flat_map(|&c| hot(c)).collect();
+        assert_eq!(ctc_greedy_decode(&lp, v, 0), vec![1, 1, 2]);
+    }
+}

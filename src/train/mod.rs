@@ -1,0 +1,6 @@
+//! Training-side utilities: metrics, synthetic data for the built-in demo, and the side-by-side
+//! trainer that feeds one hidden-state stack to several interface + head pairs.
+
+pub mod metrics;
+pub mod side_by_side;
+pub mod synthetic;
