@@ -1,4 +1,4 @@
-//! Row-major matrix products on top of `matrixmultiply` (strided, so transposes cost nothing).
+//! Row-major matrix products on top of the `gemm` crate (strided, so transposes cost nothing).
 //! `C = beta*C + A·B` with A either [m,k] or stored transposed as [k,m], B either [k,n] or [n,k].
 
 use super::Real;
@@ -52,7 +52,7 @@ pub fn gemm<R: Real>(
         }
         return;
     }
-    // matrixmultiply documents that beta == 0 overwrites C without reading it (NaN-safe).
+    // With beta == 0 the backend does not read C (NaN-safe).
     let (rsa, csa) = match ta {
         Trans::N => (k as isize, 1),
         Trans::T => (1, m as isize),

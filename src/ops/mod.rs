@@ -71,7 +71,7 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty, $erf:path, $gemm:path) => {
+    ($t:ty, $erf:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -126,23 +126,35 @@ macro_rules! impl_real {
                 if m == 0 || n == 0 {
                     return;
                 }
+                // Small products are not worth waking the thread pool for.
+                let par = if m * n * k < 1 << 18 {
+                    ::gemm::Parallelism::None
+                } else {
+                    ::gemm::Parallelism::Rayon(0)
+                };
                 // SAFETY: the callers in `gemm` check every slice against m, k, n and the strides.
+                // gemm's convention: dst = alpha * dst + beta * lhs * rhs; read_dst = false ignores dst.
                 unsafe {
-                    $gemm(
+                    ::gemm::gemm(
                         m,
-                        k,
                         n,
-                        alpha,
-                        a.as_ptr(),
-                        rsa,
-                        csa,
-                        b.as_ptr(),
-                        rsb,
-                        csb,
-                        beta,
+                        k,
                         c.as_mut_ptr(),
-                        rsc,
                         1,
+                        rsc,
+                        beta != Self::ZERO,
+                        a.as_ptr(),
+                        csa,
+                        rsa,
+                        b.as_ptr(),
+                        csb,
+                        rsb,
+                        beta,
+                        alpha,
+                        false,
+                        false,
+                        false,
+                        par,
                     )
                 }
             }
@@ -150,5 +162,5 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32, libm::erff, matrixmultiply::sgemm);
-impl_real!(f64, libm::erf, matrixmultiply::dgemm);
+impl_real!(f32, libm::erff);
+impl_real!(f64, libm::erf);
