@@ -3,3 +3,4 @@
 pub mod head;
 pub mod interface;
 pub mod nn;
+pub mod upstream;

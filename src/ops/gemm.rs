@@ -61,21 +61,24 @@ pub fn gemm<R: Real>(
         Trans::N => (n as isize, 1),
         Trans::T => (1, k as isize),
     };
-    R::gemm_raw(
-        m,
-        k,
-        n,
-        R::ONE,
-        a,
-        rsa,
-        csa,
-        b,
-        rsb,
-        csb,
-        beta,
-        c,
-        n as isize,
-    );
+    // SAFETY: the asserts above pin every slice to exactly the extent these strides reach.
+    unsafe {
+        R::gemm_raw(
+            m,
+            k,
+            n,
+            R::ONE,
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            beta,
+            c,
+            n as isize,
+        )
+    };
 }
 
 #[cfg(test)]

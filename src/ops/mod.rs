@@ -51,9 +51,14 @@ pub trait Real:
     fn erf(self) -> Self;
     fn max(self, o: Self) -> Self;
     fn is_finite(self) -> bool;
-    /// C[m,n] = alpha * A·B + beta * C, row-major with explicit strides (see [`gemm`]).
+    /// C[m,n] = alpha * A·B + beta * C with explicit element strides (C's column stride is 1).
+    ///
+    /// # Safety
+    /// Every index the strides reach must lie inside its slice: `a[i*rsa + p*csa]` for i < m,
+    /// p < k; `b[p*rsb + j*csb]` for p < k, j < n; `c[i*rsc + j]` for i < m, j < n. Prefer the
+    /// checked [`gemm::gemm`].
     #[allow(clippy::too_many_arguments)]
-    fn gemm_raw(
+    unsafe fn gemm_raw(
         m: usize,
         k: usize,
         n: usize,
@@ -108,7 +113,7 @@ macro_rules! impl_real {
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
-            fn gemm_raw(
+            unsafe fn gemm_raw(
                 m: usize,
                 k: usize,
                 n: usize,
@@ -132,7 +137,7 @@ macro_rules! impl_real {
                 } else {
                     ::gemm::Parallelism::Rayon(0)
                 };
-                // SAFETY: the callers in `gemm` check every slice against m, k, n and the strides.
+                // SAFETY: the caller upholds the bounds contract of `Real::gemm_raw`.
                 // gemm's convention: dst = alpha * dst + beta * lhs * rhs; read_dst = false ignores dst.
                 unsafe {
                     ::gemm::gemm(
