@@ -8,6 +8,7 @@
 //! - [`models`]: the interfaces (WS, HConv, Concat+Proj, GroupWS, single layer, CLS pooling) and
 //!   the SUPERB heads; losses (CTC, cross-entropy) are tape ops.
 
+pub mod audio;
 pub mod autograd;
 pub mod batch;
 pub mod error;

@@ -180,20 +180,23 @@ fn layer_axis_convolution() {
     .into_iter()
     .enumerate()
     {
-        let n = 3;
-        let seed = 20 + 4 * i as u64;
-        let (x, w, b) = (
-            rand_vec(n * g.l_in * g.c_in, seed),
-            rand_vec(g.c_out * g.c_in * g.kernel, seed + 1),
-            rand_vec(g.c_out, seed + 2),
-        );
-        let r = rand_vec(n * g.l_out() * g.c_out, seed + 3);
-        let (dx, dw, db) = ops::layer_conv::backward(&x, n, &w, &g, &r, true);
-        let f =
-            |x: &[f64], w: &[f64], b: &[f64]| dot(&r, &ops::layer_conv::forward(x, n, w, b, &g));
-        check(&format!("conv{i} dx"), &x, &dx.unwrap(), |x| f(x, &w, &b));
-        check(&format!("conv{i} dw"), &w, &dw, |w| f(&x, w, &b));
-        check(&format!("conv{i} db"), &b, &db, |b| f(&x, &w, b));
+        // n = 1 takes the zero-copy strided-GEMM forward; n = 3 the chunked im2col one.
+        for n in [1usize, 3] {
+            let seed = 20 + 4 * i as u64 + n as u64;
+            let (x, w, b) = (
+                rand_vec(n * g.l_in * g.c_in, seed),
+                rand_vec(g.c_out * g.c_in * g.kernel, seed + 1),
+                rand_vec(g.c_out, seed + 2),
+            );
+            let r = rand_vec(n * g.l_out() * g.c_out, seed + 3);
+            let (dx, dw, db) = ops::layer_conv::backward(&x, n, &w, &g, &r, true);
+            let f = |x: &[f64], w: &[f64], b: &[f64]| {
+                dot(&r, &ops::layer_conv::forward(x, n, w, b, &g))
+            };
+            check(&format!("conv{i} dx"), &x, &dx.unwrap(), |x| f(x, &w, &b));
+            check(&format!("conv{i} dw"), &w, &dw, |w| f(&x, w, &b));
+            check(&format!("conv{i} db"), &b, &db, |b| f(&x, &w, b));
+        }
     }
 }
 

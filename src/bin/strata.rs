@@ -1,28 +1,39 @@
 //! The strata command line.
 //!
-//!   strata demo [--steps N] [--seed S]    built-in default: no downloads, CPU
+//!   strata demo [--steps N] [--seed S]                      built-in default: no downloads, CPU
+//!   strata extract --model DIR --out FILE [opts] A.wav ...  every hidden state of each file
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use strata::models::interface::InterfaceConfig;
+use strata::models::upstream::Upstream;
 use strata::optim::AdamConfig;
 use strata::train::metrics::ErrorRate;
 use strata::train::side_by_side::PrPair;
 use strata::train::synthetic::{self, SyntheticCorpus};
-use strata::PackedBatch;
+use strata::{DType, PackedBatch};
 
 const USAGE: &str = "usage: strata demo [--steps N] [--seed S]
+       strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] A.wav [B.wav ...]
 
   demo   trains the weighted-sum (WS) and hierarchical-convolution (HConv) interfaces side by side,
          each with a SUPERB phone-recognition head (CTC), on a built-in synthetic hidden-state corpus
          (13 layers x 64 dims), and prints dev PER, training speed and parameter counts.
-         No downloads, CPU only.";
+         No downloads, CPU only.
+
+  extract  runs a Hugging Face HuBERT / wav2vec2 / WavLM model directory (config.json +
+         safetensors) on 16 kHz mono WAV files and writes, for each file, a tensor named by the
+         file's stem with shape [frames, layers + 1, hidden] (every hidden state, as transformers'
+         output_hidden_states). --normalize auto follows the directory's preprocessor_config.json
+         (do_normalize), off when it has none.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("demo") => parse_demo(&args[1..])
             .and_then(|(steps, seed)| demo(steps, seed).map_err(|e| e.to_string())),
+        Some("extract") => extract(&args[1..]),
         Some("--version") | Some("-V") => {
             println!(
                 "strata {} ({})",
@@ -158,5 +169,131 @@ fn demo(steps: u64, seed: u64) -> strata::Result<()> {
             fps
         );
     }
+    Ok(())
+}
+
+struct ExtractArgs {
+    model: PathBuf,
+    out: PathBuf,
+    dtype: DType,
+    normalize: Option<bool>,
+    wavs: Vec<PathBuf>,
+}
+
+fn parse_extract(args: &[String]) -> Result<ExtractArgs, String> {
+    let (mut model, mut out, mut dtype, mut normalize, mut wavs) =
+        (None, None, DType::F32, None, Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--dtype" => {
+                dtype = match value()?.as_str() {
+                    "f32" => DType::F32,
+                    "f16" => DType::F16,
+                    other => return Err(format!("--dtype takes f32 or f16, got '{other}'")),
+                }
+            }
+            "--normalize" => {
+                normalize = match value()?.as_str() {
+                    "auto" => None,
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    other => {
+                        return Err(format!("--normalize takes auto, on or off, got '{other}'"))
+                    }
+                }
+            }
+            flag if flag.starts_with("--") => {
+                return Err(format!("unknown option '{flag}' for extract\n\n{USAGE}"))
+            }
+            wav => wavs.push(PathBuf::from(wav)),
+        }
+    }
+    let model = model.ok_or_else(|| format!("extract needs --model DIR\n\n{USAGE}"))?;
+    let out = out.ok_or_else(|| format!("extract needs --out FEATS.safetensors\n\n{USAGE}"))?;
+    if wavs.is_empty() {
+        return Err(format!("extract needs at least one WAV file\n\n{USAGE}"));
+    }
+    Ok(ExtractArgs {
+        model,
+        out,
+        dtype,
+        normalize,
+        wavs,
+    })
+}
+
+/// do_normalize from the model directory's preprocessor_config.json, if it has one.
+fn preprocessor_normalize(dir: &Path) -> Result<Option<bool>, String> {
+    let p = dir.join("preprocessor_config.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", p.display()))?;
+    Ok(v.get("do_normalize").and_then(|b| b.as_bool()))
+}
+
+fn extract(args: &[String]) -> Result<(), String> {
+    let a = parse_extract(args)?;
+    let normalize = match a.normalize {
+        Some(n) => n,
+        None => preprocessor_normalize(&a.model)?.unwrap_or(false),
+    };
+    let mut names = std::collections::BTreeMap::new();
+    for w in &a.wavs {
+        let stem = w
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| format!("{}: cannot name a tensor after this path", w.display()))?;
+        if let Some(prev) = names.insert(stem.to_string(), w.clone()) {
+            return Err(format!(
+                "{} and {} share the stem '{stem}': output tensors are named by stem",
+                prev.display(),
+                w.display()
+            ));
+        }
+    }
+    let model = Upstream::load(&a.model).map_err(|e| e.to_string())?;
+    eprintln!(
+        "{}: {:?}, {} states x {} dims, input normalization {}",
+        a.model.display(),
+        model.config.model_type,
+        model.num_states(),
+        model.hidden_size(),
+        if normalize { "on" } else { "off" }
+    );
+    let mut outputs: Vec<(String, strata::Tensor)> = Vec::new();
+    let t0 = Instant::now();
+    let mut audio_seconds = 0.0;
+    for (stem, path) in &names {
+        let mut wave = strata::audio::read_wav(path).map_err(|e| e.to_string())?;
+        audio_seconds += wave.len() as f64 / 16000.0;
+        if normalize {
+            wave = strata::models::upstream::normalize_wave(&wave);
+        }
+        let label = path.display().to_string();
+        let (stack, _) = model
+            .forward(&[&wave], &[label.as_str()])
+            .map_err(|e| e.to_string())?;
+        outputs.push((stem.clone(), stack.to_dtype(a.dtype)));
+    }
+    let named: Vec<(String, &strata::Tensor)> =
+        outputs.iter().map(|(n, t)| (n.clone(), t)).collect();
+    strata::io::save_safetensors_atomic(&a.out, &named).map_err(|e| e.to_string())?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "wrote {} tensors to {} ({audio_seconds:.1} s of audio in {secs:.1} s)",
+        outputs.len(),
+        a.out.display()
+    );
     Ok(())
 }

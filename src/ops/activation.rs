@@ -18,11 +18,14 @@ pub fn relu_backward<R: Real>(y: &[R], dy: &[R]) -> Vec<R> {
 
 /// `x * 0.5 * (1 + erf(x / sqrt(2)))`, in PyTorch's CPU operation order.
 pub fn gelu_forward<R: Real>(x: &[R]) -> Vec<R> {
-    let half = R::from_f64(0.5);
-    let inv_sqrt2 = R::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-    x.iter()
-        .map(|&v| v * half * (R::ONE + (v * inv_sqrt2).erf()))
-        .collect()
+    let mut y = x.to_vec();
+    gelu_in_place(&mut y);
+    y
+}
+
+/// [`gelu_forward`] overwriting its input.
+pub fn gelu_in_place<R: Real>(x: &mut [R]) {
+    R::gelu_slice(x)
 }
 
 /// d/dx GELU = Phi(x) + x * phi(x).

@@ -65,6 +65,9 @@ fn weight_as_matrix<R: Real>(w: &[R], g: &ConvGeom) -> Vec<R> {
 }
 
 pub fn forward<R: Real>(x: &[R], n: usize, w: &[R], b: &[R], g: &ConvGeom) -> Vec<R> {
+    if n == 1 {
+        return forward_single(x, w, b, g);
+    }
     let lo_n = g.l_out();
     let wm = weight_as_matrix(w, g);
     let mut y = vec![R::ZERO; n * lo_n * g.c_out];
@@ -88,6 +91,47 @@ pub fn forward<R: Real>(x: &[R], n: usize, w: &[R], b: &[R], g: &ConvGeom) -> Ve
             yc,
         );
     }
+    y
+}
+
+/// One long sequence (an upstream's conv over time): window `lo` is the contiguous run of rows
+/// lo*s .. lo*s+k of the (zero-padded) input, so the conv is ONE GEMM reading the input through a
+/// row stride of s*c_in: no im2col copy at all.
+fn forward_single<R: Real>(x: &[R], w: &[R], b: &[R], g: &ConvGeom) -> Vec<R> {
+    let (lo_n, win) = (g.l_out(), g.window());
+    let padded;
+    let src: &[R] = if g.pad == 0 {
+        x
+    } else {
+        let mut p = vec![R::ZERO; (g.l_in + 2 * g.pad) * g.c_in];
+        p[g.pad * g.c_in..(g.pad + g.l_in) * g.c_in].copy_from_slice(x);
+        padded = p;
+        &padded
+    };
+    let wm = weight_as_matrix(w, g);
+    let mut y = Vec::with_capacity(lo_n * g.c_out);
+    for _ in 0..lo_n {
+        y.extend_from_slice(b);
+    }
+    // SAFETY: the last window read ends at ((lo_n-1)*s + k) * c_in <= (l_in + 2*pad) * c_in =
+    // src.len() by the definition of lo_n; wm is [c_out, win] read transposed; y is [lo_n, c_out].
+    unsafe {
+        R::gemm_raw(
+            lo_n,
+            win,
+            g.c_out,
+            R::ONE,
+            src,
+            (g.stride * g.c_in) as isize,
+            1,
+            &wm,
+            1,
+            win as isize,
+            R::ONE,
+            &mut y,
+            g.c_out as isize,
+        )
+    };
     y
 }
 

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod ctc;
 pub mod dropout;
+pub mod fastmath;
 pub mod gemm;
 pub mod layer_conv;
 pub mod layer_sum;
@@ -51,6 +52,20 @@ pub trait Real:
     fn erf(self) -> Self;
     fn max(self, o: Self) -> Self;
     fn is_finite(self) -> bool;
+    /// In-place GELU over a slice (f32: vectorized with runtime CPU dispatch).
+    fn gelu_slice(x: &mut [Self]) {
+        let half = Self::from_f64(0.5);
+        let inv_sqrt2 = Self::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+        for v in x.iter_mut() {
+            *v = *v * half * (Self::ONE + (*v * inv_sqrt2).erf());
+        }
+    }
+    /// y[i] = exp(x[i] - m) (f32: vectorized with runtime CPU dispatch).
+    fn exp_shifted(y: &mut [Self], x: &[Self], m: Self) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (v - m).exp();
+        }
+    }
     /// C[m,n] = alpha * A·B + beta * C with explicit element strides (C's column stride is 1).
     ///
     /// # Safety
@@ -76,7 +91,7 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $erf:path, $exp:path, { $($extra:item)* }) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -91,7 +106,7 @@ macro_rules! impl_real {
             }
             #[inline]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             #[inline]
             fn ln(self) -> Self {
@@ -113,6 +128,7 @@ macro_rules! impl_real {
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
+            $($extra)*
             unsafe fn gemm_raw(
                 m: usize,
                 k: usize,
@@ -167,5 +183,12 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32, libm::erff);
-impl_real!(f64, libm::erf);
+impl_real!(f32, fastmath::erf_f32, fastmath::exp_f32, {
+    fn gelu_slice(x: &mut [f32]) {
+        fastmath::gelu_slice(x)
+    }
+    fn exp_shifted(y: &mut [f32], x: &[f32], m: f32) {
+        fastmath::exp_shifted(y, x, m)
+    }
+});
+impl_real!(f64, libm::erf, f64::exp, {});

@@ -61,6 +61,14 @@ impl Checkpoint {
         Ok(Checkpoint { dir: d, tensors })
     }
 
+    /// A checkpoint built in memory (benchmarks, tests); `source` names it in errors.
+    pub fn from_tensors(source: &str, tensors: HashMap<String, Tensor>) -> Self {
+        Checkpoint {
+            dir: source.to_string(),
+            tensors,
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -13,10 +13,8 @@ fn layer_norm(x: &[f32], dim: usize, n: &Norm, eps: f64) -> Vec<f32> {
 }
 
 fn gelu_in_place(x: &mut [f32]) {
-    x.par_chunks_mut(1 << 14).for_each(|c| {
-        let y = ops::activation::gelu_forward(c);
-        c.copy_from_slice(&y);
-    });
+    x.par_chunks_mut(1 << 14)
+        .for_each(ops::activation::gelu_in_place);
 }
 
 fn add_in_place(a: &mut [f32], b: &[f32]) {
