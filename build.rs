@@ -1,5 +1,5 @@
-//! Records the git commit the crate was built from (benchmark and results lines print it) and
-//! rebuilds when a kernel source changes.
+//! Builds the kernel emulator (every kernels/*.cu compiled by the host C++ compiler against
+//! src/runtime/emulator/shim.h) and records the git commit the crate was built from.
 
 use std::process::Command;
 
@@ -14,4 +14,17 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=STRATA_GIT_COMMIT={commit}");
+
+    println!("cargo:rerun-if-changed=src/runtime/emulator");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .define("STRATA_EMULATOR", None)
+        .include("kernels")
+        .file("src/runtime/emulator/emulator.cpp")
+        .file("src/runtime/emulator/kernels.cpp")
+        .flag_if_supported("-fno-fast-math")
+        .flag_if_supported("-ffp-contract=off")
+        .warnings(true)
+        .compile("strata_emulator");
 }

@@ -19,6 +19,8 @@ pub enum Error {
     Unsupported(String),
     /// A file or checkpoint problem: `path` plus what went wrong.
     Io { path: String, detail: String },
+    /// A GPU / kernel failure (out of memory, compile error, launch error), naming the kernel.
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -60,6 +62,7 @@ impl fmt::Display for Error {
             Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
             Error::Unsupported(msg) => write!(f, "unsupported: {msg}"),
             Error::Io { path, detail } => write!(f, "{path}: {detail}"),
+            Error::Device(msg) => write!(f, "device error: {msg}"),
         }
     }
 }

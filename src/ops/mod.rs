@@ -7,6 +7,7 @@ pub mod activation;
 pub mod attention;
 pub mod cross_entropy;
 pub mod ctc;
+pub mod device;
 pub mod dropout;
 pub mod fastmath;
 pub mod gemm;

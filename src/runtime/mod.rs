@@ -1,13 +1,157 @@
-//! Devices. The CPU engine runs everywhere; the CUDA backend (cudarc + NVRTC) and the kernel
-//! emulator come with the GPU path. Until then CUDA is reported unavailable with the reason.
+//! Devices and the one launch interface both backends implement.
+//! - [`Backend::Emulator`]: kernels/*.cu compiled for the host, threads as fibers (no GPU needed).
+//! - [`Backend::Cuda`]: the same sources compiled by NVRTC, launched through cudarc.
+//!
+//! Kernels take one `#[repr(C)]` parameter struct ([`kernels::KernelParams`]) holding device
+//! addresses from [`Backend::ptr`]; grid, block and shared memory are given as on the GPU.
 
+pub mod cuda;
+pub mod emulator;
+pub mod kernels;
+
+use crate::error::{Error, Result};
 use crate::tensor::Device;
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use std::cell::UnsafeCell;
 
 /// What a caller asked for (`--device auto|cpu|cuda`) resolved to what exists.
-pub fn resolve(requested: &str) -> Result<Device, String> {
+pub fn resolve(requested: &str) -> std::result::Result<Device, String> {
     match requested {
-        "cpu" | "auto" => Ok(Device::Cpu),
-        "cuda" => Err("CUDA was requested but this build of strata has no CUDA backend yet; use --device cpu or auto".into()),
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if cuda::CudaRuntime::probe().is_ok() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
+        "cuda" => cuda::CudaRuntime::probe()
+            .map(|_| Device::Cuda(0))
+            .map_err(|why| format!("CUDA was requested but is unavailable: {why}")),
         other => Err(format!("unknown device '{other}': use auto, cpu or cuda")),
+    }
+}
+
+pub enum Backend {
+    Emulator,
+    Cuda(cuda::CudaRuntime),
+}
+
+/// A buffer on a backend. Host buffers sit in an UnsafeCell because kernels write through the raw
+/// addresses handed to them.
+pub enum Buf<T> {
+    Host(UnsafeCell<Vec<T>>),
+    Cuda(CudaSlice<T>),
+}
+
+impl<T> Buf<T> {
+    pub fn len(&self) -> usize {
+        match self {
+            // SAFETY: reading the length while no kernel runs (launches are synchronous here).
+            Buf::Host(v) => unsafe { (*v.get()).len() },
+            Buf::Cuda(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn device_err(e: impl std::fmt::Display) -> Error {
+    Error::Device(e.to_string())
+}
+
+impl Backend {
+    /// The first GPU, or the reason there is none.
+    pub fn cuda() -> std::result::Result<Self, String> {
+        cuda::CudaRuntime::probe().map(Backend::Cuda)
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Backend::Emulator => "kernel emulator (CPU)".into(),
+            Backend::Cuda(rt) => rt.device_name.clone(),
+        }
+    }
+
+    pub fn upload<T: DeviceRepr + Clone>(&self, data: &[T]) -> Result<Buf<T>> {
+        match self {
+            Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(data.to_vec()))),
+            Backend::Cuda(rt) => rt.stream.clone_htod(data).map(Buf::Cuda).map_err(|e| {
+                device_err(format!(
+                    "copying {} elements to the GPU failed (out of memory?): {e}",
+                    data.len()
+                ))
+            }),
+        }
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
+        &self,
+        n: usize,
+    ) -> Result<Buf<T>> {
+        match self {
+            Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(vec![T::default(); n]))),
+            Backend::Cuda(rt) => rt.stream.alloc_zeros(n).map(Buf::Cuda).map_err(|e| {
+                device_err(format!(
+                    "allocating {n} elements on the GPU failed (out of memory?): {e}"
+                ))
+            }),
+        }
+    }
+
+    pub fn download<T: DeviceRepr + Clone + Default>(&self, b: &Buf<T>) -> Result<Vec<T>> {
+        match (self, b) {
+            // SAFETY: no kernel runs concurrently (emulator launches are synchronous).
+            (Backend::Emulator, Buf::Host(v)) => Ok(unsafe { (*v.get()).clone() }),
+            (Backend::Cuda(rt), Buf::Cuda(s)) => rt.stream.clone_dtoh(s).map_err(device_err),
+            _ => Err(device_err("buffer belongs to another backend")),
+        }
+    }
+
+    /// The address a kernel parameter struct carries for `b`.
+    pub fn ptr<T>(&self, b: &Buf<T>) -> u64 {
+        match b {
+            // SAFETY: only the address is taken; writes happen inside kernels, through the cell.
+            Buf::Host(v) => unsafe { (*v.get()).as_mut_ptr() as u64 },
+            Buf::Cuda(s) => match self {
+                Backend::Cuda(rt) => {
+                    use cudarc::driver::DevicePtr;
+                    s.device_ptr(&rt.stream).0
+                }
+                Backend::Emulator => 0,
+            },
+        }
+    }
+
+    /// Launches a kernel by name. Errors name the kernel and its launch shape.
+    pub fn launch<P: kernels::KernelParams + DeviceRepr>(
+        &self,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        params: &P,
+    ) -> Result<()> {
+        let r = match self {
+            Backend::Emulator => emulator::launch(
+                kernel,
+                grid,
+                block,
+                smem,
+                params as *const P as *const std::ffi::c_void,
+            ),
+            Backend::Cuda(rt) => rt.launch(kernel, grid, block, smem, params),
+        };
+        r.map_err(|e| device_err(format!("{kernel} (grid {grid:?}, block {block:?}): {e}")))
+    }
+
+    /// Waits for every launched kernel; reports an asynchronous kernel failure.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Backend::Emulator => Ok(()),
+            Backend::Cuda(rt) => rt
+                .stream
+                .synchronize()
+                .map_err(|e| device_err(format!("a kernel failed: {e}"))),
+        }
     }
 }

@@ -1,0 +1,101 @@
+//! GPU benchmark of strata's kernels (the device script runs it; it needs a GPU). Times with CUDA
+//! events after warm-up, with an L2 flush (a 256 MB write) before each repetition, median of 20.
+//! Prints one JSON object per line: {"name", "ms", "bytes"} for tools/gpu_table.py.
+//!
+//!   cargo build --release --example gpu_bench && target/release/examples/gpu_bench
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use strata::ops::device::{self, LayerSumShape};
+use strata::optim::AdamConfig;
+use strata::runtime::Backend;
+
+fn time_ms(be: &Backend, flush: &mut CudaSlice<f32>, mut f: impl FnMut()) -> f64 {
+    let Backend::Cuda(rt) = be else {
+        panic!("GPU only")
+    };
+    for _ in 0..3 {
+        f();
+    }
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        rt.stream.memset_zeros(flush).unwrap();
+        let (a, b) = (
+            rt.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .unwrap(),
+            rt.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .unwrap(),
+        );
+        a.record(&rt.stream).unwrap();
+        f();
+        b.record(&rt.stream).unwrap();
+        times.push(a.elapsed_ms(&b).unwrap() as f64);
+    }
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    times[times.len() / 2]
+}
+
+fn main() {
+    let be = Backend::cuda().unwrap_or_else(|why| panic!("gpu_bench needs a GPU: {why}"));
+    let Backend::Cuda(rt) = &be else {
+        unreachable!()
+    };
+    let mut flush: CudaSlice<f32> = rt.stream.alloc_zeros(64 << 20).unwrap();
+    eprintln!("device: {}", be.name());
+    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
+        let n = 32 * 500;
+        let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+        let w = be.upload(&vec![0.1f32; l]).unwrap();
+        let dout = be.upload(&vec![0.01f32; n * d]).unwrap();
+        let dw = be.zeros::<f32>(l).unwrap();
+        for normalize in [false, true] {
+            let s = LayerSumShape {
+                n,
+                l,
+                d,
+                first: 0,
+                k: l,
+                normalize,
+            };
+            let tag = format!("ws_{name}{}", if normalize { "_norm" } else { "" });
+            let fwd = time_ms(&be, &mut flush, || {
+                device::layer_sum_forward(&be, &x, &w, s).unwrap();
+            });
+            // Bytes: read the bf16 stack (twice with the norm's statistics pass), write bf16 out.
+            let reads = if normalize { 2 } else { 1 };
+            println!(
+                "{{\"name\": \"{tag}_fwd\", \"ms\": {fwd:.4}, \"bytes\": {}}}",
+                reads * n * l * d * 2 + n * d * 2
+            );
+            let (_, stats) = device::layer_sum_forward(&be, &x, &w, s).unwrap();
+            let bwd = time_ms(&be, &mut flush, || {
+                device::layer_sum_backward(&be, &x, &w, &dout, stats.as_ref(), s, &dw, false)
+                    .unwrap();
+            });
+            println!(
+                "{{\"name\": \"{tag}_bwd_dw\", \"ms\": {bwd:.4}, \"bytes\": {}}}",
+                n * l * d * 2 + n * d * 4
+            );
+        }
+    }
+    for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
+        let p = be.upload(&vec![0.1f32; n]).unwrap();
+        let g = be.upload(&vec![0.01f32; n]).unwrap();
+        let (m, v) = (be.zeros::<f32>(n).unwrap(), be.zeros::<f32>(n).unwrap());
+        let copy = be.zeros::<bf16>(n).unwrap();
+        let cfg = AdamConfig::adamw(1e-3);
+        let mut step = 0;
+        let t = time_ms(&be, &mut flush, || {
+            step += 1;
+            device::adam_step(&be, &cfg, step, &p, &g, &m, &v, Some(&copy), None).unwrap();
+        });
+        // Read param, grad, m, v; write param, m, v, bf16 copy.
+        println!(
+            "{{\"name\": \"adamw_{n}\", \"ms\": {t:.4}, \"bytes\": {}}}",
+            n * (4 * 4 + 3 * 4 + 2)
+        );
+    }
+    be.synchronize().unwrap();
+}

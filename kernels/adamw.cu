@@ -1,0 +1,86 @@
+// strata/kernels/adamw.cu: Adam / AdamW over every trainable parameter in ONE launch (all
+// parameters live in one flat fp32 buffer, as in llm.c), with fp32 master weights and moments and
+// an optional bf16 copy for compute; and the global gradient norm for clipping, reduced in a fixed
+// order (deterministic). CPU references: src/optim/adam.rs, src/optim/clip.rs.
+// Bias corrections and the step size are computed on the host (f64, rounded to f32 as the CPU
+// path does); the clip coefficient is read from device memory so clipping needs no host round trip.
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+struct AdamParams {
+    float* param;
+    const float* grad;
+    float* m;
+    float* v;
+    bf16* param_bf16;         // optional compute copy
+    const float* grad_scale;  // optional: clip coefficient on the device
+    int64_t n;
+    float step_size;   // lr / (1 - beta1^t)
+    float bc2_sqrt;    // sqrt(1 - beta2^t)
+    float one_minus_beta1, beta2, one_minus_beta2, eps;
+    float weight_decay;  // Adam: L2 added to the gradient
+    float decay;         // AdamW: param *= decay = 1 - lr * wd
+    int decoupled;
+};
+
+extern "C" __global__ void adam_step(const AdamParams a) {
+    const float scale = a.grad_scale ? a.grad_scale[0] : 1.0f;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += (int64_t)gridDim.x * blockDim.x) {
+        float p = a.param[i];
+        float g = a.grad[i] * scale;
+        if (a.decoupled) {
+            p *= a.decay;
+        } else {
+            g += a.weight_decay * p;
+        }
+        float m = a.m[i];
+        m += a.one_minus_beta1 * (g - m);
+        const float v = a.v[i] * a.beta2 + a.one_minus_beta2 * g * g;
+        const float denom = sqrtf(v) / a.bc2_sqrt + a.eps;
+        p += -a.step_size * (m / denom);
+        a.m[i] = m;
+        a.v[i] = v;
+        a.param[i] = p;
+        if (a.param_bf16) a.param_bf16[i] = float_to_bf16(p);
+    }
+}
+STRATA_EMU_ENTRY(adam_step, AdamParams)
+
+struct SumSquaresParams {
+    const float* x;
+    float* partial;  // [gridDim.x]
+    int64_t n;
+};
+
+extern "C" __global__ void sum_squares_partial(const SumSquaresParams a) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += (int64_t)gridDim.x * blockDim.x) {
+        s += a.x[i] * a.x[i];
+    }
+    const float t = block_sum(s, scratch);
+    if (threadIdx.x == 0) a.partial[blockIdx.x] = t;
+}
+STRATA_EMU_ENTRY(sum_squares_partial, SumSquaresParams)
+
+struct ClipCoefParams {
+    const float* partial;
+    int parts;
+    float max_norm;
+    float* norm;  // [1]: the global norm
+    float* coef;  // [1]: min(max_norm / (norm + 1e-6), 1)
+};
+
+extern "C" __global__ void clip_coefficient(const ClipCoefParams a) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < a.parts; i += blockDim.x) s += a.partial[i];
+    const float total = block_sum(s, scratch);
+    if (threadIdx.x == 0) {
+        const float norm = sqrtf(total);
+        a.norm[0] = norm;
+        a.coef[0] = fminf(a.max_norm / (norm + 1e-6f), 1.0f);
+    }
+}
+STRATA_EMU_ENTRY(clip_coefficient, ClipCoefParams)

@@ -1,0 +1,83 @@
+// strata/kernels/common.cuh: the one header every kernel includes. Self-contained (no CUDA toolkit
+// header is needed at run time) and portable: it compiles under NVRTC for the GPU and under the
+// host C++ compiler for the kernel emulator (STRATA_EMULATOR, see src/runtime/emulator/).
+//
+// Holds: the bf16 storage type and its conversions (round to nearest even), warp and block
+// reductions, and the kernel-entry macro that gives the emulator a launcher for each kernel.
+// Convention: every kernel takes ONE parameter struct by value; Rust mirrors it with #[repr(C)].
+#pragma once
+
+#ifdef STRATA_EMULATOR
+#include "../src/runtime/emulator/shim.h"
+#else
+// NVRTC: fixed-width types without <cstdint>.
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+#define STRATA_EMU_ENTRY(name, Params)
+#endif
+
+// bf16 kept as raw bits: identical layout on both backends, conversions in plain integer math.
+struct bf16 {
+    uint16_t bits;
+};
+
+__device__ __forceinline__ uint32_t strata_float_bits(float f) {
+    union { float f; uint32_t u; } c;
+    c.f = f;
+    return c.u;
+}
+
+__device__ __forceinline__ float strata_bits_float(uint32_t u) {
+    union { float f; uint32_t u; } c;
+    c.u = u;
+    return c.f;
+}
+
+__device__ __forceinline__ float bf16_to_float(bf16 h) {
+    return strata_bits_float(((uint32_t)h.bits) << 16);
+}
+
+// Round to nearest, ties to even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ bf16 float_to_bf16(float f) {
+    uint32_t u = strata_float_bits(f);
+    bf16 h;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        h.bits = (uint16_t)((u >> 16) | 0x40u);
+        return h;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    h.bits = (uint16_t)(u >> 16);
+    return h;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Sum over the block, returned to every thread. `scratch` holds >= 32 floats of shared memory and
+// may be reused right after the call. Fixed reduction order: deterministic.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    if (lane == 0) {
+        scratch[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float r = lane < warps ? scratch[lane] : 0.0f;
+        r = warp_sum(r);
+        if (lane == 0) {
+            scratch[0] = r;
+        }
+    }
+    __syncthreads();
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}

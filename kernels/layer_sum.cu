@@ -1,0 +1,157 @@
+// strata/kernels/layer_sum.cu: the WeightedSum interface, fused. CPU reference: src/ops/layer_sum.rs
+// (and src/ops/layernorm.rs for the optional per-layer norm).
+//
+// Stack x: frame-major bf16 [n, L, D]. Layers first..first+k are summed with softmax(w) weights.
+// Forward: one block per frame; optional no-affine LayerNorm of each layer row (eps 1e-5, biased
+// variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
+// Backward: per-frame partial dp[j] = sum_d dout * xhat (one block per frame, fixed order), then
+// one block reduces the partials over frames in fixed order and applies the softmax Jacobian:
+// deterministic. The stack gradient (for a trainable upstream) is optional.
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+struct LayerSumFwdParams {
+    const bf16* x;
+    const float* w;
+    bf16* out;
+    float* mean;  // [n, k] when normalize
+    float* rstd;  // [n, k] when normalize
+    int n, L, D, first, k, normalize;
+};
+
+struct LayerSumBwdParams {
+    const bf16* x;
+    const float* w;
+    const float* dout;  // [n, D] fp32
+    const float* mean;
+    const float* rstd;
+    float* partial;  // [n, k]: per-frame dp
+    float* dx;       // [n, L, D] fp32 or null
+    int n, L, D, first, k, normalize;
+};
+
+struct LayerSumReduceParams {
+    const float* partial;
+    const float* w;
+    float* dw;  // [k], accumulated (+=) like every parameter gradient
+    int n, k;
+};
+
+// softmax(w) into shared memory (k is small: one thread does it, others wait).
+__device__ __forceinline__ void layer_softmax(const float* w, int k, float* p) {
+    if (threadIdx.x == 0) {
+        float m = w[0];
+        for (int j = 1; j < k; ++j) m = fmaxf(m, w[j]);
+        float s = 0.0f;
+        for (int j = 0; j < k; ++j) {
+            p[j] = expf(w[j] - m);
+            s += p[j];
+        }
+        for (int j = 0; j < k; ++j) p[j] = p[j] / s;
+    }
+    __syncthreads();
+}
+
+#define STRATA_MAX_LAYERS 64
+
+extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
+    __shared__ float p[STRATA_MAX_LAYERS];
+    __shared__ float mu[STRATA_MAX_LAYERS];
+    __shared__ float rs[STRATA_MAX_LAYERS];
+    __shared__ float scratch[32];
+    const int f = blockIdx.x;
+    layer_softmax(a.w, a.k, p);
+    const bf16* frame = a.x + (int64_t)f * a.L * a.D;
+    if (a.normalize) {
+        for (int j = 0; j < a.k; ++j) {
+            const bf16* row = frame + (int64_t)(a.first + j) * a.D;
+            float s = 0.0f;
+            for (int d = threadIdx.x; d < a.D; d += blockDim.x) s += bf16_to_float(row[d]);
+            const float m = block_sum(s, scratch) / (float)a.D;
+            float q = 0.0f;
+            for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+                const float c = bf16_to_float(row[d]) - m;
+                q += c * c;
+            }
+            const float var = block_sum(q, scratch) / (float)a.D;
+            if (threadIdx.x == 0) {
+                mu[j] = m;
+                rs[j] = 1.0f / sqrtf(var + 1e-5f);
+                a.mean[(int64_t)f * a.k + j] = m;
+                a.rstd[(int64_t)f * a.k + j] = rs[j];
+            }
+        }
+        __syncthreads();
+    }
+    for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < a.k; ++j) {
+            float v = bf16_to_float(frame[(int64_t)(a.first + j) * a.D + d]);
+            if (a.normalize) v = (v - mu[j]) * rs[j];
+            acc += p[j] * v;
+        }
+        a.out[(int64_t)f * a.D + d] = float_to_bf16(acc);
+    }
+}
+STRATA_EMU_ENTRY(layer_sum_forward, LayerSumFwdParams)
+
+extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
+    __shared__ float p[STRATA_MAX_LAYERS];
+    __shared__ float scratch[32];
+    const int f = blockIdx.x;
+    layer_softmax(a.w, a.k, p);
+    const bf16* frame = a.x + (int64_t)f * a.L * a.D;
+    const float* g = a.dout + (int64_t)f * a.D;
+    for (int j = 0; j < a.k; ++j) {
+        const bf16* row = frame + (int64_t)(a.first + j) * a.D;
+        const float m = a.normalize ? a.mean[(int64_t)f * a.k + j] : 0.0f;
+        const float r = a.normalize ? a.rstd[(int64_t)f * a.k + j] : 1.0f;
+        float s = 0.0f;
+        for (int d = threadIdx.x; d < a.D; d += blockDim.x) s += g[d] * ((bf16_to_float(row[d]) - m) * r);
+        const float dp = block_sum(s, scratch);
+        if (threadIdx.x == 0) a.partial[(int64_t)f * a.k + j] = dp;
+        if (a.dx) {
+            float* dxr = a.dx + ((int64_t)f * a.L + a.first + j) * a.D;
+            if (!a.normalize) {
+                for (int d = threadIdx.x; d < a.D; d += blockDim.x) dxr[d] = p[j] * g[d];
+            } else {
+                // LayerNorm backward of gy = p_j * dout: rstd * (gy - mean(gy) - xhat * mean(gy * xhat)).
+                float sg = 0.0f, sgx = 0.0f;
+                for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+                    const float xh = (bf16_to_float(row[d]) - m) * r;
+                    sg += p[j] * g[d];
+                    sgx += p[j] * g[d] * xh;
+                }
+                const float mg = block_sum(sg, scratch) / (float)a.D;
+                const float mgx = block_sum(sgx, scratch) / (float)a.D;
+                for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+                    const float xh = (bf16_to_float(row[d]) - m) * r;
+                    dxr[d] = r * (p[j] * g[d] - mg - xh * mgx);
+                }
+            }
+        }
+    }
+}
+STRATA_EMU_ENTRY(layer_sum_backward, LayerSumBwdParams)
+
+// One block: dp[j] = sum over frames (fixed order), then dw += p * (dp - sum p dp).
+extern "C" __global__ void layer_sum_reduce(const LayerSumReduceParams a) {
+    __shared__ float p[STRATA_MAX_LAYERS];
+    __shared__ float dp[STRATA_MAX_LAYERS];
+    __shared__ float scratch[32];
+    layer_softmax(a.w, a.k, p);
+    for (int j = 0; j < a.k; ++j) {
+        float s = 0.0f;
+        for (int f = threadIdx.x; f < a.n; f += blockDim.x) s += a.partial[(int64_t)f * a.k + j];
+        const float t = block_sum(s, scratch);
+        if (threadIdx.x == 0) dp[j] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float dot = 0.0f;
+        for (int j = 0; j < a.k; ++j) dot += p[j] * dp[j];
+        for (int j = 0; j < a.k; ++j) a.dw[j] += p[j] * (dp[j] - dot);
+    }
+}
+STRATA_EMU_ENTRY(layer_sum_reduce, LayerSumReduceParams)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one prepared GPU-machine run: kernel tests on the GPU at real sizes, compute-sanitizer
+# (memcheck, racecheck) on a small run, then our benchmarks and PyTorch's in the same run, as one
+# table. The GPU machine has no Rust: build here first, then carry .gpu/:
+#
+#   scripts/gpu_check.sh --prepare          # here: builds the binaries into .gpu/
+#   scripts/gpu_check.sh                    # there: runs everything (about 2-4 minutes)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    cargo build --release --example gpu_bench
+    bins=$(cargo test --release --test kernels --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if "/deps/kernels-" in (m.get("executable") or "")]')
+    rm -rf .gpu && mkdir -p .gpu
+    cp target/release/examples/gpu_bench .gpu/
+    cp $bins .gpu/kernels_test
+    strip --strip-debug .gpu/gpu_bench .gpu/kernels_test
+    git rev-parse --short HEAD > .gpu/commit
+    ls -la .gpu
+    exit 0
+fi
+
+out=${OUT:-/tmp/strata-gpu}
+mkdir -p "$out"
+# NVRTC: the toolkit's, or the PyPI wheel's that PyTorch ships with.
+nvrtc=$(ls /usr/local/cuda/lib64/libnvrtc.so.13 2>/dev/null || find / -name 'libnvrtc.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)
+export LD_LIBRARY_PATH="$(dirname "$nvrtc"):${LD_LIBRARY_PATH:-}"
+export STRATA_KERNEL_CACHE="$out/kernel-cache"
+echo "== commit $(cat .gpu/commit), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), nvrtc $nvrtc"
+status=0
+
+echo "== kernel tests on the GPU (and the emulator)"
+STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
+
+echo "== compute-sanitizer memcheck / racecheck (collectives test: small sizes)"
+for tool in memcheck racecheck; do
+    STRATA_TEST_CUDA=1 compute-sanitizer --tool $tool --error-exitcode 3 \
+        .gpu/kernels_test --test-threads 1 emulator_collectives 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
+done
+STRATA_TEST_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    .gpu/kernels_test --test-threads 1 launch_errors 2>&1 | tail -2 | tee -a "$out/sanitizer.log" || status=1
+
+echo "== benchmarks: strata and PyTorch in the same run"
+.gpu/gpu_bench > "$out/ours.jsonl" || status=1
+python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" || status=1
+python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
+exit $status

@@ -1,0 +1,260 @@
+//! Typed launchers for the CUDA kernels (kernels/*.cu): shapes checked here, errors naming the
+//! kernel and the sizes. Each runs on either backend (emulator or GPU); the CPU references they are
+//! tested against live beside them in src/ops/ and src/optim/.
+
+use crate::error::{Error, Result};
+use crate::optim::AdamConfig;
+use crate::runtime::kernels::{
+    AdamParams, ClipCoefParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
+    SumSquaresParams,
+};
+use crate::runtime::{Backend, Buf};
+use half::bf16;
+
+const LAYER_SUM_BLOCK: u32 = 128;
+const MAX_LAYERS: usize = 64;
+
+fn need(kernel: &str, what: &str, buf_len: usize, want: usize) -> Result<()> {
+    if buf_len == want {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            format!("{kernel} {what}"),
+            format!("{want} elements"),
+            format!("{buf_len}"),
+        ))
+    }
+}
+
+/// Shape of a layer-sum launch: stack [n, l, d], layers first..first+k.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerSumShape {
+    pub n: usize,
+    pub l: usize,
+    pub d: usize,
+    pub first: usize,
+    pub k: usize,
+    pub normalize: bool,
+}
+
+impl LayerSumShape {
+    fn check(&self, kernel: &str) -> Result<()> {
+        if self.k == 0
+            || self.first + self.k > self.l
+            || self.k > MAX_LAYERS
+            || self.n == 0
+            || self.d == 0
+        {
+            return Err(Error::shape(
+                kernel,
+                format!("1 <= k <= {MAX_LAYERS} layers within L, n >= 1, d >= 1"),
+                format!("{self:?}"),
+            ));
+        }
+        if self.n > i32::MAX as usize || self.l * self.d > i32::MAX as usize {
+            return Err(Error::shape(
+                kernel,
+                "sizes that fit in 32-bit indices per frame",
+                format!("{self:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Saved statistics of the per-layer norm, [n, k] each.
+pub struct LayerNormStats {
+    pub mean: Buf<f32>,
+    pub rstd: Buf<f32>,
+}
+
+/// out [n, d] bf16 = sum_j softmax(w)_j * (norm?)(x[:, first + j, :]).
+pub fn layer_sum_forward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    w: &Buf<f32>,
+    s: LayerSumShape,
+) -> Result<(Buf<bf16>, Option<LayerNormStats>)> {
+    const K: &str = "layer_sum_forward";
+    s.check(K)?;
+    need(K, "stack", x.len(), s.n * s.l * s.d)?;
+    need(K, "weights", w.len(), s.k)?;
+    let out = be.zeros::<bf16>(s.n * s.d)?;
+    let stats = if s.normalize {
+        Some(LayerNormStats {
+            mean: be.zeros(s.n * s.k)?,
+            rstd: be.zeros(s.n * s.k)?,
+        })
+    } else {
+        None
+    };
+    let p = LayerSumFwdParams {
+        x: be.ptr(x),
+        w: be.ptr(w),
+        out: be.ptr(&out),
+        mean: stats.as_ref().map_or(0, |st| be.ptr(&st.mean)),
+        rstd: stats.as_ref().map_or(0, |st| be.ptr(&st.rstd)),
+        n: s.n as i32,
+        l: s.l as i32,
+        d: s.d as i32,
+        first: s.first as i32,
+        k: s.k as i32,
+        normalize: s.normalize as i32,
+    };
+    be.launch(K, (s.n as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), 0, &p)?;
+    Ok((out, stats))
+}
+
+/// Adds d loss / d w into `dw` [k]; returns d loss / d x [n, l, d] (fp32) when `need_dx`.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_sum_backward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    w: &Buf<f32>,
+    dout: &Buf<f32>,
+    stats: Option<&LayerNormStats>,
+    s: LayerSumShape,
+    dw: &Buf<f32>,
+    need_dx: bool,
+) -> Result<Option<Buf<f32>>> {
+    const K: &str = "layer_sum_backward";
+    s.check(K)?;
+    need(K, "stack", x.len(), s.n * s.l * s.d)?;
+    need(K, "weights", w.len(), s.k)?;
+    need(K, "dout", dout.len(), s.n * s.d)?;
+    need(K, "dw", dw.len(), s.k)?;
+    if s.normalize != stats.is_some() {
+        return Err(Error::Config(format!(
+            "{K}: normalize = {} but statistics {}",
+            s.normalize,
+            if stats.is_some() { "given" } else { "missing" }
+        )));
+    }
+    let partial = be.zeros::<f32>(s.n * s.k)?;
+    let dx = if need_dx {
+        Some(be.zeros::<f32>(s.n * s.l * s.d)?)
+    } else {
+        None
+    };
+    let p = LayerSumBwdParams {
+        x: be.ptr(x),
+        w: be.ptr(w),
+        dout: be.ptr(dout),
+        mean: stats.map_or(0, |st| be.ptr(&st.mean)),
+        rstd: stats.map_or(0, |st| be.ptr(&st.rstd)),
+        partial: be.ptr(&partial),
+        dx: dx.as_ref().map_or(0, |b| be.ptr(b)),
+        n: s.n as i32,
+        l: s.l as i32,
+        d: s.d as i32,
+        first: s.first as i32,
+        k: s.k as i32,
+        normalize: s.normalize as i32,
+    };
+    be.launch(K, (s.n as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), 0, &p)?;
+    let r = LayerSumReduceParams {
+        partial: be.ptr(&partial),
+        w: be.ptr(w),
+        dw: be.ptr(dw),
+        n: s.n as i32,
+        k: s.k as i32,
+    };
+    be.launch("layer_sum_reduce", (1, 1, 1), (256, 1, 1), 0, &r)?;
+    Ok(dx)
+}
+
+/// Adam / AdamW step `t` (1-based) over a flat parameter buffer, as `crate::optim::Adam`.
+/// `grad_scale` (one float on the device, e.g. the clip coefficient) multiplies every gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step(
+    be: &Backend,
+    cfg: &AdamConfig,
+    step: u64,
+    param: &Buf<f32>,
+    grad: &Buf<f32>,
+    m: &Buf<f32>,
+    v: &Buf<f32>,
+    param_bf16: Option<&Buf<bf16>>,
+    grad_scale: Option<&Buf<f32>>,
+) -> Result<()> {
+    const K: &str = "adam_step";
+    let n = param.len();
+    need(K, "grad", grad.len(), n)?;
+    need(K, "exp_avg", m.len(), n)?;
+    need(K, "exp_avg_sq", v.len(), n)?;
+    if let Some(b) = param_bf16 {
+        need(K, "bf16 copy", b.len(), n)?;
+    }
+    if step == 0 {
+        return Err(Error::Config("adam_step: steps count from 1".into()));
+    }
+    let t = step as f64;
+    let p = AdamParams {
+        param: be.ptr(param),
+        grad: be.ptr(grad),
+        m: be.ptr(m),
+        v: be.ptr(v),
+        param_bf16: param_bf16.map_or(0, |b| be.ptr(b)),
+        grad_scale: grad_scale.map_or(0, |b| be.ptr(b)),
+        n: n as i64,
+        step_size: (cfg.lr / (1.0 - cfg.beta1.powf(t))) as f32,
+        bc2_sqrt: (1.0 - cfg.beta2.powf(t)).sqrt() as f32,
+        one_minus_beta1: (1.0 - cfg.beta1) as f32,
+        beta2: cfg.beta2 as f32,
+        one_minus_beta2: (1.0 - cfg.beta2) as f32,
+        eps: cfg.eps as f32,
+        weight_decay: if cfg.decoupled {
+            0.0
+        } else {
+            cfg.weight_decay as f32
+        },
+        decay: if cfg.decoupled {
+            (1.0 - cfg.lr * cfg.weight_decay) as f32
+        } else {
+            1.0
+        },
+        decoupled: cfg.decoupled as i32,
+    };
+    let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+    be.launch(K, (blocks, 1, 1), (256, 1, 1), 0, &p)
+}
+
+/// The global L2 norm of `grad` and the clip coefficient min(max_norm / (norm + 1e-6), 1), both
+/// left on the device (one float each).
+pub fn clip_coefficient(
+    be: &Backend,
+    grad: &Buf<f32>,
+    max_norm: f32,
+) -> Result<(Buf<f32>, Buf<f32>)> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(Error::Config(format!(
+            "clip: max_norm must be > 0, got {max_norm}"
+        )));
+    }
+    let n = grad.len();
+    let parts = n.div_ceil(256).clamp(1, 1024);
+    let partial = be.zeros::<f32>(parts)?;
+    let sp = SumSquaresParams {
+        x: be.ptr(grad),
+        partial: be.ptr(&partial),
+        n: n as i64,
+    };
+    be.launch(
+        "sum_squares_partial",
+        (parts as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &sp,
+    )?;
+    let norm = be.zeros::<f32>(1)?;
+    let coef = be.zeros::<f32>(1)?;
+    let cp = ClipCoefParams {
+        partial: be.ptr(&partial),
+        parts: parts as i32,
+        max_norm,
+        norm: be.ptr(&norm),
+        coef: be.ptr(&coef),
+    };
+    be.launch("clip_coefficient", (1, 1, 1), (256, 1, 1), 0, &cp)?;
+    Ok((norm, coef))
+}

@@ -1,0 +1,82 @@
+//! The kernel emulator backend: kernels/*.cu compiled by the host C++ compiler (build.rs) and run
+//! with each block's threads as cooperative fibers (src/runtime/emulator/emulator.cpp). It runs the
+//! same kernel code as the GPU, so `cargo test` checks every kernel on machines with no GPU. What it
+//! cannot show: races under real scheduling, memory-model bugs, speed.
+
+use std::ffi::{c_char, c_void};
+
+type EmuFn =
+    unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, *const c_void, *mut c_char, u32) -> i32;
+
+macro_rules! entries {
+    ($($name:ident),* $(,)?) => {
+        mod ffi {
+            use std::ffi::{c_char, c_void};
+            extern "C" {
+                $(
+                    #[allow(improper_ctypes)]
+                    pub fn $name(gx: u32, gy: u32, gz: u32, bx: u32, by: u32, bz: u32, smem: u32,
+                                 params: *const c_void, err: *mut c_char, errlen: u32) -> i32;
+                )*
+            }
+        }
+        fn entry(kernel: &str) -> Option<EmuFn> {
+            $(
+                if stringify!($name).strip_prefix("strata_emu_") == Some(kernel) {
+                    return Some(ffi::$name);
+                }
+            )*
+            None
+        }
+    };
+}
+
+entries!(
+    strata_emu_layer_sum_forward,
+    strata_emu_layer_sum_backward,
+    strata_emu_layer_sum_reduce,
+    strata_emu_adam_step,
+    strata_emu_sum_squares_partial,
+    strata_emu_clip_coefficient,
+    strata_emu_selftest_collectives,
+    strata_emu_selftest_divergent_barrier,
+);
+
+/// Runs `kernel` to completion. `params` must be the kernel's parameter struct, its pointers valid
+/// host pointers covering everything the kernel touches.
+pub(crate) fn launch(
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: u32,
+    params: *const c_void,
+) -> Result<(), String> {
+    let f =
+        entry(kernel).ok_or_else(|| format!("kernel '{kernel}' is not built into the emulator"))?;
+    let mut err = [0 as c_char; 512];
+    // SAFETY: the entry runs the kernel body on `params` (the caller's contract) and writes at most
+    // errlen bytes of message.
+    let rc = unsafe {
+        f(
+            grid.0,
+            grid.1,
+            grid.2,
+            block.0,
+            block.1,
+            block.2,
+            smem,
+            params,
+            err.as_mut_ptr(),
+            err.len() as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: the emulator writes a NUL-terminated message on failure.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        Err(msg)
+    }
+}

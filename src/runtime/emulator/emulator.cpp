@@ -1,0 +1,235 @@
+// The kernel emulator's scheduler: the threads of one block as ucontext fibers.
+//
+// A fiber runs until it finishes or waits (block barrier, warp collective). When every fiber has
+// run as far as it can, the scheduler releases a warp whose live lanes all wait at a collective,
+// else the block if all live threads wait at __syncthreads, else reports a deadlock (a barrier or
+// collective reached by only part of its threads) as an error instead of hanging.
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "shim.h"
+
+#if defined(__x86_64__)
+#define STRATA_FAST_SWITCH 1
+// strata_switch(save, load): saves the current context's stack pointer into *save, resumes `load`.
+asm(R"(
+    .text
+    .globl strata_switch
+    .type strata_switch,@function
+strata_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size strata_switch,.-strata_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+extern "C" void strata_switch(void** save, void* load);
+#endif
+
+namespace strata_emu {
+
+enum State { READY, AT_BLOCK_BARRIER, AT_WARP_COLLECTIVE, DONE };
+
+struct Fiber {
+    ucontext_t ctx;
+    void* sp = nullptr;
+    State state;
+    dim3 tid;
+    int linear;
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<char> stacks;
+    std::vector<uint64_t> slots;  // one per thread: the warp-exchange mailbox
+    std::vector<char> smem;
+    ucontext_t scheduler;
+    void* scheduler_sp = nullptr;
+    int current = 0;
+    dim3 block_idx, block_dim, grid_dim;
+    Body body = nullptr;
+    const void* params = nullptr;
+};
+
+thread_local Block* tl_block = nullptr;
+
+static const size_t kStack = 64 * 1024;
+
+const dim3& thread_idx() { return tl_block->fibers[tl_block->current].tid; }
+const dim3& block_idx() { return tl_block->block_idx; }
+const dim3& block_dim() { return tl_block->block_dim; }
+const dim3& grid_dim() { return tl_block->grid_dim; }
+char* dynamic_smem() { return tl_block->smem.data(); }
+int lane_id() { return tl_block->fibers[tl_block->current].linear & 31; }
+
+static void wait_in(State s) {
+    Block* b = tl_block;
+    Fiber& f = b->fibers[b->current];
+    f.state = s;
+#ifdef STRATA_FAST_SWITCH
+    strata_switch(&f.sp, b->scheduler_sp);
+#else
+    swapcontext(&f.ctx, &b->scheduler);
+#endif
+}
+
+void block_barrier() { wait_in(AT_BLOCK_BARRIER); }
+
+uint64_t warp_exchange(uint64_t mine, int src) {
+    Block* b = tl_block;
+    const int me = b->fibers[b->current].linear;
+    const int base = me & ~31;
+    b->slots[me] = mine;
+    wait_in(AT_WARP_COLLECTIVE);  // everyone has written
+    const int from = base + src;
+    const uint64_t got = from < (int)b->fibers.size() ? b->slots[from] : mine;
+    wait_in(AT_WARP_COLLECTIVE);  // everyone has read: the slots may be reused
+    return got;
+}
+
+static void trampoline() {
+    Block* b = tl_block;
+    b->body(b->params);
+    b->fibers[b->current].state = DONE;
+#ifdef STRATA_FAST_SWITCH
+    strata_switch(&b->fibers[b->current].sp, b->scheduler_sp);  // never resumed
+    __builtin_unreachable();
+#endif
+    // ucontext: uc_link returns to the scheduler.
+}
+
+#ifdef STRATA_FAST_SWITCH
+// A new fiber's stack, laid out so that the first switch to it "returns" into trampoline with
+// the stack aligned as after a call.
+static void* initial_stack(char* base, size_t size) {
+    uint64_t* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(base + size)) & ~uintptr_t(15));
+    uint32_t mxcsr = 0;
+    uint16_t fpucw = 0;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    const uint64_t csr = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
+    *--sp = 0;                                          // fake return address of trampoline
+    *--sp = reinterpret_cast<uint64_t>(&trampoline);    // where `ret` goes
+    for (int i = 0; i < 6; ++i) *--sp = 0;              // rbp, rbx, r12-r15
+    *--sp = csr;                                        // MXCSR and x87 control word
+    return sp;
+}
+#endif
+
+// Runs one block to completion; false (with a message) on a deadlock.
+static bool run_block(Block& b, char* err, unsigned errlen) {
+    const int n = (int)b.fibers.size();
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = b.fibers[i];
+        f.state = READY;
+#ifdef STRATA_FAST_SWITCH
+        f.sp = initial_stack(b.stacks.data() + (size_t)i * kStack, kStack);
+#else
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = b.stacks.data() + (size_t)i * kStack;
+        f.ctx.uc_stack.ss_size = kStack;
+        f.ctx.uc_link = &b.scheduler;
+        makecontext(&f.ctx, trampoline, 0);
+#endif
+    }
+    for (;;) {
+        for (int i = 0; i < n; ++i) {
+            if (b.fibers[i].state == READY) {
+                b.current = i;
+#ifdef STRATA_FAST_SWITCH
+                strata_switch(&b.scheduler_sp, b.fibers[i].sp);
+#else
+                swapcontext(&b.scheduler, &b.fibers[i].ctx);
+#endif
+            }
+        }
+        int live = 0, at_barrier = 0;
+        bool released = false;
+        for (int w = 0; w < n; w += 32) {
+            int wlive = 0, wwait = 0;
+            for (int i = w; i < n && i < w + 32; ++i) {
+                if (b.fibers[i].state != DONE) ++wlive;
+                if (b.fibers[i].state == AT_WARP_COLLECTIVE) ++wwait;
+            }
+            if (wlive > 0 && wwait == wlive) {
+                for (int i = w; i < n && i < w + 32; ++i) {
+                    if (b.fibers[i].state == AT_WARP_COLLECTIVE) b.fibers[i].state = READY;
+                }
+                released = true;
+            }
+        }
+        for (int i = 0; i < n; ++i) {
+            if (b.fibers[i].state != DONE) ++live;
+            if (b.fibers[i].state == AT_BLOCK_BARRIER) ++at_barrier;
+        }
+        if (live == 0) return true;
+        if (released) continue;
+        if (at_barrier == live) {
+            for (int i = 0; i < n; ++i) {
+                if (b.fibers[i].state == AT_BLOCK_BARRIER) b.fibers[i].state = READY;
+            }
+            continue;
+        }
+        std::snprintf(err, errlen,
+                      "deadlock in block (%u,%u,%u): %d of %d live threads wait at __syncthreads, the others "
+                      "at a warp collective their warp does not complete",
+                      b.block_idx.x, b.block_idx.y, b.block_idx.z, at_barrier, live);
+        return false;
+    }
+}
+
+int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, char* err, unsigned errlen) {
+    const long threads = (long)block.x * block.y * block.z;
+    if (threads <= 0 || threads > 1024) {
+        std::snprintf(err, errlen, "block of %ld threads: CUDA allows 1..1024", threads);
+        return 1;
+    }
+    Block b;
+    b.body = body;
+    b.params = params;
+    b.block_dim = block;
+    b.grid_dim = grid;
+    b.fibers.resize(threads);
+    b.stacks.resize((size_t)threads * kStack);
+    b.slots.assign(threads, 0);
+    b.smem.assign(smem + 16, 0);
+    for (int i = 0; i < threads; ++i) {
+        b.fibers[i].linear = i;
+        b.fibers[i].tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+    }
+    Block* saved = tl_block;
+    tl_block = &b;
+    int rc = 0;
+    for (unsigned z = 0; z < grid.z && rc == 0; ++z)
+        for (unsigned y = 0; y < grid.y && rc == 0; ++y)
+            for (unsigned x = 0; x < grid.x && rc == 0; ++x) {
+                b.block_idx = dim3(x, y, z);
+                if (!run_block(b, err, errlen)) rc = 2;
+            }
+    tl_block = saved;
+    return rc;
+}
+
+}  // namespace strata_emu

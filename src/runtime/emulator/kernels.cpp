@@ -1,0 +1,4 @@
+// Every kernel source, compiled for the emulator (STRATA_EMULATOR makes common.cuh pull the shim).
+#include "../../../kernels/layer_sum.cu"
+#include "../../../kernels/adamw.cu"
+#include "../../../kernels/selftest.cu"

@@ -1,0 +1,84 @@
+// The CUDA vocabulary for kernels compiled by the host C++ compiler (the kernel emulator).
+// Each block's threads are cooperative fibers (emulator.cpp): a thread runs until it reaches a
+// barrier (__syncthreads) or a warp collective (__shfl_*_sync), then the next one runs; a barrier
+// or collective releases when every live thread of the block / warp has arrived. Blocks run one
+// after another, so `__shared__` (function-static storage) is shared by exactly one block's threads.
+#pragma once
+#include <math.h>  // expf, sqrtf, fmaxf, fminf in the global namespace, as in CUDA
+#include <cstdint>
+#include <cstring>
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+
+namespace strata_emu {
+struct Block;
+extern thread_local Block* tl_block;
+const dim3& thread_idx();
+const dim3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+void block_barrier();
+// Exchanges one 8-byte slot per lane: writes `mine`, waits for the warp, returns lane `src`'s slot.
+uint64_t warp_exchange(uint64_t mine, int src);
+int lane_id();
+char* dynamic_smem();
+typedef void (*Body)(const void*);
+int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, char* err, unsigned errlen);
+
+template <class T>
+T shfl(T v, int src) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    uint64_t got = warp_exchange(bits, src);
+    T r;
+    std::memcpy(&r, &got, sizeof(T));
+    return r;
+}
+}  // namespace strata_emu
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+#define threadIdx (strata_emu::thread_idx())
+#define blockIdx (strata_emu::block_idx())
+#define blockDim (strata_emu::block_dim())
+#define gridDim (strata_emu::grid_dim())
+#define __syncthreads() strata_emu::block_barrier()
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    return strata_emu::shfl(v, strata_emu::lane_id() ^ mask);
+}
+template <class T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
+    const int src = strata_emu::lane_id() + (int)delta;
+    return strata_emu::shfl(v, src < 32 ? src : strata_emu::lane_id());
+}
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) {
+    return strata_emu::shfl(v, src & 31);
+}
+// Blocks run one at a time on one OS thread and fibers never preempt: a plain add is atomic.
+inline float atomicAdd(float* p, float v) {
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+#define STRATA_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(strata_emu::dynamic_smem())
+
+#define STRATA_EMU_ENTRY(name, Params)                                                                   \
+    extern "C" int strata_emu_##name(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,    \
+                                     unsigned bz, unsigned smem, const void* params, char* err,          \
+                                     unsigned errlen) {                                                  \
+        return strata_emu::launch([](const void* p) { name(*static_cast<const Params*>(p)); },          \
+                                  dim3(gx, gy, gz), dim3(bx, by, bz), smem, params, err, errlen);        \
+    }

@@ -1,0 +1,81 @@
+//! The kernel sources (embedded, so a binary compiles them anywhere) and the Rust mirrors of
+//! their parameter structs. Each `#[repr(C)]` struct here matches the C struct of the same name in
+//! kernels/*.cu field by field: pointers as u64, `int` as i32, `int64_t` as i64.
+
+/// kernels/common.cuh, prepended to every source for NVRTC.
+pub const COMMON: &str = include_str!("../../kernels/common.cuh");
+
+pub struct KernelFile {
+    pub file: &'static str,
+    pub source: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+pub const FILES: &[KernelFile] = &[
+    KernelFile {
+        file: "layer_sum.cu",
+        source: include_str!("../../kernels/layer_sum.cu"),
+        kernels: &[
+            "layer_sum_forward",
+            "layer_sum_backward",
+            "layer_sum_reduce",
+        ],
+    },
+    KernelFile {
+        file: "adamw.cu",
+        source: include_str!("../../kernels/adamw.cu"),
+        kernels: &["adam_step", "sum_squares_partial", "clip_coefficient"],
+    },
+    KernelFile {
+        file: "selftest.cu",
+        source: include_str!("../../kernels/selftest.cu"),
+        kernels: &["selftest_collectives", "selftest_divergent_barrier"],
+    },
+];
+
+/// The file that defines `kernel`.
+pub fn file_of(kernel: &str) -> Option<&'static KernelFile> {
+    FILES.iter().find(|f| f.kernels.contains(&kernel))
+}
+
+/// Full NVRTC source of a kernel file: the common header inlined, no include paths needed.
+pub fn nvrtc_source(file: &KernelFile) -> String {
+    format!(
+        "#define STRATA_COMMON_INCLUDED\n{COMMON}\n#line 1 \"{}\"\n{}",
+        file.file, file.source
+    )
+}
+
+/// Marker for kernel parameter structs.
+///
+/// # Safety
+/// The type must be `#[repr(C)]`, `Copy`, and match its C struct exactly.
+pub unsafe trait KernelParams: Copy + 'static {}
+
+macro_rules! params {
+    ($($name:ident { $($field:ident : $ty:ty),* $(,)? })*) => {
+        $(
+            #[repr(C)]
+            #[derive(Clone, Copy, Debug)]
+            pub struct $name { $(pub $field: $ty),* }
+            // SAFETY: repr(C), Copy, and mirrors the C struct of the same name.
+            unsafe impl KernelParams for $name {}
+            // SAFETY: plain data passed by value to the kernel.
+            unsafe impl cudarc::driver::DeviceRepr for $name {}
+        )*
+    };
+}
+
+params! {
+    LayerSumFwdParams { x: u64, w: u64, out: u64, mean: u64, rstd: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32 }
+    LayerSumBwdParams { x: u64, w: u64, dout: u64, mean: u64, rstd: u64, partial: u64, dx: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32 }
+    LayerSumReduceParams { partial: u64, w: u64, dw: u64, n: i32, k: i32 }
+    AdamParams {
+        param: u64, grad: u64, m: u64, v: u64, param_bf16: u64, grad_scale: u64, n: i64,
+        step_size: f32, bc2_sqrt: f32, one_minus_beta1: f32, beta2: f32, one_minus_beta2: f32, eps: f32,
+        weight_decay: f32, decay: f32, decoupled: i32,
+    }
+    SumSquaresParams { x: u64, partial: u64, n: i64 }
+    ClipCoefParams { partial: u64, parts: i32, max_norm: f32, norm: u64, coef: u64 }
+    SelftestParams { input: u64, out: u64, n: i32 }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""PyTorch's side of the GPU benchmark (the device script runs it next to examples/gpu_bench.rs):
+the same work, same sizes, CUDA events, L2 flush, median of 20. JSON lines {"name", "ms"}, plus
+the measured device-to-device copy bandwidth ("peak_copy", bytes read + written per second)."""
+import json
+
+import torch
+import torch.nn.functional as F
+
+
+def time_ms(f, reps=20):
+    flush = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
+    for _ in range(3):
+        f()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        f()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    dev = "cuda"
+    src = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    print(json.dumps({"name": "peak_copy", "bytes_per_s": 2 * src.numel() / (ms * 1e-3)}))
+    del src, dst
+    for name, L, D in (("base", 13, 768), ("large", 25, 1024)):
+        n = 32 * 500
+        stacked = torch.full((L, n, D), 0.5, dtype=torch.bfloat16, device=dev)  # s3prl layout (L, B*T, D)
+        w = torch.full((L,), 0.1, device=dev, requires_grad=True)
+        dout = torch.full((n, D), 0.01, dtype=torch.bfloat16, device=dev)
+        for normalize in (False, True):
+            tag = f"ws_{name}{'_norm' if normalize else ''}"
+
+            def fwd():
+                x = F.layer_norm(stacked, (D,)) if normalize else stacked
+                return (F.softmax(w, -1).to(x.dtype).view(-1, 1, 1) * x).sum(0)
+
+            with torch.no_grad():
+                print(json.dumps({"name": f"{tag}_fwd", "ms": time_ms(fwd)}))
+            t_all = time_ms(lambda: torch.autograd.grad(fwd(), w, dout))
+            print(json.dumps({"name": f"{tag}_fwd_bwd", "ms": t_all}))
+    for n in (4_424_832 + 768 * 256 + 256 * 43, 100_000_000):
+        p = torch.nn.Parameter(torch.full((n,), 0.1, device=dev))
+        p.grad = torch.full((n,), 0.01, device=dev)
+        opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+        print(json.dumps({"name": f"adamw_{n}", "ms": time_ms(opt.step)}))
+
+
+if __name__ == "__main__":
+    main()

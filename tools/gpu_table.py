@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Joins examples/gpu_bench.rs output (ours) and tools/gpu_bench_torch.py output into one table:
+ours, PyTorch, speed ratio, our GB/s and its share of the measured copy bandwidth.
+    python3 tools/gpu_table.py ours.jsonl torch.jsonl"""
+import json
+import sys
+
+
+def load(path):
+    return [json.loads(line) for line in open(path) if line.strip().startswith("{")]
+
+
+def main():
+    ours, theirs = load(sys.argv[1]), load(sys.argv[2])
+    peak = next(r["bytes_per_s"] for r in theirs if r["name"] == "peak_copy")
+    t = {r["name"]: r["ms"] for r in theirs if "ms" in r}
+    o = {r["name"]: r for r in ours}
+    print(f"measured copy bandwidth: {peak / 1e12:.2f} TB/s (bytes read + written)")
+    print(f"{'kernel':28s} {'strata ms':>10s} {'torch ms':>10s} {'speedup':>8s} {'GB/s':>8s} {'% peak':>7s}")
+    rows = []
+    for name, r in o.items():
+        if name.endswith("_bwd_dw"):
+            continue
+        torch_ms = t.get(name)
+        rows.append((name, r["ms"], torch_ms, r["bytes"]))
+        bwd = o.get(name.replace("_fwd", "_bwd_dw"))
+        if bwd is not None:
+            rows.append((name.replace("_fwd", "_fwd_bwd"), r["ms"] + bwd["ms"], t.get(name.replace("_fwd", "_fwd_bwd")), r["bytes"] + bwd["bytes"]))
+    for name, ms, torch_ms, nbytes in rows:
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        sp = f"{torch_ms / ms:7.2f}x" if torch_ms else "     n/a"
+        tm = f"{torch_ms:10.4f}" if torch_ms else "       n/a"
+        print(f"{name:28s} {ms:10.4f} {tm} {sp} {gbs:8.0f} {100 * gbs * 1e9 / peak:6.0f}%")
+
+
+if __name__ == "__main__":
+    main()
