@@ -134,7 +134,14 @@ fn layer_sum_forward_and_backward_match_the_cpu_reference() {
         let gpu = matches!(be, Backend::Cuda(_));
         for (n, l, d) in layer_sum_cases(gpu) {
             for normalize in [false, true] {
-                for (first, k) in [(0, l), (l / 3, (l - l / 3).clamp(1, 4))] {
+                // A sub-range (GroupWS) too, except at the real sizes, where the f64 CPU reference
+                // of each case already costs seconds.
+                let ranges = if n > 5000 {
+                    vec![(0, l)]
+                } else {
+                    vec![(0, l), (l / 3, (l - l / 3).clamp(1, 4))]
+                };
+                for (first, k) in ranges {
                     check_layer_sum(&be, n, l, d, first, k, normalize);
                 }
             }
