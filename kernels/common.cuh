@@ -51,6 +51,45 @@ __device__ __forceinline__ bf16 float_to_bf16(float f) {
     return h;
 }
 
+// Eight bf16 in 16 bytes: one vector load or store (callers guarantee 16-byte alignment on the GPU;
+// the emulator's host buffers are only element-aligned, so it copies bytewise).
+struct alignas(16) bf16x8 {
+    uint32_t w[4];
+};
+
+__device__ __forceinline__ bf16x8 load_bf16x8(const bf16* p) {
+#ifdef STRATA_EMULATOR
+    bf16x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
+    return *reinterpret_cast<const bf16x8*>(p);
+#endif
+}
+
+__device__ __forceinline__ void store_bf16x8(bf16* p, const bf16x8& v) {
+#ifdef STRATA_EMULATOR
+    memcpy(p, &v, sizeof v);
+#else
+    *reinterpret_cast<bf16x8*>(p) = v;
+#endif
+}
+
+__device__ __forceinline__ void unpack_bf16x8(const bf16x8& v, float* f) {
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = strata_bits_float(v.w[i] << 16);
+        f[2 * i + 1] = strata_bits_float(v.w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ bf16x8 pack_bf16x8(const float* f) {
+    bf16x8 v;
+    for (int i = 0; i < 4; ++i) {
+        v.w[i] = (uint32_t)float_to_bf16(f[2 * i]).bits | ((uint32_t)float_to_bf16(f[2 * i + 1]).bits << 16);
+    }
+    return v;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(0xffffffffu, v, offset);

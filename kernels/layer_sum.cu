@@ -4,9 +4,12 @@
 // Stack x: frame-major bf16 [n, L, D]. Layers first..first+k are summed with softmax(w) weights.
 // Forward: one block per frame; optional no-affine LayerNorm of each layer row (eps 1e-5, biased
 // variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
-// Backward: per-frame partial dp[j] = sum_d dout * xhat (one block per frame, fixed order), then
-// one block reduces the partials over frames in fixed order and applies the softmax Jacobian:
-// deterministic. The stack gradient (for a trainable upstream) is optional.
+// Backward: per-frame partial dp[j] = sum_d dout * xhat, then one block reduces the partials over
+// frames in fixed order and applies the softmax Jacobian: deterministic. The stack gradient (for a
+// trainable upstream) is optional.
+// Per-layer reductions (norm statistics, dp) give each warp its own layers (j = warp, warp +
+// warps, ...) and reduce with shuffles only: no block-wide barrier per layer. Rows are read 8 bf16
+// (16 bytes) per load when D % 8 == 0. Blocks are a whole number of warps.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif
@@ -59,23 +62,24 @@ extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
     __shared__ float mu[STRATA_MAX_LAYERS];
     __shared__ float rs[STRATA_MAX_LAYERS];
-    __shared__ float scratch[32];
     const int f = blockIdx.x;
     layer_softmax(a.w, a.k, p);
     const bf16* frame = a.x + (int64_t)f * a.L * a.D;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const bool vec8 = (a.D & 7) == 0;
     if (a.normalize) {
-        for (int j = 0; j < a.k; ++j) {
+        for (int j = warp; j < a.k; j += warps) {
             const bf16* row = frame + (int64_t)(a.first + j) * a.D;
             float s = 0.0f;
-            for (int d = threadIdx.x; d < a.D; d += blockDim.x) s += bf16_to_float(row[d]);
-            const float m = block_sum(s, scratch) / (float)a.D;
+            for (int d = lane; d < a.D; d += 32) s += bf16_to_float(row[d]);
+            const float m = warp_sum(s) / (float)a.D;
             float q = 0.0f;
-            for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+            for (int d = lane; d < a.D; d += 32) {
                 const float c = bf16_to_float(row[d]) - m;
                 q += c * c;
             }
-            const float var = block_sum(q, scratch) / (float)a.D;
-            if (threadIdx.x == 0) {
+            const float var = warp_sum(q) / (float)a.D;
+            if (lane == 0) {
                 mu[j] = m;
                 rs[j] = 1.0f / sqrtf(var + 1e-5f);
                 a.mean[(int64_t)f * a.k + j] = m;
@@ -83,6 +87,24 @@ extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
             }
         }
         __syncthreads();
+    }
+    if (vec8) {
+        for (int c = threadIdx.x; c < a.D / 8; c += blockDim.x) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int j = 0; j < a.k; ++j) {
+                float v[8];
+                unpack_bf16x8(load_bf16x8(frame + (int64_t)(a.first + j) * a.D + 8 * c), v);
+                const float pj = p[j];
+                const float m = a.normalize ? mu[j] : 0.0f;
+                const float r = a.normalize ? rs[j] : 1.0f;
+                for (int e = 0; e < 8; ++e) {
+                    const float x = a.normalize ? (v[e] - m) * r : v[e];
+                    acc[e] += pj * x;
+                }
+            }
+            store_bf16x8(a.out + (int64_t)f * a.D + 8 * c, pack_bf16x8(acc));
+        }
+        return;
     }
     for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
         float acc = 0.0f;
@@ -98,34 +120,43 @@ STRATA_EMU_ENTRY(layer_sum_forward, LayerSumFwdParams)
 
 extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
-    __shared__ float scratch[32];
     const int f = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     layer_softmax(a.w, a.k, p);
     const bf16* frame = a.x + (int64_t)f * a.L * a.D;
     const float* g = a.dout + (int64_t)f * a.D;
-    for (int j = 0; j < a.k; ++j) {
+    const bool vec8 = (a.D & 7) == 0;
+    for (int j = warp; j < a.k; j += warps) {
         const bf16* row = frame + (int64_t)(a.first + j) * a.D;
         const float m = a.normalize ? a.mean[(int64_t)f * a.k + j] : 0.0f;
         const float r = a.normalize ? a.rstd[(int64_t)f * a.k + j] : 1.0f;
         float s = 0.0f;
-        for (int d = threadIdx.x; d < a.D; d += blockDim.x) s += g[d] * ((bf16_to_float(row[d]) - m) * r);
-        const float dp = block_sum(s, scratch);
-        if (threadIdx.x == 0) a.partial[(int64_t)f * a.k + j] = dp;
+        if (vec8) {
+            for (int c = lane; c < a.D / 8; c += 32) {
+                float v[8];
+                unpack_bf16x8(load_bf16x8(row + 8 * c), v);
+                for (int e = 0; e < 8; ++e) s += g[8 * c + e] * ((v[e] - m) * r);
+            }
+        } else {
+            for (int d = lane; d < a.D; d += 32) s += g[d] * ((bf16_to_float(row[d]) - m) * r);
+        }
+        const float dp = warp_sum(s);
+        if (lane == 0) a.partial[(int64_t)f * a.k + j] = dp;
         if (a.dx) {
             float* dxr = a.dx + ((int64_t)f * a.L + a.first + j) * a.D;
             if (!a.normalize) {
-                for (int d = threadIdx.x; d < a.D; d += blockDim.x) dxr[d] = p[j] * g[d];
+                for (int d = lane; d < a.D; d += 32) dxr[d] = p[j] * g[d];
             } else {
                 // LayerNorm backward of gy = p_j * dout: rstd * (gy - mean(gy) - xhat * mean(gy * xhat)).
                 float sg = 0.0f, sgx = 0.0f;
-                for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+                for (int d = lane; d < a.D; d += 32) {
                     const float xh = (bf16_to_float(row[d]) - m) * r;
                     sg += p[j] * g[d];
                     sgx += p[j] * g[d] * xh;
                 }
-                const float mg = block_sum(sg, scratch) / (float)a.D;
-                const float mgx = block_sum(sgx, scratch) / (float)a.D;
-                for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+                const float mg = warp_sum(sg) / (float)a.D;
+                const float mgx = warp_sum(sgx) / (float)a.D;
+                for (int d = lane; d < a.D; d += 32) {
                     const float xh = (bf16_to_float(row[d]) - m) * r;
                     dxr[d] = r * (p[j] * g[d] - mg - xh * mgx);
                 }

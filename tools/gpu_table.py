@@ -23,7 +23,7 @@ def main():
             continue
         torch_ms = t.get(name)
         rows.append((name, r["ms"], torch_ms, r["bytes"]))
-        bwd = o.get(name.replace("_fwd", "_bwd_dw"))
+        bwd = o.get(name.replace("_fwd", "_bwd_dw")) if name.endswith("_fwd") else None
         if bwd is not None:
             rows.append((name.replace("_fwd", "_fwd_bwd"), r["ms"] + bwd["ms"], t.get(name.replace("_fwd", "_fwd_bwd")), r["bytes"] + bwd["bytes"]))
     for name, ms, torch_ms, nbytes in rows:
