@@ -355,3 +355,20 @@ fn launch_errors_name_the_kernel_and_sizes() {
     };
     assert!(device::layer_sum_forward(&be, &x, &w, shape).is_err());
 }
+
+#[test]
+fn the_cuda_probe_never_panics_and_auto_falls_back_to_the_cpu() {
+    use strata::runtime::resolve;
+    use strata::Device;
+    match Backend::cuda() {
+        Err(why) => {
+            assert!(!why.is_empty());
+            assert_eq!(resolve("auto").unwrap(), Device::Cpu);
+            let err = resolve("cuda").unwrap_err();
+            assert!(err.contains("unavailable") && err.contains(&why), "{err}");
+        }
+        Ok(_) => assert_eq!(resolve("cuda").unwrap(), Device::Cuda(0)),
+    }
+    assert_eq!(resolve("cpu").unwrap(), Device::Cpu);
+    assert!(resolve("tpu").unwrap_err().contains("unknown device 'tpu'"));
+}

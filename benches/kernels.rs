@@ -1,0 +1,87 @@
+//! criterion benches of the CUDA kernels (WS forward / backward, AdamW) at HuBERT-Base / Large
+//! sizes, 32 x 500 frames. GPU only: without one it says so and measures nothing (the emulator's
+//! speed means nothing). The device script's table (examples/gpu_bench.rs + PyTorch) is the one
+//! recorded in RESULTS.md; this is for iterating on a GPU machine with Rust.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use half::bf16;
+use std::time::{Duration, Instant};
+use strata::ops::device::{self, LayerSumShape};
+use strata::optim::AdamConfig;
+use strata::runtime::Backend;
+
+fn bench(c: &mut Criterion) {
+    let be = match Backend::cuda() {
+        Ok(be) => be,
+        Err(why) => {
+            println!("kernel benches skipped: no GPU ({why})");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("gpu_kernels");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
+    let timed = |be: &Backend, iters: u64, f: &mut dyn FnMut()| {
+        be.synchronize().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        be.synchronize().unwrap();
+        t0.elapsed()
+    };
+    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
+        let n = 32 * 500;
+        let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+        let w = be.upload(&vec![0.1f32; l]).unwrap();
+        let dout = be.upload(&vec![0.01f32; n * d]).unwrap();
+        let dw = be.zeros::<f32>(l).unwrap();
+        let s = LayerSumShape {
+            n,
+            l,
+            d,
+            first: 0,
+            k: l,
+            normalize: false,
+        };
+        group.throughput(Throughput::Bytes((n * l * d * 2 + n * d * 2) as u64));
+        group.bench_function(format!("ws_forward_{name}"), |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::layer_sum_forward(&be, &x, &w, s).unwrap())
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((n * l * d * 2 + n * d * 4) as u64));
+        group.bench_function(format!("ws_backward_{name}"), |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(
+                        device::layer_sum_backward(&be, &x, &w, &dout, None, s, &dw, false)
+                            .unwrap(),
+                    )
+                })
+            })
+        });
+    }
+    let n = 100_000_000usize;
+    let p = be.upload(&vec![0.1f32; n]).unwrap();
+    let g = be.upload(&vec![0.01f32; n]).unwrap();
+    let (m, v) = (be.zeros::<f32>(n).unwrap(), be.zeros::<f32>(n).unwrap());
+    let cfg = AdamConfig::adamw(1e-3);
+    group.throughput(Throughput::Bytes((n * 28) as u64));
+    let mut step = 0;
+    group.bench_function("adamw_100M", |b| {
+        b.iter_custom(|iters| {
+            timed(&be, iters, &mut || {
+                step += 1;
+                device::adam_step(&be, &cfg, step, &p, &g, &m, &v, None, None).unwrap()
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
