@@ -15,6 +15,10 @@ typedef unsigned short uint16_t;
 typedef unsigned int uint32_t;
 typedef long long int64_t;
 #define STRATA_EMU_ENTRY(name, Params)
+// Dynamic shared memory (the launch's smem bytes), 16-byte aligned.
+#define STRATA_DYNAMIC_SMEM(T, name)                              \
+    extern __shared__ __align__(16) unsigned char strata_smem[]; \
+    T* name = reinterpret_cast<T*>(strata_smem)
 #endif
 
 // bf16 kept as raw bits: identical layout on both backends, conversions in plain integer math.
@@ -72,6 +76,21 @@ __device__ __forceinline__ void store_bf16x8(bf16* p, const bf16x8& v) {
     memcpy(p, &v, sizeof v);
 #else
     *reinterpret_cast<bf16x8*>(p) = v;
+#endif
+}
+
+// Four floats in 16 bytes (our own type: no toolkit header), loaded as one vector.
+struct alignas(16) float4_t {
+    float x, y, z, w;
+};
+
+__device__ __forceinline__ float4_t load_float4(const float* p) {
+#ifdef STRATA_EMULATOR
+    float4_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
+    return *reinterpret_cast<const float4_t*>(p);
 #endif
 }
 

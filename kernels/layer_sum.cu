@@ -120,12 +120,18 @@ STRATA_EMU_ENTRY(layer_sum_forward, LayerSumFwdParams)
 
 extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
+    // This frame's dout row, staged once and read by every warp (dynamic shared memory of D floats
+    // when D % 8 == 0 and D <= 4096, which takes this path).
+    STRATA_DYNAMIC_SMEM(float4_t, gs);
     const int f = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    layer_softmax(a.w, a.k, p);
     const bf16* frame = a.x + (int64_t)f * a.L * a.D;
     const float* g = a.dout + (int64_t)f * a.D;
-    const bool vec8 = (a.D & 7) == 0;
+    const bool vec8 = (a.D & 7) == 0 && a.D <= 4096;
+    if (vec8) {
+        for (int c = threadIdx.x; c < a.D / 4; c += blockDim.x) gs[c] = load_float4(g + 4 * c);
+    }
+    layer_softmax(a.w, a.k, p);  // its barrier also publishes the staged row
     for (int j = warp; j < a.k; j += warps) {
         const bf16* row = frame + (int64_t)(a.first + j) * a.D;
         const float m = a.normalize ? a.mean[(int64_t)f * a.k + j] : 0.0f;
@@ -135,7 +141,9 @@ extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
             for (int c = lane; c < a.D / 8; c += 32) {
                 float v[8];
                 unpack_bf16x8(load_bf16x8(row + 8 * c), v);
-                for (int e = 0; e < 8; ++e) s += g[8 * c + e] * ((v[e] - m) * r);
+                const float4_t g0 = gs[2 * c], g1 = gs[2 * c + 1];
+                s += g0.x * ((v[0] - m) * r) + g0.y * ((v[1] - m) * r) + g0.z * ((v[2] - m) * r) + g0.w * ((v[3] - m) * r);
+                s += g1.x * ((v[4] - m) * r) + g1.y * ((v[5] - m) * r) + g1.z * ((v[6] - m) * r) + g1.w * ((v[7] - m) * r);
             }
         } else {
             for (int d = lane; d < a.D; d += 32) s += g[d] * ((bf16_to_float(row[d]) - m) * r);

@@ -151,7 +151,13 @@ pub fn layer_sum_backward(
         k: s.k as i32,
         normalize: s.normalize as i32,
     };
-    be.launch(K, (s.n as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), 0, &p)?;
+    // Shared memory stages one dout row on the vectorised path (see the kernel).
+    let smem = if s.d % 8 == 0 && s.d <= 4096 {
+        (s.d * 4) as u32
+    } else {
+        0
+    };
+    be.launch(K, (s.n as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), smem, &p)?;
     let r = LayerSumReduceParams {
         partial: be.ptr(&partial),
         w: be.ptr(w),

@@ -64,7 +64,8 @@ struct Block {
     std::vector<Fiber> fibers;
     std::vector<char> stacks;
     std::vector<uint64_t> slots;  // one per thread: the warp-exchange mailbox
-    std::vector<char> smem;
+    std::vector<char> smem_storage;
+    char* smem = nullptr;  // 16-byte aligned inside smem_storage
     ucontext_t scheduler;
     void* scheduler_sp = nullptr;
     int current = 0;
@@ -81,7 +82,7 @@ const dim3& thread_idx() { return tl_block->fibers[tl_block->current].tid; }
 const dim3& block_idx() { return tl_block->block_idx; }
 const dim3& block_dim() { return tl_block->block_dim; }
 const dim3& grid_dim() { return tl_block->grid_dim; }
-char* dynamic_smem() { return tl_block->smem.data(); }
+char* dynamic_smem() { return tl_block->smem; }
 int lane_id() { return tl_block->fibers[tl_block->current].linear & 31; }
 
 static void wait_in(State s) {
@@ -214,7 +215,8 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     b.fibers.resize(threads);
     b.stacks.resize((size_t)threads * kStack);
     b.slots.assign(threads, 0);
-    b.smem.assign(smem + 16, 0);
+    b.smem_storage.assign(smem + 32, 0);
+    b.smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.smem_storage.data()) + 15) & ~uintptr_t(15));
     for (int i = 0; i < threads; ++i) {
         b.fibers[i].linear = i;
         b.fibers[i].tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));

@@ -74,6 +74,7 @@ inline float atomicAdd(float* p, float v) {
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 #define STRATA_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(strata_emu::dynamic_smem())
+#define __align__(n) alignas(n)
 
 #define STRATA_EMU_ENTRY(name, Params)                                                                   \
     extern "C" int strata_emu_##name(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,    \
