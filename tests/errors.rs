@@ -213,3 +213,14 @@ fn optimizer_rejects_bad_hyper_parameters() {
     assert!(strata::optim::Adam::new(cfg, &store).is_err());
     assert!(strata::optim::clip_grad_norm(&mut ParamStore::new(), 0.0).is_err());
 }
+
+#[test]
+fn zero_width_inputs_are_errors_not_divisions_by_zero() {
+    let mut tape = Tape::new();
+    let x = tape.constant(Tensor::zeros(&[3, 0])).unwrap();
+    let w = tape.constant(Tensor::zeros(&[2, 0])).unwrap();
+    assert!(msg(tape.linear(x, w, None)).contains("at least one input feature"));
+    assert!(msg(tape.layer_norm(x, None, 1e-5)).contains("non-empty last dimension"));
+    assert!(msg(tape.softmax(x)).contains("non-empty last dimension"));
+    assert!(msg(tape.log_softmax(x)).contains("non-empty last dimension"));
+}

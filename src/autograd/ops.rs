@@ -11,6 +11,18 @@ fn last_dim(shape: &[usize]) -> usize {
     *shape.last().unwrap_or(&1)
 }
 
+/// The last dimension of an op that normalises over it: it must hold at least one element.
+fn nonzero_last_dim(op: &str, shape: &[usize]) -> Result<usize> {
+    match last_dim(shape) {
+        0 => Err(Error::shape(
+            op,
+            "a non-empty last dimension",
+            format!("{shape:?}"),
+        )),
+        d => Ok(d),
+    }
+}
+
 impl Tape {
     fn data_of(&self, v: Var) -> Vec<f32> {
         self.value(v).data().to_vec()
@@ -31,6 +43,13 @@ impl Tape {
             ));
         }
         let (in_f, out_f) = (ws[1], ws[0]);
+        if in_f == 0 {
+            return Err(Error::shape(
+                "linear",
+                "at least one input feature",
+                format!("weight {ws:?}"),
+            ));
+        }
         if let Some(b) = b {
             check_shape("linear bias", self.shape(b), &[out_f])?;
         }
@@ -80,7 +99,7 @@ impl Tape {
     /// LayerNorm over the last dimension; `affine` = (weight, bias), each [d].
     pub fn layer_norm(&mut self, x: Var, affine: Option<(Var, Var)>, eps: f64) -> Result<Var> {
         let shape = self.shape(x).to_vec();
-        let d = last_dim(&shape);
+        let d = nonzero_last_dim("layer_norm", &shape)?;
         if let Some((w, b)) = affine {
             check_shape("layer_norm weight", self.shape(w), &[d])?;
             check_shape("layer_norm bias", self.shape(b), &[d])?;
@@ -116,7 +135,7 @@ impl Tape {
 
     pub fn softmax(&mut self, x: Var) -> Result<Var> {
         let shape = self.shape(x).to_vec();
-        let d = last_dim(&shape);
+        let d = nonzero_last_dim("softmax", &shape)?;
         let y = ops::softmax::softmax_forward(self.value(x).data(), d);
         let yt = crate::tensor::Tensor::from_vec(y.clone(), &shape)?;
         self.push(y, &shape, &[x], move || {
@@ -126,7 +145,7 @@ impl Tape {
 
     pub fn log_softmax(&mut self, x: Var) -> Result<Var> {
         let shape = self.shape(x).to_vec();
-        let d = last_dim(&shape);
+        let d = nonzero_last_dim("log_softmax", &shape)?;
         let y = ops::softmax::log_softmax_forward(self.value(x).data(), d);
         let yt = crate::tensor::Tensor::from_vec(y.clone(), &shape)?;
         self.push(y, &shape, &[x], move || {

@@ -14,14 +14,21 @@ use half::bf16;
 const LAYER_SUM_BLOCK: u32 = 128;
 const MAX_LAYERS: usize = 64;
 
-fn need(kernel: &str, what: &str, buf_len: usize, want: usize) -> Result<()> {
-    if buf_len == want {
+/// `buf` must live on `be` and hold exactly `want` elements.
+fn need<T>(be: &Backend, kernel: &str, what: &str, buf: &Buf<T>, want: usize) -> Result<()> {
+    if !buf.is_on(be) {
+        return Err(Error::Config(format!(
+            "{kernel}: the {what} buffer belongs to another backend than {}",
+            be.name()
+        )));
+    }
+    if buf.len() == want {
         Ok(())
     } else {
         Err(Error::shape(
             format!("{kernel} {what}"),
             format!("{want} elements"),
-            format!("{buf_len}"),
+            format!("{}", buf.len()),
         ))
     }
 }
@@ -77,8 +84,8 @@ pub fn layer_sum_forward(
 ) -> Result<(Buf<bf16>, Option<LayerNormStats>)> {
     const K: &str = "layer_sum_forward";
     s.check(K)?;
-    need(K, "stack", x.len(), s.n * s.l * s.d)?;
-    need(K, "weights", w.len(), s.k)?;
+    need(be, K, "stack", x, s.n * s.l * s.d)?;
+    need(be, K, "weights", w, s.k)?;
     let out = be.zeros::<bf16>(s.n * s.d)?;
     let stats = if s.normalize {
         Some(LayerNormStats {
@@ -119,16 +126,20 @@ pub fn layer_sum_backward(
 ) -> Result<Option<Buf<f32>>> {
     const K: &str = "layer_sum_backward";
     s.check(K)?;
-    need(K, "stack", x.len(), s.n * s.l * s.d)?;
-    need(K, "weights", w.len(), s.k)?;
-    need(K, "dout", dout.len(), s.n * s.d)?;
-    need(K, "dw", dw.len(), s.k)?;
+    need(be, K, "stack", x, s.n * s.l * s.d)?;
+    need(be, K, "weights", w, s.k)?;
+    need(be, K, "dout", dout, s.n * s.d)?;
+    need(be, K, "dw", dw, s.k)?;
     if s.normalize != stats.is_some() {
         return Err(Error::Config(format!(
             "{K}: normalize = {} but statistics {}",
             s.normalize,
             if stats.is_some() { "given" } else { "missing" }
         )));
+    }
+    if let Some(st) = stats {
+        need(be, K, "mean", &st.mean, s.n * s.k)?;
+        need(be, K, "rstd", &st.rstd, s.n * s.k)?;
     }
     let partial = be.zeros::<f32>(s.n * s.k)?;
     let dx = if need_dx {
@@ -185,11 +196,15 @@ pub fn adam_step(
 ) -> Result<()> {
     const K: &str = "adam_step";
     let n = param.len();
-    need(K, "grad", grad.len(), n)?;
-    need(K, "exp_avg", m.len(), n)?;
-    need(K, "exp_avg_sq", v.len(), n)?;
+    need(be, K, "grad", grad, n)?;
+    need(be, K, "exp_avg", m, n)?;
+    need(be, K, "exp_avg_sq", v, n)?;
+    need(be, K, "param", param, n)?;
     if let Some(b) = param_bf16 {
-        need(K, "bf16 copy", b.len(), n)?;
+        need(be, K, "bf16 copy", b, n)?;
+    }
+    if let Some(s) = grad_scale {
+        need(be, K, "grad_scale", s, 1)?;
     }
     if step == 0 {
         return Err(Error::Config("adam_step: steps count from 1".into()));
@@ -238,6 +253,7 @@ pub fn clip_coefficient(
         )));
     }
     let n = grad.len();
+    need(be, "clip_coefficient", "grad", grad, n)?;
     let parts = n.div_ceil(256).clamp(1, 1024);
     let partial = be.zeros::<f32>(parts)?;
     let sp = SumSquaresParams {

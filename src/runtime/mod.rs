@@ -53,6 +53,14 @@ impl<T> Buf<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether this buffer lives on `be` (a kernel can only read its own backend's memory).
+    pub fn is_on(&self, be: &Backend) -> bool {
+        matches!(
+            (self, be),
+            (Buf::Host(_), Backend::Emulator) | (Buf::Cuda(_), Backend::Cuda(_))
+        )
+    }
 }
 
 fn device_err(e: impl std::fmt::Display) -> Error {

@@ -12,7 +12,7 @@
 
 #include "shim.h"
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__linux__)
 #define STRATA_FAST_SWITCH 1
 // strata_switch(save, load): saves the current context's stack pointer into *save, resumes `load`.
 asm(R"(
