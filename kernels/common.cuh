@@ -109,6 +109,21 @@ __device__ __forceinline__ bf16x8 pack_bf16x8(const float* f) {
     return v;
 }
 
+// Tensor cores: D = A * B + C for one warp, A 16x16 bf16 (row), B 16x8 bf16 (col), C/D 16x8 f32,
+// in the PTX ISA fragment layouts (see the emulator's mma_m16n8k16_bf16 for them in words).
+__device__ __forceinline__ void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+#ifdef STRATA_EMULATOR
+    strata_emu::mma_m16n8k16_bf16(d, a, b, c);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(0xffffffffu, v, offset);

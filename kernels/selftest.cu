@@ -31,6 +31,32 @@ extern "C" __global__ void selftest_collectives(const SelftestParams a) {
 }
 STRATA_EMU_ENTRY(selftest_collectives, SelftestParams)
 
+// One warp: D[16x8] = A[16x16] * B[16x8] + C through the tensor-core wrapper. A row-major bf16,
+// B given as Bt [8][16] row-major bf16 (column-major B), C and D row-major f32. Each lane loads its
+// fragments by the documented layouts, so a wrong layout shows up as a wrong product.
+struct SelftestMmaParams {
+    const bf16* a;
+    const bf16* bt;
+    const float* c;
+    float* d;
+};
+
+__device__ __forceinline__ uint32_t pack_pair(const bf16* p) {
+    return (uint32_t)p[0].bits | ((uint32_t)p[1].bits << 16);
+}
+
+extern "C" __global__ void selftest_mma(const SelftestMmaParams s) {
+    const int lane = threadIdx.x & 31, g = lane / 4, t = lane % 4;
+    uint32_t a[4], b[2];
+    float c[4], d[4];
+    for (int r = 0; r < 4; ++r) a[r] = pack_pair(s.a + (g + 8 * (r % 2)) * 16 + 2 * t + 8 * (r / 2));
+    for (int r = 0; r < 2; ++r) b[r] = pack_pair(s.bt + g * 16 + 2 * t + 8 * r);
+    for (int r = 0; r < 4; ++r) c[r] = s.c[(g + 8 * (r / 2)) * 8 + 2 * t + (r % 2)];
+    mma_m16n8k16_bf16(d, a, b, c);
+    for (int r = 0; r < 4; ++r) s.d[(g + 8 * (r / 2)) * 8 + 2 * t + (r % 2)] = d[r];
+}
+STRATA_EMU_ENTRY(selftest_mma, SelftestMmaParams)
+
 extern "C" __global__ void selftest_divergent_barrier(const SelftestParams a) {
     float v = (float)threadIdx.x;
     if (threadIdx.x % 2 == 0) {

@@ -372,3 +372,43 @@ fn the_cuda_probe_never_panics_and_auto_falls_back_to_the_cpu() {
     assert_eq!(resolve("cpu").unwrap(), Device::Cpu);
     assert!(resolve("tpu").unwrap_err().contains("unknown device 'tpu'"));
 }
+
+#[test]
+fn tensor_core_mma_wrapper_computes_a_16x16_by_16x8_product() {
+    use strata::runtime::kernels::SelftestMmaParams;
+    for be in backends() {
+        let a: Vec<f32> = randn(16 * 16, 70).iter().map(|&v| round_bf16(v)).collect();
+        let bt: Vec<f32> = randn(8 * 16, 71).iter().map(|&v| round_bf16(v)).collect();
+        let c: Vec<f32> = randn(16 * 8, 72);
+        let (ab, bb, cb) = (
+            be.upload(&to_bf16(&a)).unwrap(),
+            be.upload(&to_bf16(&bt)).unwrap(),
+            be.upload(&c).unwrap(),
+        );
+        let d = be.zeros::<f32>(16 * 8).unwrap();
+        let p = SelftestMmaParams {
+            a: be.ptr(&ab),
+            bt: be.ptr(&bb),
+            c: be.ptr(&cb),
+            d: be.ptr(&d),
+        };
+        be.launch("selftest_mma", (1, 1, 1), (32, 1, 1), 0, &p)
+            .unwrap();
+        be.synchronize().unwrap();
+        let got = be.download(&d).unwrap();
+        for i in 0..16 {
+            for j in 0..8 {
+                let want: f64 = c[i * 8 + j] as f64
+                    + (0..16)
+                        .map(|k| a[i * 16 + k] as f64 * bt[j * 16 + k] as f64)
+                        .sum::<f64>();
+                let g = got[i * 8 + j] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{}: D[{i}][{j}] = {g}, want {want}",
+                    be.name()
+                );
+            }
+        }
+    }
+}

@@ -29,7 +29,11 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
-        kernels: &["selftest_collectives", "selftest_divergent_barrier"],
+        kernels: &[
+            "selftest_collectives",
+            "selftest_mma",
+            "selftest_divergent_barrier",
+        ],
     },
 ];
 
@@ -78,4 +82,5 @@ params! {
     SumSquaresParams { x: u64, partial: u64, n: i64 }
     ClipCoefParams { partial: u64, parts: i32, max_norm: f32, norm: u64, coef: u64 }
     SelftestParams { input: u64, out: u64, n: i32 }
+    SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
 }

@@ -64,6 +64,7 @@ struct Block {
     std::vector<Fiber> fibers;
     std::vector<char> stacks;
     std::vector<uint64_t> slots;  // one per thread: the warp-exchange mailbox
+    std::vector<uint32_t> mma;    // 10 words per thread: an mma's A (4), B (2) and C (4 floats)
     std::vector<char> smem_storage;
     char* smem = nullptr;  // 16-byte aligned inside smem_storage
     ucontext_t scheduler;
@@ -108,6 +109,54 @@ uint64_t warp_exchange(uint64_t mine, int src) {
     const uint64_t got = from < (int)b->fibers.size() ? b->slots[from] : mine;
     wait_in(AT_WARP_COLLECTIVE);  // everyone has read: the slots may be reused
     return got;
+}
+
+static float bf16_bits_to_float(uint32_t bits16) {
+    const uint32_t u = bits16 << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// The fragment layouts of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA), with
+// lane = 4 * g + t: A reg r holds row g + 8 * (r % 2), k = 2t + 8 * (r / 2) + {0, 1}; B reg r holds
+// column g, k = 2t + 8r + {0, 1}; C/D reg r holds row g + 8 * (r / 2), column 2t + (r % 2).
+// Every lane deposits its fragments, the warp meets, each lane computes its four outputs in fp32.
+void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+    Block* bl = tl_block;
+    const int me = bl->fibers[bl->current].linear;
+    const int base = me & ~31;
+    uint32_t* mine = &bl->mma[(size_t)me * 10];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+    std::memcpy(mine + 6, c, 16);
+    wait_in(AT_WARP_COLLECTIVE);
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const uint32_t* f = &bl->mma[(size_t)(base + lane) * 10];
+        const int g = lane / 4, t = lane % 4;
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + 8 * (r % 2), k = 2 * t + 8 * (r / 2);
+            A[row][k] = bf16_bits_to_float(f[r] & 0xffffu);
+            A[row][k + 1] = bf16_bits_to_float(f[r] >> 16);
+        }
+        for (int r = 0; r < 2; ++r) {
+            const int k = 2 * t + 8 * r;
+            B[k][g] = bf16_bits_to_float(f[4 + r] & 0xffffu);
+            B[k + 1][g] = bf16_bits_to_float(f[4 + r] >> 16);
+        }
+    }
+    const int lane = me & 31, g = lane / 4, t = lane % 4;
+    float out[4];
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r / 2), col = 2 * t + (r % 2);
+        float acc;
+        std::memcpy(&acc, mine + 6 + r, 4);
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        out[r] = acc;
+    }
+    wait_in(AT_WARP_COLLECTIVE);  // every lane has read the fragments
+    for (int r = 0; r < 4; ++r) d[r] = out[r];
 }
 
 static void trampoline() {
@@ -215,6 +264,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     b.fibers.resize(threads);
     b.stacks.resize((size_t)threads * kStack);
     b.slots.assign(threads, 0);
+    b.mma.assign((size_t)threads * 10, 0);
     b.smem_storage.assign(smem + 32, 0);
     b.smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.smem_storage.data()) + 15) & ~uintptr_t(15));
     for (int i = 0; i < threads; ++i) {

@@ -24,6 +24,8 @@ void block_barrier();
 // Exchanges one 8-byte slot per lane: writes `mine`, waits for the warp, returns lane `src`'s slot.
 uint64_t warp_exchange(uint64_t mine, int src);
 int lane_id();
+// One warp-wide mma.sync.m16n8k16 (bf16 x bf16 -> f32) from per-lane fragments (PTX ISA layouts).
+void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const float* c);
 char* dynamic_smem();
 typedef void (*Body)(const void*);
 int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, char* err, unsigned errlen);
