@@ -80,6 +80,50 @@ fn main() {
             );
         }
     }
+    // HConv forward (all convs, bias + ReLU, flatten): FLOPs = 2 * MACs.
+    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
+        let n = 32 * 500;
+        let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
+        let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+        let mut layers = Vec::new();
+        let mut macs = 0usize;
+        for g in &plan.convs {
+            let w = vec![0.01f32; g.c_out * g.c_in * g.kernel];
+            layers.push((
+                be.upload(&device::hconv_weight_for_kernel(&w, g)).unwrap(),
+                be.upload(&vec![0.0f32; g.c_out]).unwrap(),
+            ));
+            macs += g.l_out() * g.c_out * g.c_in * g.kernel;
+        }
+        let t = time_ms(&be, &mut flush, || {
+            let mut h = device::hconv_conv_forward(
+                &be,
+                &x,
+                n,
+                &plan.convs[0],
+                &layers[0].0,
+                &layers[0].1,
+                plan.convs.len() == 1,
+            )
+            .unwrap();
+            for (i, g) in plan.convs.iter().enumerate().skip(1) {
+                h = device::hconv_conv_forward(
+                    &be,
+                    &h,
+                    n,
+                    g,
+                    &layers[i].0,
+                    &layers[i].1,
+                    i + 1 == plan.convs.len(),
+                )
+                .unwrap();
+            }
+        });
+        println!(
+            "{{\"name\": \"hconv_{name}_fwd\", \"ms\": {t:.4}, \"flops\": {}}}",
+            2 * macs * n
+        );
+    }
     for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
         let p = be.upload(&vec![0.1f32; n]).unwrap();
         let g = be.upload(&vec![0.01f32; n]).unwrap();

@@ -34,10 +34,10 @@ status=0
 echo "== kernel tests on the GPU (and the emulator)"
 STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
 
-echo "== compute-sanitizer memcheck / racecheck (collectives test: small sizes)"
+echo "== compute-sanitizer memcheck / racecheck (small sizes)"
 for tool in memcheck racecheck; do
-    STRATA_TEST_CUDA=1 compute-sanitizer --tool $tool --error-exitcode 3 \
-        .gpu/kernels_test --test-threads 1 emulator_collectives 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
+    STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 3 \
+        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core hconv 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
 done
 
 echo "== benchmarks: strata and PyTorch in the same run"

@@ -48,6 +48,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[track_caller]
 fn assert_fa_rule(what: &str, got: &[f32], reference: &[f32], naive: &[f32]) {
     let (e, en) = (max_abs_diff(got, reference), max_abs_diff(naive, reference));
+    eprintln!("{what}: error {e:.3e}, naive bf16 error {en:.3e}");
     assert!(
         e <= 2.0 * en + 1e-6,
         "{what}: error {e:.3e} > 2 x naive bf16 error {en:.3e}"
@@ -411,4 +412,118 @@ fn tensor_core_mma_wrapper_computes_a_16x16_by_16x8_product() {
             }
         }
     }
+}
+
+/// HConv's whole conv stack on the device vs the CPU interface (fp32), by the flash-attention rule
+/// against a naive bf16 computation. References cost seconds per frame at 13 x 768 (the naive one
+/// rounds every product), so they use a few sample frames of large batches.
+#[test]
+fn hconv_forward_on_tensor_cores_matches_the_cpu_reference() {
+    use strata::models::interface::hconv_plan;
+    for be in backends() {
+        let gpu = matches!(be, Backend::Cuda(_));
+        let mut cases = vec![
+            (3usize, 13usize, 768usize, 5usize, 3usize),
+            (4, 7, 100, 5, 3),
+            (2, 25, 1024, 5, 3),
+            (3, 7, 40, 3, 2),
+        ];
+        // STRATA_TEST_SMALL=1 (the sanitizer runs) keeps to the small cases.
+        if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
+            cases.extend([(16000, 13, 768, 5, 3), (16000, 25, 1024, 5, 3)]);
+        }
+        for (n, l, d, kernel, stride) in cases {
+            let tag = format!("{} n={n} L={l} D={d} k={kernel} s={stride}", be.name());
+            let plan = hconv_plan(l, d, kernel, stride).unwrap();
+            let mut rng = Rng::new((n + l + d) as u64);
+            let x: Vec<f32> = (0..n * l * d).map(|_| round_bf16(rng.normal())).collect();
+            let weights: Vec<(Vec<f32>, Vec<f32>)> = plan
+                .convs
+                .iter()
+                .map(|g| {
+                    let bound = 1.0 / ((g.c_in * g.kernel) as f64).sqrt();
+                    let w: Vec<f32> = rng
+                        .uniform_vec(g.c_out * g.c_in * g.kernel, bound)
+                        .iter()
+                        .map(|&v| round_bf16(v))
+                        .collect();
+                    (w, rng.uniform_vec(g.c_out, bound))
+                })
+                .collect();
+            // Device: every conv, the last one flattening.
+            let mut h = be.upload(&to_bf16(&x)).unwrap();
+            for (i, (g, (w, b))) in plan.convs.iter().zip(&weights).enumerate() {
+                let wb = be.upload(&device::hconv_weight_for_kernel(w, g)).unwrap();
+                let bb = be.upload(b).unwrap();
+                h = device::hconv_conv_forward(&be, &h, n, g, &wb, &bb, i + 1 == plan.convs.len())
+                    .unwrap();
+            }
+            be.synchronize().unwrap();
+            let got: Vec<f32> = be
+                .download(&h)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            let out_dim = plan.output_dim();
+            assert_eq!(got.len(), n * out_dim, "{tag}: output size");
+            // References on sample frames.
+            let frames: Vec<usize> = if n <= 8 {
+                (0..n).collect()
+            } else {
+                vec![0, 1, n / 2, n - 1]
+            };
+            let (mut ours, mut reference, mut naive) = (Vec::new(), Vec::new(), Vec::new());
+            for &f in &frames {
+                let xf = &x[f * l * d..(f + 1) * l * d];
+                let (mut r32, mut rb) = (xf.to_vec(), xf.to_vec());
+                for (g, (w, b)) in plan.convs.iter().zip(&weights) {
+                    r32 = strata::ops::activation::relu_forward(&strata::ops::layer_conv::forward(
+                        &r32, 1, w, b, g,
+                    ));
+                    rb = naive_bf16_conv(&rb, w, b, g);
+                }
+                let (l_last, c_last) = (plan.l_last, plan.c_last);
+                reference.extend(strata::ops::shape::flatten_channel_major(
+                    &r32, l_last, c_last,
+                ));
+                naive.extend(strata::ops::shape::flatten_channel_major(
+                    &rb, l_last, c_last,
+                ));
+                ours.extend_from_slice(&got[f * out_dim..(f + 1) * out_dim]);
+            }
+            assert_fa_rule(&tag, &ours, &reference, &naive);
+        }
+    }
+}
+
+/// One conv + bias + ReLU in bf16 arithmetic: every product and partial sum rounded (one frame).
+fn naive_bf16_conv(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    g: &strata::ops::layer_conv::ConvGeom,
+) -> Vec<f32> {
+    let l_out = g.l_out();
+    let mut y = vec![0f32; l_out * g.c_out];
+    for lo in 0..l_out {
+        for o in 0..g.c_out {
+            let mut acc = 0f32;
+            for k in 0..g.kernel {
+                let li = (lo * g.stride + k) as isize - g.pad as isize;
+                if li < 0 || li as usize >= g.l_in {
+                    continue;
+                }
+                for c in 0..g.c_in {
+                    acc = round_bf16(
+                        acc + round_bf16(
+                            x[li as usize * g.c_in + c] * w[(o * g.c_in + c) * g.kernel + k],
+                        ),
+                    );
+                }
+            }
+            y[lo * g.c_out + o] = round_bf16(round_bf16(acc + b[o]).max(0.0));
+        }
+    }
+    y
 }

@@ -3,6 +3,10 @@
 the same work, same sizes, CUDA events, L2 flush, median of 20. JSON lines {"name", "ms"}, plus
 the measured device-to-device copy bandwidth ("peak_copy", bytes read + written per second)."""
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,17 @@ def main():
                 print(json.dumps({"name": f"{tag}_fwd", "ms": time_ms(fwd)}))
             t_all = time_ms(lambda: torch.autograd.grad(fwd(), w, dout))
             print(json.dumps({"name": f"{tag}_fwd_bwd", "ms": t_all}))
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ a, reps=10)
+    print(json.dumps({"name": "peak_mm", "flops_per_s": 2 * 8192**3 / (ms * 1e-3)}))
+    del a
+    from gen_fixtures import HConv  # the official module (atosystem/SSL_Interface form)
+    for name, L, D in (("base", 13, 768), ("large", 25, 1024)):
+        n = 32 * 500
+        m = HConv(L, D).to(dev)
+        stacked = torch.randn(L, 1, n, D, device=dev)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            print(json.dumps({"name": f"hconv_{name}_fwd", "ms": time_ms(lambda: m(stacked))}))
     for n in (4_424_832 + 768 * 256 + 256 * 43, 100_000_000):
         p = torch.nn.Parameter(torch.full((n,), 0.1, device=dev))
         p.grad = torch.full((n,), 0.01, device=dev)

@@ -13,12 +13,23 @@ def load(path):
 def main():
     ours, theirs = load(sys.argv[1]), load(sys.argv[2])
     peak = next(r["bytes_per_s"] for r in theirs if r["name"] == "peak_copy")
+    peak_mm = next((r["flops_per_s"] for r in theirs if r["name"] == "peak_mm"), None)
     t = {r["name"]: r["ms"] for r in theirs if "ms" in r}
     o = {r["name"]: r for r in ours}
     print(f"measured copy bandwidth: {peak / 1e12:.2f} TB/s (bytes read + written)")
+    if peak_mm:
+        print(f"measured bf16 matmul (8192^3): {peak_mm / 1e12:.0f} TFLOP/s")
     print(f"{'kernel':28s} {'strata ms':>10s} {'torch ms':>10s} {'speedup':>8s} {'GB/s':>8s} {'% peak':>7s}")
     rows = []
     for name, r in o.items():
+        if "flops" in r:
+            tf = r["flops"] / (r["ms"] * 1e-3) / 1e12
+            tm = t.get(name)
+            sp = f"{tm / r['ms']:7.2f}x" if tm else "     n/a"
+            pk = f"{100 * tf * 1e12 / peak_mm:6.0f}%" if peak_mm else "    n/a"
+            tms = f"{tm:10.4f}" if tm else "       n/a"
+            print(f"{name:28s} {r['ms']:10.4f} {tms} {sp} {tf:6.1f}TF {pk}")
+            continue
         if name.endswith("_bwd_dw"):
             continue
         torch_ms = t.get(name)

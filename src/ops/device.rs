@@ -3,7 +3,9 @@
 //! tested against live beside them in src/ops/ and src/optim/.
 
 use crate::error::{Error, Result};
+use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
+use crate::runtime::kernels::HConvFwdParams;
 use crate::runtime::kernels::{
     AdamParams, ClipCoefParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
     SumSquaresParams,
@@ -279,4 +281,74 @@ pub fn clip_coefficient(
     };
     be.launch("clip_coefficient", (1, 1, 1), (256, 1, 1), 0, &cp)?;
     Ok((norm, coef))
+}
+
+/// PyTorch's Conv1d weight [c_out, c_in, k] as the kernel's tap-major bf16 [c_out, k * c_in].
+pub fn hconv_weight_for_kernel(w: &[f32], g: &ConvGeom) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; g.c_out * g.kernel * g.c_in];
+    for o in 0..g.c_out {
+        for c in 0..g.c_in {
+            for k in 0..g.kernel {
+                out[(o * g.kernel + k) * g.c_in + c] =
+                    bf16::from_f32(w[(o * g.c_in + c) * g.kernel + k]);
+            }
+        }
+    }
+    out
+}
+
+/// One HConv conv + bias + ReLU on tensor cores: x bf16 [n, l_in, c_in] -> y bf16 [n, l_out, c_out],
+/// or channel-major flattened [n, c_out * l_out] when `flatten` (the last conv).
+/// `w` comes from [`hconv_weight_for_kernel`].
+pub fn hconv_conv_forward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    n: usize,
+    g: &ConvGeom,
+    w: &Buf<bf16>,
+    bias: &Buf<f32>,
+    flatten: bool,
+) -> Result<Buf<bf16>> {
+    const K: &str = "hconv_conv_forward";
+    if n == 0 || g.stride == 0 || g.l_in + 2 * g.pad < g.kernel || g.c_in == 0 || g.c_out == 0 {
+        return Err(Error::shape(
+            K,
+            "n >= 1 and a kernel that fits the padded layers",
+            format!("n = {n}, {g:?}"),
+        ));
+    }
+    let l_out = g.l_out();
+    if n * l_out > i32::MAX as usize * 64 || g.kernel * g.c_in > i32::MAX as usize {
+        return Err(Error::shape(
+            K,
+            "sizes that fit the kernel's indices",
+            format!("n = {n}, {g:?}"),
+        ));
+    }
+    need(be, K, "x", x, n * g.l_in * g.c_in)?;
+    need(be, K, "weight", w, g.c_out * g.kernel * g.c_in)?;
+    need(be, K, "bias", bias, g.c_out)?;
+    let y = be.zeros::<bf16>(n * l_out * g.c_out)?;
+    let p = HConvFwdParams {
+        x: be.ptr(x),
+        w: be.ptr(w),
+        bias: be.ptr(bias),
+        y: be.ptr(&y),
+        n: n as i32,
+        l_in: g.l_in as i32,
+        c_in: g.c_in as i32,
+        c_out: g.c_out as i32,
+        kernel: g.kernel as i32,
+        stride: g.stride as i32,
+        pad: g.pad as i32,
+        l_out: l_out as i32,
+        flatten: flatten as i32,
+    };
+    let grid = (
+        g.c_out.div_ceil(64) as u32,
+        (n * l_out).div_ceil(64) as u32,
+        1,
+    );
+    be.launch(K, grid, (128, 1, 1), 0, &p)?;
+    Ok(y)
 }

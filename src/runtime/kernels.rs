@@ -27,6 +27,11 @@ pub const FILES: &[KernelFile] = &[
         kernels: &["adam_step", "sum_squares_partial", "clip_coefficient"],
     },
     KernelFile {
+        file: "hconv.cu",
+        source: include_str!("../../kernels/hconv.cu"),
+        kernels: &["hconv_conv_forward"],
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -83,4 +88,5 @@ params! {
     ClipCoefParams { partial: u64, parts: i32, max_norm: f32, norm: u64, coef: u64 }
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
+    HConvFwdParams { x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
 }

@@ -60,11 +60,17 @@ struct Fiber {
     int linear;
 };
 
+struct WarpMma {
+    bool done = false;
+    float D[16][8];
+};
+
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<char> stacks;
     std::vector<uint64_t> slots;  // one per thread: the warp-exchange mailbox
     std::vector<uint32_t> mma;    // 10 words per thread: an mma's A (4), B (2) and C (4 floats)
+    std::vector<WarpMma> warp_mma;  // one per warp: the result of the warp's current mma
     std::vector<char> smem_storage;
     char* smem = nullptr;  // 16-byte aligned inside smem_storage
     ucontext_t scheduler;
@@ -130,33 +136,41 @@ void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const flo
     for (int i = 0; i < 4; ++i) mine[i] = a[i];
     for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
     std::memcpy(mine + 6, c, 16);
-    wait_in(AT_WARP_COLLECTIVE);
-    float A[16][16], B[16][8];
-    for (int lane = 0; lane < 32; ++lane) {
-        const uint32_t* f = &bl->mma[(size_t)(base + lane) * 10];
-        const int g = lane / 4, t = lane % 4;
-        for (int r = 0; r < 4; ++r) {
-            const int row = g + 8 * (r % 2), k = 2 * t + 8 * (r / 2);
-            A[row][k] = bf16_bits_to_float(f[r] & 0xffffu);
-            A[row][k + 1] = bf16_bits_to_float(f[r] >> 16);
+    wait_in(AT_WARP_COLLECTIVE);  // every lane has deposited its fragments
+    WarpMma& wm = bl->warp_mma[base / 32];
+    if (!wm.done) {
+        // The first lane to resume computes the whole 16x8 result for the warp.
+        float A[16][16], B[16][8];
+        for (int lane = 0; lane < 32; ++lane) {
+            const uint32_t* f = &bl->mma[(size_t)(base + lane) * 10];
+            const int g = lane / 4, t = lane % 4;
+            for (int r = 0; r < 4; ++r) {
+                const int row = g + 8 * (r % 2), k = 2 * t + 8 * (r / 2);
+                A[row][k] = bf16_bits_to_float(f[r] & 0xffffu);
+                A[row][k + 1] = bf16_bits_to_float(f[r] >> 16);
+            }
+            for (int r = 0; r < 2; ++r) {
+                const int k = 2 * t + 8 * r;
+                B[k][g] = bf16_bits_to_float(f[4 + r] & 0xffffu);
+                B[k + 1][g] = bf16_bits_to_float(f[4 + r] >> 16);
+            }
+            for (int r = 0; r < 4; ++r) {
+                const int row = g + 8 * (r / 2), col = 2 * t + (r % 2);
+                std::memcpy(&wm.D[row][col], f + 6 + r, 4);
+            }
         }
-        for (int r = 0; r < 2; ++r) {
-            const int k = 2 * t + 8 * r;
-            B[k][g] = bf16_bits_to_float(f[4 + r] & 0xffffu);
-            B[k + 1][g] = bf16_bits_to_float(f[4 + r] >> 16);
-        }
+        for (int row = 0; row < 16; ++row)
+            for (int col = 0; col < 8; ++col) {
+                float acc = wm.D[row][col];
+                for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+                wm.D[row][col] = acc;
+            }
+        wm.done = true;
     }
     const int lane = me & 31, g = lane / 4, t = lane % 4;
-    float out[4];
-    for (int r = 0; r < 4; ++r) {
-        const int row = g + 8 * (r / 2), col = 2 * t + (r % 2);
-        float acc;
-        std::memcpy(&acc, mine + 6 + r, 4);
-        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-        out[r] = acc;
-    }
-    wait_in(AT_WARP_COLLECTIVE);  // every lane has read the fragments
-    for (int r = 0; r < 4; ++r) d[r] = out[r];
+    for (int r = 0; r < 4; ++r) d[r] = wm.D[g + 8 * (r / 2)][2 * t + (r % 2)];
+    wait_in(AT_WARP_COLLECTIVE);  // every lane has read its outputs
+    wm.done = false;
 }
 
 static void trampoline() {
@@ -265,6 +279,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     b.stacks.resize((size_t)threads * kStack);
     b.slots.assign(threads, 0);
     b.mma.assign((size_t)threads * 10, 0);
+    b.warp_mma.assign((threads + 31) / 32, WarpMma());
     b.smem_storage.assign(smem + 32, 0);
     b.smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.smem_storage.data()) + 15) & ~uintptr_t(15));
     for (int i = 0; i < threads; ++i) {

@@ -2,3 +2,4 @@
 #include "../../../kernels/layer_sum.cu"
 #include "../../../kernels/adamw.cu"
 #include "../../../kernels/selftest.cu"
+#include "../../../kernels/hconv.cu"

@@ -1,0 +1,93 @@
+// strata/kernels/hconv.cu: HConv's convolution over the layer axis as an implicit GEMM on tensor
+// cores (forward). CPU reference: src/ops/layer_conv.rs (+ ReLU, + the channel-major flatten).
+//
+//   y[r, co] = relu(bias[co] + sum_kk A[r, kk] * W[co, kk]),  r = (frame f, output position lo),
+//   kk = (tap kw, channel ci), A[r, kk] = x[f, lo*stride - pad + kw, ci] (0 outside the layers).
+//
+// x: bf16 [n, l_in, c_in] (frame-major stack or the previous conv's output); w: bf16 [c_out, K],
+// K = kernel * c_in, tap-major (the host reorders PyTorch's [c_out, c_in, k]); bias f32; y bf16,
+// either [n, l_out, c_out] or, for the last conv, flattened channel-major [n, c_out * l_out].
+// Block: 4 warps, a 64 x 64 tile of y; K advances 32 at a time through shared memory (any sizes:
+// out-of-range rows, columns and K are zero-filled); mma.sync m16n8k16, fp32 accumulation,
+// bias + ReLU fused. First version: correctness first (no async copies or double buffering yet).
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+struct HConvFwdParams {
+    const bf16* x;
+    const bf16* w;
+    const float* bias;
+    bf16* y;
+    int n, l_in, c_in, c_out, kernel, stride, pad, l_out, flatten;
+};
+
+#define HC_TM 64
+#define HC_TN 64
+#define HC_TK 32
+#define HC_PAD 8  // bf16 of padding per shared-memory row (bank spread)
+
+extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
+    __shared__ bf16 as[HC_TM][HC_TK + HC_PAD];
+    __shared__ bf16 bs[HC_TN][HC_TK + HC_PAD];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t rows = (int64_t)p.n * p.l_out;
+    const int64_t row0 = (int64_t)blockIdx.y * HC_TM;
+    const int col0 = blockIdx.x * HC_TN;
+    const int K = p.kernel * p.c_in;
+    float acc[8][4];
+    for (int j = 0; j < 8; ++j)
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+    bf16 zero;
+    zero.bits = 0;
+    for (int k0 = 0; k0 < K; k0 += HC_TK) {
+        // Stage A (implicit im2col) and W tiles: 64 x 32 each, 16 elements per thread.
+        for (int e = threadIdx.x; e < HC_TM * HC_TK; e += blockDim.x) {
+            const int i = e / HC_TK, kk = e % HC_TK;
+            const int64_t r = row0 + i;
+            const int k = k0 + kk;
+            bf16 v = zero;
+            if (r < rows && k < K) {
+                const int64_t f = r / p.l_out;
+                const int lo = (int)(r % p.l_out);
+                const int kw = k / p.c_in, ci = k % p.c_in;
+                const int li = lo * p.stride - p.pad + kw;
+                if (li >= 0 && li < p.l_in) v = p.x[(f * p.l_in + li) * p.c_in + ci];
+            }
+            as[i][kk] = v;
+            const int co = col0 + i;
+            bs[i][kk] = (co < p.c_out && k < K) ? p.w[(int64_t)co * K + k] : zero;
+        }
+        __syncthreads();
+        for (int ks = 0; ks < HC_TK; ks += 16) {
+            uint32_t a[4];
+            for (int r = 0; r < 4; ++r) {
+                const bf16* q = &as[warp * 16 + g + 8 * (r % 2)][ks + 2 * t + 8 * (r / 2)];
+                a[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
+            }
+            for (int j = 0; j < 8; ++j) {
+                uint32_t b[2];
+                for (int r = 0; r < 2; ++r) {
+                    const bf16* q = &bs[8 * j + g][ks + 2 * t + 8 * r];
+                    b[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
+                }
+                mma_m16n8k16_bf16(acc[j], a, b, acc[j]);
+            }
+        }
+        __syncthreads();
+    }
+    // Epilogue: bias + ReLU, bf16, plain or channel-major flattened layout.
+    for (int j = 0; j < 8; ++j) {
+        for (int r = 0; r < 4; ++r) {
+            const int64_t row = row0 + warp * 16 + g + 8 * (r / 2);
+            const int co = col0 + 8 * j + 2 * t + (r % 2);
+            if (row >= rows || co >= p.c_out) continue;
+            const float v = fmaxf(acc[j][r] + p.bias[co], 0.0f);
+            const int64_t f = row / p.l_out;
+            const int lo = (int)(row % p.l_out);
+            const int64_t at = p.flatten ? f * p.c_out * p.l_out + (int64_t)co * p.l_out + lo : row * p.c_out + co;
+            p.y[at] = float_to_bf16(v);
+        }
+    }
+}
+STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
