@@ -55,6 +55,34 @@ pub fn read_wav(path: &Path) -> Result<Vec<f32>> {
     Ok(samples)
 }
 
+/// The duration of a WAV file in samples, from its header (no samples read), with the same
+/// 16 kHz mono checks as [`read_wav`].
+pub fn wav_samples(path: &Path) -> Result<usize> {
+    let p = path.display().to_string();
+    let io = |detail: String| Error::Io {
+        path: p.clone(),
+        detail,
+    };
+    let reader = hound::WavReader::open(path).map_err(|e| match e {
+        hound::Error::IoError(e) => io(format!("cannot open: {e}")),
+        other => io(format!("not a readable WAV file: {other}")),
+    })?;
+    let spec = reader.spec();
+    if spec.sample_rate != SAMPLE_RATE {
+        return Err(io(format!(
+            "sample rate is {} Hz; strata needs 16 kHz audio (convert: sox {p} -r 16000 out.wav)",
+            spec.sample_rate
+        )));
+    }
+    if spec.channels != 1 {
+        return Err(io(format!(
+            "has {} channels; strata needs mono audio (convert: sox {p} -c 1 out.wav)",
+            spec.channels
+        )));
+    }
+    Ok(reader.duration() as usize)
+}
+
 /// Writes 16 kHz mono PCM16 (for tests and synthetic corpora).
 pub fn write_wav_pcm16(path: &Path, samples: &[f32]) -> Result<()> {
     let p = path.display().to_string();

@@ -1,0 +1,357 @@
+//! Training data: Kaldi-style directories (`wav.scp` + `text`, or `wav.scp` + `utt2label`) and TSV
+//! manifests (`path<TAB>label`), checked up front: every audio file must be a readable 16 kHz mono
+//! WAV of at least one frame (400 samples) and every label non-empty. A bad utterance is an error
+//! naming it, or, when the caller asks for [`OnBad::Skip`], a counted skip with its reason.
+//! Also the vocabulary (built from the training labels or read from a file) and length-bucketed
+//! batching by total audio length.
+//!
+//! Relative audio paths are resolved against the data directory (Kaldi) or the manifest's folder.
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// What the labels are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Space-separated units (phones, words) for CTC.
+    Units,
+    /// Characters for CTC; a space becomes the word-boundary token `|`.
+    Characters,
+    /// One class name per utterance.
+    Classification,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBad {
+    Fail,
+    Skip,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Utterance {
+    pub id: String,
+    pub path: PathBuf,
+    pub samples: usize,
+    /// Tokens (CTC tasks) or a single class name.
+    pub label: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Dataset {
+    pub utterances: Vec<Utterance>,
+    /// (utterance id, reason) of every skipped utterance.
+    pub skipped: Vec<(String, String)>,
+}
+
+fn io_err(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        detail: detail.into(),
+    }
+}
+
+fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| io_err(path, format!("cannot read: {e}")))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l.to_string()))
+        .collect())
+}
+
+/// "id rest" lines into a map, rejecting duplicate ids.
+fn id_map(path: &Path) -> Result<Vec<(String, String)>> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (no, line) in read_lines(path)? {
+        let line = line.trim();
+        let (id, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        if !seen.insert(id.to_string()) {
+            return Err(io_err(
+                path,
+                format!("line {no}: utterance '{id}' appears twice"),
+            ));
+        }
+        out.push((id.to_string(), rest.trim().to_string()));
+    }
+    Ok(out)
+}
+
+fn tokens(label: &str, task: Task) -> Vec<String> {
+    match task {
+        Task::Units => label.split_whitespace().map(str::to_string).collect(),
+        Task::Characters => {
+            let words: Vec<&str> = label.split_whitespace().collect();
+            words
+                .join(" ")
+                .chars()
+                .map(|c| {
+                    if c == ' ' {
+                        "|".to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        }
+        Task::Classification => {
+            let l = label.trim();
+            if l.is_empty() {
+                vec![]
+            } else {
+                vec![l.to_string()]
+            }
+        }
+    }
+}
+
+/// Checks one utterance's audio and label; Err(reason) for a bad one.
+fn check(id: &str, path: &Path, label: &[String]) -> std::result::Result<usize, String> {
+    let samples = crate::audio::wav_samples(path).map_err(|e| e.to_string())?;
+    if samples < 400 {
+        return Err(format!(
+            "{}: {samples} samples; at least 400 (one 25 ms frame at 16 kHz) are needed",
+            path.display()
+        ));
+    }
+    if label.is_empty() {
+        return Err(format!("utterance '{id}' has an empty label"));
+    }
+    Ok(samples)
+}
+
+fn build(entries: Vec<(String, PathBuf, Vec<String>)>, on_bad: OnBad) -> Result<Dataset> {
+    let mut ds = Dataset::default();
+    for (id, path, label) in entries {
+        match check(&id, &path, &label) {
+            Ok(samples) => ds.utterances.push(Utterance {
+                id,
+                path,
+                samples,
+                label,
+            }),
+            Err(reason) => match on_bad {
+                OnBad::Fail => {
+                    return Err(Error::value(
+                        "utterance",
+                        format!("'{id}': {reason} (or ask to skip bad utterances)"),
+                    ))
+                }
+                OnBad::Skip => ds.skipped.push((id, reason)),
+            },
+        }
+    }
+    if ds.utterances.is_empty() {
+        return Err(Error::value(
+            "dataset",
+            format!("no usable utterance ({} skipped)", ds.skipped.len()),
+        ));
+    }
+    Ok(ds)
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// A Kaldi-style directory: `wav.scp` ("id path") and `text` ("id tokens...") for CTC tasks or
+/// `utt2label` ("id class") for classification. Piped wav.scp entries ("cmd |") are not supported.
+pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
+    let scp = id_map(&dir.join("wav.scp"))?;
+    let label_file = dir.join(if task == Task::Classification {
+        "utt2label"
+    } else {
+        "text"
+    });
+    let labels: HashMap<String, String> = id_map(&label_file)?.into_iter().collect();
+    let mut entries = Vec::new();
+    for (id, path) in scp {
+        if path.ends_with('|') || path.is_empty() {
+            return Err(io_err(&dir.join("wav.scp"), format!("utterance '{id}': '{path}' is not a WAV path (pipes are not supported: write the audio to files)")));
+        }
+        let label = match labels.get(&id) {
+            Some(l) => tokens(l, task),
+            None => match on_bad {
+                OnBad::Fail => {
+                    return Err(io_err(
+                        &label_file,
+                        format!("has no line for utterance '{id}' (listed in wav.scp)"),
+                    ))
+                }
+                OnBad::Skip => Vec::new(),
+            },
+        };
+        entries.push((id, resolve(dir, &path), label));
+    }
+    build(entries, on_bad)
+}
+
+/// A TSV manifest: "path<TAB>label" per line (an optional header "path<TAB>label" is skipped); the
+/// utterance id is the path as written.
+pub fn load_tsv(manifest: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
+    let base = manifest.parent().unwrap_or(Path::new("."));
+    let mut entries = Vec::new();
+    let mut seen = HashSet::new();
+    for (no, line) in read_lines(manifest)? {
+        let Some((path, label)) = line.split_once('\t') else {
+            return Err(io_err(
+                manifest,
+                format!("line {no}: expected 'path<TAB>label', got '{line}'"),
+            ));
+        };
+        if no == 1 && path.trim() == "path" {
+            continue;
+        }
+        if !seen.insert(path.to_string()) {
+            return Err(io_err(
+                manifest,
+                format!("line {no}: '{path}' appears twice"),
+            ));
+        }
+        entries.push((
+            path.to_string(),
+            resolve(base, path.trim()),
+            tokens(label, task),
+        ));
+    }
+    build(entries, on_bad)
+}
+
+/// Token <-> index. For CTC the blank `<blank>` is index 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Vocab {
+    pub tokens: Vec<String>,
+    index: HashMap<String, usize>,
+}
+
+pub const BLANK: &str = "<blank>";
+
+impl Vocab {
+    fn from_tokens(tokens: Vec<String>) -> Result<Self> {
+        let mut index = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if index.insert(t.clone(), i).is_some() {
+                return Err(Error::value(
+                    "vocabulary",
+                    format!("token '{t}' is listed twice"),
+                ));
+            }
+        }
+        Ok(Vocab { tokens, index })
+    }
+
+    /// Every label token of the training set, sorted; `ctc` puts the blank first.
+    pub fn from_dataset(ds: &Dataset, ctc: bool) -> Self {
+        let mut set: Vec<String> = ds
+            .utterances
+            .iter()
+            .flat_map(|u| u.label.iter().cloned())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        set.sort();
+        let tokens = if ctc {
+            std::iter::once(BLANK.to_string()).chain(set).collect()
+        } else {
+            set
+        };
+        Self::from_tokens(tokens).expect("a set has no duplicates")
+    }
+
+    /// One token per line, in index order (the blank, for CTC, must be the first line).
+    pub fn from_file(path: &Path, ctc: bool) -> Result<Self> {
+        let tokens: Vec<String> = read_lines(path)?
+            .into_iter()
+            .map(|(_, l)| l.trim().to_string())
+            .collect();
+        if ctc && tokens.first().map(String::as_str) != Some(BLANK) {
+            return Err(io_err(
+                path,
+                format!("a CTC vocabulary starts with the blank '{BLANK}' on its first line"),
+            ));
+        }
+        Self::from_tokens(tokens).map_err(|e| io_err(path, e.to_string()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Label indices of an utterance; a token outside the vocabulary is an error naming both.
+    pub fn encode(&self, u: &Utterance) -> Result<Vec<usize>> {
+        u.label
+            .iter()
+            .map(|t| {
+                self.index.get(t).copied().ok_or_else(|| {
+                    Error::value(
+                        "label",
+                        format!(
+                            "utterance '{}' has '{t}', which is not in the vocabulary",
+                            u.id
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Encodes every utterance; with [`OnBad::Skip`] utterances with unknown tokens are dropped and
+    /// recorded in `skipped`.
+    pub fn encode_all(&self, ds: &mut Dataset, on_bad: OnBad) -> Result<Vec<Vec<usize>>> {
+        let mut kept = Vec::new();
+        let mut out = Vec::new();
+        for u in ds.utterances.drain(..) {
+            match self.encode(&u) {
+                Ok(e) => {
+                    out.push(e);
+                    kept.push(u);
+                }
+                Err(e) if on_bad == OnBad::Skip => ds.skipped.push((u.id.clone(), e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        ds.utterances = kept;
+        Ok(out)
+    }
+}
+
+/// Batches of utterance indices with at most `max_samples` audio samples each (an utterance longer
+/// than that gets a batch of its own): sorted by length so a batch holds similar lengths, then the
+/// batch order shuffled with `seed` (None keeps it sorted). Every index appears exactly once.
+pub fn length_buckets(samples: &[usize], max_samples: usize, seed: Option<u64>) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| (samples[i], i));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut current = Vec::new();
+    let mut total = 0;
+    for i in order {
+        if !current.is_empty() && total + samples[i] > max_samples {
+            batches.push(std::mem::take(&mut current));
+            total = 0;
+        }
+        current.push(i);
+        total += samples[i];
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    if let Some(seed) = seed {
+        let mut rng = Rng::new(seed);
+        for i in (1..batches.len()).rev() {
+            batches.swap(i, rng.below(i + 1));
+        }
+    }
+    batches
+}

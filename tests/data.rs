@@ -1,0 +1,194 @@
+//! Data directories and manifests: what loads, what is rejected (naming the utterance), what is
+//! skipped on request; the vocabulary; length-bucketed batching.
+
+use std::path::{Path, PathBuf};
+use strata::train::data::{length_buckets, load_kaldi_dir, load_tsv, OnBad, Task, Vocab, BLANK};
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("strata-data-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn wav(dir: &Path, name: &str, samples: usize, rate: u32, channels: u16) {
+    let spec = hound::WavSpec {
+        channels,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(dir.join(name), spec).unwrap();
+    for i in 0..samples * channels as usize {
+        w.write_sample(((i as f32 * 0.01).sin() * 8000.0) as i16)
+            .unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+#[test]
+fn kaldi_dir_loads_and_bad_utterances_are_named_or_skipped() {
+    let d = scratch("kaldi");
+    wav(&d, "a.wav", 16000, 16000, 1);
+    wav(&d, "b.wav", 8000, 16000, 1);
+    write(&d, "wav.scp", "a a.wav\nb b.wav\n");
+    write(&d, "text", "a h e l o\nb w o r l d\n");
+    let ds = load_kaldi_dir(&d, Task::Units, OnBad::Fail).unwrap();
+    assert_eq!(ds.utterances.len(), 2);
+    assert_eq!(
+        (ds.utterances[0].samples, ds.utterances[0].label.join(" ")),
+        (16000, "h e l o".to_string())
+    );
+
+    // Characters: spaces become the word boundary '|'.
+    write(&d, "text", "a hi there\nb x\n");
+    let ds = load_kaldi_dir(&d, Task::Characters, OnBad::Fail).unwrap();
+    assert_eq!(ds.utterances[0].label.concat(), "hi|there");
+
+    // Bad audio and labels: an error naming the utterance, or a counted skip.
+    wav(&d, "narrow.wav", 8000, 8000, 1);
+    wav(&d, "stereo.wav", 8000, 16000, 2);
+    wav(&d, "short.wav", 300, 16000, 1);
+    for (id, file, needle) in [
+        ("n", "narrow.wav", "8000 Hz"),
+        ("s", "stereo.wav", "2 channels"),
+        ("t", "short.wav", "300 samples"),
+        ("m", "missing.wav", "cannot open"),
+    ] {
+        write(&d, "wav.scp", &format!("a a.wav\n{id} {file}\n"));
+        write(&d, "text", &format!("a h i\n{id} x y\n"));
+        let err = load_kaldi_dir(&d, Task::Units, OnBad::Fail)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("'{id}'")) && err.contains(needle),
+            "{err}"
+        );
+        let ds = load_kaldi_dir(&d, Task::Units, OnBad::Skip).unwrap();
+        assert_eq!((ds.utterances.len(), ds.skipped.len()), (1, 1));
+        assert_eq!(ds.skipped[0].0, id);
+    }
+    write(&d, "wav.scp", "a a.wav\nb b.wav\n");
+    write(&d, "text", "a h i\nb\n");
+    assert!(load_kaldi_dir(&d, Task::Units, OnBad::Fail)
+        .unwrap_err()
+        .to_string()
+        .contains("'b' has an empty label"));
+    write(&d, "text", "a h i\n");
+    assert!(load_kaldi_dir(&d, Task::Units, OnBad::Fail)
+        .unwrap_err()
+        .to_string()
+        .contains("no line for utterance 'b'"));
+    write(&d, "wav.scp", "a a.wav\na b.wav\n");
+    assert!(load_kaldi_dir(&d, Task::Units, OnBad::Skip)
+        .unwrap_err()
+        .to_string()
+        .contains("'a' appears twice"));
+    write(&d, "wav.scp", "a sox x.flac -t wav - |\n");
+    assert!(load_kaldi_dir(&d, Task::Units, OnBad::Fail)
+        .unwrap_err()
+        .to_string()
+        .contains("pipes are not supported"));
+    std::fs::remove_file(d.join("wav.scp")).unwrap();
+    assert!(load_kaldi_dir(&d, Task::Units, OnBad::Fail)
+        .unwrap_err()
+        .to_string()
+        .contains("wav.scp"));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn classification_dirs_and_tsv_manifests() {
+    let d = scratch("cls");
+    wav(&d, "a.wav", 4000, 16000, 1);
+    wav(&d, "b.wav", 6000, 16000, 1);
+    write(&d, "wav.scp", "a a.wav\nb b.wav\n");
+    write(&d, "utt2label", "a happy\nb sad\n");
+    let ds = load_kaldi_dir(&d, Task::Classification, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&ds, false);
+    assert_eq!(vocab.tokens, vec!["happy", "sad"]);
+    write(&d, "m.tsv", "path\tlabel\na.wav\tangry\nb.wav\tsad\n");
+    let mut ds = load_tsv(&d.join("m.tsv"), Task::Classification, OnBad::Fail).unwrap();
+    assert_eq!(ds.utterances.len(), 2);
+    // 'angry' is outside the training vocabulary: an error naming it, or a skip.
+    let err = vocab.encode(&ds.utterances[0]).unwrap_err().to_string();
+    assert!(err.contains("'a.wav'") && err.contains("'angry'"), "{err}");
+    let enc = vocab.encode_all(&mut ds, OnBad::Skip).unwrap();
+    assert_eq!(
+        (enc, ds.utterances.len(), ds.skipped.len()),
+        (vec![vec![1]], 1, 1)
+    );
+    write(&d, "bad.tsv", "a.wav sad\n");
+    assert!(
+        load_tsv(&d.join("bad.tsv"), Task::Classification, OnBad::Fail)
+            .unwrap_err()
+            .to_string()
+            .contains("line 1")
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn ctc_vocabularies_start_with_the_blank() {
+    let d = scratch("vocab");
+    wav(&d, "a.wav", 4000, 16000, 1);
+    write(&d, "wav.scp", "a a.wav\n");
+    write(&d, "text", "a b a c\n");
+    let ds = load_kaldi_dir(&d, Task::Units, OnBad::Fail).unwrap();
+    let v = Vocab::from_dataset(&ds, true);
+    assert_eq!(v.tokens, vec![BLANK, "a", "b", "c"]);
+    assert_eq!(v.encode(&ds.utterances[0]).unwrap(), vec![2, 1, 3]);
+    write(&d, "vocab.txt", "<blank>\nc\nb\na\n");
+    assert_eq!(
+        Vocab::from_file(&d.join("vocab.txt"), true)
+            .unwrap()
+            .encode(&ds.utterances[0])
+            .unwrap(),
+        vec![2, 3, 1]
+    );
+    write(&d, "vocab.txt", "c\nb\na\n");
+    assert!(Vocab::from_file(&d.join("vocab.txt"), true)
+        .unwrap_err()
+        .to_string()
+        .contains("blank"));
+    write(&d, "vocab.txt", "<blank>\na\na\n");
+    assert!(Vocab::from_file(&d.join("vocab.txt"), true)
+        .unwrap_err()
+        .to_string()
+        .contains("twice"));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn length_buckets_respect_the_budget_and_cover_every_utterance_once() {
+    let mut rng = strata::rng::Rng::new(3);
+    let samples: Vec<usize> = (0..200).map(|_| 400 + rng.below(200_000)).collect();
+    let budget = 16000 * 30;
+    for seed in [None, Some(1), Some(2)] {
+        let batches = length_buckets(&samples, budget, seed);
+        let mut seen: Vec<usize> = batches.concat();
+        seen.sort();
+        assert_eq!(seen, (0..200).collect::<Vec<_>>());
+        for b in &batches {
+            let total: usize = b.iter().map(|&i| samples[i]).sum();
+            assert!(total <= budget || b.len() == 1, "batch of {total} samples");
+        }
+    }
+    assert_eq!(
+        length_buckets(&samples, budget, Some(7)),
+        length_buckets(&samples, budget, Some(7))
+    );
+    assert_ne!(
+        length_buckets(&samples, budget, Some(7)),
+        length_buckets(&samples, budget, Some(8))
+    );
+    // Longer than the budget: a batch of its own.
+    assert_eq!(
+        length_buckets(&[10, 1000, 10], 100, None),
+        vec![vec![0, 2], vec![1]]
+    );
+}
