@@ -51,8 +51,8 @@ fn resume_is_bit_for_bit_and_damage_is_detected() {
     let dir = std::env::temp_dir().join(format!("strata-ckpt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut first = pair(1);
-    for i in 0..6 {
-        assert_eq!(step(&mut first, i), want[i]);
+    for (i, want_loss) in want.iter().enumerate().take(6) {
+        assert_eq!(step(&mut first, i), *want_loss);
     }
     checkpoint::save(
         &dir,
