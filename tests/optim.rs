@@ -128,6 +128,20 @@ fn gradients_accumulate_across_micro_batches_until_zero_grad() {
     run(&mut store, 0..2);
     run(&mut store, 2..4);
     assert_close("accumulated", store.grad(w), &full, 1e-6);
+    // A tape's backward runs once; a second call is an error, not silently nothing.
+    let mut tape = Tape::new();
+    let x = tape
+        .constant(Tensor::from_vec(x_all.to_vec(), &[4, 2]).unwrap())
+        .unwrap();
+    let wv = tape.param(&store, w);
+    let logits = tape.linear(x, wv, None).unwrap();
+    let loss = tape.cross_entropy(logits, &labels, Reduction::Sum).unwrap();
+    tape.backward(loss, &mut store).unwrap();
+    assert!(tape
+        .backward(loss, &mut store)
+        .unwrap_err()
+        .to_string()
+        .contains("already ran"));
 }
 
 #[test]

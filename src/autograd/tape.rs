@@ -23,6 +23,8 @@ struct Node {
 pub struct Tape {
     nodes: Vec<Node>,
     grad_enabled: bool,
+    /// backward consumes the closures: a second call would silently compute nothing.
+    backward_done: bool,
 }
 
 /// Gradients of the non-parameter leaves created with [`Tape::input_requiring_grad`].
@@ -52,6 +54,7 @@ impl Tape {
         Tape {
             nodes: Vec::new(),
             grad_enabled: true,
+            backward_done: false,
         }
     }
 
@@ -60,6 +63,7 @@ impl Tape {
         Tape {
             nodes: Vec::new(),
             grad_enabled: false,
+            backward_done: false,
         }
     }
 
@@ -135,6 +139,11 @@ impl Tape {
     /// Runs backward from a scalar `loss`, adding parameter gradients into `store` (they accumulate
     /// across calls until `store.zero_grad()`). Consumes the recorded closures.
     pub fn backward(&mut self, loss: Var, store: &mut ParamStore) -> Result<Gradients> {
+        if self.backward_done {
+            return Err(Error::Config(
+                "backward already ran on this tape: record a new forward pass on a new tape".into(),
+            ));
+        }
         if self.nodes[loss.0].value.numel() != 1 {
             return Err(Error::shape(
                 "backward",
@@ -147,6 +156,7 @@ impl Tape {
                 "backward: the loss does not depend on any trainable parameter (or the tape is no_grad)".into(),
             ));
         }
+        self.backward_done = true;
         let mut grads: Vec<Option<Vec<f32>>> = (0..=loss.0).map(|_| None).collect();
         grads[loss.0] = Some(vec![1.0]);
         let mut out = Gradients::default();

@@ -318,12 +318,9 @@ pub fn hconv_conv_forward(
         ));
     }
     let l_out = g.l_out();
-    if n * l_out > i32::MAX as usize * 64 || g.kernel * g.c_in > i32::MAX as usize {
-        return Err(Error::shape(
-            K,
-            "sizes that fit the kernel's indices",
-            format!("n = {n}, {g:?}"),
-        ));
+    // Row tiles of 64 run along grid.y, which CUDA caps at 65535 blocks.
+    if (n * l_out).div_ceil(64) > 65535 || g.kernel * g.c_in > i32::MAX as usize {
+        return Err(Error::shape(K, "at most 65535 x 64 output rows (frames x output positions) per launch: split the batch", format!("n = {n}, {g:?}")));
     }
     need(be, K, "x", x, n * g.l_in * g.c_in)?;
     need(be, K, "weight", w, g.c_out * g.kernel * g.c_in)?;
