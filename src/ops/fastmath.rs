@@ -3,8 +3,8 @@
 //!
 //! - `exp_f32`: Cephes' expf (Cody-Waite reduction, degree-6 polynomial), < 2 ulp; results that
 //!   would be denormal (x < -87.3) flush to 0.
-//! - `erf_f32`: Abramowitz & Stegun 7.1.26 for |x| >= 0.5 (the formula PyTorch's vectorized CPU
-//!   `erf`, and so its CPU GELU, uses) and the Maclaurin series below; |error| < 2.5e-7.
+//! - `erf_f32`: Abramowitz & Stegun 7.1.26 for |x| >= 0.5 and the Maclaurin series below;
+//!   |error| < 2.5e-7 (tested against f64 erf on a fine grid).
 //!
 //! f64 keeps libm (the finite-difference gradient checks need its accuracy).
 
