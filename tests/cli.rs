@@ -160,3 +160,93 @@ fn extract_rejects_bad_audio_and_arguments() {
     assert!(!ok && log.contains("unknown command 'frobnicate'"), "{log}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn train_runs_resumes_and_reports_the_dev_error() {
+    let dir = scratch("train");
+    for (name, n) in [("train", 8usize), ("dev", 3)] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (mut scp, mut text) = (String::new(), String::new());
+        for u in 0..n {
+            let tone: Vec<f32> = (0..8000 + 500 * u)
+                .map(|i| (i as f32 * (0.03 + 0.01 * u as f32)).sin() * 0.3)
+                .collect();
+            write_wav(&d.join(format!("{u}.wav")), &tone, 16000, 1);
+            scp.push_str(&format!("{name}{u} {u}.wav\n"));
+            text.push_str(&format!("{name}{u} {}\n", ["a b", "b c a", "c"][u % 3]));
+        }
+        std::fs::write(d.join("wav.scp"), scp).unwrap();
+        std::fs::write(d.join("text"), text).unwrap();
+    }
+    let model = format!(
+        "{}/tests/fixtures/upstream/wavlm_group_postln",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = dir.join("run");
+    let (t, d, o) = (dir.join("train"), dir.join("dev"), out.clone());
+    let base = [
+        "train",
+        "--model",
+        &model,
+        "--train",
+        t.to_str().unwrap(),
+        "--dev",
+        d.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |args: Vec<String>| strata(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, log) = run(with(&[
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--batch-seconds",
+        "2",
+        "--interfaces",
+        "ws,hconv,groupws2",
+    ]));
+    assert!(
+        ok && log.contains("hconv") && log.contains("dev error"),
+        "{log}"
+    );
+    let (ok, log) = run(with(&[
+        "--steps",
+        "6",
+        "--eval-every",
+        "2",
+        "--batch-seconds",
+        "2",
+        "--interfaces",
+        "ws,hconv,groupws2",
+        "--resume",
+    ]));
+    assert!(ok, "{log}");
+    let lines = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().filter(|l| l.contains("\"loss\"")).count(),
+        18,
+        "3 pairs x 6 steps"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("vocab.txt")).unwrap(),
+        "<blank>\na\nb\nc\n"
+    );
+    let (ok, log) = strata(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        t.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok && log.contains("--dev"), "{log}");
+    let (ok, log) = run(with(&["--interfaces", "hconvv"]));
+    assert!(!ok && log.contains("unknown interface 'hconvv'"), "{log}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -2,6 +2,7 @@
 //!
 //!   strata demo [--steps N] [--seed S]                      built-in default: no downloads, CPU
 //!   strata extract --model DIR --out FILE [opts] A.wav ...  every hidden state of each file
+//!   strata train --model DIR --train D --dev D --out DIR [opts]  interfaces + PR heads, CTC
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,6 +17,9 @@ use strata::{DType, PackedBatch};
 
 const USAGE: &str = "usage: strata demo [--steps N] [--seed S]
        strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] A.wav [B.wav ...]
+       strata train --model DIR --train DATA --dev DATA --out DIR [--task units|chars] [--interfaces ws,hconv]
+                    [--steps N] [--lr X] [--batch-seconds S] [--clip C] [--eval-every N] [--seed S]
+                    [--vocab FILE] [--resume] [--no-shuffle] [--skip-bad]
 
   demo   trains the weighted-sum (WS) and hierarchical-convolution (HConv) interfaces side by side,
          each with a SUPERB phone-recognition head (CTC), on a built-in synthetic hidden-state corpus
@@ -26,7 +30,15 @@ const USAGE: &str = "usage: strata demo [--steps N] [--seed S]
          safetensors) on 16 kHz mono WAV files and writes, for each file, a tensor named by the
          file's stem with shape [frames, layers + 1, hidden] (every hidden state, as transformers'
          output_hidden_states). --normalize auto follows the directory's preprocessor_config.json
-         (do_normalize), off when it has none.";
+         (do_normalize), off when it has none.
+
+  train  trains one or several interfaces (ws, hconv, concat, groupws2..4, single, cls), each with a
+         SUPERB PR head and CTC, side by side from ONE upstream pass per batch, on the CPU. DATA is a
+         Kaldi-style folder (wav.scp + text) or a TSV manifest (path<TAB>transcript). --task units
+         splits transcripts on spaces (phones), chars uses characters ('|' between words). Writes
+         OUT/log.jsonl (loss per pair per step, dev error rate per evaluation), OUT/vocab.txt and
+         OUT/<pair>/{latest,best}/ checkpoints; --resume continues bit for bit from latest.
+         Defaults: AdamW lr 1e-3, 60 s of audio per batch, clip 1, eval every 100 steps.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +46,7 @@ fn main() -> ExitCode {
         Some("demo") => parse_demo(&args[1..])
             .and_then(|(steps, seed)| demo(steps, seed).map_err(|e| e.to_string())),
         Some("extract") => extract(&args[1..]),
+        Some("train") => train_cmd(&args[1..]),
         Some("--version") | Some("-V") => {
             println!(
                 "strata {} ({})",
@@ -295,5 +308,159 @@ fn extract(args: &[String]) -> Result<(), String> {
         outputs.len(),
         a.out.display()
     );
+    Ok(())
+}
+
+fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceConfig, String> {
+    use strata::models::interface::{ClsActivation, InterfaceKind};
+    let kind = match name {
+        "ws" => InterfaceKind::WeightedSum,
+        "hconv" => InterfaceKind::HConv { kernel: 5, stride: 3 },
+        "concat" => InterfaceKind::ConcatProj { out_dim: dim },
+        "groupws2" | "groupws3" | "groupws4" => InterfaceKind::GroupWs { groups: name[7..].parse().unwrap_or(2), out_dim: dim },
+        "single" => InterfaceKind::SingleLayer { layer: -1 },
+        "cls" => InterfaceKind::ClsPool { heads: if dim % 8 == 0 { 8 } else { 1 }, ffn_dim: 4 * dim, activation: ClsActivation::Gelu },
+        other => return Err(format!("unknown interface '{other}': use ws, hconv, concat, groupws2, groupws3, groupws4, single or cls")),
+    };
+    Ok(InterfaceConfig::new(layers, dim, kind))
+}
+
+fn load_data(
+    path: &Path,
+    task: strata::train::data::Task,
+    on_bad: strata::train::data::OnBad,
+) -> Result<strata::train::data::Dataset, String> {
+    let ds = if path.is_dir() {
+        strata::train::data::load_kaldi_dir(path, task, on_bad)
+    } else {
+        strata::train::data::load_tsv(path, task, on_bad)
+    }
+    .map_err(|e| e.to_string())?;
+    if !ds.skipped.is_empty() {
+        eprintln!(
+            "{}: skipped {} bad utterances (first: {} - {})",
+            path.display(),
+            ds.skipped.len(),
+            ds.skipped[0].0,
+            ds.skipped[0].1
+        );
+    }
+    Ok(ds)
+}
+
+fn train_cmd(args: &[String]) -> Result<(), String> {
+    use strata::train::data::{OnBad, Task, Vocab};
+    let (mut model, mut train_p, mut dev_p, mut out, mut vocab_p) = (None, None, None, None, None);
+    let (mut task, mut names, mut steps, mut lr, mut secs, mut clip, mut every, mut seed) = (
+        Task::Units,
+        "ws,hconv".to_string(),
+        1000u64,
+        1e-3f64,
+        60.0f64,
+        1.0f64,
+        100u64,
+        0u64,
+    );
+    let (mut resume, mut shuffle, mut on_bad) = (false, true, OnBad::Fail);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        let num = |v: String, what: &str| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{what} takes a number, got '{v}'"))
+        };
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--train" => train_p = Some(PathBuf::from(value()?)),
+            "--dev" => dev_p = Some(PathBuf::from(value()?)),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--vocab" => vocab_p = Some(PathBuf::from(value()?)),
+            "--task" => {
+                task = match value()?.as_str() {
+                    "units" => Task::Units,
+                    "chars" => Task::Characters,
+                    other => return Err(format!("--task takes units or chars, got '{other}'")),
+                }
+            }
+            "--interfaces" => names = value()?,
+            "--steps" => steps = num(value()?, "--steps")? as u64,
+            "--lr" => lr = num(value()?, "--lr")?,
+            "--batch-seconds" => secs = num(value()?, "--batch-seconds")?,
+            "--clip" => clip = num(value()?, "--clip")?,
+            "--eval-every" => every = num(value()?, "--eval-every")? as u64,
+            "--seed" => seed = num(value()?, "--seed")? as u64,
+            "--resume" => resume = true,
+            "--no-shuffle" => shuffle = false,
+            "--skip-bad" => on_bad = OnBad::Skip,
+            other => return Err(format!("unknown option '{other}' for train\n\n{USAGE}")),
+        }
+    }
+    let need =
+        |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| format!("train needs {flag}\n\n{USAGE}"));
+    let (model, train_p, dev_p, out) = (
+        need(model, "--model DIR")?,
+        need(train_p, "--train DATA")?,
+        need(dev_p, "--dev DATA")?,
+        need(out, "--out DIR")?,
+    );
+    if secs.is_nan() || secs <= 0.0 || lr.is_nan() || lr <= 0.0 || steps == 0 {
+        return Err("--batch-seconds, --lr and --steps must be positive".into());
+    }
+    let upstream = Upstream::load(&model).map_err(|e| e.to_string())?;
+    let train = load_data(&train_p, task, on_bad)?;
+    let dev = load_data(&dev_p, task, on_bad)?;
+    let vocab = match &vocab_p {
+        Some(p) => Vocab::from_file(p, true).map_err(|e| e.to_string())?,
+        None => Vocab::from_dataset(&train, true),
+    };
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(out.join("vocab.txt"), vocab.tokens.join("\n") + "\n")
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    let interfaces = names
+        .split(',')
+        .map(|n| {
+            interface_named(n.trim(), upstream.num_states(), upstream.hidden_size())
+                .map(|c| (n.trim().to_string(), c))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    eprintln!(
+        "{}: {:?}, {} states x {}; {} train / {} dev utterances; {} tokens; pairs: {names}",
+        model.display(),
+        upstream.config.model_type,
+        upstream.num_states(),
+        upstream.hidden_size(),
+        train.utterances.len(),
+        dev.utterances.len(),
+        vocab.len()
+    );
+    let cfg = strata::train::run::TrainConfig {
+        interfaces,
+        optimizer: AdamConfig::adamw(lr),
+        clip: (clip > 0.0).then_some(clip),
+        steps,
+        batch_samples: (secs * 16000.0) as usize,
+        eval_every: every,
+        seed,
+        shuffle,
+        out: out.clone(),
+        resume,
+        on_bad,
+    };
+    let results = strata::train::run::train(&upstream, train, dev, &vocab, &cfg)
+        .map_err(|e| e.to_string())?;
+    println!("{:<10} {:>8} {:>12}", "interface", "step", "dev error");
+    for r in results {
+        println!(
+            "{:<10} {:>8} {:>11.2}%",
+            r.name,
+            r.step,
+            100.0 * r.error_rate
+        );
+    }
+    println!("log: {}", out.join("log.jsonl").display());
     Ok(())
 }

@@ -4,5 +4,6 @@
 pub mod checkpoint;
 pub mod data;
 pub mod metrics;
+pub mod run;
 pub mod side_by_side;
 pub mod synthetic;
