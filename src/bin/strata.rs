@@ -3,6 +3,7 @@
 //!   strata demo [--steps N] [--seed S]                      built-in default: no downloads, CPU
 //!   strata extract --model DIR --out FILE [opts] A.wav ...  every hidden state of each file
 //!   strata train --model DIR --train D --dev D --out DIR [opts]  interfaces + PR heads, CTC
+//!   strata eval --model DIR --run OUT --pair NAME --data D [--which best|latest] [--hyp FILE]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ const USAGE: &str = "usage: strata demo [--steps N] [--seed S]
        strata train --model DIR --train DATA --dev DATA --out DIR [--task units|chars] [--interfaces ws,hconv]
                     [--steps N] [--lr X] [--batch-seconds S] [--clip C] [--eval-every N] [--seed S]
                     [--vocab FILE] [--resume] [--no-shuffle] [--skip-bad]
+       strata eval --model DIR --run OUT --pair NAME --data DATA [--task units|chars] [--which best|latest]
+                   [--hyp FILE] [--skip-bad]
 
   demo   trains the weighted-sum (WS) and hierarchical-convolution (HConv) interfaces side by side,
          each with a SUPERB phone-recognition head (CTC), on a built-in synthetic hidden-state corpus
@@ -38,7 +41,12 @@ const USAGE: &str = "usage: strata demo [--steps N] [--seed S]
          splits transcripts on spaces (phones), chars uses characters ('|' between words). Writes
          OUT/log.jsonl (loss per pair per step, dev error rate per evaluation), OUT/vocab.txt and
          OUT/<pair>/{latest,best}/ checkpoints; --resume continues bit for bit from latest.
-         Defaults: AdamW lr 1e-3, 60 s of audio per batch, clip 1, eval every 100 steps.";
+         Defaults: AdamW lr 1e-3, 60 s of audio per batch, clip 1, eval every 100 steps.
+
+  eval   decodes DATA with a pair trained by `train` (OUT/<pair>/best by default, with
+         OUT/vocab.txt), prints its error rate (PER, or CER with --task chars) and writes every
+         utterance's hypothesis to --hyp (default OUT/<pair>/hyp-<which>.tsv: id, hypothesis,
+         reference).";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -47,6 +55,7 @@ fn main() -> ExitCode {
             .and_then(|(steps, seed)| demo(steps, seed).map_err(|e| e.to_string())),
         Some("extract") => extract(&args[1..]),
         Some("train") => train_cmd(&args[1..]),
+        Some("eval") => eval_cmd(&args[1..]),
         Some("--version") | Some("-V") => {
             println!(
                 "strata {} ({})",
@@ -462,5 +471,88 @@ fn train_cmd(args: &[String]) -> Result<(), String> {
         );
     }
     println!("log: {}", out.join("log.jsonl").display());
+    Ok(())
+}
+
+fn eval_cmd(args: &[String]) -> Result<(), String> {
+    use strata::train::data::{OnBad, Task, Vocab};
+    let (mut model, mut run, mut pair, mut data, mut hyp) = (None, None, None, None, None);
+    let (mut task, mut which, mut on_bad) = (Task::Units, "best".to_string(), OnBad::Fail);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--run" => run = Some(PathBuf::from(value()?)),
+            "--pair" => pair = Some(value()?),
+            "--data" => data = Some(PathBuf::from(value()?)),
+            "--hyp" => hyp = Some(PathBuf::from(value()?)),
+            "--which" => {
+                which = value()?;
+                if which != "best" && which != "latest" {
+                    return Err(format!("--which takes best or latest, got '{which}'"));
+                }
+            }
+            "--task" => {
+                task = match value()?.as_str() {
+                    "units" => Task::Units,
+                    "chars" => Task::Characters,
+                    other => return Err(format!("--task takes units or chars, got '{other}'")),
+                }
+            }
+            "--skip-bad" => on_bad = OnBad::Skip,
+            other => return Err(format!("unknown option '{other}' for eval\n\n{USAGE}")),
+        }
+    }
+    let need =
+        |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| format!("eval needs {flag}\n\n{USAGE}"));
+    let (model, run, data) = (
+        need(model, "--model DIR")?,
+        need(run, "--run OUT")?,
+        need(data, "--data DATA")?,
+    );
+    let pair = pair.ok_or_else(|| {
+        format!(
+            "eval needs --pair NAME (an interface trained in {})",
+            run.display()
+        )
+    })?;
+    let upstream = Upstream::load(&model).map_err(|e| e.to_string())?;
+    let vocab = Vocab::from_file(&run.join("vocab.txt"), true).map_err(|e| e.to_string())?;
+    let itf = interface_named(&pair, upstream.num_states(), upstream.hidden_size())?;
+    let ds = load_data(&data, task, on_bad)?;
+    let ckpt = run.join(&pair).join(&which);
+    let (rate, hyps) = strata::train::run::evaluate_checkpoint(
+        &upstream,
+        &ckpt,
+        &itf,
+        &vocab,
+        ds,
+        60 * 16000,
+        on_bad,
+    )
+    .map_err(|e| e.to_string())?;
+    let hyp = hyp.unwrap_or_else(|| run.join(&pair).join(format!("hyp-{which}.tsv")));
+    let text: String = hyps
+        .iter()
+        .map(|h| format!("{}\t{}\t{}\n", h.id, h.hyp.join(" "), h.reference.join(" ")))
+        .collect();
+    std::fs::write(&hyp, text).map_err(|e| format!("{}: {e}", hyp.display()))?;
+    let metric = if task == Task::Characters {
+        "CER"
+    } else {
+        "PER"
+    };
+    println!(
+        "{pair} ({which}) on {}: {metric} {:.2}% over {} utterances; hypotheses in {}",
+        data.display(),
+        100.0 * rate,
+        hyps.len(),
+        hyp.display()
+    );
     Ok(())
 }

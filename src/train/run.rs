@@ -221,3 +221,44 @@ pub fn train(
     eprintln!();
     Ok(last)
 }
+
+/// One utterance's result from [`evaluate_checkpoint`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hypothesis {
+    pub id: String,
+    pub hyp: Vec<String>,
+    pub reference: Vec<String>,
+}
+
+/// Decodes `data` with the pair saved in `checkpoint_dir` (an `OUT/<pair>/{best,latest}` folder)
+/// for interface `itf`; returns the error rate (PER / CER) and every hypothesis.
+pub fn evaluate_checkpoint(
+    upstream: &Upstream,
+    checkpoint_dir: &Path,
+    itf: &InterfaceConfig,
+    vocab: &Vocab,
+    mut data: Dataset,
+    batch_samples: usize,
+    on_bad: OnBad,
+) -> Result<(f64, Vec<Hypothesis>)> {
+    let labels = vocab.encode_all(&mut data, on_bad)?;
+    let mut pair = PrPair::new("eval", itf, vocab.len(), AdamConfig::adamw(1e-3), None, 0)?;
+    checkpoint::load(checkpoint_dir, &mut pair.store, &mut pair.optimizer)?;
+    let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
+    let mut rate = ErrorRate::default();
+    let mut out = Vec::new();
+    for b in length_buckets(&samples, batch_samples, None) {
+        let (stack, batch) = stack_of(upstream, &data, &b)?;
+        for (hyp, &i) in pair.decode(&stack, &batch)?.iter().zip(&b) {
+            rate.add(hyp, &labels[i]);
+            let u = &data.utterances[i];
+            out.push(Hypothesis {
+                id: u.id.clone(),
+                hyp: hyp.iter().map(|&t| vocab.tokens[t].clone()).collect(),
+                reference: u.label.clone(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok((rate.rate(), out))
+}
