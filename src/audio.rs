@@ -6,8 +6,8 @@ use std::path::Path;
 
 pub const SAMPLE_RATE: u32 = 16_000;
 
-/// Samples scaled to [-1, 1) as soundfile / torchaudio do (PCM divided by 2^(bits-1)).
-pub fn read_wav(path: &Path) -> Result<Vec<f32>> {
+/// Opens a WAV file and checks it is 16 kHz mono; errors name the file and the fix.
+fn open_checked(path: &Path) -> Result<hound::WavReader<std::io::BufReader<std::fs::File>>> {
     let p = path.display().to_string();
     let io = |detail: String| Error::Io {
         path: p.clone(),
@@ -30,6 +30,18 @@ pub fn read_wav(path: &Path) -> Result<Vec<f32>> {
             spec.channels
         )));
     }
+    Ok(reader)
+}
+
+/// Samples scaled to [-1, 1) as soundfile / torchaudio do (PCM divided by 2^(bits-1)).
+pub fn read_wav(path: &Path) -> Result<Vec<f32>> {
+    let p = path.display().to_string();
+    let io = |detail: String| Error::Io {
+        path: p.clone(),
+        detail,
+    };
+    let reader = open_checked(path)?;
+    let spec = reader.spec();
     let samples: std::result::Result<Vec<f32>, hound::Error> = match spec.sample_format {
         hound::SampleFormat::Float if spec.bits_per_sample == 32 => {
             reader.into_samples::<f32>().collect()
@@ -58,28 +70,7 @@ pub fn read_wav(path: &Path) -> Result<Vec<f32>> {
 /// The duration of a WAV file in samples, from its header (no samples read), with the same
 /// 16 kHz mono checks as [`read_wav`].
 pub fn wav_samples(path: &Path) -> Result<usize> {
-    let p = path.display().to_string();
-    let io = |detail: String| Error::Io {
-        path: p.clone(),
-        detail,
-    };
-    let reader = hound::WavReader::open(path).map_err(|e| match e {
-        hound::Error::IoError(e) => io(format!("cannot open: {e}")),
-        other => io(format!("not a readable WAV file: {other}")),
-    })?;
-    let spec = reader.spec();
-    if spec.sample_rate != SAMPLE_RATE {
-        return Err(io(format!(
-            "sample rate is {} Hz; strata needs 16 kHz audio (convert: sox {p} -r 16000 out.wav)",
-            spec.sample_rate
-        )));
-    }
-    if spec.channels != 1 {
-        return Err(io(format!(
-            "has {} channels; strata needs mono audio (convert: sox {p} -c 1 out.wav)",
-            spec.channels
-        )));
-    }
+    let reader = open_checked(path)?;
     Ok(reader.duration() as usize)
 }
 

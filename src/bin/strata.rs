@@ -388,13 +388,7 @@ fn train_cmd(args: &[String]) -> Result<(), String> {
             "--dev" => dev_p = Some(PathBuf::from(value()?)),
             "--out" => out = Some(PathBuf::from(value()?)),
             "--vocab" => vocab_p = Some(PathBuf::from(value()?)),
-            "--task" => {
-                task = match value()?.as_str() {
-                    "units" => Task::Units,
-                    "chars" => Task::Characters,
-                    other => return Err(format!("--task takes units or chars, got '{other}'")),
-                }
-            }
+            "--task" => task = parse_task(&value()?)?,
             "--interfaces" => names = value()?,
             "--steps" => steps = num(value()?, "--steps")? as u64,
             "--lr" => lr = num(value()?, "--lr")?,
@@ -497,13 +491,7 @@ fn eval_cmd(args: &[String]) -> Result<(), String> {
                     return Err(format!("--which takes best or latest, got '{which}'"));
                 }
             }
-            "--task" => {
-                task = match value()?.as_str() {
-                    "units" => Task::Units,
-                    "chars" => Task::Characters,
-                    other => return Err(format!("--task takes units or chars, got '{other}'")),
-                }
-            }
+            "--task" => task = parse_task(&value()?)?,
             "--skip-bad" => on_bad = OnBad::Skip,
             other => return Err(format!("unknown option '{other}' for eval\n\n{USAGE}")),
         }
@@ -555,4 +543,12 @@ fn eval_cmd(args: &[String]) -> Result<(), String> {
         hyp.display()
     );
     Ok(())
+}
+
+fn parse_task(v: &str) -> Result<strata::train::data::Task, String> {
+    match v {
+        "units" => Ok(strata::train::data::Task::Units),
+        "chars" => Ok(strata::train::data::Task::Characters),
+        other => Err(format!("--task takes units or chars, got '{other}'")),
+    }
 }
