@@ -1,4 +1,4 @@
-//! criterion benches of the CUDA kernels (WS forward / backward, AdamW) at HuBERT-Base / Large
+//! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, AdamW) at HuBERT-Base / Large
 //! sizes, 32 x 500 frames. GPU only: without one it says so and measures nothing (the emulator's
 //! speed means nothing). The device script's table (examples/gpu_bench.rs + PyTorch) is the one
 //! recorded in RESULTS.md; this is for iterating on a GPU machine with Rust.
@@ -61,6 +61,58 @@ fn bench(c: &mut Criterion) {
                         device::layer_sum_backward(&be, &x, &w, &dout, None, s, &dw, false)
                             .unwrap(),
                     )
+                })
+            })
+        });
+    }
+    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
+        let n = 32 * 500;
+        let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
+        let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+        let layers: Vec<_> = plan
+            .convs
+            .iter()
+            .map(|g| {
+                let w =
+                    device::hconv_weight_for_kernel(&vec![0.01f32; g.c_out * g.c_in * g.kernel], g);
+                (
+                    be.upload(&w).unwrap(),
+                    be.upload(&vec![0.0f32; g.c_out]).unwrap(),
+                )
+            })
+            .collect();
+        let macs: usize = plan
+            .convs
+            .iter()
+            .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
+            .sum();
+        group.throughput(Throughput::Elements((2 * macs * n) as u64)); // FLOPs
+        group.bench_function(format!("hconv_forward_{name}"), |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    let last = plan.convs.len() - 1;
+                    let mut h = device::hconv_conv_forward(
+                        &be,
+                        &x,
+                        n,
+                        &plan.convs[0],
+                        &layers[0].0,
+                        &layers[0].1,
+                        last == 0,
+                    )
+                    .unwrap();
+                    for (i, g) in plan.convs.iter().enumerate().skip(1) {
+                        h = device::hconv_conv_forward(
+                            &be,
+                            &h,
+                            n,
+                            g,
+                            &layers[i].0,
+                            &layers[i].1,
+                            i == last,
+                        )
+                        .unwrap();
+                    }
                 })
             })
         });
