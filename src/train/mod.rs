@@ -7,3 +7,4 @@ pub mod metrics;
 pub mod run;
 pub mod side_by_side;
 pub mod synthetic;
+pub mod synthetic_speech;

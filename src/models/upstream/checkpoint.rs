@@ -11,6 +11,8 @@ use std::path::Path;
 pub struct Checkpoint {
     dir: String,
     tensors: HashMap<String, Tensor>,
+    /// Set for [`Checkpoint::random`]: every `take` draws a fresh tensor instead of looking it up.
+    random: Option<crate::rng::Rng>,
 }
 
 impl Checkpoint {
@@ -58,7 +60,24 @@ impl Checkpoint {
                 .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v)))
                 .collect();
         }
-        Ok(Checkpoint { dir: d, tensors })
+        Ok(Checkpoint {
+            dir: d,
+            tensors,
+            random: None,
+        })
+    }
+
+    /// A random-init "checkpoint": whatever the model asks for is drawn from `seed`, as
+    /// transformers initialises these models (norm weights 1, biases 0, convolutions Kaiming-normal,
+    /// linear layers N(0, 0.02^2)), except the positional conv's weight-norm gain, which is 1. Used by the built-in demo
+    /// and tests to build an upstream with no download; `take` still checks nothing, so the model's
+    /// own shapes define it.
+    pub fn random(seed: u64) -> Self {
+        Checkpoint {
+            dir: format!("random-init upstream (seed {seed})"),
+            tensors: HashMap::new(),
+            random: Some(crate::rng::Rng::new(seed)),
+        }
     }
 
     /// A checkpoint built in memory (benchmarks, tests); `source` names it in errors.
@@ -66,6 +85,7 @@ impl Checkpoint {
         Checkpoint {
             dir: source.to_string(),
             tensors,
+            random: None,
         }
     }
 
@@ -75,6 +95,9 @@ impl Checkpoint {
 
     /// The tensor `name` with exactly `shape`, as f32 values.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(rng) = &mut self.random {
+            return Ok(random_tensor(rng, name, shape));
+        }
         let t = self.tensors.remove(name).ok_or_else(|| Error::Io {
             path: self.dir.clone(),
             detail: format!("checkpoint has no tensor '{name}' (expected shape {shape:?}); does config.json match these weights?"),
@@ -107,5 +130,23 @@ impl Checkpoint {
             .copied()
             .unwrap_or(names[0]);
         self.take(name, shape)
+    }
+}
+
+fn random_tensor(rng: &mut crate::rng::Rng, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let normal = |rng: &mut crate::rng::Rng, std: f32| (0..n).map(|_| std * rng.normal()).collect();
+    let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+    if (name.contains("norm") && name.ends_with(".weight")) || name.ends_with("gru_rel_pos_const") {
+        vec![1.0; n]
+    } else if name.ends_with(".bias") {
+        vec![0.0; n]
+    } else if name.ends_with("weight_g") || name.ends_with("original0") {
+        // Unit-norm taps (transformers starts from g = ||v||; that norm is not known here).
+        vec![1.0; n]
+    } else if shape.len() == 3 {
+        normal(rng, (2.0 / fan_in as f32).sqrt())
+    } else {
+        normal(rng, 0.02)
     }
 }

@@ -258,6 +258,23 @@ impl UpstreamConfig {
         Ok(cfg)
     }
 
+    /// A tiny HuBERT-Base-shaped model (13 states x 64 dims, the Base feature encoder's kernels and
+    /// strides at 64 channels, so 20 ms frames): the built-in demo's upstream, with random weights
+    /// from [`super::Upstream::random`].
+    pub fn tiny() -> Self {
+        let v = serde_json::json!({
+            "model_type": "hubert",
+            "hidden_size": 64,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+            "conv_dim": [64, 64, 64, 64, 64, 64, 64],
+            "num_conv_pos_embeddings": 32,
+            "num_conv_pos_embedding_groups": 4,
+        });
+        Self::from_json(&v, "tiny config").expect("the tiny config is valid")
+    }
+
     /// Hidden states per frame: transformer layers + 1.
     pub fn num_states(&self) -> usize {
         self.num_layers + 1

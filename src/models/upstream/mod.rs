@@ -125,6 +125,11 @@ impl Upstream {
         Self::from_checkpoint(config, &mut ck)
     }
 
+    /// A randomly initialised model of `config` (see [`Checkpoint::random`]): no download needed.
+    pub fn random(config: UpstreamConfig, seed: u64) -> Result<Self> {
+        Self::from_checkpoint(config, &mut Checkpoint::random(seed))
+    }
+
     pub fn from_checkpoint(config: UpstreamConfig, ck: &mut Checkpoint) -> Result<Self> {
         let c = &config;
         let mut convs = Vec::new();
