@@ -4,7 +4,7 @@
 use strata::models::interface::InterfaceConfig;
 use strata::optim::AdamConfig;
 use strata::train::checkpoint;
-use strata::train::side_by_side::PrPair;
+use strata::train::side_by_side::{HeadKind, Pair};
 use strata::train::synthetic::{pack, SyntheticWorld};
 use strata::PackedBatch;
 
@@ -26,11 +26,11 @@ fn batches() -> Vec<(strata::Tensor, PackedBatch, Vec<Vec<usize>>)> {
         .collect()
 }
 
-fn pair(seed: u64) -> PrPair {
-    PrPair::new(
+fn pair(seed: u64) -> Pair {
+    Pair::new(
         "hconv",
         &InterfaceConfig::hconv(7, 16),
-        7,
+        HeadKind::Ctc { vocab: 7 },
         AdamConfig::adamw(3e-3),
         Some(1.0),
         seed,
@@ -41,7 +41,7 @@ fn pair(seed: u64) -> PrPair {
 #[test]
 fn resume_is_bit_for_bit_and_damage_is_detected() {
     let data = batches();
-    let step = |p: &mut PrPair, i: usize| {
+    let step = |p: &mut Pair, i: usize| {
         let (s, b, t) = &data[i % data.len()];
         p.train_step(s, b, t).unwrap()
     };
@@ -100,10 +100,10 @@ fn resume_is_bit_for_bit_and_damage_is_detected() {
     );
 
     // A model of another shape: the mismatch is named.
-    let mut other = PrPair::new(
+    let mut other = Pair::new(
         "ws",
         &InterfaceConfig::weighted_sum(7, 16),
-        7,
+        HeadKind::Ctc { vocab: 7 },
         AdamConfig::adamw(3e-3),
         None,
         1,

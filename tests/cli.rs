@@ -250,3 +250,130 @@ fn train_runs_resumes_and_reports_the_dev_error() {
     assert!(!ok && log.contains("unknown interface 'hconvv'"), "{log}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn demo_runs_the_whole_pipeline_and_prints_its_table() {
+    let (ok, log) = strata(&["demo", "--steps", "20"]);
+    assert!(ok, "{log}");
+    for want in ["random-init", "WS", "HConv", "dev PER", "interface params"] {
+        assert!(log.contains(want), "missing '{want}' in {log}");
+    }
+    let (ok, log) = strata(&["demo", "--steps", "x"]);
+    assert!(!ok && log.contains("--steps"), "{log}");
+}
+
+#[test]
+fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_run() {
+    let dir = scratch("toml");
+    for (name, n) in [("train", 8usize), ("dev", 4)] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (mut scp, mut labels) = (String::new(), String::new());
+        for u in 0..n {
+            let high = u % 2 == 0;
+            let step = if high { 0.2 } else { 0.03 };
+            let tone: Vec<f32> = (0..7000 + 300 * u)
+                .map(|i| (i as f32 * step).sin() * 0.3)
+                .collect();
+            write_wav(&d.join(format!("{u}.wav")), &tone, 16000, 1);
+            scp.push_str(&format!("{name}{u} {u}.wav\n"));
+            labels.push_str(&format!(
+                "{name}{u} {}\n",
+                if high { "high" } else { "low" }
+            ));
+        }
+        std::fs::write(d.join("wav.scp"), scp).unwrap();
+        std::fs::write(d.join("utt2label"), labels).unwrap();
+    }
+    let model = format!(
+        "{}/tests/fixtures/upstream/hubert_group_postln",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = dir.join("run");
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {model:?}\ntrain = {:?}\ndev = {:?}\nout = {:?}\nfeatures = {:?}\ntask = \"classify\"\n\
+             interfaces = [\"ws\", \"hconv\"]\nsteps = 4\nbatch_seconds = 2\naccum = 2\nschedule = \"cosine\"\n\
+             warmup = 1\neval_every = 2\nsave_init = {:?}\n",
+            dir.join("train"),
+            dir.join("dev"),
+            out,
+            dir.join("feats"),
+            dir.join("init.safetensors"),
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let (ok, log) = strata(&["train", "--config", cfg, "--steps", "3"]);
+    assert!(
+        ok && log.contains("dev accuracy") && log.contains("extracting"),
+        "{log}"
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["steps"], 3, "a flag overrides the config");
+    assert_eq!(run["task"], "classify");
+    assert!(dir.join("feats/train/index.json").exists() && dir.join("init.safetensors").exists());
+    assert!(out.join("curves.png").exists());
+    // The second run reads the cache without an upstream at all.
+    let (ok, log) = strata(&[
+        "train",
+        "--features",
+        dir.join("feats").to_str().unwrap(),
+        "--train",
+        dir.join("train").to_str().unwrap(),
+        "--dev",
+        dir.join("dev").to_str().unwrap(),
+        "--out",
+        dir.join("run2").to_str().unwrap(),
+        "--task",
+        "classify",
+        "--steps",
+        "2",
+        "--batch-seconds",
+        "2",
+    ]);
+    assert!(ok && !log.contains("extracting"), "{log}");
+    let (ok, log) = strata(&[
+        "eval",
+        "--model",
+        &model,
+        "--run",
+        out.to_str().unwrap(),
+        "--pair",
+        "hconv",
+        "--data",
+        dir.join("dev").to_str().unwrap(),
+    ]);
+    assert!(
+        ok && log.contains("accuracy") && log.contains("over 4 utterances"),
+        "{log}"
+    );
+
+    std::fs::write(&config, "stpes = 3\n").unwrap();
+    let (ok, log) = strata(&["train", "--config", cfg]);
+    assert!(
+        !ok && log.contains("'stpes' is not a train setting"),
+        "{log}"
+    );
+    std::fs::write(&config, "steps = [3\n").unwrap();
+    let (ok, log) = strata(&["train", "--config", cfg]);
+    assert!(!ok && log.contains("not valid TOML"), "{log}");
+    let (ok, log) = strata(&[
+        "train",
+        "--features",
+        dir.join("nothing").to_str().unwrap(),
+        "--train",
+        dir.join("train").to_str().unwrap(),
+        "--dev",
+        dir.join("dev").to_str().unwrap(),
+        "--out",
+        dir.join("run3").to_str().unwrap(),
+        "--task",
+        "classify",
+    ]);
+    assert!(!ok && log.contains("give --model"), "{log}");
+    std::fs::remove_dir_all(&dir).ok();
+}

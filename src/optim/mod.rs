@@ -1,7 +1,10 @@
-//! Optimizers and gradient utilities, exactly as torch.optim / torch.nn.utils.
+//! Optimizers and gradient utilities, exactly as torch.optim / torch.nn.utils, and learning-rate
+//! schedules.
 
 mod adam;
 mod clip;
+mod schedule;
 
 pub use adam::{Adam, AdamConfig};
 pub use clip::clip_grad_norm;
+pub use schedule::{Decay, Schedule};

@@ -110,7 +110,7 @@ fn tokens(label: &str, task: Task) -> Vec<String> {
 }
 
 /// Checks one utterance's audio and label; Err(reason) for a bad one.
-fn check(id: &str, path: &Path, label: &[String]) -> std::result::Result<usize, String> {
+fn check(id: &str, path: &Path, label: Option<&[String]>) -> std::result::Result<usize, String> {
     let samples = crate::audio::wav_samples(path).map_err(|e| e.to_string())?;
     if samples < 400 {
         return Err(format!(
@@ -118,16 +118,20 @@ fn check(id: &str, path: &Path, label: &[String]) -> std::result::Result<usize, 
             path.display()
         ));
     }
-    if label.is_empty() {
+    if label.is_some_and(|l| l.is_empty()) {
         return Err(format!("utterance '{id}' has an empty label"));
     }
     Ok(samples)
 }
 
-fn build(entries: Vec<(String, PathBuf, Vec<String>)>, on_bad: OnBad) -> Result<Dataset> {
+fn build(
+    entries: Vec<(String, PathBuf, Vec<String>)>,
+    on_bad: OnBad,
+    labelled: bool,
+) -> Result<Dataset> {
     let mut ds = Dataset::default();
     for (id, path, label) in entries {
-        match check(&id, &path, &label) {
+        match check(&id, &path, labelled.then_some(label.as_slice())) {
             Ok(samples) => ds.utterances.push(Utterance {
                 id,
                 path,
@@ -166,7 +170,31 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 /// A Kaldi-style directory: `wav.scp` ("id path") and `text` ("id tokens...") for CTC tasks or
 /// `utt2label` ("id class") for classification. Piped wav.scp entries ("cmd |") are not supported.
 pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
+    load_kaldi(dir, Some(task), on_bad)
+}
+
+/// The audio of a data set (Kaldi folder or TSV manifest) without its labels: for feature
+/// extraction, which needs only ids and files.
+pub fn load_audio_only(path: &Path, on_bad: OnBad) -> Result<Dataset> {
+    if path.is_dir() {
+        load_kaldi(path, None, on_bad)
+    } else {
+        load_manifest(path, None, on_bad)
+    }
+}
+
+fn load_kaldi(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> {
     let scp = id_map(&dir.join("wav.scp"))?;
+    let Some(task) = task else {
+        let entries = scp
+            .into_iter()
+            .map(|(id, path)| {
+                let p = resolve(dir, &path);
+                (id, p, Vec::new())
+            })
+            .collect();
+        return build(entries, on_bad, false);
+    };
     let label_file = dir.join(if task == Task::Classification {
         "utt2label"
     } else {
@@ -192,17 +220,25 @@ pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> 
         };
         entries.push((id, resolve(dir, &path), label));
     }
-    build(entries, on_bad)
+    build(entries, on_bad, true)
 }
 
 /// A TSV manifest: "path<TAB>label" per line (an optional header "path<TAB>label" is skipped); the
 /// utterance id is the path as written.
 pub fn load_tsv(manifest: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
+    load_manifest(manifest, Some(task), on_bad)
+}
+
+fn load_manifest(manifest: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> {
     let base = manifest.parent().unwrap_or(Path::new("."));
     let mut entries = Vec::new();
     let mut seen = HashSet::new();
     for (no, line) in read_lines(manifest)? {
-        let Some((path, label)) = line.split_once('\t') else {
+        let split = match task {
+            Some(_) => line.split_once('\t'),
+            None => Some(line.split_once('\t').unwrap_or((line.as_str(), ""))),
+        };
+        let Some((path, label)) = split else {
             return Err(io_err(
                 manifest,
                 format!("line {no}: expected 'path<TAB>label', got '{line}'"),
@@ -220,10 +256,10 @@ pub fn load_tsv(manifest: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
         entries.push((
             path.to_string(),
             resolve(base, path.trim()),
-            tokens(label, task),
+            task.map(|t| tokens(label, t)).unwrap_or_default(),
         ));
     }
-    build(entries, on_bad)
+    build(entries, on_bad, task.is_some())
 }
 
 /// Token <-> index. For CTC the blank `<blank>` is index 0.

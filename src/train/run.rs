@@ -1,39 +1,86 @@
-//! `strata train` for CTC tasks (phones / characters): one upstream pass per batch feeds every
-//! interface + PR-head pair; a JSONL log line per pair per step; dev PER/CER every `eval_every`
-//! steps and at the end; each pair's checkpoint (latest, and best by dev error rate) in its own
+//! `strata train`: one source of hidden states (the upstream run on each batch, or a feature cache)
+//! feeds every interface + head pair; CTC recognition (phones / characters) or utterance
+//! classification; gradient accumulation, a learning-rate schedule and clipping; a JSONL log line
+//! per pair per step; dev PER / CER / accuracy every `eval_every` steps and at the end, with loss and
+//! metric curves redrawn as PNG; each pair's checkpoint (latest, and best by dev error) in its own
 //! folder; `resume` continues bit for bit from the latest checkpoints.
 
-use crate::audio::read_wav;
-use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
 use crate::models::interface::InterfaceConfig;
-use crate::models::upstream::Upstream;
-use crate::optim::AdamConfig;
+use crate::optim::{AdamConfig, Schedule};
 use crate::train::checkpoint;
-use crate::train::data::{length_buckets, Dataset, OnBad, Vocab};
+use crate::train::data::{length_buckets, Dataset, OnBad, Task, Vocab};
+use crate::train::features::StackSource;
 use crate::train::metrics::ErrorRate;
-use crate::train::side_by_side::PrPair;
+use crate::train::side_by_side::{HeadKind, Pair};
 use serde_json::json;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub struct TrainConfig {
+    pub task: Task,
     /// (name, interface) pairs trained side by side.
     pub interfaces: Vec<(String, InterfaceConfig)>,
+    /// Adam / AdamW hyper-parameters; the learning rate of each step comes from `schedule`.
     pub optimizer: AdamConfig,
+    pub schedule: Schedule,
     pub clip: Option<f64>,
+    /// Optimizer steps.
     pub steps: u64,
+    /// Audio samples per micro-batch.
     pub batch_samples: usize,
+    /// Micro-batches per optimizer step.
+    pub accum: usize,
     pub eval_every: u64,
     pub seed: u64,
     pub shuffle: bool,
     pub out: PathBuf,
     pub resume: bool,
     pub on_bad: OnBad,
+    /// Write every pair's initial parameters here (names `<pair>.<parameter>`).
+    pub save_init: Option<PathBuf>,
+    /// Start every pair from the parameters in this file (same naming) instead of a random init.
+    pub init_from: Option<PathBuf>,
+    /// Draw a progress line on stderr.
+    pub progress: bool,
 }
 
-/// One pair's dev results.
+impl TrainConfig {
+    /// Defaults for everything but the task, the pairs and the output folder.
+    pub fn new(task: Task, interfaces: Vec<(String, InterfaceConfig)>, out: PathBuf) -> Self {
+        TrainConfig {
+            task,
+            interfaces,
+            optimizer: AdamConfig::adamw(1e-3),
+            schedule: Schedule::constant(1e-3),
+            clip: Some(1.0),
+            steps: 1000,
+            batch_samples: 60 * 16000,
+            accum: 1,
+            eval_every: 100,
+            seed: 0,
+            shuffle: true,
+            out,
+            resume: false,
+            on_bad: OnBad::Fail,
+            save_init: None,
+            init_from: None,
+            progress: false,
+        }
+    }
+
+    pub fn head_kind(&self, vocab: &Vocab) -> HeadKind {
+        match self.task {
+            Task::Classification => HeadKind::Classify {
+                classes: vocab.len(),
+            },
+            _ => HeadKind::Ctc { vocab: vocab.len() },
+        }
+    }
+}
+
+/// One pair's dev result. `error_rate` is PER / CER, or 1 - accuracy for classification.
 #[derive(Clone, Debug)]
 pub struct EvalResult {
     pub name: String,
@@ -43,38 +90,21 @@ pub struct EvalResult {
 
 fn log_line(out: &Path, v: serde_json::Value) -> Result<()> {
     let path = out.join("log.jsonl");
+    let err = |e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        detail: format!("cannot write the log: {e}"),
+    };
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
-        .map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            detail: format!("cannot write the log: {e}"),
-        })?;
-    writeln!(f, "{v}").map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        detail: format!("cannot write the log: {e}"),
-    })
-}
-
-/// Runs the upstream on a batch of utterances (indices into `ds`).
-fn stack_of(
-    upstream: &Upstream,
-    ds: &Dataset,
-    idx: &[usize],
-) -> Result<(crate::Tensor, PackedBatch)> {
-    let waves: Vec<Vec<f32>> = idx
-        .iter()
-        .map(|&i| read_wav(&ds.utterances[i].path))
-        .collect::<Result<_>>()?;
-    let refs: Vec<&[f32]> = waves.iter().map(Vec::as_slice).collect();
-    let names: Vec<&str> = idx.iter().map(|&i| ds.utterances[i].id.as_str()).collect();
-    upstream.forward(&refs, &names)
+        .map_err(err)?;
+    writeln!(f, "{v}").map_err(err)
 }
 
 fn evaluate(
-    upstream: &Upstream,
-    pairs: &[PrPair],
+    source: &StackSource,
+    pairs: &[Pair],
     dev: &Dataset,
     dev_labels: &[Vec<usize>],
     batch_samples: usize,
@@ -82,7 +112,7 @@ fn evaluate(
     let samples: Vec<usize> = dev.utterances.iter().map(|u| u.samples).collect();
     let mut rates = vec![ErrorRate::default(); pairs.len()];
     for b in length_buckets(&samples, batch_samples, None) {
-        let (stack, batch) = stack_of(upstream, dev, &b)?;
+        let (stack, batch) = source.stack(dev, &b)?;
         for (p, rate) in pairs.iter().zip(&mut rates) {
             for (hyp, &i) in p.decode(&stack, &batch)?.iter().zip(&b) {
                 rate.add(hyp, &dev_labels[i]);
@@ -92,9 +122,64 @@ fn evaluate(
     Ok(rates.iter().map(ErrorRate::rate).collect())
 }
 
+fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The progress line: step, bar, each pair's loss, frames/s, ETA.
+fn progress_line(done: u64, total: u64, losses: &[(String, f32)], fps: f64, eta: f64) -> String {
+    let width = 20;
+    let filled = (done as usize * width / total.max(1) as usize).min(width);
+    let losses: Vec<String> = losses.iter().map(|(n, l)| format!("{n} {l:.3}")).collect();
+    format!(
+        "step {done}/{total} [{}{}] loss {} | {fps:.0} frames/s | ETA {}",
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+        losses.join(", "),
+        format_duration(eta)
+    )
+}
+
+/// Every pair's parameters in one safetensors file, named `<pair>.<parameter>`.
+fn save_pairs(path: &Path, pairs: &[Pair]) -> Result<()> {
+    let named: Vec<(String, &crate::Tensor)> = pairs
+        .iter()
+        .flat_map(|p| {
+            p.store
+                .iter()
+                .map(move |q| (format!("{}.{}", p.name, q.name), &q.value))
+        })
+        .collect();
+    crate::io::save_safetensors_atomic(path, &named)
+}
+
+fn load_pairs(path: &Path, pairs: &mut [Pair]) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        detail: format!("cannot read the initial parameters: {e}"),
+    })?;
+    for p in pairs.iter_mut() {
+        p.store.load_from_safetensors(
+            &bytes,
+            &format!("{}.", p.name),
+            &path.display().to_string(),
+        )?;
+    }
+    Ok(())
+}
+
 /// Trains every pair for `cfg.steps` optimizer steps; returns the last dev evaluation.
+/// `train_src` / `dev_src` give the hidden states of the training and dev sets.
 pub fn train(
-    upstream: &Upstream,
+    train_src: &StackSource,
+    dev_src: &StackSource,
     mut train: Dataset,
     mut dev: Dataset,
     vocab: &Vocab,
@@ -104,6 +189,11 @@ pub fn train(
         path: cfg.out.display().to_string(),
         detail: format!("cannot create: {e}"),
     })?;
+    if cfg.accum == 0 || cfg.steps == 0 || cfg.batch_samples == 0 {
+        return Err(Error::Config(
+            "steps, batch size and gradient-accumulation micro-batches must be at least 1".into(),
+        ));
+    }
     let train_labels = vocab.encode_all(&mut train, cfg.on_bad)?;
     let dev_labels = vocab.encode_all(&mut dev, cfg.on_bad)?;
     if train.utterances.is_empty() || dev.utterances.is_empty() {
@@ -112,21 +202,26 @@ pub fn train(
             "no usable training or dev utterance left",
         ));
     }
+    let (layers, dim) = (train_src.num_states(), train_src.hidden_size());
+    if (dev_src.num_states(), dev_src.hidden_size()) != (layers, dim) {
+        return Err(Error::Config(format!(
+            "the dev hidden states are {} x {} but the training ones are {layers} x {dim}: use features of one upstream",
+            dev_src.num_states(),
+            dev_src.hidden_size()
+        )));
+    }
     let mut pairs = Vec::new();
     for (name, itf) in &cfg.interfaces {
-        if itf.layers != upstream.num_states() || itf.dim != upstream.hidden_size() {
+        if itf.layers != layers || itf.dim != dim {
             return Err(Error::Config(format!(
-                "interface '{name}' is for {} x {} states but the upstream gives {} x {}",
-                itf.layers,
-                itf.dim,
-                upstream.num_states(),
-                upstream.hidden_size()
+                "interface '{name}' is for {} x {} states but the upstream gives {layers} x {dim}",
+                itf.layers, itf.dim
             )));
         }
-        pairs.push(PrPair::new(
+        pairs.push(Pair::new(
             name,
             itf,
-            vocab.len(),
+            cfg.head_kind(vocab),
             cfg.optimizer,
             cfg.clip,
             cfg.seed,
@@ -152,6 +247,13 @@ pub fn train(
                     .into(),
             ));
         }
+    } else {
+        if let Some(path) = &cfg.init_from {
+            load_pairs(path, &mut pairs)?;
+        }
+        if let Some(path) = &cfg.save_init {
+            save_pairs(path, &pairs)?;
+        }
     }
     let samples: Vec<usize> = train.utterances.iter().map(|u| u.samples).collect();
     let epoch_batches = |epoch: u64| {
@@ -166,34 +268,61 @@ pub fn train(
     let mut last = Vec::new();
     let t0 = Instant::now();
     let mut frames_done = 0usize;
+    let terminal = std::io::stderr().is_terminal();
+    let report_every = if terminal { 1 } else { (cfg.steps / 20).max(1) };
     for step in start..cfg.steps {
-        // The data order is a function of (seed, step) only, so a resumed run sees the same batches.
-        let (epoch, pos) = (step / per_epoch, (step % per_epoch) as usize);
-        if cached.as_ref().map(|c| c.0) != Some(epoch) {
-            cached = Some((epoch, epoch_batches(epoch)));
+        let lr = cfg.schedule.lr_at(step);
+        let mut sums = vec![0f64; pairs.len()];
+        let mut frames = 0usize;
+        for micro in 0..cfg.accum as u64 {
+            // The data order is a function of (seed, micro-batch number) only, so a resumed run
+            // sees the same batches.
+            let n = step * cfg.accum as u64 + micro;
+            let (epoch, pos) = (n / per_epoch, (n % per_epoch) as usize);
+            if cached.as_ref().map(|c| c.0) != Some(epoch) {
+                cached = Some((epoch, epoch_batches(epoch)));
+            }
+            let b = &cached.as_ref().expect("just filled").1[pos];
+            let (stack, batch) = train_src.stack(&train, b)?;
+            let targets: Vec<Vec<usize>> = b.iter().map(|&i| train_labels[i].clone()).collect();
+            frames += batch.total_frames();
+            let scale = 1.0 / cfg.accum as f32;
+            for (p, sum) in pairs.iter_mut().zip(&mut sums) {
+                *sum += p.accumulate(&stack, &batch, &targets, scale)? as f64;
+            }
         }
-        let b = &cached.as_ref().expect("just filled").1[pos];
-        let (stack, batch) = stack_of(upstream, &train, b)?;
-        let targets: Vec<Vec<usize>> = b.iter().map(|&i| train_labels[i].clone()).collect();
-        frames_done += batch.total_frames();
-        for p in &mut pairs {
-            let loss = p.train_step(&stack, &batch, &targets)?;
+        frames_done += frames;
+        let mut losses = Vec::new();
+        for (p, sum) in pairs.iter_mut().zip(&sums) {
+            p.apply(lr)?;
+            let loss = (sum / cfg.accum as f64) as f32;
             log_line(
                 &cfg.out,
-                json!({"step": step + 1, "pair": p.name, "loss": loss, "frames": batch.total_frames()}),
+                json!({"step": step + 1, "pair": p.name, "loss": loss, "lr": lr, "frames": frames}),
             )?;
+            losses.push((p.name.clone(), loss));
         }
         let done = step + 1;
-        let fps = frames_done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        eprint!("\rstep {done}/{} frames/s {fps:.0}   ", cfg.steps);
+        if cfg.progress && (done % report_every == 0 || done == cfg.steps) {
+            let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
+            let fps = frames_done as f64 / elapsed;
+            let eta = elapsed / (done - start) as f64 * (cfg.steps - done) as f64;
+            let line = progress_line(done, cfg.steps, &losses, fps, eta);
+            if terminal {
+                eprint!("\r{line}  ");
+            } else {
+                eprintln!("{line}");
+            }
+        }
         if done % cfg.eval_every.max(1) == 0 || done == cfg.steps {
-            let rates = evaluate(upstream, &pairs, &dev, &dev_labels, cfg.batch_samples)?;
+            let rates = evaluate(dev_src, &pairs, &dev, &dev_labels, cfg.batch_samples)?;
             last.clear();
             for ((p, &rate), best) in pairs.iter().zip(&rates).zip(&mut best) {
-                log_line(
-                    &cfg.out,
-                    json!({"step": done, "pair": p.name, "dev_error_rate": rate}),
-                )?;
+                let mut entry = json!({"step": done, "pair": p.name, "dev_error_rate": rate});
+                if cfg.task == Task::Classification {
+                    entry["dev_accuracy"] = json!(1.0 - rate);
+                }
+                log_line(&cfg.out, entry)?;
                 let dir = cfg.out.join(&p.name);
                 if rate < *best {
                     *best = rate;
@@ -216,9 +345,12 @@ pub fn train(
                     error_rate: rate,
                 });
             }
+            crate::train::plot::write_curves(&cfg.out)?;
         }
     }
-    eprintln!();
+    if cfg.progress && terminal {
+        eprintln!();
+    }
     Ok(last)
 }
 
@@ -231,24 +363,27 @@ pub struct Hypothesis {
 }
 
 /// Decodes `data` with the pair saved in `checkpoint_dir` (an `OUT/<pair>/{best,latest}` folder)
-/// for interface `itf`; returns the error rate (PER / CER) and every hypothesis.
+/// for interface `itf`; returns the error rate (PER / CER, or 1 - accuracy) and every hypothesis.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_checkpoint(
-    upstream: &Upstream,
+    source: &StackSource,
     checkpoint_dir: &Path,
     itf: &InterfaceConfig,
+    task: Task,
     vocab: &Vocab,
     mut data: Dataset,
     batch_samples: usize,
     on_bad: OnBad,
 ) -> Result<(f64, Vec<Hypothesis>)> {
     let labels = vocab.encode_all(&mut data, on_bad)?;
-    let mut pair = PrPair::new("eval", itf, vocab.len(), AdamConfig::adamw(1e-3), None, 0)?;
+    let head = TrainConfig::new(task, Vec::new(), PathBuf::new()).head_kind(vocab);
+    let mut pair = Pair::new("eval", itf, head, AdamConfig::adamw(1e-3), None, 0)?;
     checkpoint::load(checkpoint_dir, &mut pair.store, &mut pair.optimizer)?;
     let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
     let mut rate = ErrorRate::default();
     let mut out = Vec::new();
     for b in length_buckets(&samples, batch_samples, None) {
-        let (stack, batch) = stack_of(upstream, &data, &b)?;
+        let (stack, batch) = source.stack(&data, &b)?;
         for (hyp, &i) in pair.decode(&stack, &batch)?.iter().zip(&b) {
             rate.add(hyp, &labels[i]);
             let u = &data.utterances[i];
@@ -261,4 +396,22 @@ pub fn evaluate_checkpoint(
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok((rate.rate(), out))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_line_shows_bar_losses_speed_and_eta() {
+        let l = super::progress_line(
+            5,
+            20,
+            &[("ws".into(), 1.5), ("hconv".into(), 1.25)],
+            1234.4,
+            75.0,
+        );
+        assert_eq!(
+            l,
+            "step 5/20 [#####---------------] loss ws 1.500, hconv 1.250 | 1234 frames/s | ETA 1m15s"
+        );
+    }
 }

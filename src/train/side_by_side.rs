@@ -1,11 +1,16 @@
-//! Several interface + PR-head pairs trained side by side from the SAME hidden-state stack: a sweep
+//! Several interface + head pairs trained side by side from the SAME hidden-state stack: a sweep
 //! (WS vs HConv, kernel sizes, ...) costs one upstream pass per batch. Each pair owns its
 //! parameters and optimizer, so the pairs never interact.
+//!
+//! A pair's head is the SUPERB PR head with CTC (phones / characters) or the utterance classifier
+//! with cross-entropy. An optimizer step may gather several micro-batches first (gradient
+//! accumulation): each micro-batch's mean loss is scaled by 1 / micro-batches, as the usual
+//! PyTorch loop does.
 
-use crate::autograd::{ParamStore, Tape};
+use crate::autograd::{ParamStore, Tape, Var};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
-use crate::models::head::PrHead;
+use crate::models::head::{PrHead, UtteranceClassifier, SUPERB_HIDDEN};
 use crate::models::interface::{self, Interface, InterfaceConfig};
 use crate::ops::ctc::Reduction;
 use crate::optim::{clip_grad_norm, Adam, AdamConfig};
@@ -13,22 +18,36 @@ use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::train::metrics::ctc_greedy_decode;
 
-pub struct PrPair {
+/// What a pair's head predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadKind {
+    /// Frame-level CTC recognition over `vocab` tokens, the blank (index 0) included.
+    Ctc { vocab: usize },
+    /// One of `classes` per utterance.
+    Classify { classes: usize },
+}
+
+pub enum Head {
+    Pr(PrHead),
+    Classifier(UtteranceClassifier),
+}
+
+pub struct Pair {
     pub name: String,
     pub store: ParamStore,
     pub interface: Box<dyn Interface>,
-    pub head: PrHead,
+    pub head: Head,
     pub optimizer: Adam,
     pub clip: Option<f64>,
+    /// Optimizer steps taken.
     pub steps: u64,
 }
 
-impl PrPair {
-    /// `vocab` includes the blank (index 0).
+impl Pair {
     pub fn new(
         name: &str,
         cfg: &InterfaceConfig,
-        vocab: usize,
+        head: HeadKind,
         opt: AdamConfig,
         clip: Option<f64>,
         seed: u64,
@@ -36,16 +55,27 @@ impl PrPair {
         let mut rng = Rng::new(seed);
         let mut store = ParamStore::new();
         let itf = interface::build(cfg, &mut store, "interface.", &mut rng)?;
-        let head = PrHead::new(
-            &mut store,
-            "head.",
-            itf.output_dim(),
-            crate::models::head::SUPERB_HIDDEN,
-            vocab,
-            &mut rng,
-        )?;
+        let d = itf.output_dim();
+        let head = match head {
+            HeadKind::Ctc { vocab } => Head::Pr(PrHead::new(
+                &mut store,
+                "head.",
+                d,
+                SUPERB_HIDDEN,
+                vocab,
+                &mut rng,
+            )?),
+            HeadKind::Classify { classes } => Head::Classifier(UtteranceClassifier::new(
+                &mut store,
+                "head.",
+                d,
+                SUPERB_HIDDEN,
+                classes,
+                &mut rng,
+            )?),
+        };
         let optimizer = Adam::new(opt, &store)?;
-        Ok(PrPair {
+        Ok(Pair {
             name: name.to_string(),
             store,
             interface: itf,
@@ -56,20 +86,47 @@ impl PrPair {
         })
     }
 
-    /// One optimizer step on a packed batch; returns the CTC loss (mean reduction).
-    pub fn train_step(
+    /// Logits: [frames, V] for CTC (log-probabilities), [utterances, C] for classification.
+    fn outputs(&self, tape: &mut Tape, stack: &Tensor, batch: &PackedBatch) -> Result<Var> {
+        let s = tape.constant(stack.clone())?;
+        let feats = self.interface.forward(tape, &self.store, s)?;
+        match &self.head {
+            Head::Pr(h) => {
+                let logits = h.forward(tape, &self.store, feats)?;
+                tape.log_softmax(logits)
+            }
+            Head::Classifier(h) => h.forward(tape, &self.store, feats, batch),
+        }
+    }
+
+    /// Adds the gradients of one micro-batch's mean loss times `scale` to the parameters' gradients
+    /// and returns that (unscaled) loss. `targets`: token ids per utterance (CTC) or one class id
+    /// per utterance.
+    pub fn accumulate(
         &mut self,
         stack: &Tensor,
         batch: &PackedBatch,
         targets: &[Vec<usize>],
+        scale: f32,
     ) -> Result<f32> {
-        self.store.zero_grad();
         let mut tape = Tape::new();
-        let s = tape.constant(stack.clone())?;
-        let feats = self.interface.forward(&mut tape, &self.store, s)?;
-        let logits = self.head.forward(&mut tape, &self.store, feats)?;
-        let lp = tape.log_softmax(logits)?;
-        let loss = tape.ctc_loss(lp, batch, targets, Reduction::Mean, true)?;
+        let out = self.outputs(&mut tape, stack, batch)?;
+        let loss = match &self.head {
+            Head::Pr(_) => tape.ctc_loss(out, batch, targets, Reduction::Mean, true)?,
+            Head::Classifier(_) => {
+                let labels = targets
+                    .iter()
+                    .map(|t| match t.as_slice() {
+                        [c] => Ok(*c),
+                        other => Err(Error::value(
+                            "class label",
+                            format!("a classification target is one class id, got {other:?}"),
+                        )),
+                    })
+                    .collect::<Result<Vec<usize>>>()?;
+                tape.cross_entropy(out, &labels, Reduction::Mean)?
+            }
+        };
         let value = tape.value(loss).item()?;
         if !value.is_finite() {
             return Err(Error::value(
@@ -81,33 +138,68 @@ impl PrPair {
                 ),
             ));
         }
-        tape.backward(loss, &mut self.store)?;
-        drop(tape);
-        if let Some(max_norm) = self.clip {
-            clip_grad_norm(&mut self.store, max_norm)?;
-        }
-        self.optimizer.step(&mut self.store)?;
-        self.steps += 1;
+        let scaled = if scale == 1.0 {
+            loss
+        } else {
+            tape.scale(loss, scale)?
+        };
+        tape.backward(scaled, &mut self.store)?;
         Ok(value)
     }
 
-    /// Greedy CTC hypotheses for each utterance of the batch.
+    /// Clips, takes one optimizer step at learning rate `lr` and clears the gradients.
+    pub fn apply(&mut self, lr: f64) -> Result<()> {
+        if let Some(max_norm) = self.clip {
+            clip_grad_norm(&mut self.store, max_norm)?;
+        }
+        self.optimizer.set_lr(lr);
+        self.optimizer.step(&mut self.store)?;
+        self.store.zero_grad();
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// One optimizer step on one batch at the optimizer's configured learning rate; returns the
+    /// mean loss.
+    pub fn train_step(
+        &mut self,
+        stack: &Tensor,
+        batch: &PackedBatch,
+        targets: &[Vec<usize>],
+    ) -> Result<f32> {
+        self.store.zero_grad();
+        let loss = self.accumulate(stack, batch, targets, 1.0)?;
+        self.apply(self.optimizer.config.lr)?;
+        Ok(loss)
+    }
+
+    /// Greedy CTC hypotheses (token ids) or the predicted class (a one-element list) per utterance.
     pub fn decode(&self, stack: &Tensor, batch: &PackedBatch) -> Result<Vec<Vec<usize>>> {
         let mut tape = Tape::no_grad();
-        let s = tape.constant(stack.clone())?;
-        let feats = self.interface.forward(&mut tape, &self.store, s)?;
-        let logits = self.head.forward(&mut tape, &self.store, feats)?;
-        let lp = tape.log_softmax(logits)?;
-        let (v, data) = (tape.shape(lp)[1], tape.value(lp).to_vec());
-        Ok((0..batch.num_utterances())
-            .map(|u| {
-                ctc_greedy_decode(
-                    &data[batch.offsets()[u] * v..batch.offsets()[u + 1] * v],
-                    v,
-                    0,
-                )
-            })
-            .collect())
+        let out = self.outputs(&mut tape, stack, batch)?;
+        let (v, data) = (tape.shape(out)[1], tape.value(out).to_vec());
+        Ok(match &self.head {
+            Head::Pr(_) => (0..batch.num_utterances())
+                .map(|u| {
+                    ctc_greedy_decode(
+                        &data[batch.offsets()[u] * v..batch.offsets()[u + 1] * v],
+                        v,
+                        0,
+                    )
+                })
+                .collect(),
+            Head::Classifier(_) => data
+                .chunks(v)
+                .map(|row| {
+                    // The first of equal maxima, as torch.argmax.
+                    let best = row
+                        .iter()
+                        .enumerate()
+                        .fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
+                    vec![best]
+                })
+                .collect(),
+        })
     }
 
     /// Trainable scalars of the interface alone.

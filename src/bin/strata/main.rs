@@ -1,0 +1,115 @@
+//! The strata command line: `demo` (the built-in default), `extract`, `train`, `eval`.
+//! Usage text below; each command lives in its own module.
+
+mod demo;
+mod extract;
+mod train;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X]
+       strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] A.wav [B.wav ...]
+       strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad]
+       strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
+       strata eval --model DIR --run OUT --pair NAME --data DATA [--which best|latest] [--hyp FILE]
+                   [--task units|chars|classify] [--normalize auto|on|off] [--skip-bad]
+
+  demo   makes a deterministic speech-like corpus in memory (16 phone-like units with transcripts),
+         runs a tiny random-init HuBERT-shaped upstream (13 states x 64 dims) over it once, trains the
+         weighted-sum (WS) and hierarchical-convolution (HConv) interfaces side by side, each with a
+         SUPERB phone-recognition head (CTC), and prints dev PER, training speed and parameter counts.
+         No downloads, CPU only, about 10 s.
+
+  extract  runs a Hugging Face HuBERT / wav2vec2 / WavLM model directory (config.json +
+         safetensors) on 16 kHz mono WAV files and writes, for each file, a tensor named by the
+         file's stem with shape [frames, layers + 1, hidden] (every hidden state, as transformers'
+         output_hidden_states). With --data, every utterance of a data set goes into a feature cache
+         folder (safetensors shards + index.json) for `train --features`. --normalize auto follows
+         the model directory's preprocessor_config.json (do_normalize), off when it has none.
+
+  train  trains one or several interfaces, each with its head, side by side from ONE upstream pass
+         per batch. DATA is a Kaldi-style folder (wav.scp + text, or utt2label for classify) or a
+         TSV manifest (path<TAB>label). Writes OUT/run.json, OUT/vocab.txt, OUT/log.jsonl (loss per
+         pair per step, dev metric per evaluation), OUT/curves.png and OUT/<pair>/{latest,best}/
+         checkpoints. Options (defaults in brackets):
+           --task units|chars|classify  phones (space-separated) or characters with CTC + PR head,
+                                        or one class per utterance with the utterance classifier [units]
+           --interfaces LIST  ws, hconv, concat, groupws2..4, single, cls, comma-separated [ws,hconv]
+           --steps N [1000]  --lr X [1e-3]  --schedule constant|linear|cosine [constant]  --warmup N [0]
+           --optimizer adamw|adam [adamw]  --weight-decay X [0.01 adamw, 0 adam]  --clip C (0: off) [1]
+           --batch-seconds S  audio per micro-batch [60]   --accum N  micro-batches per step [1]
+           --eval-every N [100]  --seed S [0]  --no-shuffle  --device auto|cpu|cuda [auto]
+           --normalize auto|on|off [auto]  --vocab FILE  --skip-bad (count and skip bad utterances)
+           --features DIR  hidden states from feature caches DIR/<train stem>, DIR/<dev stem>,
+                           extracted first (with --model) when missing
+           --resume  continue bit for bit from OUT/<pair>/latest
+           --save-init FILE  write every pair's initial parameters (<pair>.<parameter>)
+           --init-from FILE  start from such a file instead of a random init
+           --config RUN.toml  the same settings as TOML keys (batch_seconds = 60,
+                              interfaces = [\"ws\", \"hconv\"], resume = true); flags override it
+
+  eval   decodes DATA with a pair trained by `train` (OUT/<pair>/best by default, with
+         OUT/vocab.txt and the task and normalization recorded in OUT/run.json), prints its error
+         rate (PER, CER) or accuracy and writes every utterance's hypothesis to --hyp (default
+         OUT/<pair>/hyp-<which>.tsv: id, hypothesis, reference).";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo::parse_demo(&args[1..])
+            .and_then(|(steps, seed, lr)| demo::demo(steps, seed, lr).map_err(|e| e.to_string())),
+        Some("extract") => extract::extract(&args[1..]),
+        Some("train") => train::train_cmd(&args[1..]),
+        Some("eval") => train::eval_cmd(&args[1..]),
+        Some("--version") | Some("-V") => {
+            println!(
+                "strata {} ({})",
+                env!("CARGO_PKG_VERSION"),
+                strata::GIT_COMMIT
+            );
+            Ok(())
+        }
+        Some("--help") | Some("-h") | Some("help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command '{other}'\n\n{USAGE}")),
+        None => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--normalize auto|on|off` (auto: None).
+pub fn parse_normalize(v: &str) -> Result<Option<bool>, String> {
+    match v {
+        "auto" => Ok(None),
+        "on" => Ok(Some(true)),
+        "off" => Ok(Some(false)),
+        other => Err(format!("--normalize takes auto, on or off, got '{other}'")),
+    }
+}
+
+/// The input normalization for a model directory: `requested`, or its preprocessor_config.json's
+/// do_normalize (off when it has none).
+pub fn model_normalize(dir: &Path, requested: Option<bool>) -> Result<bool, String> {
+    if let Some(n) = requested {
+        return Ok(n);
+    }
+    let p = dir.join("preprocessor_config.json");
+    if !p.exists() {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", p.display()))?;
+    Ok(v.get("do_normalize")
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false))
+}

@@ -1,0 +1,539 @@
+//! `strata train` (flags and/or a TOML config) and `strata eval`.
+
+use super::{model_normalize, parse_normalize, USAGE};
+use std::path::{Path, PathBuf};
+use strata::models::interface::InterfaceConfig;
+use strata::models::upstream::Upstream;
+use strata::optim::{AdamConfig, Schedule};
+use strata::train::data::{Dataset, OnBad, Task, Vocab};
+use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
+use strata::train::run::TrainConfig;
+
+pub fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceConfig, String> {
+    use strata::models::interface::{ClsActivation, InterfaceKind};
+    let kind = match name {
+        "ws" => InterfaceKind::WeightedSum,
+        "hconv" => InterfaceKind::HConv { kernel: 5, stride: 3 },
+        "concat" => InterfaceKind::ConcatProj { out_dim: dim },
+        "groupws2" | "groupws3" | "groupws4" => InterfaceKind::GroupWs { groups: name[7..].parse().unwrap_or(2), out_dim: dim },
+        "single" => InterfaceKind::SingleLayer { layer: -1 },
+        "cls" => InterfaceKind::ClsPool { heads: if dim % 8 == 0 { 8 } else { 1 }, ffn_dim: 4 * dim, activation: ClsActivation::Gelu },
+        other => return Err(format!("unknown interface '{other}': use ws, hconv, concat, groupws2, groupws3, groupws4, single or cls")),
+    };
+    Ok(InterfaceConfig::new(layers, dim, kind))
+}
+
+fn load_data(path: &Path, task: Task, on_bad: OnBad) -> Result<Dataset, String> {
+    let ds = if path.is_dir() {
+        strata::train::data::load_kaldi_dir(path, task, on_bad)
+    } else {
+        strata::train::data::load_tsv(path, task, on_bad)
+    }
+    .map_err(|e| e.to_string())?;
+    if !ds.skipped.is_empty() {
+        eprintln!(
+            "{}: skipped {} bad utterances (first: {} - {})",
+            path.display(),
+            ds.skipped.len(),
+            ds.skipped[0].0,
+            ds.skipped[0].1
+        );
+    }
+    Ok(ds)
+}
+
+pub fn parse_task(v: &str) -> Result<Task, String> {
+    match v {
+        "units" => Ok(Task::Units),
+        "chars" => Ok(Task::Characters),
+        "classify" => Ok(Task::Classification),
+        other => Err(format!(
+            "--task takes units, chars or classify, got '{other}'"
+        )),
+    }
+}
+
+fn task_name(t: Task) -> &'static str {
+    match t {
+        Task::Units => "units",
+        Task::Characters => "chars",
+        Task::Classification => "classify",
+    }
+}
+
+/// Every `strata train` setting, with its default.
+struct TrainArgs {
+    model: Option<PathBuf>,
+    features: Option<PathBuf>,
+    train: Option<PathBuf>,
+    dev: Option<PathBuf>,
+    out: Option<PathBuf>,
+    vocab: Option<PathBuf>,
+    task: Task,
+    interfaces: String,
+    steps: u64,
+    lr: f64,
+    schedule: String,
+    warmup: u64,
+    optimizer: String,
+    weight_decay: Option<f64>,
+    batch_seconds: f64,
+    accum: usize,
+    clip: f64,
+    eval_every: u64,
+    seed: u64,
+    device: String,
+    normalize: Option<bool>,
+    resume: bool,
+    shuffle: bool,
+    on_bad: OnBad,
+    save_init: Option<PathBuf>,
+    init_from: Option<PathBuf>,
+}
+
+/// Flags that take no value (TOML: `key = true`; `shuffle = false` is `--no-shuffle`).
+const SWITCHES: [&str; 3] = ["--resume", "--no-shuffle", "--skip-bad"];
+const VALUED: [&str; 24] = [
+    "--model",
+    "--features",
+    "--train",
+    "--dev",
+    "--out",
+    "--vocab",
+    "--task",
+    "--interfaces",
+    "--steps",
+    "--lr",
+    "--schedule",
+    "--warmup",
+    "--optimizer",
+    "--weight-decay",
+    "--batch-seconds",
+    "--accum",
+    "--clip",
+    "--eval-every",
+    "--seed",
+    "--device",
+    "--normalize",
+    "--save-init",
+    "--init-from",
+    "--config",
+];
+
+/// A TOML config as the equivalent flags. Keys are the flag names without the dashes ('_' or '-'),
+/// e.g. `batch_seconds = 60`, `interfaces = ["ws", "hconv"]`, `resume = true`.
+fn config_flags(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read the config: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("{}: not valid TOML: {e}", path.display()))?;
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let bad = |what: &str| format!("{}: '{key}' {what}", path.display());
+        if flag == "--config" {
+            return Err(bad("cannot name another config"));
+        }
+        match value {
+            toml::Value::Boolean(b) if flag == "--shuffle" => {
+                if !b {
+                    flags.push("--no-shuffle".to_string());
+                }
+            }
+            toml::Value::Boolean(b) if SWITCHES.contains(&flag.as_str()) => {
+                if b {
+                    flags.push(flag);
+                }
+            }
+            _ if !VALUED.contains(&flag.as_str()) => {
+                return Err(bad("is not a train setting (see strata --help)"))
+            }
+            toml::Value::String(s) => flags.extend([flag, s]),
+            toml::Value::Integer(i) => flags.extend([flag, i.to_string()]),
+            toml::Value::Float(f) => flags.extend([flag, f.to_string()]),
+            toml::Value::Array(a) => {
+                let items = a
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("must be a list of strings"))?;
+                flags.extend([flag, items.join(",")]);
+            }
+            _ => return Err(bad("must be a string, number, boolean or list of strings")),
+        }
+    }
+    Ok(flags)
+}
+
+fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
+    // A config's settings come first, so flags given on the command line override them.
+    let mut all = Vec::new();
+    if let Some(i) = args.iter().position(|a| a == "--config") {
+        let file = args
+            .get(i + 1)
+            .ok_or_else(|| "--config needs a value".to_string())?;
+        all = config_flags(Path::new(file))?;
+    }
+    all.extend(args.iter().cloned());
+    let mut t = TrainArgs {
+        model: None,
+        features: None,
+        train: None,
+        dev: None,
+        out: None,
+        vocab: None,
+        task: Task::Units,
+        interfaces: "ws,hconv".into(),
+        steps: 1000,
+        lr: 1e-3,
+        schedule: "constant".into(),
+        warmup: 0,
+        optimizer: "adamw".into(),
+        weight_decay: None,
+        batch_seconds: 60.0,
+        accum: 1,
+        clip: 1.0,
+        eval_every: 100,
+        seed: 0,
+        device: "auto".into(),
+        normalize: None,
+        resume: false,
+        shuffle: true,
+        on_bad: OnBad::Fail,
+        save_init: None,
+        init_from: None,
+    };
+    let mut it = all.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        fn num<T: std::str::FromStr>(v: String, flag: &str) -> Result<T, String> {
+            v.parse::<T>()
+                .map_err(|_| format!("{flag} takes a non-negative number, got '{v}'"))
+        }
+        match a.as_str() {
+            "--config" => {
+                value()?;
+            }
+            "--model" => t.model = Some(PathBuf::from(value()?)),
+            "--features" => t.features = Some(PathBuf::from(value()?)),
+            "--train" => t.train = Some(PathBuf::from(value()?)),
+            "--dev" => t.dev = Some(PathBuf::from(value()?)),
+            "--out" => t.out = Some(PathBuf::from(value()?)),
+            "--vocab" => t.vocab = Some(PathBuf::from(value()?)),
+            "--task" => t.task = parse_task(&value()?)?,
+            "--interfaces" => t.interfaces = value()?,
+            "--steps" => t.steps = num(value()?, a)?,
+            "--lr" => t.lr = num(value()?, a)?,
+            "--schedule" => t.schedule = value()?,
+            "--warmup" => t.warmup = num(value()?, a)?,
+            "--optimizer" => t.optimizer = value()?,
+            "--weight-decay" => t.weight_decay = Some(num(value()?, a)?),
+            "--batch-seconds" => t.batch_seconds = num(value()?, a)?,
+            "--accum" => t.accum = num(value()?, a)?,
+            "--clip" => t.clip = num(value()?, a)?,
+            "--eval-every" => t.eval_every = num(value()?, a)?,
+            "--seed" => t.seed = num(value()?, a)?,
+            "--device" => t.device = value()?,
+            "--normalize" => t.normalize = parse_normalize(&value()?)?,
+            "--save-init" => t.save_init = Some(PathBuf::from(value()?)),
+            "--init-from" => t.init_from = Some(PathBuf::from(value()?)),
+            "--resume" => t.resume = true,
+            "--no-shuffle" => t.shuffle = false,
+            "--skip-bad" => t.on_bad = OnBad::Skip,
+            other => return Err(format!("unknown option '{other}' for train\n\n{USAGE}")),
+        }
+    }
+    let positive = t.batch_seconds.is_finite()
+        && t.batch_seconds > 0.0
+        && t.lr.is_finite()
+        && t.lr > 0.0
+        && t.steps > 0
+        && t.accum > 0
+        && t.clip.is_finite()
+        && t.clip >= 0.0;
+    if !positive {
+        return Err(
+            "--batch-seconds, --lr, --steps and --accum must be positive (and --clip >= 0)".into(),
+        );
+    }
+    Ok(t)
+}
+
+/// The feature cache of data set `data` under `root` (named by the data folder's / manifest's
+/// stem), built first when missing. Its upstream must be `upstream` when one is loaded.
+fn cache_for(
+    root: &Path,
+    data: &Path,
+    ds: &Dataset,
+    upstream: Option<&Upstream>,
+    normalize: bool,
+) -> Result<FeatureCache, String> {
+    let stem = data.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
+        format!(
+            "{}: cannot name a feature cache after this path",
+            data.display()
+        )
+    })?;
+    let dir = root.join(stem);
+    if !FeatureCache::exists(&dir) {
+        let up = upstream.ok_or_else(|| {
+            format!(
+                "{} holds no feature cache for {}: give --model to extract it first",
+                dir.display(),
+                data.display()
+            )
+        })?;
+        super::extract::extract_cache(up, ds, &dir, strata::DType::F32, normalize)?;
+    }
+    let cache = FeatureCache::open(&dir).map_err(|e| e.to_string())?;
+    if let Some(up) = upstream {
+        if cache.upstream != upstream_fingerprint(up) || cache.normalize != normalize {
+            return Err(format!(
+                "{} was extracted by another upstream or input normalization than --model: delete it (or point --features elsewhere) to extract again",
+                dir.display()
+            ));
+        }
+    }
+    cache.covers(ds).map_err(|e| e.to_string())?;
+    Ok(cache)
+}
+
+pub fn train_cmd(args: &[String]) -> Result<(), String> {
+    let t = parse_train(args)?;
+    let need = |v: &Option<PathBuf>, flag: &str| {
+        v.clone()
+            .ok_or_else(|| format!("train needs {flag}\n\n{USAGE}"))
+    };
+    let (train_p, dev_p, out) = (
+        need(&t.train, "--train DATA")?,
+        need(&t.dev, "--dev DATA")?,
+        need(&t.out, "--out DIR")?,
+    );
+    if t.model.is_none() && t.features.is_none() {
+        return Err(format!(
+            "train needs --model DIR (or --features DIR with extracted features)\n\n{USAGE}"
+        ));
+    }
+    match strata::runtime::resolve(&t.device)? {
+        strata::Device::Cpu => {}
+        strata::Device::Cuda(_) if t.device == "cuda" => {
+            return Err("--device cuda: the training step has no CUDA path yet (the GPU kernels for heads and losses are still being built); use --device cpu or auto".into())
+        }
+        strata::Device::Cuda(_) => eprintln!(
+            "note: a CUDA device is present, but the training step still runs on the CPU (its GPU path is not built yet)"
+        ),
+    }
+    let upstream = match &t.model {
+        Some(m) => Some(Upstream::load(m).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let normalize = match &t.model {
+        Some(m) => model_normalize(m, t.normalize)?,
+        None => t.normalize.unwrap_or(false),
+    };
+    let train = load_data(&train_p, t.task, t.on_bad)?;
+    let dev = load_data(&dev_p, t.task, t.on_bad)?;
+    let ctc = t.task != Task::Classification;
+    let vocab = match &t.vocab {
+        Some(p) => Vocab::from_file(p, ctc).map_err(|e| e.to_string())?,
+        None => Vocab::from_dataset(&train, ctc),
+    };
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let caches = match &t.features {
+        Some(root) => Some((
+            cache_for(root, &train_p, &train, upstream.as_ref(), normalize)?,
+            cache_for(root, &dev_p, &dev, upstream.as_ref(), normalize)?,
+        )),
+        None => None,
+    };
+    let (train_src, dev_src) = match (&caches, &upstream) {
+        (Some((a, b)), _) => (StackSource::Cache(a), StackSource::Cache(b)),
+        (None, Some(u)) => (
+            StackSource::Upstream(u, normalize),
+            StackSource::Upstream(u, normalize),
+        ),
+        (None, None) => unreachable!("checked above: --model or --features"),
+    };
+    let (layers, dim) = (train_src.num_states(), train_src.hidden_size());
+    let interfaces = t
+        .interfaces
+        .split(',')
+        .map(|n| interface_named(n.trim(), layers, dim).map(|c| (n.trim().to_string(), c)))
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut optimizer = match t.optimizer.as_str() {
+        "adamw" => AdamConfig::adamw(t.lr),
+        "adam" => AdamConfig::adam(t.lr),
+        other => return Err(format!("--optimizer takes adamw or adam, got '{other}'")),
+    };
+    if let Some(wd) = t.weight_decay {
+        optimizer.weight_decay = wd;
+    }
+    let schedule =
+        Schedule::parse(&t.schedule, t.lr, t.warmup, t.steps).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("vocab.txt"), vocab.tokens.join("\n") + "\n")
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    let run = serde_json::json!({
+        "task": task_name(t.task),
+        "interfaces": interfaces.iter().map(|i| i.0.clone()).collect::<Vec<_>>(),
+        "model": t.model.as_ref().map(|m| m.display().to_string()),
+        "normalize": normalize,
+        "layers": layers,
+        "dim": dim,
+        "steps": t.steps, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup,
+        "optimizer": t.optimizer, "weight_decay": optimizer.weight_decay,
+        "batch_seconds": t.batch_seconds, "accum": t.accum, "clip": t.clip, "seed": t.seed,
+        "shuffle": t.shuffle, "commit": strata::GIT_COMMIT,
+    });
+    std::fs::write(
+        out.join("run.json"),
+        serde_json::to_string_pretty(&run).expect("json"),
+    )
+    .map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!(
+        "{} states x {dim} ({}); {} train / {} dev utterances; {} {}; pairs: {}",
+        layers,
+        match (&t.features, &t.model) {
+            (Some(f), _) => format!("features in {}", f.display()),
+            (None, Some(m)) => m.display().to_string(),
+            _ => String::new(),
+        },
+        train.utterances.len(),
+        dev.utterances.len(),
+        vocab.len(),
+        if ctc { "tokens" } else { "classes" },
+        t.interfaces
+    );
+    let mut cfg = TrainConfig::new(t.task, interfaces, out.clone());
+    cfg.optimizer = optimizer;
+    cfg.schedule = schedule;
+    cfg.clip = (t.clip > 0.0).then_some(t.clip);
+    cfg.steps = t.steps;
+    cfg.batch_samples = (t.batch_seconds * 16000.0) as usize;
+    cfg.accum = t.accum;
+    cfg.eval_every = t.eval_every;
+    cfg.seed = t.seed;
+    cfg.shuffle = t.shuffle;
+    cfg.resume = t.resume;
+    cfg.on_bad = t.on_bad;
+    cfg.save_init = t.save_init.clone();
+    cfg.init_from = t.init_from.clone();
+    cfg.progress = true;
+    let results = strata::train::run::train(&train_src, &dev_src, train, dev, &vocab, &cfg)
+        .map_err(|e| e.to_string())?;
+    let metric = if ctc { "dev error" } else { "dev accuracy" };
+    println!("{:<10} {:>8} {:>12}", "interface", "step", metric);
+    for r in results {
+        let v = if ctc {
+            r.error_rate
+        } else {
+            1.0 - r.error_rate
+        };
+        println!("{:<10} {:>8} {:>11.2}%", r.name, r.step, 100.0 * v);
+    }
+    println!(
+        "log: {}; curves: {}",
+        out.join("log.jsonl").display(),
+        out.join("curves.png").display()
+    );
+    Ok(())
+}
+
+pub fn eval_cmd(args: &[String]) -> Result<(), String> {
+    let (mut model, mut run, mut pair, mut data, mut hyp) = (None, None, None, None, None);
+    let (mut task, mut which, mut on_bad, mut normalize) =
+        (None, "best".to_string(), OnBad::Fail, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--run" => run = Some(PathBuf::from(value()?)),
+            "--pair" => pair = Some(value()?),
+            "--data" => data = Some(PathBuf::from(value()?)),
+            "--hyp" => hyp = Some(PathBuf::from(value()?)),
+            "--which" => {
+                which = value()?;
+                if which != "best" && which != "latest" {
+                    return Err(format!("--which takes best or latest, got '{which}'"));
+                }
+            }
+            "--task" => task = Some(parse_task(&value()?)?),
+            "--normalize" => normalize = parse_normalize(&value()?)?,
+            "--skip-bad" => on_bad = OnBad::Skip,
+            other => return Err(format!("unknown option '{other}' for eval\n\n{USAGE}")),
+        }
+    }
+    let need =
+        |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| format!("eval needs {flag}\n\n{USAGE}"));
+    let (model, run, data) = (
+        need(model, "--model DIR")?,
+        need(run, "--run OUT")?,
+        need(data, "--data DATA")?,
+    );
+    let pair = pair.ok_or_else(|| {
+        format!(
+            "eval needs --pair NAME (an interface trained in {})",
+            run.display()
+        )
+    })?;
+    // The run's own settings, where it recorded them.
+    let recorded: serde_json::Value = std::fs::read_to_string(run.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let task = match (task, recorded["task"].as_str()) {
+        (Some(t), _) => t,
+        (None, Some(t)) => parse_task(t)?,
+        (None, None) => Task::Units,
+    };
+    let normalize = match (normalize, recorded["normalize"].as_bool()) {
+        (Some(n), _) => n,
+        (None, Some(n)) => n,
+        (None, None) => model_normalize(&model, None)?,
+    };
+    let upstream = Upstream::load(&model).map_err(|e| e.to_string())?;
+    let ctc = task != Task::Classification;
+    let vocab = Vocab::from_file(&run.join("vocab.txt"), ctc).map_err(|e| e.to_string())?;
+    let itf = interface_named(&pair, upstream.num_states(), upstream.hidden_size())?;
+    let ds = load_data(&data, task, on_bad)?;
+    let ckpt = run.join(&pair).join(&which);
+    let (rate, hyps) = strata::train::run::evaluate_checkpoint(
+        &StackSource::Upstream(&upstream, normalize),
+        &ckpt,
+        &itf,
+        task,
+        &vocab,
+        ds,
+        60 * 16000,
+        on_bad,
+    )
+    .map_err(|e| e.to_string())?;
+    let hyp = hyp.unwrap_or_else(|| run.join(&pair).join(format!("hyp-{which}.tsv")));
+    let text: String = hyps
+        .iter()
+        .map(|h| format!("{}\t{}\t{}\n", h.id, h.hyp.join(" "), h.reference.join(" ")))
+        .collect();
+    std::fs::write(&hyp, text).map_err(|e| format!("{}: {e}", hyp.display()))?;
+    let (metric, value) = match task {
+        Task::Characters => ("CER", rate),
+        Task::Units => ("PER", rate),
+        Task::Classification => ("accuracy", 1.0 - rate),
+    };
+    println!(
+        "{pair} ({which}) on {}: {metric} {:.2}% over {} utterances; hypotheses in {}",
+        data.display(),
+        100.0 * value,
+        hyps.len(),
+        hyp.display()
+    );
+    Ok(())
+}
