@@ -1,15 +1,33 @@
-//! The README's library example, compiled and run: an HConv interface + PR head trained with CTC
-//! and AdamW on a (here random) hidden-state stack. `cargo run --release --example library`
+//! The README's library example, compiled and run: an upstream (a Hugging Face model directory
+//! given as the first argument, or a tiny random-init one) runs on audio to the stack of every
+//! hidden state; an HConv interface + PR head is trained on it with CTC and AdamW.
+//! `cargo run --release --example library [MODEL_DIR]`
 
+use strata::models::upstream::{Upstream, UpstreamConfig};
 use strata::models::{
     head::PrHead,
     interface::{self, InterfaceConfig},
 };
 use strata::optim::{clip_grad_norm, Adam, AdamConfig};
-use strata::{rng::Rng, PackedBatch, ParamStore, Reduction, Tape, Tensor};
+use strata::{rng::Rng, ParamStore, Reduction, Tape};
 
 fn main() -> strata::Result<()> {
-    let (l, d, vocab) = (13, 768, 42);
+    let upstream = match std::env::args().nth(1) {
+        Some(dir) => Upstream::load(std::path::Path::new(&dir))?,
+        None => Upstream::random(UpstreamConfig::tiny(), 0)?,
+    };
+    // Two utterances of 16 kHz mono audio (from strata::audio::read_wav in real use).
+    let a: Vec<f32> = (0..24000).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
+    let b: Vec<f32> = (0..16000).map(|i| (i as f32 * 0.11).sin() * 0.3).collect();
+    // The frozen upstream's every hidden state, packed frame-major: [frames, L, D].
+    let (stack, batch) = upstream.forward(&[&a, &b], &["a", "b"])?;
+    let (l, d, vocab) = (upstream.num_states(), upstream.hidden_size(), 42);
+    println!(
+        "stack {:?}, utterance offsets {:?}",
+        stack.shape(),
+        batch.offsets()
+    );
+
     let mut rng = Rng::new(0);
     let mut store = ParamStore::new();
     let hconv = interface::build(
@@ -27,14 +45,7 @@ fn main() -> strata::Result<()> {
         &mut rng,
     )?;
     let mut opt = Adam::new(AdamConfig::adamw(1e-3), &store)?;
-
-    // One packed batch: utterances of 120 and 95 frames -> a frame-major stack [215, 13, 768].
-    let batch = PackedBatch::from_lengths(&[120, 95])?;
-    let stack = Tensor::from_vec(
-        (0..215 * l * d).map(|_| rng.normal()).collect(),
-        &[215, l, d],
-    )?;
-    let targets: Vec<Vec<usize>> = vec![(1..30).collect(), (5..25).collect()]; // 0 is the CTC blank
+    let targets: Vec<Vec<usize>> = vec![(1..20).collect(), (5..15).collect()]; // 0 is the CTC blank
 
     for step in 0..3 {
         store.zero_grad();
@@ -50,5 +61,6 @@ fn main() -> strata::Result<()> {
         clip_grad_norm(&mut store, 1.0)?;
         opt.step(&mut store)?;
     }
+    store.save_safetensors(&std::env::temp_dir().join("strata-library-example.safetensors"))?;
     Ok(())
 }
