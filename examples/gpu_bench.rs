@@ -8,7 +8,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use strata::ops::device::{self, LayerSumShape};
 use strata::optim::AdamConfig;
-use strata::runtime::Backend;
+use strata::runtime::{Backend, Buf};
 
 fn time_ms(be: &Backend, flush: &mut CudaSlice<f32>, mut f: impl FnMut()) -> f64 {
     let Backend::Cuda(rt) = be else {
@@ -122,6 +122,69 @@ fn main() {
         println!(
             "{{\"name\": \"hconv_{name}_fwd\", \"ms\": {t:.4}, \"flops\": {}}}",
             2 * macs * n
+        );
+        // Forward + backward for a frozen upstream: every conv's dW and db, dx for all but the
+        // first conv. FLOPs: forward + dW (each as many as the forward) + those dx.
+        let grads: Vec<(Buf<f32>, Buf<f32>)> = plan
+            .convs
+            .iter()
+            .map(|g| {
+                (
+                    be.zeros::<f32>(g.c_out * g.c_in * g.kernel).unwrap(),
+                    be.zeros::<f32>(g.c_out).unwrap(),
+                )
+            })
+            .collect();
+        let dout = be
+            .upload(&vec![bf16::from_f32(0.01); n * plan.output_dim()])
+            .unwrap();
+        let dx_macs: usize = plan
+            .convs
+            .iter()
+            .skip(1)
+            .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
+            .sum();
+        let t = time_ms(&be, &mut flush, || {
+            let mut acts = Vec::new();
+            for (i, g) in plan.convs.iter().enumerate() {
+                let input = if i == 0 { &x } else { &acts[i - 1] };
+                let h = device::hconv_conv_forward(
+                    &be,
+                    input,
+                    n,
+                    g,
+                    &layers[i].0,
+                    &layers[i].1,
+                    i + 1 == plan.convs.len(),
+                )
+                .unwrap();
+                acts.push(h);
+            }
+            let mut dy: Option<Buf<bf16>> = None;
+            for (i, g) in plan.convs.iter().enumerate().rev() {
+                let saved = device::HConvSaved {
+                    x: if i == 0 { &x } else { &acts[i - 1] },
+                    y: &acts[i],
+                    w: &layers[i].0,
+                    flatten: i + 1 == plan.convs.len(),
+                };
+                let d = dy.as_ref().unwrap_or(&dout);
+                let next = device::hconv_conv_backward(
+                    &be,
+                    &saved,
+                    n,
+                    g,
+                    d,
+                    (&grads[i].0, &grads[i].1),
+                    i > 0,
+                )
+                .unwrap();
+                dy = next;
+            }
+        });
+        println!(
+            "{{\"name\": \"hconv_{name}_fwd_bwd\", \"ms\": {t:.4}, \"flops\": {}}}",
+            2 * (2 * macs + dx_macs) * n
         );
     }
     for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {

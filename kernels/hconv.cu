@@ -1,5 +1,6 @@
-// strata/kernels/hconv.cu: HConv's convolution over the layer axis as an implicit GEMM on tensor
-// cores (forward). CPU reference: src/ops/layer_conv.rs (+ ReLU, + the channel-major flatten).
+// strata/kernels/hconv.cu: HConv's convolution over the layer axis as implicit GEMMs on tensor
+// cores: forward (bias + ReLU + flatten fused) and backward (input gradient; weight and bias
+// gradients). CPU reference: src/ops/layer_conv.rs (+ ReLU, + the channel-major flatten).
 //
 //   y[r, co] = relu(bias[co] + sum_kk A[r, kk] * W[co, kk]),  r = (frame f, output position lo),
 //   kk = (tap kw, channel ci), A[r, kk] = x[f, lo*stride - pad + kw, ci] (0 outside the layers).
@@ -26,6 +27,27 @@ struct HConvFwdParams {
 #define HC_TN 64
 #define HC_TK 32
 #define HC_PAD 8  // bf16 of padding per shared-memory row (bank spread)
+
+// One staged K step of a 64 x 64 block tile: warp w owns rows 16w..16w+15 and all 64 columns
+// (8 mma n-tiles). as[m][k] holds A (row-major), bs[n][k] holds B transposed.
+__device__ __forceinline__ void hc_tile_mma(const bf16 (*as)[HC_TK + HC_PAD], const bf16 (*bs)[HC_TK + HC_PAD],
+                                            float (*acc)[4], int warp, int g, int t) {
+    for (int ks = 0; ks < HC_TK; ks += 16) {
+        uint32_t a[4];
+        for (int r = 0; r < 4; ++r) {
+            const bf16* q = &as[warp * 16 + g + 8 * (r % 2)][ks + 2 * t + 8 * (r / 2)];
+            a[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
+        }
+        for (int j = 0; j < 8; ++j) {
+            uint32_t b[2];
+            for (int r = 0; r < 2; ++r) {
+                const bf16* q = &bs[8 * j + g][ks + 2 * t + 8 * r];
+                b[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
+            }
+            mma_m16n8k16_bf16(acc[j], a, b, acc[j]);
+        }
+    }
+}
 
 extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
     __shared__ bf16 as[HC_TM][HC_TK + HC_PAD];
@@ -59,21 +81,7 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
             bs[i][kk] = (co < p.c_out && k < K) ? p.w[(int64_t)co * K + k] : zero;
         }
         __syncthreads();
-        for (int ks = 0; ks < HC_TK; ks += 16) {
-            uint32_t a[4];
-            for (int r = 0; r < 4; ++r) {
-                const bf16* q = &as[warp * 16 + g + 8 * (r % 2)][ks + 2 * t + 8 * (r / 2)];
-                a[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
-            }
-            for (int j = 0; j < 8; ++j) {
-                uint32_t b[2];
-                for (int r = 0; r < 2; ++r) {
-                    const bf16* q = &bs[8 * j + g][ks + 2 * t + 8 * r];
-                    b[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
-                }
-                mma_m16n8k16_bf16(acc[j], a, b, acc[j]);
-            }
-        }
+        hc_tile_mma(as, bs, acc, warp, g, t);
         __syncthreads();
     }
     // Epilogue: bias + ReLU, bf16, plain or channel-major flattened layout.
@@ -91,3 +99,131 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
     }
 }
 STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
+
+// ---------------------------------------------------------------------------------------------
+// Backward. dy is the gradient of the conv's (post-ReLU) output y, in y's layout; the ReLU is
+// folded in as dpre = y > 0 ? dy : 0 (PyTorch's threshold_backward). Both kernels take one struct.
+//
+//   dx[f, li, ci]  = sum_{kw, co} dpre[f, lo, co] * W[co, kw, ci],  lo = (li + pad - kw) / stride
+//                    where that division is exact and 0 <= lo < l_out:  rows (f, li), cols ci,
+//                    K = (kw, co), an implicit GEMM with the gather in A.
+//   dw[co, kw, ci] += sum_{f, lo} dpre[f, lo, co] * x[f, lo*stride - pad + kw, ci]:  rows co,
+//                    cols (kw, ci), K = every (frame, output position). Each block owns its dw tile
+//                    and runs the whole reduction itself: deterministic, no atomics.
+//   db[co]        += sum_{f, lo} dpre[f, lo, co], summed in order by the blocks of the first
+//                    column tile from the dpre tiles they stage anyway.
+struct HConvBwdParams {
+    const bf16* x;
+    const bf16* w;
+    const bf16* y;
+    const bf16* dy;
+    bf16* dx;
+    float* dw;
+    float* db;
+    int n, l_in, c_in, c_out, kernel, stride, pad, l_out, flatten;
+};
+
+__device__ __forceinline__ bf16 hc_dpre(const HConvBwdParams& p, int64_t f, int lo, int co) {
+    const int64_t at = p.flatten ? (f * p.c_out + co) * p.l_out + lo : (f * p.l_out + lo) * p.c_out + co;
+    bf16 v = p.dy[at];
+    const uint32_t yb = p.y[at].bits;
+    if (yb == 0 || yb > 0x7f80u) v.bits = 0;  // keep only y > 0: not +0, negative or NaN
+    return v;
+}
+
+extern "C" __global__ void hconv_conv_backward_data(const HConvBwdParams p) {
+    __shared__ bf16 as[HC_TM][HC_TK + HC_PAD];
+    __shared__ bf16 bs[HC_TN][HC_TK + HC_PAD];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t rows = (int64_t)p.n * p.l_in;
+    const int64_t row0 = (int64_t)blockIdx.y * HC_TM;
+    const int col0 = blockIdx.x * HC_TN;
+    const int K = p.kernel * p.c_out, KW = p.kernel * p.c_in;
+    float acc[8][4];
+    for (int j = 0; j < 8; ++j)
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+    bf16 zero;
+    zero.bits = 0;
+    for (int k0 = 0; k0 < K; k0 += HC_TK) {
+        for (int e = threadIdx.x; e < HC_TM * HC_TK; e += blockDim.x) {
+            const int i = e / HC_TK, kk = e % HC_TK;
+            const int k = k0 + kk;
+            const int kw = k / p.c_out, co = k % p.c_out;
+            const int64_t r = row0 + i;
+            bf16 v = zero;
+            if (r < rows && k < K) {
+                const int64_t f = r / p.l_in;
+                const int li = (int)(r % p.l_in);
+                const int num = li + p.pad - kw;
+                if (num >= 0 && num % p.stride == 0 && num / p.stride < p.l_out) v = hc_dpre(p, f, num / p.stride, co);
+            }
+            as[i][kk] = v;
+            const int ci = col0 + i;
+            bs[i][kk] = (ci < p.c_in && k < K) ? p.w[(int64_t)co * KW + kw * p.c_in + ci] : zero;
+        }
+        __syncthreads();
+        hc_tile_mma(as, bs, acc, warp, g, t);
+        __syncthreads();
+    }
+    for (int j = 0; j < 8; ++j) {
+        for (int r = 0; r < 4; ++r) {
+            const int64_t row = row0 + warp * 16 + g + 8 * (r / 2);
+            const int ci = col0 + 8 * j + 2 * t + (r % 2);
+            if (row < rows && ci < p.c_in) p.dx[row * p.c_in + ci] = float_to_bf16(acc[j][r]);
+        }
+    }
+}
+STRATA_EMU_ENTRY(hconv_conv_backward_data, HConvBwdParams)
+
+extern "C" __global__ void hconv_conv_backward_weight(const HConvBwdParams p) {
+    __shared__ bf16 as[HC_TM][HC_TK + HC_PAD];
+    __shared__ bf16 bs[HC_TN][HC_TK + HC_PAD];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t R = (int64_t)p.n * p.l_out;
+    const int co0 = blockIdx.y * HC_TM;
+    const int col0 = blockIdx.x * HC_TN;
+    const int K = p.kernel * p.c_in;
+    const bool bias_block = blockIdx.x == 0;
+    float acc[8][4];
+    for (int j = 0; j < 8; ++j)
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+    float bias_acc = 0.0f;  // thread i < 64 owns db[co0 + i] in bias blocks
+    bf16 zero;
+    zero.bits = 0;
+    for (int64_t r0 = 0; r0 < R; r0 += HC_TK) {
+        for (int e = threadIdx.x; e < HC_TM * HC_TK; e += blockDim.x) {
+            const int i = e / HC_TK, kk = e % HC_TK;
+            const int64_t r = r0 + kk;
+            const int co = co0 + i;
+            bf16 a = zero, b = zero;
+            if (r < R) {
+                const int64_t f = r / p.l_out;
+                const int lo = (int)(r % p.l_out);
+                if (co < p.c_out) a = hc_dpre(p, f, lo, co);
+                const int k = col0 + i;
+                if (k < K) {
+                    const int kw = k / p.c_in, ci = k % p.c_in;
+                    const int li = lo * p.stride - p.pad + kw;
+                    if (li >= 0 && li < p.l_in) b = p.x[(f * p.l_in + li) * p.c_in + ci];
+                }
+            }
+            as[i][kk] = a;
+            bs[i][kk] = b;
+        }
+        __syncthreads();
+        if (bias_block && threadIdx.x < HC_TM) {
+            for (int kk = 0; kk < HC_TK; ++kk) bias_acc += bf16_to_float(as[threadIdx.x][kk]);
+        }
+        hc_tile_mma(as, bs, acc, warp, g, t);
+        __syncthreads();
+    }
+    for (int j = 0; j < 8; ++j) {
+        for (int r = 0; r < 4; ++r) {
+            const int co = co0 + warp * 16 + g + 8 * (r / 2);
+            const int k = col0 + 8 * j + 2 * t + (r % 2);
+            if (co < p.c_out && k < K) p.dw[(int64_t)co * K + k] += acc[j][r];
+        }
+    }
+    if (bias_block && threadIdx.x < HC_TM && co0 + (int)threadIdx.x < p.c_out) p.db[co0 + threadIdx.x] += bias_acc;
+}
+STRATA_EMU_ENTRY(hconv_conv_backward_weight, HConvBwdParams)

@@ -527,3 +527,195 @@ fn naive_bf16_conv(
     }
     y
 }
+
+/// HConv backward on tensor cores, conv by conv down the stack (each conv's dy is the device's dx
+/// of the conv above, the last conv's is random), against references computed from the very bf16
+/// tensors the kernels read: the CPU engine's fp32 conv backward, and a naive bf16 one. dW and db
+/// accumulate in fp32 from exact bf16 products, so they must match the fp32 reference to 1e-4 of
+/// scale; dx (stored bf16) within one bf16 rounding; all three also by the flash-attention rule.
+/// Running the weight kernel twice accumulates exactly twice (deterministic, no atomics).
+#[test]
+fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
+    use strata::models::interface::hconv_plan;
+    for be in backends() {
+        let gpu = matches!(be, Backend::Cuda(_));
+        let mut cases = vec![
+            (3usize, 13usize, 768usize, 5usize, 3usize),
+            (1, 13, 100, 5, 3),
+            (4, 7, 100, 5, 3),
+            (2, 25, 1024, 5, 3),
+            (3, 7, 40, 3, 2),
+            (2000, 4, 24, 3, 2),
+        ];
+        // On the GPU, thousands of frames at real sizes (the CPU references bound how many).
+        if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
+            cases.extend([(4000, 13, 768, 5, 3), (2000, 25, 1024, 5, 3)]);
+        }
+        for (n, l, d, kernel, stride) in cases {
+            let tag = format!("{} n={n} L={l} D={d} k={kernel} s={stride}", be.name());
+            let plan = hconv_plan(l, d, kernel, stride).unwrap();
+            // The naive bf16 reference is a scalar loop: only where it takes seconds at most.
+            let with_naive = n * l * d * d * kernel < 2_000_000_000;
+            let mut rng = Rng::new((7 * n + l + d) as u64);
+            let x: Vec<f32> = (0..n * l * d).map(|_| round_bf16(rng.normal())).collect();
+            let params: Vec<(Vec<f32>, Vec<f32>)> = plan
+                .convs
+                .iter()
+                .map(|g| {
+                    let bound = 1.0 / ((g.c_in * g.kernel) as f64).sqrt();
+                    let w = rng.uniform_vec(g.c_out * g.c_in * g.kernel, bound);
+                    (
+                        w.iter().map(|&v| round_bf16(v)).collect(),
+                        rng.uniform_vec(g.c_out, bound),
+                    )
+                })
+                .collect();
+            // Forward on the device, keeping every conv's input and output.
+            let mut acts = vec![be.upload(&to_bf16(&x)).unwrap()];
+            let mut wbufs = Vec::new();
+            for (i, (g, (w, b))) in plan.convs.iter().zip(&params).enumerate() {
+                let wb = be.upload(&device::hconv_weight_for_kernel(w, g)).unwrap();
+                let bb = be.upload(b).unwrap();
+                let last = i + 1 == plan.convs.len();
+                let y = device::hconv_conv_forward(&be, &acts[i], n, g, &wb, &bb, last).unwrap();
+                acts.push(y);
+                wbufs.push(wb);
+            }
+            let down = |b: &Buf<bf16>| -> Vec<f32> {
+                be.download(b).unwrap().iter().map(|v| v.to_f32()).collect()
+            };
+            let mut dy_host: Vec<f32> = (0..n * plan.output_dim())
+                .map(|_| round_bf16(rng.normal()))
+                .collect();
+            let mut dy = be.upload(&to_bf16(&dy_host)).unwrap();
+            for i in (0..plan.convs.len()).rev() {
+                let g = &plan.convs[i];
+                let last = i + 1 == plan.convs.len();
+                let ctag = format!("{tag} conv{i}");
+                let (dw, db) = (
+                    be.zeros::<f32>(g.c_out * g.kernel * g.c_in).unwrap(),
+                    be.zeros::<f32>(g.c_out).unwrap(),
+                );
+                let saved = device::HConvSaved {
+                    x: &acts[i],
+                    y: &acts[i + 1],
+                    w: &wbufs[i],
+                    flatten: last,
+                };
+                let dx = device::hconv_conv_backward(&be, &saved, n, g, &dy, (&dw, &db), true)
+                    .unwrap()
+                    .expect("asked for dx");
+                be.synchronize().unwrap();
+                let dw_tap = be.download(&dw).unwrap();
+                let got_dw = device::hconv_weight_grad_to_torch(&dw_tap, g);
+                let got_db = be.download(&db).unwrap();
+                let got_dx = down(&dx);
+                // References from the same bf16 tensors; dpre in [n, l_out, c_out] layout.
+                let (xi, yi) = (down(&acts[i]), down(&acts[i + 1]));
+                let l_out = g.l_out();
+                let unflat = |v: &[f32]| -> Vec<f32> {
+                    if !last {
+                        return v.to_vec();
+                    }
+                    let mut out = vec![0f32; v.len()];
+                    for f in 0..n {
+                        for lo in 0..l_out {
+                            for c in 0..g.c_out {
+                                out[(f * l_out + lo) * g.c_out + c] =
+                                    v[(f * g.c_out + c) * l_out + lo];
+                            }
+                        }
+                    }
+                    out
+                };
+                let dpre: Vec<f32> = unflat(&dy_host)
+                    .iter()
+                    .zip(unflat(&yi))
+                    .map(|(&d, y)| if y > 0.0 { d } else { 0.0 })
+                    .collect();
+                let (rdx, rdw, rdb) =
+                    strata::ops::layer_conv::backward(&xi, n, &params[i].0, g, &dpre, true);
+                let rdx = rdx.unwrap();
+
+                let scale = |v: &[f32]| v.iter().fold(1e-30f32, |m, x| m.max(x.abs()));
+                let close = |what: &str, got: &[f32], want: &[f32]| {
+                    let e = max_abs_diff(got, want);
+                    assert!(
+                        e <= 1e-4 * scale(want),
+                        "{ctag} {what}: {e:.3e} of scale {:.3e}",
+                        scale(want)
+                    );
+                };
+                close("dW", &got_dw, &rdw);
+                close("db", &got_db, &rdb);
+                for (k, (&a, &b)) in got_dx.iter().zip(&rdx).enumerate() {
+                    assert!(
+                        (a - b).abs() <= b.abs() / 256.0 + 1e-5 * scale(&rdx),
+                        "{ctag} dx[{k}] = {a}, fp32 reference {b}"
+                    );
+                }
+                if with_naive {
+                    let (ndx, ndw, ndb) = naive_bf16_conv_backward(&xi, n, &params[i].0, g, &dpre);
+                    assert_fa_rule(&format!("{ctag} dW"), &got_dw, &rdw, &ndw);
+                    assert_fa_rule(&format!("{ctag} db"), &got_db, &rdb, &ndb);
+                    assert_fa_rule(&format!("{ctag} dx"), &got_dx, &rdx, &ndx);
+                }
+                if i == 0 && n <= 4 {
+                    // Accumulation: a second call adds exactly the same amounts again.
+                    device::hconv_conv_backward(&be, &saved, n, g, &dy, (&dw, &db), false).unwrap();
+                    be.synchronize().unwrap();
+                    let (dw2, db2) = (be.download(&dw).unwrap(), be.download(&db).unwrap());
+                    for (t, o) in dw2.iter().chain(&db2).zip(dw_tap.iter().chain(&got_db)) {
+                        assert_eq!(
+                            *t,
+                            2.0 * o,
+                            "{ctag}: dW and db accumulate deterministically"
+                        );
+                    }
+                }
+                dy_host = got_dx;
+                dy = dx;
+            }
+        }
+    }
+}
+
+/// One conv's backward in bf16 arithmetic, every product and partial sum rounded:
+/// (dx [n, l_in, c_in], dw [c_out, c_in, k], db [c_out]) from dpre [n, l_out, c_out].
+fn naive_bf16_conv_backward(
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    g: &strata::ops::layer_conv::ConvGeom,
+    dpre: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let l_out = g.l_out();
+    let mut dx = vec![0f32; n * g.l_in * g.c_in];
+    let mut dw = vec![0f32; g.c_out * g.c_in * g.kernel];
+    let mut db = vec![0f32; g.c_out];
+    for f in 0..n {
+        for lo in 0..l_out {
+            for o in 0..g.c_out {
+                let d = dpre[(f * l_out + lo) * g.c_out + o];
+                if d == 0.0 {
+                    continue;
+                }
+                db[o] = round_bf16(db[o] + d);
+                for k in 0..g.kernel {
+                    let li = (lo * g.stride + k) as isize - g.pad as isize;
+                    if li < 0 || li as usize >= g.l_in {
+                        continue;
+                    }
+                    let li = li as usize;
+                    for c in 0..g.c_in {
+                        let wi = (o * g.c_in + c) * g.kernel + k;
+                        let xi = (f * g.l_in + li) * g.c_in + c;
+                        dw[wi] = round_bf16(dw[wi] + round_bf16(d * x[xi]));
+                        dx[xi] = round_bf16(dx[xi] + round_bf16(d * w[wi]));
+                    }
+                }
+            }
+        }
+    }
+    (dx, dw, db)
+}

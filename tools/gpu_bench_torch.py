@@ -63,6 +63,14 @@ def main():
         stacked = torch.randn(L, 1, n, D, device=dev)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             print(json.dumps({"name": f"hconv_{name}_fwd", "ms": time_ms(lambda: m(stacked))}))
+        params = list(m.parameters())
+
+        def fwd_bwd():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = m(stacked)
+            torch.autograd.grad(out, params, torch.full_like(out, 0.01))
+
+        print(json.dumps({"name": f"hconv_{name}_fwd_bwd", "ms": time_ms(fwd_bwd)}))
     for n in (4_424_832 + 768 * 256 + 256 * 43, 100_000_000):
         p = torch.nn.Parameter(torch.full((n,), 0.1, device=dev))
         p.grad = torch.full((n,), 0.01, device=dev)

@@ -5,11 +5,11 @@
 use crate::error::{Error, Result};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
-use crate::runtime::kernels::HConvFwdParams;
 use crate::runtime::kernels::{
     AdamParams, ClipCoefParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
     SumSquaresParams,
 };
+use crate::runtime::kernels::{HConvBwdParams, HConvFwdParams};
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
@@ -348,4 +348,107 @@ pub fn hconv_conv_forward(
     );
     be.launch(K, grid, (128, 1, 1), 0, &p)?;
     Ok(y)
+}
+
+/// The kernel's tap-major weight gradient [c_out, k * c_in] in PyTorch's Conv1d layout
+/// [c_out, c_in, k].
+pub fn hconv_weight_grad_to_torch(dw: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let mut out = vec![0f32; g.c_out * g.c_in * g.kernel];
+    for o in 0..g.c_out {
+        for k in 0..g.kernel {
+            for c in 0..g.c_in {
+                out[(o * g.c_in + c) * g.kernel + k] = dw[(o * g.kernel + k) * g.c_in + c];
+            }
+        }
+    }
+    out
+}
+
+/// Buffers of one conv's forward, for its backward.
+pub struct HConvSaved<'a> {
+    /// The conv's input x [n, l_in, c_in] and its (post-ReLU) output y, flattened when `flatten`.
+    pub x: &'a Buf<bf16>,
+    pub y: &'a Buf<bf16>,
+    /// Tap-major weight from [`hconv_weight_for_kernel`].
+    pub w: &'a Buf<bf16>,
+    pub flatten: bool,
+}
+
+/// Backward of one HConv conv + ReLU (+ flatten) given `dy`, the gradient of its output y:
+/// ADDS the weight gradient (tap-major [c_out, k * c_in], see [`hconv_weight_grad_to_torch`]) to
+/// `dw` and the bias gradient to `db` (given as `(dw, db)`) (deterministically: no atomics), and returns the input
+/// gradient (bf16, [n, l_in, c_in]) when `want_dx` (every conv but the first of a frozen stack).
+pub fn hconv_conv_backward(
+    be: &Backend,
+    saved: &HConvSaved,
+    n: usize,
+    g: &ConvGeom,
+    dy: &Buf<bf16>,
+    (dw, db): (&Buf<f32>, &Buf<f32>),
+    want_dx: bool,
+) -> Result<Option<Buf<bf16>>> {
+    const KD: &str = "hconv_conv_backward_data";
+    const KW: &str = "hconv_conv_backward_weight";
+    if n == 0 || g.stride == 0 || g.l_in + 2 * g.pad < g.kernel || g.c_in == 0 || g.c_out == 0 {
+        return Err(Error::shape(
+            KW,
+            "n >= 1 and a kernel that fits the padded layers",
+            format!("n = {n}, {g:?}"),
+        ));
+    }
+    let l_out = g.l_out();
+    let big = (n * g.l_in).div_ceil(64) > 65535
+        || g.c_out.div_ceil(64) > 65535
+        || (g.kernel * g.c_in.max(g.c_out)) > i32::MAX as usize;
+    if big {
+        return Err(Error::shape(
+            KD,
+            "at most 65535 x 64 rows (frames x layers) per launch: split the batch",
+            format!("n = {n}, {g:?}"),
+        ));
+    }
+    need(be, KW, "x", saved.x, n * g.l_in * g.c_in)?;
+    need(be, KW, "y", saved.y, n * l_out * g.c_out)?;
+    need(be, KW, "dy", dy, n * l_out * g.c_out)?;
+    need(be, KW, "weight", saved.w, g.c_out * g.kernel * g.c_in)?;
+    need(be, KW, "weight gradient", dw, g.c_out * g.kernel * g.c_in)?;
+    need(be, KW, "bias gradient", db, g.c_out)?;
+    let dx = if want_dx {
+        Some(be.zeros::<bf16>(n * g.l_in * g.c_in)?)
+    } else {
+        None
+    };
+    let p = HConvBwdParams {
+        x: be.ptr(saved.x),
+        w: be.ptr(saved.w),
+        y: be.ptr(saved.y),
+        dy: be.ptr(dy),
+        dx: dx.as_ref().map_or(0, |b| be.ptr(b)),
+        dw: be.ptr(dw),
+        db: be.ptr(db),
+        n: n as i32,
+        l_in: g.l_in as i32,
+        c_in: g.c_in as i32,
+        c_out: g.c_out as i32,
+        kernel: g.kernel as i32,
+        stride: g.stride as i32,
+        pad: g.pad as i32,
+        l_out: l_out as i32,
+        flatten: saved.flatten as i32,
+    };
+    let grid_w = (
+        (g.kernel * g.c_in).div_ceil(64) as u32,
+        g.c_out.div_ceil(64) as u32,
+        1,
+    );
+    be.launch(KW, grid_w, (128, 1, 1), 0, &p)?;
+    if dx.is_some() {
+        let grid_d = (
+            g.c_in.div_ceil(64) as u32,
+            (n * g.l_in).div_ceil(64) as u32,
+            1,
+        );
+        be.launch(KD, grid_d, (128, 1, 1), 0, &p)?;
+    }
+    Ok(dx)
 }

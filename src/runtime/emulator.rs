@@ -39,6 +39,8 @@ entries!(
     strata_emu_sum_squares_partial,
     strata_emu_clip_coefficient,
     strata_emu_hconv_conv_forward,
+    strata_emu_hconv_conv_backward_data,
+    strata_emu_hconv_conv_backward_weight,
     strata_emu_selftest_collectives,
     strata_emu_selftest_mma,
     strata_emu_selftest_divergent_barrier,

@@ -29,7 +29,11 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         file: "hconv.cu",
         source: include_str!("../../kernels/hconv.cu"),
-        kernels: &["hconv_conv_forward"],
+        kernels: &[
+            "hconv_conv_forward",
+            "hconv_conv_backward_data",
+            "hconv_conv_backward_weight",
+        ],
     },
     KernelFile {
         file: "selftest.cu",
@@ -89,4 +93,5 @@ params! {
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
     HConvFwdParams { x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
+    HConvBwdParams { x: u64, w: u64, y: u64, dy: u64, dx: u64, dw: u64, db: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
 }
