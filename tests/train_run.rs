@@ -130,6 +130,15 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
         &config(&resumed, 6, true),
     )
     .unwrap();
+    let mut changed = config(&resumed, 8, true);
+    changed.accum = 3;
+    let err = train(&src, &src, load("train"), load("dev"), &vocab, &changed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("accum = 2") && err.contains("this one 3"),
+        "{err}"
+    );
     let (a, b) = (losses(&straight), losses(&resumed));
     assert_eq!(a.len(), 12, "2 pairs x 6 steps");
     assert!(

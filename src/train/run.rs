@@ -230,15 +230,31 @@ pub fn train(
     // Where to continue: (step, best error rate per pair).
     let mut start = 0u64;
     let mut best = vec![f64::INFINITY; pairs.len()];
+    // What fixes the data order and the step's meaning: a resumed run must use the same.
+    let order = json!({
+        "seed": cfg.seed,
+        "shuffle": cfg.shuffle,
+        "batch_samples": cfg.batch_samples,
+        "accum": cfg.accum,
+        "train_utterances": train.utterances.len(),
+    });
     if cfg.resume {
         for (i, p) in pairs.iter_mut().enumerate() {
-            let extra = checkpoint::load(
-                &cfg.out.join(&p.name).join("latest"),
-                &mut p.store,
-                &mut p.optimizer,
-            )?;
+            let dir = cfg.out.join(&p.name).join("latest");
+            let extra = checkpoint::load(&dir, &mut p.store, &mut p.optimizer)?;
             p.steps = p.optimizer.step;
             best[i] = extra["best"].as_f64().unwrap_or(f64::INFINITY);
+            if let Some(saved) = extra.get("order").and_then(|o| o.as_object()) {
+                for (key, was) in saved {
+                    if order[key.as_str()] != *was {
+                        return Err(Error::Config(format!(
+                            "{}: the run being resumed used {key} = {was}, this one {}: resume with the same settings (and data) to continue bit for bit",
+                            dir.display(),
+                            order[key.as_str()]
+                        )));
+                    }
+                }
+            }
         }
         start = pairs[0].steps;
         if pairs.iter().any(|p| p.steps != start) {
@@ -330,14 +346,14 @@ pub fn train(
                         &dir.join("best"),
                         &p.store,
                         &p.optimizer,
-                        &json!({"best": rate}),
+                        &json!({"best": rate, "order": order}),
                     )?;
                 }
                 checkpoint::save(
                     &dir.join("latest"),
                     &p.store,
                     &p.optimizer,
-                    &json!({"best": *best}),
+                    &json!({"best": *best, "order": order}),
                 )?;
                 last.push(EvalResult {
                     name: p.name.clone(),
