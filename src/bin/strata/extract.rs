@@ -145,13 +145,17 @@ pub fn extract_cache(
         if normalize { "on" } else { "off" }
     );
     let t0 = Instant::now();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let frames =
         strata::train::features::extract_dataset(model, ds, out, dtype, normalize, |d, n| {
-            eprint!("\r  batch {d}/{n}");
+            if terminal {
+                eprint!("\r  batch {d}/{n}");
+            }
         })
         .map_err(|e| e.to_string())?;
     eprintln!(
-        "\r  wrote {frames} frames in {:.1} s",
+        "{}  wrote {frames} frames in {:.1} s",
+        if terminal { "\r" } else { "" },
         t0.elapsed().as_secs_f64()
     );
     Ok(())
