@@ -26,5 +26,7 @@ fn main() {
         .flag_if_supported("-fno-fast-math")
         .flag_if_supported("-ffp-contract=off")
         .warnings(true)
+        // `#pragma unroll` is for NVRTC; the host compiler has no use for it.
+        .flag_if_supported("-Wno-unknown-pragmas")
         .compile("strata_emulator");
 }

@@ -124,6 +124,91 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float* d, const uint32_t* a, c
 #endif
 }
 
+// Shared-memory address of a generic pointer (what ldmatrix and cp.async take).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+#ifdef STRATA_EMULATOR
+    return (uint32_t)(uintptr_t)p;
+#else
+    uint32_t a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+#endif
+}
+
+#ifdef STRATA_EMULATOR
+// Lane `src`'s 16-byte row, 32-bit word `w` (the emulator's ldmatrix building block).
+inline uint32_t strata_emu_row_word(const uint32_t* mine, int src, int w) {
+    const uint64_t lo = strata_emu::warp_exchange(mine[0] | (uint64_t)mine[1] << 32, src);
+    const uint64_t hi = strata_emu::warp_exchange(mine[2] | (uint64_t)mine[3] << 32, src);
+    const uint64_t half = w < 2 ? lo : hi;
+    return (uint32_t)(half >> (32 * (w % 2)));
+}
+#endif
+
+// ldmatrix.x4: four 8x8 bf16 matrices from shared memory. Lane l gives the address of row l % 8 of
+// matrix l / 8 (16 contiguous bytes); lane l receives r[j] = matrix j's row l / 4, elements
+// 2 (l % 4) and 2 (l % 4) + 1 (the low half first): exactly an mma A / B fragment register.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* row) {
+#ifdef STRATA_EMULATOR
+    uint32_t mine[4];
+    memcpy(mine, row, 16);
+    const int lane = strata_emu::lane_id();
+    for (int j = 0; j < 4; ++j) r[j] = strata_emu_row_word(mine, 8 * j + lane / 4, lane % 4);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+#endif
+}
+
+// ldmatrix.x4.trans: the same rows, each matrix transposed: lane l receives r[j] = matrix j's
+// elements (row 2 (l % 4), column l / 4) and (row 2 (l % 4) + 1, column l / 4).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* row) {
+#ifdef STRATA_EMULATOR
+    uint32_t mine[4];
+    memcpy(mine, row, 16);
+    const int lane = strata_emu::lane_id();
+    const int col = lane / 4;
+    for (int j = 0; j < 4; ++j) {
+        const uint32_t w0 = strata_emu_row_word(mine, 8 * j + 2 * (lane % 4), col / 2);
+        const uint32_t w1 = strata_emu_row_word(mine, 8 * j + 2 * (lane % 4) + 1, col / 2);
+        const uint32_t e0 = (w0 >> (16 * (col % 2))) & 0xffffu, e1 = (w1 >> (16 * (col % 2))) & 0xffffu;
+        r[j] = e0 | (e1 << 16);
+    }
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+#endif
+}
+
+// cp.async: 16 bytes global -> shared without staging in registers; `valid` false writes zeros
+// (src-size 0: nothing is read). The emulator copies at once (its threads never run concurrently,
+// and readers wait at a barrier after cp_async_wait anyway).
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
+#ifdef STRATA_EMULATOR
+    if (valid)
+        memcpy(dst, src, 16);
+    else
+        memset(dst, 0, 16);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef STRATA_EMULATOR
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most `N` committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef STRATA_EMULATOR
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -101,6 +101,121 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
 STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
 
 // ---------------------------------------------------------------------------------------------
+// The vectorized forward, for c_in % 8 == 0 (every real stack: 768, 1024, ...): a 16-byte chunk of
+// 8 channels never straddles a tap, so both operands stream global -> shared with cp.async (zero
+// fill for padding and ragged edges), double-buffered, and fragments come from ldmatrix.
+// Block: 8 warps, a 128 x 128 tile of y, BK = 32; warp w computes rows 64 (w % 2).. and columns
+// 32 (w / 2)..: 4 x 4 mma tiles, 64 fp32 accumulators per thread.
+#define HV_BM 128
+#define HV_BN 128
+#define HV_BK 32
+#define HV_LD (HV_BK + 8)  // row pitch in bf16: 80 bytes keeps ldmatrix rows conflict-free
+
+extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
+    __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
+    __align__(16) __shared__ bf16 bs[2][HV_BN][HV_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int wm = warp % 2, wn = warp / 2;
+    const int64_t rows = (int64_t)p.n * p.l_out;
+    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const int col0 = blockIdx.x * HV_BN;
+    const int K = p.kernel * p.c_in;
+    // Each thread stages chunk (tid % 4) of rows tid / 4 and tid / 4 + 64 of both tiles; the rows'
+    // frame offsets and first layer are fixed for the whole K loop.
+    const int kc = (tid % 4) * 8;
+    int64_t a_base[2];
+    int a_li0[2];
+    bool a_ok[2], b_ok[2];
+    const bf16* b_src[2];
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int64_t r = row0 + tid / 4 + 64 * j;
+        a_ok[j] = r < rows;
+        const int64_t f = a_ok[j] ? r / p.l_out : 0;
+        const int lo = a_ok[j] ? (int)(r % p.l_out) : 0;
+        a_base[j] = f * p.l_in * p.c_in;
+        a_li0[j] = lo * p.stride - p.pad;
+        const int co = col0 + tid / 4 + 64 * j;
+        b_ok[j] = co < p.c_out;
+        b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
+    }
+    auto stage = [&](int buf, int k0) {
+        const int k = k0 + kc;
+        const int kw = k / p.c_in, ci = k - kw * p.c_in;
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int li = a_li0[j] + kw;
+            const bool va = a_ok[j] && k < K && li >= 0 && li < p.l_in;
+            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.x + a_base[j] + (int64_t)li * p.c_in + ci : p.x, va);
+            const bool vb = b_ok[j] && k < K;
+            cp_async16(&bs[buf][tid / 4 + 64 * j][kc], vb ? b_src[j] + k : p.w, vb);
+        }
+        cp_async_commit();
+    };
+    float acc[4][4][4];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i)
+        #pragma unroll
+        for (int j = 0; j < 4; ++j)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    const int steps = (K + HV_BK - 1) / HV_BK;
+    stage(0, 0);
+    for (int s = 0; s < steps; ++s) {
+        const int buf = s & 1;
+        if (s + 1 < steps) {
+            stage(buf ^ 1, (s + 1) * HV_BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        #pragma unroll
+        for (int ks = 0; ks < HV_BK; ks += 16) {
+            uint32_t a[4][4], b[4][2];
+            #pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int r = wm * 64 + mi * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+                ldmatrix_x4(a[mi], &as[buf][r][ks + 8 * (lane / 16)]);
+            }
+            #pragma unroll
+            for (int nj = 0; nj < 4; nj += 2) {
+                const int n = wn * 32 + nj * 8 + (lane % 8) + 8 * (lane / 16);
+                uint32_t q[4];
+                ldmatrix_x4(q, &bs[buf][n][ks + 8 * ((lane / 8) % 2)]);
+                b[nj][0] = q[0];
+                b[nj][1] = q[1];
+                b[nj + 1][0] = q[2];
+                b[nj + 1][1] = q[3];
+            }
+            #pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+                #pragma unroll
+                for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+        }
+        __syncthreads();
+    }
+    #pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+        #pragma unroll
+        for (int nj = 0; nj < 4; ++nj) {
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
+                const int co = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
+                if (row >= rows || co >= p.c_out) continue;
+                const float v = fmaxf(acc[mi][nj][r] + p.bias[co], 0.0f);
+                const int64_t f = row / p.l_out;
+                const int lo = (int)(row % p.l_out);
+                const int64_t at = p.flatten ? f * p.c_out * p.l_out + (int64_t)co * p.l_out + lo : row * p.c_out + co;
+                p.y[at] = float_to_bf16(v);
+            }
+        }
+    }
+}
+STRATA_EMU_ENTRY(hconv_conv_forward_vec, HConvFwdParams)
+
+// ---------------------------------------------------------------------------------------------
 // Backward. dy is the gradient of the conv's (post-ReLU) output y, in y's layout; the ReLU is
 // folded in as dpre = y > 0 ? dy : 0 (PyTorch's threshold_backward). Both kernels take one struct.
 //

@@ -67,3 +67,24 @@ extern "C" __global__ void selftest_divergent_barrier(const SelftestParams a) {
     if (threadIdx.x == 0) a.out[0] = v;
 }
 STRATA_EMU_ENTRY(selftest_divergent_barrier, SelftestParams)
+
+// ldmatrix.x4 and .x4.trans from a 32 x 8 bf16 tile (four stacked 8 x 8 matrices, element e holds
+// the value e): lane l points at row l. out (uint32) gets lane l's four registers at 4l.. (plain),
+// then at 128 + 4l.. (transposed). The host checks them against the PTX ISA fragment layout, so on
+// the GPU this also validates the emulator's ldmatrix.
+struct SelftestLdmatrixParams {
+    const bf16* tile;
+    uint32_t* out;
+};
+extern "C" __global__ void selftest_ldmatrix(const SelftestLdmatrixParams s) {
+    __align__(16) __shared__ bf16 tile[32][8];
+    const int lane = threadIdx.x & 31;
+    for (int e = 0; e < 8; ++e) tile[lane][e] = s.tile[lane * 8 + e];
+    __syncthreads();
+    uint32_t r[4];
+    ldmatrix_x4(r, &tile[lane][0]);
+    for (int j = 0; j < 4; ++j) s.out[4 * lane + j] = r[j];
+    ldmatrix_x4_trans(r, &tile[lane][0]);
+    for (int j = 0; j < 4; ++j) s.out[128 + 4 * lane + j] = r[j];
+}
+STRATA_EMU_ENTRY(selftest_ldmatrix, SelftestLdmatrixParams)

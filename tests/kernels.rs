@@ -422,11 +422,15 @@ fn hconv_forward_on_tensor_cores_matches_the_cpu_reference() {
     use strata::models::interface::hconv_plan;
     for be in backends() {
         let gpu = matches!(be, Backend::Cuda(_));
+        // D = 100 takes the general kernel (not a multiple of 8), the others the vectorized one;
+        // 200 and 40 leave ragged tiles; 150 frames x 13 layers span several row tiles.
         let mut cases = vec![
             (3usize, 13usize, 768usize, 5usize, 3usize),
             (4, 7, 100, 5, 3),
             (2, 25, 1024, 5, 3),
             (3, 7, 40, 3, 2),
+            (1, 13, 200, 5, 3),
+            (150, 13, 96, 5, 3),
         ];
         // STRATA_TEST_SMALL=1 (the sanitizer runs) keeps to the small cases.
         if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
@@ -718,4 +722,48 @@ fn naive_bf16_conv_backward(
         }
     }
     (dx, dw, db)
+}
+
+/// ldmatrix.x4 (plain and .trans) against the PTX ISA fragment layout: lane l receives, from matrix
+/// j, row l / 4 elements 2 (l % 4), +1 (plain) or column l / 4 rows 2 (l % 4), +1 (transposed).
+#[test]
+fn ldmatrix_wrappers_follow_the_ptx_fragment_layout() {
+    use strata::runtime::kernels::SelftestLdmatrixParams;
+    for be in backends() {
+        let tile: Vec<bf16> = (0..256).map(|e| bf16::from_f32(e as f32)).collect();
+        let tb = be.upload(&tile).unwrap();
+        let out = be.zeros::<u32>(256).unwrap();
+        let p = SelftestLdmatrixParams {
+            tile: be.ptr(&tb),
+            out: be.ptr(&out),
+        };
+        be.launch("selftest_ldmatrix", (1, 1, 1), (32, 1, 1), 0, &p)
+            .unwrap();
+        be.synchronize().unwrap();
+        let got = be.download(&out).unwrap();
+        let pair = |w: u32| {
+            (
+                bf16::from_bits((w & 0xffff) as u16).to_f32() as usize,
+                bf16::from_bits((w >> 16) as u16).to_f32() as usize,
+            )
+        };
+        for lane in 0..32 {
+            for j in 0..4 {
+                let (row, col) = (8 * j + lane / 4, 2 * (lane % 4));
+                assert_eq!(
+                    pair(got[4 * lane + j]),
+                    (row * 8 + col, row * 8 + col + 1),
+                    "{} plain lane {lane} matrix {j}",
+                    be.name()
+                );
+                let (r0, c) = (8 * j + 2 * (lane % 4), lane / 4);
+                assert_eq!(
+                    pair(got[128 + 4 * lane + j]),
+                    (r0 * 8 + c, (r0 + 1) * 8 + c),
+                    "{} trans lane {lane} matrix {j}",
+                    be.name()
+                );
+            }
+        }
+    }
 }

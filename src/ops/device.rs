@@ -341,12 +341,22 @@ pub fn hconv_conv_forward(
         l_out: l_out as i32,
         flatten: flatten as i32,
     };
-    let grid = (
-        g.c_out.div_ceil(64) as u32,
-        (n * l_out).div_ceil(64) as u32,
-        1,
-    );
-    be.launch(K, grid, (128, 1, 1), 0, &p)?;
+    // Every real stack (D a multiple of 8) takes the vectorized kernel; others the general one.
+    if g.c_in % 8 == 0 {
+        let grid = (
+            g.c_out.div_ceil(128) as u32,
+            (n * l_out).div_ceil(128) as u32,
+            1,
+        );
+        be.launch("hconv_conv_forward_vec", grid, (256, 1, 1), 0, &p)?;
+    } else {
+        let grid = (
+            g.c_out.div_ceil(64) as u32,
+            (n * l_out).div_ceil(64) as u32,
+            1,
+        );
+        be.launch(K, grid, (128, 1, 1), 0, &p)?;
+    }
     Ok(y)
 }
 

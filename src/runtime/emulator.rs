@@ -39,11 +39,13 @@ entries!(
     strata_emu_sum_squares_partial,
     strata_emu_clip_coefficient,
     strata_emu_hconv_conv_forward,
+    strata_emu_hconv_conv_forward_vec,
     strata_emu_hconv_conv_backward_data,
     strata_emu_hconv_conv_backward_weight,
     strata_emu_selftest_collectives,
     strata_emu_selftest_mma,
     strata_emu_selftest_divergent_barrier,
+    strata_emu_selftest_ldmatrix,
 );
 
 /// Runs `kernel` to completion. `params` must be the kernel's parameter struct, its pointers valid
@@ -57,6 +59,10 @@ pub(crate) fn launch(
 ) -> Result<(), String> {
     let f =
         entry(kernel).ok_or_else(|| format!("kernel '{kernel}' is not built into the emulator"))?;
+    // `__shared__` is function-static storage in the emulator, one copy per process: two launches
+    // of one kernel from two threads (parallel tests) would share it. One launch at a time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut err = [0 as c_char; 512];
     // SAFETY: the entry runs the kernel body on `params` (the caller's contract) and writes at most
     // errlen bytes of message.

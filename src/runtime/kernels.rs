@@ -31,6 +31,7 @@ pub const FILES: &[KernelFile] = &[
         source: include_str!("../../kernels/hconv.cu"),
         kernels: &[
             "hconv_conv_forward",
+            "hconv_conv_forward_vec",
             "hconv_conv_backward_data",
             "hconv_conv_backward_weight",
         ],
@@ -42,6 +43,7 @@ pub const FILES: &[KernelFile] = &[
             "selftest_collectives",
             "selftest_mma",
             "selftest_divergent_barrier",
+            "selftest_ldmatrix",
         ],
     },
 ];
@@ -92,6 +94,7 @@ params! {
     ClipCoefParams { partial: u64, parts: i32, max_norm: f32, norm: u64, coef: u64 }
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
+    SelftestLdmatrixParams { tile: u64, out: u64 }
     HConvFwdParams { x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
     HConvBwdParams { x: u64, w: u64, y: u64, dy: u64, dx: u64, dw: u64, db: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
 }
