@@ -342,3 +342,223 @@ extern "C" __global__ void hconv_conv_backward_weight(const HConvBwdParams p) {
     if (bias_block && threadIdx.x < HC_TM && co0 + (int)threadIdx.x < p.c_out) p.db[co0 + threadIdx.x] += bias_acc;
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight, HConvBwdParams)
+
+// ---------------------------------------------------------------------------------------------
+// The vectorized backward, for c_in % 8 == 0 and c_out % 8 == 0. First the ReLU mask (and the
+// un-flatten of the last conv) in one elementwise pass, dpre = y > 0 ? dy : 0 as [n, l_out, c_out];
+// then both GEMMs stream 16-byte chunks with cp.async like the vectorized forward. Operands whose
+// natural layout is [k][m] or [k][n] (W for dx; dpre and the im2col rows for dW) are staged as they
+// lie and read with ldmatrix.trans.
+struct HConvMaskParams {
+    const bf16* y;
+    const bf16* dy;
+    bf16* dpre;
+    int n, c_out, l_out, flatten;
+};
+
+extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
+    const int64_t total = (int64_t)p.n * p.l_out * p.c_out;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int co = (int)(e % p.c_out);
+        const int64_t fl = e / p.c_out;
+        const int64_t at = p.flatten ? (fl / p.l_out * p.c_out + co) * p.l_out + fl % p.l_out : e;
+        bf16 v = p.dy[at];
+        const uint32_t yb = p.y[at].bits;
+        if (yb == 0 || yb > 0x7f80u) v.bits = 0;
+        p.dpre[e] = v;
+    }
+}
+STRATA_EMU_ENTRY(hconv_relu_mask, HConvMaskParams)
+
+#define HV_LDT (HV_BN + 8)  // pitch of [k][n] tiles: 272 bytes, conflict-free ldmatrix rows
+
+// dx (dy = dpre here; y and flatten unused): rows (f, li), cols ci, K = (kw, co).
+extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) {
+    __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
+    __align__(16) __shared__ bf16 bt[2][HV_BK][HV_LDT];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int wm = warp % 2, wn = warp / 2;
+    const int64_t rows = (int64_t)p.n * p.l_in;
+    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const int col0 = blockIdx.x * HV_BN;
+    const int K = p.kernel * p.c_out, KW = p.kernel * p.c_in;
+    const int kc = (tid % 4) * 8;
+    int64_t a_frame[2];
+    int a_li[2];
+    bool a_ok[2];
+    for (int j = 0; j < 2; ++j) {
+        const int64_t r = row0 + tid / 4 + 64 * j;
+        a_ok[j] = r < rows;
+        a_frame[j] = a_ok[j] ? r / p.l_in : 0;
+        a_li[j] = a_ok[j] ? (int)(r % p.l_in) : 0;
+    }
+    auto stage = [&](int buf, int k0) {
+        const int k = k0 + kc;
+        const int kw = k / p.c_out, co = k - kw * p.c_out;
+        for (int j = 0; j < 2; ++j) {
+            const int num = a_li[j] + p.pad - kw;
+            const int lo = num / p.stride;
+            const bool va = a_ok[j] && k < K && num >= 0 && num % p.stride == 0 && lo < p.l_out;
+            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.dy + (a_frame[j] * p.l_out + lo) * p.c_out + co : p.dy, va);
+            // W as [k][ci]: k-row c / 16, 8 channels at 8 (c % 16).
+            const int c = tid + 256 * j, krow = c / 16, ci = col0 + (c % 16) * 8;
+            const int kb = k0 + krow;
+            const int kwb = kb / p.c_out, cob = kb - kwb * p.c_out;
+            const bool vb = kb < K && ci < p.c_in;
+            cp_async16(&bt[buf][krow][(c % 16) * 8], vb ? p.w + (int64_t)cob * KW + kwb * p.c_in + ci : p.w, vb);
+        }
+        cp_async_commit();
+    };
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    const int steps = (K + HV_BK - 1) / HV_BK;
+    stage(0, 0);
+    for (int s = 0; s < steps; ++s) {
+        const int buf = s & 1;
+        if (s + 1 < steps) {
+            stage(buf ^ 1, (s + 1) * HV_BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < HV_BK; ks += 16) {
+            uint32_t a[4][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int r = wm * 64 + mi * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+                ldmatrix_x4(a[mi], &as[buf][r][ks + 8 * (lane / 16)]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < 4; nj += 2) {
+                const int j = lane / 8;
+                uint32_t q[4];
+                ldmatrix_x4_trans(q, &bt[buf][ks + (lane % 8) + 8 * (j % 2)][wn * 32 + nj * 8 + 8 * (j / 2)]);
+                b[nj][0] = q[0];
+                b[nj][1] = q[1];
+                b[nj + 1][0] = q[2];
+                b[nj + 1][1] = q[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
+                const int ci = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
+                if (row < rows && ci < p.c_in) p.dx[row * p.c_in + ci] = float_to_bf16(acc[mi][nj][r]);
+            }
+        }
+    }
+}
+STRATA_EMU_ENTRY(hconv_conv_backward_data_vec, HConvBwdParams)
+
+// dW and db (dy = dpre here): rows co, cols (kw, ci), K = every (frame, output position).
+extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p) {
+    __align__(16) __shared__ bf16 at[2][HV_BK][HV_LDT];
+    __align__(16) __shared__ bf16 bt[2][HV_BK][HV_LDT];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int wm = warp % 2, wn = warp / 2;
+    const int64_t R = (int64_t)p.n * p.l_out;
+    const int co0 = blockIdx.y * HV_BM;
+    const int col0 = blockIdx.x * HV_BN;
+    const int KW = p.kernel * p.c_in;
+    const bool bias_block = blockIdx.x == 0;
+    auto stage = [&](int buf, int64_t r0) {
+        for (int j = 0; j < 2; ++j) {
+            const int c = tid + 256 * j, krow = c / 16, off = (c % 16) * 8;
+            const int64_t r = r0 + krow;
+            const int co = co0 + off;
+            const bool va = r < R && co < p.c_out;
+            cp_async16(&at[buf][krow][off], va ? p.dy + r * p.c_out + co : p.dy, va);
+            const int k = col0 + off;
+            bool vb = r < R && k < KW;
+            const bf16* src = p.x;
+            if (vb) {
+                const int64_t f = r / p.l_out;
+                const int lo = (int)(r - f * p.l_out);
+                const int kw = k / p.c_in, ci = k - kw * p.c_in;
+                const int li = lo * p.stride - p.pad + kw;
+                vb = li >= 0 && li < p.l_in;
+                if (vb) src = p.x + (f * p.l_in + li) * p.c_in + ci;
+            }
+            cp_async16(&bt[buf][krow][off], src, vb);
+        }
+        cp_async_commit();
+    };
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    float bias_acc = 0.0f;  // thread i < 128 owns db[co0 + i] in bias blocks
+    const int64_t steps = (R + HV_BK - 1) / HV_BK;
+    stage(0, 0);
+    for (int64_t s = 0; s < steps; ++s) {
+        const int buf = (int)(s & 1);
+        if (s + 1 < steps) {
+            stage(buf ^ 1, (s + 1) * HV_BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (bias_block && tid < HV_BM) {
+            for (int kk = 0; kk < HV_BK; ++kk) bias_acc += bf16_to_float(at[buf][kk][tid]);
+        }
+#pragma unroll
+        for (int ks = 0; ks < HV_BK; ks += 16) {
+            uint32_t a[4][4], b[4][2];
+            const int j = lane / 8;
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                // A = dpre^T from the [r][co] tile: matrices (k0, m0), (k0, m0+8), (k0+8, m0), (k0+8, m0+8).
+                ldmatrix_x4_trans(a[mi], &at[buf][ks + (lane % 8) + 8 * (j / 2)][wm * 64 + mi * 16 + 8 * (j % 2)]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < 4; nj += 2) {
+                uint32_t q[4];
+                ldmatrix_x4_trans(q, &bt[buf][ks + (lane % 8) + 8 * (j % 2)][wn * 32 + nj * 8 + 8 * (j / 2)]);
+                b[nj][0] = q[0];
+                b[nj][1] = q[1];
+                b[nj + 1][0] = q[2];
+                b[nj + 1][1] = q[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int co = co0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
+                const int k = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
+                if (co < p.c_out && k < KW) p.dw[(int64_t)co * KW + k] += acc[mi][nj][r];
+            }
+        }
+    }
+    if (bias_block && tid < HV_BM && co0 + tid < p.c_out) p.db[co0 + tid] += bias_acc;
+}
+STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)

@@ -9,7 +9,7 @@ use crate::runtime::kernels::{
     AdamParams, ClipCoefParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
     SumSquaresParams,
 };
-use crate::runtime::kernels::{HConvBwdParams, HConvFwdParams};
+use crate::runtime::kernels::{HConvBwdParams, HConvFwdParams, HConvMaskParams};
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
@@ -446,6 +446,42 @@ pub fn hconv_conv_backward(
         l_out: l_out as i32,
         flatten: saved.flatten as i32,
     };
+    if g.c_in % 8 == 0 && g.c_out % 8 == 0 {
+        // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre.
+        let total = n * l_out * g.c_out;
+        let dpre = be.zeros::<bf16>(total)?;
+        let mp = HConvMaskParams {
+            y: p.y,
+            dy: p.dy,
+            dpre: be.ptr(&dpre),
+            n: p.n,
+            c_out: p.c_out,
+            l_out: p.l_out,
+            flatten: p.flatten,
+        };
+        let blocks = total.div_ceil(256).min(65535) as u32;
+        be.launch("hconv_relu_mask", (blocks, 1, 1), (256, 1, 1), 0, &mp)?;
+        let pv = HConvBwdParams {
+            dy: be.ptr(&dpre),
+            flatten: 0,
+            ..p
+        };
+        let grid_w = (
+            (g.kernel * g.c_in).div_ceil(128) as u32,
+            g.c_out.div_ceil(128) as u32,
+            1,
+        );
+        be.launch("hconv_conv_backward_weight_vec", grid_w, (256, 1, 1), 0, &pv)?;
+        if dx.is_some() {
+            let grid_d = (
+                g.c_in.div_ceil(128) as u32,
+                (n * g.l_in).div_ceil(128) as u32,
+                1,
+            );
+            be.launch("hconv_conv_backward_data_vec", grid_d, (256, 1, 1), 0, &pv)?;
+        }
+        return Ok(dx);
+    }
     let grid_w = (
         (g.kernel * g.c_in).div_ceil(64) as u32,
         g.c_out.div_ceil(64) as u32,

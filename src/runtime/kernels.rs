@@ -34,6 +34,9 @@ pub const FILES: &[KernelFile] = &[
             "hconv_conv_forward_vec",
             "hconv_conv_backward_data",
             "hconv_conv_backward_weight",
+            "hconv_relu_mask",
+            "hconv_conv_backward_data_vec",
+            "hconv_conv_backward_weight_vec",
         ],
     },
     KernelFile {
@@ -96,5 +99,6 @@ params! {
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
     SelftestLdmatrixParams { tile: u64, out: u64 }
     HConvFwdParams { x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
+    HConvMaskParams { y: u64, dy: u64, dpre: u64, n: i32, c_out: i32, l_out: i32, flatten: i32 }
     HConvBwdParams { x: u64, w: u64, y: u64, dy: u64, dx: u64, dw: u64, db: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
 }
