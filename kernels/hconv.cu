@@ -236,6 +236,13 @@ struct HConvBwdParams {
     float* dw;
     float* db;
     int n, l_in, c_in, c_out, kernel, stride, pad, l_out, flatten;
+    // Vectorized weight kernel only: the reduction over rows split into `split` chunks of
+    // `split_rows` (grid.z); with split > 1 each chunk writes its own partial sums, which
+    // hconv_split_reduce then adds in chunk order (deterministic, no atomics).
+    float* partial_dw;
+    float* partial_db;
+    int64_t split_rows;
+    int split;
 };
 
 __device__ __forceinline__ bf16 hc_dpre(const HConvBwdParams& p, int64_t f, int lo, int co) {
@@ -478,15 +485,17 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
     const int col0 = blockIdx.x * HV_BN;
     const int KW = p.kernel * p.c_in;
     const bool bias_block = blockIdx.x == 0;
+    const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
+    const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
     auto stage = [&](int buf, int64_t r0) {
         for (int j = 0; j < 2; ++j) {
             const int c = tid + 256 * j, krow = c / 16, off = (c % 16) * 8;
             const int64_t r = r0 + krow;
             const int co = co0 + off;
-            const bool va = r < R && co < p.c_out;
+            const bool va = r < r_end && co < p.c_out;
             cp_async16(&at[buf][krow][off], va ? p.dy + r * p.c_out + co : p.dy, va);
             const int k = col0 + off;
-            bool vb = r < R && k < KW;
+            bool vb = r < r_end && k < KW;
             const bf16* src = p.x;
             if (vb) {
                 const int64_t f = r / p.l_out;
@@ -508,12 +517,12 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
     float bias_acc = 0.0f;  // thread i < 128 owns db[co0 + i] in bias blocks
-    const int64_t steps = (R + HV_BK - 1) / HV_BK;
-    stage(0, 0);
+    const int64_t steps = r_end > r_begin ? (r_end - r_begin + HV_BK - 1) / HV_BK : 0;
+    if (steps > 0) stage(0, r_begin);
     for (int64_t s = 0; s < steps; ++s) {
         const int buf = (int)(s & 1);
         if (s + 1 < steps) {
-            stage(buf ^ 1, (s + 1) * HV_BK);
+            stage(buf ^ 1, r_begin + (s + 1) * HV_BK);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
@@ -555,10 +564,35 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
             for (int r = 0; r < 4; ++r) {
                 const int co = co0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int k = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (co < p.c_out && k < KW) p.dw[(int64_t)co * KW + k] += acc[mi][nj][r];
+                if (co >= p.c_out || k >= KW) continue;
+                if (p.split > 1)
+                    p.partial_dw[((int64_t)blockIdx.z * p.c_out + co) * KW + k] = acc[mi][nj][r];
+                else
+                    p.dw[(int64_t)co * KW + k] += acc[mi][nj][r];
             }
         }
     }
-    if (bias_block && tid < HV_BM && co0 + tid < p.c_out) p.db[co0 + tid] += bias_acc;
+    if (bias_block && tid < HV_BM && co0 + tid < p.c_out) {
+        if (p.split > 1)
+            p.partial_db[(int64_t)blockIdx.z * p.c_out + co0 + tid] = bias_acc;
+        else
+            p.db[co0 + tid] += bias_acc;
+    }
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)
+
+// out[i] += sum over chunks s = 0, 1, ... of partial[s * count + i], in that order.
+struct SplitReduceParams {
+    const float* partial;
+    float* out;
+    int64_t count;
+    int split;
+};
+extern "C" __global__ void hconv_split_reduce(const SplitReduceParams p) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.count; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = p.out[i];
+        for (int s = 0; s < p.split; ++s) v += p.partial[s * p.count + i];
+        p.out[i] = v;
+    }
+}
+STRATA_EMU_ENTRY(hconv_split_reduce, SplitReduceParams)

@@ -9,7 +9,7 @@ use crate::runtime::kernels::{
     AdamParams, ClipCoefParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
     SumSquaresParams,
 };
-use crate::runtime::kernels::{HConvBwdParams, HConvFwdParams, HConvMaskParams};
+use crate::runtime::kernels::{HConvBwdParams, HConvFwdParams, HConvMaskParams, SplitReduceParams};
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
@@ -374,6 +374,18 @@ pub fn hconv_weight_grad_to_torch(dw: &[f32], g: &ConvGeom) -> Vec<f32> {
     out
 }
 
+/// How the vectorized weight-gradient kernel splits its reduction over `rows` (frames x output
+/// positions): enough chunks to give ~2 blocks per SM of an H100 (132 SMs) when the dW tiles alone
+/// are fewer, each chunk at least 64 steps of 32 rows, at most 8. A function of the shape only, so
+/// the result is bitwise the same on every GPU. Returns (chunks, rows per chunk, a multiple of 32).
+pub fn weight_grad_split(rows: usize, g: &ConvGeom) -> (usize, usize) {
+    let tiles = g.c_out.div_ceil(128) * (g.kernel * g.c_in).div_ceil(128);
+    let want = (2 * 132usize).div_ceil(tiles);
+    let split = want.min(8).min(rows / (32 * 64)).max(1);
+    let per = rows.div_ceil(split).div_ceil(32) * 32;
+    (rows.div_ceil(per.max(1)).max(1), per.max(32))
+}
+
 /// Buffers of one conv's forward, for its backward.
 pub struct HConvSaved<'a> {
     /// The conv's input x [n, l_in, c_in] and its (post-ReLU) output y, flattened when `flatten`.
@@ -445,6 +457,10 @@ pub fn hconv_conv_backward(
         pad: g.pad as i32,
         l_out: l_out as i32,
         flatten: saved.flatten as i32,
+        partial_dw: 0,
+        partial_db: 0,
+        split_rows: (n * l_out) as i64,
+        split: 1,
     };
     if g.c_in % 8 == 0 && g.c_out % 8 == 0 {
         // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre.
@@ -461,17 +477,49 @@ pub fn hconv_conv_backward(
         };
         let blocks = total.div_ceil(256).min(65535) as u32;
         be.launch("hconv_relu_mask", (blocks, 1, 1), (256, 1, 1), 0, &mp)?;
+        let (split, split_rows) = weight_grad_split(n * l_out, g);
+        let wsize = g.c_out * g.kernel * g.c_in;
+        let partial = if split > 1 {
+            Some((
+                be.zeros::<f32>(split * wsize)?,
+                be.zeros::<f32>(split * g.c_out)?,
+            ))
+        } else {
+            None
+        };
         let pv = HConvBwdParams {
             dy: be.ptr(&dpre),
             flatten: 0,
+            partial_dw: partial.as_ref().map_or(0, |b| be.ptr(&b.0)),
+            partial_db: partial.as_ref().map_or(0, |b| be.ptr(&b.1)),
+            split_rows: split_rows as i64,
+            split: split as i32,
             ..p
         };
         let grid_w = (
             (g.kernel * g.c_in).div_ceil(128) as u32,
             g.c_out.div_ceil(128) as u32,
-            1,
+            split as u32,
         );
-        be.launch("hconv_conv_backward_weight_vec", grid_w, (256, 1, 1), 0, &pv)?;
+        be.launch(
+            "hconv_conv_backward_weight_vec",
+            grid_w,
+            (256, 1, 1),
+            0,
+            &pv,
+        )?;
+        if let Some((pdw, pdb)) = &partial {
+            for (part, out, count) in [(pdw, dw, wsize), (pdb, db, g.c_out)] {
+                let rp = SplitReduceParams {
+                    partial: be.ptr(part),
+                    out: be.ptr(out),
+                    count: count as i64,
+                    split: split as i32,
+                };
+                let blocks = count.div_ceil(256).min(4096) as u32;
+                be.launch("hconv_split_reduce", (blocks, 1, 1), (256, 1, 1), 0, &rp)?;
+            }
+        }
         if dx.is_some() {
             let grid_d = (
                 g.c_in.div_ceil(128) as u32,
@@ -497,4 +545,33 @@ pub fn hconv_conv_backward(
         be.launch(KD, grid_d, (128, 1, 1), 0, &p)?;
     }
     Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_grad_split_covers_every_row_once() {
+        let g = |l_in, c_in, c_out| ConvGeom {
+            l_in,
+            c_in,
+            c_out,
+            kernel: 5,
+            stride: 3,
+            pad: 2,
+        };
+        // HuBERT-Base at 32 x 500 frames: 180 and 90 dW tiles -> 2 and 3 chunks.
+        assert_eq!(weight_grad_split(16000 * 5, &g(13, 768, 768)).0, 2);
+        assert_eq!(weight_grad_split(16000 * 2, &g(5, 768, 384)).0, 3);
+        // Few rows: no split.
+        assert_eq!(weight_grad_split(15, &g(13, 768, 768)), (1, 32));
+        for rows in [1usize, 31, 4096, 5000, 80_000, 123_457] {
+            for geom in [g(13, 768, 768), g(4, 24, 24), g(25, 1024, 1024)] {
+                let (split, per) = weight_grad_split(rows, &geom);
+                assert!(per % 32 == 0 && split * per >= rows && (split - 1) * per < rows);
+                assert!((1..=8).contains(&split));
+            }
+        }
+    }
 }

@@ -37,6 +37,7 @@ pub const FILES: &[KernelFile] = &[
             "hconv_relu_mask",
             "hconv_conv_backward_data_vec",
             "hconv_conv_backward_weight_vec",
+            "hconv_split_reduce",
         ],
     },
     KernelFile {
@@ -100,5 +101,10 @@ params! {
     SelftestLdmatrixParams { tile: u64, out: u64 }
     HConvFwdParams { x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
     HConvMaskParams { y: u64, dy: u64, dpre: u64, n: i32, c_out: i32, l_out: i32, flatten: i32 }
-    HConvBwdParams { x: u64, w: u64, y: u64, dy: u64, dx: u64, dw: u64, db: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
+    HConvBwdParams {
+        x: u64, w: u64, y: u64, dy: u64, dx: u64, dw: u64, db: u64, n: i32, l_in: i32, c_in: i32, c_out: i32,
+        kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32, partial_dw: u64, partial_db: u64,
+        split_rows: i64, split: i32,
+    }
+    SplitReduceParams { partial: u64, out: u64, count: i64, split: i32 }
 }
