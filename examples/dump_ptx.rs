@@ -1,4 +1,5 @@
-//! Writes the PTX NVRTC makes of every kernel file (sm_90) into a folder, for ptxas reports:
+//! Writes the PTX NVRTC makes of every kernel file (sm_90), and of HConv's HuBERT-Base
+//! specializations, into a folder, for ptxas reports:
 //! `cargo run --release --example dump_ptx -- OUT_DIR` (needs libnvrtc.so.13 on LD_LIBRARY_PATH).
 
 use strata::runtime::{cuda, kernels};
@@ -9,6 +10,17 @@ fn main() {
     for file in kernels::FILES {
         let (ptx, _) = cuda::compile(file, cuda::ARCH).unwrap_or_else(|e| panic!("{e}"));
         let path = format!("{dir}/{}.ptx", file.file.trim_end_matches(".cu"));
+        std::fs::write(&path, ptx).expect("write PTX");
+        println!("{path}");
+    }
+    // HConv's vectorized kernels specialized to HuBERT-Base's two convs, as the GPU runs them.
+    let hconv = kernels::file_of("hconv_conv_forward_vec").expect("hconv.cu");
+    let plan = strata::models::interface::hconv_plan(13, 768, 5, 3).expect("plan");
+    for (i, g) in plan.convs.iter().enumerate() {
+        let defines = strata::ops::device::hconv_defines(g);
+        let (ptx, _) =
+            cuda::compile_with(hconv, cuda::ARCH, &defines).unwrap_or_else(|e| panic!("{e}"));
+        let path = format!("{dir}/hconv-base-conv{i}.ptx");
         std::fs::write(&path, ptx).expect("write PTX");
         println!("{path}");
     }

@@ -100,6 +100,28 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
 }
 STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
 
+// -D specialization (GPU only). The host may compile this file with HC_SPEC and the geometry as
+// constants (HC_C_IN, HC_C_OUT, HC_L_IN, HC_L_OUT, HC_KERNEL, HC_STRIDE, HC_PAD): the vectorized
+// kernels' index math (divisions by c_in, l_out, stride, ...) then compiles to multiply-shifts. The
+// emulator and unspecialized builds read the same values from the parameters. A specialized
+// kernel launched with other sizes traps rather than compute garbage.
+#ifdef HC_SPEC
+#define HC_G(field, constant) (constant)
+#define HC_CHECK_SPEC(p)                                                                                  \
+    if ((p).c_in != HC_C_IN || (p).c_out != HC_C_OUT || (p).l_in != HC_L_IN || (p).l_out != HC_L_OUT ||   \
+        (p).kernel != HC_KERNEL || (p).stride != HC_STRIDE || (p).pad != HC_PAD)                          \
+        __trap();
+#else
+#define HC_G(field, constant) (p.field)
+#define HC_CHECK_SPEC(p)
+#endif
+#define HC_GEOMETRY                                                                                       \
+    HC_CHECK_SPEC(p)                                                                                      \
+    const int c_in = HC_G(c_in, HC_C_IN), c_out = HC_G(c_out, HC_C_OUT), l_in = HC_G(l_in, HC_L_IN);      \
+    const int l_out = HC_G(l_out, HC_L_OUT), kernel = HC_G(kernel, HC_KERNEL);                            \
+    const int stride = HC_G(stride, HC_STRIDE), pad = HC_G(pad, HC_PAD);                                  \
+    (void)c_in, (void)c_out, (void)l_in, (void)l_out, (void)kernel, (void)stride, (void)pad;
+
 // ---------------------------------------------------------------------------------------------
 // The vectorized forward, for c_in % 8 == 0 (every real stack: 768, 1024, ...): a 16-byte chunk of
 // 8 channels never straddles a tap, so both operands stream global -> shared with cp.async (zero
@@ -112,14 +134,15 @@ STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
 #define HV_LD (HV_BK + 8)  // row pitch in bf16: 80 bytes keeps ldmatrix rows conflict-free
 
 extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
+    HC_GEOMETRY
     __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
     __align__(16) __shared__ bf16 bs[2][HV_BN][HV_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
-    const int64_t rows = (int64_t)p.n * p.l_out;
+    const int64_t rows = (int64_t)p.n * l_out;
     const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
-    const int K = p.kernel * p.c_in;
+    const int K = kernel * c_in;
     // Each thread stages chunk (tid % 4) of rows tid / 4 and tid / 4 + 64 of both tiles; the rows'
     // frame offsets and first layer are fixed for the whole K loop.
     const int kc = (tid % 4) * 8;
@@ -131,22 +154,22 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
     for (int j = 0; j < 2; ++j) {
         const int64_t r = row0 + tid / 4 + 64 * j;
         a_ok[j] = r < rows;
-        const int64_t f = a_ok[j] ? r / p.l_out : 0;
-        const int lo = a_ok[j] ? (int)(r % p.l_out) : 0;
-        a_base[j] = f * p.l_in * p.c_in;
-        a_li0[j] = lo * p.stride - p.pad;
+        const int64_t f = a_ok[j] ? r / l_out : 0;
+        const int lo = a_ok[j] ? (int)(r % l_out) : 0;
+        a_base[j] = f * l_in * c_in;
+        a_li0[j] = lo * stride - pad;
         const int co = col0 + tid / 4 + 64 * j;
-        b_ok[j] = co < p.c_out;
+        b_ok[j] = co < c_out;
         b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
     }
     auto stage = [&](int buf, int k0) {
         const int k = k0 + kc;
-        const int kw = k / p.c_in, ci = k - kw * p.c_in;
+        const int kw = k / c_in, ci = k - kw * c_in;
         #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int li = a_li0[j] + kw;
-            const bool va = a_ok[j] && k < K && li >= 0 && li < p.l_in;
-            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.x + a_base[j] + (int64_t)li * p.c_in + ci : p.x, va);
+            const bool va = a_ok[j] && k < K && li >= 0 && li < l_in;
+            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.x + a_base[j] + (int64_t)li * c_in + ci : p.x, va);
             const bool vb = b_ok[j] && k < K;
             cp_async16(&bs[buf][tid / 4 + 64 * j][kc], vb ? b_src[j] + k : p.w, vb);
         }
@@ -203,11 +226,11 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
             for (int r = 0; r < 4; ++r) {
                 const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int co = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (row >= rows || co >= p.c_out) continue;
+                if (row >= rows || co >= c_out) continue;
                 const float v = fmaxf(acc[mi][nj][r] + p.bias[co], 0.0f);
-                const int64_t f = row / p.l_out;
-                const int lo = (int)(row % p.l_out);
-                const int64_t at = p.flatten ? f * p.c_out * p.l_out + (int64_t)co * p.l_out + lo : row * p.c_out + co;
+                const int64_t f = row / l_out;
+                const int lo = (int)(row % l_out);
+                const int64_t at = p.flatten ? f * c_out * l_out + (int64_t)co * l_out + lo : row * c_out + co;
                 p.y[at] = float_to_bf16(v);
             }
         }
@@ -381,14 +404,15 @@ STRATA_EMU_ENTRY(hconv_relu_mask, HConvMaskParams)
 
 // dx (dy = dpre here; y and flatten unused): rows (f, li), cols ci, K = (kw, co).
 extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) {
+    HC_GEOMETRY
     __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
     __align__(16) __shared__ bf16 bt[2][HV_BK][HV_LDT];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
-    const int64_t rows = (int64_t)p.n * p.l_in;
+    const int64_t rows = (int64_t)p.n * l_in;
     const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
-    const int K = p.kernel * p.c_out, KW = p.kernel * p.c_in;
+    const int K = kernel * c_out, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
     int64_t a_frame[2];
     int a_li[2];
@@ -396,23 +420,23 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
     for (int j = 0; j < 2; ++j) {
         const int64_t r = row0 + tid / 4 + 64 * j;
         a_ok[j] = r < rows;
-        a_frame[j] = a_ok[j] ? r / p.l_in : 0;
-        a_li[j] = a_ok[j] ? (int)(r % p.l_in) : 0;
+        a_frame[j] = a_ok[j] ? r / l_in : 0;
+        a_li[j] = a_ok[j] ? (int)(r % l_in) : 0;
     }
     auto stage = [&](int buf, int k0) {
         const int k = k0 + kc;
-        const int kw = k / p.c_out, co = k - kw * p.c_out;
+        const int kw = k / c_out, co = k - kw * c_out;
         for (int j = 0; j < 2; ++j) {
-            const int num = a_li[j] + p.pad - kw;
-            const int lo = num / p.stride;
-            const bool va = a_ok[j] && k < K && num >= 0 && num % p.stride == 0 && lo < p.l_out;
-            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.dy + (a_frame[j] * p.l_out + lo) * p.c_out + co : p.dy, va);
+            const int num = a_li[j] + pad - kw;
+            const int lo = num / stride;
+            const bool va = a_ok[j] && k < K && num >= 0 && num % stride == 0 && lo < l_out;
+            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.dy + (a_frame[j] * l_out + lo) * c_out + co : p.dy, va);
             // W as [k][ci]: k-row c / 16, 8 channels at 8 (c % 16).
             const int c = tid + 256 * j, krow = c / 16, ci = col0 + (c % 16) * 8;
             const int kb = k0 + krow;
-            const int kwb = kb / p.c_out, cob = kb - kwb * p.c_out;
-            const bool vb = kb < K && ci < p.c_in;
-            cp_async16(&bt[buf][krow][(c % 16) * 8], vb ? p.w + (int64_t)cob * KW + kwb * p.c_in + ci : p.w, vb);
+            const int kwb = kb / c_out, cob = kb - kwb * c_out;
+            const bool vb = kb < K && ci < c_in;
+            cp_async16(&bt[buf][krow][(c % 16) * 8], vb ? p.w + (int64_t)cob * KW + kwb * c_in + ci : p.w, vb);
         }
         cp_async_commit();
     };
@@ -467,7 +491,7 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
             for (int r = 0; r < 4; ++r) {
                 const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int ci = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (row < rows && ci < p.c_in) p.dx[row * p.c_in + ci] = float_to_bf16(acc[mi][nj][r]);
+                if (row < rows && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[mi][nj][r]);
             }
         }
     }
@@ -476,14 +500,15 @@ STRATA_EMU_ENTRY(hconv_conv_backward_data_vec, HConvBwdParams)
 
 // dW and db (dy = dpre here): rows co, cols (kw, ci), K = every (frame, output position).
 extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p) {
+    HC_GEOMETRY
     __align__(16) __shared__ bf16 at[2][HV_BK][HV_LDT];
     __align__(16) __shared__ bf16 bt[2][HV_BK][HV_LDT];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
-    const int64_t R = (int64_t)p.n * p.l_out;
+    const int64_t R = (int64_t)p.n * l_out;
     const int co0 = blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
-    const int KW = p.kernel * p.c_in;
+    const int KW = kernel * c_in;
     const bool bias_block = blockIdx.x == 0;
     const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
     const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
@@ -492,18 +517,18 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
             const int c = tid + 256 * j, krow = c / 16, off = (c % 16) * 8;
             const int64_t r = r0 + krow;
             const int co = co0 + off;
-            const bool va = r < r_end && co < p.c_out;
-            cp_async16(&at[buf][krow][off], va ? p.dy + r * p.c_out + co : p.dy, va);
+            const bool va = r < r_end && co < c_out;
+            cp_async16(&at[buf][krow][off], va ? p.dy + r * c_out + co : p.dy, va);
             const int k = col0 + off;
             bool vb = r < r_end && k < KW;
             const bf16* src = p.x;
             if (vb) {
-                const int64_t f = r / p.l_out;
-                const int lo = (int)(r - f * p.l_out);
-                const int kw = k / p.c_in, ci = k - kw * p.c_in;
-                const int li = lo * p.stride - p.pad + kw;
-                vb = li >= 0 && li < p.l_in;
-                if (vb) src = p.x + (f * p.l_in + li) * p.c_in + ci;
+                const int64_t f = r / l_out;
+                const int lo = (int)(r - f * l_out);
+                const int kw = k / c_in, ci = k - kw * c_in;
+                const int li = lo * stride - pad + kw;
+                vb = li >= 0 && li < l_in;
+                if (vb) src = p.x + (f * l_in + li) * c_in + ci;
             }
             cp_async16(&bt[buf][krow][off], src, vb);
         }
@@ -564,17 +589,17 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
             for (int r = 0; r < 4; ++r) {
                 const int co = co0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int k = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (co >= p.c_out || k >= KW) continue;
+                if (co >= c_out || k >= KW) continue;
                 if (p.split > 1)
-                    p.partial_dw[((int64_t)blockIdx.z * p.c_out + co) * KW + k] = acc[mi][nj][r];
+                    p.partial_dw[((int64_t)blockIdx.z * c_out + co) * KW + k] = acc[mi][nj][r];
                 else
                     p.dw[(int64_t)co * KW + k] += acc[mi][nj][r];
             }
         }
     }
-    if (bias_block && tid < HV_BM && co0 + tid < p.c_out) {
+    if (bias_block && tid < HV_BM && co0 + tid < c_out) {
         if (p.split > 1)
-            p.partial_db[(int64_t)blockIdx.z * p.c_out + co0 + tid] = bias_acc;
+            p.partial_db[(int64_t)blockIdx.z * c_out + co0 + tid] = bias_acc;
         else
             p.db[co0 + tid] += bias_acc;
     }

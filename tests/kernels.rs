@@ -17,9 +17,13 @@ fn on_gpu() -> bool {
     std::env::var("STRATA_TEST_CUDA").is_ok_and(|v| v == "1")
 }
 
-/// The emulator, plus the GPU when asked for (then it must exist).
+/// The emulator, plus the GPU when asked for (then it must exist). The device script sets
+/// STRATA_TEST_EMULATOR=0 to spend its minutes on the GPU only (CI runs the emulator).
 fn backends() -> Vec<Backend> {
-    let mut v = vec![Backend::Emulator];
+    let mut v = Vec::new();
+    if !(on_gpu() && std::env::var("STRATA_TEST_EMULATOR").is_ok_and(|v| v == "0")) {
+        v.push(Backend::Emulator);
+    }
     if on_gpu() {
         v.push(
             Backend::cuda().unwrap_or_else(|why| panic!("STRATA_TEST_CUDA=1 but no GPU: {why}")),

@@ -32,6 +32,23 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
             file.file
         );
     }
+    // Specializations: HConv's vectorized kernels with HuBERT-Base / Large geometry as -D
+    // constants compile, are cached apart from the plain build, and differ from it.
+    let hconv = kernels::file_of("hconv_conv_forward_vec").unwrap();
+    let (plain, _) = cuda::compile(hconv, cuda::ARCH).unwrap();
+    for (l, d) in [(13usize, 768usize), (25, 1024)] {
+        for g in strata::models::interface::hconv_plan(l, d, 5, 3)
+            .unwrap()
+            .convs
+        {
+            let defines = strata::ops::device::hconv_defines(&g);
+            let (ptx, hit) = cuda::compile_with(hconv, cuda::ARCH, &defines)
+                .unwrap_or_else(|e| panic!("{g:?}: {e}"));
+            assert!(!hit && ptx != plain, "{g:?}: a variant of its own");
+            let (_, hit) = cuda::compile_with(hconv, cuda::ARCH, &defines).unwrap();
+            assert!(hit, "{g:?}: cached");
+        }
+    }
     // A damaged cache entry is recompiled, never trusted.
     let entry = std::fs::read_dir(&dir)
         .unwrap()

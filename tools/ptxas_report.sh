@@ -11,6 +11,7 @@ export LD_LIBRARY_PATH="$cache/nvrtc-13.0/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
 out=$(mktemp -d)
 cargo run --release --quiet --example dump_ptx -- "$out" >/dev/null
 for ptx in "$out"/*.ptx; do
+    echo "== $(basename "$ptx")"
     "$cache/nvcc-13.0/nvidia/cu13/bin/ptxas" -v -arch=sm_90 -o /dev/null "$ptx" 2>&1 \
         | grep -E "Compiling entry|registers|spill" | sed -e "s|^ptxas info *: ||"
 done

@@ -283,6 +283,20 @@ pub fn clip_coefficient(
     Ok((norm, coef))
 }
 
+/// The `-D` constants that specialize kernels/hconv.cu's vectorized kernels to one conv's geometry.
+pub fn hconv_defines(g: &ConvGeom) -> [(&'static str, i64); 8] {
+    [
+        ("HC_SPEC", 1),
+        ("HC_C_IN", g.c_in as i64),
+        ("HC_C_OUT", g.c_out as i64),
+        ("HC_L_IN", g.l_in as i64),
+        ("HC_L_OUT", g.l_out() as i64),
+        ("HC_KERNEL", g.kernel as i64),
+        ("HC_STRIDE", g.stride as i64),
+        ("HC_PAD", g.pad as i64),
+    ]
+}
+
 /// PyTorch's Conv1d weight [c_out, c_in, k] as the kernel's tap-major bf16 [c_out, k * c_in].
 pub fn hconv_weight_for_kernel(w: &[f32], g: &ConvGeom) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; g.c_out * g.kernel * g.c_in];
@@ -348,7 +362,8 @@ pub fn hconv_conv_forward(
             (n * l_out).div_ceil(128) as u32,
             1,
         );
-        be.launch("hconv_conv_forward_vec", grid, (256, 1, 1), 0, &p)?;
+        let d = hconv_defines(g);
+        be.launch_specialized("hconv_conv_forward_vec", &d, grid, (256, 1, 1), 0, &p)?;
     } else {
         let grid = (
             g.c_out.div_ceil(64) as u32,
@@ -526,7 +541,15 @@ pub fn hconv_conv_backward(
                 (n * g.l_in).div_ceil(128) as u32,
                 1,
             );
-            be.launch("hconv_conv_backward_data_vec", grid_d, (256, 1, 1), 0, &pv)?;
+            let d = hconv_defines(g);
+            be.launch_specialized(
+                "hconv_conv_backward_data_vec",
+                &d,
+                grid_d,
+                (256, 1, 1),
+                0,
+                &pv,
+            )?;
         }
         return Ok(dx);
     }

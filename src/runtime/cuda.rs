@@ -16,7 +16,8 @@ pub const ARCH: &str = "sm_90";
 pub struct CudaRuntime {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded kernels by "name|defines".
+    functions: Mutex<HashMap<String, CudaFunction>>,
     pub device_name: String,
 }
 
@@ -86,8 +87,22 @@ fn compile_options() -> Vec<String> {
 
 /// Compiles a kernel file to PTX for `arch`, through the disk cache. Returns (ptx, cache hit).
 pub fn compile(file: &KernelFile, arch: &'static str) -> Result<(String, bool), String> {
+    compile_with(file, arch, &[])
+}
+
+/// `-D NAME=value` options of a specialization.
+pub type Defines<'a> = &'a [(&'static str, i64)];
+
+/// [`compile`] with `-D` constants (a specialization: the kernel file decides what they mean).
+/// The defines are part of the compile options, so of the cache key.
+pub fn compile_with(
+    file: &KernelFile,
+    arch: &'static str,
+    defines: Defines,
+) -> Result<(String, bool), String> {
     let src = kernels::nvrtc_source(file);
-    let opts = compile_options();
+    let mut opts = compile_options();
+    opts.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
     let (major, minor) = nvrtc_version()?;
     let version = format!("{major}.{minor}");
     let key = format!(
@@ -134,6 +149,34 @@ pub fn compile(file: &KernelFile, arch: &'static str) -> Result<(String, bool), 
     Ok((body, false))
 }
 
+/// The activation / gradient pool: buffers come from cudarc's stream-ordered allocator
+/// (cuMemAllocAsync on the device's default memory pool), and freed memory stays in that pool for
+/// the next step's buffers instead of going back to the driver at every synchronize (the default
+/// release threshold is 0). Best effort: without pool support allocation still works, unpooled.
+fn keep_freed_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    if ctx.bind_to_thread().is_err() {
+        return;
+    }
+    let device = ctx.cu_device();
+    // cudarc panics on a driver symbol it cannot load: contain that like the probe does.
+    let _ = std::panic::catch_unwind(|| {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: the context is current on this thread; the out-pointer and the attribute value
+        // (a u64, as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD takes) are valid for the calls.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, device) == sys::CUresult::CUDA_SUCCESS {
+                let _ = sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                );
+            }
+        }
+    });
+}
+
 impl CudaRuntime {
     /// The first GPU, or the reason there is none. Never panics.
     pub fn probe() -> Result<Self, String> {
@@ -144,6 +187,7 @@ impl CudaRuntime {
         // One stream: per-launch event tracking of every buffer would only cost time.
         // SAFETY: strata uses a single stream per context.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx);
         let stream = ctx.default_stream();
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(CudaRuntime {
@@ -154,16 +198,20 @@ impl CudaRuntime {
         })
     }
 
-    fn function(&self, kernel: &'static str) -> Result<CudaFunction, String> {
+    fn function(&self, kernel: &'static str, defines: Defines) -> Result<CudaFunction, String> {
+        let variant = |k: &str| {
+            let d: Vec<String> = defines.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            format!("{k}|{}", d.join(","))
+        };
         let mut cache = self
             .functions
             .lock()
             .map_err(|_| "kernel cache lock poisoned".to_string())?;
-        if let Some(f) = cache.get(kernel) {
+        if let Some(f) = cache.get(&variant(kernel)) {
             return Ok(f.clone());
         }
         let file = kernels::file_of(kernel).ok_or_else(|| format!("no kernel named '{kernel}'"))?;
-        let (ptx, _) = compile(file, ARCH)?;
+        let (ptx, _) = compile_with(file, ARCH, defines)?;
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -172,10 +220,10 @@ impl CudaRuntime {
             let f = module
                 .load_function(k)
                 .map_err(|e| format!("{}: no function {k}: {e}", file.file))?;
-            cache.insert(k, f);
+            cache.insert(variant(k), f);
         }
         cache
-            .get(kernel)
+            .get(&variant(kernel))
             .cloned()
             .ok_or_else(|| format!("no kernel named '{kernel}'"))
     }
@@ -183,12 +231,13 @@ impl CudaRuntime {
     pub fn launch<P: kernels::KernelParams + cudarc::driver::DeviceRepr>(
         &self,
         kernel: &'static str,
+        defines: Defines,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         smem: u32,
         params: &P,
     ) -> Result<(), String> {
-        let f = self.function(kernel)?;
+        let f = self.function(kernel, defines)?;
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: block,

@@ -139,6 +139,22 @@ impl Backend {
         smem: u32,
         params: &P,
     ) -> Result<()> {
+        self.launch_specialized(kernel, &[], grid, block, smem, params)
+    }
+
+    /// A launch of the kernel compiled with `-D` constants on the GPU (a variant per distinct set,
+    /// compiled on first use and disk-cached). The emulator runs its one build, in which the kernel
+    /// reads the same values at run time: kernels use defines only as constants for values their
+    /// parameters also carry (see kernels/hconv.cu). STRATA_NO_SPECIALIZE=1 turns them off.
+    pub fn launch_specialized<P: kernels::KernelParams + DeviceRepr>(
+        &self,
+        kernel: &'static str,
+        defines: cuda::Defines,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        params: &P,
+    ) -> Result<()> {
         let r = match self {
             Backend::Emulator => emulator::launch(
                 kernel,
@@ -147,7 +163,17 @@ impl Backend {
                 smem,
                 params as *const P as *const std::ffi::c_void,
             ),
-            Backend::Cuda(rt) => rt.launch(kernel, grid, block, smem, params),
+            Backend::Cuda(rt) => {
+                let off = std::env::var("STRATA_NO_SPECIALIZE").is_ok_and(|v| v == "1");
+                rt.launch(
+                    kernel,
+                    if off { &[] } else { defines },
+                    grid,
+                    block,
+                    smem,
+                    params,
+                )
+            }
         };
         r.map_err(|e| device_err(format!("{kernel} (grid {grid:?}, block {block:?}): {e}")))
     }
