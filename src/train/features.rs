@@ -46,8 +46,8 @@ pub fn read_wave(path: &Path, normalize: bool) -> Result<Vec<f32>> {
     })
 }
 
-/// Runs `upstream` over every utterance of `ds` and writes the cache to `dir` (replacing the index
-/// of an older cache there). Returns the frames written.
+/// Runs `upstream` over every utterance of `ds` and writes the cache to `dir` (replacing an older
+/// cache there). Returns the frames written.
 pub fn extract_dataset(
     upstream: &Upstream,
     ds: &Dataset,
@@ -62,6 +62,17 @@ pub fn extract_dataset(
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, format!("cannot create: {e}")))?;
+    // An older cache's index goes first: shards are about to be replaced, and a crash midway must
+    // leave "no cache" (extracted again next time), never an index over other shards.
+    match std::fs::remove_file(dir.join("index.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_err(
+                dir,
+                format!("cannot replace the old index.json: {e}"),
+            ))
+        }
+        _ => {}
+    }
     let samples: Vec<usize> = ds.utterances.iter().map(|u| u.samples).collect();
     let batches = crate::train::data::length_buckets(&samples, BATCH_SAMPLES, None);
     let (l, d) = (upstream.num_states(), upstream.hidden_size());
