@@ -187,6 +187,23 @@ fn main() {
             2 * (2 * macs + dx_macs) * n
         );
     }
+    // CTC loss + gradient (one call: upload of the targets, the kernel, the per-utterance losses
+    // back to the host): 32 utterances x 500 frames, 71 symbols, 120 labels each.
+    {
+        let (n, t, v, u) = (32usize, 500usize, 71usize, 120usize);
+        let batch = strata::PackedBatch::from_lengths(&vec![t; n]).unwrap();
+        let lp = be.upload(&vec![-(v as f32).ln(); n * t * v]).unwrap();
+        let targets: Vec<Vec<usize>> = (0..n)
+            .map(|i| (0..u).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
+            .collect();
+        let ms = time_ms(&be, &mut flush, || {
+            device::ctc_loss(&be, &lp, v, &batch, &targets, strata::Reduction::Mean, true).unwrap();
+        });
+        println!(
+            "{{\"name\": \"ctc_32x500\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            2 * n * t * v * 4
+        );
+    }
     for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
         let p = be.upload(&vec![0.1f32; n]).unwrap();
         let g = be.upload(&vec![0.01f32; n]).unwrap();

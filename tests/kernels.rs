@@ -771,3 +771,155 @@ fn ldmatrix_wrappers_follow_the_ptx_fragment_layout() {
         }
     }
 }
+
+/// CTC on the device (one block per utterance) against the CPU reference (itself checked against
+/// PyTorch): repeated labels, a blank-heavy target, an empty target, an impossible alignment with
+/// and without zero_infinity, mixed lengths, both reductions; fp32, 1e-5 of scale.
+#[test]
+fn ctc_kernel_matches_the_cpu_reference() {
+    use strata::ops::ctc::{forward_backward, Reduction};
+    use strata::PackedBatch;
+    for be in backends() {
+        let gpu = matches!(be, Backend::Cuda(_));
+        // (lengths, targets, vocabulary)
+        let mut cases: Vec<(Vec<usize>, Vec<Vec<usize>>, usize)> = vec![
+            (
+                vec![12, 7, 9],
+                vec![vec![1, 1, 2], vec![3], vec![2, 3, 2, 1]],
+                5,
+            ),
+            (vec![30], vec![vec![4; 10]], 6), // every label repeated: blanks between all
+            (vec![5, 6], vec![vec![], vec![1, 2]], 3),
+            (vec![3, 10], vec![vec![1, 1], vec![2, 2, 2]], 4), // repeats need blanks: 3 and 5 frames
+            (vec![2, 8], vec![vec![1, 1], vec![1]], 3),        // "1 1" in 2 frames: impossible
+            (
+                vec![200, 150],
+                vec![
+                    (0..60).map(|i| 1 + (i * 7) % 29).collect(),
+                    (0..40).map(|i| 1 + i % 3).collect(),
+                ],
+                30,
+            ),
+        ];
+        if gpu {
+            let mut rng = Rng::new(11);
+            let lens: Vec<usize> = (0..32).map(|_| 300 + rng.below(200)).collect();
+            let tg = lens
+                .iter()
+                .map(|&l| (0..l / 4).map(|_| 1 + rng.below(70)).collect())
+                .collect();
+            cases.push((lens, tg, 71));
+        }
+        for (lens, targets, v) in cases {
+            let batch = PackedBatch::from_lengths(&lens).unwrap();
+            let raw = randn(batch.total_frames() * v, lens.len() as u64 + v as u64);
+            let lp = strata::ops::softmax::log_softmax_forward(&raw, v);
+            let lpb = be.upload(&lp).unwrap();
+            let mut flat = Vec::new();
+            let mut toff = vec![0];
+            for t in &targets {
+                flat.extend_from_slice(t);
+                toff.push(flat.len());
+            }
+            for reduction in [Reduction::Mean, Reduction::Sum] {
+                for zero_inf in [true, false] {
+                    let tag = format!(
+                        "{} lens {:?} v {v} {reduction:?} zero_infinity {zero_inf}",
+                        be.name(),
+                        &lens[..lens.len().min(4)]
+                    );
+                    let want = forward_backward(
+                        &lp,
+                        v,
+                        batch.offsets(),
+                        &flat,
+                        &toff,
+                        0,
+                        reduction,
+                        zero_inf,
+                    );
+                    let got = device::ctc_loss(&be, &lpb, v, &batch, &targets, reduction, zero_inf)
+                        .unwrap();
+                    be.synchronize().unwrap();
+                    let g = be.download(&got.grad).unwrap();
+                    for (u, (a, b)) in got
+                        .per_utterance
+                        .iter()
+                        .zip(&want.per_utterance)
+                        .enumerate()
+                    {
+                        let ok = (a.is_infinite() && b.is_infinite())
+                            || (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+                        assert!(ok, "{tag}: utterance {u} loss {a} vs {b}");
+                    }
+                    let same = (got.loss.is_infinite() && want.loss.is_infinite())
+                        || (got.loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0);
+                    assert!(same, "{tag}: loss {} vs {}", got.loss, want.loss);
+                    // The gradient against an f64 evaluation: log-space recursions over hundreds
+                    // of frames lose ~1e-5 in f32 whatever the summation order, so the bound is
+                    // the CPU f32 reference's own error (x2, floor 1e-5 of scale).
+                    let lp64: Vec<f64> = lp.iter().map(|&x| x as f64).collect();
+                    let exact = forward_backward(
+                        &lp64,
+                        v,
+                        batch.offsets(),
+                        &flat,
+                        &toff,
+                        0,
+                        reduction,
+                        zero_inf,
+                    );
+                    let scale = exact
+                        .grad
+                        .iter()
+                        .filter(|x| x.is_finite())
+                        .fold(1e-30f64, |m, x| m.max(x.abs()));
+                    let err = |v: &[f32]| {
+                        v.iter().zip(&exact.grad).fold(0f64, |m, (&a, &b)| {
+                            if a.is_nan() && b.is_nan() {
+                                m
+                            } else {
+                                m.max((a as f64 - b).abs())
+                            }
+                        })
+                    };
+                    let (e_gpu, e_cpu) = (err(&g), err(&want.grad));
+                    eprintln!(
+                        "{tag}: grad error {:.2e}, CPU f32 {:.2e} (of scale {scale:.2e})",
+                        e_gpu / scale,
+                        e_cpu / scale
+                    );
+                    assert!(
+                        e_gpu <= (2.0 * e_cpu).max(1e-5 * scale),
+                        "{tag}: grad error {e_gpu:.3e} vs CPU f32 {e_cpu:.3e}"
+                    );
+                    for (i, (a, b)) in g.iter().zip(&want.grad).enumerate() {
+                        assert_eq!(a.is_nan(), b.is_nan(), "{tag}: grad[{i}] = {a}, want {b}");
+                    }
+                }
+            }
+        }
+        // Bad targets are refused with the utterance named.
+        let batch = PackedBatch::from_lengths(&[3]).unwrap();
+        let lpb = be.upload(&vec![-1.0f32; 9]).unwrap();
+        let err = device::ctc_loss(&be, &lpb, 3, &batch, &[vec![0]], Reduction::Mean, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("utterance 0") && err.contains("blank"),
+            "{err}"
+        );
+        let err = device::ctc_loss(
+            &be,
+            &lpb,
+            3,
+            &batch,
+            &[vec![1, 2, 1, 2]],
+            Reduction::Mean,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("target length 4"), "{err}");
+    }
+}

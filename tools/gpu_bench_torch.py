@@ -3,6 +3,7 @@
 the same work, same sizes, CUDA events, L2 flush, median of 20. JSON lines {"name", "ms"}, plus
 the measured device-to-device copy bandwidth ("peak_copy", bytes read + written per second)."""
 import json
+import math
 import os
 import sys
 
@@ -71,6 +72,17 @@ def main():
             torch.autograd.grad(out, params, torch.full_like(out, 0.01))
 
         print(json.dumps({"name": f"hconv_{name}_fwd_bwd", "ms": time_ms(fwd_bwd)}))
+    N, T, V, U = 32, 500, 71, 120
+    lp = torch.full((T, N, V), -math.log(V), device=dev, requires_grad=True)
+    targets = torch.tensor([[1 + (i * 7 + j * 13) % (V - 1) for j in range(U)] for i in range(N)], device=dev)
+    il, tl = torch.full((N,), T, dtype=torch.long), torch.full((N,), U, dtype=torch.long)
+
+    def ctc():
+        loss = F.ctc_loss(lp, targets, il, tl, reduction="mean", zero_infinity=True)
+        torch.autograd.grad(loss, lp)
+        loss.item()  # strata's call returns the loss value on the host too
+
+    print(json.dumps({"name": "ctc_32x500", "ms": time_ms(ctc)}))
     for n in (4_424_832 + 768 * 256 + 256 * 43, 100_000_000):
         p = torch.nn.Parameter(torch.full((n,), 0.1, device=dev))
         p.grad = torch.full((n,), 0.01, device=dev)

@@ -9,7 +9,9 @@ use crate::runtime::kernels::{
     AdamParams, ClipCoefParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
     SumSquaresParams,
 };
-use crate::runtime::kernels::{HConvBwdParams, HConvFwdParams, HConvMaskParams, SplitReduceParams};
+use crate::runtime::kernels::{
+    CtcParams, HConvBwdParams, HConvFwdParams, HConvMaskParams, SplitReduceParams,
+};
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
@@ -568,6 +570,118 @@ pub fn hconv_conv_backward(
         be.launch(KD, grid_d, (128, 1, 1), 0, &p)?;
     }
     Ok(dx)
+}
+
+/// What [`ctc_loss`] returns: the reduced loss (computed on the host from the per-utterance
+/// values, the one device-to-host copy), each utterance's loss, and d loss / d log_probs on the
+/// device.
+pub struct CtcOutput {
+    pub loss: f32,
+    pub per_utterance: Vec<f32>,
+    pub grad: Buf<f32>,
+}
+
+impl std::fmt::Debug for CtcOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CtcOutput")
+            .field("loss", &self.loss)
+            .field("per_utterance", &self.per_utterance)
+            .field("grad_len", &self.grad.len())
+            .finish()
+    }
+}
+
+/// CTC loss and gradient on the device (kernels/ctc.cu), blank 0, PyTorch's semantics; the same
+/// contract and checks as the tape's `ctc_loss`. `log_probs` [frames, v] (log-softmax output),
+/// packed as `batch`; `targets[u]` in 1..v, at most as long as utterance u and 1024 labels.
+pub fn ctc_loss(
+    be: &Backend,
+    log_probs: &Buf<f32>,
+    v: usize,
+    batch: &crate::batch::PackedBatch,
+    targets: &[Vec<usize>],
+    reduction: crate::ops::ctc::Reduction,
+    zero_infinity: bool,
+) -> Result<CtcOutput> {
+    const K: &str = "ctc_loss_fwd_bwd";
+    let n = batch.num_utterances();
+    need(be, K, "log_probs", log_probs, batch.total_frames() * v)?;
+    if targets.len() != n || v < 2 {
+        return Err(Error::shape(
+            K,
+            format!("{n} targets and a vocabulary of >= 2 (blank + labels)"),
+            format!("{} targets, vocabulary {v}", targets.len()),
+        ));
+    }
+    let mut flat = Vec::new();
+    let mut toff = vec![0i32];
+    let mut scratch = 0usize;
+    for (u, t) in targets.iter().enumerate() {
+        if let Some(&bad) = t.iter().find(|&&c| c == 0 || c >= v) {
+            return Err(Error::value(
+                "ctc target",
+                format!("utterance {u} has label {bad}; labels must be in 1..{v} (0 is the blank)"),
+            ));
+        }
+        if t.len() > batch.len_of(u) || t.len() > 1024 {
+            return Err(Error::shape(
+                K,
+                format!(
+                    "utterance {u}: a target of at most min(input length {}, 1024) labels",
+                    batch.len_of(u)
+                ),
+                format!("target length {}", t.len()),
+            ));
+        }
+        flat.extend(t.iter().map(|&c| c as i32));
+        toff.push(flat.len() as i32);
+        scratch += batch.len_of(u) * (2 * t.len() + 1);
+    }
+    if n == 0 || batch.total_frames() > i32::MAX as usize {
+        return Err(Error::shape(
+            K,
+            "1 or more utterances, under 2^31 frames",
+            format!("{n} utterances, {} frames", batch.total_frames()),
+        ));
+    }
+    let ioff: Vec<i32> = batch.offsets().iter().map(|&o| o as i32).collect();
+    let (ib, tb, ob) = (
+        be.upload(&ioff)?,
+        be.upload(if flat.is_empty() { &[0i32][..] } else { &flat })?,
+        be.upload(&toff)?,
+    );
+    let alpha = be.zeros::<f32>(scratch.max(1))?;
+    let nll = be.zeros::<f32>(n)?;
+    let grad = be.zeros::<f32>(batch.total_frames() * v)?;
+    let p = CtcParams {
+        lp: be.ptr(log_probs),
+        input_offsets: be.ptr(&ib),
+        targets: be.ptr(&tb),
+        target_offsets: be.ptr(&ob),
+        alpha: be.ptr(&alpha),
+        nll: be.ptr(&nll),
+        grad: be.ptr(&grad),
+        n: n as i32,
+        v: v as i32,
+        blank: 0,
+        mean: (reduction == crate::ops::ctc::Reduction::Mean) as i32,
+        zero_infinity: zero_infinity as i32,
+    };
+    be.launch(K, (n as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    let per_utterance = be.download(&nll)?;
+    let loss = per_utterance
+        .iter()
+        .zip(targets)
+        .map(|(&l, t)| match reduction {
+            crate::ops::ctc::Reduction::Mean => l * (1.0 / (t.len().max(1) * n) as f32),
+            crate::ops::ctc::Reduction::Sum => l,
+        })
+        .sum();
+    Ok(CtcOutput {
+        loss,
+        per_utterance,
+        grad,
+    })
 }
 
 #[cfg(test)]

@@ -41,6 +41,11 @@ pub const FILES: &[KernelFile] = &[
         ],
     },
     KernelFile {
+        file: "ctc.cu",
+        source: include_str!("../../kernels/ctc.cu"),
+        kernels: &["ctc_loss_fwd_bwd"],
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -107,4 +112,8 @@ params! {
         split_rows: i64, split: i32,
     }
     SplitReduceParams { partial: u64, out: u64, count: i64, split: i32 }
+    CtcParams {
+        lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,
+        n: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,
+    }
 }

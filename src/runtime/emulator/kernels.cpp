@@ -3,3 +3,4 @@
 #include "../../../kernels/adamw.cu"
 #include "../../../kernels/selftest.cu"
 #include "../../../kernels/hconv.cu"
+#include "../../../kernels/ctc.cu"
