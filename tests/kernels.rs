@@ -901,7 +901,7 @@ fn ctc_kernel_matches_the_cpu_reference() {
         }
         // Bad targets are refused with the utterance named.
         let batch = PackedBatch::from_lengths(&[3]).unwrap();
-        let lpb = be.upload(&vec![-1.0f32; 9]).unwrap();
+        let lpb = be.upload(&[-1.0f32; 9]).unwrap();
         let err = device::ctc_loss(&be, &lpb, 3, &batch, &[vec![0]], Reduction::Mean, true)
             .unwrap_err()
             .to_string();
