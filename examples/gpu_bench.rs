@@ -204,6 +204,19 @@ fn main() {
             2 * n * t * v * 4
         );
     }
+    // Fused softmax cross-entropy + dlogits: 4096 rows x 1251 classes (VoxCeleb1 speakers).
+    {
+        let (rows, classes) = (4096usize, 1251usize);
+        let logits = be.upload(&vec![0.1f32; rows * classes]).unwrap();
+        let labels: Vec<usize> = (0..rows).map(|i| (i * 31) % classes).collect();
+        let ms = time_ms(&be, &mut flush, || {
+            device::cross_entropy(&be, &logits, classes, &labels, strata::Reduction::Mean).unwrap();
+        });
+        println!(
+            "{{\"name\": \"cross_entropy_4096x1251\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            3 * rows * classes * 4
+        );
+    }
     for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
         let p = be.upload(&vec![0.1f32; n]).unwrap();
         let g = be.upload(&vec![0.01f32; n]).unwrap();

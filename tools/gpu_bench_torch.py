@@ -83,6 +83,16 @@ def main():
         loss.item()  # strata's call returns the loss value on the host too
 
     print(json.dumps({"name": "ctc_32x500", "ms": time_ms(ctc)}))
+    rows, classes = 4096, 1251
+    logits = torch.full((rows, classes), 0.1, device=dev, requires_grad=True)
+    labels = torch.tensor([(i * 31) % classes for i in range(rows)], device=dev)
+
+    def ce():
+        loss = F.cross_entropy(logits, labels)
+        torch.autograd.grad(loss, logits)
+        loss.item()
+
+    print(json.dumps({"name": "cross_entropy_4096x1251", "ms": time_ms(ce)}))
     for n in (4_424_832 + 768 * 256 + 256 * 43, 100_000_000):
         p = torch.nn.Parameter(torch.full((n,), 0.1, device=dev))
         p.grad = torch.full((n,), 0.01, device=dev)

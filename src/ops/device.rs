@@ -10,7 +10,8 @@ use crate::runtime::kernels::{
     SumSquaresParams,
 };
 use crate::runtime::kernels::{
-    CtcParams, HConvBwdParams, HConvFwdParams, HConvMaskParams, SplitReduceParams,
+    CrossEntropyParams, CtcParams, HConvBwdParams, HConvFwdParams, HConvMaskParams,
+    SplitReduceParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -575,20 +576,11 @@ pub fn hconv_conv_backward(
 /// What [`ctc_loss`] returns: the reduced loss (computed on the host from the per-utterance
 /// values, the one device-to-host copy), each utterance's loss, and d loss / d log_probs on the
 /// device.
+#[derive(Debug)]
 pub struct CtcOutput {
     pub loss: f32,
     pub per_utterance: Vec<f32>,
     pub grad: Buf<f32>,
-}
-
-impl std::fmt::Debug for CtcOutput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CtcOutput")
-            .field("loss", &self.loss)
-            .field("per_utterance", &self.per_utterance)
-            .field("grad_len", &self.grad.len())
-            .finish()
-    }
 }
 
 /// CTC loss and gradient on the device (kernels/ctc.cu), blank 0, PyTorch's semantics; the same
@@ -682,6 +674,53 @@ pub fn ctc_loss(
         per_utterance,
         grad,
     })
+}
+
+/// Softmax cross-entropy of `logits` [rows, classes] against `labels` (each < classes) on the
+/// device, fused with d loss / d logits (kernels/cross_entropy.cu). Returns the reduced loss
+/// (summed on the host from the per-row losses) and the logit gradient on the device.
+pub fn cross_entropy(
+    be: &Backend,
+    logits: &Buf<f32>,
+    classes: usize,
+    labels: &[usize],
+    reduction: crate::ops::ctc::Reduction,
+) -> Result<(f32, Buf<f32>)> {
+    const K: &str = "cross_entropy_fwd_bwd";
+    let rows = labels.len();
+    if rows == 0 || classes == 0 || rows > i32::MAX as usize {
+        return Err(Error::shape(
+            K,
+            "at least one row and one class",
+            format!("{rows} rows, {classes} classes"),
+        ));
+    }
+    need(be, K, "logits", logits, rows * classes)?;
+    if let Some((i, &bad)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
+        return Err(Error::value(
+            "class label",
+            format!("example {i} has label {bad}; the head has {classes} classes (0..{classes})"),
+        ));
+    }
+    let lab: Vec<i32> = labels.iter().map(|&y| y as i32).collect();
+    let lb = be.upload(&lab)?;
+    let loss_rows = be.zeros::<f32>(rows)?;
+    let dlogits = be.zeros::<f32>(rows * classes)?;
+    let mean = reduction == crate::ops::ctc::Reduction::Mean;
+    let p = CrossEntropyParams {
+        logits: be.ptr(logits),
+        labels: be.ptr(&lb),
+        loss_rows: be.ptr(&loss_rows),
+        dlogits: be.ptr(&dlogits),
+        rows: rows as i32,
+        classes: classes as i32,
+        mean: mean as i32,
+    };
+    be.launch(K, (rows as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    let per_row = be.download(&loss_rows)?;
+    let total: f32 = per_row.iter().sum();
+    let scale = if mean { 1.0 / rows as f32 } else { 1.0 };
+    Ok((total * scale, dlogits))
 }
 
 #[cfg(test)]

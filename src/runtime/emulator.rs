@@ -47,6 +47,7 @@ entries!(
     strata_emu_hconv_conv_backward_weight_vec,
     strata_emu_hconv_split_reduce,
     strata_emu_ctc_loss_fwd_bwd,
+    strata_emu_cross_entropy_fwd_bwd,
     strata_emu_selftest_collectives,
     strata_emu_selftest_mma,
     strata_emu_selftest_divergent_barrier,

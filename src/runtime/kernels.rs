@@ -46,6 +46,11 @@ pub const FILES: &[KernelFile] = &[
         kernels: &["ctc_loss_fwd_bwd"],
     },
     KernelFile {
+        file: "cross_entropy.cu",
+        source: include_str!("../../kernels/cross_entropy.cu"),
+        kernels: &["cross_entropy_fwd_bwd"],
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -112,6 +117,7 @@ params! {
         split_rows: i64, split: i32,
     }
     SplitReduceParams { partial: u64, out: u64, count: i64, split: i32 }
+    CrossEntropyParams { logits: u64, labels: u64, loss_rows: u64, dlogits: u64, rows: i32, classes: i32, mean: i32 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,
         n: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,

@@ -42,6 +42,21 @@ pub enum Buf<T> {
     Cuda(CudaSlice<T>),
 }
 
+impl<T> std::fmt::Debug for Buf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = match self {
+            Buf::Host(_) => "host",
+            Buf::Cuda(_) => "cuda",
+        };
+        write!(
+            f,
+            "Buf<{}>({place}, {} elements)",
+            std::any::type_name::<T>(),
+            self.len()
+        )
+    }
+}
+
 impl<T> Buf<T> {
     pub fn len(&self) -> usize {
         match self {

@@ -4,3 +4,4 @@
 #include "../../../kernels/selftest.cu"
 #include "../../../kernels/hconv.cu"
 #include "../../../kernels/ctc.cu"
+#include "../../../kernels/cross_entropy.cu"
