@@ -4,9 +4,9 @@
 // Stack x: frame-major bf16 [n, L, D]. Layers first..first+k are summed with softmax(w) weights.
 // Forward: one block per frame; optional no-affine LayerNorm of each layer row (eps 1e-5, biased
 // variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
-// Backward: per-frame partial dp[j] = sum_d dout * xhat, then one block reduces the partials over
-// frames in fixed order and applies the softmax Jacobian: deterministic. The stack gradient (for a
-// trainable upstream) is optional.
+// Backward: dp[j] = sum_d dout * xhat summed over 16 frames per block, one partial per block and
+// layer, then one block reduces the partials in fixed order and applies the softmax Jacobian:
+// deterministic. The stack gradient (for a trainable upstream) is optional.
 // Per-layer reductions (norm statistics, dp) give each warp its own layers (j = warp, warp +
 // warps, ...) and reduce with shuffles only: no block-wide barrier per layer. Rows are read 8 bf16
 // (16 bytes) per load when D % 8 == 0. Blocks are a whole number of warps.
@@ -29,16 +29,16 @@ struct LayerSumBwdParams {
     const float* dout;  // [n, D] fp32
     const float* mean;
     const float* rstd;
-    float* partial;  // [n, k]: per-frame dp
+    float* partial;  // [k, blocks]: each block's dp
     float* dx;       // [n, L, D] fp32 or null
     int n, L, D, first, k, normalize;
 };
 
 struct LayerSumReduceParams {
-    const float* partial;
+    const float* partial;  // [k, n]
     const float* w;
     float* dw;  // [k], accumulated (+=) like every parameter gradient
-    int n, k;
+    int n, k;   // n: the backward's block count
 };
 
 // softmax(w) into shared memory (k is small: one thread does it, others wait).
@@ -57,6 +57,9 @@ __device__ __forceinline__ void layer_softmax(const float* w, int k, float* p) {
 }
 
 #define STRATA_MAX_LAYERS 64
+// Backward: frames per block. Each block sums its frames' dp in order and writes one partial per
+// layer, so the one-block reduction reads n / 16 values per layer (it read n, strided, before).
+#define LS_FRAMES_PER_BLOCK 16
 
 extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
@@ -120,61 +123,72 @@ STRATA_EMU_ENTRY(layer_sum_forward, LayerSumFwdParams)
 
 extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
-    // This frame's dout row, staged once and read by every warp (dynamic shared memory of D floats
-    // when D % 8 == 0 and D <= 4096, which takes this path).
+    __shared__ float dp_block[STRATA_MAX_LAYERS];
+    // The current frame's dout row, staged once and read by every warp (dynamic shared memory of D
+    // floats when D % 8 == 0 and D <= 4096, which takes this path).
     STRATA_DYNAMIC_SMEM(float4_t, gs);
-    const int f = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const bf16* frame = a.x + (int64_t)f * a.L * a.D;
-    const float* g = a.dout + (int64_t)f * a.D;
     const bool vec8 = (a.D & 7) == 0 && a.D <= 4096;
-    if (vec8) {
-        for (int c = threadIdx.x; c < a.D / 4; c += blockDim.x) gs[c] = load_float4(g + 4 * c);
-    }
-    layer_softmax(a.w, a.k, p);  // its barrier also publishes the staged row
-    for (int j = warp; j < a.k; j += warps) {
-        const bf16* row = frame + (int64_t)(a.first + j) * a.D;
-        const float m = a.normalize ? a.mean[(int64_t)f * a.k + j] : 0.0f;
-        const float r = a.normalize ? a.rstd[(int64_t)f * a.k + j] : 1.0f;
-        float s = 0.0f;
+    for (int j = threadIdx.x; j < a.k; j += blockDim.x) dp_block[j] = 0.0f;
+    layer_softmax(a.w, a.k, p);  // its barrier also publishes dp_block's zeros
+    const int f_stop = (int)(blockIdx.x + 1) * LS_FRAMES_PER_BLOCK;
+    const int f_end = f_stop < a.n ? f_stop : a.n;
+    for (int f = blockIdx.x * LS_FRAMES_PER_BLOCK; f < f_end; ++f) {
+        const bf16* frame = a.x + (int64_t)f * a.L * a.D;
+        const float* g = a.dout + (int64_t)f * a.D;
         if (vec8) {
-            for (int c = lane; c < a.D / 8; c += 32) {
-                float v[8];
-                unpack_bf16x8(load_bf16x8(row + 8 * c), v);
-                const float4_t g0 = gs[2 * c], g1 = gs[2 * c + 1];
-                s += g0.x * ((v[0] - m) * r) + g0.y * ((v[1] - m) * r) + g0.z * ((v[2] - m) * r) + g0.w * ((v[3] - m) * r);
-                s += g1.x * ((v[4] - m) * r) + g1.y * ((v[5] - m) * r) + g1.z * ((v[6] - m) * r) + g1.w * ((v[7] - m) * r);
-            }
-        } else {
-            for (int d = lane; d < a.D; d += 32) s += g[d] * ((bf16_to_float(row[d]) - m) * r);
+            for (int c = threadIdx.x; c < a.D / 4; c += blockDim.x) gs[c] = load_float4(g + 4 * c);
+            __syncthreads();
         }
-        const float dp = warp_sum(s);
-        if (lane == 0) a.partial[(int64_t)f * a.k + j] = dp;
-        if (a.dx) {
-            float* dxr = a.dx + ((int64_t)f * a.L + a.first + j) * a.D;
-            if (!a.normalize) {
-                for (int d = lane; d < a.D; d += 32) dxr[d] = p[j] * g[d];
+        for (int j = warp; j < a.k; j += warps) {
+            const bf16* row = frame + (int64_t)(a.first + j) * a.D;
+            const float m = a.normalize ? a.mean[(int64_t)f * a.k + j] : 0.0f;
+            const float r = a.normalize ? a.rstd[(int64_t)f * a.k + j] : 1.0f;
+            float s = 0.0f;
+            if (vec8) {
+                for (int c = lane; c < a.D / 8; c += 32) {
+                    float v[8];
+                    unpack_bf16x8(load_bf16x8(row + 8 * c), v);
+                    const float4_t g0 = gs[2 * c], g1 = gs[2 * c + 1];
+                    s += g0.x * ((v[0] - m) * r) + g0.y * ((v[1] - m) * r) + g0.z * ((v[2] - m) * r) + g0.w * ((v[3] - m) * r);
+                    s += g1.x * ((v[4] - m) * r) + g1.y * ((v[5] - m) * r) + g1.z * ((v[6] - m) * r) + g1.w * ((v[7] - m) * r);
+                }
             } else {
-                // LayerNorm backward of gy = p_j * dout: rstd * (gy - mean(gy) - xhat * mean(gy * xhat)).
-                float sg = 0.0f, sgx = 0.0f;
-                for (int d = lane; d < a.D; d += 32) {
-                    const float xh = (bf16_to_float(row[d]) - m) * r;
-                    sg += p[j] * g[d];
-                    sgx += p[j] * g[d] * xh;
-                }
-                const float mg = warp_sum(sg) / (float)a.D;
-                const float mgx = warp_sum(sgx) / (float)a.D;
-                for (int d = lane; d < a.D; d += 32) {
-                    const float xh = (bf16_to_float(row[d]) - m) * r;
-                    dxr[d] = r * (p[j] * g[d] - mg - xh * mgx);
+                for (int d = lane; d < a.D; d += 32) s += g[d] * ((bf16_to_float(row[d]) - m) * r);
+            }
+            const float dp = warp_sum(s);
+            // Layer j belongs to this warp alone: frames add in order, no race, deterministic.
+            if (lane == 0) dp_block[j] += dp;
+            if (a.dx) {
+                float* dxr = a.dx + ((int64_t)f * a.L + a.first + j) * a.D;
+                if (!a.normalize) {
+                    for (int d = lane; d < a.D; d += 32) dxr[d] = p[j] * g[d];
+                } else {
+                    // LayerNorm backward of gy = p_j * dout: rstd * (gy - mean(gy) - xhat * mean(gy * xhat)).
+                    float sg = 0.0f, sgx = 0.0f;
+                    for (int d = lane; d < a.D; d += 32) {
+                        const float xh = (bf16_to_float(row[d]) - m) * r;
+                        sg += p[j] * g[d];
+                        sgx += p[j] * g[d] * xh;
+                    }
+                    const float mg = warp_sum(sg) / (float)a.D;
+                    const float mgx = warp_sum(sgx) / (float)a.D;
+                    for (int d = lane; d < a.D; d += 32) {
+                        const float xh = (bf16_to_float(row[d]) - m) * r;
+                        dxr[d] = r * (p[j] * g[d] - mg - xh * mgx);
+                    }
                 }
             }
         }
+        if (vec8) __syncthreads();  // every warp is done with gs before the next frame restages it
     }
+    __syncthreads();
+    // Layer-major partials: the reduction reads each layer's run of blocks contiguously.
+    for (int j = threadIdx.x; j < a.k; j += blockDim.x) a.partial[(int64_t)j * gridDim.x + blockIdx.x] = dp_block[j];
 }
 STRATA_EMU_ENTRY(layer_sum_backward, LayerSumBwdParams)
 
-// One block: dp[j] = sum over frames (fixed order), then dw += p * (dp - sum p dp).
+// One block: dp[j] = sum over the backward's blocks (fixed order), then dw += p * (dp - sum p dp).
 extern "C" __global__ void layer_sum_reduce(const LayerSumReduceParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
     __shared__ float dp[STRATA_MAX_LAYERS];
@@ -182,7 +196,7 @@ extern "C" __global__ void layer_sum_reduce(const LayerSumReduceParams a) {
     layer_softmax(a.w, a.k, p);
     for (int j = 0; j < a.k; ++j) {
         float s = 0.0f;
-        for (int f = threadIdx.x; f < a.n; f += blockDim.x) s += a.partial[(int64_t)f * a.k + j];
+        for (int b = threadIdx.x; b < a.n; b += blockDim.x) s += a.partial[(int64_t)j * a.n + b];
         const float t = block_sum(s, scratch);
         if (threadIdx.x == 0) dp[j] = t;
     }

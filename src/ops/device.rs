@@ -146,7 +146,9 @@ pub fn layer_sum_backward(
         need(be, K, "mean", &st.mean, s.n * s.k)?;
         need(be, K, "rstd", &st.rstd, s.n * s.k)?;
     }
-    let partial = be.zeros::<f32>(s.n * s.k)?;
+    // Frames per block: LS_FRAMES_PER_BLOCK in kernels/layer_sum.cu.
+    let blocks = s.n.div_ceil(16);
+    let partial = be.zeros::<f32>(blocks * s.k)?;
     let dx = if need_dx {
         Some(be.zeros::<f32>(s.n * s.l * s.d)?)
     } else {
@@ -173,12 +175,12 @@ pub fn layer_sum_backward(
     } else {
         0
     };
-    be.launch(K, (s.n as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), smem, &p)?;
+    be.launch(K, (blocks as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), smem, &p)?;
     let r = LayerSumReduceParams {
         partial: be.ptr(&partial),
         w: be.ptr(w),
         dw: be.ptr(dw),
-        n: s.n as i32,
+        n: blocks as i32,
         k: s.k as i32,
     };
     be.launch("layer_sum_reduce", (1, 1, 1), (256, 1, 1), 0, &r)?;
