@@ -4,7 +4,7 @@
 // Stack x: frame-major bf16 [n, L, D]. Layers first..first+k are summed with softmax(w) weights.
 // Forward: one block per frame; optional no-affine LayerNorm of each layer row (eps 1e-5, biased
 // variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
-// Backward: dp[j] = sum_d dout * xhat summed over 16 frames per block, one partial per block and
+// Backward: dp[j] = sum_d dout * xhat summed over 8 frames per block, one partial per block and
 // layer, then one block reduces the partials in fixed order and applies the softmax Jacobian:
 // deterministic. The stack gradient (for a trainable upstream) is optional.
 // Per-layer reductions (norm statistics, dp) give each warp its own layers (j = warp, warp +
@@ -58,8 +58,9 @@ __device__ __forceinline__ void layer_softmax(const float* w, int k, float* p) {
 
 #define STRATA_MAX_LAYERS 64
 // Backward: frames per block. Each block sums its frames' dp in order and writes one partial per
-// layer, so the one-block reduction reads n / 16 values per layer (it read n, strided, before).
-#define LS_FRAMES_PER_BLOCK 16
+// layer, so the one-block reduction reads n / 8 values per layer (it read n, strided, before);
+// 8 keeps 2000 blocks of 4 warps at 16000 frames, enough to fill an H100's SMs.
+#define LS_FRAMES_PER_BLOCK 8
 
 extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];

@@ -147,7 +147,7 @@ pub fn layer_sum_backward(
         need(be, K, "rstd", &st.rstd, s.n * s.k)?;
     }
     // Frames per block: LS_FRAMES_PER_BLOCK in kernels/layer_sum.cu.
-    let blocks = s.n.div_ceil(16);
+    let blocks = s.n.div_ceil(8);
     let partial = be.zeros::<f32>(blocks * s.k)?;
     let dx = if need_dx {
         Some(be.zeros::<f32>(s.n * s.l * s.d)?)
