@@ -17,6 +17,8 @@ use crate::runtime::{Backend, Buf};
 use half::bf16;
 
 const LAYER_SUM_BLOCK: u32 = 128;
+/// LS_FRAMES_PER_BLOCK of kernels/layer_sum.cu.
+const LAYER_SUM_FRAMES_PER_BLOCK: usize = 8;
 const MAX_LAYERS: usize = 64;
 
 /// `buf` must live on `be` and hold exactly `want` elements.
@@ -146,8 +148,7 @@ pub fn layer_sum_backward(
         need(be, K, "mean", &st.mean, s.n * s.k)?;
         need(be, K, "rstd", &st.rstd, s.n * s.k)?;
     }
-    // Frames per block: LS_FRAMES_PER_BLOCK in kernels/layer_sum.cu.
-    let blocks = s.n.div_ceil(8);
+    let blocks = s.n.div_ceil(LAYER_SUM_FRAMES_PER_BLOCK);
     let partial = be.zeros::<f32>(blocks * s.k)?;
     let dx = if need_dx {
         Some(be.zeros::<f32>(s.n * s.l * s.d)?)
