@@ -963,3 +963,61 @@ fn cross_entropy_kernel_matches_the_cpu_reference() {
         assert!(err.contains("example 1 has label 3"), "{err}");
     }
 }
+
+/// Log-softmax (forward, backward) and masked mean pooling (forward, backward) on the device
+/// against the CPU references; fp32, 1e-5 of scale.
+#[test]
+fn log_softmax_and_mean_pool_kernels_match_the_cpu_references() {
+    use strata::PackedBatch;
+    for be in backends() {
+        for (rows, d) in [(1usize, 2usize), (37, 43), (300, 71), (3, 1251)] {
+            let tag = format!("{} log_softmax {rows} x {d}", be.name());
+            let x: Vec<f32> = randn(rows * d, 3).iter().map(|v| 5.0 * v).collect();
+            let dy = randn(rows * d, 4);
+            let (xb, dyb) = (be.upload(&x).unwrap(), be.upload(&dy).unwrap());
+            let y = device::log_softmax_forward(&be, &xb, rows, d).unwrap();
+            let want = strata::ops::softmax::log_softmax_forward(&x, d);
+            let got = be.download(&y).unwrap();
+            assert!(
+                rel_err(&got, &want) < 1e-5,
+                "{tag}: forward {}",
+                rel_err(&got, &want)
+            );
+            let dx = be
+                .download(&device::log_softmax_backward(&be, &y, &dyb, rows, d).unwrap())
+                .unwrap();
+            let want = strata::ops::softmax::log_softmax_backward(&want, &dy, d);
+            assert!(
+                rel_err(&dx, &want) < 1e-5,
+                "{tag}: backward {}",
+                rel_err(&dx, &want)
+            );
+        }
+        for (lens, c) in [
+            (vec![1usize], 3usize),
+            (vec![5, 1, 17], 256),
+            (vec![300, 2, 77, 4], 40),
+        ] {
+            let tag = format!("{} mean_pool {lens:?} x {c}", be.name());
+            let batch = PackedBatch::from_lengths(&lens).unwrap();
+            let x = randn(batch.total_frames() * c, 5);
+            let dy = randn(lens.len() * c, 6);
+            let y = device::mean_pool_forward(&be, &be.upload(&x).unwrap(), &batch, c).unwrap();
+            let want = strata::ops::pooling::mean_forward(&x, c, batch.offsets());
+            let got = be.download(&y).unwrap();
+            assert!(
+                rel_err(&got, &want) < 1e-5,
+                "{tag}: forward {}",
+                rel_err(&got, &want)
+            );
+            let dx = device::mean_pool_backward(&be, &be.upload(&dy).unwrap(), &batch, c).unwrap();
+            let want = strata::ops::pooling::mean_backward(&dy, c, batch.offsets());
+            let got = be.download(&dx).unwrap();
+            assert!(
+                rel_err(&got, &want) < 1e-5,
+                "{tag}: backward {}",
+                rel_err(&got, &want)
+            );
+        }
+    }
+}

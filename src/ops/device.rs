@@ -11,7 +11,7 @@ use crate::runtime::kernels::{
 };
 use crate::runtime::kernels::{
     CrossEntropyParams, CtcParams, HConvBwdParams, HConvFwdParams, HConvMaskParams,
-    SplitReduceParams,
+    LogSoftmaxParams, MeanPoolParams, SplitReduceParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -724,6 +724,116 @@ pub fn cross_entropy(
     let total: f32 = per_row.iter().sum();
     let scale = if mean { 1.0 / rows as f32 } else { 1.0 };
     Ok((total * scale, dlogits))
+}
+
+fn rows_check(kernel: &str, rows: usize, d: usize) -> Result<()> {
+    if rows == 0 || d == 0 || rows > 65535 * 1024 || rows * d > i32::MAX as usize {
+        return Err(Error::shape(
+            kernel,
+            "1 to 2^31 elements, rows and columns >= 1",
+            format!("{rows} x {d}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Log-softmax over the rows of `x` [rows, d] (kernels/softmax.cu).
+pub fn log_softmax_forward(be: &Backend, x: &Buf<f32>, rows: usize, d: usize) -> Result<Buf<f32>> {
+    const K: &str = "log_softmax_forward";
+    rows_check(K, rows, d)?;
+    need(be, K, "x", x, rows * d)?;
+    let y = be.zeros::<f32>(rows * d)?;
+    let p = LogSoftmaxParams {
+        x: be.ptr(x),
+        dy: 0,
+        out: be.ptr(&y),
+        rows: rows as i32,
+        d: d as i32,
+    };
+    be.launch(K, (rows as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(y)
+}
+
+/// dx of log-softmax from its output `y` and the output gradient `dy`, both [rows, d].
+pub fn log_softmax_backward(
+    be: &Backend,
+    y: &Buf<f32>,
+    dy: &Buf<f32>,
+    rows: usize,
+    d: usize,
+) -> Result<Buf<f32>> {
+    const K: &str = "log_softmax_backward";
+    rows_check(K, rows, d)?;
+    need(be, K, "y", y, rows * d)?;
+    need(be, K, "dy", dy, rows * d)?;
+    let dx = be.zeros::<f32>(rows * d)?;
+    let p = LogSoftmaxParams {
+        x: be.ptr(y),
+        dy: be.ptr(dy),
+        out: be.ptr(&dx),
+        rows: rows as i32,
+        d: d as i32,
+    };
+    be.launch(K, (rows as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(dx)
+}
+
+fn pool_params(
+    be: &Backend,
+    kernel: &str,
+    batch: &crate::batch::PackedBatch,
+    c: usize,
+) -> Result<(Buf<i32>, usize, usize)> {
+    let (u, frames) = (batch.num_utterances(), batch.total_frames());
+    rows_check(kernel, frames.max(u), c)?;
+    let offsets: Vec<i32> = batch.offsets().iter().map(|&o| o as i32).collect();
+    Ok((be.upload(&offsets)?, u, frames))
+}
+
+/// Mean of each utterance's frames: x [frames, c] -> [utterances, c] (kernels/pooling.cu).
+pub fn mean_pool_forward(
+    be: &Backend,
+    x: &Buf<f32>,
+    batch: &crate::batch::PackedBatch,
+    c: usize,
+) -> Result<Buf<f32>> {
+    const K: &str = "mean_pool_forward";
+    let (offsets, u, frames) = pool_params(be, K, batch, c)?;
+    need(be, K, "x", x, frames * c)?;
+    let y = be.zeros::<f32>(u * c)?;
+    let p = MeanPoolParams {
+        input: be.ptr(x),
+        offsets: be.ptr(&offsets),
+        out: be.ptr(&y),
+        utterances: u as i32,
+        frames: frames as i32,
+        c: c as i32,
+    };
+    be.launch(K, (u as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(y)
+}
+
+/// Backward of [`mean_pool_forward`]: dy [utterances, c] -> dx [frames, c].
+pub fn mean_pool_backward(
+    be: &Backend,
+    dy: &Buf<f32>,
+    batch: &crate::batch::PackedBatch,
+    c: usize,
+) -> Result<Buf<f32>> {
+    const K: &str = "mean_pool_backward";
+    let (offsets, u, frames) = pool_params(be, K, batch, c)?;
+    need(be, K, "dy", dy, u * c)?;
+    let dx = be.zeros::<f32>(frames * c)?;
+    let p = MeanPoolParams {
+        input: be.ptr(dy),
+        offsets: be.ptr(&offsets),
+        out: be.ptr(&dx),
+        utterances: u as i32,
+        frames: frames as i32,
+        c: c as i32,
+    };
+    be.launch(K, (frames.min(65535) as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(dx)
 }
 
 #[cfg(test)]

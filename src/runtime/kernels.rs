@@ -51,6 +51,16 @@ pub const FILES: &[KernelFile] = &[
         kernels: &["cross_entropy_fwd_bwd"],
     },
     KernelFile {
+        file: "softmax.cu",
+        source: include_str!("../../kernels/softmax.cu"),
+        kernels: &["log_softmax_forward", "log_softmax_backward"],
+    },
+    KernelFile {
+        file: "pooling.cu",
+        source: include_str!("../../kernels/pooling.cu"),
+        kernels: &["mean_pool_forward", "mean_pool_backward"],
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -118,6 +128,8 @@ params! {
     }
     SplitReduceParams { partial: u64, out: u64, count: i64, split: i32 }
     CrossEntropyParams { logits: u64, labels: u64, loss_rows: u64, dlogits: u64, rows: i32, classes: i32, mean: i32 }
+    LogSoftmaxParams { x: u64, dy: u64, out: u64, rows: i32, d: i32 }
+    MeanPoolParams { input: u64, offsets: u64, out: u64, utterances: i32, frames: i32, c: i32 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,
         n: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,

@@ -5,3 +5,5 @@
 #include "../../../kernels/hconv.cu"
 #include "../../../kernels/ctc.cu"
 #include "../../../kernels/cross_entropy.cu"
+#include "../../../kernels/softmax.cu"
+#include "../../../kernels/pooling.cu"

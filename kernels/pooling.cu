@@ -1,0 +1,39 @@
+// strata/kernels/pooling.cu: mean over each utterance's frames of a packed batch (the utterance
+// classifier's pooling), forward and backward. CPU reference: src/ops/pooling.rs.
+// Forward: block u, threads over channels, frames summed in order (deterministic), times
+// 1 / frames. Backward: every frame of utterance u gets dy[u] / frames (grid-stride over frames).
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+struct MeanPoolParams {
+    const float* in;      // forward: x [frames, c]; backward: dy [utterances, c]
+    const int* offsets;   // [utterances + 1]
+    float* out;           // forward: y [utterances, c]; backward: dx [frames, c]
+    int utterances, frames, c;
+};
+
+extern "C" __global__ void mean_pool_forward(const MeanPoolParams p) {
+    const int u = blockIdx.x, s = p.offsets[u], e = p.offsets[u + 1];
+    const float inv = 1.0f / (float)(e - s);
+    for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
+        float acc = 0.0f;
+        for (int t = s; t < e; ++t) acc += p.in[(int64_t)t * p.c + ch];
+        p.out[(int64_t)u * p.c + ch] = acc * inv;
+    }
+}
+STRATA_EMU_ENTRY(mean_pool_forward, MeanPoolParams)
+
+extern "C" __global__ void mean_pool_backward(const MeanPoolParams p) {
+    for (int t = blockIdx.x; t < p.frames; t += gridDim.x) {
+        // The utterance of frame t: binary search of the offsets.
+        int lo = 0, hi = p.utterances;
+        while (hi - lo > 1) {
+            const int mid = (lo + hi) / 2;
+            if (p.offsets[mid] <= t) lo = mid; else hi = mid;
+        }
+        const float inv = 1.0f / (float)(p.offsets[lo + 1] - p.offsets[lo]);
+        for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) p.out[(int64_t)t * p.c + ch] = p.in[(int64_t)lo * p.c + ch] * inv;
+    }
+}
+STRATA_EMU_ENTRY(mean_pool_backward, MeanPoolParams)
