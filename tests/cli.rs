@@ -248,6 +248,8 @@ fn train_runs_resumes_and_reports_the_dev_error() {
     assert!(!ok && log.contains("--dev"), "{log}");
     let (ok, log) = run(with(&["--interfaces", "hconvv"]));
     assert!(!ok && log.contains("unknown interface 'hconvv'"), "{log}");
+    let (ok, log) = run(with(&["--interfaces", "ws,hconv,ws"]));
+    assert!(!ok && log.contains("'ws' is listed twice"), "{log}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -211,6 +211,18 @@ pub fn train(
         )));
     }
     let mut pairs = Vec::new();
+    for (i, (name, _)) in cfg.interfaces.iter().enumerate() {
+        let bad = name.is_empty() || name.contains(['/', '\\', '.']) || name.trim() != name;
+        if bad || cfg.interfaces[..i].iter().any(|(n, _)| n == name) {
+            return Err(Error::Config(format!(
+                "pair name '{name}' is {}: each pair needs its own name (it names its checkpoint folder)",
+                if bad { "not a plain folder name" } else { "listed twice" }
+            )));
+        }
+    }
+    if cfg.interfaces.is_empty() {
+        return Err(Error::Config("no interface to train".into()));
+    }
     for (name, itf) in &cfg.interfaces {
         if itf.layers != layers || itf.dim != dim {
             return Err(Error::Config(format!(
