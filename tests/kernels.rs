@@ -1021,3 +1021,86 @@ fn log_softmax_and_mean_pool_kernels_match_the_cpu_references() {
         }
     }
 }
+
+/// Dropout's mask on the device is the CPU's bit for bit; LayerNorm forward / backward (with and
+/// without affine) matches the CPU reference to 1e-5 of scale, parameter gradients included.
+#[test]
+fn dropout_and_layernorm_kernels_match_the_cpu_references() {
+    for be in backends() {
+        let x = randn(10_000, 8);
+        let xb = be.upload(&x).unwrap();
+        for (p, seed) in [(0.0, 1u64), (0.1, 7), (0.5, 123_456_789), (1.0, 3)] {
+            let got = be
+                .download(&device::dropout(&be, &xb, p, seed).unwrap())
+                .unwrap();
+            let want = strata::ops::dropout::forward(&x, p, seed);
+            assert_eq!(
+                got,
+                want,
+                "{} dropout p={p}: the CPU's mask and scale exactly",
+                be.name()
+            );
+        }
+        for (rows, d, affine) in [
+            (1usize, 2usize, true),
+            (37, 768, true),
+            (20, 100, false),
+            (3, 1024, false),
+        ] {
+            let tag = format!("{} layernorm {rows} x {d} affine {affine}", be.name());
+            let x: Vec<f32> = randn(rows * d, 9).iter().map(|v| 3.0 * v + 1.0).collect();
+            let (w, b) = (randn(d, 10), randn(d, 11));
+            let dy = randn(rows * d, 12);
+            let (xb, wb, bb, dyb) = (
+                be.upload(&x).unwrap(),
+                be.upload(&w).unwrap(),
+                be.upload(&b).unwrap(),
+                be.upload(&dy).unwrap(),
+            );
+            let (y, saved) =
+                device::layernorm_forward(&be, &xb, rows, d, affine.then_some((&wb, &bb)), 1e-5)
+                    .unwrap();
+            let (want_y, want_saved) =
+                strata::ops::layernorm::forward(&x, d, affine.then_some((&w[..], &b[..])), 1e-5);
+            let got = be.download(&y).unwrap();
+            assert!(
+                rel_err(&got, &want_y) < 1e-5,
+                "{tag}: forward {}",
+                rel_err(&got, &want_y)
+            );
+            let (dw, db) = (be.zeros::<f32>(d).unwrap(), be.zeros::<f32>(d).unwrap());
+            let dx = device::layernorm_backward(
+                &be,
+                &xb,
+                rows,
+                d,
+                affine.then_some(&wb),
+                &saved,
+                &dyb,
+                affine.then_some((&dw, &db)),
+            )
+            .unwrap();
+            let (want_dx, want_dp) =
+                strata::ops::layernorm::backward(&x, d, affine.then_some(&w[..]), &want_saved, &dy);
+            let got = be.download(&dx).unwrap();
+            assert!(
+                rel_err(&got, &want_dx) < 1e-5,
+                "{tag}: dx {}",
+                rel_err(&got, &want_dx)
+            );
+            if let Some((wdw, wdb)) = want_dp {
+                let (gdw, gdb) = (be.download(&dw).unwrap(), be.download(&db).unwrap());
+                assert!(
+                    rel_err(&gdw, &wdw) < 1e-5,
+                    "{tag}: dweight {}",
+                    rel_err(&gdw, &wdw)
+                );
+                assert!(
+                    rel_err(&gdb, &wdb) < 1e-5,
+                    "{tag}: dbias {}",
+                    rel_err(&gdb, &wdb)
+                );
+            }
+        }
+    }
+}

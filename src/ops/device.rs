@@ -6,12 +6,10 @@ use crate::error::{Error, Result};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::kernels::{
-    AdamParams, ClipCoefParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
-    SumSquaresParams,
-};
-use crate::runtime::kernels::{
-    CrossEntropyParams, CtcParams, HConvBwdParams, HConvFwdParams, HConvMaskParams,
-    LogSoftmaxParams, MeanPoolParams, SplitReduceParams,
+    AdamParams, ClipCoefParams, CrossEntropyParams, CtcParams, DropoutParams, HConvBwdParams,
+    HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams, LayerNormReduceParams,
+    LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams,
+    SplitReduceParams, SumSquaresParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -833,6 +831,147 @@ pub fn mean_pool_backward(
         c: c as i32,
     };
     be.launch(K, (frames.min(65535) as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(dx)
+}
+
+/// Seeded inverted dropout of `x` (n elements) with the CPU's exact mask (kernels/dropout.cu,
+/// src/ops/dropout.rs); the backward is the same call on dy with the same seed.
+pub fn dropout(be: &Backend, x: &Buf<f32>, p: f64, seed: u64) -> Result<Buf<f32>> {
+    const K: &str = "dropout_apply";
+    if !(0.0..=1.0).contains(&p) {
+        return Err(Error::value(
+            "dropout probability",
+            format!("{p} is not in [0, 1]"),
+        ));
+    }
+    let n = x.len();
+    let y = be.zeros::<f32>(n)?;
+    if n == 0 || p >= 1.0 {
+        return Ok(y);
+    }
+    let a = DropoutParams {
+        x: be.ptr(x),
+        y: be.ptr(&y),
+        n: n as i64,
+        seed,
+        p,
+        scale: (1.0 / (1.0 - p)) as f32,
+    };
+    be.launch(
+        K,
+        (n.div_ceil(256).min(65535) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &a,
+    )?;
+    Ok(y)
+}
+
+/// LayerNorm statistics saved by [`layernorm_forward`] for the backward.
+pub struct LayerNormSavedBufs {
+    pub mean: Buf<f32>,
+    pub rstd: Buf<f32>,
+}
+
+/// LayerNorm of `x` [rows, d] with optional affine (weight, bias) (kernels/layernorm.cu).
+pub fn layernorm_forward(
+    be: &Backend,
+    x: &Buf<f32>,
+    rows: usize,
+    d: usize,
+    affine: Option<(&Buf<f32>, &Buf<f32>)>,
+    eps: f64,
+) -> Result<(Buf<f32>, LayerNormSavedBufs)> {
+    const K: &str = "layernorm_forward";
+    rows_check(K, rows, d)?;
+    need(be, K, "x", x, rows * d)?;
+    if let Some((w, b)) = affine {
+        need(be, K, "weight", w, d)?;
+        need(be, K, "bias", b, d)?;
+    }
+    let y = be.zeros::<f32>(rows * d)?;
+    let saved = LayerNormSavedBufs {
+        mean: be.zeros::<f32>(rows)?,
+        rstd: be.zeros::<f32>(rows)?,
+    };
+    let p = LayerNormFwdParams {
+        x: be.ptr(x),
+        w: affine.map_or(0, |a| be.ptr(a.0)),
+        b: affine.map_or(0, |a| be.ptr(a.1)),
+        y: be.ptr(&y),
+        mean: be.ptr(&saved.mean),
+        rstd: be.ptr(&saved.rstd),
+        rows: rows as i32,
+        d: d as i32,
+        eps: eps as f32,
+    };
+    be.launch(K, (rows as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok((y, saved))
+}
+
+/// LayerNorm backward: returns dx; with affine, ADDS the weight and bias gradients to `dparams`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    be: &Backend,
+    x: &Buf<f32>,
+    rows: usize,
+    d: usize,
+    weight: Option<&Buf<f32>>,
+    saved: &LayerNormSavedBufs,
+    dy: &Buf<f32>,
+    dparams: Option<(&Buf<f32>, &Buf<f32>)>,
+) -> Result<Buf<f32>> {
+    const K: &str = "layernorm_backward";
+    rows_check(K, rows, d)?;
+    need(be, K, "x", x, rows * d)?;
+    need(be, K, "dy", dy, rows * d)?;
+    need(be, K, "mean", &saved.mean, rows)?;
+    need(be, K, "rstd", &saved.rstd, rows)?;
+    if weight.is_some() != dparams.is_some() {
+        return Err(Error::Config(format!(
+            "{K}: the affine weight and its gradient buffers come together"
+        )));
+    }
+    if let (Some(w), Some((dw, db))) = (weight, dparams) {
+        need(be, K, "weight", w, d)?;
+        need(be, K, "weight gradient", dw, d)?;
+        need(be, K, "bias gradient", db, d)?;
+    }
+    // LN_ROWS_PER_BLOCK of kernels/layernorm.cu.
+    let blocks = rows.div_ceil(8);
+    let partial = match dparams {
+        Some(_) => Some(be.zeros::<f32>(blocks * 2 * d)?),
+        None => None,
+    };
+    let dx = be.zeros::<f32>(rows * d)?;
+    let p = LayerNormBwdParams {
+        x: be.ptr(x),
+        w: weight.map_or(0, |w| be.ptr(w)),
+        dy: be.ptr(dy),
+        mean: be.ptr(&saved.mean),
+        rstd: be.ptr(&saved.rstd),
+        dx: be.ptr(&dx),
+        partial: partial.as_ref().map_or(0, |b| be.ptr(b)),
+        rows: rows as i32,
+        d: d as i32,
+    };
+    be.launch(K, (blocks as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    if let (Some(part), Some((dw, db))) = (&partial, dparams) {
+        let r = LayerNormReduceParams {
+            partial: be.ptr(part),
+            dw: be.ptr(dw),
+            db: be.ptr(db),
+            blocks: blocks as i32,
+            d: d as i32,
+        };
+        be.launch(
+            "layernorm_param_reduce",
+            (d.div_ceil(256) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &r,
+        )?;
+    }
     Ok(dx)
 }
 

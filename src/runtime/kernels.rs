@@ -61,6 +61,20 @@ pub const FILES: &[KernelFile] = &[
         kernels: &["mean_pool_forward", "mean_pool_backward"],
     },
     KernelFile {
+        file: "dropout.cu",
+        source: include_str!("../../kernels/dropout.cu"),
+        kernels: &["dropout_apply"],
+    },
+    KernelFile {
+        file: "layernorm.cu",
+        source: include_str!("../../kernels/layernorm.cu"),
+        kernels: &[
+            "layernorm_forward",
+            "layernorm_backward",
+            "layernorm_param_reduce",
+        ],
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -130,6 +144,10 @@ params! {
     CrossEntropyParams { logits: u64, labels: u64, loss_rows: u64, dlogits: u64, rows: i32, classes: i32, mean: i32 }
     LogSoftmaxParams { x: u64, dy: u64, out: u64, rows: i32, d: i32 }
     MeanPoolParams { input: u64, offsets: u64, out: u64, utterances: i32, frames: i32, c: i32 }
+    DropoutParams { x: u64, y: u64, n: i64, seed: u64, p: f64, scale: f32 }
+    LayerNormFwdParams { x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32 }
+    LayerNormBwdParams { x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32 }
+    LayerNormReduceParams { partial: u64, dw: u64, db: u64, blocks: i32, d: i32 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,
         n: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,

@@ -7,3 +7,5 @@
 #include "../../../kernels/cross_entropy.cu"
 #include "../../../kernels/softmax.cu"
 #include "../../../kernels/pooling.cu"
+#include "../../../kernels/dropout.cu"
+#include "../../../kernels/layernorm.cu"

@@ -1,0 +1,110 @@
+// strata/kernels/layernorm.cu: LayerNorm over the last dimension (biased variance, eps inside the
+// square root), optional affine weight / bias. CPU reference: src/ops/layernorm.rs.
+// Forward: one block per row, two-pass mean / variance in fp32, mean and rstd saved.
+// Backward: one block per row for dx (rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w);
+// the affine gradients sum dy * xhat and dy over rows: each block adds its rows in order into its
+// own partial row, then layernorm_param_reduce adds the partials in block order. Deterministic.
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+#define LN_ROWS_PER_BLOCK 8
+
+struct LayerNormFwdParams {
+    const float* x;
+    const float* w;  // [d] or null
+    const float* b;  // [d] or null
+    float* y;
+    float* mean;  // [rows]
+    float* rstd;  // [rows]
+    int rows, d;
+    float eps;
+};
+
+struct LayerNormBwdParams {
+    const float* x;
+    const float* w;  // [d] or null (no affine)
+    const float* dy;
+    const float* mean;
+    const float* rstd;
+    float* dx;
+    float* partial;  // [blocks, 2 d]: sum dy * xhat, sum dy over the block's rows (affine only)
+    int rows, d;
+};
+
+struct LayerNormReduceParams {
+    const float* partial;
+    float* dw;  // [d], accumulated
+    float* db;  // [d], accumulated
+    int blocks, d;
+};
+
+extern "C" __global__ void layernorm_forward(const LayerNormFwdParams p) {
+    __shared__ float red[32];
+    const float* x = p.x + (int64_t)blockIdx.x * p.d;
+    float* y = p.y + (int64_t)blockIdx.x * p.d;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) s += x[i];
+    const float m = block_sum(s, red) / (float)p.d;
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) v += (x[i] - m) * (x[i] - m);
+    const float rs = 1.0f / sqrtf(block_sum(v, red) / (float)p.d + p.eps);
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+        const float xh = (x[i] - m) * rs;
+        y[i] = p.w ? xh * p.w[i] + p.b[i] : xh;
+    }
+    if (threadIdx.x == 0) {
+        p.mean[blockIdx.x] = m;
+        p.rstd[blockIdx.x] = rs;
+    }
+}
+STRATA_EMU_ENTRY(layernorm_forward, LayerNormFwdParams)
+
+extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
+    __shared__ float red[32];
+    const int r_stop = (int)(blockIdx.x + 1) * LN_ROWS_PER_BLOCK;
+    const int r_end = r_stop < p.rows ? r_stop : p.rows;
+    float* part = p.partial ? p.partial + (int64_t)blockIdx.x * 2 * p.d : 0;
+    if (part) {
+        // Each thread zeroes exactly the columns it accumulates below: no cross-thread hazard.
+        for (int i = threadIdx.x; i < p.d; i += blockDim.x) part[i] = part[p.d + i] = 0.0f;
+    }
+    for (int r = blockIdx.x * LN_ROWS_PER_BLOCK; r < r_end; ++r) {
+        const float* x = p.x + (int64_t)r * p.d;
+        const float* g = p.dy + (int64_t)r * p.d;
+        float* dx = p.dx + (int64_t)r * p.d;
+        const float m = p.mean[r], rs = p.rstd[r];
+        float sg = 0.0f, sgx = 0.0f;
+        for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+            const float xh = (x[i] - m) * rs;
+            const float gi = p.w ? g[i] * p.w[i] : g[i];
+            sg += gi;
+            sgx += gi * xh;
+            if (part) {
+                part[i] += g[i] * xh;  // column i belongs to this thread: rows add in order
+                part[p.d + i] += g[i];
+            }
+        }
+        const float mg = block_sum(sg, red) / (float)p.d;
+        const float mgx = block_sum(sgx, red) / (float)p.d;
+        for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+            const float xh = (x[i] - m) * rs;
+            const float gi = p.w ? g[i] * p.w[i] : g[i];
+            dx[i] = rs * (gi - mg - xh * mgx);
+        }
+    }
+}
+STRATA_EMU_ENTRY(layernorm_backward, LayerNormBwdParams)
+
+extern "C" __global__ void layernorm_param_reduce(const LayerNormReduceParams p) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.d; i += gridDim.x * blockDim.x) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int k = 0; k < p.blocks; ++k) {
+            sw += p.partial[(int64_t)k * 2 * p.d + i];
+            sb += p.partial[(int64_t)k * 2 * p.d + p.d + i];
+        }
+        p.dw[i] += sw;
+        p.db[i] += sb;
+    }
+}
+STRATA_EMU_ENTRY(layernorm_param_reduce, LayerNormReduceParams)
