@@ -121,6 +121,14 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
         &config(&resumed, 3, false),
     )
     .unwrap();
+    // As if the run had logged steps 4 and 5 and then died before its next checkpoint: the resume
+    // redoes them and must not log them twice.
+    let log = resumed.join("log.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str(
+        "{\"step\":4,\"pair\":\"ws\",\"loss\":9.0}\n{\"step\":5,\"pair\":\"ws\",\"loss\":9.0}\n",
+    );
+    std::fs::write(&log, text).unwrap();
     train(
         &src,
         &src,

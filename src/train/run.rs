@@ -147,6 +147,36 @@ fn progress_line(done: u64, total: u64, losses: &[(String, f32)], fps: f64, eta:
     )
 }
 
+/// Drops the log lines of steps after `step` (a run stopped after its last checkpoint logged steps
+/// that the resumed run redoes, bit for bit): without this they would appear twice. Rewritten
+/// through a temporary file and a rename.
+fn truncate_log(out: &Path, step: u64) -> Result<()> {
+    let path = out.join("log.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .map_or(true, |s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    let tmp = out.join("log.jsonl.tmp");
+    std::fs::write(&tmp, kept)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            detail: format!("cannot rewrite the log for the resume: {e}"),
+        })
+}
+
 /// Every pair's parameters in one safetensors file, named `<pair>.<parameter>`.
 fn save_pairs(path: &Path, pairs: &[Pair]) -> Result<()> {
     let named: Vec<(String, &crate::Tensor)> = pairs
@@ -275,6 +305,7 @@ pub fn train(
                     .into(),
             ));
         }
+        truncate_log(&cfg.out, start)?;
     } else {
         if let Some(path) = &cfg.init_from {
             load_pairs(path, &mut pairs)?;
