@@ -21,7 +21,14 @@ struct HConvFwdParams {
     const float* bias;
     bf16* y;
     int n, l_in, c_in, c_out, kernel, stride, pad, l_out, flatten;
+    // HConv sets relu = 1 and y32 = null. At L = 1, kernel 1 these kernels are a Linear layer
+    // (the implicit GEMM is then the plain GEMM): relu = 0, and y32 non-null for fp32 outputs
+    // (logits) instead of y.
+    int relu;
+    float* y32;
 };
+
+__device__ __forceinline__ float hc_epilogue(const HConvFwdParams& p, float v) { return p.relu ? fmaxf(v, 0.0f) : v; }
 
 #define HC_TM 64
 #define HC_TN 64
@@ -90,11 +97,17 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
             const int64_t row = row0 + warp * 16 + g + 8 * (r / 2);
             const int co = col0 + 8 * j + 2 * t + (r % 2);
             if (row >= rows || co >= p.c_out) continue;
-            const float v = fmaxf(acc[j][r] + p.bias[co], 0.0f);
+            const float v = hc_epilogue(p, acc[j][r] + p.bias[co]);
             const int64_t f = row / p.l_out;
             const int lo = (int)(row % p.l_out);
             const int64_t at = p.flatten ? f * p.c_out * p.l_out + (int64_t)co * p.l_out + lo : row * p.c_out + co;
-            p.y[at] = float_to_bf16(v);
+            if (p.y32)
+                p.y32[at] = v;
+            else
+                if (p.y32)
+                    p.y32[at] = v;
+                else
+                    p.y[at] = float_to_bf16(v);
         }
     }
 }
@@ -227,11 +240,17 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
                 const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int co = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
                 if (row >= rows || co >= c_out) continue;
-                const float v = fmaxf(acc[mi][nj][r] + p.bias[co], 0.0f);
+                const float v = hc_epilogue(p, acc[mi][nj][r] + p.bias[co]);
                 const int64_t f = row / l_out;
                 const int lo = (int)(row % l_out);
                 const int64_t at = p.flatten ? f * c_out * l_out + (int64_t)co * l_out + lo : row * c_out + co;
-                p.y[at] = float_to_bf16(v);
+                if (p.y32)
+                p.y32[at] = v;
+            else
+                if (p.y32)
+                    p.y32[at] = v;
+                else
+                    p.y[at] = float_to_bf16(v);
             }
         }
     }
@@ -266,11 +285,13 @@ struct HConvBwdParams {
     float* partial_db;
     int64_t split_rows;
     int split;
+    int relu;  // 0 for a Linear layer: no mask, y unused
 };
 
 __device__ __forceinline__ bf16 hc_dpre(const HConvBwdParams& p, int64_t f, int lo, int co) {
     const int64_t at = p.flatten ? (f * p.c_out + co) * p.l_out + lo : (f * p.l_out + lo) * p.c_out + co;
     bf16 v = p.dy[at];
+    if (!p.relu) return v;
     const uint32_t yb = p.y[at].bits;
     if (yb == 0 || yb > 0x7f80u) v.bits = 0;  // keep only y > 0: not +0, negative or NaN
     return v;
@@ -383,7 +404,7 @@ struct HConvMaskParams {
     const bf16* y;
     const bf16* dy;
     bf16* dpre;
-    int n, c_out, l_out, flatten;
+    int n, c_out, l_out, flatten, relu;
 };
 
 extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
@@ -393,8 +414,10 @@ extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
         const int64_t fl = e / p.c_out;
         const int64_t at = p.flatten ? (fl / p.l_out * p.c_out + co) * p.l_out + fl % p.l_out : e;
         bf16 v = p.dy[at];
-        const uint32_t yb = p.y[at].bits;
-        if (yb == 0 || yb > 0x7f80u) v.bits = 0;
+        if (p.relu) {
+            const uint32_t yb = p.y[at].bits;
+            if (yb == 0 || yb > 0x7f80u) v.bits = 0;
+        }
         p.dpre[e] = v;
     }
 }

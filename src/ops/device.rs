@@ -6,10 +6,10 @@ use crate::error::{Error, Result};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::kernels::{
-    AdamParams, ClipCoefParams, CrossEntropyParams, CtcParams, DropoutParams, HConvBwdParams,
-    HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams, LayerNormReduceParams,
-    LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams,
-    SplitReduceParams, SumSquaresParams,
+    AdamParams, CastParams, ClipCoefParams, CrossEntropyParams, CtcParams, DropoutParams,
+    HConvBwdParams, HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams,
+    LayerNormReduceParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
+    LogSoftmaxParams, MeanPoolParams, SplitReduceParams, SumSquaresParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -327,6 +327,48 @@ pub fn hconv_conv_forward(
     bias: &Buf<f32>,
     flatten: bool,
 ) -> Result<Buf<bf16>> {
+    match conv_forward(be, x, n, g, w, bias, flatten, true, false)? {
+        LayerOut::Bf16(y) => Ok(y),
+        LayerOut::F32(_) => unreachable!("asked for bf16"),
+    }
+}
+
+/// A conv / Linear output: bf16 (the next tensor-core layer's operand) or fp32 (logits).
+#[derive(Debug)]
+pub enum LayerOut {
+    Bf16(Buf<bf16>),
+    F32(Buf<f32>),
+}
+
+impl LayerOut {
+    pub fn into_bf16(self) -> Option<Buf<bf16>> {
+        match self {
+            LayerOut::Bf16(b) => Some(b),
+            LayerOut::F32(_) => None,
+        }
+    }
+    pub fn into_f32(self) -> Option<Buf<f32>> {
+        match self {
+            LayerOut::F32(b) => Some(b),
+            LayerOut::Bf16(_) => None,
+        }
+    }
+}
+
+/// The layer-axis conv kernels' forward with its options: `relu` after the bias, output in bf16
+/// or (`out_f32`) fp32. Returns the one output buffer it made.
+#[allow(clippy::too_many_arguments)]
+fn conv_forward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    n: usize,
+    g: &ConvGeom,
+    w: &Buf<bf16>,
+    bias: &Buf<f32>,
+    flatten: bool,
+    relu: bool,
+    out_f32: bool,
+) -> Result<LayerOut> {
     const K: &str = "hconv_conv_forward";
     if n == 0 || g.stride == 0 || g.l_in + 2 * g.pad < g.kernel || g.c_in == 0 || g.c_out == 0 {
         return Err(Error::shape(
@@ -343,12 +385,19 @@ pub fn hconv_conv_forward(
     need(be, K, "x", x, n * g.l_in * g.c_in)?;
     need(be, K, "weight", w, g.c_out * g.kernel * g.c_in)?;
     need(be, K, "bias", bias, g.c_out)?;
-    let y = be.zeros::<bf16>(n * l_out * g.c_out)?;
+    let size = n * l_out * g.c_out;
+    let (y, y32) = if out_f32 {
+        (None, Some(be.zeros::<f32>(size)?))
+    } else {
+        (Some(be.zeros::<bf16>(size)?), None)
+    };
     let p = HConvFwdParams {
         x: be.ptr(x),
         w: be.ptr(w),
         bias: be.ptr(bias),
-        y: be.ptr(&y),
+        y: y.as_ref().map_or(0, |b| be.ptr(b)),
+        relu: relu as i32,
+        y32: y32.as_ref().map_or(0, |b| be.ptr(b)),
         n: n as i32,
         l_in: g.l_in as i32,
         c_in: g.c_in as i32,
@@ -376,7 +425,11 @@ pub fn hconv_conv_forward(
         );
         be.launch(K, grid, (128, 1, 1), 0, &p)?;
     }
-    Ok(y)
+    Ok(match (y, y32) {
+        (Some(y), _) => LayerOut::Bf16(y),
+        (None, Some(y32)) => LayerOut::F32(y32),
+        (None, None) => unreachable!("one output is always made"),
+    })
 }
 
 /// The kernel's tap-major weight gradient [c_out, k * c_in] in PyTorch's Conv1d layout
@@ -425,6 +478,22 @@ pub fn hconv_conv_backward(
     n: usize,
     g: &ConvGeom,
     dy: &Buf<bf16>,
+    grads: (&Buf<f32>, &Buf<f32>),
+    want_dx: bool,
+) -> Result<Option<Buf<bf16>>> {
+    conv_backward(be, saved, Some(saved.y), n, g, dy, grads, want_dx)
+}
+
+/// The layer-axis conv kernels' backward; `y` (the post-ReLU output) given means a ReLU to undo,
+/// None means none (a Linear layer).
+#[allow(clippy::too_many_arguments)]
+fn conv_backward(
+    be: &Backend,
+    saved: &HConvSaved,
+    y: Option<&Buf<bf16>>,
+    n: usize,
+    g: &ConvGeom,
+    dy: &Buf<bf16>,
     (dw, db): (&Buf<f32>, &Buf<f32>),
     want_dx: bool,
 ) -> Result<Option<Buf<bf16>>> {
@@ -449,7 +518,9 @@ pub fn hconv_conv_backward(
         ));
     }
     need(be, KW, "x", saved.x, n * g.l_in * g.c_in)?;
-    need(be, KW, "y", saved.y, n * l_out * g.c_out)?;
+    if let Some(y) = y {
+        need(be, KW, "y", y, n * l_out * g.c_out)?;
+    }
     need(be, KW, "dy", dy, n * l_out * g.c_out)?;
     need(be, KW, "weight", saved.w, g.c_out * g.kernel * g.c_in)?;
     need(be, KW, "weight gradient", dw, g.c_out * g.kernel * g.c_in)?;
@@ -462,7 +533,7 @@ pub fn hconv_conv_backward(
     let p = HConvBwdParams {
         x: be.ptr(saved.x),
         w: be.ptr(saved.w),
-        y: be.ptr(saved.y),
+        y: y.map_or(0, |b| be.ptr(b)),
         dy: be.ptr(dy),
         dx: dx.as_ref().map_or(0, |b| be.ptr(b)),
         dw: be.ptr(dw),
@@ -480,6 +551,7 @@ pub fn hconv_conv_backward(
         partial_db: 0,
         split_rows: (n * l_out) as i64,
         split: 1,
+        relu: y.is_some() as i32,
     };
     if g.c_in % 8 == 0 && g.c_out % 8 == 0 {
         // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre.
@@ -493,6 +565,7 @@ pub fn hconv_conv_backward(
             c_out: p.c_out,
             l_out: p.l_out,
             flatten: p.flatten,
+            relu: p.relu,
         };
         let blocks = total.div_ceil(256).min(65535) as u32;
         be.launch("hconv_relu_mask", (blocks, 1, 1), (256, 1, 1), 0, &mp)?;
@@ -973,6 +1046,94 @@ pub fn layernorm_backward(
         )?;
     }
     Ok(dx)
+}
+
+/// fp32 -> bf16 on the device (round to nearest even, as `half::bf16::from_f32`).
+pub fn cast_to_bf16(be: &Backend, x: &Buf<f32>) -> Result<Buf<bf16>> {
+    let n = x.len();
+    let y = be.zeros::<bf16>(n)?;
+    if n > 0 {
+        let p = CastParams {
+            x: be.ptr(x),
+            y: be.ptr(&y),
+            n: n as i64,
+        };
+        let blocks = n.div_ceil(256).min(65535) as u32;
+        be.launch("cast_f32_to_bf16", (blocks, 1, 1), (256, 1, 1), 0, &p)?;
+    }
+    Ok(y)
+}
+
+/// A Linear layer's geometry as the layer-axis conv kernels see it: one layer, kernel 1.
+fn linear_geom(in_f: usize, out_f: usize) -> ConvGeom {
+    ConvGeom {
+        l_in: 1,
+        c_in: in_f,
+        c_out: out_f,
+        kernel: 1,
+        stride: 1,
+        pad: 0,
+    }
+}
+
+/// y = x W^T + b on tensor cores: x bf16 [rows, in_f], `w` bf16 [out_f, in_f] (PyTorch's layout),
+/// fp32 accumulation; y bf16, or fp32 with `out_f32` (logits). Runs the layer-axis conv kernels at
+/// one layer and kernel 1, where their implicit GEMM is the plain GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    w: &Buf<bf16>,
+    b: &Buf<f32>,
+    out_f32: bool,
+) -> Result<LayerOut> {
+    conv_forward(
+        be,
+        x,
+        rows,
+        &linear_geom(in_f, out_f),
+        w,
+        b,
+        false,
+        false,
+        out_f32,
+    )
+}
+
+/// Backward of [`linear_forward`] from dy (bf16 [rows, out_f]): ADDS dW [out_f, in_f] and db to
+/// `grads` (deterministic), returns dx (bf16 [rows, in_f]) when `want_dx`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    w: &Buf<bf16>,
+    dy: &Buf<bf16>,
+    grads: (&Buf<f32>, &Buf<f32>),
+    want_dx: bool,
+) -> Result<Option<Buf<bf16>>> {
+    // y is not read without a ReLU; `dy` stands in where a buffer reference is required.
+    let saved = HConvSaved {
+        x,
+        y: dy,
+        w,
+        flatten: false,
+    };
+    conv_backward(
+        be,
+        &saved,
+        None,
+        rows,
+        &linear_geom(in_f, out_f),
+        dy,
+        grads,
+        want_dx,
+    )
 }
 
 #[cfg(test)]

@@ -75,6 +75,11 @@ pub const FILES: &[KernelFile] = &[
         ],
     },
     KernelFile {
+        file: "convert.cu",
+        source: include_str!("../../kernels/convert.cu"),
+        kernels: &["cast_f32_to_bf16"],
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -133,12 +138,15 @@ params! {
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
     SelftestLdmatrixParams { tile: u64, out: u64 }
-    HConvFwdParams { x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32 }
-    HConvMaskParams { y: u64, dy: u64, dpre: u64, n: i32, c_out: i32, l_out: i32, flatten: i32 }
+    HConvFwdParams {
+        x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32,
+        pad: i32, l_out: i32, flatten: i32, relu: i32, y32: u64,
+    }
+    HConvMaskParams { y: u64, dy: u64, dpre: u64, n: i32, c_out: i32, l_out: i32, flatten: i32, relu: i32 }
     HConvBwdParams {
         x: u64, w: u64, y: u64, dy: u64, dx: u64, dw: u64, db: u64, n: i32, l_in: i32, c_in: i32, c_out: i32,
         kernel: i32, stride: i32, pad: i32, l_out: i32, flatten: i32, partial_dw: u64, partial_db: u64,
-        split_rows: i64, split: i32,
+        split_rows: i64, split: i32, relu: i32,
     }
     SplitReduceParams { partial: u64, out: u64, count: i64, split: i32 }
     CrossEntropyParams { logits: u64, labels: u64, loss_rows: u64, dlogits: u64, rows: i32, classes: i32, mean: i32 }
@@ -148,6 +156,7 @@ params! {
     LayerNormFwdParams { x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32 }
     LayerNormBwdParams { x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32 }
     LayerNormReduceParams { partial: u64, dw: u64, db: u64, blocks: i32, d: i32 }
+    CastParams { x: u64, y: u64, n: i64 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,
         n: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,

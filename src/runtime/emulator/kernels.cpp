@@ -9,3 +9,4 @@
 #include "../../../kernels/pooling.cu"
 #include "../../../kernels/dropout.cu"
 #include "../../../kernels/layernorm.cu"
+#include "../../../kernels/convert.cu"
