@@ -287,6 +287,57 @@ pub fn clip_coefficient(
     Ok((norm, coef))
 }
 
+/// [`clip_coefficient`] over several gradient buffers at once (a model's parameters): their
+/// squares summed into one partial buffer, segment by segment, then one coefficient. The same
+/// fixed order every time: deterministic.
+pub fn clip_coefficient_multi(
+    be: &Backend,
+    grads: &[&Buf<f32>],
+    max_norm: f32,
+) -> Result<(Buf<f32>, Buf<f32>)> {
+    if max_norm.is_nan() || max_norm <= 0.0 || grads.is_empty() {
+        return Err(Error::Config(format!(
+            "clip: max_norm must be > 0 and there must be gradients, got {max_norm} and {}",
+            grads.len()
+        )));
+    }
+    let parts: Vec<usize> = grads
+        .iter()
+        .map(|g| g.len().div_ceil(256).clamp(1, 1024))
+        .collect();
+    let total: usize = parts.iter().sum();
+    let partial = be.zeros::<f32>(total)?;
+    let mut at = 0usize;
+    for (g, &n_parts) in grads.iter().zip(&parts) {
+        need(be, "clip_coefficient", "grad", g, g.len())?;
+        let sp = SumSquaresParams {
+            x: be.ptr(*g),
+            // This gradient's segment of the partial sums.
+            partial: be.ptr(&partial) + (at * std::mem::size_of::<f32>()) as u64,
+            n: g.len() as i64,
+        };
+        be.launch(
+            "sum_squares_partial",
+            (n_parts as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &sp,
+        )?;
+        at += n_parts;
+    }
+    let norm = be.zeros::<f32>(1)?;
+    let coef = be.zeros::<f32>(1)?;
+    let cp = ClipCoefParams {
+        partial: be.ptr(&partial),
+        parts: total as i32,
+        max_norm,
+        norm: be.ptr(&norm),
+        coef: be.ptr(&coef),
+    };
+    be.launch("clip_coefficient", (1, 1, 1), (256, 1, 1), 0, &cp)?;
+    Ok((norm, coef))
+}
+
 /// The `-D` constants that specialize kernels/hconv.cu's vectorized kernels to one conv's geometry.
 pub fn hconv_defines(g: &ConvGeom) -> [(&'static str, i64); 8] {
     [

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod device_step;
 pub mod features;
 pub mod metrics;
 pub mod plot;
