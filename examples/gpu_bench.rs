@@ -217,6 +217,51 @@ fn main() {
             3 * rows * classes * 4
         );
     }
+    // A whole HConv + PR-head training step on a bf16 stack already on the GPU (forward, CTC,
+    // backward, clip, AdamW; the loss comes back to the host): 32 utterances x 500 frames.
+    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
+        use strata::models::interface::InterfaceConfig;
+        use strata::train::side_by_side::{HeadKind, Pair};
+        let (utts, t, v, u) = (32usize, 500usize, 71usize, 120usize);
+        let n = utts * t;
+        let pair = Pair::new(
+            "hconv",
+            &InterfaceConfig::hconv(l, d),
+            HeadKind::Ctc { vocab: v },
+            AdamConfig::adamw(1e-3),
+            Some(1.0),
+            0,
+        )
+        .unwrap();
+        let mut dev =
+            strata::train::device_step::DeviceHConvPr::from_pair(&be, &pair, l, d).unwrap();
+        let x: Vec<bf16> = (0..n * l * d)
+            .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
+            .collect();
+        let x0 = be.upload(&x).unwrap();
+        let batch = strata::PackedBatch::from_lengths(&vec![t; utts]).unwrap();
+        let targets: Vec<Vec<usize>> = (0..utts)
+            .map(|i| (0..u).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
+            .collect();
+        let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
+        let macs: usize = plan
+            .convs
+            .iter()
+            .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
+            .sum();
+        let dx_macs: usize = plan
+            .convs
+            .iter()
+            .skip(1)
+            .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
+            .sum();
+        let head_macs = plan.output_dim() * 256 + 256 * v;
+        let flops = 2 * n * (2 * macs + dx_macs + 3 * head_macs);
+        let ms = time_ms(&be, &mut flush, || {
+            dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
+        });
+        println!("{{\"name\": \"step_{name}\", \"ms\": {ms:.4}, \"flops\": {flops}}}");
+    }
     for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
         let p = be.upload(&vec![0.1f32; n]).unwrap();
         let g = be.upload(&vec![0.01f32; n]).unwrap();

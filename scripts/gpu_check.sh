@@ -11,12 +11,17 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
     set -e
     cargo build --release --example gpu_bench
-    bins=$(cargo test --release --test kernels --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if "/deps/kernels-" in (m.get("executable") or "")]')
+    exe() {
+        cargo test --release --test "$1" --no-run --message-format=json 2>/dev/null \
+            | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if "/deps/'"$1"'-" in (m.get("executable") or "")]'
+    }
+    kernels=$(exe kernels)
+    step=$(exe device_step)
     rm -rf .gpu && mkdir -p .gpu
     cp target/release/examples/gpu_bench .gpu/
-    cp $bins .gpu/kernels_test
-    strip --strip-debug .gpu/gpu_bench .gpu/kernels_test
+    cp $kernels .gpu/kernels_test
+    cp $step .gpu/device_step_test
+    strip --strip-debug .gpu/gpu_bench .gpu/kernels_test .gpu/device_step_test
     git rev-parse --short HEAD > .gpu/commit
     ls -la .gpu
     exit 0
@@ -35,6 +40,8 @@ status=0
 export STRATA_TEST_EMULATOR=0
 echo "== kernel tests on the GPU"
 STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
+echo "== the whole HConv + PR-head training step on the GPU vs the CPU path (20 steps)"
+STRATA_TEST_CUDA=1 .gpu/device_step_test --nocapture 2>&1 | tail -25 | tee -a "$out/tests.log" || status=1
 
 echo "== compute-sanitizer memcheck / racecheck (small sizes)"
 for tool in memcheck racecheck; do

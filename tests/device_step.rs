@@ -14,8 +14,14 @@ use strata::PackedBatch;
 
 #[test]
 fn twenty_device_steps_follow_the_cpu_losses() {
-    let mut backends = vec![Backend::Emulator];
-    if std::env::var("STRATA_TEST_CUDA").is_ok_and(|v| v == "1") {
+    // As tests/kernels.rs: the emulator always, the GPU when asked for; the device script skips
+    // the emulator half (STRATA_TEST_EMULATOR=0), which CI runs.
+    let gpu = std::env::var("STRATA_TEST_CUDA").is_ok_and(|v| v == "1");
+    let mut backends = Vec::new();
+    if !(gpu && std::env::var("STRATA_TEST_EMULATOR").is_ok_and(|v| v == "0")) {
+        backends.push(Backend::Emulator);
+    }
+    if gpu {
         backends.push(Backend::cuda().expect("STRATA_TEST_CUDA=1 needs a GPU"));
     }
     let (layers, dim, phones) = (13, 64, 20);

@@ -164,18 +164,37 @@ impl DeviceHConvPr {
             ));
         }
         let x16: Vec<bf16> = stack.to_vec().iter().map(|&x| bf16::from_f32(x)).collect();
-        let x0 = be.upload(&x16)?;
+        self.train_step_on(be, &be.upload(&x16)?, batch, targets)
+    }
+
+    /// [`Self::train_step`] on a bf16 stack already on the device ([frames, L, D], e.g. an upstream
+    /// run there, or a benchmark's).
+    pub fn train_step_on(
+        &mut self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+        targets: &[Vec<usize>],
+    ) -> Result<f32> {
+        let n = batch.total_frames();
+        if x0.len() != n * self.layers * self.dim {
+            return Err(Error::shape(
+                "device step stack",
+                format!("{n} x {} x {} elements", self.layers, self.dim),
+                format!("{}", x0.len()),
+            ));
+        }
         // Forward, keeping every activation for the backward.
         let mut acts: Vec<Buf<bf16>> = Vec::new();
         for (i, g) in self.plan.convs.iter().enumerate() {
-            let input = if i == 0 { &x0 } else { &acts[i - 1] };
+            let input = if i == 0 { x0 } else { &acts[i - 1] };
             let (w, b) = &self.convs[i];
             let last = i + 1 == self.plan.convs.len();
             acts.push(device::hconv_conv_forward(
                 be, input, n, g, &w.copy, &b.master, last,
             )?);
         }
-        let feats = acts.last().unwrap_or(&x0);
+        let feats = acts.last().unwrap_or(x0);
         let d_feat = self.plan.output_dim();
         let (h_dim, v) = (self.hidden, self.vocab);
         let h = device::linear_forward(
@@ -239,7 +258,7 @@ impl DeviceHConvPr {
         for (i, g) in self.plan.convs.iter().enumerate().rev() {
             let (w, b) = &self.convs[i];
             let saved = HConvSaved {
-                x: if i == 0 { &x0 } else { &acts[i - 1] },
+                x: if i == 0 { x0 } else { &acts[i - 1] },
                 y: &acts[i],
                 w: &w.copy,
                 flatten: i + 1 == self.plan.convs.len(),
