@@ -92,6 +92,12 @@ impl DeviceHConvPr {
             }
         };
         let plan = hconv_plan(layers, dim, kernel, stride)?;
+        if plan.convs.is_empty() {
+            // HConv is then only the channel-major flatten of the stack: not a device kernel yet.
+            return Err(Error::Config(format!(
+                "device step: HConv over {layers} layers with stride {stride} has no conv; not on the device yet"
+            )));
+        }
         let mut convs = Vec::new();
         for (i, g) in plan.convs.iter().enumerate() {
             let w = cpu_param(pair, &format!("interface.conv{i}.weight"))?.to_vec();
