@@ -78,6 +78,13 @@ impl DeviceHConvPr {
                 "device step: only the PR head (CTC) runs on the device so far".into(),
             ));
         };
+        let cfg = pair.interface.config();
+        if (cfg.layers, cfg.dim) != (layers, dim) {
+            return Err(Error::Config(format!(
+                "device step: the pair's interface is for {} x {} states, not {layers} x {dim}",
+                cfg.layers, cfg.dim
+            )));
+        }
         if pair.interface.config().normalize {
             return Err(Error::Config(
                 "device step: the per-layer norm before HConv is not on the device yet".into(),
