@@ -78,3 +78,45 @@ fn twenty_device_steps_follow_the_cpu_losses() {
         );
     }
 }
+
+#[test]
+fn the_device_step_refuses_what_it_cannot_run_yet() {
+    let be = Backend::Emulator;
+    let pair = |itf: InterfaceConfig| {
+        Pair::new(
+            "p",
+            &itf,
+            HeadKind::Ctc { vocab: 5 },
+            AdamConfig::adamw(1e-3),
+            None,
+            0,
+        )
+        .unwrap()
+    };
+    let err = |r: strata::Result<DeviceHConvPr>| r.err().expect("refused").to_string();
+    let e = err(DeviceHConvPr::from_pair(
+        &be,
+        &pair(InterfaceConfig::weighted_sum(7, 16)),
+        7,
+        16,
+    ));
+    assert!(e.contains("only HConv"), "{e}");
+    let e = err(DeviceHConvPr::from_pair(
+        &be,
+        &pair(InterfaceConfig::hconv(7, 16)),
+        13,
+        16,
+    ));
+    assert!(e.contains("7 x 16") && e.contains("13 x 16"), "{e}");
+    let classifier = Pair::new(
+        "c",
+        &InterfaceConfig::hconv(7, 16),
+        HeadKind::Classify { classes: 3 },
+        AdamConfig::adamw(1e-3),
+        None,
+        0,
+    )
+    .unwrap();
+    let e = err(DeviceHConvPr::from_pair(&be, &classifier, 7, 16));
+    assert!(e.contains("PR head"), "{e}");
+}
