@@ -1234,3 +1234,84 @@ fn linear_and_cast_on_the_device_match_the_cpu_reference() {
         );
     }
 }
+
+/// The single-layer and Concat + Proj interfaces on the device: the layer gather against the CPU
+/// reference (exact: a copy), and Concat + Proj as a Linear over the frame-major stack against the
+/// CPU interface through the tape, from the same bf16 values (fp32 out, 1e-5 of scale).
+#[test]
+fn single_layer_and_concat_proj_on_the_device_match_the_cpu_interfaces() {
+    use strata::models::interface::{self, InterfaceConfig, InterfaceKind};
+    use strata::{ParamStore, Tape};
+    for be in backends() {
+        for (n, l, d) in [(1usize, 2usize, 8usize), (33, 7, 40), (10, 13, 100)] {
+            let tag = format!("{} n={n} L={l} D={d}", be.name());
+            let x: Vec<f32> = randn(n * l * d, 21)
+                .iter()
+                .map(|&v| round_bf16(v))
+                .collect();
+            let xb = be.upload(&to_bf16(&x)).unwrap();
+            for layer in [0i64, -1, (l / 2) as i64] {
+                let got: Vec<f32> = be
+                    .download(&device::select_layer(&be, &xb, n, l, d, layer).unwrap())
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect();
+                let idx = if layer < 0 { l - 1 } else { layer as usize };
+                assert_eq!(
+                    got,
+                    strata::ops::shape::select_layer(&x, l, d, idx),
+                    "{tag} layer {layer}"
+                );
+            }
+            assert!(
+                device::select_layer(&be, &xb, n, l, d, l as i64).is_err(),
+                "{tag}: out of range"
+            );
+            // Concat + Proj with bf16-valued weights, as the device holds them.
+            let out = 24;
+            let mut store = ParamStore::new();
+            let cfg = InterfaceConfig::new(l, d, InterfaceKind::ConcatProj { out_dim: out });
+            let itf = interface::build(&cfg, &mut store, "i.", &mut Rng::new(5)).unwrap();
+            let (wid, bid) = (
+                store.id("i.proj.weight").unwrap(),
+                store.id("i.proj.bias").unwrap(),
+            );
+            let w: Vec<f32> = store
+                .value(wid)
+                .to_vec()
+                .iter()
+                .map(|&v| round_bf16(v))
+                .collect();
+            store
+                .set_value(wid, Tensor::from_vec(w.clone(), &[out, l * d]).unwrap())
+                .unwrap();
+            let b = store.value(bid).to_vec();
+            let mut tape = Tape::no_grad();
+            let s = tape
+                .constant(Tensor::from_vec(x.clone(), &[n, l, d]).unwrap())
+                .unwrap();
+            let y = itf.forward(&mut tape, &store, s).unwrap();
+            let want = tape.value(y).to_vec();
+            let got = device::linear_forward(
+                &be,
+                &xb,
+                n,
+                l * d,
+                out,
+                &be.upload(&to_bf16(&w)).unwrap(),
+                &be.upload(&b).unwrap(),
+                true,
+            )
+            .unwrap()
+            .into_f32()
+            .unwrap();
+            let got = be.download(&got).unwrap();
+            assert!(
+                rel_err(&got, &want) < 1e-5,
+                "{tag}: concat + proj {}",
+                rel_err(&got, &want)
+            );
+        }
+    }
+}

@@ -9,7 +9,7 @@ use crate::runtime::kernels::{
     AdamParams, CastParams, ClipCoefParams, CrossEntropyParams, CtcParams, DropoutParams,
     HConvBwdParams, HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams,
     LayerNormReduceParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
-    LogSoftmaxParams, MeanPoolParams, SplitReduceParams, SumSquaresParams,
+    LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams, SumSquaresParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -1112,6 +1112,46 @@ pub fn cast_to_bf16(be: &Backend, x: &Buf<f32>) -> Result<Buf<bf16>> {
         let blocks = n.div_ceil(256).min(65535) as u32;
         be.launch("cast_f32_to_bf16", (blocks, 1, 1), (256, 1, 1), 0, &p)?;
     }
+    Ok(y)
+}
+
+/// The single-layer interface: layer `layer` of the bf16 stack [n, l, d] as [n, d]
+/// (kernels/shape.cu). A negative `layer` counts from the end, as the CPU interface's.
+pub fn select_layer(
+    be: &Backend,
+    x: &Buf<bf16>,
+    n: usize,
+    l: usize,
+    d: usize,
+    layer: i64,
+) -> Result<Buf<bf16>> {
+    const K: &str = "select_layer";
+    let idx = if layer < 0 { l as i64 + layer } else { layer };
+    if idx < 0 || idx >= l as i64 {
+        return Err(Error::value(
+            "layer",
+            format!("{layer} is outside the stack's {l} layers"),
+        ));
+    }
+    rows_check(K, n, l * d)?;
+    need(be, K, "stack", x, n * l * d)?;
+    let y = be.zeros::<bf16>(n * d)?;
+    let p = SelectLayerParams {
+        x: be.ptr(x),
+        y: be.ptr(&y),
+        n: n as i32,
+        l: l as i32,
+        d: d as i32,
+        layer: idx as i32,
+    };
+    let per_row = if d % 8 == 0 { d / 8 } else { d };
+    be.launch(
+        K,
+        ((n * per_row).div_ceil(256).min(65535) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )?;
     Ok(y)
 }
 

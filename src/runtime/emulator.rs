@@ -54,6 +54,7 @@ entries!(
     strata_emu_mean_pool_backward,
     strata_emu_dropout_apply,
     strata_emu_cast_f32_to_bf16,
+    strata_emu_select_layer,
     strata_emu_layernorm_forward,
     strata_emu_layernorm_backward,
     strata_emu_layernorm_param_reduce,

@@ -80,6 +80,11 @@ pub const FILES: &[KernelFile] = &[
         kernels: &["cast_f32_to_bf16"],
     },
     KernelFile {
+        file: "shape.cu",
+        source: include_str!("../../kernels/shape.cu"),
+        kernels: &["select_layer"],
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -157,6 +162,7 @@ params! {
     LayerNormBwdParams { x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32 }
     LayerNormReduceParams { partial: u64, dw: u64, db: u64, blocks: i32, d: i32 }
     CastParams { x: u64, y: u64, n: i64 }
+    SelectLayerParams { x: u64, y: u64, n: i32, l: i32, d: i32, layer: i32 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,
         n: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,

@@ -10,3 +10,4 @@
 #include "../../../kernels/dropout.cu"
 #include "../../../kernels/layernorm.cu"
 #include "../../../kernels/convert.cu"
+#include "../../../kernels/shape.cu"
