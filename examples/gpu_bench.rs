@@ -37,6 +37,16 @@ fn time_ms(be: &Backend, flush: &mut CudaSlice<f32>, mut f: impl FnMut()) -> f64
     times[times.len() / 2]
 }
 
+/// Multiply-adds of HConv's convs per frame: (all convs, the convs after the first). Forward costs
+/// the first; a frozen-upstream backward costs the first again (dW) plus the second (dx).
+fn hconv_macs(plan: &strata::models::interface::HConvPlan) -> (usize, usize) {
+    let per = |g: &strata::ops::layer_conv::ConvGeom| g.l_out() * g.c_out * g.c_in * g.kernel;
+    (
+        plan.convs.iter().map(per).sum(),
+        plan.convs.iter().skip(1).map(per).sum(),
+    )
+}
+
 fn main() {
     let be = Backend::cuda().unwrap_or_else(|why| panic!("gpu_bench needs a GPU: {why}"));
     let Backend::Cuda(rt) = &be else {
@@ -86,14 +96,13 @@ fn main() {
         let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
         let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
         let mut layers = Vec::new();
-        let mut macs = 0usize;
+        let (macs, dx_macs) = hconv_macs(&plan);
         for g in &plan.convs {
             let w = vec![0.01f32; g.c_out * g.c_in * g.kernel];
             layers.push((
                 be.upload(&device::hconv_weight_for_kernel(&w, g)).unwrap(),
                 be.upload(&vec![0.0f32; g.c_out]).unwrap(),
             ));
-            macs += g.l_out() * g.c_out * g.c_in * g.kernel;
         }
         let t = time_ms(&be, &mut flush, || {
             let mut h = device::hconv_conv_forward(
@@ -138,12 +147,6 @@ fn main() {
         let dout = be
             .upload(&vec![bf16::from_f32(0.01); n * plan.output_dim()])
             .unwrap();
-        let dx_macs: usize = plan
-            .convs
-            .iter()
-            .skip(1)
-            .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
-            .sum();
         let t = time_ms(&be, &mut flush, || {
             let mut acts = Vec::new();
             for (i, g) in plan.convs.iter().enumerate() {
@@ -244,17 +247,7 @@ fn main() {
             .map(|i| (0..u).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
             .collect();
         let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
-        let macs: usize = plan
-            .convs
-            .iter()
-            .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
-            .sum();
-        let dx_macs: usize = plan
-            .convs
-            .iter()
-            .skip(1)
-            .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
-            .sum();
+        let (macs, dx_macs) = hconv_macs(&plan);
         let head_macs = plan.output_dim() * 256 + 256 * v;
         let flops = 2 * n * (2 * macs + dx_macs + 3 * head_macs);
         let ms = time_ms(&be, &mut flush, || {

@@ -104,10 +104,7 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
             if (p.y32)
                 p.y32[at] = v;
             else
-                if (p.y32)
-                    p.y32[at] = v;
-                else
-                    p.y[at] = float_to_bf16(v);
+                p.y[at] = float_to_bf16(v);
         }
     }
 }
@@ -144,7 +141,82 @@ STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
 #define HV_BM 128
 #define HV_BN 128
 #define HV_BK 32
-#define HV_LD (HV_BK + 8)  // row pitch in bf16: 80 bytes keeps ldmatrix rows conflict-free
+#define HV_LD (HV_BK + 8)   // pitch of [m or n][k] tiles in bf16: 80 bytes, conflict-free ldmatrix rows
+#define HV_LDT (HV_BN + 8)  // pitch of [k][m or n] tiles: 272 bytes, conflict-free ldmatrix rows
+
+// The vectorized kernels' warp tile: warp (wm, wn) = (warp % 2, warp / 2) of the 128 x 128 block
+// tile owns rows 64 wm.. and columns 32 wn..: 4 x 4 mma tiles of m16n8, per k16 step `ks` of the
+// staged BK slice. Operands staged [m][k] / [n][k] load with ldmatrix, operands staged as they lie
+// in memory, [k][m] / [k][n], with ldmatrix.trans.
+__device__ __forceinline__ void hv_zero(float (*acc)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+}
+__device__ __forceinline__ void hv_load_a_mk(uint32_t (*a)[4], const bf16 (*t)[HV_LD], int wm, int ks, int lane) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+        ldmatrix_x4(a[mi], &t[wm * 64 + mi * 16 + (lane % 8) + 8 * ((lane / 8) % 2)][ks + 8 * (lane / 16)]);
+}
+__device__ __forceinline__ void hv_load_a_km(uint32_t (*a)[4], const bf16 (*t)[HV_LDT], int wm, int ks, int lane) {
+    // Matrices (k0, m0), (k0, m0 + 8), (k0 + 8, m0), (k0 + 8, m0 + 8), transposed.
+    const int j = lane / 8;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+        ldmatrix_x4_trans(a[mi], &t[ks + (lane % 8) + 8 * (j / 2)][wm * 64 + mi * 16 + 8 * (j % 2)]);
+}
+// One x4 load gives two n8 tiles: registers (b[nj][0], b[nj][1], b[nj + 1][0], b[nj + 1][1]).
+__device__ __forceinline__ void hv_split_b(uint32_t (*b)[2], int nj, const uint32_t* q) {
+    b[nj][0] = q[0];
+    b[nj][1] = q[1];
+    b[nj + 1][0] = q[2];
+    b[nj + 1][1] = q[3];
+}
+__device__ __forceinline__ void hv_load_b_nk(uint32_t (*b)[2], const bf16 (*t)[HV_LD], int wn, int ks, int lane) {
+#pragma unroll
+    for (int nj = 0; nj < 4; nj += 2) {
+        uint32_t q[4];
+        ldmatrix_x4(q, &t[wn * 32 + nj * 8 + (lane % 8) + 8 * (lane / 16)][ks + 8 * ((lane / 8) % 2)]);
+        hv_split_b(b, nj, q);
+    }
+}
+__device__ __forceinline__ void hv_load_b_kn(uint32_t (*b)[2], const bf16 (*t)[HV_LDT], int wn, int ks, int lane) {
+    const int j = lane / 8;
+#pragma unroll
+    for (int nj = 0; nj < 4; nj += 2) {
+        uint32_t q[4];
+        ldmatrix_x4_trans(q, &t[ks + (lane % 8) + 8 * (j % 2)][wn * 32 + nj * 8 + 8 * (j / 2)]);
+        hv_split_b(b, nj, q);
+    }
+}
+__device__ __forceinline__ void hv_mma(float (*acc)[4][4], const uint32_t (*a)[4], const uint32_t (*b)[2]) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+}
+// The double-buffered K loop: stage(buf, step) issues step's cp.async copies into buffer `buf`
+// (and commits them), compute(buf) consumes a staged buffer; one barrier after the wait publishes
+// the copies, one after the compute frees the buffer for the next stage.
+template <class Stage, class Compute>
+__device__ __forceinline__ void hv_pipeline(int64_t steps, Stage stage, Compute compute) {
+    if (steps > 0) stage(0, 0);
+    for (int64_t s = 0; s < steps; ++s) {
+        const int buf = (int)(s & 1);
+        if (s + 1 < steps) {
+            stage(buf ^ 1, s + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        compute(buf);
+        __syncthreads();
+    }
+}
 
 extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
     HC_GEOMETRY
@@ -175,8 +247,8 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
         b_ok[j] = co < c_out;
         b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
     }
-    auto stage = [&](int buf, int k0) {
-        const int k = k0 + kc;
+    auto stage = [&](int buf, int64_t step) {
+        const int k = (int)step * HV_BK + kc;
         const int kw = k / c_in, ci = k - kw * c_in;
         #pragma unroll
         for (int j = 0; j < 2; ++j) {
@@ -189,48 +261,15 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
         cp_async_commit();
     };
     float acc[4][4][4];
-    #pragma unroll
-    for (int i = 0; i < 4; ++i)
-        #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-    const int steps = (K + HV_BK - 1) / HV_BK;
-    stage(0, 0);
-    for (int s = 0; s < steps; ++s) {
-        const int buf = s & 1;
-        if (s + 1 < steps) {
-            stage(buf ^ 1, (s + 1) * HV_BK);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        #pragma unroll
+    hv_zero(acc);
+    hv_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) {
         for (int ks = 0; ks < HV_BK; ks += 16) {
             uint32_t a[4][4], b[4][2];
-            #pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                const int r = wm * 64 + mi * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
-                ldmatrix_x4(a[mi], &as[buf][r][ks + 8 * (lane / 16)]);
-            }
-            #pragma unroll
-            for (int nj = 0; nj < 4; nj += 2) {
-                const int n = wn * 32 + nj * 8 + (lane % 8) + 8 * (lane / 16);
-                uint32_t q[4];
-                ldmatrix_x4(q, &bs[buf][n][ks + 8 * ((lane / 8) % 2)]);
-                b[nj][0] = q[0];
-                b[nj][1] = q[1];
-                b[nj + 1][0] = q[2];
-                b[nj + 1][1] = q[3];
-            }
-            #pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-                #pragma unroll
-                for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+            hv_load_a_mk(a, as[buf], wm, ks, lane);
+            hv_load_b_nk(b, bs[buf], wn, ks, lane);
+            hv_mma(acc, a, b);
         }
-        __syncthreads();
-    }
+    });
     #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
         #pragma unroll
@@ -244,9 +283,6 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
                 const int64_t f = row / l_out;
                 const int lo = (int)(row % l_out);
                 const int64_t at = p.flatten ? f * c_out * l_out + (int64_t)co * l_out + lo : row * c_out + co;
-                if (p.y32)
-                p.y32[at] = v;
-            else
                 if (p.y32)
                     p.y32[at] = v;
                 else
@@ -288,12 +324,15 @@ struct HConvBwdParams {
     int relu;  // 0 for a Linear layer: no mask, y unused
 };
 
+// ReLU's backward passes the gradient where its output y > 0 (not +0, negative or NaN), as
+// PyTorch's threshold_backward.
+__device__ __forceinline__ bool hc_relu_passes(bf16 y) { return y.bits != 0 && y.bits <= 0x7f80u; }
+
 __device__ __forceinline__ bf16 hc_dpre(const HConvBwdParams& p, int64_t f, int lo, int co) {
     const int64_t at = p.flatten ? (f * p.c_out + co) * p.l_out + lo : (f * p.l_out + lo) * p.c_out + co;
     bf16 v = p.dy[at];
     if (!p.relu) return v;
-    const uint32_t yb = p.y[at].bits;
-    if (yb == 0 || yb > 0x7f80u) v.bits = 0;  // keep only y > 0: not +0, negative or NaN
+    if (!hc_relu_passes(p.y[at])) v.bits = 0;
     return v;
 }
 
@@ -415,15 +454,12 @@ extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
         const int64_t at = p.flatten ? (fl / p.l_out * p.c_out + co) * p.l_out + fl % p.l_out : e;
         bf16 v = p.dy[at];
         if (p.relu) {
-            const uint32_t yb = p.y[at].bits;
-            if (yb == 0 || yb > 0x7f80u) v.bits = 0;
+            if (!hc_relu_passes(p.y[at])) v.bits = 0;
         }
         p.dpre[e] = v;
     }
 }
 STRATA_EMU_ENTRY(hconv_relu_mask, HConvMaskParams)
-
-#define HV_LDT (HV_BN + 8)  // pitch of [k][n] tiles: 272 bytes, conflict-free ldmatrix rows
 
 // dx (dy = dpre here; y and flatten unused): rows (f, li), cols ci, K = (kw, co).
 extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) {
@@ -446,8 +482,8 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
         a_frame[j] = a_ok[j] ? r / l_in : 0;
         a_li[j] = a_ok[j] ? (int)(r % l_in) : 0;
     }
-    auto stage = [&](int buf, int k0) {
-        const int k = k0 + kc;
+    auto stage = [&](int buf, int64_t step) {
+        const int k0 = (int)step * HV_BK, k = k0 + kc;
         const int kw = k / c_out, co = k - kw * c_out;
         for (int j = 0; j < 2; ++j) {
             const int num = a_li[j] + pad - kw;
@@ -464,48 +500,15 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
         cp_async_commit();
     };
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-    const int steps = (K + HV_BK - 1) / HV_BK;
-    stage(0, 0);
-    for (int s = 0; s < steps; ++s) {
-        const int buf = s & 1;
-        if (s + 1 < steps) {
-            stage(buf ^ 1, (s + 1) * HV_BK);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-#pragma unroll
+    hv_zero(acc);
+    hv_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) {
         for (int ks = 0; ks < HV_BK; ks += 16) {
             uint32_t a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                const int r = wm * 64 + mi * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
-                ldmatrix_x4(a[mi], &as[buf][r][ks + 8 * (lane / 16)]);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 4; nj += 2) {
-                const int j = lane / 8;
-                uint32_t q[4];
-                ldmatrix_x4_trans(q, &bt[buf][ks + (lane % 8) + 8 * (j % 2)][wn * 32 + nj * 8 + 8 * (j / 2)]);
-                b[nj][0] = q[0];
-                b[nj][1] = q[1];
-                b[nj + 1][0] = q[2];
-                b[nj + 1][1] = q[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+            hv_load_a_mk(a, as[buf], wm, ks, lane);
+            hv_load_b_kn(b, bt[buf], wn, ks, lane);
+            hv_mma(acc, a, b);
         }
-        __syncthreads();
-    }
+    });
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
@@ -535,7 +538,8 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
     const bool bias_block = blockIdx.x == 0;
     const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
     const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
-    auto stage = [&](int buf, int64_t r0) {
+    auto stage = [&](int buf, int64_t step) {
+        const int64_t r0 = r_begin + step * HV_BK;
         for (int j = 0; j < 2; ++j) {
             const int c = tid + 256 * j, krow = c / 16, off = (c % 16) * 8;
             const int64_t r = r0 + krow;
@@ -558,52 +562,20 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
         cp_async_commit();
     };
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    hv_zero(acc);
     float bias_acc = 0.0f;  // thread i < 128 owns db[co0 + i] in bias blocks
     const int64_t steps = r_end > r_begin ? (r_end - r_begin + HV_BK - 1) / HV_BK : 0;
-    if (steps > 0) stage(0, r_begin);
-    for (int64_t s = 0; s < steps; ++s) {
-        const int buf = (int)(s & 1);
-        if (s + 1 < steps) {
-            stage(buf ^ 1, r_begin + (s + 1) * HV_BK);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+    hv_pipeline(steps, stage, [&](int buf) {
         if (bias_block && tid < HV_BM) {
             for (int kk = 0; kk < HV_BK; ++kk) bias_acc += bf16_to_float(at[buf][kk][tid]);
         }
-#pragma unroll
         for (int ks = 0; ks < HV_BK; ks += 16) {
             uint32_t a[4][4], b[4][2];
-            const int j = lane / 8;
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                // A = dpre^T from the [r][co] tile: matrices (k0, m0), (k0, m0+8), (k0+8, m0), (k0+8, m0+8).
-                ldmatrix_x4_trans(a[mi], &at[buf][ks + (lane % 8) + 8 * (j / 2)][wm * 64 + mi * 16 + 8 * (j % 2)]);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 4; nj += 2) {
-                uint32_t q[4];
-                ldmatrix_x4_trans(q, &bt[buf][ks + (lane % 8) + 8 * (j % 2)][wn * 32 + nj * 8 + 8 * (j / 2)]);
-                b[nj][0] = q[0];
-                b[nj][1] = q[1];
-                b[nj + 1][0] = q[2];
-                b[nj + 1][1] = q[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+            hv_load_a_km(a, at[buf], wm, ks, lane);
+            hv_load_b_kn(b, bt[buf], wn, ks, lane);
+            hv_mma(acc, a, b);
         }
-        __syncthreads();
-    }
+    });
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll

@@ -352,18 +352,26 @@ pub fn hconv_defines(g: &ConvGeom) -> [(&'static str, i64); 8] {
     ]
 }
 
-/// PyTorch's Conv1d weight [c_out, c_in, k] as the kernel's tap-major bf16 [c_out, k * c_in].
-pub fn hconv_weight_for_kernel(w: &[f32], g: &ConvGeom) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; g.c_out * g.kernel * g.c_in];
+/// PyTorch's Conv1d weight [c_out, c_in, k] in the kernels' tap-major layout [c_out, k * c_in]
+/// (fp32, e.g. for master weights).
+pub fn hconv_weight_tap_major(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let mut out = vec![0f32; g.c_out * g.kernel * g.c_in];
     for o in 0..g.c_out {
         for c in 0..g.c_in {
             for k in 0..g.kernel {
-                out[(o * g.kernel + k) * g.c_in + c] =
-                    bf16::from_f32(w[(o * g.c_in + c) * g.kernel + k]);
+                out[(o * g.kernel + k) * g.c_in + c] = w[(o * g.c_in + c) * g.kernel + k];
             }
         }
     }
     out
+}
+
+/// [`hconv_weight_tap_major`] in bf16: the weight the kernels read.
+pub fn hconv_weight_for_kernel(w: &[f32], g: &ConvGeom) -> Vec<bf16> {
+    hconv_weight_tap_major(w, g)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect()
 }
 
 /// One HConv conv + bias + ReLU on tensor cores: x bf16 [n, l_in, c_in] -> y bf16 [n, l_out, c_out],
@@ -532,16 +540,27 @@ pub fn hconv_conv_backward(
     grads: (&Buf<f32>, &Buf<f32>),
     want_dx: bool,
 ) -> Result<Option<Buf<bf16>>> {
-    conv_backward(be, saved, Some(saved.y), n, g, dy, grads, want_dx)
+    let inputs = ConvBwdInputs {
+        x: saved.x,
+        relu_out: Some(saved.y),
+        w: saved.w,
+        flatten: saved.flatten,
+    };
+    conv_backward(be, &inputs, n, g, dy, grads, want_dx)
 }
 
-/// The layer-axis conv kernels' backward; `y` (the post-ReLU output) given means a ReLU to undo,
-/// None means none (a Linear layer).
-#[allow(clippy::too_many_arguments)]
+/// What the layer-axis conv backward reads: `relu_out` (the post-ReLU output) given means a ReLU
+/// to undo, None means none (a Linear layer).
+struct ConvBwdInputs<'a> {
+    x: &'a Buf<bf16>,
+    relu_out: Option<&'a Buf<bf16>>,
+    w: &'a Buf<bf16>,
+    flatten: bool,
+}
+
 fn conv_backward(
     be: &Backend,
-    saved: &HConvSaved,
-    y: Option<&Buf<bf16>>,
+    saved: &ConvBwdInputs,
     n: usize,
     g: &ConvGeom,
     dy: &Buf<bf16>,
@@ -569,7 +588,7 @@ fn conv_backward(
         ));
     }
     need(be, KW, "x", saved.x, n * g.l_in * g.c_in)?;
-    if let Some(y) = y {
+    if let Some(y) = saved.relu_out {
         need(be, KW, "y", y, n * l_out * g.c_out)?;
     }
     need(be, KW, "dy", dy, n * l_out * g.c_out)?;
@@ -584,7 +603,7 @@ fn conv_backward(
     let p = HConvBwdParams {
         x: be.ptr(saved.x),
         w: be.ptr(saved.w),
-        y: y.map_or(0, |b| be.ptr(b)),
+        y: saved.relu_out.map_or(0, |b| be.ptr(b)),
         dy: be.ptr(dy),
         dx: dx.as_ref().map_or(0, |b| be.ptr(b)),
         dw: be.ptr(dw),
@@ -602,7 +621,7 @@ fn conv_backward(
         partial_db: 0,
         split_rows: (n * l_out) as i64,
         split: 1,
-        relu: y.is_some() as i32,
+        relu: saved.relu_out.is_some() as i32,
     };
     if g.c_in % 8 == 0 && g.c_out % 8 == 0 {
         // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre.
@@ -1208,17 +1227,15 @@ pub fn linear_backward(
     grads: (&Buf<f32>, &Buf<f32>),
     want_dx: bool,
 ) -> Result<Option<Buf<bf16>>> {
-    // y is not read without a ReLU; `dy` stands in where a buffer reference is required.
-    let saved = HConvSaved {
+    let inputs = ConvBwdInputs {
         x,
-        y: dy,
+        relu_out: None,
         w,
         flatten: false,
     };
     conv_backward(
         be,
-        &saved,
-        None,
+        &inputs,
         rows,
         &linear_geom(in_f, out_f),
         dy,

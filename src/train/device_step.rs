@@ -108,16 +108,7 @@ impl DeviceHConvPr {
         let mut convs = Vec::new();
         for (i, g) in plan.convs.iter().enumerate() {
             let w = cpu_param(pair, &format!("interface.conv{i}.weight"))?.to_vec();
-            // PyTorch's [c_out, c_in, k] into the kernels' tap-major [c_out, k, c_in], in fp32.
-            let mut master = vec![0f32; w.len()];
-            for o in 0..g.c_out {
-                for c in 0..g.c_in {
-                    for k in 0..g.kernel {
-                        master[(o * g.kernel + k) * g.c_in + c] =
-                            w[(o * g.c_in + c) * g.kernel + k];
-                    }
-                }
-            }
+            let master = device::hconv_weight_tap_major(&w, g);
             let b = cpu_param(pair, &format!("interface.conv{i}.bias"))?.to_vec();
             convs.push((
                 DeviceParam::new(be, &format!("interface.conv{i}.weight"), master)?,

@@ -71,12 +71,18 @@ impl TrainConfig {
     }
 
     pub fn head_kind(&self, vocab: &Vocab) -> HeadKind {
-        match self.task {
-            Task::Classification => HeadKind::Classify {
-                classes: vocab.len(),
-            },
-            _ => HeadKind::Ctc { vocab: vocab.len() },
-        }
+        head_kind(self.task, vocab)
+    }
+}
+
+/// The head a task trains: the utterance classifier over the classes, or the PR head over the
+/// CTC vocabulary.
+pub fn head_kind(task: Task, vocab: &Vocab) -> HeadKind {
+    match task {
+        Task::Classification => HeadKind::Classify {
+            classes: vocab.len(),
+        },
+        _ => HeadKind::Ctc { vocab: vocab.len() },
     }
 }
 
@@ -435,8 +441,14 @@ pub fn evaluate_checkpoint(
     on_bad: OnBad,
 ) -> Result<(f64, Vec<Hypothesis>)> {
     let labels = vocab.encode_all(&mut data, on_bad)?;
-    let head = TrainConfig::new(task, Vec::new(), PathBuf::new()).head_kind(vocab);
-    let mut pair = Pair::new("eval", itf, head, AdamConfig::adamw(1e-3), None, 0)?;
+    let mut pair = Pair::new(
+        "eval",
+        itf,
+        head_kind(task, vocab),
+        AdamConfig::adamw(1e-3),
+        None,
+        0,
+    )?;
     checkpoint::load(checkpoint_dir, &mut pair.store, &mut pair.optimizer)?;
     let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
     let mut rate = ErrorRate::default();
