@@ -1,5 +1,6 @@
-//! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, AdamW) at HuBERT-Base / Large
-//! sizes, 32 x 500 frames. GPU only: without one it says so and measures nothing (the emulator's
+//! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, the whole HConv +
+//! PR-head step, log-softmax, CTC, cross-entropy, LayerNorm, dropout, mean pooling, AdamW) at
+//! HuBERT-Base / Large sizes, 32 x 500 frames. GPU only: without one it says so and measures nothing (the emulator's
 //! speed means nothing). The device script's table (examples/gpu_bench.rs + PyTorch) is the one
 //! recorded in RESULTS.md; this is for iterating on a GPU machine with Rust.
 
@@ -113,6 +114,103 @@ fn bench(c: &mut Criterion) {
                         )
                         .unwrap();
                     }
+                })
+            })
+        });
+    }
+    // The whole HConv + PR-head step (HConv forward + backward, Linear, log-softmax, CTC, clip,
+    // AdamW) at HuBERT-Base size: the device script compares it with PyTorch.
+    {
+        use strata::models::interface::InterfaceConfig;
+        use strata::train::side_by_side::{HeadKind, Pair};
+        let (utts, t, v, l, d) = (32usize, 500usize, 71usize, 13usize, 768usize);
+        let pair = Pair::new(
+            "hconv",
+            &InterfaceConfig::hconv(l, d),
+            HeadKind::Ctc { vocab: v },
+            AdamConfig::adamw(1e-3),
+            Some(1.0),
+            0,
+        )
+        .unwrap();
+        let mut dev =
+            strata::train::device_step::DeviceHConvPr::from_pair(&be, &pair, l, d).unwrap();
+        let x0 = be
+            .upload(&vec![bf16::from_f32(0.1); utts * t * l * d])
+            .unwrap();
+        let batch = strata::PackedBatch::from_lengths(&vec![t; utts]).unwrap();
+        let targets: Vec<Vec<usize>> = (0..utts)
+            .map(|i| (0..120).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
+            .collect();
+        group.throughput(Throughput::Elements((utts * t) as u64));
+        group.bench_function("train_step_hconv_pr_base", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
+                })
+            })
+        });
+        // The head's row-wise kernels and the losses on the same 16000 x 71 logits.
+        let rows = utts * t;
+        let logits = be.upload(&vec![0.1f32; rows * v]).unwrap();
+        let lp = device::log_softmax_forward(&be, &logits, rows, v).unwrap();
+        group.throughput(Throughput::Bytes((2 * rows * v * 4) as u64));
+        group.bench_function("log_softmax_16000x71", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::log_softmax_forward(&be, &logits, rows, v).unwrap())
+                })
+            })
+        });
+        group.bench_function("ctc_32x500", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(
+                        device::ctc_loss(
+                            &be,
+                            &lp,
+                            v,
+                            &batch,
+                            &targets,
+                            strata::Reduction::Mean,
+                            true,
+                        )
+                        .unwrap(),
+                    )
+                })
+            })
+        });
+        let labels: Vec<usize> = (0..rows).map(|i| i % v).collect();
+        group.bench_function("cross_entropy_16000x71", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(
+                        device::cross_entropy(&be, &logits, v, &labels, strata::Reduction::Mean)
+                            .unwrap(),
+                    )
+                })
+            })
+        });
+        let feats = be.upload(&vec![0.1f32; rows * d]).unwrap();
+        group.throughput(Throughput::Bytes((2 * rows * d * 4) as u64));
+        group.bench_function("layernorm_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::layernorm_forward(&be, &feats, rows, d, None, 1e-5).unwrap())
+                })
+            })
+        });
+        group.bench_function("dropout_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::dropout(&be, &feats, 0.1, 7).unwrap())
+                })
+            })
+        });
+        group.bench_function("mean_pool_32x500x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::mean_pool_forward(&be, &feats, &batch, d).unwrap())
                 })
             })
         });
