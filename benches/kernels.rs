@@ -133,8 +133,7 @@ fn bench(c: &mut Criterion) {
             0,
         )
         .unwrap();
-        let mut dev =
-            strata::train::device_step::DeviceHConvPr::from_pair(&be, &pair, l, d).unwrap();
+        let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
         let x0 = be
             .upload(&vec![bf16::from_f32(0.1); utts * t * l * d])
             .unwrap();

@@ -236,8 +236,7 @@ fn main() {
             0,
         )
         .unwrap();
-        let mut dev =
-            strata::train::device_step::DeviceHConvPr::from_pair(&be, &pair, l, d).unwrap();
+        let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
         let x: Vec<bf16> = (0..n * l * d)
             .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
             .collect();

@@ -2,6 +2,9 @@
 // (and src/ops/layernorm.rs for the optional per-layer norm).
 //
 // Stack x: frame-major bf16 [n, L, D]. Layers first..first+k are summed with softmax(w) weights.
+// The output (and, in backward, its gradient) may be a column slice of a wider row-major matrix
+// (a row stride above D): GroupWS writes each group's sum straight into its place in the
+// concatenation that its projection reads.
 // Forward: one block per frame; optional no-affine LayerNorm of each layer row (eps 1e-5, biased
 // variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
 // Backward: dp[j] = sum_d dout * xhat summed over 8 frames per block, one partial per block and
@@ -17,21 +20,21 @@
 struct LayerSumFwdParams {
     const bf16* x;
     const float* w;
-    bf16* out;
+    bf16* out;    // row f at out + f * out_stride (out_stride >= D: a column slice of a wider matrix)
     float* mean;  // [n, k] when normalize
     float* rstd;  // [n, k] when normalize
-    int n, L, D, first, k, normalize;
+    int n, L, D, first, k, normalize, out_stride;
 };
 
 struct LayerSumBwdParams {
     const bf16* x;
     const float* w;
-    const float* dout;  // [n, D] fp32
+    const float* dout;  // [n, D] fp32, row f at dout + f * dout_stride
     const float* mean;
     const float* rstd;
     float* partial;  // [k, blocks]: each block's dp
     float* dx;       // [n, L, D] fp32 or null
-    int n, L, D, first, k, normalize;
+    int n, L, D, first, k, normalize, dout_stride;
 };
 
 struct LayerSumReduceParams {
@@ -106,7 +109,7 @@ extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
                     acc[e] += pj * x;
                 }
             }
-            store_bf16x8(a.out + (int64_t)f * a.D + 8 * c, pack_bf16x8(acc));
+            store_bf16x8(a.out + (int64_t)f * a.out_stride + 8 * c, pack_bf16x8(acc));
         }
         return;
     }
@@ -117,7 +120,7 @@ extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
             if (a.normalize) v = (v - mu[j]) * rs[j];
             acc += p[j] * v;
         }
-        a.out[(int64_t)f * a.D + d] = float_to_bf16(acc);
+        a.out[(int64_t)f * a.out_stride + d] = float_to_bf16(acc);
     }
 }
 STRATA_EMU_ENTRY(layer_sum_forward, LayerSumFwdParams)
@@ -136,7 +139,7 @@ extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
     const int f_end = f_stop < a.n ? f_stop : a.n;
     for (int f = blockIdx.x * LS_FRAMES_PER_BLOCK; f < f_end; ++f) {
         const bf16* frame = a.x + (int64_t)f * a.L * a.D;
-        const float* g = a.dout + (int64_t)f * a.D;
+        const float* g = a.dout + (int64_t)f * a.dout_stride;
         if (vec8) {
             for (int c = threadIdx.x; c < a.D / 4; c += blockDim.x) gs[c] = load_float4(g + 4 * c);
             __syncthreads();

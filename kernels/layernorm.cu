@@ -4,6 +4,8 @@
 // Backward: one block per row for dx (rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w);
 // the affine gradients sum dy * xhat and dy over rows: each block adds its rows in order into its
 // own partial row, then layernorm_param_reduce adds the partials in block order. Deterministic.
+// layernorm_rows_bf16: s3prl's `normalize` of a frozen hidden-state stack (no affine, eps 1e-5),
+// bf16 in and out, one warp per row; no backward (nothing upstream of it trains).
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif
@@ -108,3 +110,31 @@ extern "C" __global__ void layernorm_param_reduce(const LayerNormReduceParams p)
     }
 }
 STRATA_EMU_ENTRY(layernorm_param_reduce, LayerNormReduceParams)
+
+struct LayerNormRowsParams {
+    const bf16* x;
+    bf16* y;
+    int64_t rows;
+    int d;
+    float eps;
+};
+
+#define LN_ROWS_WARPS 8
+extern "C" __global__ void layernorm_rows_bf16(const LayerNormRowsParams p) {
+    const int lane = threadIdx.x & 31;
+    const int64_t row = (int64_t)blockIdx.x * LN_ROWS_WARPS + (threadIdx.x >> 5);
+    if (row >= p.rows) return;  // whole warps leave: no block barrier below
+    const bf16* x = p.x + row * p.d;
+    bf16* y = p.y + row * p.d;
+    float s = 0.0f;
+    for (int i = lane; i < p.d; i += 32) s += bf16_to_float(x[i]);
+    const float m = warp_sum(s) / (float)p.d;
+    float v = 0.0f;
+    for (int i = lane; i < p.d; i += 32) {
+        const float c = bf16_to_float(x[i]) - m;
+        v += c * c;
+    }
+    const float rs = 1.0f / sqrtf(warp_sum(v) / (float)p.d + p.eps);
+    for (int i = lane; i < p.d; i += 32) y[i] = float_to_bf16((bf16_to_float(x[i]) - m) * rs);
+}
+STRATA_EMU_ENTRY(layernorm_rows_bf16, LayerNormRowsParams)

@@ -1315,3 +1315,154 @@ fn single_layer_and_concat_proj_on_the_device_match_the_cpu_interfaces() {
         }
     }
 }
+
+/// The step's glue kernels: bf16 -> fp32 (exact), the scaled fp32 -> bf16 cast, the bf16 row
+/// LayerNorm of a frozen stack (s3prl `normalize`: one bf16 rounding of the f64 reference, flash-
+/// attention rule vs a naive bf16 computation) and the layer sums writing into / reading from
+/// column slices of a wider matrix (GroupWS's concatenation: bitwise the plain launch's values).
+#[test]
+fn cast_row_norm_and_column_slice_layer_sums_match_their_references() {
+    for be in backends() {
+        let tag = be.name();
+        let v = to_bf16(&randn(3000, 21));
+        let got = be
+            .download(&device::cast_to_f32(&be, &be.upload(&v).unwrap()).unwrap())
+            .unwrap();
+        assert!(got
+            .iter()
+            .zip(&v)
+            .all(|(a, b)| a.to_bits() == b.to_f32().to_bits()));
+        let x = randn(2000, 22);
+        let got = be
+            .download(&device::cast_to_bf16_scaled(&be, &be.upload(&x).unwrap(), 0.25).unwrap())
+            .unwrap();
+        assert!(
+            got.iter()
+                .zip(&x)
+                .all(|(a, &b)| a.to_bits() == bf16::from_f32(0.25 * b).to_bits()),
+            "{tag}: scaled cast"
+        );
+        for (rows, d) in [(1usize, 8usize), (7 * 13, 768), (50, 100)] {
+            // Rows with an offset and a scale, as hidden states have.
+            let xs: Vec<f32> = randn(rows * d, 23)
+                .iter()
+                .enumerate()
+                .map(|(i, &z)| 3.0 + (i / d) as f32 * 0.1 + 2.0 * z)
+                .collect();
+            let xb = to_bf16(&xs);
+            let x64: Vec<f64> = xb.iter().map(|v| v.to_f32() as f64).collect();
+            let want = strata::ops::layernorm::forward(&x64, d, None, 1e-5).0;
+            let want32: Vec<f32> = want.iter().map(|&w| w as f32).collect();
+            let got: Vec<f32> = be
+                .download(
+                    &device::layernorm_rows_bf16(&be, &be.upload(&xb).unwrap(), rows, d).unwrap(),
+                )
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            // Naive: statistics in bf16 arithmetic.
+            let naive: Vec<f32> = xb
+                .chunks(d)
+                .flat_map(|r| {
+                    let m = r.iter().fold(0f32, |s, v| round_bf16(s + v.to_f32())) / d as f32;
+                    let m = round_bf16(m);
+                    let var = r.iter().fold(0f32, |s, v| {
+                        round_bf16(s + round_bf16((v.to_f32() - m).powi(2)))
+                    }) / d as f32;
+                    let rs = round_bf16(1.0 / (round_bf16(var) + 1e-5).sqrt());
+                    r.iter()
+                        .map(move |v| round_bf16(round_bf16(v.to_f32() - m) * rs))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_fa_rule(
+                &format!("{tag} row norm {rows} x {d}"),
+                &got,
+                &want32,
+                &naive,
+            );
+        }
+        // Layer sums into columns 2..3 of a [n, 3 * d] matrix, and back from them.
+        let (n, l, d) = (40usize, 7usize, 32usize);
+        let xb = be.upload(&to_bf16(&randn(n * l * d, 24))).unwrap();
+        let w = be.upload(&randn(3, 25)).unwrap();
+        for normalize in [false, true] {
+            let s = LayerSumShape {
+                n,
+                l,
+                d,
+                first: 2,
+                k: 3,
+                normalize,
+            };
+            let (plain, st) = device::layer_sum_forward(&be, &xb, &w, s).unwrap();
+            let plain = be.download(&plain).unwrap();
+            let wide = be.zeros::<bf16>(n * 3 * d).unwrap();
+            let cols = device::Cols {
+                stride: 3 * d,
+                offset: 2 * d,
+            };
+            let st2 = device::layer_sum_forward_into(&be, &xb, &w, s, &wide, cols).unwrap();
+            let wide_h = be.download(&wide).unwrap();
+            for f in 0..n {
+                assert!(
+                    wide_h[f * 3 * d..f * 3 * d + 2 * d]
+                        .iter()
+                        .all(|v| v.to_bits() == 0)
+                        && wide_h[f * 3 * d + 2 * d..(f + 1) * 3 * d]
+                            .iter()
+                            .zip(&plain[f * d..(f + 1) * d])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{tag}: frame {f} of the column-slice layer sum"
+                );
+            }
+            let g = randn(n * 3 * d, 26);
+            let g_own: Vec<f32> = g.chunks(3 * d).flat_map(|r| r[2 * d..].to_vec()).collect();
+            let (dw1, dw2) = (be.zeros::<f32>(3).unwrap(), be.zeros::<f32>(3).unwrap());
+            let dx1 = device::layer_sum_backward(
+                &be,
+                &xb,
+                &w,
+                &be.upload(&g_own).unwrap(),
+                st.as_ref(),
+                s,
+                &dw1,
+                true,
+            )
+            .unwrap()
+            .unwrap();
+            let dx2 = device::layer_sum_backward_cols(
+                &be,
+                &xb,
+                &w,
+                (&be.upload(&g).unwrap(), cols),
+                st2.as_ref(),
+                s,
+                &dw2,
+                true,
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                be.download(&dw1).unwrap(),
+                be.download(&dw2).unwrap(),
+                "{tag}: dw"
+            );
+            assert_eq!(
+                be.download(&dx1).unwrap(),
+                be.download(&dx2).unwrap(),
+                "{tag}: dx"
+            );
+            // A slice that does not fit, or a misaligned one, is an error naming the kernel.
+            let bad = device::Cols {
+                stride: 3 * d,
+                offset: 2 * d + 4,
+            };
+            let e = device::layer_sum_forward_into(&be, &xb, &w, s, &wide, bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("layer_sum_forward out"), "{e}");
+        }
+    }
+}

@@ -8,8 +8,9 @@ use crate::optim::AdamConfig;
 use crate::runtime::kernels::{
     AdamParams, CastParams, ClipCoefParams, CrossEntropyParams, CtcParams, DropoutParams,
     HConvBwdParams, HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams,
-    LayerNormReduceParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
-    LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams, SumSquaresParams,
+    LayerNormReduceParams, LayerNormRowsParams, LayerSumBwdParams, LayerSumFwdParams,
+    LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams,
+    SumSquaresParams, WidenParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -75,9 +76,47 @@ impl LayerSumShape {
 }
 
 /// Saved statistics of the per-layer norm, [n, k] each.
+#[derive(Debug)]
 pub struct LayerNormStats {
     pub mean: Buf<f32>,
     pub rstd: Buf<f32>,
+}
+
+/// Where a layer sum's [n, d] output (or its gradient) sits inside a row-major matrix with
+/// `stride` columns, starting at column `offset`: [`Cols::own`] for a matrix of its own, or one
+/// group's slice of GroupWS's concatenation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cols {
+    pub stride: usize,
+    pub offset: usize,
+}
+
+impl Cols {
+    pub fn own(d: usize) -> Self {
+        Cols {
+            stride: d,
+            offset: 0,
+        }
+    }
+
+    fn check(&self, kernel: &str, what: &str, s: &LayerSumShape, buf_len: usize) -> Result<()> {
+        // The vectorized paths move 8 bf16 / 4 fp32 at a time when d % 8 == 0: keep them aligned.
+        let aligned = s.d % 8 != 0 || (self.stride % 8 == 0 && self.offset % 8 == 0);
+        if self.offset + s.d > self.stride || !aligned || buf_len != s.n * self.stride {
+            return Err(Error::shape(
+                format!("{kernel} {what}"),
+                format!(
+                    "{} x {} elements holding columns {}..{} (offset and stride multiples of 8 when D is)",
+                    s.n,
+                    self.stride,
+                    self.offset,
+                    self.offset + s.d
+                ),
+                format!("{buf_len} elements, {self:?}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// out [n, d] bf16 = sum_j softmax(w)_j * (norm?)(x[:, first + j, :]).
@@ -87,11 +126,28 @@ pub fn layer_sum_forward(
     w: &Buf<f32>,
     s: LayerSumShape,
 ) -> Result<(Buf<bf16>, Option<LayerNormStats>)> {
+    let out = be.zeros::<bf16>(s.n * s.d)?;
+    let stats = layer_sum_forward_into(be, x, w, s, &out, Cols::own(s.d))?;
+    Ok((out, stats))
+}
+
+/// [`layer_sum_forward`] writing into columns `cols` of `out`.
+pub fn layer_sum_forward_into(
+    be: &Backend,
+    x: &Buf<bf16>,
+    w: &Buf<f32>,
+    s: LayerSumShape,
+    out: &Buf<bf16>,
+    cols: Cols,
+) -> Result<Option<LayerNormStats>> {
     const K: &str = "layer_sum_forward";
     s.check(K)?;
     need(be, K, "stack", x, s.n * s.l * s.d)?;
     need(be, K, "weights", w, s.k)?;
-    let out = be.zeros::<bf16>(s.n * s.d)?;
+    if !out.is_on(be) {
+        return Err(Error::Device(format!("{K}: out is on another backend")));
+    }
+    cols.check(K, "out", &s, out.len())?;
     let stats = if s.normalize {
         Some(LayerNormStats {
             mean: be.zeros(s.n * s.k)?,
@@ -103,7 +159,7 @@ pub fn layer_sum_forward(
     let p = LayerSumFwdParams {
         x: be.ptr(x),
         w: be.ptr(w),
-        out: be.ptr(&out),
+        out: be.ptr(out) + (cols.offset * 2) as u64,
         mean: stats.as_ref().map_or(0, |st| be.ptr(&st.mean)),
         rstd: stats.as_ref().map_or(0, |st| be.ptr(&st.rstd)),
         n: s.n as i32,
@@ -112,9 +168,10 @@ pub fn layer_sum_forward(
         first: s.first as i32,
         k: s.k as i32,
         normalize: s.normalize as i32,
+        out_stride: cols.stride as i32,
     };
     be.launch(K, (s.n as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), 0, &p)?;
-    Ok((out, stats))
+    Ok(stats)
 }
 
 /// Adds d loss / d w into `dw` [k]; returns d loss / d x [n, l, d] (fp32) when `need_dx`.
@@ -129,11 +186,29 @@ pub fn layer_sum_backward(
     dw: &Buf<f32>,
     need_dx: bool,
 ) -> Result<Option<Buf<f32>>> {
+    layer_sum_backward_cols(be, x, w, (dout, Cols::own(s.d)), stats, s, dw, need_dx)
+}
+
+/// [`layer_sum_backward`] reading the output gradient from columns `cols` of `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_sum_backward_cols(
+    be: &Backend,
+    x: &Buf<bf16>,
+    w: &Buf<f32>,
+    (dout, cols): (&Buf<f32>, Cols),
+    stats: Option<&LayerNormStats>,
+    s: LayerSumShape,
+    dw: &Buf<f32>,
+    need_dx: bool,
+) -> Result<Option<Buf<f32>>> {
     const K: &str = "layer_sum_backward";
     s.check(K)?;
     need(be, K, "stack", x, s.n * s.l * s.d)?;
     need(be, K, "weights", w, s.k)?;
-    need(be, K, "dout", dout, s.n * s.d)?;
+    if !dout.is_on(be) {
+        return Err(Error::Device(format!("{K}: dout is on another backend")));
+    }
+    cols.check(K, "dout", &s, dout.len())?;
     need(be, K, "dw", dw, s.k)?;
     if s.normalize != stats.is_some() {
         return Err(Error::Config(format!(
@@ -156,7 +231,7 @@ pub fn layer_sum_backward(
     let p = LayerSumBwdParams {
         x: be.ptr(x),
         w: be.ptr(w),
-        dout: be.ptr(dout),
+        dout: be.ptr(dout) + (cols.offset * 4) as u64,
         mean: stats.map_or(0, |st| be.ptr(&st.mean)),
         rstd: stats.map_or(0, |st| be.ptr(&st.rstd)),
         partial: be.ptr(&partial),
@@ -167,6 +242,7 @@ pub fn layer_sum_backward(
         first: s.first as i32,
         k: s.k as i32,
         normalize: s.normalize as i32,
+        dout_stride: cols.stride as i32,
     };
     // Shared memory stages one dout row on the vectorised path (see the kernel).
     let smem = if s.d % 8 == 0 && s.d <= 4096 {
@@ -1120,6 +1196,16 @@ pub fn layernorm_backward(
 
 /// fp32 -> bf16 on the device (round to nearest even, as `half::bf16::from_f32`).
 pub fn cast_to_bf16(be: &Backend, x: &Buf<f32>) -> Result<Buf<bf16>> {
+    cast_to_bf16_scaled(be, x, 1.0)
+}
+
+/// bf16(scale * x): a gradient scaled on its way into a bf16 backward (1 / micro-batches).
+pub fn cast_to_bf16_scaled(be: &Backend, x: &Buf<f32>, scale: f32) -> Result<Buf<bf16>> {
+    if !x.is_on(be) {
+        return Err(Error::Device(
+            "cast_f32_to_bf16: x is on another backend".into(),
+        ));
+    }
     let n = x.len();
     let y = be.zeros::<bf16>(n)?;
     if n > 0 {
@@ -1127,10 +1213,56 @@ pub fn cast_to_bf16(be: &Backend, x: &Buf<f32>) -> Result<Buf<bf16>> {
             x: be.ptr(x),
             y: be.ptr(&y),
             n: n as i64,
+            scale,
         };
         let blocks = n.div_ceil(256).min(65535) as u32;
         be.launch("cast_f32_to_bf16", (blocks, 1, 1), (256, 1, 1), 0, &p)?;
     }
+    Ok(y)
+}
+
+/// bf16 -> fp32 on the device (exact).
+pub fn cast_to_f32(be: &Backend, x: &Buf<bf16>) -> Result<Buf<f32>> {
+    if !x.is_on(be) {
+        return Err(Error::Device(
+            "cast_bf16_to_f32: x is on another backend".into(),
+        ));
+    }
+    let n = x.len();
+    let y = be.zeros::<f32>(n)?;
+    if n > 0 {
+        let p = WidenParams {
+            x: be.ptr(x),
+            y: be.ptr(&y),
+            n: n as i64,
+        };
+        let blocks = n.div_ceil(256).min(65535) as u32;
+        be.launch("cast_bf16_to_f32", (blocks, 1, 1), (256, 1, 1), 0, &p)?;
+    }
+    Ok(y)
+}
+
+/// s3prl's `normalize` of a frozen bf16 stack: every row of `d` values LayerNorm-ed (no affine,
+/// eps 1e-5, fp32 statistics), bf16 out.
+pub fn layernorm_rows_bf16(
+    be: &Backend,
+    x: &Buf<bf16>,
+    rows: usize,
+    d: usize,
+) -> Result<Buf<bf16>> {
+    const K: &str = "layernorm_rows_bf16";
+    rows_check(K, rows, d)?;
+    need(be, K, "x", x, rows * d)?;
+    let y = be.zeros::<bf16>(rows * d)?;
+    let p = LayerNormRowsParams {
+        x: be.ptr(x),
+        y: be.ptr(&y),
+        rows: rows as i64,
+        d: d as i32,
+        eps: 1e-5,
+    };
+    // LN_ROWS_WARPS rows (one warp each) per block.
+    be.launch(K, (rows.div_ceil(8) as u32, 1, 1), (256, 1, 1), 0, &p)?;
     Ok(y)
 }
 

@@ -72,12 +72,13 @@ pub const FILES: &[KernelFile] = &[
             "layernorm_forward",
             "layernorm_backward",
             "layernorm_param_reduce",
+            "layernorm_rows_bf16",
         ],
     },
     KernelFile {
         file: "convert.cu",
         source: include_str!("../../kernels/convert.cu"),
-        kernels: &["cast_f32_to_bf16"],
+        kernels: &["cast_f32_to_bf16", "cast_bf16_to_f32"],
     },
     KernelFile {
         file: "shape.cu",
@@ -130,8 +131,8 @@ macro_rules! params {
 }
 
 params! {
-    LayerSumFwdParams { x: u64, w: u64, out: u64, mean: u64, rstd: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32 }
-    LayerSumBwdParams { x: u64, w: u64, dout: u64, mean: u64, rstd: u64, partial: u64, dx: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32 }
+    LayerSumFwdParams { x: u64, w: u64, out: u64, mean: u64, rstd: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32, out_stride: i32 }
+    LayerSumBwdParams { x: u64, w: u64, dout: u64, mean: u64, rstd: u64, partial: u64, dx: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32, dout_stride: i32 }
     LayerSumReduceParams { partial: u64, w: u64, dw: u64, n: i32, k: i32 }
     AdamParams {
         param: u64, grad: u64, m: u64, v: u64, param_bf16: u64, grad_scale: u64, n: i64,
@@ -161,7 +162,9 @@ params! {
     LayerNormFwdParams { x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32 }
     LayerNormBwdParams { x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32 }
     LayerNormReduceParams { partial: u64, dw: u64, db: u64, blocks: i32, d: i32 }
-    CastParams { x: u64, y: u64, n: i64 }
+    CastParams { x: u64, y: u64, n: i64, scale: f32 }
+    WidenParams { x: u64, y: u64, n: i64 }
+    LayerNormRowsParams { x: u64, y: u64, rows: i64, d: i32, eps: f32 }
     SelectLayerParams { x: u64, y: u64, n: i32, l: i32, d: i32, layer: i32 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,

@@ -1,28 +1,67 @@
-//! A whole HConv + PR head + CTC training step on a device backend (the GPU, or the kernel
-//! emulator): stack -> HConv convs -> Linear -> Linear -> log-softmax -> CTC -> backward -> clip
-//! -> AdamW, with no host round-trip but the loss value (and the batch's targets going up).
+//! A whole training step of an interface + head pair on a device backend (the GPU, or the kernel
+//! emulator): stack -> interface -> head -> loss -> backward -> clip -> AdamW, with no host
+//! round-trip but the loss value coming down (and the batch's offsets and targets going up).
+//!
+//! Interfaces: WeightedSum and GroupWS (the fused layer-sum kernels, each group writing its slice
+//! of the concatenation the projection reads), HConv (the layer-axis conv kernels), Concat + Proj
+//! (a Linear over the frame-major stack, which already is the concatenation) and the single layer
+//! (a gather), each with s3prl's optional per-layer `normalize` (fused into the layer sums, a
+//! row-LayerNorm pass over the frozen stack for the others). Heads: the PR head with log-softmax +
+//! CTC, and the utterance classifier (Linear -> masked mean pooling -> Linear) with the fused
+//! softmax cross-entropy. CLS pooling has no device path yet and is refused by name.
 //!
 //! Parameters live on the device as fp32 master weights in the kernels' layouts (HConv weights
-//! tap-major, Linear weights [out, in]) with bf16 copies that the AdamW kernel refreshes; the
-//! compute is bf16 with fp32 accumulation (logits, log-probabilities and the CTC gradient fp32).
-//! Built from a CPU [`Pair`] (same initial parameters), so the two paths can be compared step by
-//! step. First version: one HConv + PR pair, frozen upstream (no stack gradient).
+//! tap-major, Linear weights [out, in]) with bf16 copies that the AdamW kernel refreshes, plus
+//! fp32 gradients and Adam moments; the compute is bf16 with fp32 accumulation (logits,
+//! log-probabilities and the loss gradients fp32). A [`DevicePair`] is built from a CPU [`Pair`]
+//! (its parameters AND optimizer state, so a resumed run continues on the device) and written
+//! back into one ([`DevicePair::write_to`]) for checkpoints and evaluation on the CPU; both paths
+//! can be compared step by step.
 
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
-use crate::models::interface::{hconv_plan, HConvPlan, InterfaceKind};
+use crate::models::interface::{group_sizes, hconv_plan, HConvPlan, InterfaceKind};
 use crate::ops::ctc::Reduction;
-use crate::ops::device::{self, HConvSaved};
+use crate::ops::device::{self, Cols, HConvSaved, LayerNormStats, LayerSumShape};
+use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::{Backend, Buf};
 use crate::tensor::Tensor;
-use crate::train::side_by_side::{Head, Pair};
+use crate::train::side_by_side::{decode_outputs, Head, HeadKind, Pair};
 use half::bf16;
+
+/// How a parameter's values are ordered on the device.
+#[derive(Clone, Debug)]
+enum Layout {
+    /// As in the CPU store.
+    Plain,
+    /// An HConv conv weight: PyTorch's [c_out, c_in, k] on the CPU, tap-major [c_out, k, c_in] on
+    /// the device (the implicit GEMM's row order).
+    TapMajor(ConvGeom),
+}
+
+impl Layout {
+    fn to_device(&self, v: &[f32]) -> Vec<f32> {
+        match self {
+            Layout::Plain => v.to_vec(),
+            Layout::TapMajor(g) => device::hconv_weight_tap_major(v, g),
+        }
+    }
+    fn to_cpu(&self, v: &[f32]) -> Vec<f32> {
+        match self {
+            Layout::Plain => v.to_vec(),
+            Layout::TapMajor(g) => device::hconv_weight_grad_to_torch(v, g),
+        }
+    }
+}
 
 /// One parameter on the device: master, bf16 copy, gradient and Adam moments, in the kernel
 /// layout.
 pub struct DeviceParam {
     pub name: String,
+    /// Its index in the CPU pair's store (and optimizer state).
+    store_index: usize,
+    layout: Layout,
     pub master: Buf<f32>,
     pub copy: Buf<bf16>,
     pub grad: Buf<f32>,
@@ -30,128 +69,678 @@ pub struct DeviceParam {
     v: Buf<f32>,
 }
 
-impl DeviceParam {
-    fn new(be: &Backend, name: &str, values: Vec<f32>) -> Result<Self> {
-        let n = values.len();
-        let copy: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
-        Ok(DeviceParam {
-            name: name.to_string(),
-            master: be.upload(&values)?,
-            copy: be.upload(&copy)?,
-            grad: be.zeros::<f32>(n)?,
-            m: be.zeros::<f32>(n)?,
-            v: be.zeros::<f32>(n)?,
-        })
+/// A Linear layer's (weight [out, in], bias [out]) as indices into [`DevicePair::params`].
+#[derive(Clone, Copy, Debug)]
+struct Lin {
+    weight: usize,
+    bias: usize,
+    in_f: usize,
+    out_f: usize,
+}
+
+enum DeviceInterface {
+    WeightedSum {
+        weights: usize,
+    },
+    /// (first layer, layer count, weights) per group, then the projection of the concatenation.
+    GroupWs {
+        groups: Vec<(usize, usize, usize)>,
+        proj: Lin,
+    },
+    /// (weight, bias) per conv.
+    HConv {
+        plan: HConvPlan,
+        convs: Vec<(usize, usize)>,
+    },
+    ConcatProj {
+        proj: Lin,
+    },
+    SingleLayer {
+        layer: usize,
+    },
+}
+
+/// What the forward keeps for the backward.
+struct Saved {
+    /// The normalized stack (interfaces that read it through a separate `normalize` pass).
+    normalized: Option<Buf<bf16>>,
+    /// Layer-sum norm statistics, one per WeightedSum / GroupWS group.
+    stats: Vec<Option<LayerNormStats>>,
+    /// HConv: every conv's output; the last one is the features.
+    acts: Vec<Buf<bf16>>,
+    /// The features of the other interfaces.
+    feats: Option<Buf<bf16>>,
+}
+
+impl Saved {
+    fn feats(&self) -> &Buf<bf16> {
+        self.feats
+            .as_ref()
+            .or(self.acts.last())
+            .expect("every interface makes features")
     }
 }
 
-pub struct DeviceHConvPr {
-    plan: HConvPlan,
-    /// (weight, bias) per conv, then the head's proj and out.
-    convs: Vec<(DeviceParam, DeviceParam)>,
-    proj: (DeviceParam, DeviceParam),
-    out: (DeviceParam, DeviceParam),
-    hidden: usize,
-    vocab: usize,
+/// The head's forward: the PR head's hidden activations and log-probabilities, or the
+/// classifier's pooled activations and logits.
+enum HeadSaved {
+    Pr { h: Buf<bf16>, out: Buf<f32> },
+    Classify { pooled: Buf<bf16>, out: Buf<f32> },
+}
+
+pub struct DevicePair {
+    pub name: String,
+    params: Vec<DeviceParam>,
+    interface: DeviceInterface,
+    head: HeadKind,
+    head_proj: Lin,
+    head_out: Lin,
     layers: usize,
     dim: usize,
+    normalize: bool,
     optimizer: AdamConfig,
     clip: Option<f64>,
+    /// Optimizer steps taken (continuing the CPU pair's count).
     pub steps: u64,
 }
 
-fn cpu_param(pair: &Pair, name: &str) -> Result<Tensor> {
-    let id = pair.store.id(name).ok_or_else(|| {
-        Error::Config(format!(
-            "device step: the pair has no parameter '{name}' (an HConv + PR head pair is needed)"
-        ))
-    })?;
-    Ok(pair.store.value(id).clone())
+/// The bf16 device copy of a host stack [frames, L, D], refused when it holds NaN or Inf (named
+/// by frame and layer, as the CPU interfaces do).
+pub fn upload_stack(be: &Backend, stack: &Tensor) -> Result<Buf<bf16>> {
+    let s = stack.shape();
+    if s.len() != 3 {
+        return Err(Error::shape(
+            "device stack",
+            "[frames, L, D]",
+            format!("{s:?}"),
+        ));
+    }
+    if let Some(i) = stack.first_non_finite() {
+        let (frame, layer) = (i / (s[1] * s[2]), (i / s[2]) % s[1]);
+        return Err(Error::value(
+            "interface input (hidden-state stack)",
+            format!("NaN or Inf at frame {frame}, layer {layer}: check the upstream's input audio and weights"),
+        ));
+    }
+    let x16: Vec<bf16> = stack.to_vec().iter().map(|&x| bf16::from_f32(x)).collect();
+    be.upload(&x16)
 }
 
-impl DeviceHConvPr {
-    /// The device copy of a CPU HConv + PR-head pair (its current parameters and settings; the
-    /// optimizer starts fresh, so build it from a pair that has not stepped yet to compare).
-    pub fn from_pair(be: &Backend, pair: &Pair, layers: usize, dim: usize) -> Result<Self> {
-        let Head::Pr(head) = &pair.head else {
-            return Err(Error::Config(
-                "device step: only the PR head (CTC) runs on the device so far".into(),
-            ));
-        };
-        let cfg = pair.interface.config();
-        if (cfg.layers, cfg.dim) != (layers, dim) {
-            return Err(Error::Config(format!(
-                "device step: the pair's interface is for {} x {} states, not {layers} x {dim}",
-                cfg.layers, cfg.dim
-            )));
+fn class_labels(targets: &[Vec<usize>]) -> Result<Vec<usize>> {
+    targets
+        .iter()
+        .map(|t| match t.as_slice() {
+            [c] => Ok(*c),
+            other => Err(Error::value(
+                "class label",
+                format!("a classification target is one class id, got {other:?}"),
+            )),
+        })
+        .collect()
+}
+
+/// Puts the CPU pair's parameter `name` (value and Adam moments, in `layout`) on the device;
+/// returns its index in `params`.
+fn add_param(
+    be: &Backend,
+    pair: &Pair,
+    params: &mut Vec<DeviceParam>,
+    name: &str,
+    layout: Layout,
+) -> Result<usize> {
+    let refuse = |what: String| Error::Config(format!("'{}' on the device: {what}", pair.name));
+    let id = pair
+        .store
+        .id(name)
+        .ok_or_else(|| refuse(format!("the pair has no parameter '{name}'")))?;
+    let index = id.0;
+    let values = layout.to_device(&pair.store.value(id).to_vec());
+    let moment = |m: &[Vec<f32>]| -> Result<Vec<f32>> {
+        match m.get(index) {
+            Some(v) if v.len() == values.len() => Ok(layout.to_device(v)),
+            _ => Err(refuse(format!(
+                "the optimizer state does not match parameter '{name}'"
+            ))),
         }
-        if pair.interface.config().normalize {
-            return Err(Error::Config(
-                "device step: the per-layer norm before HConv is not on the device yet".into(),
-            ));
-        }
-        let (kernel, stride) = match &pair.interface.config().kind {
-            InterfaceKind::HConv { kernel, stride } => (*kernel, *stride),
-            other => {
-                return Err(Error::Config(format!(
-                    "device step: only HConv runs on the device so far, not {other:?}"
-                )))
+    };
+    let (m, v) = (
+        moment(&pair.optimizer.exp_avg)?,
+        moment(&pair.optimizer.exp_avg_sq)?,
+    );
+    let copy: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+    params.push(DeviceParam {
+        name: name.to_string(),
+        store_index: index,
+        layout,
+        master: be.upload(&values)?,
+        copy: be.upload(&copy)?,
+        grad: be.zeros::<f32>(values.len())?,
+        m: be.upload(&m)?,
+        v: be.upload(&v)?,
+    });
+    Ok(params.len() - 1)
+}
+
+/// A Linear layer `name` (weight and bias) through `add`.
+fn lin(
+    add: &mut impl FnMut(&str, Layout) -> Result<usize>,
+    name: &str,
+    in_f: usize,
+    out_f: usize,
+) -> Result<Lin> {
+    Ok(Lin {
+        weight: add(&format!("{name}.weight"), Layout::Plain)?,
+        bias: add(&format!("{name}.bias"), Layout::Plain)?,
+        in_f,
+        out_f,
+    })
+}
+
+impl DevicePair {
+    /// The device copy of a CPU pair: its current parameters, optimizer state (moments and step
+    /// count) and settings.
+    pub fn from_pair(be: &Backend, pair: &Pair) -> Result<Self> {
+        let cfg = pair.interface.config().clone();
+        let (layers, dim) = (cfg.layers, cfg.dim);
+        let refuse = |what: String| Error::Config(format!("'{}' on the device: {what}", pair.name));
+        let mut params: Vec<DeviceParam> = Vec::new();
+        let mut add = |name: &str, layout: Layout| add_param(be, pair, &mut params, name, layout);
+        let interface = match &cfg.kind {
+            InterfaceKind::WeightedSum => DeviceInterface::WeightedSum {
+                weights: add("interface.weights", Layout::Plain)?,
+            },
+            InterfaceKind::GroupWs { groups, out_dim } => {
+                let mut gs = Vec::new();
+                for (g, (first, size)) in group_sizes(layers, *groups).into_iter().enumerate() {
+                    gs.push((
+                        first,
+                        size,
+                        add(&format!("interface.group{g}.weights"), Layout::Plain)?,
+                    ));
+                }
+                DeviceInterface::GroupWs {
+                    groups: gs,
+                    proj: lin(&mut add, "interface.proj", groups * dim, *out_dim)?,
+                }
+            }
+            InterfaceKind::HConv { kernel, stride } => {
+                let plan = hconv_plan(layers, dim, *kernel, *stride)?;
+                if plan.convs.is_empty() {
+                    return Err(refuse(format!(
+                        "HConv over {layers} layers with stride {stride} has no conv (only the flatten), which has no device kernel yet; use the CPU"
+                    )));
+                }
+                let mut convs = Vec::new();
+                for (i, g) in plan.convs.iter().enumerate() {
+                    convs.push((
+                        add(&format!("interface.conv{i}.weight"), Layout::TapMajor(*g))?,
+                        add(&format!("interface.conv{i}.bias"), Layout::Plain)?,
+                    ));
+                }
+                DeviceInterface::HConv { plan, convs }
+            }
+            InterfaceKind::ConcatProj { out_dim } => DeviceInterface::ConcatProj {
+                proj: lin(&mut add, "interface.proj", layers * dim, *out_dim)?,
+            },
+            InterfaceKind::SingleLayer { layer } => {
+                let l = layers as isize;
+                let resolved = if *layer < 0 { l + layer } else { *layer };
+                if !(0..l).contains(&resolved) {
+                    return Err(refuse(format!("layer {layer} is not in a stack of {l}")));
+                }
+                DeviceInterface::SingleLayer {
+                    layer: resolved as usize,
+                }
+            }
+            InterfaceKind::ClsPool { .. } => {
+                return Err(refuse(
+                    "CLS pooling has no device path yet; train it with --device cpu".into(),
+                ))
             }
         };
-        let plan = hconv_plan(layers, dim, kernel, stride)?;
-        if plan.convs.is_empty() {
-            // HConv is then only the channel-major flatten of the stack: not a device kernel yet.
-            return Err(Error::Config(format!(
-                "device step: HConv over {layers} layers with stride {stride} has no conv; not on the device yet"
-            )));
-        }
-        let mut convs = Vec::new();
-        for (i, g) in plan.convs.iter().enumerate() {
-            let w = cpu_param(pair, &format!("interface.conv{i}.weight"))?.to_vec();
-            let master = device::hconv_weight_tap_major(&w, g);
-            let b = cpu_param(pair, &format!("interface.conv{i}.bias"))?.to_vec();
-            convs.push((
-                DeviceParam::new(be, &format!("interface.conv{i}.weight"), master)?,
-                DeviceParam::new(be, &format!("interface.conv{i}.bias"), b)?,
-            ));
-        }
-        let lin = |name: &str| -> Result<(DeviceParam, DeviceParam)> {
-            Ok((
-                DeviceParam::new(
-                    be,
-                    &format!("{name}.weight"),
-                    cpu_param(pair, &format!("{name}.weight"))?.to_vec(),
-                )?,
-                DeviceParam::new(
-                    be,
-                    &format!("{name}.bias"),
-                    cpu_param(pair, &format!("{name}.bias"))?.to_vec(),
-                )?,
-            ))
+        let d_feat = pair.interface.output_dim();
+        let (hidden, outs, kind) = match &pair.head {
+            Head::Pr(h) => (
+                h.proj.out_features,
+                h.out.out_features,
+                HeadKind::Ctc {
+                    vocab: h.out.out_features,
+                },
+            ),
+            Head::Classifier(h) => (
+                h.proj.out_features,
+                h.out.out_features,
+                HeadKind::Classify {
+                    classes: h.out.out_features,
+                },
+            ),
         };
-        Ok(DeviceHConvPr {
-            hidden: head.proj.out_features,
-            vocab: head.out.out_features,
-            plan,
-            convs,
-            proj: lin("head.proj")?,
-            out: lin("head.out")?,
+        let head_proj = lin(&mut add, "head.proj", d_feat, hidden)?;
+        let head_out = lin(&mut add, "head.out", hidden, outs)?;
+        Ok(DevicePair {
+            name: pair.name.clone(),
+            params,
+            interface,
+            head: kind,
+            head_proj,
+            head_out,
             layers,
             dim,
+            normalize: cfg.normalize,
             optimizer: pair.optimizer.config,
             clip: pair.clip,
-            steps: 0,
+            steps: pair.optimizer.step,
         })
     }
 
-    fn params(&self) -> Vec<&DeviceParam> {
-        let mut v: Vec<&DeviceParam> = self.convs.iter().flat_map(|(w, b)| [w, b]).collect();
-        v.extend([&self.proj.0, &self.proj.1, &self.out.0, &self.out.1]);
-        v
+    /// Copies the parameters, Adam moments and step count back into `pair` (the CPU pair this
+    /// one was built from): what checkpoints and CPU evaluation read.
+    pub fn write_to(&self, be: &Backend, pair: &mut Pair) -> Result<()> {
+        for p in &self.params {
+            let id = pair.store.id(&p.name).ok_or_else(|| {
+                Error::Config(format!(
+                    "'{}': the CPU pair has no parameter '{}'",
+                    pair.name, p.name
+                ))
+            })?;
+            let shape = pair.store.value(id).shape().to_vec();
+            let value = p.layout.to_cpu(&be.download(&p.master)?);
+            pair.store.set_value(id, Tensor::from_vec(value, &shape)?)?;
+            pair.optimizer.exp_avg[p.store_index] = p.layout.to_cpu(&be.download(&p.m)?);
+            pair.optimizer.exp_avg_sq[p.store_index] = p.layout.to_cpu(&be.download(&p.v)?);
+        }
+        pair.optimizer.step = self.steps;
+        pair.steps = self.steps;
+        Ok(())
+    }
+
+    fn check_stack(&self, x0: &Buf<bf16>, n: usize) -> Result<()> {
+        if x0.len() != n * self.layers * self.dim {
+            return Err(Error::shape(
+                "device stack",
+                format!("{n} frames x {} x {} elements", self.layers, self.dim),
+                format!("{}", x0.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn layer_sum_shape(&self, n: usize, first: usize, k: usize) -> LayerSumShape {
+        LayerSumShape {
+            n,
+            l: self.layers,
+            d: self.dim,
+            first,
+            k,
+            normalize: self.normalize,
+        }
+    }
+
+    fn linear(
+        &self,
+        be: &Backend,
+        x: &Buf<bf16>,
+        n: usize,
+        l: Lin,
+        f32_out: bool,
+    ) -> Result<device::LayerOut> {
+        device::linear_forward(
+            be,
+            x,
+            n,
+            l.in_f,
+            l.out_f,
+            &self.params[l.weight].copy,
+            &self.params[l.bias].master,
+            f32_out,
+        )
+    }
+
+    /// The Linear backward: adds dW, db; returns dx when asked.
+    fn linear_back(
+        &self,
+        be: &Backend,
+        x: &Buf<bf16>,
+        n: usize,
+        l: Lin,
+        dy: &Buf<bf16>,
+        want_dx: bool,
+    ) -> Result<Option<Buf<bf16>>> {
+        device::linear_backward(
+            be,
+            x,
+            n,
+            l.in_f,
+            l.out_f,
+            &self.params[l.weight].copy,
+            dy,
+            (&self.params[l.weight].grad, &self.params[l.bias].grad),
+            want_dx,
+        )
+    }
+
+    fn interface_forward(&self, be: &Backend, x0: &Buf<bf16>, n: usize) -> Result<Saved> {
+        let mut saved = Saved {
+            normalized: None,
+            stats: Vec::new(),
+            acts: Vec::new(),
+            feats: None,
+        };
+        let separate_norm = matches!(
+            self.interface,
+            DeviceInterface::HConv { .. }
+                | DeviceInterface::ConcatProj { .. }
+                | DeviceInterface::SingleLayer { .. }
+        );
+        if self.normalize && separate_norm {
+            saved.normalized = Some(device::layernorm_rows_bf16(
+                be,
+                x0,
+                n * self.layers,
+                self.dim,
+            )?);
+        }
+        let x = saved.normalized.as_ref().unwrap_or(x0);
+        match &self.interface {
+            DeviceInterface::WeightedSum { weights } => {
+                let (out, st) = device::layer_sum_forward(
+                    be,
+                    x,
+                    &self.params[*weights].master,
+                    self.layer_sum_shape(n, 0, self.layers),
+                )?;
+                saved.stats.push(st);
+                saved.feats = Some(out);
+            }
+            DeviceInterface::GroupWs { groups, .. } => {
+                let width = groups.len() * self.dim;
+                let cat = be.zeros::<bf16>(n * width)?;
+                for (g, &(first, size, w)) in groups.iter().enumerate() {
+                    let cols = Cols {
+                        stride: width,
+                        offset: g * self.dim,
+                    };
+                    saved.stats.push(device::layer_sum_forward_into(
+                        be,
+                        x,
+                        &self.params[w].master,
+                        self.layer_sum_shape(n, first, size),
+                        &cat,
+                        cols,
+                    )?);
+                }
+                // The concatenation is kept for the projection's backward; the projected
+                // features are made in `features`.
+                saved.feats = Some(cat);
+            }
+            DeviceInterface::HConv { plan, convs } => {
+                for (i, g) in plan.convs.iter().enumerate() {
+                    let input = if i == 0 { x } else { &saved.acts[i - 1] };
+                    let (w, b) = (&self.params[convs[i].0], &self.params[convs[i].1]);
+                    let last = i + 1 == plan.convs.len();
+                    let y = device::hconv_conv_forward(be, input, n, g, &w.copy, &b.master, last)?;
+                    saved.acts.push(y);
+                }
+            }
+            DeviceInterface::ConcatProj { proj } => {
+                saved.feats = Some(
+                    self.linear(be, x, n, *proj, false)?
+                        .into_bf16()
+                        .expect("bf16 asked"),
+                );
+            }
+            DeviceInterface::SingleLayer { layer } => {
+                saved.feats = Some(device::select_layer(
+                    be,
+                    x,
+                    n,
+                    self.layers,
+                    self.dim,
+                    *layer as i64,
+                )?);
+            }
+        }
+        Ok(saved)
+    }
+
+    /// The features the head reads: GroupWS's projection of its concatenation, else the
+    /// interface's output.
+    fn features<'a>(
+        &self,
+        be: &Backend,
+        saved: &'a Saved,
+        n: usize,
+        projected: &'a mut Option<Buf<bf16>>,
+    ) -> Result<&'a Buf<bf16>> {
+        if let DeviceInterface::GroupWs { proj, .. } = &self.interface {
+            *projected = Some(
+                self.linear(be, saved.feats(), n, *proj, false)?
+                    .into_bf16()
+                    .expect("bf16 asked"),
+            );
+            return Ok(projected.as_ref().expect("just set"));
+        }
+        Ok(saved.feats())
+    }
+
+    fn head_forward(
+        &self,
+        be: &Backend,
+        feats: &Buf<bf16>,
+        batch: &PackedBatch,
+    ) -> Result<HeadSaved> {
+        let n = batch.total_frames();
+        Ok(match self.head {
+            HeadKind::Ctc { .. } => {
+                let h = self
+                    .linear(be, feats, n, self.head_proj, false)?
+                    .into_bf16()
+                    .expect("bf16 asked");
+                let logits = self
+                    .linear(be, &h, n, self.head_out, true)?
+                    .into_f32()
+                    .expect("f32 asked");
+                let out = device::log_softmax_forward(be, &logits, n, self.head_out.out_f)?;
+                HeadSaved::Pr { h, out }
+            }
+            HeadKind::Classify { .. } => {
+                let h = self
+                    .linear(be, feats, n, self.head_proj, true)?
+                    .into_f32()
+                    .expect("f32 asked");
+                let pooled = device::mean_pool_forward(be, &h, batch, self.head_proj.out_f)?;
+                let pooled = device::cast_to_bf16(be, &pooled)?;
+                let out = self
+                    .linear(be, &pooled, batch.num_utterances(), self.head_out, true)?
+                    .into_f32()
+                    .expect("f32 asked");
+                HeadSaved::Classify { pooled, out }
+            }
+        })
+    }
+
+    /// Adds the gradients of one micro-batch's mean loss times `scale` (1 / micro-batches when
+    /// accumulating) to the parameters' gradients; returns that (unscaled) loss. `x0`: the bf16
+    /// stack [frames, L, D] on the device; `targets` as [`Pair::accumulate`].
+    pub fn accumulate_on(
+        &mut self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+        targets: &[Vec<usize>],
+        scale: f32,
+    ) -> Result<f32> {
+        let n = batch.total_frames();
+        self.check_stack(x0, n)?;
+        let saved = self.interface_forward(be, x0, n)?;
+        let mut projected = None;
+        let feats = self.features(be, &saved, n, &mut projected)?;
+        let head = self.head_forward(be, feats, batch)?;
+        // Loss and its gradient w.r.t. the head's fp32 output, scaled, in bf16 for the backward.
+        let (loss, dout) = match &head {
+            HeadSaved::Pr { out: lp, .. } => {
+                let v = self.head_out.out_f;
+                let ctc = device::ctc_loss(be, lp, v, batch, targets, Reduction::Mean, true)?;
+                (
+                    ctc.loss,
+                    device::log_softmax_backward(be, lp, &ctc.grad, n, v)?,
+                )
+            }
+            HeadSaved::Classify { out, .. } => {
+                let labels = class_labels(targets)?;
+                device::cross_entropy(be, out, self.head_out.out_f, &labels, Reduction::Mean)?
+            }
+        };
+        if !loss.is_finite() {
+            return Err(Error::value(
+                "training loss",
+                format!(
+                    "'{}' produced {loss} at step {} on the device: lower the learning rate",
+                    self.name,
+                    self.steps + 1
+                ),
+            ));
+        }
+        let dout = device::cast_to_bf16_scaled(be, &dout, scale)?;
+        let has_params = !matches!(self.interface, DeviceInterface::SingleLayer { .. });
+        let dfeats = match &head {
+            HeadSaved::Pr { h, .. } => {
+                let dh = self
+                    .linear_back(be, h, n, self.head_out, &dout, true)?
+                    .expect("dx asked");
+                self.linear_back(be, feats, n, self.head_proj, &dh, has_params)?
+            }
+            HeadSaved::Classify { pooled, .. } => {
+                let u = batch.num_utterances();
+                let dpooled = self
+                    .linear_back(be, pooled, u, self.head_out, &dout, true)?
+                    .expect("dx asked");
+                let dpooled = device::cast_to_f32(be, &dpooled)?;
+                let dh = device::mean_pool_backward(be, &dpooled, batch, self.head_proj.out_f)?;
+                let dh = device::cast_to_bf16(be, &dh)?;
+                self.linear_back(be, feats, n, self.head_proj, &dh, has_params)?
+            }
+        };
+        if let Some(dfeats) = dfeats {
+            self.interface_backward(be, x0, n, &saved, dfeats)?;
+        }
+        Ok(loss)
+    }
+
+    fn interface_backward(
+        &self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        n: usize,
+        saved: &Saved,
+        dfeats: Buf<bf16>,
+    ) -> Result<()> {
+        let x = saved.normalized.as_ref().unwrap_or(x0);
+        match &self.interface {
+            DeviceInterface::WeightedSum { weights } => {
+                let w = &self.params[*weights];
+                let dout = device::cast_to_f32(be, &dfeats)?;
+                device::layer_sum_backward(
+                    be,
+                    x,
+                    &w.master,
+                    &dout,
+                    saved.stats[0].as_ref(),
+                    self.layer_sum_shape(n, 0, self.layers),
+                    &w.grad,
+                    false,
+                )?;
+            }
+            DeviceInterface::GroupWs { groups, proj } => {
+                let dcat = self
+                    .linear_back(be, saved.feats(), n, *proj, &dfeats, true)?
+                    .expect("dx asked");
+                let dcat = device::cast_to_f32(be, &dcat)?;
+                let width = groups.len() * self.dim;
+                for (g, &(first, size, wi)) in groups.iter().enumerate() {
+                    let w = &self.params[wi];
+                    let cols = Cols {
+                        stride: width,
+                        offset: g * self.dim,
+                    };
+                    device::layer_sum_backward_cols(
+                        be,
+                        x,
+                        &w.master,
+                        (&dcat, cols),
+                        saved.stats[g].as_ref(),
+                        self.layer_sum_shape(n, first, size),
+                        &w.grad,
+                        false,
+                    )?;
+                }
+            }
+            DeviceInterface::HConv { plan, convs } => {
+                let mut dy = Some(dfeats);
+                for (i, g) in plan.convs.iter().enumerate().rev() {
+                    let (w, b) = (&self.params[convs[i].0], &self.params[convs[i].1]);
+                    let conv_saved = HConvSaved {
+                        x: if i == 0 { x } else { &saved.acts[i - 1] },
+                        y: &saved.acts[i],
+                        w: &w.copy,
+                        flatten: i + 1 == plan.convs.len(),
+                    };
+                    let d = dy.take().expect("a gradient flows into every conv");
+                    dy = device::hconv_conv_backward(
+                        be,
+                        &conv_saved,
+                        n,
+                        g,
+                        &d,
+                        (&w.grad, &b.grad),
+                        i > 0,
+                    )?;
+                }
+            }
+            DeviceInterface::ConcatProj { proj } => {
+                self.linear_back(be, x, n, *proj, &dfeats, false)?;
+            }
+            DeviceInterface::SingleLayer { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Clips the accumulated gradients, takes one AdamW / Adam step at learning rate `lr`
+    /// (refreshing the bf16 copies) and clears the gradients.
+    pub fn apply(&mut self, be: &Backend, lr: f64) -> Result<()> {
+        let scale = match self.clip {
+            Some(max_norm) => {
+                let grads: Vec<&Buf<f32>> = self.params.iter().map(|p| &p.grad).collect();
+                Some(device::clip_coefficient_multi(be, &grads, max_norm as f32)?.1)
+            }
+            None => None,
+        };
+        self.steps += 1;
+        let cfg = AdamConfig {
+            lr,
+            ..self.optimizer
+        };
+        for p in &self.params {
+            device::adam_step(
+                be,
+                &cfg,
+                self.steps,
+                &p.master,
+                &p.grad,
+                &p.m,
+                &p.v,
+                Some(&p.copy),
+                scale.as_ref(),
+            )?;
+        }
+        for p in self.params.iter_mut() {
+            p.grad = be.zeros::<f32>(p.grad.len())?;
+        }
+        Ok(())
     }
 
     /// One optimizer step on a packed batch (`stack` f32 [frames, L, D] on the host, sent up as
-    /// bf16); returns the mean CTC loss.
+    /// bf16) at the configured learning rate; returns the mean loss.
     pub fn train_step(
         &mut self,
         be: &Backend,
@@ -167,8 +756,7 @@ impl DeviceHConvPr {
                 format!("{:?}", stack.shape()),
             ));
         }
-        let x16: Vec<bf16> = stack.to_vec().iter().map(|&x| bf16::from_f32(x)).collect();
-        self.train_step_on(be, &be.upload(&x16)?, batch, targets)
+        self.train_step_on(be, &upload_stack(be, stack)?, batch, targets)
     }
 
     /// [`Self::train_step`] on a bf16 stack already on the device ([frames, L, D], e.g. an upstream
@@ -180,130 +768,27 @@ impl DeviceHConvPr {
         batch: &PackedBatch,
         targets: &[Vec<usize>],
     ) -> Result<f32> {
+        let loss = self.accumulate_on(be, x0, batch, targets, 1.0)?;
+        self.apply(be, self.optimizer.lr)?;
+        Ok(loss)
+    }
+
+    /// Greedy CTC hypotheses or the predicted class per utterance, as [`Pair::decode`]; only the
+    /// head's output comes down.
+    pub fn decode_on(
+        &self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+    ) -> Result<Vec<Vec<usize>>> {
         let n = batch.total_frames();
-        if x0.len() != n * self.layers * self.dim {
-            return Err(Error::shape(
-                "device step stack",
-                format!("{n} x {} x {} elements", self.layers, self.dim),
-                format!("{}", x0.len()),
-            ));
-        }
-        // Forward, keeping every activation for the backward.
-        let mut acts: Vec<Buf<bf16>> = Vec::new();
-        for (i, g) in self.plan.convs.iter().enumerate() {
-            let input = if i == 0 { x0 } else { &acts[i - 1] };
-            let (w, b) = &self.convs[i];
-            let last = i + 1 == self.plan.convs.len();
-            acts.push(device::hconv_conv_forward(
-                be, input, n, g, &w.copy, &b.master, last,
-            )?);
-        }
-        let feats = acts.last().unwrap_or(x0);
-        let d_feat = self.plan.output_dim();
-        let (h_dim, v) = (self.hidden, self.vocab);
-        let h = device::linear_forward(
-            be,
-            feats,
-            n,
-            d_feat,
-            h_dim,
-            &self.proj.0.copy,
-            &self.proj.1.master,
-            false,
-        )?
-        .into_bf16()
-        .expect("bf16 asked");
-        let logits = device::linear_forward(
-            be,
-            &h,
-            n,
-            h_dim,
-            v,
-            &self.out.0.copy,
-            &self.out.1.master,
-            true,
-        )?
-        .into_f32()
-        .expect("f32 asked");
-        let lp = device::log_softmax_forward(be, &logits, n, v)?;
-        let ctc = device::ctc_loss(be, &lp, v, batch, targets, Reduction::Mean, true)?;
-        if !ctc.loss.is_finite() {
-            return Err(Error::value(
-                "training loss",
-                format!("{} at step {} on the device", ctc.loss, self.steps + 1),
-            ));
-        }
-        // Backward.
-        let dlogits = device::log_softmax_backward(be, &lp, &ctc.grad, n, v)?;
-        let dlogits = device::cast_to_bf16(be, &dlogits)?;
-        let dh = device::linear_backward(
-            be,
-            &h,
-            n,
-            h_dim,
-            v,
-            &self.out.0.copy,
-            &dlogits,
-            (&self.out.0.grad, &self.out.1.grad),
-            true,
-        )?
-        .expect("dx asked");
-        let mut dy = device::linear_backward(
-            be,
-            feats,
-            n,
-            d_feat,
-            h_dim,
-            &self.proj.0.copy,
-            &dh,
-            (&self.proj.0.grad, &self.proj.1.grad),
-            !self.plan.convs.is_empty(),
-        )?;
-        for (i, g) in self.plan.convs.iter().enumerate().rev() {
-            let (w, b) = &self.convs[i];
-            let saved = HConvSaved {
-                x: if i == 0 { x0 } else { &acts[i - 1] },
-                y: &acts[i],
-                w: &w.copy,
-                flatten: i + 1 == self.plan.convs.len(),
-            };
-            let d = dy.take().expect("a gradient flows into every conv");
-            dy = device::hconv_conv_backward(be, &saved, n, g, &d, (&w.grad, &b.grad), i > 0)?;
-        }
-        // Clip, step, clear.
-        let scale = match self.clip {
-            Some(max_norm) => {
-                let grads: Vec<&Buf<f32>> = self.params().iter().map(|p| &p.grad).collect();
-                Some(device::clip_coefficient_multi(be, &grads, max_norm as f32)?.1)
-            }
-            None => None,
+        self.check_stack(x0, n)?;
+        let saved = self.interface_forward(be, x0, n)?;
+        let mut projected = None;
+        let feats = self.features(be, &saved, n, &mut projected)?;
+        let out = match self.head_forward(be, feats, batch)? {
+            HeadSaved::Pr { out, .. } | HeadSaved::Classify { out, .. } => out,
         };
-        self.steps += 1;
-        for p in self.params() {
-            device::adam_step(
-                be,
-                &self.optimizer,
-                self.steps,
-                &p.master,
-                &p.grad,
-                &p.m,
-                &p.v,
-                Some(&p.copy),
-                scale.as_ref(),
-            )?;
-        }
-        for (w, b) in self.convs.iter_mut() {
-            w.grad = be.zeros::<f32>(w.grad.len())?;
-            b.grad = be.zeros::<f32>(b.grad.len())?;
-        }
-        for p in [
-            &mut self.proj.0,
-            &mut self.proj.1,
-            &mut self.out.0,
-            &mut self.out.1,
-        ] {
-            p.grad = be.zeros::<f32>(p.grad.len())?;
-        }
-        Ok(ctc.loss)
+        decode_outputs(self.head, &be.download(&out)?, batch)
     }
 }

@@ -177,33 +177,64 @@ impl Pair {
     pub fn decode(&self, stack: &Tensor, batch: &PackedBatch) -> Result<Vec<Vec<usize>>> {
         let mut tape = Tape::no_grad();
         let out = self.outputs(&mut tape, stack, batch)?;
-        let (v, data) = (tape.shape(out)[1], tape.value(out).to_vec());
-        Ok(match &self.head {
-            Head::Pr(_) => (0..batch.num_utterances())
-                .map(|u| {
-                    ctc_greedy_decode(
-                        &data[batch.offsets()[u] * v..batch.offsets()[u + 1] * v],
-                        v,
-                        0,
-                    )
-                })
-                .collect(),
-            Head::Classifier(_) => data
-                .chunks(v)
-                .map(|row| {
-                    // The first of equal maxima, as torch.argmax.
-                    let best = row
-                        .iter()
-                        .enumerate()
-                        .fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
-                    vec![best]
-                })
-                .collect(),
-        })
+        decode_outputs(self.head_kind(), &tape.value(out).to_vec(), batch)
+    }
+
+    pub fn head_kind(&self) -> HeadKind {
+        match &self.head {
+            Head::Pr(h) => HeadKind::Ctc {
+                vocab: h.out.out_features,
+            },
+            Head::Classifier(h) => HeadKind::Classify {
+                classes: h.out.out_features,
+            },
+        }
     }
 
     /// Trainable scalars of the interface alone.
     pub fn interface_params(&self) -> usize {
         self.store.num_scalars_under("interface.")
     }
+}
+
+/// Greedy CTC hypotheses from the head's [frames, V] output (log-probabilities or logits: the
+/// per-frame argmax is the same), or the predicted class per utterance from [utterances, C]
+/// logits (the first of equal maxima, as torch.argmax).
+pub fn decode_outputs(
+    head: HeadKind,
+    data: &[f32],
+    batch: &PackedBatch,
+) -> Result<Vec<Vec<usize>>> {
+    let (rows, v) = match head {
+        HeadKind::Ctc { vocab } => (batch.total_frames(), vocab),
+        HeadKind::Classify { classes } => (batch.num_utterances(), classes),
+    };
+    if v == 0 || data.len() != rows * v {
+        return Err(Error::shape(
+            "head output",
+            format!("{rows} x {v} values"),
+            format!("{}", data.len()),
+        ));
+    }
+    Ok(match head {
+        HeadKind::Ctc { .. } => (0..batch.num_utterances())
+            .map(|u| {
+                ctc_greedy_decode(
+                    &data[batch.offsets()[u] * v..batch.offsets()[u + 1] * v],
+                    v,
+                    0,
+                )
+            })
+            .collect(),
+        HeadKind::Classify { .. } => data
+            .chunks(v)
+            .map(|row| {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
+                vec![best]
+            })
+            .collect(),
+    })
 }
