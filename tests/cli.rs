@@ -246,6 +246,49 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         o.to_str().unwrap(),
     ]);
     assert!(!ok && log.contains("--dev"), "{log}");
+    // The device path from the CLI: the emulator runs the GPU kernels; a pair without a device
+    // path is refused when a device is asked for by name; no GPU is a clear error.
+    let emu = dir.join("emulated");
+    let mut args = with(&[
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--batch-seconds",
+        "2",
+        "--interfaces",
+        "ws,single",
+        "--device",
+        "emulator",
+    ]);
+    args[8] = emu.to_str().unwrap().to_string();
+    let (ok, log) = run(args.clone());
+    assert!(
+        ok && log.contains("training 2 of 2 pairs on kernel emulator"),
+        "{log}"
+    );
+    assert!(emu.join("single/latest/state.json").exists());
+    let cls: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a == "ws,single" {
+                "ws,cls".into()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let (ok, log) = run(cls);
+    assert!(
+        !ok && log.contains("'cls' on the device") && log.contains("--device cpu"),
+        "{log}"
+    );
+    if strata::runtime::Backend::cuda().is_err() {
+        let (ok, log) = run(with(&["--steps", "1", "--device", "cuda"]));
+        assert!(!ok && log.contains("--device cuda: no usable GPU"), "{log}");
+    }
+    let (ok, log) = run(with(&["--device", "gpu"]));
+    assert!(!ok && log.contains("unknown --device 'gpu'"), "{log}");
     let (ok, log) = run(with(&["--interfaces", "hconvv"]));
     assert!(!ok && log.contains("unknown interface 'hconvv'"), "{log}");
     let (ok, log) = run(with(&["--interfaces", "ws,hconv,ws"]));

@@ -334,3 +334,89 @@ fn classification_trains_on_utt2label_and_reports_accuracy() {
     assert!((0.0..=1.0).contains(&r[0].error_rate));
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// The trainer on the device path (the kernel emulator here; the same code drives the GPU): WS,
+/// HConv and GroupWS pairs follow the CPU run's losses within bf16 margins, step by step, with
+/// warm-up + decay and two micro-batches per step; a device run stopped after 3 steps and resumed
+/// from its checkpoints logs exactly the uninterrupted device run's losses (parameters and Adam
+/// state go through the checkpoint); the checkpoint evaluates on the CPU.
+#[test]
+fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
+    use strata::models::interface::InterfaceKind;
+    use strata::train::run::TrainDevice;
+    let root = scratch("device");
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&load("train"), true);
+    let cfg = |out: &Path, steps: u64, resume: bool, device: TrainDevice| {
+        let mut c = config(out, steps, resume);
+        c.interfaces.push((
+            "groupws".into(),
+            InterfaceConfig::new(
+                4,
+                32,
+                InterfaceKind::GroupWs {
+                    groups: 2,
+                    out_dim: 32,
+                },
+            ),
+        ));
+        c.device = device;
+        c
+    };
+    let run = |out: &Path, steps: u64, resume: bool, device: TrainDevice| {
+        train(
+            &src,
+            &src,
+            load("train"),
+            load("dev"),
+            &vocab,
+            &cfg(out, steps, resume, device),
+        )
+        .unwrap()
+    };
+    let (cpu, dev) = (root.join("cpu"), root.join("emulated"));
+    run(&cpu, 6, false, TrainDevice::Cpu);
+    let results = run(&dev, 6, false, TrainDevice::Emulator);
+    assert!(results.iter().all(|r| r.error_rate.is_finite()));
+    let loss = |l: &str| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (a, b) = (losses(&cpu), losses(&dev));
+    assert_eq!(a.len(), 18, "3 pairs x 6 steps");
+    for (x, y) in a.iter().zip(&b) {
+        let (lx, ly) = (loss(x), loss(y));
+        assert!(
+            (lx - ly).abs() <= 1e-2 * lx.abs(),
+            "device loss within 1% of the CPU's: {x} vs {y}"
+        );
+    }
+    assert_ne!(
+        a, b,
+        "the device run really ran on the device (bf16 differs)"
+    );
+
+    let resumed = root.join("resumed");
+    run(&resumed, 3, false, TrainDevice::Emulator);
+    run(&resumed, 6, true, TrainDevice::Emulator);
+    assert_eq!(
+        losses(&dev),
+        losses(&resumed),
+        "a resumed device run logs exactly the uninterrupted device run's losses"
+    );
+    let (rate, hyps) = strata::train::run::evaluate_checkpoint(
+        &src,
+        &dev.join("groupws/latest"),
+        &cfg(&dev, 6, false, TrainDevice::Cpu).interfaces[2].1,
+        Task::Units,
+        &vocab,
+        load("dev"),
+        16000 * 2,
+        OnBad::Fail,
+    )
+    .unwrap();
+    assert!(rate.is_finite() && hyps.len() == 4);
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -4,12 +4,20 @@
 //! per pair per step; dev PER / CER / accuracy every `eval_every` steps and at the end, with loss and
 //! metric curves redrawn as PNG; each pair's checkpoint (latest, and best by dev error) in its own
 //! folder; `resume` continues bit for bit from the latest checkpoints.
+//!
+//! The step runs on the CPU (the f32 reference engine) or on a device backend ([`TrainDevice`]):
+//! each pair then trains as a [`DevicePair`] (bf16 compute, fp32 masters and Adam state on the
+//! device), the micro-batch's stack going up once for all pairs and only the loss coming down;
+//! dev decoding runs there too, and the parameters and optimizer state come back into the CPU
+//! pair only to be checkpointed, so checkpoints, `eval` and `--resume` are the same on both.
 
 use crate::error::{Error, Result};
 use crate::models::interface::InterfaceConfig;
 use crate::optim::{AdamConfig, Schedule};
+use crate::runtime::Backend;
 use crate::train::checkpoint;
 use crate::train::data::{length_buckets, Dataset, OnBad, Task, Vocab};
+use crate::train::device_step::{upload_stack, DevicePair};
 use crate::train::features::StackSource;
 use crate::train::metrics::ErrorRate;
 use crate::train::side_by_side::{HeadKind, Pair};
@@ -44,6 +52,22 @@ pub struct TrainConfig {
     pub init_from: Option<PathBuf>,
     /// Draw a progress line on stderr.
     pub progress: bool,
+    /// Where the training step runs.
+    pub device: TrainDevice,
+}
+
+/// Where the training step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainDevice {
+    /// The CPU reference engine (f32).
+    Cpu,
+    /// The GPU when there is one (pairs without a device path stay on the CPU, with a note),
+    /// else the CPU.
+    Auto,
+    /// The GPU; an error when there is none or a pair has no device path.
+    Cuda,
+    /// The GPU kernels run by the kernel emulator on the CPU: slow, for tests and debugging.
+    Emulator,
 }
 
 impl TrainConfig {
@@ -67,6 +91,7 @@ impl TrainConfig {
             save_init: None,
             init_from: None,
             progress: false,
+            device: TrainDevice::Cpu,
         }
     }
 
@@ -111,6 +136,8 @@ fn log_line(out: &Path, v: serde_json::Value) -> Result<()> {
 fn evaluate(
     source: &StackSource,
     pairs: &[Pair],
+    on_device: &[Option<DevicePair>],
+    backend: Option<&Backend>,
     dev: &Dataset,
     dev_labels: &[Vec<usize>],
     batch_samples: usize,
@@ -119,13 +146,54 @@ fn evaluate(
     let mut rates = vec![ErrorRate::default(); pairs.len()];
     for b in length_buckets(&samples, batch_samples, None) {
         let (stack, batch) = source.stack(dev, &b)?;
-        for (p, rate) in pairs.iter().zip(&mut rates) {
-            for (hyp, &i) in p.decode(&stack, &batch)?.iter().zip(&b) {
+        let x = match backend {
+            Some(be) if on_device.iter().any(Option::is_some) => Some(upload_stack(be, &stack)?),
+            _ => None,
+        };
+        for ((p, d), rate) in pairs.iter().zip(on_device).zip(&mut rates) {
+            let hyps = match (d, backend, &x) {
+                (Some(d), Some(be), Some(x)) => d.decode_on(be, x, &batch)?,
+                _ => p.decode(&stack, &batch)?,
+            };
+            for (hyp, &i) in hyps.iter().zip(&b) {
                 rate.add(hyp, &dev_labels[i]);
             }
         }
     }
     Ok(rates.iter().map(ErrorRate::rate).collect())
+}
+
+/// The backend a run's device asks for (None: the CPU), and each pair's device copy (None: that
+/// pair trains on the CPU).
+fn device_pairs(
+    device: TrainDevice,
+    pairs: &[Pair],
+) -> Result<(Option<Backend>, Vec<Option<DevicePair>>)> {
+    let be = match device {
+        TrainDevice::Cpu => None,
+        TrainDevice::Emulator => Some(Backend::Emulator),
+        TrainDevice::Cuda => Some(Backend::cuda().map_err(|why| {
+            Error::Device(format!(
+                "--device cuda: no usable GPU ({why}); use --device cpu or auto"
+            ))
+        })?),
+        TrainDevice::Auto => Backend::cuda().ok(),
+    };
+    let Some(be) = be else {
+        return Ok((None, pairs.iter().map(|_| None).collect()));
+    };
+    let mut on_device = Vec::new();
+    for p in pairs {
+        match DevicePair::from_pair(&be, p) {
+            Ok(d) => on_device.push(Some(d)),
+            Err(e) if device == TrainDevice::Auto => {
+                eprintln!("note: {e}; '{}' trains on the CPU", p.name);
+                on_device.push(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((Some(be), on_device))
 }
 
 fn format_duration(secs: f64) -> String {
@@ -320,6 +388,13 @@ pub fn train(
             save_pairs(path, &pairs)?;
         }
     }
+    let (backend, mut on_device) = device_pairs(cfg.device, &pairs)?;
+    if let Some(be) = &backend {
+        let n = on_device.iter().filter(|d| d.is_some()).count();
+        if cfg.progress {
+            eprintln!("training {n} of {} pairs on {}", pairs.len(), be.name());
+        }
+    }
     let samples: Vec<usize> = train.utterances.iter().map(|u| u.samples).collect();
     let epoch_batches = |epoch: u64| {
         length_buckets(
@@ -352,14 +427,28 @@ pub fn train(
             let targets: Vec<Vec<usize>> = b.iter().map(|&i| train_labels[i].clone()).collect();
             frames += batch.total_frames();
             let scale = 1.0 / cfg.accum as f32;
-            for (p, sum) in pairs.iter_mut().zip(&mut sums) {
-                *sum += p.accumulate(&stack, &batch, &targets, scale)? as f64;
+            let x = match &backend {
+                Some(be) if on_device.iter().any(Option::is_some) => {
+                    Some(upload_stack(be, &stack)?)
+                }
+                _ => None,
+            };
+            for ((p, d), sum) in pairs.iter_mut().zip(&mut on_device).zip(&mut sums) {
+                *sum += match (d, &backend, &x) {
+                    (Some(d), Some(be), Some(x)) => {
+                        d.accumulate_on(be, x, &batch, &targets, scale)?
+                    }
+                    _ => p.accumulate(&stack, &batch, &targets, scale)?,
+                } as f64;
             }
         }
         frames_done += frames;
         let mut losses = Vec::new();
-        for (p, sum) in pairs.iter_mut().zip(&sums) {
-            p.apply(lr)?;
+        for ((p, d), sum) in pairs.iter_mut().zip(&mut on_device).zip(&sums) {
+            match (d, &backend) {
+                (Some(d), Some(be)) => d.apply(be, lr)?,
+                _ => p.apply(lr)?,
+            }
             let loss = (sum / cfg.accum as f64) as f32;
             log_line(
                 &cfg.out,
@@ -380,7 +469,23 @@ pub fn train(
             }
         }
         if done % cfg.eval_every.max(1) == 0 || done == cfg.steps {
-            let rates = evaluate(dev_src, &pairs, &dev, &dev_labels, cfg.batch_samples)?;
+            let rates = evaluate(
+                dev_src,
+                &pairs,
+                &on_device,
+                backend.as_ref(),
+                &dev,
+                &dev_labels,
+                cfg.batch_samples,
+            )?;
+            // Checkpoints are written from the CPU pairs: bring the device's state back first.
+            if let Some(be) = &backend {
+                for (p, d) in pairs.iter_mut().zip(&on_device) {
+                    if let Some(d) = d {
+                        d.write_to(be, p)?;
+                    }
+                }
+            }
             last.clear();
             for ((p, &rate), best) in pairs.iter().zip(&rates).zip(&mut best) {
                 let mut entry = json!({"step": done, "pair": p.name, "dev_error_rate": rate});

@@ -1,21 +1,42 @@
 //! `strata demo`: the built-in default. A deterministic speech-like corpus made in memory, a tiny
-//! random-init upstream run over it once, WS and HConv trained side by side with PR heads.
+//! random-init upstream run over it once, WS and HConv trained side by side with PR heads: on the
+//! GPU when there is one (the device step, bf16), else on the CPU (`--device` picks).
 
 use std::time::Instant;
 use strata::models::interface::InterfaceConfig;
 use strata::models::upstream::{Upstream, UpstreamConfig};
 use strata::optim::AdamConfig;
+use strata::runtime::Backend;
 use strata::train::data::length_buckets;
+use strata::train::device_step::{upload_stack, DevicePair};
 use strata::train::metrics::ErrorRate;
 use strata::train::side_by_side::{HeadKind, Pair};
 use strata::train::synthetic_speech;
 use strata::PackedBatch;
 
-pub fn parse_demo(args: &[String]) -> Result<(u64, u64, f64), String> {
+pub struct DemoArgs {
+    pub steps: u64,
+    pub seed: u64,
+    pub lr: f64,
+    /// auto | cpu | cuda | emulator, as `train --device`.
+    pub device: String,
+}
+
+pub fn parse_demo(args: &[String]) -> Result<DemoArgs, String> {
     let (mut steps, mut seed, mut lr) = (1000u64, 0u64, 2e-3f64);
+    let mut device = "auto".to_string();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        if flag == "--device" {
+            if !["auto", "cpu", "cuda", "emulator"].contains(&value.as_str()) {
+                return Err(format!(
+                    "unknown --device '{value}': use auto, cpu, cuda or emulator"
+                ));
+            }
+            device = value.clone();
+            continue;
+        }
         if flag == "--lr" {
             lr = value
                 .parse()
@@ -38,7 +59,12 @@ pub fn parse_demo(args: &[String]) -> Result<(u64, u64, f64), String> {
             }
         }
     }
-    Ok((steps, seed, lr))
+    Ok(DemoArgs {
+        steps,
+        seed,
+        lr,
+        device,
+    })
 }
 
 /// A hidden-state stack, its utterance layout and the unit targets.
@@ -76,7 +102,16 @@ fn upstream_batches(
         .collect()
 }
 
-pub fn demo(steps: u64, seed: u64, lr: f64) -> strata::Result<()> {
+pub fn demo(args: &DemoArgs) -> strata::Result<()> {
+    let (steps, seed, lr) = (args.steps, args.seed, args.lr);
+    let backend = match args.device.as_str() {
+        "cpu" => None,
+        "emulator" => Some(Backend::Emulator),
+        "cuda" => Some(Backend::cuda().map_err(|why| {
+            strata::Error::Device(format!("--device cuda: no usable GPU ({why})"))
+        })?),
+        _ => Backend::cuda().ok(),
+    };
     let config = UpstreamConfig::tiny();
     let upstream = Upstream::random(config.clone(), seed)?;
     let (layers, dim) = (upstream.num_states(), upstream.hidden_size());
@@ -128,16 +163,39 @@ pub fn demo(steps: u64, seed: u64, lr: f64) -> strata::Result<()> {
             seed,
         )?,
     ];
+    // On a device, each pair trains as its device copy, and the (frozen) stacks go up once.
+    let on_device = match &backend {
+        Some(be) => {
+            println!("training on {} (bf16 device step)", be.name());
+            let pairs: Vec<DevicePair> = pairs
+                .iter()
+                .map(|p| DevicePair::from_pair(be, p))
+                .collect::<strata::Result<_>>()?;
+            let up = |bs: &[DemoBatch]| -> strata::Result<Vec<_>> {
+                bs.iter().map(|(s, _, _)| upload_stack(be, s)).collect()
+            };
+            Some((be, pairs, up(&train_batches)?, up(&dev_batches)?))
+        }
+        None => {
+            println!("training on the CPU (f32 reference engine)");
+            None
+        }
+    };
+    let mut on_device = on_device;
     let mut seconds = vec![0f64; pairs.len()];
     let mut frames = 0usize;
     let mut last = vec![0f32; pairs.len()];
     for step in 0..steps {
         // One stack per batch feeds every pair: the sweep costs one upstream pass.
-        let (stack, batch, targets) = &train_batches[step as usize % train_batches.len()];
+        let b = step as usize % train_batches.len();
+        let (stack, batch, targets) = &train_batches[b];
         frames += batch.total_frames();
         for (i, pair) in pairs.iter_mut().enumerate() {
             let t0 = Instant::now();
-            last[i] = pair.train_step(stack, batch, targets)?;
+            last[i] = match &mut on_device {
+                Some((be, dp, xs, _)) => dp[i].train_step_on(be, &xs[b], batch, targets)?,
+                None => pair.train_step(stack, batch, targets)?,
+            };
             seconds[i] += t0.elapsed().as_secs_f64();
         }
         if (step + 1) % 100 == 0 || step + 1 == steps {
@@ -156,8 +214,12 @@ pub fn demo(steps: u64, seed: u64, lr: f64) -> strata::Result<()> {
     );
     for (i, pair) in pairs.iter().enumerate() {
         let mut per = ErrorRate::default();
-        for (stack, batch, targets) in &dev_batches {
-            for (hyp, reference) in pair.decode(stack, batch)?.iter().zip(targets) {
+        for (b, (stack, batch, targets)) in dev_batches.iter().enumerate() {
+            let hyps = match &on_device {
+                Some((be, dp, _, xs)) => dp[i].decode_on(be, &xs[b], batch)?,
+                None => pair.decode(stack, batch)?,
+            };
+            for (hyp, reference) in hyps.iter().zip(targets) {
                 per.add(hyp, reference);
             }
         }

@@ -8,7 +8,7 @@ mod train;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X]
+pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--device auto|cpu|cuda|emulator]
        strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] A.wav [B.wav ...]
        strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad]
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
@@ -19,7 +19,8 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X]
          runs a tiny random-init HuBERT-shaped upstream (13 states x 64 dims) over it once, trains the
          weighted-sum (WS) and hierarchical-convolution (HConv) interfaces side by side, each with a
          SUPERB phone-recognition head (CTC), and prints dev PER, training speed and parameter counts.
-         No downloads, CPU only, about 10 s.
+         No downloads. On the GPU when there is one (the bf16 device step), else on the CPU (about
+         10 s); --device picks, as for train.
 
   extract  runs a Hugging Face HuBERT / wav2vec2 / WavLM model directory (config.json +
          safetensors) on 16 kHz mono WAV files and writes, for each file, a tensor named by the
@@ -39,7 +40,10 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X]
            --steps N [1000]  --lr X [1e-3]  --schedule constant|linear|cosine [constant]  --warmup N [0]
            --optimizer adamw|adam [adamw]  --weight-decay X [0.01 adamw, 0 adam]  --clip C (0: off) [1]
            --batch-seconds S  audio per micro-batch [60]   --accum N  micro-batches per step [1]
-           --eval-every N [100]  --seed S [0]  --no-shuffle  --device auto|cpu|cuda [auto]
+           --eval-every N [100]  --seed S [0]  --no-shuffle
+           --device auto|cpu|cuda|emulator  where the step runs: cuda = the GPU kernels (bf16);
+                    auto = cuda when a GPU is usable, else cpu (f32); emulator = the GPU kernels
+                    emulated on the CPU, slow, for testing [auto]
            --normalize auto|on|off [auto]  --vocab FILE  --skip-bad (count and skip bad utterances)
            --features DIR  hidden states from feature caches DIR/<train stem>, DIR/<dev stem>,
                            extracted first (with --model) when missing
@@ -57,8 +61,9 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X]
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("demo") => demo::parse_demo(&args[1..])
-            .and_then(|(steps, seed, lr)| demo::demo(steps, seed, lr).map_err(|e| e.to_string())),
+        Some("demo") => {
+            demo::parse_demo(&args[1..]).and_then(|a| demo::demo(&a).map_err(|e| e.to_string()))
+        }
         Some("extract") => extract::extract(&args[1..]),
         Some("train") => train::train_cmd(&args[1..]),
         Some("eval") => train::eval_cmd(&args[1..]),

@@ -7,7 +7,7 @@ use strata::models::upstream::Upstream;
 use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{Dataset, OnBad, Task, Vocab};
 use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
-use strata::train::run::TrainConfig;
+use strata::train::run::{TrainConfig, TrainDevice};
 
 pub fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceConfig, String> {
     use strata::models::interface::{ClsActivation, InterfaceKind};
@@ -319,15 +319,17 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
             "train needs --model DIR (or --features DIR with extracted features)\n\n{USAGE}"
         ));
     }
-    match strata::runtime::resolve(&t.device)? {
-        strata::Device::Cpu => {}
-        strata::Device::Cuda(_) if t.device == "cuda" => {
-            return Err("--device cuda: the training step has no CUDA path yet (the GPU kernels for heads and losses are still being built); use --device cpu or auto".into())
+    let device = match t.device.as_str() {
+        "cpu" => TrainDevice::Cpu,
+        "auto" => TrainDevice::Auto,
+        "cuda" => TrainDevice::Cuda,
+        "emulator" => TrainDevice::Emulator,
+        other => {
+            return Err(format!(
+                "unknown --device '{other}': use auto, cpu, cuda or emulator (the GPU kernels on the CPU, slow; for testing)"
+            ))
         }
-        strata::Device::Cuda(_) => eprintln!(
-            "note: a CUDA device is present, but the training step still runs on the CPU (its GPU path is not built yet)"
-        ),
-    }
+    };
     let upstream = match &t.model {
         Some(m) => Some(Upstream::load(m).map_err(|e| e.to_string())?),
         None => None,
@@ -387,7 +389,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         "steps": t.steps, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup,
         "optimizer": t.optimizer, "weight_decay": optimizer.weight_decay,
         "batch_seconds": t.batch_seconds, "accum": t.accum, "clip": t.clip, "seed": t.seed,
-        "shuffle": t.shuffle, "commit": strata::GIT_COMMIT,
+        "shuffle": t.shuffle, "device": t.device, "commit": strata::GIT_COMMIT,
     });
     std::fs::write(
         out.join("run.json"),
@@ -423,6 +425,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     cfg.save_init = t.save_init.clone();
     cfg.init_from = t.init_from.clone();
     cfg.progress = true;
+    cfg.device = device;
     let results = strata::train::run::train(&train_src, &dev_src, train, dev, &vocab, &cfg)
         .map_err(|e| e.to_string())?;
     let metric = if ctc { "dev error" } else { "dev accuracy" };
