@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
     set -e
-    cargo build --release --example gpu_bench
+    cargo build --release --example gpu_bench --bin strata
     exe() {
         cargo test --release --test "$1" --no-run --message-format=json 2>/dev/null \
             | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if "/deps/'"$1"'-" in (m.get("executable") or "")]'
@@ -21,7 +21,8 @@ if [ "${1:-}" = "--prepare" ]; then
     cp target/release/examples/gpu_bench .gpu/
     cp $kernels .gpu/kernels_test
     cp $step .gpu/device_step_test
-    strip --strip-debug .gpu/gpu_bench .gpu/kernels_test .gpu/device_step_test
+    cp target/release/strata .gpu/strata
+    strip --strip-debug .gpu/gpu_bench .gpu/kernels_test .gpu/device_step_test .gpu/strata
     git rev-parse --short HEAD > .gpu/commit
     ls -la .gpu
     exit 0
@@ -40,13 +41,18 @@ status=0
 export STRATA_TEST_EMULATOR=0
 echo "== kernel tests on the GPU"
 STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
-echo "== the whole HConv + PR-head training step on the GPU vs the CPU path (20 steps)"
-STRATA_TEST_CUDA=1 .gpu/device_step_test --nocapture 2>&1 | tail -25 | tee -a "$out/tests.log" || status=1
+echo "== whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head)"
+STRATA_TEST_CUDA=1 .gpu/device_step_test --nocapture 2>&1 | grep -E "step|worst|test result|panicked" | tail -40 | tee -a "$out/tests.log" || status=1
+echo "== strata demo on the GPU and on the CPU (same corpus, same init)"
+.gpu/strata demo --device cuda 2>&1 | grep -E "training on|step  *1000|^WS|^HConv " | tee "$out/demo.txt" || status=1
+.gpu/strata demo --device cpu 2>&1 | grep -E "training on|step  *1000|^WS|^HConv " | tee -a "$out/demo.txt" || status=1
 
 echo "== compute-sanitizer memcheck / racecheck (small sizes)"
 for tool in memcheck racecheck; do
     STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 3 \
-        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core ldmatrix hconv 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
+        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core ldmatrix hconv cast_row_norm 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
+    STRATA_TEST_CUDA=1 compute-sanitizer --tool $tool --error-exitcode 3 \
+        .gpu/device_step_test --test-threads 1 every_device 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
 done
 
 echo "== benchmarks: strata and PyTorch in the same run"

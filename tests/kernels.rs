@@ -1466,3 +1466,245 @@ fn cast_row_norm_and_column_slice_layer_sums_match_their_references() {
         }
     }
 }
+
+/// CLS pooling's fused attention (one shared query over the shared CLS row + each frame's L layer
+/// rows) against the CPU attention with sq = 1 on the same bf16 values materialized per frame, in
+/// f64: the bf16 output by the flash-attention rule, the fp32 gradients (probabilities, dq and the
+/// CLS rows' summed dk / dv) to 1e-5 of scale and the layer rows' bf16 dk / dv within one bf16
+/// rounding. Also the elementwise glue: activations, add_rows, col_sum_accumulate.
+#[test]
+fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
+    use strata::ops::attention::{self, AttnGeom};
+    for be in backends() {
+        let tag = be.name();
+        let big = on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1");
+        let mut cases = vec![
+            (1usize, 2usize, 8usize, 1usize),
+            (9, 7, 40, 4),
+            (5, 40, 64, 2),
+        ];
+        if big {
+            cases.push((16000, 13, 768, 12));
+        }
+        for (n, l, d, heads) in cases {
+            let s = l + 1;
+            let q = randn(d, 31);
+            let kc = to_bf16(&randn(d, 32));
+            let vc = to_bf16(&randn(d, 33));
+            let k = to_bf16(&randn(n * l * d, 34));
+            let v = to_bf16(&randn(n * l * d, 35));
+            let dout = randn(n * d, 36);
+            let shape = device::ClsAttnShape { n, l, d, heads };
+            let bufs = (
+                be.upload(&q).unwrap(),
+                be.upload(&kc).unwrap(),
+                be.upload(&vc).unwrap(),
+                be.upload(&k).unwrap(),
+                be.upload(&v).unwrap(),
+            );
+            let inputs = device::ClsAttnInputs {
+                q: &bufs.0,
+                k_cls: &bufs.1,
+                v_cls: &bufs.2,
+                k: &bufs.3,
+                v: &bufs.4,
+            };
+            let (out, probs) = device::cls_attention_forward(&be, shape, &inputs).unwrap();
+            let g = device::cls_attention_backward(
+                &be,
+                shape,
+                &inputs,
+                &probs,
+                &be.upload(&dout).unwrap(),
+            )
+            .unwrap();
+            // The reference: per frame, tokens [cls; layers], in f64 (and the naive bf16 output).
+            let f = |b: &[bf16]| -> Vec<f64> { b.iter().map(|x| x.to_f32() as f64).collect() };
+            let tokens = |cls: &[bf16], rows: &[bf16]| -> Vec<f64> {
+                (0..n)
+                    .flat_map(|fr| {
+                        let mut t = f(cls);
+                        t.extend(f(&rows[fr * l * d..(fr + 1) * l * d]));
+                        t
+                    })
+                    .collect()
+            };
+            let (k64, v64) = (tokens(&kc, &k), tokens(&vc, &v));
+            let q64: Vec<f64> = (0..n).flat_map(|_| q.iter().map(|&x| x as f64)).collect();
+            let geom = AttnGeom {
+                sq: 1,
+                sk: s,
+                heads,
+                head_dim: d / heads,
+            };
+            let (want_out, want_p) = attention::forward(&q64, &k64, &v64, n, &geom);
+            let d64: Vec<f64> = dout.iter().map(|&x| x as f64).collect();
+            let (dq, dk, dv) = attention::backward(&q64, &k64, &v64, &want_p, &d64, n, &geom);
+            let to32 = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
+            let got_out: Vec<f32> = be
+                .download(&out)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            // The naive bf16 computation: probabilities and products rounded to bf16.
+            let naive_out: Vec<f32> = {
+                let pb: Vec<f64> = want_p
+                    .iter()
+                    .map(|&p| round_bf16(p as f32) as f64)
+                    .collect();
+                let dh = d / heads;
+                (0..n * d)
+                    .map(|i| {
+                        let (fr, c) = (i / d, i % d);
+                        let h = c / dh;
+                        let mut acc = 0f32;
+                        for j in 0..s {
+                            let p = pb[(fr * heads + h) * s + j] as f32;
+                            acc =
+                                round_bf16(acc + round_bf16(p * v64[(fr * s + j) * d + c] as f32));
+                        }
+                        acc
+                    })
+                    .collect()
+            };
+            assert_fa_rule(
+                &format!("{tag} cls attention out {n} x {l} x {d} / {heads}"),
+                &got_out,
+                &to32(&want_out),
+                &naive_out,
+            );
+            let scale = |v: &[f64]| v.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+            let close = |what: &str, got: &[f32], want: &[f64], tol: f64| {
+                let sc = scale(want);
+                for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (a as f64 - b).abs() <= tol * sc,
+                        "{tag} {n} x {l} x {d} / {heads}: {what}[{i}] = {a}, want {b}"
+                    );
+                }
+            };
+            close("probs", &be.download(&probs).unwrap(), &want_p, 1e-5);
+            // dq summed over the frames; the CLS rows' dk / dv summed likewise.
+            let sum_frames = |x: &[f64], row: usize, rows_per_frame: usize| -> Vec<f64> {
+                (0..d)
+                    .map(|c| {
+                        (0..n)
+                            .map(|fr| x[(fr * rows_per_frame + row) * d + c])
+                            .sum()
+                    })
+                    .collect()
+            };
+            close(
+                "dq",
+                &be.download(&g.dq).unwrap(),
+                &sum_frames(&dq, 0, 1),
+                1e-5,
+            );
+            close(
+                "dk_cls",
+                &be.download(&g.dk_cls).unwrap(),
+                &sum_frames(&dk, 0, s),
+                1e-5,
+            );
+            close(
+                "dv_cls",
+                &be.download(&g.dv_cls).unwrap(),
+                &sum_frames(&dv, 0, s),
+                1e-5,
+            );
+            let layer_rows = |x: &[f64]| -> Vec<f64> {
+                (0..n)
+                    .flat_map(|fr| x[(fr * s + 1) * d..(fr + 1) * s * d].to_vec())
+                    .collect()
+            };
+            for (what, got, want) in [
+                ("dk", &g.dk, layer_rows(&dk)),
+                ("dv", &g.dv, layer_rows(&dv)),
+            ] {
+                let sc = scale(&want);
+                let got: Vec<f32> = be
+                    .download(got)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a as f64 - b).abs() <= b.abs() / 256.0 + 1e-5 * sc,
+                        "{tag} {n} x {l} x {d} / {heads}: {what}[{i}] = {a}, want {b}"
+                    );
+                }
+            }
+        }
+        // Elementwise glue.
+        let x = randn(5000, 41);
+        let dy = randn(5000, 42);
+        let xb = be.upload(&x).unwrap();
+        let dyb = be.upload(&dy).unwrap();
+        for gelu in [false, true] {
+            let y = be
+                .download(&device::activation_forward(&be, &xb, gelu).unwrap())
+                .unwrap();
+            let dx = be
+                .download(&device::activation_backward(&be, &xb, &dyb, gelu).unwrap())
+                .unwrap();
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let dy64: Vec<f64> = dy.iter().map(|&v| v as f64).collect();
+            let (wy, wdx) = if gelu {
+                (
+                    strata::ops::activation::gelu_forward(&x64),
+                    strata::ops::activation::gelu_backward(&x64, &dy64),
+                )
+            } else {
+                let wy = strata::ops::activation::relu_forward(&x64);
+                let wdx = strata::ops::activation::relu_backward(&wy, &dy64);
+                (wy, wdx)
+            };
+            for (got, want, what) in [(&y, &wy, "y"), (&dx, &wdx, "dx")] {
+                let sc = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(want.iter())
+                    .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+                assert!(
+                    err <= 1e-5 * sc,
+                    "{tag} activation gelu={gelu} {what}: error {err:.3e}"
+                );
+            }
+        }
+        let (rows, c) = (50usize, 100usize);
+        let a = randn(rows * c, 43);
+        let b = randn(rows * c, 44);
+        let vrow = randn(c, 45);
+        let y = be
+            .download(
+                &device::add_rows(
+                    &be,
+                    &be.upload(&a).unwrap(),
+                    Some(&be.upload(&b).unwrap()),
+                    Some(&be.upload(&vrow).unwrap()),
+                    rows,
+                    c,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        assert!(
+            y.iter()
+                .enumerate()
+                .all(|(i, &v)| v == a[i] + b[i] + vrow[i % c]),
+            "{tag}: add_rows"
+        );
+        let out = be.upload(&vrow).unwrap();
+        device::col_sum_accumulate(&be, &be.upload(&a).unwrap(), rows, c, &out).unwrap();
+        let got = be.download(&out).unwrap();
+        for col in 0..c {
+            let mut s = 0f32;
+            for r in 0..rows {
+                s += a[r * c + col];
+            }
+            assert_eq!(got[col], vrow[col] + s, "{tag}: col_sum column {col}");
+        }
+    }
+}

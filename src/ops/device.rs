@@ -6,11 +6,12 @@ use crate::error::{Error, Result};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::kernels::{
-    AdamParams, CastParams, ClipCoefParams, CrossEntropyParams, CtcParams, DropoutParams,
-    HConvBwdParams, HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams,
-    LayerNormReduceParams, LayerNormRowsParams, LayerSumBwdParams, LayerSumFwdParams,
-    LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams,
-    SumSquaresParams, WidenParams,
+    ActivationParams, AdamParams, AddRowsParams, CastParams, ClipCoefParams, ClsAttnParams,
+    ColSumParams, CrossEntropyParams, CtcParams, DropoutParams, HConvBwdParams, HConvFwdParams,
+    HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams, LayerNormReduceParams,
+    LayerNormRowsParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
+    LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams, SumSquaresParams,
+    WidenParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -1403,4 +1404,250 @@ mod tests {
             }
         }
     }
+}
+
+/// Shape of CLS pooling's attention: n frames, each with the shared CLS token and `l` layer
+/// tokens of width `d` in `heads` heads.
+#[derive(Clone, Copy, Debug)]
+pub struct ClsAttnShape {
+    pub n: usize,
+    pub l: usize,
+    pub d: usize,
+    pub heads: usize,
+}
+
+impl ClsAttnShape {
+    fn check(&self, kernel: &str) -> Result<()> {
+        if self.n == 0
+            || self.heads == 0
+            || self.d % self.heads != 0
+            || self.l + 1 > 96
+            || self.n * self.l * self.d > i32::MAX as usize
+        {
+            return Err(Error::shape(
+                kernel,
+                "frames >= 1, D divisible by the heads, at most 95 layer tokens",
+                format!("{self:?}"),
+            ));
+        }
+        Ok(())
+    }
+    fn scale(&self) -> f32 {
+        (1.0 / ((self.d / self.heads) as f64).sqrt()) as f32
+    }
+}
+
+/// The CLS query's inputs: the projected query (fp32 [d]), the CLS token's key and value rows
+/// (bf16 [d]) and the layer tokens' keys and values (bf16 [n, l, d]).
+pub struct ClsAttnInputs<'a> {
+    pub q: &'a Buf<f32>,
+    pub k_cls: &'a Buf<bf16>,
+    pub v_cls: &'a Buf<bf16>,
+    pub k: &'a Buf<bf16>,
+    pub v: &'a Buf<bf16>,
+}
+
+fn cls_attn_check(be: &Backend, k: &str, s: &ClsAttnShape, i: &ClsAttnInputs) -> Result<()> {
+    s.check(k)?;
+    need(be, k, "q", i.q, s.d)?;
+    need(be, k, "k_cls", i.k_cls, s.d)?;
+    need(be, k, "v_cls", i.v_cls, s.d)?;
+    need(be, k, "k", i.k, s.n * s.l * s.d)?;
+    need(be, k, "v", i.v, s.n * s.l * s.d)
+}
+
+fn cls_attn_block(s: &ClsAttnShape) -> u32 {
+    32 * s.heads.min(8) as u32
+}
+
+/// Attention of the shared CLS query over each frame's tokens: (out bf16 [n, d], probabilities
+/// fp32 [n, heads, l + 1]) (kernels/attention.cu).
+pub fn cls_attention_forward(
+    be: &Backend,
+    s: ClsAttnShape,
+    i: &ClsAttnInputs,
+) -> Result<(Buf<bf16>, Buf<f32>)> {
+    const K: &str = "cls_attention_forward";
+    cls_attn_check(be, K, &s, i)?;
+    let out = be.zeros::<bf16>(s.n * s.d)?;
+    let probs = be.zeros::<f32>(s.n * s.heads * (s.l + 1))?;
+    let p = ClsAttnParams {
+        q: be.ptr(i.q),
+        k_cls: be.ptr(i.k_cls),
+        v_cls: be.ptr(i.v_cls),
+        k: be.ptr(i.k),
+        v: be.ptr(i.v),
+        probs: be.ptr(&probs),
+        out: be.ptr(&out),
+        dout: 0,
+        dk: 0,
+        dv: 0,
+        dq_part: 0,
+        dk_cls_part: 0,
+        dv_cls_part: 0,
+        n: s.n as i32,
+        l: s.l as i32,
+        d: s.d as i32,
+        h: s.heads as i32,
+        scale: s.scale(),
+    };
+    be.launch(K, (s.n as u32, 1, 1), (cls_attn_block(&s), 1, 1), 0, &p)?;
+    Ok((out, probs))
+}
+
+/// The gradients of [`cls_attention_forward`] given dout (fp32 [n, d]).
+pub struct ClsAttnGrads {
+    /// The layer tokens' key and value gradients, bf16 [n, l, d] (what the projections' backward
+    /// reads).
+    pub dk: Buf<bf16>,
+    pub dv: Buf<bf16>,
+    /// Summed over the frames (the query and the CLS rows are shared), fp32 [d].
+    pub dq: Buf<f32>,
+    pub dk_cls: Buf<f32>,
+    pub dv_cls: Buf<f32>,
+}
+
+pub fn cls_attention_backward(
+    be: &Backend,
+    s: ClsAttnShape,
+    i: &ClsAttnInputs,
+    probs: &Buf<f32>,
+    dout: &Buf<f32>,
+) -> Result<ClsAttnGrads> {
+    const K: &str = "cls_attention_backward";
+    cls_attn_check(be, K, &s, i)?;
+    need(be, K, "probs", probs, s.n * s.heads * (s.l + 1))?;
+    need(be, K, "dout", dout, s.n * s.d)?;
+    let parts: Vec<Buf<f32>> = (0..3)
+        .map(|_| be.zeros::<f32>(s.n * s.d))
+        .collect::<Result<_>>()?;
+    let g = ClsAttnGrads {
+        dk: be.zeros::<bf16>(s.n * s.l * s.d)?,
+        dv: be.zeros::<bf16>(s.n * s.l * s.d)?,
+        dq: be.zeros::<f32>(s.d)?,
+        dk_cls: be.zeros::<f32>(s.d)?,
+        dv_cls: be.zeros::<f32>(s.d)?,
+    };
+    let p = ClsAttnParams {
+        q: be.ptr(i.q),
+        k_cls: be.ptr(i.k_cls),
+        v_cls: be.ptr(i.v_cls),
+        k: be.ptr(i.k),
+        v: be.ptr(i.v),
+        probs: be.ptr(probs),
+        out: 0,
+        dout: be.ptr(dout),
+        dk: be.ptr(&g.dk),
+        dv: be.ptr(&g.dv),
+        dq_part: be.ptr(&parts[0]),
+        dk_cls_part: be.ptr(&parts[1]),
+        dv_cls_part: be.ptr(&parts[2]),
+        n: s.n as i32,
+        l: s.l as i32,
+        d: s.d as i32,
+        h: s.heads as i32,
+        scale: s.scale(),
+    };
+    be.launch(K, (s.n as u32, 1, 1), (cls_attn_block(&s), 1, 1), 0, &p)?;
+    for (part, total) in parts.iter().zip([&g.dq, &g.dk_cls, &g.dv_cls]) {
+        col_sum_accumulate(be, part, s.n, s.d, total)?;
+    }
+    Ok(g)
+}
+
+fn elementwise_blocks(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 65535) as u32
+}
+
+/// y [rows, c] = a (+ b) (+ v broadcast over the rows), fp32 (kernels/elementwise.cu).
+pub fn add_rows(
+    be: &Backend,
+    a: &Buf<f32>,
+    b: Option<&Buf<f32>>,
+    v: Option<&Buf<f32>>,
+    rows: usize,
+    c: usize,
+) -> Result<Buf<f32>> {
+    const K: &str = "add_rows";
+    rows_check(K, rows, c)?;
+    need(be, K, "a", a, rows * c)?;
+    if let Some(b) = b {
+        need(be, K, "b", b, rows * c)?;
+    }
+    if let Some(v) = v {
+        need(be, K, "v", v, c)?;
+    }
+    let y = be.zeros::<f32>(rows * c)?;
+    let p = AddRowsParams {
+        a: be.ptr(a),
+        b: b.map_or(0, |b| be.ptr(b)),
+        v: v.map_or(0, |v| be.ptr(v)),
+        y: be.ptr(&y),
+        rows: rows as i64,
+        c: c as i32,
+    };
+    be.launch(K, (elementwise_blocks(rows * c), 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(y)
+}
+
+/// out [c] += the sum of x's rows [rows, c], in row order (deterministic).
+pub fn col_sum_accumulate(
+    be: &Backend,
+    x: &Buf<f32>,
+    rows: usize,
+    c: usize,
+    out: &Buf<f32>,
+) -> Result<()> {
+    const K: &str = "col_sum_accumulate";
+    rows_check(K, rows, c)?;
+    need(be, K, "x", x, rows * c)?;
+    need(be, K, "out", out, c)?;
+    let p = ColSumParams {
+        x: be.ptr(x),
+        out: be.ptr(out),
+        rows: rows as i64,
+        c: c as i32,
+    };
+    be.launch(K, (c.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0, &p)
+}
+
+/// ReLU or exact GELU of fp32 x.
+pub fn activation_forward(be: &Backend, x: &Buf<f32>, gelu: bool) -> Result<Buf<f32>> {
+    activation(be, "activation_forward", x, None, gelu)
+}
+
+/// dx = dy * act'(x), x the pre-activation.
+pub fn activation_backward(
+    be: &Backend,
+    x: &Buf<f32>,
+    dy: &Buf<f32>,
+    gelu: bool,
+) -> Result<Buf<f32>> {
+    activation(be, "activation_backward", x, Some(dy), gelu)
+}
+
+fn activation(
+    be: &Backend,
+    k: &'static str,
+    x: &Buf<f32>,
+    dy: Option<&Buf<f32>>,
+    gelu: bool,
+) -> Result<Buf<f32>> {
+    let n = x.len();
+    need(be, k, "x", x, n)?;
+    if let Some(dy) = dy {
+        need(be, k, "dy", dy, n)?;
+    }
+    let y = be.zeros::<f32>(n)?;
+    if n > 0 {
+        let p = ActivationParams {
+            x: be.ptr(x),
+            dy: dy.map_or(0, |d| be.ptr(d)),
+            y: be.ptr(&y),
+            n: n as i64,
+            gelu: gelu as i32,
+        };
+        be.launch(k, (elementwise_blocks(n), 1, 1), (256, 1, 1), 0, &p)?;
+    }
+    Ok(y)
 }

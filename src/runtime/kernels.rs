@@ -81,6 +81,21 @@ pub const FILES: &[KernelFile] = &[
         kernels: &["cast_f32_to_bf16", "cast_bf16_to_f32"],
     },
     KernelFile {
+        file: "attention.cu",
+        source: include_str!("../../kernels/attention.cu"),
+        kernels: &["cls_attention_forward", "cls_attention_backward"],
+    },
+    KernelFile {
+        file: "elementwise.cu",
+        source: include_str!("../../kernels/elementwise.cu"),
+        kernels: &[
+            "add_rows",
+            "col_sum_accumulate",
+            "activation_forward",
+            "activation_backward",
+        ],
+    },
+    KernelFile {
         file: "shape.cu",
         source: include_str!("../../kernels/shape.cu"),
         kernels: &["select_layer"],
@@ -165,6 +180,13 @@ params! {
     CastParams { x: u64, y: u64, n: i64, scale: f32 }
     WidenParams { x: u64, y: u64, n: i64 }
     LayerNormRowsParams { x: u64, y: u64, rows: i64, d: i32, eps: f32 }
+    ClsAttnParams {
+        q: u64, k_cls: u64, v_cls: u64, k: u64, v: u64, probs: u64, out: u64, dout: u64, dk: u64, dv: u64,
+        dq_part: u64, dk_cls_part: u64, dv_cls_part: u64, n: i32, l: i32, d: i32, h: i32, scale: f32,
+    }
+    AddRowsParams { a: u64, b: u64, v: u64, y: u64, rows: i64, c: i32 }
+    ColSumParams { x: u64, out: u64, rows: i64, c: i32 }
+    ActivationParams { x: u64, dy: u64, y: u64, n: i64, gelu: i32 }
     SelectLayerParams { x: u64, y: u64, n: i32, l: i32, d: i32, layer: i32 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,

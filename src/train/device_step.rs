@@ -8,7 +8,10 @@
 //! (a gather), each with s3prl's optional per-layer `normalize` (fused into the layer sums, a
 //! row-LayerNorm pass over the frozen stack for the others). Heads: the PR head with log-softmax +
 //! CTC, and the utterance classifier (Linear -> masked mean pooling -> Linear) with the fused
-//! softmax cross-entropy. CLS pooling has no device path yet and is refused by name.
+//! softmax cross-entropy. CLS pooling runs its pre-LN transformer layer on the existing kernels
+//! (LayerNorm, Linear, activation) around a fused attention of the one CLS query over each frame's
+//! tokens (kernels/attention.cu); the CLS token is the same in every frame, so its LayerNorm,
+//! query, key and value are computed once and their gradients summed over the frames.
 //!
 //! Parameters live on the device as fp32 master weights in the kernels' layouts (HConv weights
 //! tap-major, Linear weights [out, in]) with bf16 copies that the AdamW kernel refreshes, plus
@@ -20,7 +23,7 @@
 
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
-use crate::models::interface::{group_sizes, hconv_plan, HConvPlan, InterfaceKind};
+use crate::models::interface::{group_sizes, hconv_plan, ClsActivation, HConvPlan, InterfaceKind};
 use crate::ops::ctc::Reduction;
 use crate::ops::device::{self, Cols, HConvSaved, LayerNormStats, LayerSumShape};
 use crate::ops::layer_conv::ConvGeom;
@@ -98,6 +101,46 @@ enum DeviceInterface {
     SingleLayer {
         layer: usize,
     },
+    ClsPool(ClsParams),
+}
+
+/// CLS pooling's parameters (indices into [`DevicePair::params`]).
+struct ClsParams {
+    heads: usize,
+    gelu: bool,
+    cls: usize,
+    /// (weight, bias) of the two LayerNorms.
+    ln1: (usize, usize),
+    ln2: (usize, usize),
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    out_proj: Lin,
+    ffn1: Lin,
+    ffn2: Lin,
+}
+
+/// CLS pooling's forward activations, for its backward.
+struct ClsSaved {
+    /// The (normalized) stack in fp32 [n * L, D], LN1's input.
+    x32: Buf<f32>,
+    ln1: device::LayerNormSavedBufs,
+    u: Buf<bf16>,
+    ln1_cls: device::LayerNormSavedBufs,
+    /// LN1 of the CLS token (the same for every frame) [D].
+    u_cls: Buf<bf16>,
+    q: Buf<f32>,
+    k_cls: Buf<bf16>,
+    v_cls: Buf<bf16>,
+    k: Buf<bf16>,
+    v: Buf<bf16>,
+    attn: Buf<bf16>,
+    probs: Buf<f32>,
+    h: Buf<f32>,
+    ln2: device::LayerNormSavedBufs,
+    g: Buf<bf16>,
+    z: Buf<f32>,
+    act: Buf<bf16>,
 }
 
 /// What the forward keeps for the backward.
@@ -110,6 +153,7 @@ struct Saved {
     acts: Vec<Buf<bf16>>,
     /// The features of the other interfaces.
     feats: Option<Buf<bf16>>,
+    cls: Option<ClsSaved>,
 }
 
 impl Saved {
@@ -223,7 +267,7 @@ fn add_param(
 
 /// A Linear layer `name` (weight and bias) through `add`.
 fn lin(
-    add: &mut impl FnMut(&str, Layout) -> Result<usize>,
+    add: &mut dyn FnMut(&str, Layout) -> Result<usize>,
     name: &str,
     in_f: usize,
     out_f: usize,
@@ -292,10 +336,38 @@ impl DevicePair {
                     layer: resolved as usize,
                 }
             }
-            InterfaceKind::ClsPool { .. } => {
-                return Err(refuse(
-                    "CLS pooling has no device path yet; train it with --device cpu".into(),
-                ))
+            InterfaceKind::ClsPool {
+                heads,
+                ffn_dim,
+                activation,
+            } => {
+                if layers + 1 > 96 {
+                    return Err(refuse(format!(
+                        "CLS pooling's device attention takes at most 95 layer tokens, not {layers}"
+                    )));
+                }
+                let norm = |add: &mut dyn FnMut(&str, Layout) -> Result<usize>,
+                            name: &str|
+                 -> Result<(usize, usize)> {
+                    Ok((
+                        add(&format!("{name}.weight"), Layout::Plain)?,
+                        add(&format!("{name}.bias"), Layout::Plain)?,
+                    ))
+                };
+                let p = "interface.";
+                DeviceInterface::ClsPool(ClsParams {
+                    heads: *heads,
+                    gelu: *activation == ClsActivation::Gelu,
+                    cls: add("interface.cls", Layout::Plain)?,
+                    ln1: norm(&mut add, &format!("{p}ln1"))?,
+                    q: lin(&mut add, &format!("{p}attn.q_proj"), dim, dim)?,
+                    k: lin(&mut add, &format!("{p}attn.k_proj"), dim, dim)?,
+                    v: lin(&mut add, &format!("{p}attn.v_proj"), dim, dim)?,
+                    out_proj: lin(&mut add, &format!("{p}attn.out_proj"), dim, dim)?,
+                    ln2: norm(&mut add, &format!("{p}ln2"))?,
+                    ffn1: lin(&mut add, &format!("{p}ffn1"), dim, *ffn_dim)?,
+                    ffn2: lin(&mut add, &format!("{p}ffn2"), *ffn_dim, dim)?,
+                })
             }
         };
         let d_feat = pair.interface.output_dim();
@@ -352,6 +424,15 @@ impl DevicePair {
         pair.optimizer.step = self.steps;
         pair.steps = self.steps;
         Ok(())
+    }
+
+    /// Every parameter's accumulated gradient, named and in the CPU store's layout (to compare
+    /// with the CPU path's).
+    pub fn gradients(&self, be: &Backend) -> Result<Vec<(String, Vec<f32>)>> {
+        self.params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.layout.to_cpu(&be.download(&p.grad)?))))
+            .collect()
     }
 
     fn check_stack(&self, x0: &Buf<bf16>, n: usize) -> Result<()> {
@@ -425,12 +506,14 @@ impl DevicePair {
             stats: Vec::new(),
             acts: Vec::new(),
             feats: None,
+            cls: None,
         };
         let separate_norm = matches!(
             self.interface,
             DeviceInterface::HConv { .. }
                 | DeviceInterface::ConcatProj { .. }
                 | DeviceInterface::SingleLayer { .. }
+                | DeviceInterface::ClsPool(_)
         );
         if self.normalize && separate_norm {
             saved.normalized = Some(device::layernorm_rows_bf16(
@@ -498,6 +581,11 @@ impl DevicePair {
                     self.dim,
                     *layer as i64,
                 )?);
+            }
+            DeviceInterface::ClsPool(c) => {
+                let (cls, y) = self.cls_forward(be, c, x, n)?;
+                saved.cls = Some(cls);
+                saved.feats = Some(device::cast_to_bf16(be, &y)?);
             }
         }
         Ok(saved)
@@ -701,8 +789,199 @@ impl DevicePair {
                 self.linear_back(be, x, n, *proj, &dfeats, false)?;
             }
             DeviceInterface::SingleLayer { .. } => {}
+            DeviceInterface::ClsPool(c) => {
+                let cs = saved
+                    .cls
+                    .as_ref()
+                    .expect("CLS pooling's forward saved its activations");
+                self.cls_backward(be, c, cs, n, &dfeats)?;
+            }
         }
         Ok(())
+    }
+
+    fn ln_params(&self, (w, b): (usize, usize)) -> (&Buf<f32>, &Buf<f32>) {
+        (&self.params[w].master, &self.params[b].master)
+    }
+
+    fn ln_grads(&self, (w, b): (usize, usize)) -> (&Buf<f32>, &Buf<f32>) {
+        (&self.params[w].grad, &self.params[b].grad)
+    }
+
+    /// CLS pooling as the CPU interface computes it (pre-LN transformer layer, CLS query only):
+    /// u = LN1(tokens); q = Wq u_cls; K, V = Wk u, Wv u; attn = softmax(q K^T / sqrt(dh)) V;
+    /// h = cls + out_proj(attn); y = h + ffn2(act(ffn1(LN2(h)))). The CLS token is the same in
+    /// every frame, so its LN1, query, key and value are computed once. Returns y (fp32 [n, D]).
+    fn cls_forward(
+        &self,
+        be: &Backend,
+        c: &ClsParams,
+        x: &Buf<bf16>,
+        n: usize,
+    ) -> Result<(ClsSaved, Buf<f32>)> {
+        let (l, d) = (self.layers, self.dim);
+        let x32 = device::cast_to_f32(be, x)?;
+        let (u, ln1) =
+            device::layernorm_forward(be, &x32, n * l, d, Some(self.ln_params(c.ln1)), 1e-5)?;
+        let u = device::cast_to_bf16(be, &u)?;
+        let cls = &self.params[c.cls].master;
+        let (u_cls, ln1_cls) =
+            device::layernorm_forward(be, cls, 1, d, Some(self.ln_params(c.ln1)), 1e-5)?;
+        let u_cls = device::cast_to_bf16(be, &u_cls)?;
+        let lin16 = |x: &Buf<bf16>, rows: usize, p: Lin| -> Result<Buf<bf16>> {
+            Ok(self
+                .linear(be, x, rows, p, false)?
+                .into_bf16()
+                .expect("bf16 asked"))
+        };
+        let lin32 = |x: &Buf<bf16>, rows: usize, p: Lin| -> Result<Buf<f32>> {
+            Ok(self
+                .linear(be, x, rows, p, true)?
+                .into_f32()
+                .expect("f32 asked"))
+        };
+        let q = lin32(&u_cls, 1, c.q)?;
+        let (k_cls, v_cls) = (lin16(&u_cls, 1, c.k)?, lin16(&u_cls, 1, c.v)?);
+        let (k, v) = (lin16(&u, n * l, c.k)?, lin16(&u, n * l, c.v)?);
+        let shape = device::ClsAttnShape {
+            n,
+            l,
+            d,
+            heads: c.heads,
+        };
+        let inputs = device::ClsAttnInputs {
+            q: &q,
+            k_cls: &k_cls,
+            v_cls: &v_cls,
+            k: &k,
+            v: &v,
+        };
+        let (attn, probs) = device::cls_attention_forward(be, shape, &inputs)?;
+        let o = lin32(&attn, n, c.out_proj)?;
+        let h = device::add_rows(be, &o, None, Some(cls), n, d)?;
+        let (g, ln2) = device::layernorm_forward(be, &h, n, d, Some(self.ln_params(c.ln2)), 1e-5)?;
+        let g = device::cast_to_bf16(be, &g)?;
+        let z = lin32(&g, n, c.ffn1)?;
+        let act = device::cast_to_bf16(be, &device::activation_forward(be, &z, c.gelu)?)?;
+        let f = lin32(&act, n, c.ffn2)?;
+        let y = device::add_rows(be, &h, Some(&f), None, n, d)?;
+        Ok((
+            ClsSaved {
+                x32,
+                ln1,
+                u,
+                ln1_cls,
+                u_cls,
+                q,
+                k_cls,
+                v_cls,
+                k,
+                v,
+                attn,
+                probs,
+                h,
+                ln2,
+                g,
+                z,
+                act,
+            },
+            y,
+        ))
+    }
+
+    fn cls_backward(
+        &self,
+        be: &Backend,
+        c: &ClsParams,
+        s: &ClsSaved,
+        n: usize,
+        dy: &Buf<bf16>,
+    ) -> Result<()> {
+        let (l, d) = (self.layers, self.dim);
+        let f32_of = |b: &Buf<bf16>| device::cast_to_f32(be, b);
+        let bf16_of = |b: &Buf<f32>| device::cast_to_bf16(be, b);
+        // y = h + ffn2(act(ffn1(LN2(h)))).
+        let dact = self
+            .linear_back(be, &s.act, n, c.ffn2, dy, true)?
+            .expect("dx asked");
+        let dz = device::activation_backward(be, &s.z, &f32_of(&dact)?, c.gelu)?;
+        let dg = self
+            .linear_back(be, &s.g, n, c.ffn1, &bf16_of(&dz)?, true)?
+            .expect("dx asked");
+        let (w2, _) = self.ln_params(c.ln2);
+        let dh = device::layernorm_backward(
+            be,
+            &s.h,
+            n,
+            d,
+            Some(w2),
+            &s.ln2,
+            &f32_of(&dg)?,
+            Some(self.ln_grads(c.ln2)),
+        )?;
+        let dh = device::add_rows(be, &dh, Some(&f32_of(dy)?), None, n, d)?;
+        // h = cls + out_proj(attn): the CLS vector's share is the frames' sum.
+        let cls = &self.params[c.cls];
+        device::col_sum_accumulate(be, &dh, n, d, &cls.grad)?;
+        let dattn = self
+            .linear_back(be, &s.attn, n, c.out_proj, &bf16_of(&dh)?, true)?
+            .expect("dx asked");
+        let shape = device::ClsAttnShape {
+            n,
+            l,
+            d,
+            heads: c.heads,
+        };
+        let inputs = device::ClsAttnInputs {
+            q: &s.q,
+            k_cls: &s.k_cls,
+            v_cls: &s.v_cls,
+            k: &s.k,
+            v: &s.v,
+        };
+        let g = device::cls_attention_backward(be, shape, &inputs, &s.probs, &f32_of(&dattn)?)?;
+        // The layer tokens: K and V projections, then LN1's parameters (the stack is frozen).
+        let du_k = self
+            .linear_back(be, &s.u, n * l, c.k, &g.dk, true)?
+            .expect("dx asked");
+        let du_v = self
+            .linear_back(be, &s.u, n * l, c.v, &g.dv, true)?
+            .expect("dx asked");
+        let du = device::add_rows(be, &f32_of(&du_k)?, Some(&f32_of(&du_v)?), None, n * l, d)?;
+        let (w1, _) = self.ln_params(c.ln1);
+        device::layernorm_backward(
+            be,
+            &s.x32,
+            n * l,
+            d,
+            Some(w1),
+            &s.ln1,
+            &du,
+            Some(self.ln_grads(c.ln1)),
+        )?;
+        // The CLS token: its query, key and value rows (summed over the frames), through LN1.
+        let du_q = self
+            .linear_back(be, &s.u_cls, 1, c.q, &bf16_of(&g.dq)?, true)?
+            .expect("dx asked");
+        let du_kc = self
+            .linear_back(be, &s.u_cls, 1, c.k, &bf16_of(&g.dk_cls)?, true)?
+            .expect("dx asked");
+        let du_vc = self
+            .linear_back(be, &s.u_cls, 1, c.v, &bf16_of(&g.dv_cls)?, true)?
+            .expect("dx asked");
+        let du_cls = device::add_rows(be, &f32_of(&du_q)?, Some(&f32_of(&du_kc)?), None, 1, d)?;
+        let du_cls = device::add_rows(be, &du_cls, Some(&f32_of(&du_vc)?), None, 1, d)?;
+        let dcls = device::layernorm_backward(
+            be,
+            &cls.master,
+            1,
+            d,
+            Some(w1),
+            &s.ln1_cls,
+            &du_cls,
+            Some(self.ln_grads(c.ln1)),
+        )?;
+        device::col_sum_accumulate(be, &dcls, 1, d, &cls.grad)
     }
 
     /// Clips the accumulated gradients, takes one AdamW / Adam step at learning rate `lr`

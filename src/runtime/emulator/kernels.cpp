@@ -11,3 +11,5 @@
 #include "../../../kernels/layernorm.cu"
 #include "../../../kernels/convert.cu"
 #include "../../../kernels/shape.cu"
+#include "../../../kernels/attention.cu"
+#include "../../../kernels/elementwise.cu"

@@ -1,0 +1,130 @@
+// strata/kernels/attention.cu: CLS pooling's attention, fused: per frame, ONE query (the CLS
+// token's, the same for every frame: a learned vector through the same LayerNorm and projection)
+// over the frame's L+1 tokens (the CLS token's key/value row, shared by all frames, then the L
+// layer tokens' rows). CPU reference: src/ops/attention.rs with sq = 1.
+//
+// One block per frame; each warp owns heads h = warp, warp + warps, ...; a head's scores live in
+// registers, three per lane (token j in lane j % 32, slot j / 32: up to 96 tokens), and are
+// broadcast with shuffles, so no shared memory and no block barrier. fp32 math on bf16 K / V.
+// Backward: dV = p * dO, dS = p * (dP - sum p dP) * scale, dK = dS q, and the frame's share of
+// dq and of the shared CLS row's dK / dV as per-frame partials [n, D] (summed in frame order by
+// col_sum_accumulate: deterministic).
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+#define CLS_MAX_TOKENS 96
+
+struct ClsAttnParams {
+    const float* q;      // [D] the CLS query (projected, bias added)
+    const bf16* k_cls;   // [D] the CLS token's key row
+    const bf16* v_cls;   // [D] its value row
+    const bf16* k;       // [n, L, D] the layer tokens' keys
+    const bf16* v;       // [n, L, D]
+    float* probs;        // [n, H, L + 1]: written by forward, read by backward
+    bf16* out;           // forward: [n, D]
+    const float* dout;   // backward: [n, D]
+    bf16* dk;            // backward: [n, L, D]
+    bf16* dv;            // backward: [n, L, D]
+    float* dq_part;      // backward: [n, D]
+    float* dk_cls_part;  // backward: [n, D]
+    float* dv_cls_part;  // backward: [n, D]
+    int n, L, D, H;
+    float scale;
+};
+
+// Row j of frame f's keys or values: the shared CLS row for j = 0.
+__device__ __forceinline__ const bf16* cls_attn_row(const bf16* shared_row, const bf16* rows, int f, int j, int L, int D) {
+    return j == 0 ? shared_row : rows + ((int64_t)f * L + (j - 1)) * D;
+}
+
+// Token j's value held by lane j % 32 in slot j / 32, given to every lane.
+__device__ __forceinline__ float cls_attn_bcast(float s0, float s1, float s2, int j) {
+    const int slot = j >> 5;
+    return __shfl_sync(0xffffffffu, slot == 0 ? s0 : (slot == 1 ? s1 : s2), j & 31);
+}
+
+extern "C" __global__ void cls_attention_forward(const ClsAttnParams a) {
+    const int f = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int S = a.L + 1, dh = a.D / a.H;
+    for (int h = warp; h < a.H; h += warps) {
+        const int c0 = h * dh;
+        const float ninf = strata_bits_float(0xff800000u);
+        float s[3] = {ninf, ninf, ninf};
+        for (int j = 0; j < S; ++j) {
+            const bf16* kr = cls_attn_row(a.k_cls, a.k, f, j, a.L, a.D) + c0;
+            float dot = 0.0f;
+            for (int i = lane; i < dh; i += 32) dot += a.q[c0 + i] * bf16_to_float(kr[i]);
+            dot = warp_sum(dot) * a.scale;
+            if ((j & 31) == lane) s[j >> 5] = dot;
+        }
+        float m = fmaxf(fmaxf(s[0], s[1]), s[2]);
+        m = warp_max(m);
+        float e[3], sum = 0.0f;
+        for (int c = 0; c < 3; ++c) {
+            e[c] = lane + 32 * c < S ? expf(s[c] - m) : 0.0f;
+            sum += e[c];
+        }
+        sum = warp_sum(sum);
+        float p[3];
+        for (int c = 0; c < 3; ++c) {
+            p[c] = e[c] / sum;
+            if (lane + 32 * c < S) a.probs[((int64_t)f * a.H + h) * S + lane + 32 * c] = p[c];
+        }
+        // Lanes walk the head's columns in rounds of 32 so every lane takes part in each shuffle.
+        for (int base = 0; base < dh; base += 32) {
+            const int i = base + lane;
+            float acc = 0.0f;
+            for (int j = 0; j < S; ++j) {
+                const float pj = cls_attn_bcast(p[0], p[1], p[2], j);
+                if (i < dh) acc += pj * bf16_to_float(cls_attn_row(a.v_cls, a.v, f, j, a.L, a.D)[c0 + i]);
+            }
+            if (i < dh) a.out[(int64_t)f * a.D + c0 + i] = float_to_bf16(acc);
+        }
+    }
+}
+STRATA_EMU_ENTRY(cls_attention_forward, ClsAttnParams)
+
+extern "C" __global__ void cls_attention_backward(const ClsAttnParams a) {
+    const int f = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int S = a.L + 1, dh = a.D / a.H;
+    const float* go = a.dout + (int64_t)f * a.D;
+    for (int h = warp; h < a.H; h += warps) {
+        const int c0 = h * dh;
+        float p[3], dp[3] = {0.0f, 0.0f, 0.0f};
+        for (int c = 0; c < 3; ++c)
+            p[c] = lane + 32 * c < S ? a.probs[((int64_t)f * a.H + h) * S + lane + 32 * c] : 0.0f;
+        for (int j = 0; j < S; ++j) {
+            const bf16* vr = cls_attn_row(a.v_cls, a.v, f, j, a.L, a.D) + c0;
+            float dot = 0.0f;
+            for (int i = lane; i < dh; i += 32) dot += go[c0 + i] * bf16_to_float(vr[i]);
+            dot = warp_sum(dot);
+            if ((j & 31) == lane) dp[j >> 5] = dot;
+        }
+        const float pdp = warp_sum(p[0] * dp[0] + p[1] * dp[1] + p[2] * dp[2]);
+        float ds[3];
+        for (int c = 0; c < 3; ++c) ds[c] = p[c] * (dp[c] - pdp) * a.scale;
+        for (int base = 0; base < dh; base += 32) {
+            const int i = base + lane;
+            const float qi = i < dh ? a.q[c0 + i] : 0.0f;
+            const float gi = i < dh ? go[c0 + i] : 0.0f;
+            float dq = 0.0f;
+            for (int j = 0; j < S; ++j) {
+                const float pj = cls_attn_bcast(p[0], p[1], p[2], j);
+                const float dsj = cls_attn_bcast(ds[0], ds[1], ds[2], j);
+                if (i >= dh) continue;
+                dq += dsj * bf16_to_float(cls_attn_row(a.k_cls, a.k, f, j, a.L, a.D)[c0 + i]);
+                if (j == 0) {
+                    a.dk_cls_part[(int64_t)f * a.D + c0 + i] = dsj * qi;
+                    a.dv_cls_part[(int64_t)f * a.D + c0 + i] = pj * gi;
+                } else {
+                    const int64_t r = ((int64_t)f * a.L + (j - 1)) * a.D + c0 + i;
+                    a.dk[r] = float_to_bf16(dsj * qi);
+                    a.dv[r] = float_to_bf16(pj * gi);
+                }
+            }
+            if (i < dh) a.dq_part[(int64_t)f * a.D + c0 + i] = dq;
+        }
+    }
+}
+STRATA_EMU_ENTRY(cls_attention_backward, ClsAttnParams)

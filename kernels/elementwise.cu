@@ -1,0 +1,79 @@
+// strata/kernels/elementwise.cu: small fp32 glue of the device step, each with a plain CPU
+// equivalent (src/ops/activation.rs for the activations):
+// - add_rows: y[r, c] = a[r, c] (+ b[r, c]) (+ v[c]): residual adds and a broadcast row.
+// - col_sum_accumulate: out[c] += sum over rows r of x[r, c], rows added in order (one thread per
+//   column: deterministic): a parameter's gradient from per-row contributions (CLS pooling's
+//   shared token).
+// - activation_forward / activation_backward: ReLU, or exact GELU x * Phi(x) with d/dx =
+//   Phi(x) + x * phi(x).
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+struct AddRowsParams {
+    const float* a;  // [rows, c]
+    const float* b;  // [rows, c] or null
+    const float* v;  // [c] or null
+    float* y;        // [rows, c]
+    int64_t rows;
+    int c;
+};
+
+extern "C" __global__ void add_rows(const AddRowsParams p) {
+    const int64_t total = p.rows * p.c;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        float y = p.a[i];
+        if (p.b) y += p.b[i];
+        if (p.v) y += p.v[i % p.c];
+        p.y[i] = y;
+    }
+}
+STRATA_EMU_ENTRY(add_rows, AddRowsParams)
+
+struct ColSumParams {
+    const float* x;  // [rows, c]
+    float* out;      // [c], accumulated
+    int64_t rows;
+    int c;
+};
+
+extern "C" __global__ void col_sum_accumulate(const ColSumParams p) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= p.c) return;
+    float s = 0.0f;
+    for (int64_t r = 0; r < p.rows; ++r) s += p.x[r * p.c + col];
+    p.out[col] += s;
+}
+STRATA_EMU_ENTRY(col_sum_accumulate, ColSumParams)
+
+struct ActivationParams {
+    const float* x;   // the pre-activation
+    const float* dy;  // backward only
+    float* y;         // forward: act(x); backward: dx
+    int64_t n;
+    int gelu;         // 0: ReLU, 1: exact GELU
+};
+
+extern "C" __global__ void activation_forward(const ActivationParams p) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float x = p.x[i];
+        p.y[i] = p.gelu ? x * 0.5f * (1.0f + erff(x * 0.70710678118654752f)) : fmaxf(x, 0.0f);
+    }
+}
+STRATA_EMU_ENTRY(activation_forward, ActivationParams)
+
+extern "C" __global__ void activation_backward(const ActivationParams p) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float x = p.x[i];
+        float d;
+        if (p.gelu) {
+            const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+            const float pdf = expf(-0.5f * x * x) * 0.39894228040143268f;
+            d = cdf + x * pdf;
+        } else {
+            d = x > 0.0f ? 1.0f : 0.0f;
+        }
+        p.y[i] = p.dy[i] * d;
+    }
+}
+STRATA_EMU_ENTRY(activation_backward, ActivationParams)
