@@ -206,7 +206,14 @@ pub fn upload_stack(be: &Backend, stack: &Tensor) -> Result<Buf<bf16>> {
             format!("NaN or Inf at frame {frame}, layer {layer}: check the upstream's input audio and weights"),
         ));
     }
-    let x16: Vec<bf16> = stack.to_vec().iter().map(|&x| bf16::from_f32(x)).collect();
+    // A real batch is ~10^8 values: convert on every core.
+    use rayon::prelude::*;
+    let convert = |v: &[f32]| -> Vec<bf16> { v.par_iter().map(|&x| bf16::from_f32(x)).collect() };
+    let x16 = match stack.f32s() {
+        Ok(v) => convert(v),
+        // An f16 / bf16 feature cache: widen first (exact), then round as the f32 path does.
+        Err(_) => convert(&stack.to_vec()),
+    };
     be.upload(&x16)
 }
 
