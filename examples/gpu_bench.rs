@@ -254,6 +254,62 @@ fn main() {
         });
         println!("{{\"name\": \"step_{name}\", \"ms\": {ms:.4}, \"flops\": {flops}}}");
     }
+    // The same step (HuBERT-Base stack, 32 x 500 frames) for WS and CLS pooling (8 heads, FFN
+    // 3072, GELU: `--interfaces cls`). WS is bandwidth-bound: bytes = the stack read forward and
+    // backward. CLS: flops of its GEMMs (K, V over every layer token; out_proj, FFN, head),
+    // 6 x rows x in x out each for forward + both backward products.
+    {
+        use strata::models::interface::{ClsActivation, InterfaceConfig, InterfaceKind};
+        use strata::train::side_by_side::{HeadKind, Pair};
+        let (l, d, utts, t, v, u) = (13usize, 768usize, 32usize, 500usize, 71usize, 120usize);
+        let n = utts * t;
+        let x: Vec<bf16> = (0..n * l * d)
+            .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
+            .collect();
+        let x0 = be.upload(&x).unwrap();
+        let batch = strata::PackedBatch::from_lengths(&vec![t; utts]).unwrap();
+        let targets: Vec<Vec<usize>> = (0..utts)
+            .map(|i| (0..u).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
+            .collect();
+        let head = 6 * n * (d * 256 + 256 * v);
+        for (name, kind, metric) in [
+            (
+                "step_ws_base",
+                InterfaceKind::WeightedSum,
+                ("bytes", 2 * n * l * d * 2),
+            ),
+            (
+                "step_cls_base",
+                InterfaceKind::ClsPool {
+                    heads: 8,
+                    ffn_dim: 4 * d,
+                    activation: ClsActivation::Gelu,
+                },
+                (
+                    "flops",
+                    6 * (2 * n * l * d * d + n * d * d + 2 * n * d * 4 * d) + head,
+                ),
+            ),
+        ] {
+            let pair = Pair::new(
+                name,
+                &InterfaceConfig::new(l, d, kind),
+                HeadKind::Ctc { vocab: v },
+                AdamConfig::adamw(1e-3),
+                Some(1.0),
+                0,
+            )
+            .unwrap();
+            let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
+            let ms = time_ms(&be, &mut flush, || {
+                dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
+            });
+            println!(
+                "{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"{}\": {}}}",
+                metric.0, metric.1
+            );
+        }
+    }
     for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
         let p = be.upload(&vec![0.1f32; n]).unwrap();
         let g = be.upload(&vec![0.01f32; n]).unwrap();

@@ -117,6 +117,32 @@ def main():
 
         print(json.dumps({"name": f"step_{name}", "ms": time_ms(step)}))
         del m, stacked, head, params, opt
+    # The same step for WS and CLS pooling (8 heads, FFN 3072, GELU) on the Base stack. PyTorch's
+    # CLS pooling is the official form: the whole TransformerEncoderLayer over the L+1 tokens,
+    # output token 0 (strata computes only the CLS query's row: exactly equal, less work).
+    from gen_fixtures import WeightedSum, ClsPool
+    L, D = 13, 768
+    stacked = torch.randn(L, 1, N * T, D, device=dev).to(torch.bfloat16)
+    for name, m in (("step_ws_base", WeightedSum(L, D, False)), ("step_cls_base", ClsPool(L, D, 8, 4 * D, "gelu"))):
+        m = m.to(dev)
+        head = torch.nn.Sequential(torch.nn.Linear(D, 256), torch.nn.Linear(256, V)).to(dev)
+        params = list(m.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = head(m(stacked))
+            lp = logits.float().log_softmax(-1).view(N, T, V).transpose(0, 1)
+            loss = F.ctc_loss(lp, targets, il, tl, reduction="mean", zero_infinity=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            loss.item()
+
+        print(json.dumps({"name": name, "ms": time_ms(step)}))
+        del m, head, params, opt
+    del stacked
     for n in (4_424_832 + 768 * 256 + 256 * 43, 100_000_000):
         p = torch.nn.Parameter(torch.full((n,), 0.1, device=dev))
         p.grad = torch.full((n,), 0.01, device=dev)
