@@ -5,6 +5,9 @@
 #
 #   scripts/gpu_check.sh --prepare          # here: builds the binaries into .gpu/
 #   scripts/gpu_check.sh                    # there: runs everything (about 2-4 minutes)
+#
+# When its device-step tests and the demo on cuda agree with the CPU, set
+# strata::train::device_step::VERIFIED_ON_GPU so that `--device auto` uses the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

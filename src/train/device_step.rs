@@ -33,6 +33,25 @@ use crate::tensor::Tensor;
 use crate::train::side_by_side::{decode_outputs, Head, HeadKind, Pair};
 use half::bf16;
 
+/// Whether the device step has been seen to follow the CPU path on a real GPU (scripts/gpu_check.sh,
+/// recorded in RESULTS.md). Until then `--device auto` keeps training on the CPU when a GPU is
+/// present and says how to opt in (`--device cuda`): the kernels have only run in the emulator.
+pub const VERIFIED_ON_GPU: bool = false;
+
+/// The GPU `--device auto` should train on: a usable one, once the device step is verified on
+/// GPUs; otherwise None, with a note on stderr when a GPU was there.
+pub fn auto_backend() -> Option<Backend> {
+    let be = Backend::cuda().ok()?;
+    if VERIFIED_ON_GPU {
+        return Some(be);
+    }
+    eprintln!(
+        "note: {} is usable, but the device step has not been verified on a GPU yet, so this runs on the CPU; --device cuda runs it on the GPU",
+        be.name()
+    );
+    None
+}
+
 /// How a parameter's values are ordered on the device.
 #[derive(Clone, Debug)]
 enum Layout {

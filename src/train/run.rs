@@ -61,8 +61,9 @@ pub struct TrainConfig {
 pub enum TrainDevice {
     /// The CPU reference engine (f32).
     Cpu,
-    /// The GPU when there is one (pairs without a device path stay on the CPU, with a note),
-    /// else the CPU.
+    /// The GPU when there is one and the device step is verified on GPUs
+    /// ([`crate::train::device_step::VERIFIED_ON_GPU`]; pairs without a device path stay on the
+    /// CPU, with a note), else the CPU.
     Auto,
     /// The GPU; an error when there is none or a pair has no device path.
     Cuda,
@@ -177,7 +178,7 @@ fn device_pairs(
                 "--device cuda: no usable GPU ({why}); use --device cpu or auto"
             ))
         })?),
-        TrainDevice::Auto => Backend::cuda().ok(),
+        TrainDevice::Auto => crate::train::device_step::auto_backend(),
     };
     let Some(be) = be else {
         return Ok((None, pairs.iter().map(|_| None).collect()));

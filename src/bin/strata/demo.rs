@@ -1,6 +1,7 @@
 //! `strata demo`: the built-in default. A deterministic speech-like corpus made in memory, a tiny
 //! random-init upstream run over it once, WS and HConv trained side by side with PR heads: on the
-//! GPU when there is one (the device step, bf16), else on the CPU (`--device` picks).
+//! CPU, or on the GPU with `--device cuda` (the device step, bf16; `auto` picks the GPU once the
+//! device step is verified on one).
 
 use std::time::Instant;
 use strata::models::interface::InterfaceConfig;
@@ -110,7 +111,7 @@ pub fn demo(args: &DemoArgs) -> strata::Result<()> {
         "cuda" => Some(Backend::cuda().map_err(|why| {
             strata::Error::Device(format!("--device cuda: no usable GPU ({why})"))
         })?),
-        _ => Backend::cuda().ok(),
+        _ => strata::train::device_step::auto_backend(),
     };
     let config = UpstreamConfig::tiny();
     let upstream = Upstream::random(config.clone(), seed)?;

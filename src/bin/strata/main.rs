@@ -19,8 +19,8 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
          runs a tiny random-init HuBERT-shaped upstream (13 states x 64 dims) over it once, trains the
          weighted-sum (WS) and hierarchical-convolution (HConv) interfaces side by side, each with a
          SUPERB phone-recognition head (CTC), and prints dev PER, training speed and parameter counts.
-         No downloads. On the GPU when there is one (the bf16 device step), else on the CPU (about
-         10 s); --device picks, as for train.
+         No downloads, about 10 s on the CPU; --device cuda trains on the GPU (the bf16 device
+         step), --device picks as for train.
 
   extract  runs a Hugging Face HuBERT / wav2vec2 / WavLM model directory (config.json +
          safetensors) on 16 kHz mono WAV files and writes, for each file, a tensor named by the
@@ -41,9 +41,10 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
            --optimizer adamw|adam [adamw]  --weight-decay X [0.01 adamw, 0 adam]  --clip C (0: off) [1]
            --batch-seconds S  audio per micro-batch [60]   --accum N  micro-batches per step [1]
            --eval-every N [100]  --seed S [0]  --no-shuffle
-           --device auto|cpu|cuda|emulator  where the step runs: cuda = the GPU kernels (bf16);
-                    auto = cuda when a GPU is usable, else cpu (f32); emulator = the GPU kernels
-                    emulated on the CPU, slow, for testing [auto]
+           --device auto|cpu|cuda|emulator  where the step runs: cpu = the f32 reference engine;
+                    cuda = the GPU kernels (bf16); emulator = the GPU kernels emulated on the CPU,
+                    slow, for testing; auto = cpu until the device step is verified on a GPU
+                    (then cuda when one is usable) [auto]
            --normalize auto|on|off [auto]  --vocab FILE  --skip-bad (count and skip bad utterances)
            --features DIR  hidden states from feature caches DIR/<train stem>, DIR/<dev stem>,
                            extracted first (with --model) when missing
