@@ -1,5 +1,6 @@
-// strata/kernels/adamw.cu: Adam / AdamW over every trainable parameter in ONE launch (all
-// parameters live in one flat fp32 buffer, as in llm.c), with fp32 master weights and moments and
+// strata/kernels/adamw.cu: Adam / AdamW over every trainable parameter in ONE launch (one flat
+// fp32 buffer, as in llm.c: adam_step; or a table of separate buffers: adam_step_multi), with fp32
+// master weights and moments and
 // an optional bf16 copy for compute; and the global gradient norm for clipping, reduced in a fixed
 // order (deterministic). CPU references: src/optim/adam.rs, src/optim/clip.rs.
 // Bias corrections and the step size are computed on the host (f64, rounded to f32 as the CPU
@@ -24,28 +25,67 @@ struct AdamParams {
     int decoupled;
 };
 
+// One element's update (shared by both entry points, so they agree bit for bit).
+__device__ __forceinline__ void adam_element(float* param, float* m_, float* v_, bf16* copy, int64_t i, float g,
+                                             float step_size, float bc2_sqrt, float one_minus_beta1, float beta2,
+                                             float one_minus_beta2, float eps, float weight_decay, float decay,
+                                             int decoupled) {
+    float p = param[i];
+    if (decoupled) {
+        p *= decay;
+    } else {
+        g += weight_decay * p;
+    }
+    float m = m_[i];
+    m += one_minus_beta1 * (g - m);
+    const float v = v_[i] * beta2 + one_minus_beta2 * g * g;
+    const float denom = sqrtf(v) / bc2_sqrt + eps;
+    p += -step_size * (m / denom);
+    m_[i] = m;
+    v_[i] = v;
+    param[i] = p;
+    if (copy) copy[i] = float_to_bf16(p);
+}
+
 extern "C" __global__ void adam_step(const AdamParams a) {
     const float scale = a.grad_scale ? a.grad_scale[0] : 1.0f;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += (int64_t)gridDim.x * blockDim.x) {
-        float p = a.param[i];
-        float g = a.grad[i] * scale;
-        if (a.decoupled) {
-            p *= a.decay;
-        } else {
-            g += a.weight_decay * p;
-        }
-        float m = a.m[i];
-        m += a.one_minus_beta1 * (g - m);
-        const float v = a.v[i] * a.beta2 + a.one_minus_beta2 * g * g;
-        const float denom = sqrtf(v) / a.bc2_sqrt + a.eps;
-        p += -a.step_size * (m / denom);
-        a.m[i] = m;
-        a.v[i] = v;
-        a.param[i] = p;
-        if (a.param_bf16) a.param_bf16[i] = float_to_bf16(p);
-    }
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += (int64_t)gridDim.x * blockDim.x)
+        adam_element(a.param, a.m, a.v, a.param_bf16, i, a.grad[i] * scale, a.step_size, a.bc2_sqrt,
+                     a.one_minus_beta1, a.beta2, a.one_minus_beta2, a.eps, a.weight_decay, a.decay, a.decoupled);
 }
 STRATA_EMU_ENTRY(adam_step, AdamParams)
+
+// Multi-tensor Adam / AdamW: every parameter of a model in one launch, each a separate buffer
+// listed in a device table (blockIdx.y = the tensor, blocks stride over its elements), the
+// gradient optionally zeroed as it is consumed (the next step's accumulation starts from 0 without
+// another pass).
+struct AdamTensor {
+    float* param;
+    float* grad;
+    float* m;
+    float* v;
+    bf16* param_bf16;  // or null
+    int64_t n;
+};
+
+struct AdamMultiParams {
+    const AdamTensor* tensors;
+    int count, zero_grad;
+    const float* grad_scale;
+    float step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay;
+    int decoupled;
+};
+
+extern "C" __global__ void adam_step_multi(const AdamMultiParams a) {
+    const AdamTensor t = a.tensors[blockIdx.y];
+    const float scale = a.grad_scale ? a.grad_scale[0] : 1.0f;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.n; i += (int64_t)gridDim.x * blockDim.x) {
+        adam_element(t.param, t.m, t.v, t.param_bf16, i, t.grad[i] * scale, a.step_size, a.bc2_sqrt,
+                     a.one_minus_beta1, a.beta2, a.one_minus_beta2, a.eps, a.weight_decay, a.decay, a.decoupled);
+        if (a.zero_grad) t.grad[i] = 0.0f;
+    }
+}
+STRATA_EMU_ENTRY(adam_step_multi, AdamMultiParams)
 
 struct SumSquaresParams {
     const float* x;

@@ -6,12 +6,12 @@ use crate::error::{Error, Result};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::kernels::{
-    ActivationParams, AdamParams, AddRowsParams, CastParams, ClipCoefParams, ClsAttnParams,
-    ColSumParams, CrossEntropyParams, CtcParams, DropoutParams, HConvBwdParams, HConvFwdParams,
-    HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams, LayerNormReduceParams,
-    LayerNormRowsParams, LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams,
-    LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams, SumSquaresParams,
-    WidenParams,
+    ActivationParams, AdamMultiParams, AdamParams, AdamTensor, AddRowsParams, CastParams,
+    ClipCoefParams, ClsAttnParams, ColSumParams, CrossEntropyParams, CtcParams, DropoutParams,
+    HConvBwdParams, HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams,
+    LayerNormReduceParams, LayerNormRowsParams, LayerSumBwdParams, LayerSumFwdParams,
+    LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams,
+    SumSquaresParams, WidenParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -289,10 +289,7 @@ pub fn adam_step(
     if let Some(s) = grad_scale {
         need(be, K, "grad_scale", s, 1)?;
     }
-    if step == 0 {
-        return Err(Error::Config("adam_step: steps count from 1".into()));
-    }
-    let t = step as f64;
+    let (step_size, bc2_sqrt, weight_decay, decay) = adam_scalars(cfg, step)?;
     let p = AdamParams {
         param: be.ptr(param),
         grad: be.ptr(grad),
@@ -301,22 +298,14 @@ pub fn adam_step(
         param_bf16: param_bf16.map_or(0, |b| be.ptr(b)),
         grad_scale: grad_scale.map_or(0, |b| be.ptr(b)),
         n: n as i64,
-        step_size: (cfg.lr / (1.0 - cfg.beta1.powf(t))) as f32,
-        bc2_sqrt: (1.0 - cfg.beta2.powf(t)).sqrt() as f32,
+        step_size,
+        bc2_sqrt,
         one_minus_beta1: (1.0 - cfg.beta1) as f32,
         beta2: cfg.beta2 as f32,
         one_minus_beta2: (1.0 - cfg.beta2) as f32,
         eps: cfg.eps as f32,
-        weight_decay: if cfg.decoupled {
-            0.0
-        } else {
-            cfg.weight_decay as f32
-        },
-        decay: if cfg.decoupled {
-            (1.0 - cfg.lr * cfg.weight_decay) as f32
-        } else {
-            1.0
-        },
+        weight_decay,
+        decay,
         decoupled: cfg.decoupled as i32,
     };
     let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
@@ -1650,4 +1639,122 @@ fn activation(
         be.launch(k, (elementwise_blocks(n), 1, 1), (256, 1, 1), 0, &p)?;
     }
     Ok(y)
+}
+
+/// Adam's per-step scalars as the CPU optimizer computes them (f64, rounded to f32):
+/// (step_size, sqrt(1 - beta2^t), weight decay as L2, decoupled decay factor).
+fn adam_scalars(cfg: &AdamConfig, step: u64) -> Result<(f32, f32, f32, f32)> {
+    if step == 0 {
+        return Err(Error::Config("adam_step: steps count from 1".into()));
+    }
+    let t = step as f64;
+    Ok((
+        (cfg.lr / (1.0 - cfg.beta1.powf(t))) as f32,
+        (1.0 - cfg.beta2.powf(t)).sqrt() as f32,
+        if cfg.decoupled {
+            0.0
+        } else {
+            cfg.weight_decay as f32
+        },
+        if cfg.decoupled {
+            (1.0 - cfg.lr * cfg.weight_decay) as f32
+        } else {
+            1.0
+        },
+    ))
+}
+
+/// The table of parameter buffers one [`adam_step_multi`] launch updates: (param, grad, exp_avg,
+/// exp_avg_sq, optional bf16 copy) per tensor, checked and uploaded once. The table holds the
+/// buffers' addresses: they must outlive it and not be replaced.
+pub struct AdamTensors {
+    table: Buf<AdamTensor>,
+    count: usize,
+    max_len: usize,
+}
+
+/// One tensor for [`AdamTensors::new`]: (param, grad, exp_avg, exp_avg_sq, bf16 copy).
+pub type AdamBufs<'a> = (
+    &'a Buf<f32>,
+    &'a Buf<f32>,
+    &'a Buf<f32>,
+    &'a Buf<f32>,
+    Option<&'a Buf<bf16>>,
+);
+
+impl AdamTensors {
+    pub fn new(be: &Backend, tensors: &[AdamBufs]) -> Result<Self> {
+        const K: &str = "adam_step_multi";
+        if tensors.is_empty() || tensors.len() > 65535 {
+            return Err(Error::Config(format!(
+                "{K}: 1 to 65535 tensors, got {}",
+                tensors.len()
+            )));
+        }
+        let mut rows = Vec::with_capacity(tensors.len());
+        for (i, &(p, g, m, v, copy)) in tensors.iter().enumerate() {
+            let n = p.len();
+            let what = |w: &str| format!("tensor {i} {w}");
+            need(be, K, &what("param"), p, n)?;
+            need(be, K, &what("grad"), g, n)?;
+            need(be, K, &what("exp_avg"), m, n)?;
+            need(be, K, &what("exp_avg_sq"), v, n)?;
+            if let Some(c) = copy {
+                need(be, K, &what("bf16 copy"), c, n)?;
+            }
+            rows.push(AdamTensor {
+                param: be.ptr(p),
+                grad: be.ptr(g),
+                m: be.ptr(m),
+                v: be.ptr(v),
+                param_bf16: copy.map_or(0, |c| be.ptr(c)),
+                n: n as i64,
+            });
+        }
+        Ok(AdamTensors {
+            table: be.upload(&rows)?,
+            count: rows.len(),
+            max_len: tensors.iter().map(|t| t.0.len()).max().unwrap_or(0),
+        })
+    }
+}
+
+/// Adam / AdamW step `step` of every tensor in `tensors` in ONE launch, as [`adam_step`] per
+/// tensor (bit for bit); `zero_grad` clears each gradient as it is consumed.
+pub fn adam_step_multi(
+    be: &Backend,
+    cfg: &AdamConfig,
+    step: u64,
+    tensors: &AdamTensors,
+    grad_scale: Option<&Buf<f32>>,
+    zero_grad: bool,
+) -> Result<()> {
+    const K: &str = "adam_step_multi";
+    if !tensors.table.is_on(be) {
+        return Err(Error::Config(format!(
+            "{K}: the tensor table belongs to another backend than {}",
+            be.name()
+        )));
+    }
+    if let Some(s) = grad_scale {
+        need(be, K, "grad_scale", s, 1)?;
+    }
+    let (step_size, bc2_sqrt, weight_decay, decay) = adam_scalars(cfg, step)?;
+    let p = AdamMultiParams {
+        tensors: be.ptr(&tensors.table),
+        count: tensors.count as i32,
+        zero_grad: zero_grad as i32,
+        grad_scale: grad_scale.map_or(0, |b| be.ptr(b)),
+        step_size,
+        bc2_sqrt,
+        one_minus_beta1: (1.0 - cfg.beta1) as f32,
+        beta2: cfg.beta2 as f32,
+        one_minus_beta2: (1.0 - cfg.beta2) as f32,
+        eps: cfg.eps as f32,
+        weight_decay,
+        decay,
+        decoupled: cfg.decoupled as i32,
+    };
+    let blocks = tensors.max_len.div_ceil(256).clamp(1, 4096) as u32;
+    be.launch(K, (blocks, tensors.count as u32, 1), (256, 1, 1), 0, &p)
 }

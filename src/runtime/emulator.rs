@@ -36,6 +36,7 @@ entries!(
     strata_emu_layer_sum_backward,
     strata_emu_layer_sum_reduce,
     strata_emu_adam_step,
+    strata_emu_adam_step_multi,
     strata_emu_sum_squares_partial,
     strata_emu_clip_coefficient,
     strata_emu_hconv_conv_forward,

@@ -24,7 +24,12 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         file: "adamw.cu",
         source: include_str!("../../kernels/adamw.cu"),
-        kernels: &["adam_step", "sum_squares_partial", "clip_coefficient"],
+        kernels: &[
+            "adam_step",
+            "adam_step_multi",
+            "sum_squares_partial",
+            "clip_coefficient",
+        ],
     },
     KernelFile {
         file: "hconv.cu",
@@ -154,6 +159,13 @@ params! {
         step_size: f32, bc2_sqrt: f32, one_minus_beta1: f32, beta2: f32, one_minus_beta2: f32, eps: f32,
         weight_decay: f32, decay: f32, decoupled: i32,
     }
+    AdamMultiParams {
+        tensors: u64, count: i32, zero_grad: i32, grad_scale: u64, step_size: f32, bc2_sqrt: f32,
+        one_minus_beta1: f32, beta2: f32, one_minus_beta2: f32, eps: f32, weight_decay: f32, decay: f32,
+        decoupled: i32,
+    }
+    // One row of adam_step_multi's tensor table (device memory, not a launch parameter).
+    AdamTensor { param: u64, grad: u64, m: u64, v: u64, param_bf16: u64, n: i64 }
     SumSquaresParams { x: u64, partial: u64, n: i64 }
     ClipCoefParams { partial: u64, parts: i32, max_norm: f32, norm: u64, coef: u64 }
     SelftestParams { input: u64, out: u64, n: i32 }

@@ -79,14 +79,15 @@ impl Layout {
 
 /// One parameter on the device: master, bf16 copy, gradient and Adam moments, in the kernel
 /// layout.
+/// (The buffers are private: the optimizer's tensor table holds their addresses.)
 pub struct DeviceParam {
     pub name: String,
     /// Its index in the CPU pair's store (and optimizer state).
     store_index: usize,
     layout: Layout,
-    pub master: Buf<f32>,
-    pub copy: Buf<bf16>,
-    pub grad: Buf<f32>,
+    master: Buf<f32>,
+    copy: Buf<bf16>,
+    grad: Buf<f32>,
     m: Buf<f32>,
     v: Buf<f32>,
 }
@@ -194,6 +195,8 @@ enum HeadSaved {
 pub struct DevicePair {
     pub name: String,
     params: Vec<DeviceParam>,
+    /// Every parameter's buffers for the one-launch AdamW.
+    adam: device::AdamTensors,
     interface: DeviceInterface,
     head: HeadKind,
     head_proj: Lin,
@@ -415,9 +418,17 @@ impl DevicePair {
         };
         let head_proj = lin(&mut add, "head.proj", d_feat, hidden)?;
         let head_out = lin(&mut add, "head.out", hidden, outs)?;
+        let adam = device::AdamTensors::new(
+            be,
+            &params
+                .iter()
+                .map(|p| (&p.master, &p.grad, &p.m, &p.v, Some(&p.copy)))
+                .collect::<Vec<_>>(),
+        )?;
         Ok(DevicePair {
             name: pair.name.clone(),
             params,
+            adam,
             interface,
             head: kind,
             head_proj,
@@ -1011,7 +1022,7 @@ impl DevicePair {
     }
 
     /// Clips the accumulated gradients, takes one AdamW / Adam step at learning rate `lr`
-    /// (refreshing the bf16 copies) and clears the gradients.
+    /// (refreshing the bf16 copies, clearing the gradients) in one launch.
     pub fn apply(&mut self, be: &Backend, lr: f64) -> Result<()> {
         let scale = match self.clip {
             Some(max_norm) => {
@@ -1025,23 +1036,8 @@ impl DevicePair {
             lr,
             ..self.optimizer
         };
-        for p in &self.params {
-            device::adam_step(
-                be,
-                &cfg,
-                self.steps,
-                &p.master,
-                &p.grad,
-                &p.m,
-                &p.v,
-                Some(&p.copy),
-                scale.as_ref(),
-            )?;
-        }
-        for p in self.params.iter_mut() {
-            p.grad = be.zeros::<f32>(p.grad.len())?;
-        }
-        Ok(())
+        // One launch for every parameter; each gradient is zeroed as it is consumed.
+        device::adam_step_multi(be, &cfg, self.steps, &self.adam, scale.as_ref(), true)
     }
 
     /// One optimizer step on a packed batch (`stack` f32 [frames, L, D] on the host, sent up as
