@@ -418,6 +418,18 @@ impl DevicePair {
         };
         let head_proj = lin(&mut add, "head.proj", d_feat, hidden)?;
         let head_out = lin(&mut add, "head.out", hidden, outs)?;
+        if params.len() != pair.store.len() {
+            let known: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+            let missing: Vec<&str> = pair
+                .store
+                .iter()
+                .map(|q| q.name.as_str())
+                .filter(|n| !known.contains(n))
+                .collect();
+            return Err(refuse(format!(
+                "the device step does not train {missing:?}; use --device cpu"
+            )));
+        }
         let adam = device::AdamTensors::new(
             be,
             &params
