@@ -406,17 +406,43 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
         losses(&resumed),
         "a resumed device run logs exactly the uninterrupted device run's losses"
     );
-    let (rate, hyps) = strata::train::run::evaluate_checkpoint(
-        &src,
-        &dev.join("groupws/latest"),
-        &cfg(&dev, 6, false, TrainDevice::Cpu).interfaces[2].1,
-        Task::Units,
-        &vocab,
-        load("dev"),
-        16000 * 2,
-        OnBad::Fail,
-    )
-    .unwrap();
-    assert!(rate.is_finite() && hyps.len() == 4);
+    // The latest checkpoints decoded on the emulated device reproduce the dev rates the run
+    // logged at its last step; on the CPU they decode too.
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(dev.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["step"] == 6 && v.get("dev_error_rate").is_some())
+        .collect();
+    assert_eq!(logged.len(), 3);
+    for (i, (name, itf)) in cfg(&dev, 6, false, TrainDevice::Cpu)
+        .interfaces
+        .iter()
+        .enumerate()
+    {
+        let eval = |device| {
+            strata::train::run::evaluate_checkpoint(
+                &src,
+                &dev.join(name).join("latest"),
+                itf,
+                Task::Units,
+                &vocab,
+                load("dev"),
+                16000 * 2,
+                OnBad::Fail,
+                device,
+            )
+            .unwrap()
+        };
+        let (rate, hyps) = eval(TrainDevice::Emulator);
+        assert_eq!(hyps.len(), 4);
+        assert_eq!(logged[i]["pair"], name.as_str());
+        assert_eq!(
+            rate,
+            logged[i]["dev_error_rate"].as_f64().unwrap(),
+            "{name}: device eval of the checkpoint = the logged dev rate"
+        );
+        assert!(eval(TrainDevice::Cpu).0.is_finite());
+    }
     std::fs::remove_dir_all(&root).ok();
 }

@@ -534,7 +534,8 @@ pub struct Hypothesis {
 }
 
 /// Decodes `data` with the pair saved in `checkpoint_dir` (an `OUT/<pair>/{best,latest}` folder)
-/// for interface `itf`; returns the error rate (PER / CER, or 1 - accuracy) and every hypothesis.
+/// for interface `itf`, on `device` (the device step's decoding reproduces the dev rates a device
+/// run logged); returns the error rate (PER / CER, or 1 - accuracy) and every hypothesis.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_checkpoint(
     source: &StackSource,
@@ -545,6 +546,7 @@ pub fn evaluate_checkpoint(
     mut data: Dataset,
     batch_samples: usize,
     on_bad: OnBad,
+    device: TrainDevice,
 ) -> Result<(f64, Vec<Hypothesis>)> {
     let labels = vocab.encode_all(&mut data, on_bad)?;
     let mut pair = Pair::new(
@@ -556,12 +558,17 @@ pub fn evaluate_checkpoint(
         0,
     )?;
     checkpoint::load(checkpoint_dir, &mut pair.store, &mut pair.optimizer)?;
+    let (backend, on_device) = device_pairs(device, std::slice::from_ref(&pair))?;
     let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
     let mut rate = ErrorRate::default();
     let mut out = Vec::new();
     for b in length_buckets(&samples, batch_samples, None) {
         let (stack, batch) = source.stack(&data, &b)?;
-        for (hyp, &i) in pair.decode(&stack, &batch)?.iter().zip(&b) {
+        let hyps = match (&backend, &on_device[0]) {
+            (Some(be), Some(d)) => d.decode_on(be, &upload_stack(be, &stack)?, &batch)?,
+            _ => pair.decode(&stack, &batch)?,
+        };
+        for (hyp, &i) in hyps.iter().zip(&b) {
             rate.add(hyp, &labels[i]);
             let u = &data.utterances[i];
             out.push(Hypothesis {

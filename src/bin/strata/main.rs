@@ -14,6 +14,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
        strata eval --model DIR --run OUT --pair NAME --data DATA [--which best|latest] [--hyp FILE]
                    [--task units|chars|classify] [--normalize auto|on|off] [--skip-bad]
+                   [--device auto|cpu|cuda|emulator]
 
   demo   makes a deterministic speech-like corpus in memory (16 phone-like units with transcripts),
          runs a tiny random-init HuBERT-shaped upstream (13 states x 64 dims) over it once, trains the

@@ -319,17 +319,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
             "train needs --model DIR (or --features DIR with extracted features)\n\n{USAGE}"
         ));
     }
-    let device = match t.device.as_str() {
-        "cpu" => TrainDevice::Cpu,
-        "auto" => TrainDevice::Auto,
-        "cuda" => TrainDevice::Cuda,
-        "emulator" => TrainDevice::Emulator,
-        other => {
-            return Err(format!(
-                "unknown --device '{other}': use auto, cpu, cuda or emulator (the GPU kernels on the CPU, slow; for testing)"
-            ))
-        }
-    };
+    let device = parse_device(&t.device)?;
     let upstream = match &t.model {
         Some(m) => Some(Upstream::load(m).map_err(|e| e.to_string())?),
         None => None,
@@ -446,10 +436,26 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `--device auto|cpu|cuda|emulator`.
+fn parse_device(name: &str) -> Result<TrainDevice, String> {
+    Ok(match name {
+        "cpu" => TrainDevice::Cpu,
+        "auto" => TrainDevice::Auto,
+        "cuda" => TrainDevice::Cuda,
+        "emulator" => TrainDevice::Emulator,
+        other => {
+            return Err(format!(
+                "unknown --device '{other}': use auto, cpu, cuda or emulator (the GPU kernels on the CPU, slow; for testing)"
+            ))
+        }
+    })
+}
+
 pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     let (mut model, mut run, mut pair, mut data, mut hyp) = (None, None, None, None, None);
     let (mut task, mut which, mut on_bad, mut normalize) =
         (None, "best".to_string(), OnBad::Fail, None);
+    let mut device = TrainDevice::Auto;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -472,6 +478,7 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
             "--task" => task = Some(parse_task(&value()?)?),
             "--normalize" => normalize = parse_normalize(&value()?)?,
             "--skip-bad" => on_bad = OnBad::Skip,
+            "--device" => device = parse_device(&value()?)?,
             other => return Err(format!("unknown option '{other}' for eval\n\n{USAGE}")),
         }
     }
@@ -518,6 +525,7 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         ds,
         60 * 16000,
         on_bad,
+        device,
     )
     .map_err(|e| e.to_string())?;
     let hyp = hyp.unwrap_or_else(|| run.join(&pair).join(format!("hyp-{which}.tsv")));
