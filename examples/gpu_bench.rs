@@ -327,5 +327,52 @@ fn main() {
             n * (4 * 4 + 3 * 4 + 2)
         );
     }
+    // Multi-tensor AdamW over the tensors of an HConv (Base) + PR-head pair, as the device step
+    // runs it: one launch over the table of buffers.
+    {
+        use strata::models::interface::InterfaceConfig;
+        use strata::train::side_by_side::{HeadKind, Pair};
+        let pair = Pair::new(
+            "hconv",
+            &InterfaceConfig::hconv(13, 768),
+            HeadKind::Ctc { vocab: 71 },
+            AdamConfig::adamw(1e-3),
+            None,
+            0,
+        )
+        .unwrap();
+        let sizes: Vec<usize> = pair.store.iter().map(|q| q.value.numel()).collect();
+        let n: usize = sizes.iter().sum();
+        let bufs: Vec<_> = sizes
+            .iter()
+            .map(|&k| {
+                (
+                    be.upload(&vec![0.1f32; k]).unwrap(),
+                    be.upload(&vec![0.01f32; k]).unwrap(),
+                    be.zeros::<f32>(k).unwrap(),
+                    be.zeros::<f32>(k).unwrap(),
+                    be.zeros::<bf16>(k).unwrap(),
+                )
+            })
+            .collect();
+        let table = device::AdamTensors::new(
+            &be,
+            &bufs
+                .iter()
+                .map(|(p, g, m, v, c)| (p, g, m, v, Some(c)))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let cfg = AdamConfig::adamw(1e-3);
+        let mut step = 0;
+        let t = time_ms(&be, &mut flush, || {
+            step += 1;
+            device::adam_step_multi(&be, &cfg, step, &table, None, false).unwrap();
+        });
+        println!(
+            "{{\"name\": \"adamw_multi_hconv_base\", \"ms\": {t:.4}, \"bytes\": {}}}",
+            n * (4 * 4 + 3 * 4 + 2)
+        );
+    }
     be.synchronize().unwrap();
 }

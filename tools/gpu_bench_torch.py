@@ -143,6 +143,16 @@ def main():
         print(json.dumps({"name": name, "ms": time_ms(step)}))
         del m, head, params, opt
     del stacked
+    # Fused AdamW over the tensors of an HConv (Base) + PR-head pair (strata: adam_step_multi).
+    m = HConv(13, 768).to(dev)
+    d_out = m(torch.zeros(13, 1, 2, 768, device=dev)).shape[-1]
+    head = torch.nn.Sequential(torch.nn.Linear(d_out, 256), torch.nn.Linear(256, V)).to(dev)
+    params = list(m.parameters()) + list(head.parameters())
+    for p in params:
+        p.grad = torch.full_like(p, 0.01)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    print(json.dumps({"name": "adamw_multi_hconv_base", "ms": time_ms(opt.step)}))
+    del m, head, params, opt
     for n in (4_424_832 + 768 * 256 + 256 * 43, 100_000_000):
         p = torch.nn.Parameter(torch.full((n,), 0.1, device=dev))
         p.grad = torch.full((n,), 0.01, device=dev)
