@@ -220,77 +220,53 @@ fn main() {
             3 * rows * classes * 4
         );
     }
-    // A whole HConv + PR-head training step on a bf16 stack already on the GPU (forward, CTC,
-    // backward, clip, AdamW; the loss comes back to the host): 32 utterances x 500 frames.
-    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
-        use strata::models::interface::InterfaceConfig;
-        use strata::train::side_by_side::{HeadKind, Pair};
-        let (utts, t, v, u) = (32usize, 500usize, 71usize, 120usize);
-        let n = utts * t;
-        let pair = Pair::new(
-            "hconv",
-            &InterfaceConfig::hconv(l, d),
-            HeadKind::Ctc { vocab: v },
-            AdamConfig::adamw(1e-3),
-            Some(1.0),
-            0,
-        )
-        .unwrap();
-        let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
-        let x: Vec<bf16> = (0..n * l * d)
-            .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
-            .collect();
-        let x0 = be.upload(&x).unwrap();
-        let batch = strata::PackedBatch::from_lengths(&vec![t; utts]).unwrap();
-        let targets: Vec<Vec<usize>> = (0..utts)
-            .map(|i| (0..u).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
-            .collect();
-        let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
-        let (macs, dx_macs) = hconv_macs(&plan);
-        let head_macs = plan.output_dim() * 256 + 256 * v;
-        let flops = 2 * n * (2 * macs + dx_macs + 3 * head_macs);
-        let ms = time_ms(&be, &mut flush, || {
-            dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
-        });
-        println!("{{\"name\": \"step_{name}\", \"ms\": {ms:.4}, \"flops\": {flops}}}");
-    }
-    // The same step (HuBERT-Base stack, 32 x 500 frames) for WS and CLS pooling (8 heads, FFN
-    // 3072, GELU: `--interfaces cls`). WS is bandwidth-bound: bytes = the stack read forward and
-    // backward. CLS: flops of its GEMMs (K, V over every layer token; out_proj, FFN, head),
-    // 6 x rows x in x out each for forward + both backward products.
+    // A whole interface + PR-head training step on a bf16 stack already on the GPU (forward, CTC,
+    // backward, clip, AdamW; the loss comes back to the host): 32 utterances x 500 frames. HConv
+    // on the Base and Large stacks; WS and CLS pooling (8 heads, FFN 3072, GELU: `--interfaces
+    // cls`) on Base. HConv and CLS report the flops of their GEMMs (CLS: K, V over every layer
+    // token, out_proj, FFN, head; 6 x rows x in x out each for forward + both backward products);
+    // WS is bandwidth-bound: bytes = the stack read forward and backward.
     {
         use strata::models::interface::{ClsActivation, InterfaceConfig, InterfaceKind};
         use strata::train::side_by_side::{HeadKind, Pair};
-        let (l, d, utts, t, v, u) = (13usize, 768usize, 32usize, 500usize, 71usize, 120usize);
+        let (utts, t, v, u) = (32usize, 500usize, 71usize, 120usize);
         let n = utts * t;
-        let x: Vec<bf16> = (0..n * l * d)
-            .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
-            .collect();
-        let x0 = be.upload(&x).unwrap();
         let batch = strata::PackedBatch::from_lengths(&vec![t; utts]).unwrap();
         let targets: Vec<Vec<usize>> = (0..utts)
             .map(|i| (0..u).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
             .collect();
-        let head = 6 * n * (d * 256 + 256 * v);
-        for (name, kind, metric) in [
+        let head_macs = |d_feat: usize| d_feat * 256 + 256 * v;
+        let hconv = |l: usize, d: usize| {
+            let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
+            let (macs, dx_macs) = hconv_macs(&plan);
+            let flops = 2 * n * (2 * macs + dx_macs + 3 * head_macs(plan.output_dim()));
+            (
+                InterfaceKind::HConv {
+                    kernel: 5,
+                    stride: 3,
+                },
+                ("flops", flops),
+            )
+        };
+        let (l, d) = (13usize, 768usize);
+        let cls = InterfaceKind::ClsPool {
+            heads: 8,
+            ffn_dim: 4 * d,
+            activation: ClsActivation::Gelu,
+        };
+        let cls_flops = 6 * (2 * n * l * d * d + n * d * d + 2 * n * d * 4 * d + n * head_macs(d));
+        let rows = [
+            ("step_base", 13usize, 768usize, hconv(13, 768)),
+            ("step_large", 25, 1024, hconv(25, 1024)),
             (
                 "step_ws_base",
-                InterfaceKind::WeightedSum,
-                ("bytes", 2 * n * l * d * 2),
+                l,
+                d,
+                (InterfaceKind::WeightedSum, ("bytes", 2 * n * l * d * 2)),
             ),
-            (
-                "step_cls_base",
-                InterfaceKind::ClsPool {
-                    heads: 8,
-                    ffn_dim: 4 * d,
-                    activation: ClsActivation::Gelu,
-                },
-                (
-                    "flops",
-                    6 * (2 * n * l * d * d + n * d * d + 2 * n * d * 4 * d) + head,
-                ),
-            ),
-        ] {
+            ("step_cls_base", l, d, (cls, ("flops", cls_flops))),
+        ];
+        for (name, l, d, (kind, (metric, amount))) in rows {
             let pair = Pair::new(
                 name,
                 &InterfaceConfig::new(l, d, kind),
@@ -301,13 +277,14 @@ fn main() {
             )
             .unwrap();
             let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
+            let x: Vec<bf16> = (0..n * l * d)
+                .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
+                .collect();
+            let x0 = be.upload(&x).unwrap();
             let ms = time_ms(&be, &mut flush, || {
                 dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
             });
-            println!(
-                "{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"{}\": {}}}",
-                metric.0, metric.1
-            );
+            println!("{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"{metric}\": {amount}}}");
         }
     }
     for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {

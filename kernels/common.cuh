@@ -247,6 +247,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Mean and 1 / sqrt(biased variance + eps) of a bf16 row of n values, two passes in fp32, by one
+// warp (every lane gets both): the no-affine LayerNorm statistics of s3prl's `normalize`.
+__device__ __forceinline__ void warp_row_stats_bf16(const bf16* row, int n, float eps, float* mean, float* rstd) {
+    const int lane = threadIdx.x & 31;
+    float s = 0.0f;
+    for (int i = lane; i < n; i += 32) s += bf16_to_float(row[i]);
+    const float m = warp_sum(s) / (float)n;
+    float q = 0.0f;
+    for (int i = lane; i < n; i += 32) {
+        const float c = bf16_to_float(row[i]) - m;
+        q += c * c;
+    }
+    *mean = m;
+    *rstd = 1.0f / sqrtf(warp_sum(q) / (float)n + eps);
+}
+
 // Max over the block, returned to every thread (same contract as block_sum).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31;

@@ -76,21 +76,13 @@ extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
     const bool vec8 = (a.D & 7) == 0;
     if (a.normalize) {
         for (int j = warp; j < a.k; j += warps) {
-            const bf16* row = frame + (int64_t)(a.first + j) * a.D;
-            float s = 0.0f;
-            for (int d = lane; d < a.D; d += 32) s += bf16_to_float(row[d]);
-            const float m = warp_sum(s) / (float)a.D;
-            float q = 0.0f;
-            for (int d = lane; d < a.D; d += 32) {
-                const float c = bf16_to_float(row[d]) - m;
-                q += c * c;
-            }
-            const float var = warp_sum(q) / (float)a.D;
+            float m, r;
+            warp_row_stats_bf16(frame + (int64_t)(a.first + j) * a.D, a.D, 1e-5f, &m, &r);
             if (lane == 0) {
                 mu[j] = m;
-                rs[j] = 1.0f / sqrtf(var + 1e-5f);
+                rs[j] = r;
                 a.mean[(int64_t)f * a.k + j] = m;
-                a.rstd[(int64_t)f * a.k + j] = rs[j];
+                a.rstd[(int64_t)f * a.k + j] = r;
             }
         }
         __syncthreads();

@@ -126,15 +126,8 @@ extern "C" __global__ void layernorm_rows_bf16(const LayerNormRowsParams p) {
     if (row >= p.rows) return;  // whole warps leave: no block barrier below
     const bf16* x = p.x + row * p.d;
     bf16* y = p.y + row * p.d;
-    float s = 0.0f;
-    for (int i = lane; i < p.d; i += 32) s += bf16_to_float(x[i]);
-    const float m = warp_sum(s) / (float)p.d;
-    float v = 0.0f;
-    for (int i = lane; i < p.d; i += 32) {
-        const float c = bf16_to_float(x[i]) - m;
-        v += c * c;
-    }
-    const float rs = 1.0f / sqrtf(warp_sum(v) / (float)p.d + p.eps);
+    float m, rs;
+    warp_row_stats_bf16(x, p.d, p.eps, &m, &rs);
     for (int i = lane; i < p.d; i += 32) y[i] = float_to_bf16((bf16_to_float(x[i]) - m) * rs);
 }
 STRATA_EMU_ENTRY(layernorm_rows_bf16, LayerNormRowsParams)

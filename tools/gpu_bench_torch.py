@@ -93,10 +93,20 @@ def main():
         loss.item()
 
     print(json.dumps({"name": "cross_entropy_4096x1251", "ms": time_ms(ce)}))
-    # A whole HConv + PR-head training step (bf16 autocast, CTC in fp32, clip, fused AdamW) on a
-    # bf16 stack already on the GPU: 32 utterances x 500 frames, 71 symbols, 120 labels each.
-    for name, L, D in (("base", 13, 768), ("large", 25, 1024)):
-        m = HConv(L, D).to(dev)
+    # A whole interface + PR-head training step (bf16 autocast, CTC in fp32, clip, fused AdamW)
+    # on a bf16 stack already on the GPU: 32 utterances x 500 frames, 71 symbols, 120 labels each.
+    # HConv on the Base and Large stacks; WS and CLS pooling (8 heads, FFN 3072, GELU) on Base.
+    # PyTorch's CLS pooling is the official form: the whole TransformerEncoderLayer over the L+1
+    # tokens, output token 0 (strata computes only the CLS query's row: exactly equal, less work).
+    from gen_fixtures import WeightedSum, ClsPool
+    steps = (
+        ("step_base", 13, 768, lambda L, D: HConv(L, D)),
+        ("step_large", 25, 1024, lambda L, D: HConv(L, D)),
+        ("step_ws_base", 13, 768, lambda L, D: WeightedSum(L, D, False)),
+        ("step_cls_base", 13, 768, lambda L, D: ClsPool(L, D, 8, 4 * D, "gelu")),
+    )
+    for name, L, D, make in steps:
+        m = make(L, D).to(dev)
         stacked = torch.randn(L, 1, N * T, D, device=dev).to(torch.bfloat16)
         with torch.no_grad():
             d_out = m(stacked.float()[:, :, :2]).shape[-1]
@@ -115,34 +125,8 @@ def main():
             opt.step()
             loss.item()
 
-        print(json.dumps({"name": f"step_{name}", "ms": time_ms(step)}))
-        del m, stacked, head, params, opt
-    # The same step for WS and CLS pooling (8 heads, FFN 3072, GELU) on the Base stack. PyTorch's
-    # CLS pooling is the official form: the whole TransformerEncoderLayer over the L+1 tokens,
-    # output token 0 (strata computes only the CLS query's row: exactly equal, less work).
-    from gen_fixtures import WeightedSum, ClsPool
-    L, D = 13, 768
-    stacked = torch.randn(L, 1, N * T, D, device=dev).to(torch.bfloat16)
-    for name, m in (("step_ws_base", WeightedSum(L, D, False)), ("step_cls_base", ClsPool(L, D, 8, 4 * D, "gelu"))):
-        m = m.to(dev)
-        head = torch.nn.Sequential(torch.nn.Linear(D, 256), torch.nn.Linear(256, V)).to(dev)
-        params = list(m.parameters()) + list(head.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = head(m(stacked))
-            lp = logits.float().log_softmax(-1).view(N, T, V).transpose(0, 1)
-            loss = F.ctc_loss(lp, targets, il, tl, reduction="mean", zero_infinity=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            loss.item()
-
         print(json.dumps({"name": name, "ms": time_ms(step)}))
-        del m, head, params, opt
-    del stacked
+        del m, stacked, head, params, opt
     # Fused AdamW over the tensors of an HConv (Base) + PR-head pair (strata: adam_step_multi).
     m = HConv(13, 768).to(dev)
     d_out = m(torch.zeros(13, 1, 2, 768, device=dev)).shape[-1]

@@ -1191,45 +1191,47 @@ pub fn cast_to_bf16(be: &Backend, x: &Buf<f32>) -> Result<Buf<bf16>> {
 
 /// bf16(scale * x): a gradient scaled on its way into a bf16 backward (1 / micro-batches).
 pub fn cast_to_bf16_scaled(be: &Backend, x: &Buf<f32>, scale: f32) -> Result<Buf<bf16>> {
-    if !x.is_on(be) {
-        return Err(Error::Device(
-            "cast_f32_to_bf16: x is on another backend".into(),
-        ));
-    }
+    const K: &str = "cast_f32_to_bf16";
     let n = x.len();
+    need(be, K, "x", x, n)?;
     let y = be.zeros::<bf16>(n)?;
-    if n > 0 {
-        let p = CastParams {
-            x: be.ptr(x),
-            y: be.ptr(&y),
-            n: n as i64,
-            scale,
-        };
-        let blocks = n.div_ceil(256).min(65535) as u32;
-        be.launch("cast_f32_to_bf16", (blocks, 1, 1), (256, 1, 1), 0, &p)?;
-    }
+    let p = CastParams {
+        x: be.ptr(x),
+        y: be.ptr(&y),
+        n: n as i64,
+        scale,
+    };
+    launch_elementwise(be, K, n, &p)?;
     Ok(y)
 }
 
 /// bf16 -> fp32 on the device (exact).
 pub fn cast_to_f32(be: &Backend, x: &Buf<bf16>) -> Result<Buf<f32>> {
-    if !x.is_on(be) {
-        return Err(Error::Device(
-            "cast_bf16_to_f32: x is on another backend".into(),
-        ));
-    }
+    const K: &str = "cast_bf16_to_f32";
     let n = x.len();
+    need(be, K, "x", x, n)?;
     let y = be.zeros::<f32>(n)?;
-    if n > 0 {
-        let p = WidenParams {
-            x: be.ptr(x),
-            y: be.ptr(&y),
-            n: n as i64,
-        };
-        let blocks = n.div_ceil(256).min(65535) as u32;
-        be.launch("cast_bf16_to_f32", (blocks, 1, 1), (256, 1, 1), 0, &p)?;
-    }
+    let p = WidenParams {
+        x: be.ptr(x),
+        y: be.ptr(&y),
+        n: n as i64,
+    };
+    launch_elementwise(be, K, n, &p)?;
     Ok(y)
+}
+
+/// A grid-stride elementwise kernel over `n` values (256-thread blocks); nothing to do for 0.
+fn launch_elementwise<P: crate::runtime::kernels::KernelParams + cudarc::driver::DeviceRepr>(
+    be: &Backend,
+    kernel: &'static str,
+    n: usize,
+    p: &P,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = n.div_ceil(256).min(65535) as u32;
+    be.launch(kernel, (blocks, 1, 1), (256, 1, 1), 0, p)
 }
 
 /// s3prl's `normalize` of a frozen bf16 stack: every row of `d` values LayerNorm-ed (no affine,
@@ -1544,10 +1546,6 @@ pub fn cls_attention_backward(
     Ok(g)
 }
 
-fn elementwise_blocks(n: usize) -> u32 {
-    n.div_ceil(256).clamp(1, 65535) as u32
-}
-
 /// y [rows, c] = a (+ b) (+ v broadcast over the rows), fp32 (kernels/elementwise.cu).
 pub fn add_rows(
     be: &Backend,
@@ -1575,7 +1573,7 @@ pub fn add_rows(
         rows: rows as i64,
         c: c as i32,
     };
-    be.launch(K, (elementwise_blocks(rows * c), 1, 1), (256, 1, 1), 0, &p)?;
+    launch_elementwise(be, K, rows * c, &p)?;
     Ok(y)
 }
 
@@ -1628,16 +1626,14 @@ fn activation(
         need(be, k, "dy", dy, n)?;
     }
     let y = be.zeros::<f32>(n)?;
-    if n > 0 {
-        let p = ActivationParams {
-            x: be.ptr(x),
-            dy: dy.map_or(0, |d| be.ptr(d)),
-            y: be.ptr(&y),
-            n: n as i64,
-            gelu: gelu as i32,
-        };
-        be.launch(k, (elementwise_blocks(n), 1, 1), (256, 1, 1), 0, &p)?;
-    }
+    let p = ActivationParams {
+        x: be.ptr(x),
+        dy: dy.map_or(0, |d| be.ptr(d)),
+        y: be.ptr(&y),
+        n: n as i64,
+        gelu: gelu as i32,
+    };
+    launch_elementwise(be, k, n, &p)?;
     Ok(y)
 }
 

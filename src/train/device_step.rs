@@ -30,7 +30,7 @@ use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::{Backend, Buf};
 use crate::tensor::Tensor;
-use crate::train::side_by_side::{decode_outputs, Head, HeadKind, Pair};
+use crate::train::side_by_side::{class_labels, decode_outputs, Head, HeadKind, Pair};
 use half::bf16;
 
 /// Whether the device step has been seen to follow the CPU path on a real GPU (scripts/gpu_check.sh,
@@ -237,19 +237,6 @@ pub fn upload_stack(be: &Backend, stack: &Tensor) -> Result<Buf<bf16>> {
         Err(_) => convert(&stack.to_vec()),
     };
     be.upload(&x16)
-}
-
-fn class_labels(targets: &[Vec<usize>]) -> Result<Vec<usize>> {
-    targets
-        .iter()
-        .map(|t| match t.as_slice() {
-            [c] => Ok(*c),
-            other => Err(Error::value(
-                "class label",
-                format!("a classification target is one class id, got {other:?}"),
-            )),
-        })
-        .collect()
 }
 
 /// Puts the CPU pair's parameter `name` (value and Adam moments, in `layout`) on the device;

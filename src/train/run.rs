@@ -147,10 +147,7 @@ fn evaluate(
     let mut rates = vec![ErrorRate::default(); pairs.len()];
     for b in length_buckets(&samples, batch_samples, None) {
         let (stack, batch) = source.stack(dev, &b)?;
-        let x = match backend {
-            Some(be) if on_device.iter().any(Option::is_some) => Some(upload_stack(be, &stack)?),
-            _ => None,
-        };
+        let x = device_stack(backend, on_device, &stack)?;
         for ((p, d), rate) in pairs.iter().zip(on_device).zip(&mut rates) {
             let hyps = match (d, backend, &x) {
                 (Some(d), Some(be), Some(x)) => d.decode_on(be, x, &batch)?,
@@ -162,6 +159,18 @@ fn evaluate(
         }
     }
     Ok(rates.iter().map(ErrorRate::rate).collect())
+}
+
+/// The stack sent up once for every pair that trains on the device (None: no pair does).
+fn device_stack(
+    backend: Option<&Backend>,
+    on_device: &[Option<DevicePair>],
+    stack: &crate::Tensor,
+) -> Result<Option<crate::runtime::Buf<half::bf16>>> {
+    match backend {
+        Some(be) if on_device.iter().any(Option::is_some) => Ok(Some(upload_stack(be, stack)?)),
+        _ => Ok(None),
+    }
 }
 
 /// The backend a run's device asks for (None: the CPU), and each pair's device copy (None: that
@@ -428,12 +437,7 @@ pub fn train(
             let targets: Vec<Vec<usize>> = b.iter().map(|&i| train_labels[i].clone()).collect();
             frames += batch.total_frames();
             let scale = 1.0 / cfg.accum as f32;
-            let x = match &backend {
-                Some(be) if on_device.iter().any(Option::is_some) => {
-                    Some(upload_stack(be, &stack)?)
-                }
-                _ => None,
-            };
+            let x = device_stack(backend.as_ref(), &on_device, &stack)?;
             for ((p, d), sum) in pairs.iter_mut().zip(&mut on_device).zip(&mut sums) {
                 *sum += match (d, &backend, &x) {
                     (Some(d), Some(be), Some(x)) => {

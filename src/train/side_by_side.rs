@@ -114,17 +114,7 @@ impl Pair {
         let loss = match &self.head {
             Head::Pr(_) => tape.ctc_loss(out, batch, targets, Reduction::Mean, true)?,
             Head::Classifier(_) => {
-                let labels = targets
-                    .iter()
-                    .map(|t| match t.as_slice() {
-                        [c] => Ok(*c),
-                        other => Err(Error::value(
-                            "class label",
-                            format!("a classification target is one class id, got {other:?}"),
-                        )),
-                    })
-                    .collect::<Result<Vec<usize>>>()?;
-                tape.cross_entropy(out, &labels, Reduction::Mean)?
+                tape.cross_entropy(out, &class_labels(targets)?, Reduction::Mean)?
             }
         };
         let value = tape.value(loss).item()?;
@@ -195,6 +185,20 @@ impl Pair {
     pub fn interface_params(&self) -> usize {
         self.store.num_scalars_under("interface.")
     }
+}
+
+/// The class id of each utterance from classification targets (one id each).
+pub fn class_labels(targets: &[Vec<usize>]) -> Result<Vec<usize>> {
+    targets
+        .iter()
+        .map(|t| match t.as_slice() {
+            [c] => Ok(*c),
+            other => Err(Error::value(
+                "class label",
+                format!("a classification target is one class id, got {other:?}"),
+            )),
+        })
+        .collect()
 }
 
 /// Greedy CTC hypotheses from the head's [frames, V] output (log-probabilities or logits: the
