@@ -1,5 +1,7 @@
 //! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, the whole HConv +
-//! PR-head step, log-softmax, CTC, cross-entropy, LayerNorm, dropout, mean pooling, AdamW) at
+//! PR-head step, log-softmax, CTC, cross-entropy, LayerNorm, dropout, mean pooling, the step's glue
+//! (casts, GELU, residual add, the bf16 row norm), CLS pooling's attention, AdamW flat and
+//! multi-tensor) at
 //! HuBERT-Base / Large sizes, 32 x 500 frames. GPU only: without one it says so and measures nothing (the emulator's
 //! speed means nothing). The device script's table (examples/gpu_bench.rs + PyTorch) is the one
 //! recorded in RESULTS.md; this is for iterating on a GPU machine with Rust.
@@ -210,6 +212,124 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 timed(&be, iters, &mut || {
                     drop(device::mean_pool_forward(&be, &feats, &batch, d).unwrap())
+                })
+            })
+        });
+        // The device step's glue on the same 16000 x 768 rows: casts, ReLU / GELU, residual add.
+        let feats16 = be.upload(&vec![bf16::from_f32(0.1); rows * d]).unwrap();
+        group.throughput(Throughput::Bytes((rows * d * 6) as u64));
+        group.bench_function("cast_bf16_to_f32_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::cast_to_f32(&be, &feats16).unwrap())
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((rows * d * 8) as u64));
+        group.bench_function("gelu_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::activation_forward(&be, &feats, true).unwrap())
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((rows * d * 12) as u64));
+        group.bench_function("add_rows_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::add_rows(&be, &feats, Some(&feats), None, rows, d).unwrap())
+                })
+            })
+        });
+    }
+    // `normalize` of a Base stack (bf16 row LayerNorm over 16000 x 13 rows of 768) and CLS
+    // pooling's attention (8 heads over 14 tokens per frame), forward and backward.
+    {
+        let (n, l, d, heads) = (32 * 500usize, 13usize, 768usize, 8usize);
+        let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+        group.throughput(Throughput::Bytes((n * l * d * 4) as u64));
+        group.bench_function("layernorm_rows_bf16_base", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::layernorm_rows_bf16(&be, &x, n * l, d).unwrap())
+                })
+            })
+        });
+        let q = be.upload(&vec![0.1f32; d]).unwrap();
+        let row = be.upload(&vec![bf16::from_f32(0.2); d]).unwrap();
+        let shape = device::ClsAttnShape { n, l, d, heads };
+        let inputs = device::ClsAttnInputs {
+            q: &q,
+            k_cls: &row,
+            v_cls: &row,
+            k: &x,
+            v: &x,
+        };
+        let (_, probs) = device::cls_attention_forward(&be, shape, &inputs).unwrap();
+        let dout = be.upload(&vec![0.01f32; n * d]).unwrap();
+        // K and V read once each.
+        group.throughput(Throughput::Bytes((2 * n * l * d * 2) as u64));
+        group.bench_function("cls_attention_forward_base", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::cls_attention_forward(&be, shape, &inputs).unwrap())
+                })
+            })
+        });
+        group.bench_function("cls_attention_backward_base", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(
+                        device::cls_attention_backward(&be, shape, &inputs, &probs, &dout).unwrap(),
+                    )
+                })
+            })
+        });
+    }
+    // Multi-tensor AdamW over an HConv (Base) + PR-head pair's tensors: one launch.
+    {
+        use strata::models::interface::InterfaceConfig;
+        use strata::train::side_by_side::{HeadKind, Pair};
+        let pair = Pair::new(
+            "hconv",
+            &InterfaceConfig::hconv(13, 768),
+            HeadKind::Ctc { vocab: 71 },
+            AdamConfig::adamw(1e-3),
+            None,
+            0,
+        )
+        .unwrap();
+        let bufs: Vec<_> = pair
+            .store
+            .iter()
+            .map(|q| {
+                let k = q.value.numel();
+                (
+                    be.upload(&vec![0.1f32; k]).unwrap(),
+                    be.upload(&vec![0.01f32; k]).unwrap(),
+                    be.zeros::<f32>(k).unwrap(),
+                    be.zeros::<f32>(k).unwrap(),
+                    be.zeros::<bf16>(k).unwrap(),
+                )
+            })
+            .collect();
+        let table = device::AdamTensors::new(
+            &be,
+            &bufs
+                .iter()
+                .map(|(p, g, m, v, c)| (p, g, m, v, Some(c)))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let total: usize = bufs.iter().map(|b| b.0.len()).sum();
+        let cfg = AdamConfig::adamw(1e-3);
+        let mut step = 0;
+        group.throughput(Throughput::Bytes((total * 30) as u64));
+        group.bench_function("adamw_multi_hconv_base", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    step += 1;
+                    device::adam_step_multi(&be, &cfg, step, &table, None, false).unwrap()
                 })
             })
         });
