@@ -1,10 +1,10 @@
 //! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, the whole HConv +
 //! PR-head step, log-softmax, CTC, cross-entropy, LayerNorm, dropout, mean pooling, the step's glue
 //! (casts, GELU, residual add, the bf16 row norm), CLS pooling's attention, AdamW flat and
-//! multi-tensor) at
-//! HuBERT-Base / Large sizes, 32 x 500 frames. GPU only: without one it says so and measures nothing (the emulator's
-//! speed means nothing). The device script's table (examples/gpu_bench.rs + PyTorch) is the one
-//! recorded in RESULTS.md; this is for iterating on a GPU machine with Rust.
+//! multi-tensor) at HuBERT-Base / Large sizes, 32 x 500 frames. GPU only: without one it says so
+//! and measures nothing (the emulator's speed means nothing). The device script's table
+//! (examples/gpu_bench.rs + PyTorch) is the one recorded in RESULTS.md; this is for iterating on a
+//! GPU machine with Rust.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
