@@ -1,6 +1,7 @@
 //! A whole training step of an interface + head pair on a device backend (the GPU, or the kernel
 //! emulator): stack -> interface -> head -> loss -> backward -> clip -> AdamW, with no host
-//! round-trip but the loss value coming down (and the batch's offsets and targets going up).
+//! round-trip but the loss value coming down (and the batch's offsets and targets going up). The
+//! forward is recorded on a [`DeviceTape`] and the backward is the tape's.
 //!
 //! Interfaces: WeightedSum and GroupWS (the fused layer-sum kernels, each group writing its slice
 //! of the concatenation the projection reads), HConv (the layer-axis conv kernels), Concat + Proj
@@ -21,11 +22,11 @@
 //! back into one ([`DevicePair::write_to`]) for checkpoints and evaluation on the CPU; both paths
 //! can be compared step by step.
 
+use crate::autograd::{DVar, DeviceTape, ParamBufs};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
 use crate::models::interface::{group_sizes, hconv_plan, ClsActivation, HConvPlan, InterfaceKind};
-use crate::ops::ctc::Reduction;
-use crate::ops::device::{self, Cols, HConvSaved, LayerNormStats, LayerSumShape};
+use crate::ops::device;
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::{Backend, Buf};
@@ -85,6 +86,8 @@ pub struct DeviceParam {
     /// Its index in the CPU pair's store (and optimizer state).
     store_index: usize,
     layout: Layout,
+    /// Its shape in the device layout.
+    shape: Vec<usize>,
     master: Buf<f32>,
     copy: Buf<bf16>,
     grad: Buf<f32>,
@@ -92,13 +95,22 @@ pub struct DeviceParam {
     v: Buf<f32>,
 }
 
+impl DeviceParam {
+    fn bufs(&self) -> ParamBufs<'_> {
+        ParamBufs {
+            name: &self.name,
+            master: &self.master,
+            copy: &self.copy,
+            grad: &self.grad,
+        }
+    }
+}
+
 /// A Linear layer's (weight [out, in], bias [out]) as indices into [`DevicePair::params`].
 #[derive(Clone, Copy, Debug)]
 struct Lin {
     weight: usize,
     bias: usize,
-    in_f: usize,
-    out_f: usize,
 }
 
 enum DeviceInterface {
@@ -138,58 +150,6 @@ struct ClsParams {
     out_proj: Lin,
     ffn1: Lin,
     ffn2: Lin,
-}
-
-/// CLS pooling's forward activations, for its backward.
-struct ClsSaved {
-    /// The (normalized) stack in fp32 [n * L, D], LN1's input.
-    x32: Buf<f32>,
-    ln1: device::LayerNormSavedBufs,
-    u: Buf<bf16>,
-    ln1_cls: device::LayerNormSavedBufs,
-    /// LN1 of the CLS token (the same for every frame) [D].
-    u_cls: Buf<bf16>,
-    q: Buf<f32>,
-    k_cls: Buf<bf16>,
-    v_cls: Buf<bf16>,
-    k: Buf<bf16>,
-    v: Buf<bf16>,
-    attn: Buf<bf16>,
-    probs: Buf<f32>,
-    h: Buf<f32>,
-    ln2: device::LayerNormSavedBufs,
-    g: Buf<bf16>,
-    z: Buf<f32>,
-    act: Buf<bf16>,
-}
-
-/// What the forward keeps for the backward.
-struct Saved {
-    /// The normalized stack (interfaces that read it through a separate `normalize` pass).
-    normalized: Option<Buf<bf16>>,
-    /// Layer-sum norm statistics, one per WeightedSum / GroupWS group.
-    stats: Vec<Option<LayerNormStats>>,
-    /// HConv: every conv's output; the last one is the features.
-    acts: Vec<Buf<bf16>>,
-    /// The features of the other interfaces.
-    feats: Option<Buf<bf16>>,
-    cls: Option<ClsSaved>,
-}
-
-impl Saved {
-    fn feats(&self) -> &Buf<bf16> {
-        self.feats
-            .as_ref()
-            .or(self.acts.last())
-            .expect("every interface makes features")
-    }
-}
-
-/// The head's forward: the PR head's hidden activations and log-probabilities, or the
-/// classifier's pooled activations and logits.
-enum HeadSaved {
-    Pr { h: Buf<bf16>, out: Buf<f32> },
-    Classify { pooled: Buf<bf16>, out: Buf<f32> },
 }
 
 pub struct DevicePair {
@@ -268,10 +228,15 @@ fn add_param(
         moment(&pair.optimizer.exp_avg_sq)?,
     );
     let copy: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+    let shape = match &layout {
+        Layout::Plain => pair.store.value(id).shape().to_vec(),
+        Layout::TapMajor(g) => vec![g.c_out, g.kernel * g.c_in],
+    };
     params.push(DeviceParam {
         name: name.to_string(),
         store_index: index,
         layout,
+        shape,
         master: be.upload(&values)?,
         copy: be.upload(&copy)?,
         grad: be.zeros::<f32>(values.len())?,
@@ -282,17 +247,10 @@ fn add_param(
 }
 
 /// A Linear layer `name` (weight and bias) through `add`.
-fn lin(
-    add: &mut dyn FnMut(&str, Layout) -> Result<usize>,
-    name: &str,
-    in_f: usize,
-    out_f: usize,
-) -> Result<Lin> {
+fn lin(add: &mut dyn FnMut(&str, Layout) -> Result<usize>, name: &str) -> Result<Lin> {
     Ok(Lin {
         weight: add(&format!("{name}.weight"), Layout::Plain)?,
         bias: add(&format!("{name}.bias"), Layout::Plain)?,
-        in_f,
-        out_f,
     })
 }
 
@@ -309,7 +267,7 @@ impl DevicePair {
             InterfaceKind::WeightedSum => DeviceInterface::WeightedSum {
                 weights: add("interface.weights", Layout::Plain)?,
             },
-            InterfaceKind::GroupWs { groups, out_dim } => {
+            InterfaceKind::GroupWs { groups, .. } => {
                 let mut gs = Vec::new();
                 for (g, (first, size)) in group_sizes(layers, *groups).into_iter().enumerate() {
                     gs.push((
@@ -320,7 +278,7 @@ impl DevicePair {
                 }
                 DeviceInterface::GroupWs {
                     groups: gs,
-                    proj: lin(&mut add, "interface.proj", groups * dim, *out_dim)?,
+                    proj: lin(&mut add, "interface.proj")?,
                 }
             }
             InterfaceKind::HConv { kernel, stride } => {
@@ -339,8 +297,8 @@ impl DevicePair {
                 }
                 DeviceInterface::HConv { plan, convs }
             }
-            InterfaceKind::ConcatProj { out_dim } => DeviceInterface::ConcatProj {
-                proj: lin(&mut add, "interface.proj", layers * dim, *out_dim)?,
+            InterfaceKind::ConcatProj { .. } => DeviceInterface::ConcatProj {
+                proj: lin(&mut add, "interface.proj")?,
             },
             InterfaceKind::SingleLayer { layer } => {
                 let l = layers as isize;
@@ -353,9 +311,7 @@ impl DevicePair {
                 }
             }
             InterfaceKind::ClsPool {
-                heads,
-                ffn_dim,
-                activation,
+                heads, activation, ..
             } => {
                 if layers + 1 > 96 {
                     return Err(refuse(format!(
@@ -376,35 +332,27 @@ impl DevicePair {
                     gelu: *activation == ClsActivation::Gelu,
                     cls: add("interface.cls", Layout::Plain)?,
                     ln1: norm(&mut add, &format!("{p}ln1"))?,
-                    q: lin(&mut add, &format!("{p}attn.q_proj"), dim, dim)?,
-                    k: lin(&mut add, &format!("{p}attn.k_proj"), dim, dim)?,
-                    v: lin(&mut add, &format!("{p}attn.v_proj"), dim, dim)?,
-                    out_proj: lin(&mut add, &format!("{p}attn.out_proj"), dim, dim)?,
+                    q: lin(&mut add, &format!("{p}attn.q_proj"))?,
+                    k: lin(&mut add, &format!("{p}attn.k_proj"))?,
+                    v: lin(&mut add, &format!("{p}attn.v_proj"))?,
+                    out_proj: lin(&mut add, &format!("{p}attn.out_proj"))?,
                     ln2: norm(&mut add, &format!("{p}ln2"))?,
-                    ffn1: lin(&mut add, &format!("{p}ffn1"), dim, *ffn_dim)?,
-                    ffn2: lin(&mut add, &format!("{p}ffn2"), *ffn_dim, dim)?,
+                    ffn1: lin(&mut add, &format!("{p}ffn1"))?,
+                    ffn2: lin(&mut add, &format!("{p}ffn2"))?,
                 })
             }
         };
-        let d_feat = pair.interface.output_dim();
-        let (hidden, outs, kind) = match &pair.head {
-            Head::Pr(h) => (
-                h.proj.out_features,
-                h.out.out_features,
-                HeadKind::Ctc {
-                    vocab: h.out.out_features,
-                },
-            ),
-            Head::Classifier(h) => (
-                h.proj.out_features,
-                h.out.out_features,
-                HeadKind::Classify {
-                    classes: h.out.out_features,
-                },
-            ),
+        // The shapes come with the parameters; the tape checks that they chain.
+        let kind = match &pair.head {
+            Head::Pr(h) => HeadKind::Ctc {
+                vocab: h.out.out_features,
+            },
+            Head::Classifier(h) => HeadKind::Classify {
+                classes: h.out.out_features,
+            },
         };
-        let head_proj = lin(&mut add, "head.proj", d_feat, hidden)?;
-        let head_out = lin(&mut add, "head.out", hidden, outs)?;
+        let head_proj = lin(&mut add, "head.proj")?;
+        let head_out = lin(&mut add, "head.out")?;
         if params.len() != pair.store.len() {
             let known: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
             let missing: Vec<&str> = pair
@@ -482,205 +430,135 @@ impl DevicePair {
         Ok(())
     }
 
-    fn layer_sum_shape(&self, n: usize, first: usize, k: usize) -> LayerSumShape {
-        LayerSumShape {
-            n,
-            l: self.layers,
-            d: self.dim,
-            first,
-            k,
-            normalize: self.normalize,
-        }
+    /// Parameter `i` on `tape`, in its device layout.
+    fn var<'t>(&'t self, tape: &mut DeviceTape<'t>, i: usize) -> Result<DVar> {
+        let p = &self.params[i];
+        tape.param(p.bufs(), &p.shape)
     }
 
-    fn linear(
-        &self,
-        be: &Backend,
-        x: &Buf<bf16>,
-        n: usize,
+    fn linear<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        x: DVar,
         l: Lin,
-        f32_out: bool,
-    ) -> Result<device::LayerOut> {
-        device::linear_forward(
-            be,
-            x,
-            n,
-            l.in_f,
-            l.out_f,
-            &self.params[l.weight].copy,
-            &self.params[l.bias].master,
-            f32_out,
-        )
+        out_f32: bool,
+    ) -> Result<DVar> {
+        let (w, b) = (self.var(tape, l.weight)?, self.var(tape, l.bias)?);
+        tape.linear(x, w, b, out_f32)
     }
 
-    /// The Linear backward: adds dW, db; returns dx when asked.
-    fn linear_back(
-        &self,
-        be: &Backend,
-        x: &Buf<bf16>,
-        n: usize,
-        l: Lin,
-        dy: &Buf<bf16>,
-        want_dx: bool,
-    ) -> Result<Option<Buf<bf16>>> {
-        device::linear_backward(
-            be,
-            x,
-            n,
-            l.in_f,
-            l.out_f,
-            &self.params[l.weight].copy,
-            dy,
-            (&self.params[l.weight].grad, &self.params[l.bias].grad),
-            want_dx,
-        )
+    fn layer_norm<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        x: DVar,
+        (w, b): (usize, usize),
+    ) -> Result<DVar> {
+        let (w, b) = (self.var(tape, w)?, self.var(tape, b)?);
+        tape.layer_norm(x, Some((w, b)), 1e-5)
     }
 
-    fn interface_forward(&self, be: &Backend, x0: &Buf<bf16>, n: usize) -> Result<Saved> {
-        let mut saved = Saved {
-            normalized: None,
-            stats: Vec::new(),
-            acts: Vec::new(),
-            feats: None,
-            cls: None,
-        };
-        let separate_norm = matches!(
+    /// Records the interface and the head on `tape`, reading the bf16 stack `x0` [frames, L, D];
+    /// returns the head's fp32 output (CTC logits per frame, or class logits per utterance).
+    fn forward<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        x0: &'t Buf<bf16>,
+        batch: &PackedBatch,
+    ) -> Result<DVar> {
+        let n = batch.total_frames();
+        let (l, d) = (self.layers, self.dim);
+        let stack = tape.input(x0, &[n, l, d])?;
+        // The layer sums fuse `normalize`; the other interfaces read a normalized copy.
+        let fused_norm = matches!(
             self.interface,
-            DeviceInterface::HConv { .. }
-                | DeviceInterface::ConcatProj { .. }
-                | DeviceInterface::SingleLayer { .. }
-                | DeviceInterface::ClsPool(_)
+            DeviceInterface::WeightedSum { .. } | DeviceInterface::GroupWs { .. }
         );
-        if self.normalize && separate_norm {
-            saved.normalized = Some(device::layernorm_rows_bf16(
-                be,
-                x0,
-                n * self.layers,
-                self.dim,
-            )?);
-        }
-        let x = saved.normalized.as_ref().unwrap_or(x0);
-        match &self.interface {
+        let x = if self.normalize && !fused_norm {
+            tape.normalize_layers(stack)?
+        } else {
+            stack
+        };
+        let feats = match &self.interface {
             DeviceInterface::WeightedSum { weights } => {
-                let (out, st) = device::layer_sum_forward(
-                    be,
-                    x,
-                    &self.params[*weights].master,
-                    self.layer_sum_shape(n, 0, self.layers),
-                )?;
-                saved.stats.push(st);
-                saved.feats = Some(out);
+                let w = self.var(tape, *weights)?;
+                tape.layer_sums(x, &[(0, l, w)], self.normalize)?
             }
-            DeviceInterface::GroupWs { groups, .. } => {
-                let width = groups.len() * self.dim;
-                let cat = be.zeros::<bf16>(n * width)?;
-                for (g, &(first, size, w)) in groups.iter().enumerate() {
-                    let cols = Cols {
-                        stride: width,
-                        offset: g * self.dim,
-                    };
-                    saved.stats.push(device::layer_sum_forward_into(
-                        be,
-                        x,
-                        &self.params[w].master,
-                        self.layer_sum_shape(n, first, size),
-                        &cat,
-                        cols,
-                    )?);
+            DeviceInterface::GroupWs { groups, proj } => {
+                let mut gs = Vec::new();
+                for &(first, size, w) in groups {
+                    gs.push((first, size, self.var(tape, w)?));
                 }
-                // The concatenation is kept for the projection's backward; the projected
-                // features are made in `features`.
-                saved.feats = Some(cat);
+                let cat = tape.layer_sums(x, &gs, self.normalize)?;
+                self.linear(tape, cat, *proj, false)?
             }
             DeviceInterface::HConv { plan, convs } => {
-                for (i, g) in plan.convs.iter().enumerate() {
-                    let input = if i == 0 { x } else { &saved.acts[i - 1] };
-                    let (w, b) = (&self.params[convs[i].0], &self.params[convs[i].1]);
-                    let last = i + 1 == plan.convs.len();
-                    let y = device::hconv_conv_forward(be, input, n, g, &w.copy, &b.master, last)?;
-                    saved.acts.push(y);
+                let mut h = x;
+                for (i, (g, &(w, b))) in plan.convs.iter().zip(convs).enumerate() {
+                    let (w, b) = (self.var(tape, w)?, self.var(tape, b)?);
+                    h = tape.hconv_conv(h, w, b, *g, i + 1 == plan.convs.len())?;
                 }
+                h
             }
             DeviceInterface::ConcatProj { proj } => {
-                saved.feats = Some(
-                    self.linear(be, x, n, *proj, false)?
-                        .into_bf16()
-                        .expect("bf16 asked"),
-                );
+                // The frame-major stack already is the concatenation.
+                let flat = tape.reshape(x, &[n, l * d])?;
+                self.linear(tape, flat, *proj, false)?
             }
-            DeviceInterface::SingleLayer { layer } => {
-                saved.feats = Some(device::select_layer(
-                    be,
-                    x,
-                    n,
-                    self.layers,
-                    self.dim,
-                    *layer as i64,
-                )?);
-            }
+            DeviceInterface::SingleLayer { layer } => tape.select_layer(x, *layer as i64)?,
             DeviceInterface::ClsPool(c) => {
-                let (cls, y) = self.cls_forward(be, c, x, n)?;
-                saved.cls = Some(cls);
-                saved.feats = Some(device::cast_to_bf16(be, &y)?);
+                let y = self.cls_forward(tape, c, x)?;
+                tape.to_bf16(y)?
             }
-        }
-        Ok(saved)
-    }
-
-    /// The features the head reads: GroupWS's projection of its concatenation, else the
-    /// interface's output.
-    fn features<'a>(
-        &self,
-        be: &Backend,
-        saved: &'a Saved,
-        n: usize,
-        projected: &'a mut Option<Buf<bf16>>,
-    ) -> Result<&'a Buf<bf16>> {
-        if let DeviceInterface::GroupWs { proj, .. } = &self.interface {
-            *projected = Some(
-                self.linear(be, saved.feats(), n, *proj, false)?
-                    .into_bf16()
-                    .expect("bf16 asked"),
-            );
-            return Ok(projected.as_ref().expect("just set"));
-        }
-        Ok(saved.feats())
-    }
-
-    fn head_forward(
-        &self,
-        be: &Backend,
-        feats: &Buf<bf16>,
-        batch: &PackedBatch,
-    ) -> Result<HeadSaved> {
-        let n = batch.total_frames();
-        Ok(match self.head {
+        };
+        match self.head {
             HeadKind::Ctc { .. } => {
-                let h = self
-                    .linear(be, feats, n, self.head_proj, false)?
-                    .into_bf16()
-                    .expect("bf16 asked");
-                let logits = self
-                    .linear(be, &h, n, self.head_out, true)?
-                    .into_f32()
-                    .expect("f32 asked");
-                let out = device::log_softmax_forward(be, &logits, n, self.head_out.out_f)?;
-                HeadSaved::Pr { h, out }
+                let h = self.linear(tape, feats, self.head_proj, false)?;
+                self.linear(tape, h, self.head_out, true)
             }
             HeadKind::Classify { .. } => {
-                let h = self
-                    .linear(be, feats, n, self.head_proj, true)?
-                    .into_f32()
-                    .expect("f32 asked");
-                let pooled = device::mean_pool_forward(be, &h, batch, self.head_proj.out_f)?;
-                let pooled = device::cast_to_bf16(be, &pooled)?;
-                let out = self
-                    .linear(be, &pooled, batch.num_utterances(), self.head_out, true)?
-                    .into_f32()
-                    .expect("f32 asked");
-                HeadSaved::Classify { pooled, out }
+                let h = self.linear(tape, feats, self.head_proj, true)?;
+                let pooled = tape.mean_pool(h, batch)?;
+                let pooled = tape.to_bf16(pooled)?;
+                self.linear(tape, pooled, self.head_out, true)
             }
-        })
+        }
+    }
+
+    /// CLS pooling as the CPU interface computes it (pre-LN transformer layer, CLS query only):
+    /// u = LN1(tokens); q = Wq u_cls; K, V = Wk u, Wv u; attn = softmax(q K^T / sqrt(dh)) V;
+    /// h = cls + out_proj(attn); y = h + ffn2(act(ffn1(LN2(h)))). The CLS token is the same in
+    /// every frame, so its LN1, query, key and value are computed once (their gradients summed
+    /// over the frames by the attention's backward). Returns y (fp32 [n, D]).
+    fn cls_forward<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        c: &ClsParams,
+        x: DVar,
+    ) -> Result<DVar> {
+        let (l, d) = (self.layers, self.dim);
+        let n = tape.shape(x)[0];
+        let rows = tape.reshape(x, &[n * l, d])?;
+        let x32 = tape.to_f32(rows)?;
+        let u = self.layer_norm(tape, x32, c.ln1)?;
+        let u = tape.to_bf16(u)?;
+        let cls = tape.param(self.params[c.cls].bufs(), &[1, d])?;
+        let u_cls = self.layer_norm(tape, cls, c.ln1)?;
+        let u_cls = tape.to_bf16(u_cls)?;
+        let q = self.linear(tape, u_cls, c.q, true)?;
+        let k_cls = self.linear(tape, u_cls, c.k, false)?;
+        let v_cls = self.linear(tape, u_cls, c.v, false)?;
+        let k = self.linear(tape, u, c.k, false)?;
+        let v = self.linear(tape, u, c.v, false)?;
+        let attn = tape.cls_attention(q, k_cls, v_cls, k, v, l, c.heads)?;
+        let o = self.linear(tape, attn, c.out_proj, true)?;
+        let h = tape.add_row(o, cls)?;
+        let g = self.layer_norm(tape, h, c.ln2)?;
+        let g = tape.to_bf16(g)?;
+        let z = self.linear(tape, g, c.ffn1, true)?;
+        let act = tape.activation(z, c.gelu)?;
+        let act = tape.to_bf16(act)?;
+        let f = self.linear(tape, act, c.ffn2, true)?;
+        tape.add(h, f)
     }
 
     /// Adds the gradients of one micro-batch's mean loss times `scale` (1 / micro-batches when
@@ -694,330 +572,27 @@ impl DevicePair {
         targets: &[Vec<usize>],
         scale: f32,
     ) -> Result<f32> {
-        let n = batch.total_frames();
-        self.check_stack(x0, n)?;
-        let saved = self.interface_forward(be, x0, n)?;
-        let mut projected = None;
-        let feats = self.features(be, &saved, n, &mut projected)?;
-        let head = self.head_forward(be, feats, batch)?;
-        // Loss and its gradient w.r.t. the head's fp32 output, scaled, in bf16 for the backward.
-        let (loss, dout) = match &head {
-            HeadSaved::Pr { out: lp, .. } => {
-                let v = self.head_out.out_f;
-                let ctc = device::ctc_loss(be, lp, v, batch, targets, Reduction::Mean, true)?;
-                (
-                    ctc.loss,
-                    device::log_softmax_backward(be, lp, &ctc.grad, n, v)?,
-                )
-            }
-            HeadSaved::Classify { out, .. } => {
-                let labels = class_labels(targets)?;
-                device::cross_entropy(be, out, self.head_out.out_f, &labels, Reduction::Mean)?
-            }
+        self.check_stack(x0, batch.total_frames())?;
+        let this: &Self = self;
+        let mut tape = DeviceTape::new(be);
+        let out = this.forward(&mut tape, x0, batch)?;
+        let loss = match this.head {
+            HeadKind::Ctc { .. } => tape.ctc_loss(out, batch, targets)?,
+            HeadKind::Classify { .. } => tape.cross_entropy(out, &class_labels(targets)?)?,
         };
-        if !loss.is_finite() {
+        let value = tape.loss_value(loss)?;
+        if !value.is_finite() {
             return Err(Error::value(
                 "training loss",
                 format!(
-                    "'{}' produced {loss} at step {} on the device: lower the learning rate",
-                    self.name,
-                    self.steps + 1
+                    "'{}' produced {value} at step {} on the device: lower the learning rate",
+                    this.name,
+                    this.steps + 1
                 ),
             ));
         }
-        let dout = device::cast_to_bf16_scaled(be, &dout, scale)?;
-        let has_params = !matches!(self.interface, DeviceInterface::SingleLayer { .. });
-        let dfeats = match &head {
-            HeadSaved::Pr { h, .. } => {
-                let dh = self
-                    .linear_back(be, h, n, self.head_out, &dout, true)?
-                    .expect("dx asked");
-                self.linear_back(be, feats, n, self.head_proj, &dh, has_params)?
-            }
-            HeadSaved::Classify { pooled, .. } => {
-                let u = batch.num_utterances();
-                let dpooled = self
-                    .linear_back(be, pooled, u, self.head_out, &dout, true)?
-                    .expect("dx asked");
-                let dpooled = device::cast_to_f32(be, &dpooled)?;
-                let dh = device::mean_pool_backward(be, &dpooled, batch, self.head_proj.out_f)?;
-                let dh = device::cast_to_bf16(be, &dh)?;
-                self.linear_back(be, feats, n, self.head_proj, &dh, has_params)?
-            }
-        };
-        if let Some(dfeats) = dfeats {
-            self.interface_backward(be, x0, n, &saved, dfeats)?;
-        }
-        Ok(loss)
-    }
-
-    fn interface_backward(
-        &self,
-        be: &Backend,
-        x0: &Buf<bf16>,
-        n: usize,
-        saved: &Saved,
-        dfeats: Buf<bf16>,
-    ) -> Result<()> {
-        let x = saved.normalized.as_ref().unwrap_or(x0);
-        match &self.interface {
-            DeviceInterface::WeightedSum { weights } => {
-                let w = &self.params[*weights];
-                let dout = device::cast_to_f32(be, &dfeats)?;
-                device::layer_sum_backward(
-                    be,
-                    x,
-                    &w.master,
-                    &dout,
-                    saved.stats[0].as_ref(),
-                    self.layer_sum_shape(n, 0, self.layers),
-                    &w.grad,
-                    false,
-                )?;
-            }
-            DeviceInterface::GroupWs { groups, proj } => {
-                let dcat = self
-                    .linear_back(be, saved.feats(), n, *proj, &dfeats, true)?
-                    .expect("dx asked");
-                let dcat = device::cast_to_f32(be, &dcat)?;
-                let width = groups.len() * self.dim;
-                for (g, &(first, size, wi)) in groups.iter().enumerate() {
-                    let w = &self.params[wi];
-                    let cols = Cols {
-                        stride: width,
-                        offset: g * self.dim,
-                    };
-                    device::layer_sum_backward_cols(
-                        be,
-                        x,
-                        &w.master,
-                        (&dcat, cols),
-                        saved.stats[g].as_ref(),
-                        self.layer_sum_shape(n, first, size),
-                        &w.grad,
-                        false,
-                    )?;
-                }
-            }
-            DeviceInterface::HConv { plan, convs } => {
-                let mut dy = Some(dfeats);
-                for (i, g) in plan.convs.iter().enumerate().rev() {
-                    let (w, b) = (&self.params[convs[i].0], &self.params[convs[i].1]);
-                    let conv_saved = HConvSaved {
-                        x: if i == 0 { x } else { &saved.acts[i - 1] },
-                        y: &saved.acts[i],
-                        w: &w.copy,
-                        flatten: i + 1 == plan.convs.len(),
-                    };
-                    let d = dy.take().expect("a gradient flows into every conv");
-                    dy = device::hconv_conv_backward(
-                        be,
-                        &conv_saved,
-                        n,
-                        g,
-                        &d,
-                        (&w.grad, &b.grad),
-                        i > 0,
-                    )?;
-                }
-            }
-            DeviceInterface::ConcatProj { proj } => {
-                self.linear_back(be, x, n, *proj, &dfeats, false)?;
-            }
-            DeviceInterface::SingleLayer { .. } => {}
-            DeviceInterface::ClsPool(c) => {
-                let cs = saved
-                    .cls
-                    .as_ref()
-                    .expect("CLS pooling's forward saved its activations");
-                self.cls_backward(be, c, cs, n, &dfeats)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn ln_params(&self, (w, b): (usize, usize)) -> (&Buf<f32>, &Buf<f32>) {
-        (&self.params[w].master, &self.params[b].master)
-    }
-
-    fn ln_grads(&self, (w, b): (usize, usize)) -> (&Buf<f32>, &Buf<f32>) {
-        (&self.params[w].grad, &self.params[b].grad)
-    }
-
-    /// CLS pooling as the CPU interface computes it (pre-LN transformer layer, CLS query only):
-    /// u = LN1(tokens); q = Wq u_cls; K, V = Wk u, Wv u; attn = softmax(q K^T / sqrt(dh)) V;
-    /// h = cls + out_proj(attn); y = h + ffn2(act(ffn1(LN2(h)))). The CLS token is the same in
-    /// every frame, so its LN1, query, key and value are computed once. Returns y (fp32 [n, D]).
-    fn cls_forward(
-        &self,
-        be: &Backend,
-        c: &ClsParams,
-        x: &Buf<bf16>,
-        n: usize,
-    ) -> Result<(ClsSaved, Buf<f32>)> {
-        let (l, d) = (self.layers, self.dim);
-        let x32 = device::cast_to_f32(be, x)?;
-        let (u, ln1) =
-            device::layernorm_forward(be, &x32, n * l, d, Some(self.ln_params(c.ln1)), 1e-5)?;
-        let u = device::cast_to_bf16(be, &u)?;
-        let cls = &self.params[c.cls].master;
-        let (u_cls, ln1_cls) =
-            device::layernorm_forward(be, cls, 1, d, Some(self.ln_params(c.ln1)), 1e-5)?;
-        let u_cls = device::cast_to_bf16(be, &u_cls)?;
-        let lin16 = |x: &Buf<bf16>, rows: usize, p: Lin| -> Result<Buf<bf16>> {
-            Ok(self
-                .linear(be, x, rows, p, false)?
-                .into_bf16()
-                .expect("bf16 asked"))
-        };
-        let lin32 = |x: &Buf<bf16>, rows: usize, p: Lin| -> Result<Buf<f32>> {
-            Ok(self
-                .linear(be, x, rows, p, true)?
-                .into_f32()
-                .expect("f32 asked"))
-        };
-        let q = lin32(&u_cls, 1, c.q)?;
-        let (k_cls, v_cls) = (lin16(&u_cls, 1, c.k)?, lin16(&u_cls, 1, c.v)?);
-        let (k, v) = (lin16(&u, n * l, c.k)?, lin16(&u, n * l, c.v)?);
-        let shape = device::ClsAttnShape {
-            n,
-            l,
-            d,
-            heads: c.heads,
-        };
-        let inputs = device::ClsAttnInputs {
-            q: &q,
-            k_cls: &k_cls,
-            v_cls: &v_cls,
-            k: &k,
-            v: &v,
-        };
-        let (attn, probs) = device::cls_attention_forward(be, shape, &inputs)?;
-        let o = lin32(&attn, n, c.out_proj)?;
-        let h = device::add_rows(be, &o, None, Some(cls), n, d)?;
-        let (g, ln2) = device::layernorm_forward(be, &h, n, d, Some(self.ln_params(c.ln2)), 1e-5)?;
-        let g = device::cast_to_bf16(be, &g)?;
-        let z = lin32(&g, n, c.ffn1)?;
-        let act = device::cast_to_bf16(be, &device::activation_forward(be, &z, c.gelu)?)?;
-        let f = lin32(&act, n, c.ffn2)?;
-        let y = device::add_rows(be, &h, Some(&f), None, n, d)?;
-        Ok((
-            ClsSaved {
-                x32,
-                ln1,
-                u,
-                ln1_cls,
-                u_cls,
-                q,
-                k_cls,
-                v_cls,
-                k,
-                v,
-                attn,
-                probs,
-                h,
-                ln2,
-                g,
-                z,
-                act,
-            },
-            y,
-        ))
-    }
-
-    fn cls_backward(
-        &self,
-        be: &Backend,
-        c: &ClsParams,
-        s: &ClsSaved,
-        n: usize,
-        dy: &Buf<bf16>,
-    ) -> Result<()> {
-        let (l, d) = (self.layers, self.dim);
-        let f32_of = |b: &Buf<bf16>| device::cast_to_f32(be, b);
-        let bf16_of = |b: &Buf<f32>| device::cast_to_bf16(be, b);
-        // y = h + ffn2(act(ffn1(LN2(h)))).
-        let dact = self
-            .linear_back(be, &s.act, n, c.ffn2, dy, true)?
-            .expect("dx asked");
-        let dz = device::activation_backward(be, &s.z, &f32_of(&dact)?, c.gelu)?;
-        let dg = self
-            .linear_back(be, &s.g, n, c.ffn1, &bf16_of(&dz)?, true)?
-            .expect("dx asked");
-        let (w2, _) = self.ln_params(c.ln2);
-        let dh = device::layernorm_backward(
-            be,
-            &s.h,
-            n,
-            d,
-            Some(w2),
-            &s.ln2,
-            &f32_of(&dg)?,
-            Some(self.ln_grads(c.ln2)),
-        )?;
-        let dh = device::add_rows(be, &dh, Some(&f32_of(dy)?), None, n, d)?;
-        // h = cls + out_proj(attn): the CLS vector's share is the frames' sum.
-        let cls = &self.params[c.cls];
-        device::col_sum_accumulate(be, &dh, n, d, &cls.grad)?;
-        let dattn = self
-            .linear_back(be, &s.attn, n, c.out_proj, &bf16_of(&dh)?, true)?
-            .expect("dx asked");
-        let shape = device::ClsAttnShape {
-            n,
-            l,
-            d,
-            heads: c.heads,
-        };
-        let inputs = device::ClsAttnInputs {
-            q: &s.q,
-            k_cls: &s.k_cls,
-            v_cls: &s.v_cls,
-            k: &s.k,
-            v: &s.v,
-        };
-        let g = device::cls_attention_backward(be, shape, &inputs, &s.probs, &f32_of(&dattn)?)?;
-        // The layer tokens: K and V projections, then LN1's parameters (the stack is frozen).
-        let du_k = self
-            .linear_back(be, &s.u, n * l, c.k, &g.dk, true)?
-            .expect("dx asked");
-        let du_v = self
-            .linear_back(be, &s.u, n * l, c.v, &g.dv, true)?
-            .expect("dx asked");
-        let du = device::add_rows(be, &f32_of(&du_k)?, Some(&f32_of(&du_v)?), None, n * l, d)?;
-        let (w1, _) = self.ln_params(c.ln1);
-        device::layernorm_backward(
-            be,
-            &s.x32,
-            n * l,
-            d,
-            Some(w1),
-            &s.ln1,
-            &du,
-            Some(self.ln_grads(c.ln1)),
-        )?;
-        // The CLS token: its query, key and value rows (summed over the frames), through LN1.
-        let du_q = self
-            .linear_back(be, &s.u_cls, 1, c.q, &bf16_of(&g.dq)?, true)?
-            .expect("dx asked");
-        let du_kc = self
-            .linear_back(be, &s.u_cls, 1, c.k, &bf16_of(&g.dk_cls)?, true)?
-            .expect("dx asked");
-        let du_vc = self
-            .linear_back(be, &s.u_cls, 1, c.v, &bf16_of(&g.dv_cls)?, true)?
-            .expect("dx asked");
-        let du_cls = device::add_rows(be, &f32_of(&du_q)?, Some(&f32_of(&du_kc)?), None, 1, d)?;
-        let du_cls = device::add_rows(be, &du_cls, Some(&f32_of(&du_vc)?), None, 1, d)?;
-        let dcls = device::layernorm_backward(
-            be,
-            &cls.master,
-            1,
-            d,
-            Some(w1),
-            &s.ln1_cls,
-            &du_cls,
-            Some(self.ln_grads(c.ln1)),
-        )?;
-        device::col_sum_accumulate(be, &dcls, 1, d, &cls.grad)
+        tape.backward(loss, scale)?;
+        Ok(value)
     }
 
     /// Clips the accumulated gradients, takes one AdamW / Adam step at learning rate `lr`
@@ -1081,14 +656,12 @@ impl DevicePair {
         x0: &Buf<bf16>,
         batch: &PackedBatch,
     ) -> Result<Vec<Vec<usize>>> {
-        let n = batch.total_frames();
-        self.check_stack(x0, n)?;
-        let saved = self.interface_forward(be, x0, n)?;
-        let mut projected = None;
-        let feats = self.features(be, &saved, n, &mut projected)?;
-        let out = match self.head_forward(be, feats, batch)? {
-            HeadSaved::Pr { out, .. } | HeadSaved::Classify { out, .. } => out,
-        };
-        decode_outputs(self.head, &be.download(&out)?, batch)
+        self.check_stack(x0, batch.total_frames())?;
+        let mut tape = DeviceTape::no_grad(be);
+        let mut out = self.forward(&mut tape, x0, batch)?;
+        if let HeadKind::Ctc { .. } = self.head {
+            out = tape.log_softmax(out)?;
+        }
+        decode_outputs(self.head, &be.download(tape.f32_value(out)?)?, batch)
     }
 }

@@ -1,0 +1,289 @@
+//! The device tape (src/autograd/device_tape.rs) against the CPU tape on one small graph that
+//! exercises what the tape itself does, beyond the kernels (tests/kernels.rs): a value feeding two
+//! ops (its gradients summed), a parameter read by an op that does not fuse its gradient (the
+//! tape adds it), a broadcast row, fp32 <-> bf16 casts that pass the gradient through, an input
+//! leaf's returned gradient, and the loss seed. Then the tape's refusals. The device computes in
+//! bf16 with fp32 accumulation, so gradients match within a bf16-sized margin.
+
+use strata::autograd::{DeviceTape, ParamBufs, ParamStore, Tape};
+use strata::ops::ctc::Reduction;
+use strata::runtime::{Backend, Buf};
+use strata::Tensor;
+
+use half::bf16;
+
+const ROWS: usize = 6;
+const D: usize = 16;
+const CLASSES: usize = 5;
+const SEED: f32 = 0.5;
+
+/// Deterministic values exactly representable in bf16 (so both paths read the same numbers).
+fn values(len: usize, salt: u32, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let h = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(salt.wrapping_mul(40_503));
+            let u = ((h >> 8) % 2001) as f32 / 1000.0 - 1.0;
+            bf16::from_f32(u * scale).to_f32()
+        })
+        .collect()
+}
+
+struct DevParam {
+    name: String,
+    shape: Vec<usize>,
+    master: Buf<f32>,
+    copy: Buf<bf16>,
+    grad: Buf<f32>,
+}
+
+impl DevParam {
+    fn new(be: &Backend, name: &str, v: &[f32], shape: &[usize]) -> Self {
+        let copy: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        DevParam {
+            name: name.into(),
+            shape: shape.to_vec(),
+            master: be.upload(v).unwrap(),
+            copy: be.upload(&copy).unwrap(),
+            grad: be.zeros::<f32>(v.len()).unwrap(),
+        }
+    }
+    fn bufs(&self) -> ParamBufs<'_> {
+        ParamBufs {
+            name: &self.name,
+            master: &self.master,
+            copy: &self.copy,
+            grad: &self.grad,
+        }
+    }
+}
+
+/// The graph's parameters: (name, shape, values).
+fn parameters() -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
+    vec![
+        ("w1", vec![D, D], values(D * D, 1, 0.4)),
+        ("b1", vec![D], values(D, 2, 0.1)),
+        ("t", vec![1, D], values(D, 3, 1.0)),
+        (
+            "ln_w",
+            vec![D],
+            values(D, 4, 0.5).iter().map(|v| v + 1.0).collect(),
+        ),
+        ("ln_b", vec![D], values(D, 5, 0.2)),
+        ("w2", vec![CLASSES, D], values(CLASSES * D, 6, 0.5)),
+        ("b2", vec![CLASSES], values(CLASSES, 7, 0.1)),
+    ]
+}
+
+/// A run's loss, named parameter gradients and input gradient.
+type Run = (f32, Vec<(String, Vec<f32>)>, Vec<f32>);
+
+fn labels() -> Vec<usize> {
+    (0..ROWS).map(|r| (r * 3 + 1) % CLASSES).collect()
+}
+
+/// The CPU tape's loss, parameter gradients (by name) and input gradient:
+/// h = x W1^T + b1; h2 = h + LN(t) (every row); y = gelu(LN(h2; ln_w, ln_b)) + h2;
+/// loss = SEED * CE(y W2^T + b2).
+fn cpu(x: &[f32]) -> Run {
+    let mut store = ParamStore::new();
+    let ids: Vec<_> = parameters()
+        .into_iter()
+        .map(|(n, s, v)| store.add(n, Tensor::from_vec(v, &s).unwrap()).unwrap())
+        .collect();
+    let mut tape = Tape::new();
+    let p: Vec<_> = ids.iter().map(|&id| tape.param(&store, id)).collect();
+    let xv = tape
+        .input_requiring_grad(Tensor::from_vec(x.to_vec(), &[ROWS, D]).unwrap())
+        .unwrap();
+    let h = tape.linear(xv, p[0], Some(p[1])).unwrap();
+    let t = tape.layer_norm(p[2], None, 1e-5).unwrap();
+    let t = tape.reshape(t, &[D]).unwrap();
+    // The row broadcast as a Linear with an identity weight and the row as its bias.
+    let eye: Vec<f32> = (0..D * D)
+        .map(|i| if i / D == i % D { 1.0 } else { 0.0 })
+        .collect();
+    let eye = tape
+        .constant(Tensor::from_vec(eye, &[D, D]).unwrap())
+        .unwrap();
+    let h2 = tape.linear(h, eye, Some(t)).unwrap();
+    let n = tape.layer_norm(h2, Some((p[3], p[4])), 1e-5).unwrap();
+    let a = tape.gelu(n).unwrap();
+    let y = tape.add(a, h2).unwrap();
+    let logits = tape.linear(y, p[5], Some(p[6])).unwrap();
+    let ce = tape
+        .cross_entropy(logits, &labels(), Reduction::Mean)
+        .unwrap();
+    let loss = tape.scale(ce, SEED).unwrap();
+    let ce_value = tape.value(ce).item().unwrap();
+    let grads = tape.backward(loss, &mut store).unwrap();
+    let named = parameters()
+        .iter()
+        .zip(&ids)
+        .map(|((n, _, _), &id)| (n.to_string(), store.grad(id).to_vec()))
+        .collect();
+    (ce_value, named, grads.get(xv).unwrap().to_vec())
+}
+
+/// The same graph on the device tape.
+fn device(be: &Backend, x: &[f32]) -> Run {
+    let params: Vec<DevParam> = parameters()
+        .iter()
+        .map(|(n, s, v)| DevParam::new(be, n, v, s))
+        .collect();
+    let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let xb = be.upload(&x16).unwrap();
+    let mut tape = DeviceTape::new(be);
+    let p: Vec<_> = params
+        .iter()
+        .map(|q| tape.param(q.bufs(), &q.shape).unwrap())
+        .collect();
+    let xv = tape.input_requiring_grad(&xb, &[ROWS, D]).unwrap();
+    let h = tape.linear(xv, p[0], p[1], true).unwrap();
+    let t = tape.layer_norm(p[2], None, 1e-5).unwrap();
+    let h2 = tape.add_row(h, t).unwrap();
+    let n = tape.layer_norm(h2, Some((p[3], p[4])), 1e-5).unwrap();
+    let a = tape.activation(n, true).unwrap();
+    let y = tape.add(a, h2).unwrap();
+    let y16 = tape.to_bf16(y).unwrap();
+    let logits = tape.linear(y16, p[5], p[6], true).unwrap();
+    let loss = tape.cross_entropy(logits, &labels()).unwrap();
+    let value = tape.loss_value(loss).unwrap();
+    let grads = tape.backward(loss, SEED).unwrap();
+    let dx = grads
+        .get(xv)
+        .expect("the input's gradient")
+        .download(be)
+        .unwrap();
+    let named = params
+        .iter()
+        .map(|q| (q.name.clone(), be.download(&q.grad).unwrap()))
+        .collect();
+    (value, named, dx)
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn the_device_tape_follows_the_cpu_tape() {
+    let x = values(ROWS * D, 9, 1.0);
+    let (cpu_loss, cpu_grads, cpu_dx) = cpu(&x);
+    let be = Backend::Emulator;
+    let (loss, grads, dx) = device(&be, &x);
+    assert!(
+        ((loss - cpu_loss) / cpu_loss).abs() < 1e-2,
+        "loss {loss} vs the CPU's {cpu_loss}"
+    );
+    for ((name, got), (_, want)) in grads.iter().zip(&cpu_grads) {
+        let e = rel_l2(got, want);
+        eprintln!("{name}: relative L2 {e:.2e}");
+        assert!(e < 0.02, "parameter {name}: relative L2 error {e:.4}");
+        assert!(
+            want.iter().any(|v| v.abs() > 1e-6),
+            "{name}: a zero gradient"
+        );
+    }
+    let e = rel_l2(&dx, &cpu_dx);
+    eprintln!("input: relative L2 {e:.2e}; loss {loss} vs {cpu_loss}");
+    assert!(e < 0.02, "input gradient: relative L2 error {e:.4}");
+
+    // A second micro-batch accumulates into the same parameter gradients.
+    let params: Vec<DevParam> = parameters()
+        .iter()
+        .map(|(n, s, v)| DevParam::new(&be, n, v, s))
+        .collect();
+    let xb = be
+        .upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
+        .unwrap();
+    for _ in 0..2 {
+        let mut tape = DeviceTape::new(&be);
+        let p: Vec<_> = params
+            .iter()
+            .map(|q| tape.param(q.bufs(), &q.shape).unwrap())
+            .collect();
+        let xv = tape.input(&xb, &[ROWS, D]).unwrap();
+        let logits = tape.linear(xv, p[5], p[6], true).unwrap();
+        let loss = tape.cross_entropy(logits, &labels()).unwrap();
+        tape.backward(loss, 1.0).unwrap();
+    }
+    let mut tape = DeviceTape::new(&be);
+    let p5 = tape.param(params[5].bufs(), &params[5].shape).unwrap();
+    let p6 = tape.param(params[6].bufs(), &params[6].shape).unwrap();
+    let xv = tape.input(&xb, &[ROWS, D]).unwrap();
+    let logits = tape.linear(xv, p5, p6, true).unwrap();
+    let loss = tape.cross_entropy(logits, &labels()).unwrap();
+    let two = be.download(&params[6].grad).unwrap();
+    tape.backward(loss, 1.0).unwrap();
+    let three = be.download(&params[6].grad).unwrap();
+    for (a, b) in two.iter().zip(&three) {
+        assert!(
+            (b - a * 1.5).abs() <= 1e-5 * a.abs().max(1.0),
+            "{a} then {b}"
+        );
+    }
+}
+
+#[test]
+fn the_device_tape_refuses_misuse_with_named_errors() {
+    let be = Backend::Emulator;
+    let x16 = vec![bf16::from_f32(0.5); ROWS * D];
+    let xb = be.upload(&x16).unwrap();
+    let w = DevParam::new(&be, "w", &values(D * D, 1, 0.3), &[D, D]);
+    let b = DevParam::new(&be, "b", &values(D, 2, 0.1), &[D]);
+    let err = |r: strata::Result<strata::autograd::DVar>| r.expect_err("an error").to_string();
+
+    // A shape that does not hold the buffer.
+    let mut tape = DeviceTape::new(&be);
+    assert!(err(tape.input(&xb, &[ROWS, D + 1])).contains("elements"));
+    // Dtypes: the Linear reads bf16, LayerNorm fp32.
+    let xv = tape.input(&xb, &[ROWS, D]).unwrap();
+    let (wv, bv) = (
+        tape.param(w.bufs(), &[D, D]).unwrap(),
+        tape.param(b.bufs(), &[D]).unwrap(),
+    );
+    let h = tape.linear(xv, wv, bv, true).unwrap();
+    let e = err(tape.linear(h, wv, bv, true));
+    assert!(e.contains("linear") && e.contains("bf16"), "{e}");
+    let e = err(tape.layer_norm(xv, None, 1e-5));
+    assert!(e.contains("layer_norm") && e.contains("fp32"), "{e}");
+    // Shapes that do not chain, named with both.
+    let e = err(tape.linear(xv, bv, wv, true));
+    assert!(
+        e.contains("linear") && e.contains(&format!("{:?}", [D])),
+        "{e}"
+    );
+    // The frozen-stack ops refuse an input that needs a gradient.
+    let stack = tape.input_requiring_grad(&xb, &[2, 3, D]).unwrap();
+    let e = err(tape.select_layer(stack, 1));
+    assert!(e.contains("select_layer") && e.contains("gradient"), "{e}");
+    // Backward runs once, from a loss.
+    let e = tape.backward(h, 1.0).err().expect("not a loss").to_string();
+    assert!(e.contains("not a loss"), "{e}");
+    let logits = tape.linear(xv, wv, bv, true).unwrap();
+    let loss = tape.cross_entropy(logits, &[0; ROWS]).unwrap();
+    tape.backward(loss, 1.0).unwrap();
+    let e = tape.backward(loss, 1.0).err().expect("twice").to_string();
+    assert!(e.contains("already"), "{e}");
+
+    // A no-grad tape computes values and refuses backward.
+    let mut tape = DeviceTape::no_grad(&be);
+    let xv = tape.input(&xb, &[ROWS, D]).unwrap();
+    let (wv, bv) = (
+        tape.param(w.bufs(), &[D, D]).unwrap(),
+        tape.param(b.bufs(), &[D]).unwrap(),
+    );
+    let logits = tape.linear(xv, wv, bv, true).unwrap();
+    let loss = tape.cross_entropy(logits, &[1; ROWS]).unwrap();
+    assert!(tape.loss_value(loss).unwrap().is_finite());
+    let e = tape.backward(loss, 1.0).err().expect("no_grad").to_string();
+    assert!(e.contains("no_grad"), "{e}");
+}
