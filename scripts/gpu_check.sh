@@ -20,12 +20,14 @@ if [ "${1:-}" = "--prepare" ]; then
     }
     kernels=$(exe kernels)
     step=$(exe device_step)
+    tape=$(exe device_tape)
     rm -rf .gpu && mkdir -p .gpu
     cp target/release/examples/gpu_bench .gpu/
     cp $kernels .gpu/kernels_test
     cp $step .gpu/device_step_test
+    cp $tape .gpu/device_tape_test
     cp target/release/strata .gpu/strata
-    strip --strip-debug .gpu/gpu_bench .gpu/kernels_test .gpu/device_step_test .gpu/strata
+    strip --strip-debug .gpu/gpu_bench .gpu/kernels_test .gpu/device_step_test .gpu/device_tape_test .gpu/strata
     git rev-parse --short HEAD > .gpu/commit
     ls -la .gpu
     exit 0
@@ -44,6 +46,8 @@ status=0
 export STRATA_TEST_EMULATOR=0
 echo "== kernel tests on the GPU"
 STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
+echo "== the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"
+STRATA_TEST_CUDA=1 .gpu/device_tape_test 2>&1 | tail -3 | tee -a "$out/tests.log" || status=1
 echo "== whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head)"
 STRATA_TEST_CUDA=1 .gpu/device_step_test --nocapture 2>&1 | grep -E "step|worst|test result|panicked" | tail -40 | tee -a "$out/tests.log" || status=1
 echo "== strata demo on the GPU and on the CPU (same corpus, same init)"

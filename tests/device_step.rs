@@ -10,6 +10,8 @@
 //! - Written back into a CPU pair and rebuilt, a device pair continues exactly (parameters, Adam
 //!   moments and step count survive the round trip, as a checkpoint + resume needs).
 
+mod common;
+use common::backends;
 use strata::models::interface::{ClsActivation, InterfaceConfig, InterfaceKind};
 use strata::optim::AdamConfig;
 use strata::runtime::Backend;
@@ -17,20 +19,6 @@ use strata::train::device_step::{upload_stack, DevicePair};
 use strata::train::side_by_side::{HeadKind, Pair};
 use strata::train::synthetic::{self, SyntheticWorld};
 use strata::{PackedBatch, Tensor};
-
-fn backends() -> Vec<Backend> {
-    // As tests/kernels.rs: the emulator always, the GPU when asked for; the device script skips
-    // the emulator half (STRATA_TEST_EMULATOR=0), which CI runs.
-    let gpu = std::env::var("STRATA_TEST_CUDA").is_ok_and(|v| v == "1");
-    let mut backends = Vec::new();
-    if !(gpu && std::env::var("STRATA_TEST_EMULATOR").is_ok_and(|v| v == "0")) {
-        backends.push(Backend::Emulator);
-    }
-    if gpu {
-        backends.push(Backend::cuda().expect("STRATA_TEST_CUDA=1 needs a GPU"));
-    }
-    backends
-}
 
 type Batch = (Tensor, PackedBatch, Vec<Vec<usize>>);
 

@@ -7,6 +7,8 @@
 //! groups and an HConv conv. The device computes in bf16 with fp32 accumulation, so gradients
 //! match within a bf16-sized margin (seen: at most 0.4% relative L2; bound 2%).
 
+mod common;
+use common::backends;
 use strata::autograd::{DeviceTape, ParamBufs, ParamStore, Tape};
 use strata::ops::ctc::Reduction;
 use strata::runtime::{Backend, Buf};
@@ -178,36 +180,44 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 #[test]
 fn the_device_tape_follows_the_cpu_tape() {
     let x = values(ROWS * D, 9, 1.0);
-    let (cpu_loss, cpu_grads, cpu_dx) = cpu(&x);
-    let be = Backend::Emulator;
-    let (loss, grads, dx) = device(&be, &x);
+    let cpu_run = cpu(&x);
+    for be in backends() {
+        follows_the_cpu_tape_on(&be, &x, &cpu_run);
+    }
+}
+
+fn follows_the_cpu_tape_on(be: &Backend, x: &[f32], (cpu_loss, cpu_grads, cpu_dx): &Run) {
+    let (loss, grads, dx) = device(be, x);
     assert!(
-        ((loss - cpu_loss) / cpu_loss).abs() < 1e-2,
+        ((loss - *cpu_loss) / *cpu_loss).abs() < 1e-2,
         "loss {loss} vs the CPU's {cpu_loss}"
     );
-    for ((name, got), (_, want)) in grads.iter().zip(&cpu_grads) {
+    for ((name, got), (_, want)) in grads.iter().zip(cpu_grads) {
         let e = rel_l2(got, want);
-        eprintln!("{name}: relative L2 {e:.2e}");
+        eprintln!("{}: {name}: relative L2 {e:.2e}", be.name());
         assert!(e < 0.02, "parameter {name}: relative L2 error {e:.4}");
         assert!(
             want.iter().any(|v| v.abs() > 1e-6),
             "{name}: a zero gradient"
         );
     }
-    let e = rel_l2(&dx, &cpu_dx);
-    eprintln!("input: relative L2 {e:.2e}; loss {loss} vs {cpu_loss}");
+    let e = rel_l2(&dx, cpu_dx);
+    eprintln!(
+        "{}: input: relative L2 {e:.2e}; loss {loss} vs {cpu_loss}",
+        be.name()
+    );
     assert!(e < 0.02, "input gradient: relative L2 error {e:.4}");
 
     // A second micro-batch accumulates into the same parameter gradients.
     let params: Vec<DevParam> = parameters()
         .iter()
-        .map(|(n, s, v)| DevParam::new(&be, n, v, s))
+        .map(|(n, s, v)| DevParam::new(be, n, v, s))
         .collect();
     let xb = be
         .upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
         .unwrap();
     for _ in 0..2 {
-        let mut tape = DeviceTape::new(&be);
+        let mut tape = DeviceTape::new(be);
         let p: Vec<_> = params
             .iter()
             .map(|q| tape.param(q.bufs(), &q.shape).unwrap())
@@ -217,7 +227,7 @@ fn the_device_tape_follows_the_cpu_tape() {
         let loss = tape.cross_entropy(logits, &labels()).unwrap();
         tape.backward(loss, 1.0).unwrap();
     }
-    let mut tape = DeviceTape::new(&be);
+    let mut tape = DeviceTape::new(be);
     let p5 = tape.param(params[5].bufs(), &params[5].shape).unwrap();
     let p6 = tape.param(params[6].bufs(), &params[6].shape).unwrap();
     let xv = tape.input(&xb, &[ROWS, D]).unwrap();
@@ -236,15 +246,20 @@ fn the_device_tape_follows_the_cpu_tape() {
 
 #[test]
 fn the_device_tape_refuses_misuse_with_named_errors() {
-    let be = Backend::Emulator;
+    for be in backends() {
+        refuses_misuse_on(&be);
+    }
+}
+
+fn refuses_misuse_on(be: &Backend) {
     let x16 = vec![bf16::from_f32(0.5); ROWS * D];
     let xb = be.upload(&x16).unwrap();
-    let w = DevParam::new(&be, "w", &values(D * D, 1, 0.3), &[D, D]);
-    let b = DevParam::new(&be, "b", &values(D, 2, 0.1), &[D]);
+    let w = DevParam::new(be, "w", &values(D * D, 1, 0.3), &[D, D]);
+    let b = DevParam::new(be, "b", &values(D, 2, 0.1), &[D]);
     let err = |r: strata::Result<strata::autograd::DVar>| r.expect_err("an error").to_string();
 
     // A shape that does not hold the buffer.
-    let mut tape = DeviceTape::new(&be);
+    let mut tape = DeviceTape::new(be);
     assert!(err(tape.input(&xb, &[ROWS, D + 1])).contains("elements"));
     // Dtypes: the Linear reads bf16, LayerNorm fp32.
     let xv = tape.input(&xb, &[ROWS, D]).unwrap();
@@ -277,7 +292,7 @@ fn the_device_tape_refuses_misuse_with_named_errors() {
     assert!(e.contains("already"), "{e}");
 
     // A no-grad tape computes values and refuses backward.
-    let mut tape = DeviceTape::no_grad(&be);
+    let mut tape = DeviceTape::no_grad(be);
     let xv = tape.input(&xb, &[ROWS, D]).unwrap();
     let (wv, bv) = (
         tape.param(w.bufs(), &[D, D]).unwrap(),
@@ -293,7 +308,7 @@ fn the_device_tape_refuses_misuse_with_named_errors() {
 /// The stack's own gradient (a trainable upstream): the interface's first op hands it back through
 /// the tape. `interface` is "ws", "ws_norm", "groups" (two GroupWS groups, their stack gradients
 /// summed by the op) or "hconv" (the first conv's input gradient).
-fn stack_gradient_case(interface: &str) {
+fn stack_gradient_case(be: &Backend, interface: &str) {
     const N: usize = 5;
     const L: usize = 7;
     const W: usize = 24;
@@ -387,26 +402,25 @@ fn stack_gradient_case(interface: &str) {
         }
     }
 
-    // Device tape (emulator).
-    let be = Backend::Emulator;
+    // Device tape.
     let dev: Vec<DevParam> = ws
         .iter()
         .enumerate()
-        .map(|(g, w)| DevParam::new(&be, ["w0", "w1"][g], w, &[w.len()]))
+        .map(|(g, w)| DevParam::new(be, ["w0", "w1"][g], w, &[w.len()]))
         .collect();
     let cw_tap = strata::ops::device::hconv_weight_tap_major(&conv_w, &geom);
     let dconv = [
-        DevParam::new(&be, "conv_w", &cw_tap, &[geom.c_out, geom.kernel * W]),
-        DevParam::new(&be, "conv_b", &conv_b, &[geom.c_out]),
+        DevParam::new(be, "conv_w", &cw_tap, &[geom.c_out, geom.kernel * W]),
+        DevParam::new(be, "conv_b", &conv_b, &[geom.c_out]),
     ];
     let dhead = [
-        DevParam::new(&be, "head_w", &head_w, &[CLASSES, feat]),
-        DevParam::new(&be, "head_b", &head_b, &[CLASSES]),
+        DevParam::new(be, "head_w", &head_w, &[CLASSES, feat]),
+        DevParam::new(be, "head_b", &head_b, &[CLASSES]),
     ];
     let xb = be
         .upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
         .unwrap();
-    let mut tape = DeviceTape::new(&be);
+    let mut tape = DeviceTape::new(be);
     let xv = tape.input_requiring_grad(&xb, &[N, L, W]).unwrap();
     let feats = if interface == "hconv" {
         let w = tape.param(dconv[0].bufs(), &dconv[0].shape).unwrap();
@@ -428,10 +442,13 @@ fn stack_gradient_case(interface: &str) {
     let dx = grads
         .get(xv)
         .expect("the stack's gradient")
-        .download(&be)
+        .download(be)
         .unwrap();
     let e = rel_l2(&dx, &want_dx);
-    eprintln!("{interface}: stack gradient relative L2 {e:.2e}");
+    eprintln!(
+        "{}: {interface}: stack gradient relative L2 {e:.2e}",
+        be.name()
+    );
     assert!(
         e < 0.02,
         "{interface}: stack gradient off by {e:.4} (relative L2)"
@@ -450,7 +467,9 @@ fn stack_gradient_case(interface: &str) {
 
 #[test]
 fn the_stack_gradient_comes_back_through_the_device_tape() {
-    for interface in ["ws", "ws_norm", "groups", "hconv"] {
-        stack_gradient_case(interface);
+    for be in backends() {
+        for interface in ["ws", "ws_norm", "groups", "hconv"] {
+            stack_gradient_case(&be, interface);
+        }
     }
 }

@@ -5,32 +5,13 @@
 //! vs the fp32 reference at most 2x that of a naive bf16 computation (+1e-6).
 
 mod common;
-use common::rel_err;
+use common::{backends, on_gpu, rel_err};
 use half::bf16;
 use strata::ops::device::{self, LayerSumShape};
 use strata::optim::{clip_grad_norm, Adam, AdamConfig};
 use strata::rng::Rng;
 use strata::runtime::{Backend, Buf};
 use strata::{ParamStore, Tensor};
-
-fn on_gpu() -> bool {
-    std::env::var("STRATA_TEST_CUDA").is_ok_and(|v| v == "1")
-}
-
-/// The emulator, plus the GPU when asked for (then it must exist). The device script sets
-/// STRATA_TEST_EMULATOR=0 to spend its minutes on the GPU only (CI runs the emulator).
-fn backends() -> Vec<Backend> {
-    let mut v = Vec::new();
-    if !(on_gpu() && std::env::var("STRATA_TEST_EMULATOR").is_ok_and(|v| v == "0")) {
-        v.push(Backend::Emulator);
-    }
-    if on_gpu() {
-        v.push(
-            Backend::cuda().unwrap_or_else(|why| panic!("STRATA_TEST_CUDA=1 but no GPU: {why}")),
-        );
-    }
-    v
-}
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);

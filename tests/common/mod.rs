@@ -1,7 +1,9 @@
-//! Shared test helpers: reading the PyTorch fixtures (tools/gen_fixtures.py) and comparing tensors.
+//! Shared test helpers: reading the PyTorch fixtures (tools/gen_fixtures.py), comparing tensors,
+//! and the device backends a test runs on.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use strata::runtime::Backend;
 use strata::{ParamStore, Tensor};
 
 pub struct Fixture {
@@ -137,4 +139,25 @@ pub fn split_targets(flat: &[usize], lengths: &[usize]) -> Vec<Vec<usize>> {
         o += l;
     }
     out
+}
+
+/// Whether the GPU was asked for (STRATA_TEST_CUDA=1, as the device script sets).
+pub fn on_gpu() -> bool {
+    std::env::var("STRATA_TEST_CUDA").is_ok_and(|v| v == "1")
+}
+
+/// The device backends a test runs on: the kernel emulator always, plus the GPU when asked for
+/// (then it must exist). The device script skips the emulator half (STRATA_TEST_EMULATOR=0),
+/// which CI runs.
+pub fn backends() -> Vec<Backend> {
+    let mut v = Vec::new();
+    if !(on_gpu() && std::env::var("STRATA_TEST_EMULATOR").is_ok_and(|v| v == "0")) {
+        v.push(Backend::Emulator);
+    }
+    if on_gpu() {
+        v.push(
+            Backend::cuda().unwrap_or_else(|why| panic!("STRATA_TEST_CUDA=1 but no GPU: {why}")),
+        );
+    }
+    v
 }
