@@ -512,11 +512,15 @@ impl<'a> DeviceTape<'a> {
             move || {
                 Box::new(move |be, g, need| {
                     let dout = g.to_f32(be, OP)?;
-                    let mut dx: Option<Buf<f32>> = None;
+                    // One stack gradient for every group: each writes only its own layers.
+                    let dx = match need[0].any() {
+                        true => Some(be.zeros::<f32>(n * l * d)?),
+                        false => None,
+                    };
                     let mut grads = vec![None];
                     for (i, (shape, cols, wv, stats)) in plan.into_iter().enumerate() {
                         let sink = need[i + 1].sink(be, shape.k)?;
-                        let part = device::layer_sum_backward_cols(
+                        device::layer_sum_backward_into(
                             be,
                             &xb,
                             &wv,
@@ -524,14 +528,8 @@ impl<'a> DeviceTape<'a> {
                             stats.as_ref(),
                             shape,
                             sink.buf(),
-                            need[0].any(),
+                            dx.as_ref(),
                         )?;
-                        dx = match (dx, part) {
-                            (Some(a), Some(b)) => {
-                                Some(device::add_rows(be, &a, Some(&b), None, 1, a.len())?)
-                            }
-                            (a, b) => a.or(b),
-                        };
                         grads.push(sink.into_grad());
                     }
                     grads[0] = dx.map(Grad::f32);

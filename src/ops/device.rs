@@ -196,12 +196,34 @@ pub fn layer_sum_backward_cols(
     be: &Backend,
     x: &Buf<bf16>,
     w: &Buf<f32>,
-    (dout, cols): (&Buf<f32>, Cols),
+    dout: (&Buf<f32>, Cols),
     stats: Option<&LayerNormStats>,
     s: LayerSumShape,
     dw: &Buf<f32>,
     need_dx: bool,
 ) -> Result<Option<Buf<f32>>> {
+    let dx = if need_dx {
+        Some(be.zeros::<f32>(s.n * s.l * s.d)?)
+    } else {
+        None
+    };
+    layer_sum_backward_into(be, x, w, dout, stats, s, dw, dx.as_ref())?;
+    Ok(dx)
+}
+
+/// [`layer_sum_backward_cols`] writing the stack gradient of layers first..first+k into `dx`
+/// [n, l, d] when given (its other layers untouched: GroupWS's groups share one buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_sum_backward_into(
+    be: &Backend,
+    x: &Buf<bf16>,
+    w: &Buf<f32>,
+    (dout, cols): (&Buf<f32>, Cols),
+    stats: Option<&LayerNormStats>,
+    s: LayerSumShape,
+    dw: &Buf<f32>,
+    dx: Option<&Buf<f32>>,
+) -> Result<()> {
     const K: &str = "layer_sum_backward";
     s.check(K)?;
     need(be, K, "stack", x, s.n * s.l * s.d)?;
@@ -224,11 +246,9 @@ pub fn layer_sum_backward_cols(
     }
     let blocks = s.n.div_ceil(LAYER_SUM_FRAMES_PER_BLOCK);
     let partial = be.zeros::<f32>(blocks * s.k)?;
-    let dx = if need_dx {
-        Some(be.zeros::<f32>(s.n * s.l * s.d)?)
-    } else {
-        None
-    };
+    if let Some(dx) = dx {
+        need(be, K, "dx", dx, s.n * s.l * s.d)?;
+    }
     let p = LayerSumBwdParams {
         x: be.ptr(x),
         w: be.ptr(w),
@@ -236,7 +256,7 @@ pub fn layer_sum_backward_cols(
         mean: stats.map_or(0, |st| be.ptr(&st.mean)),
         rstd: stats.map_or(0, |st| be.ptr(&st.rstd)),
         partial: be.ptr(&partial),
-        dx: dx.as_ref().map_or(0, |b| be.ptr(b)),
+        dx: dx.map_or(0, |b| be.ptr(b)),
         n: s.n as i32,
         l: s.l as i32,
         d: s.d as i32,
@@ -259,8 +279,7 @@ pub fn layer_sum_backward_cols(
         n: blocks as i32,
         k: s.k as i32,
     };
-    be.launch("layer_sum_reduce", (1, 1, 1), (256, 1, 1), 0, &r)?;
-    Ok(dx)
+    be.launch("layer_sum_reduce", (1, 1, 1), (256, 1, 1), 0, &r)
 }
 
 /// Adam / AdamW step `t` (1-based) over a flat parameter buffer, as `crate::optim::Adam`.
