@@ -9,9 +9,9 @@
 
 mod common;
 use common::backends;
-use strata::autograd::{DeviceTape, ParamBufs, ParamStore, Tape};
+use strata::autograd::{DeviceParam, DeviceTape, ParamStore, Tape};
 use strata::ops::ctc::Reduction;
-use strata::runtime::{Backend, Buf};
+use strata::runtime::Backend;
 use strata::Tensor;
 
 use half::bf16;
@@ -32,35 +32,6 @@ fn values(len: usize, salt: u32, scale: f32) -> Vec<f32> {
             bf16::from_f32(u * scale).to_f32()
         })
         .collect()
-}
-
-struct DevParam {
-    name: String,
-    shape: Vec<usize>,
-    master: Buf<f32>,
-    copy: Buf<bf16>,
-    grad: Buf<f32>,
-}
-
-impl DevParam {
-    fn new(be: &Backend, name: &str, v: &[f32], shape: &[usize]) -> Self {
-        let copy: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-        DevParam {
-            name: name.into(),
-            shape: shape.to_vec(),
-            master: be.upload(v).unwrap(),
-            copy: be.upload(&copy).unwrap(),
-            grad: be.zeros::<f32>(v.len()).unwrap(),
-        }
-    }
-    fn bufs(&self) -> ParamBufs<'_> {
-        ParamBufs {
-            name: &self.name,
-            master: &self.master,
-            copy: &self.copy,
-            grad: &self.grad,
-        }
-    }
 }
 
 /// The graph's parameters: (name, shape, values).
@@ -132,17 +103,14 @@ fn cpu(x: &[f32]) -> Run {
 
 /// The same graph on the device tape.
 fn device(be: &Backend, x: &[f32]) -> Run {
-    let params: Vec<DevParam> = parameters()
+    let params: Vec<DeviceParam> = parameters()
         .iter()
-        .map(|(n, s, v)| DevParam::new(be, n, v, s))
+        .map(|(n, s, v)| DeviceParam::upload(be, n, v, s).unwrap())
         .collect();
     let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
     let xb = be.upload(&x16).unwrap();
     let mut tape = DeviceTape::new(be);
-    let p: Vec<_> = params
-        .iter()
-        .map(|q| tape.param(q.bufs(), &q.shape).unwrap())
-        .collect();
+    let p: Vec<_> = params.iter().map(|q| tape.param(q).unwrap()).collect();
     let xv = tape.input_requiring_grad(&xb, &[ROWS, D]).unwrap();
     let h = tape.linear(xv, p[0], p[1], true).unwrap();
     let t = tape.layer_norm(p[2], None, 1e-5).unwrap();
@@ -209,27 +177,24 @@ fn follows_the_cpu_tape_on(be: &Backend, x: &[f32], (cpu_loss, cpu_grads, cpu_dx
     assert!(e < 0.02, "input gradient: relative L2 error {e:.4}");
 
     // A second micro-batch accumulates into the same parameter gradients.
-    let params: Vec<DevParam> = parameters()
+    let params: Vec<DeviceParam> = parameters()
         .iter()
-        .map(|(n, s, v)| DevParam::new(be, n, v, s))
+        .map(|(n, s, v)| DeviceParam::upload(be, n, v, s).unwrap())
         .collect();
     let xb = be
         .upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
         .unwrap();
     for _ in 0..2 {
         let mut tape = DeviceTape::new(be);
-        let p: Vec<_> = params
-            .iter()
-            .map(|q| tape.param(q.bufs(), &q.shape).unwrap())
-            .collect();
+        let p: Vec<_> = params.iter().map(|q| tape.param(q).unwrap()).collect();
         let xv = tape.input(&xb, &[ROWS, D]).unwrap();
         let logits = tape.linear(xv, p[5], p[6], true).unwrap();
         let loss = tape.cross_entropy(logits, &labels()).unwrap();
         tape.backward(loss, 1.0).unwrap();
     }
     let mut tape = DeviceTape::new(be);
-    let p5 = tape.param(params[5].bufs(), &params[5].shape).unwrap();
-    let p6 = tape.param(params[6].bufs(), &params[6].shape).unwrap();
+    let p5 = tape.param(&params[5]).unwrap();
+    let p6 = tape.param(&params[6]).unwrap();
     let xv = tape.input(&xb, &[ROWS, D]).unwrap();
     let logits = tape.linear(xv, p5, p6, true).unwrap();
     let loss = tape.cross_entropy(logits, &labels()).unwrap();
@@ -254,19 +219,25 @@ fn the_device_tape_refuses_misuse_with_named_errors() {
 fn refuses_misuse_on(be: &Backend) {
     let x16 = vec![bf16::from_f32(0.5); ROWS * D];
     let xb = be.upload(&x16).unwrap();
-    let w = DevParam::new(be, "w", &values(D * D, 1, 0.3), &[D, D]);
-    let b = DevParam::new(be, "b", &values(D, 2, 0.1), &[D]);
+    let w = DeviceParam::upload(be, "w", &values(D * D, 1, 0.3), &[D, D]).unwrap();
+    let b = DeviceParam::upload(be, "b", &values(D, 2, 0.1), &[D]).unwrap();
     let err = |r: strata::Result<strata::autograd::DVar>| r.expect_err("an error").to_string();
 
     // A shape that does not hold the buffer.
+    let e = DeviceParam::upload(be, "bad", &[1.0; 3], &[2, 2])
+        .err()
+        .expect("3 values in [2, 2]");
+    assert!(e.to_string().contains("'bad'"), "{e}");
     let mut tape = DeviceTape::new(be);
     assert!(err(tape.input(&xb, &[ROWS, D + 1])).contains("elements"));
+    let e = err(tape.param_as(&b, &[2, D]));
+    assert!(
+        e.contains("'b'") && e.contains(&format!("{D} elements")),
+        "{e}"
+    );
     // Dtypes: the Linear reads bf16, LayerNorm fp32.
     let xv = tape.input(&xb, &[ROWS, D]).unwrap();
-    let (wv, bv) = (
-        tape.param(w.bufs(), &[D, D]).unwrap(),
-        tape.param(b.bufs(), &[D]).unwrap(),
-    );
+    let (wv, bv) = (tape.param(&w).unwrap(), tape.param(&b).unwrap());
     let h = tape.linear(xv, wv, bv, true).unwrap();
     let e = err(tape.linear(h, wv, bv, true));
     assert!(e.contains("linear") && e.contains("bf16"), "{e}");
@@ -294,10 +265,7 @@ fn refuses_misuse_on(be: &Backend) {
     // A no-grad tape computes values and refuses backward.
     let mut tape = DeviceTape::no_grad(be);
     let xv = tape.input(&xb, &[ROWS, D]).unwrap();
-    let (wv, bv) = (
-        tape.param(w.bufs(), &[D, D]).unwrap(),
-        tape.param(b.bufs(), &[D]).unwrap(),
-    );
+    let (wv, bv) = (tape.param(&w).unwrap(), tape.param(&b).unwrap());
     let logits = tape.linear(xv, wv, bv, true).unwrap();
     let loss = tape.cross_entropy(logits, &[1; ROWS]).unwrap();
     assert!(tape.loss_value(loss).unwrap().is_finite());
@@ -403,19 +371,19 @@ fn stack_gradient_case(be: &Backend, interface: &str) {
     }
 
     // Device tape.
-    let dev: Vec<DevParam> = ws
+    let dev: Vec<DeviceParam> = ws
         .iter()
         .enumerate()
-        .map(|(g, w)| DevParam::new(be, ["w0", "w1"][g], w, &[w.len()]))
+        .map(|(g, w)| DeviceParam::upload(be, ["w0", "w1"][g], w, &[w.len()]).unwrap())
         .collect();
     let cw_tap = strata::ops::device::hconv_weight_tap_major(&conv_w, &geom);
     let dconv = [
-        DevParam::new(be, "conv_w", &cw_tap, &[geom.c_out, geom.kernel * W]),
-        DevParam::new(be, "conv_b", &conv_b, &[geom.c_out]),
+        DeviceParam::upload(be, "conv_w", &cw_tap, &[geom.c_out, geom.kernel * W]).unwrap(),
+        DeviceParam::upload(be, "conv_b", &conv_b, &[geom.c_out]).unwrap(),
     ];
     let dhead = [
-        DevParam::new(be, "head_w", &head_w, &[CLASSES, feat]),
-        DevParam::new(be, "head_b", &head_b, &[CLASSES]),
+        DeviceParam::upload(be, "head_w", &head_w, &[CLASSES, feat]).unwrap(),
+        DeviceParam::upload(be, "head_b", &head_b, &[CLASSES]).unwrap(),
     ];
     let xb = be
         .upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
@@ -423,19 +391,19 @@ fn stack_gradient_case(be: &Backend, interface: &str) {
     let mut tape = DeviceTape::new(be);
     let xv = tape.input_requiring_grad(&xb, &[N, L, W]).unwrap();
     let feats = if interface == "hconv" {
-        let w = tape.param(dconv[0].bufs(), &dconv[0].shape).unwrap();
-        let b = tape.param(dconv[1].bufs(), &dconv[1].shape).unwrap();
+        let w = tape.param(&dconv[0]).unwrap();
+        let b = tape.param(&dconv[1]).unwrap();
         tape.hconv_conv(xv, w, b, geom, true).unwrap()
     } else {
         let gs: Vec<_> = groups
             .iter()
             .zip(&dev)
-            .map(|(&(first, k), p)| (first, k, tape.param(p.bufs(), &p.shape).unwrap()))
+            .map(|(&(first, k), p)| (first, k, tape.param(p).unwrap()))
             .collect();
         tape.layer_sums(xv, &gs, normalize).unwrap()
     };
-    let w = tape.param(dhead[0].bufs(), &dhead[0].shape).unwrap();
-    let b = tape.param(dhead[1].bufs(), &dhead[1].shape).unwrap();
+    let w = tape.param(&dhead[0]).unwrap();
+    let b = tape.param(&dhead[1]).unwrap();
     let logits = tape.linear(feats, w, b, true).unwrap();
     let loss = tape.cross_entropy(logits, &labels).unwrap();
     let grads = tape.backward(loss, 1.0).unwrap();

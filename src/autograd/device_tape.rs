@@ -14,6 +14,37 @@
 //! The op set is what the interfaces and heads need on the device; ops whose kernels have no
 //! backward for an input (the per-layer normalize and the layer gather, which only read the frozen
 //! stack) refuse, when recorded, an input that needs a gradient.
+//!
+//! ```
+//! use half::bf16;
+//! use strata::autograd::{DeviceParam, DeviceTape};
+//! use strata::runtime::Backend;
+//! use strata::PackedBatch;
+//! # fn main() -> strata::Result<()> {
+//! let be = Backend::Emulator; // the same kernels as Backend::cuda()?, on the CPU
+//! let (l, d, vocab) = (3, 8, 4);
+//! let batch = PackedBatch::from_lengths(&[4, 2])?; // two utterances, 6 frames
+//! let frames = batch.total_frames();
+//! let stack: Vec<bf16> = (0..frames * l * d).map(|i| bf16::from_f32((i % 7) as f32 / 7.0)).collect();
+//! let stack = be.upload(&stack)?;
+//! // Parameters outlive the tape that borrows them.
+//! let ws = DeviceParam::upload(&be, "weights", &vec![0.0; l], &[l])?;
+//! let proj_w = DeviceParam::upload(&be, "proj.weight", &vec![0.01; vocab * d], &[vocab, d])?;
+//! let proj_b = DeviceParam::upload(&be, "proj.bias", &vec![0.0; vocab], &[vocab])?;
+//! let mut tape = DeviceTape::new(&be);
+//! let x = tape.input(&stack, &[frames, l, d])?;
+//! let w = tape.param(&ws)?;
+//! let feats = tape.layer_sums(x, &[(0, l, w)], false)?; // fused WS: bf16 [frames, d]
+//! let (pw, pb) = (tape.param(&proj_w)?, tape.param(&proj_b)?);
+//! let logits = tape.linear(feats, pw, pb, true)?; // fp32 [frames, vocab]
+//! let loss = tape.ctc_loss(logits, &batch, &[vec![1, 2], vec![3]])?;
+//! assert!(tape.loss_value(loss)?.is_finite());
+//! tape.backward(loss, 1.0)?; // adds into ws.grad, proj_w.grad, proj_b.grad
+//! drop(tape);
+//! assert!(be.download(&proj_b.grad)?.iter().any(|g| *g != 0.0));
+//! # Ok(())
+//! # }
+//! ```
 
 use std::ops::Deref;
 use std::rc::Rc;
@@ -56,20 +87,36 @@ impl<T> Deref for Held<'_, T> {
     }
 }
 
-/// A trainable parameter as the tape sees it: fp32 master values, their bf16 copy (what the
-/// tensor-core kernels read), and the fp32 gradient its ops add into.
-#[derive(Clone, Copy)]
-pub struct ParamBufs<'a> {
-    pub name: &'a str,
-    pub master: &'a Buf<f32>,
-    pub copy: &'a Buf<bf16>,
-    pub grad: &'a Buf<f32>,
+/// A trainable parameter's device buffers: fp32 master values, their bf16 copy (what the
+/// tensor-core kernels read; the optimizer refreshes it) and the fp32 gradient its ops add into,
+/// with its shape in the kernels' layout.
+pub struct DeviceParam {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub master: Buf<f32>,
+    pub copy: Buf<bf16>,
+    pub grad: Buf<f32>,
+}
+
+impl DeviceParam {
+    /// `values` (fp32, `shape`) put on `be`, with their bf16 copy and a zero gradient.
+    pub fn upload(be: &Backend, name: &str, values: &[f32], shape: &[usize]) -> Result<Self> {
+        DeviceTape::check_len(&format!("parameter '{name}'"), shape, values.len())?;
+        let copy: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+        Ok(DeviceParam {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            master: be.upload(values)?,
+            copy: be.upload(&copy)?,
+            grad: be.zeros::<f32>(values.len())?,
+        })
+    }
 }
 
 enum Value<'a> {
     Bf16(Held<'a, bf16>),
     F32(Held<'a, f32>),
-    Param(ParamBufs<'a>),
+    Param(&'a DeviceParam),
     /// A loss, reduced on the host.
     Loss(f32),
 }
@@ -216,6 +263,11 @@ impl DeviceGradients {
     }
 }
 
+/// A shape error named after the tape op.
+fn shape_error(op: &str, expected: impl Into<String>, got: impl Into<String>) -> Error {
+    Error::shape(format!("device tape {op}"), expected, got)
+}
+
 fn rows_of(shape: &[usize]) -> usize {
     shape[..shape.len().saturating_sub(1)].iter().product()
 }
@@ -255,7 +307,7 @@ impl<'a> DeviceTape<'a> {
     pub fn f32_value(&self, v: DVar) -> Result<&Buf<f32>> {
         match &self.nodes[v.0].value {
             Value::F32(b) => Ok(b),
-            Value::Param(p) => Ok(p.master),
+            Value::Param(p) => Ok(&p.master),
             other => Err(Error::Config(format!(
                 "device tape: value {} is {}, not fp32",
                 v.0,
@@ -289,8 +341,8 @@ impl<'a> DeviceTape<'a> {
 
     fn check_len(what: &str, shape: &[usize], len: usize) -> Result<()> {
         if shape.iter().product::<usize>() != len || shape.is_empty() {
-            return Err(Error::shape(
-                format!("device tape {what}"),
+            return Err(shape_error(
+                what,
                 format!("{len} elements"),
                 format!("shape {shape:?}"),
             ));
@@ -312,8 +364,14 @@ impl<'a> DeviceTape<'a> {
         Ok(self.leaf(Value::Bf16(Held::Lent(x)), shape, rg))
     }
 
-    /// A trainable parameter of `shape` (its layout on the device).
-    pub fn param(&mut self, p: ParamBufs<'a>, shape: &[usize]) -> Result<DVar> {
+    /// A trainable parameter, in its own shape.
+    pub fn param(&mut self, p: &'a DeviceParam) -> Result<DVar> {
+        self.param_as(p, &p.shape)
+    }
+
+    /// A trainable parameter seen under another shape of as many elements (e.g. a [D] vector as
+    /// a [1, D] row).
+    pub fn param_as(&mut self, p: &'a DeviceParam, shape: &[usize]) -> Result<DVar> {
         for (what, len) in [
             ("master", p.master.len()),
             ("bf16 copy", p.copy.len()),
@@ -328,7 +386,7 @@ impl<'a> DeviceTape<'a> {
     fn bf16_of(&self, op: &str, v: DVar) -> Result<Held<'a, bf16>> {
         match &self.nodes[v.0].value {
             Value::Bf16(b) => Ok(b.clone()),
-            Value::Param(p) => Ok(Held::Lent(p.copy)),
+            Value::Param(p) => Ok(Held::Lent(&p.copy)),
             other => Err(Error::Config(format!(
                 "device tape {op}: expects a bf16 input, got {} (cast it with to_bf16)",
                 other.dtype()
@@ -339,7 +397,7 @@ impl<'a> DeviceTape<'a> {
     fn f32_of(&self, op: &str, v: DVar) -> Result<Held<'a, f32>> {
         match &self.nodes[v.0].value {
             Value::F32(b) => Ok(b.clone()),
-            Value::Param(p) => Ok(Held::Lent(p.master)),
+            Value::Param(p) => Ok(Held::Lent(&p.master)),
             other => Err(Error::Config(format!(
                 "device tape {op}: expects an fp32 input, got {} (cast it with to_f32)",
                 other.dtype()
@@ -428,11 +486,7 @@ impl<'a> DeviceTape<'a> {
     fn stack_dims(&self, op: &str, x: DVar) -> Result<(usize, usize, usize)> {
         match *self.shape(x) {
             [n, l, d] => Ok((n, l, d)),
-            ref s => Err(Error::shape(
-                format!("device tape {op}"),
-                "a stack [frames, L, D]",
-                format!("{s:?}"),
-            )),
+            ref s => Err(shape_error(op, "a stack [frames, L, D]", format!("{s:?}"))),
         }
     }
 
@@ -469,11 +523,7 @@ impl<'a> DeviceTape<'a> {
         const OP: &str = "layer_sums";
         let (n, l, d) = self.stack_dims(OP, x)?;
         if groups.is_empty() {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
-                "at least one group",
-                "none",
-            ));
+            return Err(shape_error(OP, "at least one group", "none"));
         }
         let xb = self.bf16_of(OP, x)?;
         let width = groups.len() * d;
@@ -482,8 +532,8 @@ impl<'a> DeviceTape<'a> {
         let mut inputs = vec![x];
         for (g, &(first, k, w)) in groups.iter().enumerate() {
             if self.shape(w) != [k] {
-                return Err(Error::shape(
-                    format!("device tape {OP} group {g}"),
+                return Err(shape_error(
+                    &format!("{OP} group {g}"),
                     format!("weights [{k}]"),
                     format!("{:?}", self.shape(w)),
                 ));
@@ -547,8 +597,8 @@ impl<'a> DeviceTape<'a> {
             {
                 Ok((rows_of(xs), in_f, out_f))
             }
-            _ => Err(Error::shape(
-                format!("device tape {op}"),
+            _ => Err(shape_error(
+                op,
                 "x [rows, in], weight [out, in], bias [out]",
                 format!("x {xs:?}, weight {ws:?}, bias {:?}", self.shape(b)),
             )),
@@ -607,8 +657,8 @@ impl<'a> DeviceTape<'a> {
         let n = match *self.shape(x) {
             [n, l, c] if l == geom.l_in && c == geom.c_in => n,
             ref s => {
-                return Err(Error::shape(
-                    format!("device tape {OP}"),
+                return Err(shape_error(
+                    OP,
                     format!("x [frames, {}, {}]", geom.l_in, geom.c_in),
                     format!("{s:?}"),
                 ))
@@ -616,8 +666,8 @@ impl<'a> DeviceTape<'a> {
         };
         let k = geom.kernel * geom.c_in;
         if self.shape(w) != [geom.c_out, k] || self.shape(b) != [geom.c_out] {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
+            return Err(shape_error(
+                OP,
                 format!("weight [{}, {k}], bias [{}]", geom.c_out, geom.c_out),
                 format!("weight {:?}, bias {:?}", self.shape(w), self.shape(b)),
             ));
@@ -673,8 +723,8 @@ impl<'a> DeviceTape<'a> {
         let d = *shape.last().unwrap_or(&0);
         if let Some((w, b)) = affine {
             if self.shape(w) != [d] || self.shape(b) != [d] {
-                return Err(Error::shape(
-                    format!("device tape {OP}"),
+                return Err(shape_error(
+                    OP,
                     format!("weight and bias [{d}]"),
                     format!("{:?}, {:?}", self.shape(w), self.shape(b)),
                 ));
@@ -749,8 +799,8 @@ impl<'a> DeviceTape<'a> {
             && l > 0
             && rows % l == 0;
         if !ok {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
+            return Err(shape_error(
+                OP,
                 format!("q, k_cls, v_cls [1, D]; k, v [frames * {l}, D]"),
                 format!(
                     "{:?}",
@@ -807,8 +857,8 @@ impl<'a> DeviceTape<'a> {
         const OP: &str = "add";
         let shape = self.shape(a).to_vec();
         if self.shape(b) != shape.as_slice() {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
+            return Err(shape_error(
+                OP,
                 format!("{shape:?} + {shape:?}"),
                 format!("{shape:?} + {:?}", self.shape(b)),
             ));
@@ -828,8 +878,8 @@ impl<'a> DeviceTape<'a> {
         let shape = self.shape(a).to_vec();
         let c = *shape.last().unwrap_or(&0);
         if self.shape(v).iter().product::<usize>() != c || shape.len() < 2 {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
+            return Err(shape_error(
+                OP,
                 format!("a [rows, c] and a row of c = {c}"),
                 format!("{shape:?} and {:?}", self.shape(v)),
             ));
@@ -882,8 +932,8 @@ impl<'a> DeviceTape<'a> {
         const OP: &str = "mean_pool";
         let shape = self.shape(x).to_vec();
         if shape.len() != 2 || shape[0] != batch.total_frames() {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
+            return Err(shape_error(
+                OP,
                 format!("[{} frames, c]", batch.total_frames()),
                 format!("{shape:?}"),
             ));
@@ -910,11 +960,7 @@ impl<'a> DeviceTape<'a> {
     fn logits_dims(&self, op: &str, x: DVar) -> Result<(usize, usize)> {
         match *self.shape(x) {
             [rows, v] => Ok((rows, v)),
-            ref s => Err(Error::shape(
-                format!("device tape {op}"),
-                "logits [rows, classes]",
-                format!("{s:?}"),
-            )),
+            ref s => Err(shape_error(op, "logits [rows, classes]", format!("{s:?}"))),
         }
     }
 
@@ -949,8 +995,8 @@ impl<'a> DeviceTape<'a> {
         const OP: &str = "ctc_loss";
         let (rows, v) = self.logits_dims(OP, logits)?;
         if rows != batch.total_frames() {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
+            return Err(shape_error(
+                OP,
                 format!("logits for {} frames", batch.total_frames()),
                 format!("{rows} rows"),
             ));
@@ -977,8 +1023,8 @@ impl<'a> DeviceTape<'a> {
         const OP: &str = "cross_entropy";
         let (rows, classes) = self.logits_dims(OP, logits)?;
         if rows != labels.len() {
-            return Err(Error::shape(
-                format!("device tape {OP}"),
+            return Err(shape_error(
+                OP,
                 format!("one label per logit row ({rows})"),
                 format!("{} labels", labels.len()),
             ));
@@ -1034,7 +1080,7 @@ impl<'a> DeviceTape<'a> {
                     let n = &self.nodes[v.0];
                     match (&n.value, n.requires_grad) {
                         (_, false) => Need::No,
-                        (Value::Param(p), true) => Need::Param(p.grad),
+                        (Value::Param(p), true) => Need::Param(&p.grad),
                         _ => Need::Grad,
                     }
                 })

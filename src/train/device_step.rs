@@ -22,7 +22,7 @@
 //! back into one ([`DevicePair::write_to`]) for checkpoints and evaluation on the CPU; both paths
 //! can be compared step by step.
 
-use crate::autograd::{DVar, DeviceTape, ParamBufs};
+use crate::autograd::{DVar, DeviceParam, DeviceTape};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
 use crate::models::interface::{group_sizes, hconv_plan, ClsActivation, HConvPlan, InterfaceKind};
@@ -78,32 +78,16 @@ impl Layout {
     }
 }
 
-/// One parameter on the device: master, bf16 copy, gradient and Adam moments, in the kernel
-/// layout.
+/// One trained parameter on the device: the tape's buffers (master, bf16 copy, gradient, in the
+/// kernel layout) plus the Adam moments and where it lives in the CPU pair.
 /// (The buffers are private: the optimizer's tensor table holds their addresses.)
-pub struct DeviceParam {
-    pub name: String,
+struct TrainedParam {
+    param: DeviceParam,
     /// Its index in the CPU pair's store (and optimizer state).
     store_index: usize,
     layout: Layout,
-    /// Its shape in the device layout.
-    shape: Vec<usize>,
-    master: Buf<f32>,
-    copy: Buf<bf16>,
-    grad: Buf<f32>,
     m: Buf<f32>,
     v: Buf<f32>,
-}
-
-impl DeviceParam {
-    fn bufs(&self) -> ParamBufs<'_> {
-        ParamBufs {
-            name: &self.name,
-            master: &self.master,
-            copy: &self.copy,
-            grad: &self.grad,
-        }
-    }
 }
 
 /// A Linear layer's (weight [out, in], bias [out]) as indices into [`DevicePair::params`].
@@ -154,7 +138,7 @@ struct ClsParams {
 
 pub struct DevicePair {
     pub name: String,
-    params: Vec<DeviceParam>,
+    params: Vec<TrainedParam>,
     /// Every parameter's buffers for the one-launch AdamW.
     adam: device::AdamTensors,
     interface: DeviceInterface,
@@ -204,7 +188,7 @@ pub fn upload_stack(be: &Backend, stack: &Tensor) -> Result<Buf<bf16>> {
 fn add_param(
     be: &Backend,
     pair: &Pair,
-    params: &mut Vec<DeviceParam>,
+    params: &mut Vec<TrainedParam>,
     name: &str,
     layout: Layout,
 ) -> Result<usize> {
@@ -227,19 +211,14 @@ fn add_param(
         moment(&pair.optimizer.exp_avg)?,
         moment(&pair.optimizer.exp_avg_sq)?,
     );
-    let copy: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
     let shape = match &layout {
         Layout::Plain => pair.store.value(id).shape().to_vec(),
         Layout::TapMajor(g) => vec![g.c_out, g.kernel * g.c_in],
     };
-    params.push(DeviceParam {
-        name: name.to_string(),
+    params.push(TrainedParam {
+        param: DeviceParam::upload(be, name, &values, &shape)?,
         store_index: index,
         layout,
-        shape,
-        master: be.upload(&values)?,
-        copy: be.upload(&copy)?,
-        grad: be.zeros::<f32>(values.len())?,
         m: be.upload(&m)?,
         v: be.upload(&v)?,
     });
@@ -261,7 +240,7 @@ impl DevicePair {
         let cfg = pair.interface.config().clone();
         let (layers, dim) = (cfg.layers, cfg.dim);
         let refuse = |what: String| Error::Config(format!("'{}' on the device: {what}", pair.name));
-        let mut params: Vec<DeviceParam> = Vec::new();
+        let mut params: Vec<TrainedParam> = Vec::new();
         let mut add = |name: &str, layout: Layout| add_param(be, pair, &mut params, name, layout);
         let interface = match &cfg.kind {
             InterfaceKind::WeightedSum => DeviceInterface::WeightedSum {
@@ -354,7 +333,7 @@ impl DevicePair {
         let head_proj = lin(&mut add, "head.proj")?;
         let head_out = lin(&mut add, "head.out")?;
         if params.len() != pair.store.len() {
-            let known: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+            let known: Vec<&str> = params.iter().map(|p| p.param.name.as_str()).collect();
             let missing: Vec<&str> = pair
                 .store
                 .iter()
@@ -369,7 +348,15 @@ impl DevicePair {
             be,
             &params
                 .iter()
-                .map(|p| (&p.master, &p.grad, &p.m, &p.v, Some(&p.copy)))
+                .map(|p| {
+                    (
+                        &p.param.master,
+                        &p.param.grad,
+                        &p.m,
+                        &p.v,
+                        Some(&p.param.copy),
+                    )
+                })
                 .collect::<Vec<_>>(),
         )?;
         Ok(DevicePair {
@@ -393,14 +380,14 @@ impl DevicePair {
     /// one was built from): what checkpoints and CPU evaluation read.
     pub fn write_to(&self, be: &Backend, pair: &mut Pair) -> Result<()> {
         for p in &self.params {
-            let id = pair.store.id(&p.name).ok_or_else(|| {
+            let id = pair.store.id(&p.param.name).ok_or_else(|| {
                 Error::Config(format!(
                     "'{}': the CPU pair has no parameter '{}'",
-                    pair.name, p.name
+                    pair.name, p.param.name
                 ))
             })?;
             let shape = pair.store.value(id).shape().to_vec();
-            let value = p.layout.to_cpu(&be.download(&p.master)?);
+            let value = p.layout.to_cpu(&be.download(&p.param.master)?);
             pair.store.set_value(id, Tensor::from_vec(value, &shape)?)?;
             pair.optimizer.exp_avg[p.store_index] = p.layout.to_cpu(&be.download(&p.m)?);
             pair.optimizer.exp_avg_sq[p.store_index] = p.layout.to_cpu(&be.download(&p.v)?);
@@ -415,7 +402,10 @@ impl DevicePair {
     pub fn gradients(&self, be: &Backend) -> Result<Vec<(String, Vec<f32>)>> {
         self.params
             .iter()
-            .map(|p| Ok((p.name.clone(), p.layout.to_cpu(&be.download(&p.grad)?))))
+            .map(|p| {
+                let q = &p.param;
+                Ok((q.name.clone(), p.layout.to_cpu(&be.download(&q.grad)?)))
+            })
             .collect()
     }
 
@@ -432,8 +422,7 @@ impl DevicePair {
 
     /// Parameter `i` on `tape`, in its device layout.
     fn var<'t>(&'t self, tape: &mut DeviceTape<'t>, i: usize) -> Result<DVar> {
-        let p = &self.params[i];
-        tape.param(p.bufs(), &p.shape)
+        tape.param(&self.params[i].param)
     }
 
     fn linear<'t>(
@@ -541,7 +530,7 @@ impl DevicePair {
         let x32 = tape.to_f32(rows)?;
         let u = self.layer_norm(tape, x32, c.ln1)?;
         let u = tape.to_bf16(u)?;
-        let cls = tape.param(self.params[c.cls].bufs(), &[1, d])?;
+        let cls = tape.param_as(&self.params[c.cls].param, &[1, d])?;
         let u_cls = self.layer_norm(tape, cls, c.ln1)?;
         let u_cls = tape.to_bf16(u_cls)?;
         let q = self.linear(tape, u_cls, c.q, true)?;
@@ -600,7 +589,7 @@ impl DevicePair {
     pub fn apply(&mut self, be: &Backend, lr: f64) -> Result<()> {
         let scale = match self.clip {
             Some(max_norm) => {
-                let grads: Vec<&Buf<f32>> = self.params.iter().map(|p| &p.grad).collect();
+                let grads: Vec<&Buf<f32>> = self.params.iter().map(|p| &p.param.grad).collect();
                 Some(device::clip_coefficient_multi(be, &grads, max_norm as f32)?.1)
             }
             None => None,
