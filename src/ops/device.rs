@@ -308,7 +308,7 @@ pub fn adam_step(
     if let Some(s) = grad_scale {
         need(be, K, "grad_scale", s, 1)?;
     }
-    let (step_size, bc2_sqrt, weight_decay, decay) = adam_scalars(cfg, step)?;
+    let sc = cfg.scalars(step)?;
     let p = AdamParams {
         param: be.ptr(param),
         grad: be.ptr(grad),
@@ -317,14 +317,14 @@ pub fn adam_step(
         param_bf16: param_bf16.map_or(0, |b| be.ptr(b)),
         grad_scale: grad_scale.map_or(0, |b| be.ptr(b)),
         n: n as i64,
-        step_size,
-        bc2_sqrt,
-        one_minus_beta1: (1.0 - cfg.beta1) as f32,
-        beta2: cfg.beta2 as f32,
-        one_minus_beta2: (1.0 - cfg.beta2) as f32,
-        eps: cfg.eps as f32,
-        weight_decay,
-        decay,
+        step_size: sc.step_size,
+        bc2_sqrt: sc.bc2_sqrt,
+        one_minus_beta1: sc.one_minus_beta1,
+        beta2: sc.beta2,
+        one_minus_beta2: sc.one_minus_beta2,
+        eps: sc.eps,
+        weight_decay: sc.weight_decay,
+        decay: sc.decay,
         decoupled: cfg.decoupled as i32,
     };
     let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
@@ -1656,29 +1656,6 @@ fn activation(
     Ok(y)
 }
 
-/// Adam's per-step scalars as the CPU optimizer computes them (f64, rounded to f32):
-/// (step_size, sqrt(1 - beta2^t), weight decay as L2, decoupled decay factor).
-fn adam_scalars(cfg: &AdamConfig, step: u64) -> Result<(f32, f32, f32, f32)> {
-    if step == 0 {
-        return Err(Error::Config("adam_step: steps count from 1".into()));
-    }
-    let t = step as f64;
-    Ok((
-        (cfg.lr / (1.0 - cfg.beta1.powf(t))) as f32,
-        (1.0 - cfg.beta2.powf(t)).sqrt() as f32,
-        if cfg.decoupled {
-            0.0
-        } else {
-            cfg.weight_decay as f32
-        },
-        if cfg.decoupled {
-            (1.0 - cfg.lr * cfg.weight_decay) as f32
-        } else {
-            1.0
-        },
-    ))
-}
-
 /// The table of parameter buffers one [`adam_step_multi`] launch updates: (param, grad, exp_avg,
 /// exp_avg_sq, optional bf16 copy) per tensor, checked and uploaded once. The table holds the
 /// buffers' addresses: they must outlive it and not be replaced.
@@ -1754,20 +1731,20 @@ pub fn adam_step_multi(
     if let Some(s) = grad_scale {
         need(be, K, "grad_scale", s, 1)?;
     }
-    let (step_size, bc2_sqrt, weight_decay, decay) = adam_scalars(cfg, step)?;
+    let sc = cfg.scalars(step)?;
     let p = AdamMultiParams {
         tensors: be.ptr(&tensors.table),
         count: tensors.count as i32,
         zero_grad: zero_grad as i32,
         grad_scale: grad_scale.map_or(0, |b| be.ptr(b)),
-        step_size,
-        bc2_sqrt,
-        one_minus_beta1: (1.0 - cfg.beta1) as f32,
-        beta2: cfg.beta2 as f32,
-        one_minus_beta2: (1.0 - cfg.beta2) as f32,
-        eps: cfg.eps as f32,
-        weight_decay,
-        decay,
+        step_size: sc.step_size,
+        bc2_sqrt: sc.bc2_sqrt,
+        one_minus_beta1: sc.one_minus_beta1,
+        beta2: sc.beta2,
+        one_minus_beta2: sc.one_minus_beta2,
+        eps: sc.eps,
+        weight_decay: sc.weight_decay,
+        decay: sc.decay,
         decoupled: cfg.decoupled as i32,
     };
     let blocks = tensors.max_len.div_ceil(256).clamp(1, 4096) as u32;

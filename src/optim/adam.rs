@@ -57,6 +57,51 @@ impl AdamConfig {
             Err(Error::Config(format!("Adam hyper-parameters out of range: {self:?} (need lr >= 0, 0 <= betas < 1, eps >= 0, weight_decay >= 0)")))
         }
     }
+
+    /// The scalars of update `step` (1-based), computed in f64 and rounded to f32: what the CPU
+    /// loop below and the device kernels (kernels/adamw.cu) both read, so both paths take the
+    /// same step.
+    pub fn scalars(&self, step: u64) -> Result<AdamScalars> {
+        if step == 0 {
+            return Err(Error::Config("Adam: steps count from 1".into()));
+        }
+        let t = step as f64;
+        Ok(AdamScalars {
+            step_size: (self.lr / (1.0 - self.beta1.powf(t))) as f32,
+            bc2_sqrt: (1.0 - self.beta2.powf(t)).sqrt() as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            eps: self.eps as f32,
+            weight_decay: if self.decoupled {
+                0.0
+            } else {
+                self.weight_decay as f32
+            },
+            decay: if self.decoupled {
+                (1.0 - self.lr * self.weight_decay) as f32
+            } else {
+                1.0
+            },
+        })
+    }
+}
+
+/// One Adam / AdamW update's scalars (see [`AdamConfig::scalars`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamScalars {
+    /// lr / (1 - beta1^t).
+    pub step_size: f32,
+    /// sqrt(1 - beta2^t).
+    pub bc2_sqrt: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    /// Adam's L2 term added to the gradient (0 for AdamW).
+    pub weight_decay: f32,
+    /// AdamW's p *= 1 - lr * wd (1 for Adam).
+    pub decay: f32,
 }
 
 /// Optimizer state: step count and first/second moments per parameter (fp32).
@@ -99,19 +144,7 @@ impl Adam {
             )));
         }
         self.step += 1;
-        let c = self.config;
-        let t = self.step as f64;
-        let bias_correction1 = 1.0 - c.beta1.powf(t);
-        let bias_correction2 = 1.0 - c.beta2.powf(t);
-        let step_size = (c.lr / bias_correction1) as f32;
-        let bc2_sqrt = bias_correction2.sqrt() as f32;
-        let (b1w, b2, one_minus_b2) = (
-            (1.0 - c.beta1) as f32,
-            c.beta2 as f32,
-            (1.0 - c.beta2) as f32,
-        );
-        let (eps, wd) = (c.eps as f32, c.weight_decay as f32);
-        let decay = (1.0 - c.lr * c.weight_decay) as f32;
+        let s = self.config.scalars(self.step)?;
         for (i, id) in store.ids().collect::<Vec<_>>().into_iter().enumerate() {
             let p = store.get_mut(id);
             let grad = std::mem::take(&mut p.grad);
@@ -119,18 +152,17 @@ impl Adam {
             let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
             for j in 0..value.len() {
                 let mut g = grad[j];
-                if c.decoupled {
-                    if c.weight_decay != 0.0 {
-                        value[j] *= decay;
-                    }
-                } else if c.weight_decay != 0.0 {
-                    g += wd * value[j];
+                if s.decay != 1.0 {
+                    value[j] *= s.decay;
+                }
+                if s.weight_decay != 0.0 {
+                    g += s.weight_decay * value[j];
                 }
                 // torch.lerp with weight < 0.5: self + weight * (end - self).
-                m[j] += b1w * (g - m[j]);
-                v[j] = v[j] * b2 + one_minus_b2 * g * g;
-                let denom = v[j].sqrt() / bc2_sqrt + eps;
-                value[j] += -step_size * (m[j] / denom);
+                m[j] += s.one_minus_beta1 * (g - m[j]);
+                v[j] = v[j] * s.beta2 + s.one_minus_beta2 * g * g;
+                let denom = v[j].sqrt() / s.bc2_sqrt + s.eps;
+                value[j] += -s.step_size * (m[j] / denom);
             }
             let shape = p.value.shape().to_vec();
             p.value = crate::tensor::Tensor::from_vec(value, &shape)?;

@@ -5,6 +5,6 @@ mod adam;
 mod clip;
 mod schedule;
 
-pub use adam::{Adam, AdamConfig};
+pub use adam::{Adam, AdamConfig, AdamScalars};
 pub use clip::clip_grad_norm;
 pub use schedule::{Decay, Schedule};
