@@ -66,6 +66,9 @@ struct AdamTensor {
     float* v;
     bf16* param_bf16;  // or null
     int64_t n;
+    // sum_squares_multi: this tensor's blocks (as sum_squares_partial's grid for it alone) and
+    // where their partial sums start, so the partials come out as the per-tensor launches lay them.
+    int parts, part_offset;
 };
 
 struct AdamMultiParams {
@@ -103,6 +106,27 @@ extern "C" __global__ void sum_squares_partial(const SumSquaresParams a) {
     if (threadIdx.x == 0) a.partial[blockIdx.x] = t;
 }
 STRATA_EMU_ENTRY(sum_squares_partial, SumSquaresParams)
+
+struct SumSquaresMultiParams {
+    const AdamTensor* tensors;
+    float* partial;  // [sum of the tensors' parts]
+};
+
+// The squared-gradient partial sums of every tensor of the table in ONE launch: block (x, y) is
+// block x of sum_squares_partial over tensor y's gradient, bit for bit (grid.x = the largest
+// tensor's parts; the blocks past a tensor's own count have nothing to do).
+extern "C" __global__ void sum_squares_multi(const SumSquaresMultiParams a) {
+    __shared__ float scratch[32];
+    const AdamTensor t = a.tensors[blockIdx.y];
+    if ((int)blockIdx.x >= t.parts) return;  // uniform per block: no barrier is split
+    float s = 0.0f;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.n; i += (int64_t)t.parts * blockDim.x) {
+        s += t.grad[i] * t.grad[i];
+    }
+    const float total = block_sum(s, scratch);
+    if (threadIdx.x == 0) a.partial[t.part_offset + blockIdx.x] = total;
+}
+STRATA_EMU_ENTRY(sum_squares_multi, SumSquaresMultiParams)
 
 struct ClipCoefParams {
     const float* partial;

@@ -1734,6 +1734,25 @@ fn multi_tensor_adam_equals_the_per_tensor_kernel_and_zeroes_gradients() {
                     .collect::<Vec<_>>(),
             )
             .unwrap();
+            // The global gradient norm over the table in two launches: bit for bit the
+            // per-tensor launches', and the f64 norm to fp32 rounding.
+            let grads: Vec<&Buf<f32>> = multi.iter().map(|t| &t[1]).collect();
+            let (n1, c1) = device::clip_coefficient_multi(&be, &grads, 1.5).unwrap();
+            let (n2, c2) = device::clip_coefficient_table(&be, &table, 1.5).unwrap();
+            let bits = |b: &Buf<f32>| be.download(b).unwrap()[0].to_bits();
+            assert_eq!(bits(&n1), bits(&n2), "{tag}: table norm");
+            assert_eq!(bits(&c1), bits(&c2), "{tag}: table clip coefficient");
+            let want: f64 = grads
+                .iter()
+                .flat_map(|g| be.download(g).unwrap())
+                .map(|x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt();
+            let got = f32::from_bits(bits(&n2)) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "{tag}: norm {got} vs {want}"
+            );
             for step in 1..=3u64 {
                 for (i, [p, g, m, v]) in one.iter().enumerate() {
                     device::adam_step(

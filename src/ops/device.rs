@@ -11,7 +11,7 @@ use crate::runtime::kernels::{
     HConvBwdParams, HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams,
     LayerNormReduceParams, LayerNormRowsParams, LayerSumBwdParams, LayerSumFwdParams,
     LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams,
-    SumSquaresParams, WidenParams,
+    SumSquaresMultiParams, SumSquaresParams, WidenParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -345,7 +345,7 @@ pub fn clip_coefficient(
     }
     let n = grad.len();
     need(be, "clip_coefficient", "grad", grad, n)?;
-    let parts = n.div_ceil(256).clamp(1, 1024);
+    let parts = sum_squares_parts(n);
     let partial = be.zeros::<f32>(parts)?;
     let sp = SumSquaresParams {
         x: be.ptr(grad),
@@ -359,17 +359,7 @@ pub fn clip_coefficient(
         0,
         &sp,
     )?;
-    let norm = be.zeros::<f32>(1)?;
-    let coef = be.zeros::<f32>(1)?;
-    let cp = ClipCoefParams {
-        partial: be.ptr(&partial),
-        parts: parts as i32,
-        max_norm,
-        norm: be.ptr(&norm),
-        coef: be.ptr(&coef),
-    };
-    be.launch("clip_coefficient", (1, 1, 1), (256, 1, 1), 0, &cp)?;
-    Ok((norm, coef))
+    clip_from_partials(be, &partial, parts, max_norm)
 }
 
 /// [`clip_coefficient`] over several gradient buffers at once (a model's parameters): their
@@ -386,10 +376,7 @@ pub fn clip_coefficient_multi(
             grads.len()
         )));
     }
-    let parts: Vec<usize> = grads
-        .iter()
-        .map(|g| g.len().div_ceil(256).clamp(1, 1024))
-        .collect();
+    let parts: Vec<usize> = grads.iter().map(|g| sum_squares_parts(g.len())).collect();
     let total: usize = parts.iter().sum();
     let partial = be.zeros::<f32>(total)?;
     let mut at = 0usize;
@@ -410,10 +397,25 @@ pub fn clip_coefficient_multi(
         )?;
         at += n_parts;
     }
+    clip_from_partials(be, &partial, total, max_norm)
+}
+
+/// The blocks (and partial sums) of the squared-sum pass over one gradient of `len` values.
+fn sum_squares_parts(len: usize) -> usize {
+    len.div_ceil(256).clamp(1, 1024)
+}
+
+/// The global norm and clip coefficient from the `total` squared-sum partials, reduced in order.
+fn clip_from_partials(
+    be: &Backend,
+    partial: &Buf<f32>,
+    total: usize,
+    max_norm: f32,
+) -> Result<(Buf<f32>, Buf<f32>)> {
     let norm = be.zeros::<f32>(1)?;
     let coef = be.zeros::<f32>(1)?;
     let cp = ClipCoefParams {
-        partial: be.ptr(&partial),
+        partial: be.ptr(partial),
         parts: total as i32,
         max_norm,
         norm: be.ptr(&norm),
@@ -1663,6 +1665,8 @@ pub struct AdamTensors {
     table: Buf<AdamTensor>,
     count: usize,
     max_len: usize,
+    /// The squared-sum partials of all the gradients (see [`clip_coefficient_table`]).
+    parts_total: usize,
 }
 
 /// One tensor for [`AdamTensors::new`]: (param, grad, exp_avg, exp_avg_sq, bf16 copy).
@@ -1684,6 +1688,7 @@ impl AdamTensors {
             )));
         }
         let mut rows = Vec::with_capacity(tensors.len());
+        let mut parts_total = 0usize;
         for (i, &(p, g, m, v, copy)) in tensors.iter().enumerate() {
             let n = p.len();
             let what = |w: &str| format!("tensor {i} {w}");
@@ -1701,14 +1706,47 @@ impl AdamTensors {
                 v: be.ptr(v),
                 param_bf16: copy.map_or(0, |c| be.ptr(c)),
                 n: n as i64,
+                parts: sum_squares_parts(n) as i32,
+                part_offset: parts_total as i32,
             });
+            parts_total += sum_squares_parts(n);
         }
         Ok(AdamTensors {
             table: be.upload(&rows)?,
             count: rows.len(),
             max_len: tensors.iter().map(|t| t.0.len()).max().unwrap_or(0),
+            parts_total,
         })
     }
+}
+
+/// [`clip_coefficient_multi`] over the gradients of an AdamW tensor table, in two launches (the
+/// squared sums of every gradient, then the reduction), bit for bit the same.
+pub fn clip_coefficient_table(
+    be: &Backend,
+    tensors: &AdamTensors,
+    max_norm: f32,
+) -> Result<(Buf<f32>, Buf<f32>)> {
+    const K: &str = "sum_squares_multi";
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(Error::Config(format!(
+            "clip: max_norm must be > 0, got {max_norm}"
+        )));
+    }
+    if !tensors.table.is_on(be) {
+        return Err(Error::Config(format!(
+            "{K}: the tensor table belongs to another backend than {}",
+            be.name()
+        )));
+    }
+    let partial = be.zeros::<f32>(tensors.parts_total)?;
+    let p = SumSquaresMultiParams {
+        tensors: be.ptr(&tensors.table),
+        partial: be.ptr(&partial),
+    };
+    let max_parts = sum_squares_parts(tensors.max_len) as u32;
+    be.launch(K, (max_parts, tensors.count as u32, 1), (256, 1, 1), 0, &p)?;
+    clip_from_partials(be, &partial, tensors.parts_total, max_norm)
 }
 
 /// Adam / AdamW step `step` of every tensor in `tensors` in ONE launch, as [`adam_step`] per

@@ -38,6 +38,7 @@ entries!(
     strata_emu_adam_step,
     strata_emu_adam_step_multi,
     strata_emu_sum_squares_partial,
+    strata_emu_sum_squares_multi,
     strata_emu_clip_coefficient,
     strata_emu_hconv_conv_forward,
     strata_emu_hconv_conv_forward_vec,

@@ -584,13 +584,13 @@ impl DevicePair {
         Ok(value)
     }
 
-    /// Clips the accumulated gradients, takes one AdamW / Adam step at learning rate `lr`
-    /// (refreshing the bf16 copies, clearing the gradients) in one launch.
+    /// Clips the accumulated gradients (their global norm in two launches), takes one AdamW /
+    /// Adam step at learning rate `lr` (refreshing the bf16 copies, clearing the gradients) in
+    /// one launch.
     pub fn apply(&mut self, be: &Backend, lr: f64) -> Result<()> {
         let scale = match self.clip {
             Some(max_norm) => {
-                let grads: Vec<&Buf<f32>> = self.params.iter().map(|p| &p.param.grad).collect();
-                Some(device::clip_coefficient_multi(be, &grads, max_norm as f32)?.1)
+                Some(device::clip_coefficient_table(be, &self.adam, max_norm as f32)?.1)
             }
             None => None,
         };
