@@ -223,7 +223,7 @@ fn load_kaldi(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> 
     build(entries, on_bad, true)
 }
 
-/// A TSV manifest: "path<TAB>label" per line (an optional header "path<TAB>label" is skipped); the
+/// A TSV manifest: `path<TAB>label` per line (an optional header `path<TAB>label` is skipped); the
 /// utterance id is the path as written.
 pub fn load_tsv(manifest: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
     load_manifest(manifest, Some(task), on_bad)
