@@ -55,7 +55,7 @@ echo "== strata demo on the GPU and on the CPU (same corpus, same init)"
 .gpu/strata demo --device cpu 2>&1 | grep -E "training on|step  *1000|^WS|^HConv " | tee -a "$out/demo.txt" || status=1
 
 echo "== compute-sanitizer memcheck / racecheck (small sizes)"
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck initcheck; do
     STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 3 \
         .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core ldmatrix hconv cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
 done

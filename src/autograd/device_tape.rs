@@ -527,7 +527,8 @@ impl<'a> DeviceTape<'a> {
         }
         let xb = self.bf16_of(OP, x)?;
         let width = groups.len() * d;
-        let out = self.be.zeros::<bf16>(n * width)?;
+        // Every column belongs to one group: written in full.
+        let out = self.be.output::<bf16>(n * width)?;
         let mut plan = Vec::new();
         let mut inputs = vec![x];
         for (g, &(first, k, w)) in groups.iter().enumerate() {

@@ -127,7 +127,7 @@ pub fn layer_sum_forward(
     w: &Buf<f32>,
     s: LayerSumShape,
 ) -> Result<(Buf<bf16>, Option<LayerNormStats>)> {
-    let out = be.zeros::<bf16>(s.n * s.d)?;
+    let out = be.output::<bf16>(s.n * s.d)?;
     let stats = layer_sum_forward_into(be, x, w, s, &out, Cols::own(s.d))?;
     Ok((out, stats))
 }
@@ -533,9 +533,9 @@ fn conv_forward(
     need(be, K, "bias", bias, g.c_out)?;
     let size = n * l_out * g.c_out;
     let (y, y32) = if out_f32 {
-        (None, Some(be.zeros::<f32>(size)?))
+        (None, Some(be.output::<f32>(size)?))
     } else {
-        (Some(be.zeros::<bf16>(size)?), None)
+        (Some(be.output::<bf16>(size)?), None)
     };
     let p = HConvFwdParams {
         x: be.ptr(x),
@@ -683,7 +683,7 @@ fn conv_backward(
     need(be, KW, "weight gradient", dw, g.c_out * g.kernel * g.c_in)?;
     need(be, KW, "bias gradient", db, g.c_out)?;
     let dx = if want_dx {
-        Some(be.zeros::<bf16>(n * g.l_in * g.c_in)?)
+        Some(be.output::<bf16>(n * g.l_in * g.c_in)?)
     } else {
         None
     };
@@ -713,7 +713,7 @@ fn conv_backward(
     if g.c_in % 8 == 0 && g.c_out % 8 == 0 {
         // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre.
         let total = n * l_out * g.c_out;
-        let dpre = be.zeros::<bf16>(total)?;
+        let dpre = be.output::<bf16>(total)?;
         let mp = HConvMaskParams {
             y: p.y,
             dy: p.dy,
@@ -970,7 +970,7 @@ pub fn log_softmax_forward(be: &Backend, x: &Buf<f32>, rows: usize, d: usize) ->
     const K: &str = "log_softmax_forward";
     rows_check(K, rows, d)?;
     need(be, K, "x", x, rows * d)?;
-    let y = be.zeros::<f32>(rows * d)?;
+    let y = be.output::<f32>(rows * d)?;
     let p = LogSoftmaxParams {
         x: be.ptr(x),
         dy: 0,
@@ -994,7 +994,7 @@ pub fn log_softmax_backward(
     rows_check(K, rows, d)?;
     need(be, K, "y", y, rows * d)?;
     need(be, K, "dy", dy, rows * d)?;
-    let dx = be.zeros::<f32>(rows * d)?;
+    let dx = be.output::<f32>(rows * d)?;
     let p = LogSoftmaxParams {
         x: be.ptr(y),
         dy: be.ptr(dy),
@@ -1028,7 +1028,7 @@ pub fn mean_pool_forward(
     const K: &str = "mean_pool_forward";
     let (offsets, u, frames) = pool_params(be, K, batch, c)?;
     need(be, K, "x", x, frames * c)?;
-    let y = be.zeros::<f32>(u * c)?;
+    let y = be.output::<f32>(u * c)?;
     let p = MeanPoolParams {
         input: be.ptr(x),
         offsets: be.ptr(&offsets),
@@ -1051,7 +1051,7 @@ pub fn mean_pool_backward(
     const K: &str = "mean_pool_backward";
     let (offsets, u, frames) = pool_params(be, K, batch, c)?;
     need(be, K, "dy", dy, u * c)?;
-    let dx = be.zeros::<f32>(frames * c)?;
+    let dx = be.output::<f32>(frames * c)?;
     let p = MeanPoolParams {
         input: be.ptr(dy),
         offsets: be.ptr(&offsets),
@@ -1075,10 +1075,11 @@ pub fn dropout(be: &Backend, x: &Buf<f32>, p: f64, seed: u64) -> Result<Buf<f32>
         ));
     }
     let n = x.len();
-    let y = be.zeros::<f32>(n)?;
     if n == 0 || p >= 1.0 {
-        return Ok(y);
+        // Everything dropped: no launch, so the zeros must come from the allocation.
+        return be.zeros::<f32>(n);
     }
+    let y = be.output::<f32>(n)?;
     let a = DropoutParams {
         x: be.ptr(x),
         y: be.ptr(&y),
@@ -1119,10 +1120,10 @@ pub fn layernorm_forward(
         need(be, K, "weight", w, d)?;
         need(be, K, "bias", b, d)?;
     }
-    let y = be.zeros::<f32>(rows * d)?;
+    let y = be.output::<f32>(rows * d)?;
     let saved = LayerNormSavedBufs {
-        mean: be.zeros::<f32>(rows)?,
-        rstd: be.zeros::<f32>(rows)?,
+        mean: be.output::<f32>(rows)?,
+        rstd: be.output::<f32>(rows)?,
     };
     let p = LayerNormFwdParams {
         x: be.ptr(x),
@@ -1173,7 +1174,7 @@ pub fn layernorm_backward(
         Some(_) => Some(be.zeros::<f32>(blocks * 2 * d)?),
         None => None,
     };
-    let dx = be.zeros::<f32>(rows * d)?;
+    let dx = be.output::<f32>(rows * d)?;
     let p = LayerNormBwdParams {
         x: be.ptr(x),
         w: weight.map_or(0, |w| be.ptr(w)),
@@ -1215,7 +1216,7 @@ pub fn cast_to_bf16_scaled(be: &Backend, x: &Buf<f32>, scale: f32) -> Result<Buf
     const K: &str = "cast_f32_to_bf16";
     let n = x.len();
     need(be, K, "x", x, n)?;
-    let y = be.zeros::<bf16>(n)?;
+    let y = be.output::<bf16>(n)?;
     let p = CastParams {
         x: be.ptr(x),
         y: be.ptr(&y),
@@ -1231,7 +1232,7 @@ pub fn cast_to_f32(be: &Backend, x: &Buf<bf16>) -> Result<Buf<f32>> {
     const K: &str = "cast_bf16_to_f32";
     let n = x.len();
     need(be, K, "x", x, n)?;
-    let y = be.zeros::<f32>(n)?;
+    let y = be.output::<f32>(n)?;
     let p = WidenParams {
         x: be.ptr(x),
         y: be.ptr(&y),
@@ -1266,7 +1267,7 @@ pub fn layernorm_rows_bf16(
     const K: &str = "layernorm_rows_bf16";
     rows_check(K, rows, d)?;
     need(be, K, "x", x, rows * d)?;
-    let y = be.zeros::<bf16>(rows * d)?;
+    let y = be.output::<bf16>(rows * d)?;
     let p = LayerNormRowsParams {
         x: be.ptr(x),
         y: be.ptr(&y),
@@ -1299,7 +1300,7 @@ pub fn select_layer(
     }
     rows_check(K, n, l * d)?;
     need(be, K, "stack", x, n * l * d)?;
-    let y = be.zeros::<bf16>(n * d)?;
+    let y = be.output::<bf16>(n * d)?;
     let p = SelectLayerParams {
         x: be.ptr(x),
         y: be.ptr(&y),
@@ -1481,8 +1482,8 @@ pub fn cls_attention_forward(
 ) -> Result<(Buf<bf16>, Buf<f32>)> {
     const K: &str = "cls_attention_forward";
     cls_attn_check(be, K, &s, i)?;
-    let out = be.zeros::<bf16>(s.n * s.d)?;
-    let probs = be.zeros::<f32>(s.n * s.heads * (s.l + 1))?;
+    let out = be.output::<bf16>(s.n * s.d)?;
+    let probs = be.output::<f32>(s.n * s.heads * (s.l + 1))?;
     let p = ClsAttnParams {
         q: be.ptr(i.q),
         k_cls: be.ptr(i.k_cls),
@@ -1534,8 +1535,8 @@ pub fn cls_attention_backward(
         .map(|_| be.zeros::<f32>(s.n * s.d))
         .collect::<Result<_>>()?;
     let g = ClsAttnGrads {
-        dk: be.zeros::<bf16>(s.n * s.l * s.d)?,
-        dv: be.zeros::<bf16>(s.n * s.l * s.d)?,
+        dk: be.output::<bf16>(s.n * s.l * s.d)?,
+        dv: be.output::<bf16>(s.n * s.l * s.d)?,
         dq: be.zeros::<f32>(s.d)?,
         dk_cls: be.zeros::<f32>(s.d)?,
         dv_cls: be.zeros::<f32>(s.d)?,
@@ -1585,7 +1586,7 @@ pub fn add_rows(
     if let Some(v) = v {
         need(be, K, "v", v, c)?;
     }
-    let y = be.zeros::<f32>(rows * c)?;
+    let y = be.output::<f32>(rows * c)?;
     let p = AddRowsParams {
         a: be.ptr(a),
         b: b.map_or(0, |b| be.ptr(b)),
@@ -1646,7 +1647,7 @@ fn activation(
     if let Some(dy) = dy {
         need(be, k, "dy", dy, n)?;
     }
-    let y = be.zeros::<f32>(n)?;
+    let y = be.output::<f32>(n)?;
     let p = ActivationParams {
         x: be.ptr(x),
         dy: dy.map_or(0, |d| be.ptr(d)),

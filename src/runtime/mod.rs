@@ -121,6 +121,34 @@ impl Backend {
         }
     }
 
+    /// A buffer of `n` elements that a kernel writes in full: on the GPU left uninitialised (no
+    /// memset pass over memory that is about to be overwritten), in the emulator filled with 0xFF
+    /// bytes (NaN for f32 and bf16) so that a kernel leaving any element unwritten fails its
+    /// comparison in `cargo test` instead of passing on zeros.
+    pub fn output<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
+        &self,
+        n: usize,
+    ) -> Result<Buf<T>> {
+        match self {
+            Backend::Emulator => {
+                let mut v = vec![T::default(); n];
+                // SAFETY: the kernels' element types (f32, bf16, i32) are plain numbers for which
+                // every bit pattern is a value.
+                unsafe { std::ptr::write_bytes(v.as_mut_ptr(), 0xFF, n) };
+                Ok(Buf::Host(UnsafeCell::new(v)))
+            }
+            // SAFETY: the contents are unset until the kernel writes them; T is a plain number
+            // type, so whatever the memory holds is a valid (if meaningless) value.
+            Backend::Cuda(rt) => unsafe { rt.stream.alloc::<T>(n) }
+                .map(Buf::Cuda)
+                .map_err(|e| {
+                    device_err(format!(
+                        "allocating {n} elements on the GPU failed (out of memory?): {e}"
+                    ))
+                }),
+        }
+    }
+
     pub fn download<T: DeviceRepr + Clone + Default>(&self, b: &Buf<T>) -> Result<Vec<T>> {
         match (self, b) {
             // SAFETY: no kernel runs concurrently (emulator launches are synchronous).
