@@ -63,7 +63,7 @@ pub struct DVar(usize);
 
 /// A device buffer the tape owns (shared with the backward closures that read it) or borrows
 /// (the input stack, parameters).
-pub enum Held<'a, T> {
+enum Held<'a, T> {
     Own(Rc<Buf<T>>),
     Lent(&'a Buf<T>),
 }
@@ -142,12 +142,12 @@ pub enum Grad {
 }
 
 impl Grad {
-    fn f32(be: Buf<f32>) -> Grad {
-        Grad::F32(Rc::new(be))
+    fn f32(b: Buf<f32>) -> Grad {
+        Grad::F32(Rc::new(b))
     }
 
-    fn bf16(be: Buf<bf16>) -> Grad {
-        Grad::Bf16(Rc::new(be))
+    fn bf16(b: Buf<bf16>) -> Grad {
+        Grad::Bf16(Rc::new(b))
     }
 
     /// As fp32 (a cast when it is bf16).
@@ -184,7 +184,7 @@ impl Grad {
 
 /// What backward wants for one input of an op.
 #[derive(Clone, Copy)]
-pub enum Need<'a> {
+enum Need<'a> {
     /// Nothing (a constant, or nothing trainable upstream of it).
     No,
     /// The gradient, returned to the tape.
@@ -440,8 +440,8 @@ impl<'a> DeviceTape<'a> {
     pub fn reshape(&mut self, x: DVar, shape: &[usize]) -> Result<DVar> {
         let n = &self.nodes[x.0];
         if shape.iter().product::<usize>() != n.shape.iter().product::<usize>() {
-            return Err(Error::shape(
-                "device tape reshape",
+            return Err(shape_error(
+                "reshape",
                 format!("{} elements", n.shape.iter().product::<usize>()),
                 format!("{shape:?}"),
             ));

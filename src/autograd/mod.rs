@@ -10,6 +10,6 @@ mod ops;
 mod params;
 mod tape;
 
-pub use device_tape::{DVar, DeviceGradients, DeviceParam, DeviceTape, Grad, Held};
+pub use device_tape::{DVar, DeviceGradients, DeviceParam, DeviceTape, Grad};
 pub use params::{Param, ParamId, ParamStore};
 pub use tape::{Gradients, Tape, Var};
