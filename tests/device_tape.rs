@@ -441,3 +441,53 @@ fn the_stack_gradient_comes_back_through_the_device_tape() {
         }
     }
 }
+
+#[test]
+fn dropout_on_the_device_tape_follows_the_cpu_tapes_mask() {
+    let x = values(ROWS * D, 40, 2.0);
+    let labels: Vec<usize> = (0..ROWS).map(|r| (r * 5) % D).collect();
+    let (p, seed) = (0.3, 1234u64);
+    // CPU: loss = CE(dropout(x)) over D classes.
+    let mut store = ParamStore::new();
+    let mut tape = Tape::new();
+    let xv = tape
+        .input_requiring_grad(Tensor::from_vec(x.clone(), &[ROWS, D]).unwrap())
+        .unwrap();
+    let y = tape.dropout(xv, p, seed).unwrap();
+    let want_y = tape.value(y).to_vec();
+    let loss = tape.cross_entropy(y, &labels, Reduction::Mean).unwrap();
+    let want_dx = tape
+        .backward(loss, &mut store)
+        .unwrap()
+        .get(xv)
+        .unwrap()
+        .to_vec();
+    assert!(want_y.contains(&0.0) && want_y.iter().any(|&v| v != 0.0));
+    for be in backends() {
+        let xb = be
+            .upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
+            .unwrap();
+        let mut tape = DeviceTape::new(&be);
+        let xv = tape.input_requiring_grad(&xb, &[ROWS, D]).unwrap();
+        let x32 = tape.to_f32(xv).unwrap();
+        let y = tape.dropout(x32, p, seed).unwrap();
+        // x is bf16-exact, so the forward is the CPU's bit for bit: same mask, same scale.
+        let got_y = be.download(tape.f32_value(y).unwrap()).unwrap();
+        assert_eq!(got_y, want_y, "{}: dropout forward", be.name());
+        // The backward goes through the loss's bf16 logit gradient: a bf16 margin.
+        let loss = tape.cross_entropy(y, &labels).unwrap();
+        let grads = tape.backward(loss, 1.0).unwrap();
+        let dx = grads.get(xv).unwrap().download(&be).unwrap();
+        let e = rel_l2(&dx, &want_dx);
+        assert!(e < 1e-2, "{}: dropout backward off by {e:.4}", be.name());
+        // Dropped elements get exactly no gradient.
+        for ((g, y), x) in dx.iter().zip(&want_y).zip(&x) {
+            let dropped = *y == 0.0 && *x != 0.0;
+            assert!(
+                !dropped || *g == 0.0,
+                "{}: a dropped element has gradient {g}",
+                be.name()
+            );
+        }
+    }
+}

@@ -928,6 +928,23 @@ impl<'a> DeviceTape<'a> {
         )
     }
 
+    /// Inverted dropout of fp32 x with drop probability `p`: the CPU tape's mask exactly (a
+    /// function of `seed` and the element index), so the backward is the same kernel on dy.
+    pub fn dropout(&mut self, x: DVar, p: f64, seed: u64) -> Result<DVar> {
+        const OP: &str = "dropout";
+        let xf = self.f32_of(OP, x)?;
+        let y = device::dropout(self.be, &xf, p, seed)?;
+        let shape = self.shape(x).to_vec();
+        Ok(
+            self.push(Value::F32(Held::Own(Rc::new(y))), &shape, &[x], move || {
+                Box::new(move |be, g, _| {
+                    let dy = g.to_f32(be, OP)?;
+                    Ok(vec![Some(Grad::f32(device::dropout(be, &dy, p, seed)?))])
+                })
+            }),
+        )
+    }
+
     /// Mean of each utterance's frames: fp32 [frames, c] -> [utterances, c].
     pub fn mean_pool(&mut self, x: DVar, batch: &PackedBatch) -> Result<DVar> {
         const OP: &str = "mean_pool";
