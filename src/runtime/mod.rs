@@ -125,20 +125,15 @@ impl Backend {
     /// memset pass over memory that is about to be overwritten), in the emulator filled with 0xFF
     /// bytes (NaN for f32 and bf16) so that a kernel leaving any element unwritten fails its
     /// comparison in `cargo test` instead of passing on zeros.
-    pub fn output<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
-        &self,
-        n: usize,
-    ) -> Result<Buf<T>> {
+    pub fn output<T: DeviceRepr + bytemuck::Pod>(&self, n: usize) -> Result<Buf<T>> {
         match self {
             Backend::Emulator => {
-                let mut v = vec![T::default(); n];
-                // SAFETY: the kernels' element types (f32, bf16, i32) are plain numbers for which
-                // every bit pattern is a value.
-                unsafe { std::ptr::write_bytes(v.as_mut_ptr(), 0xFF, n) };
+                let mut v = vec![T::zeroed(); n];
+                bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(0xFF);
                 Ok(Buf::Host(UnsafeCell::new(v)))
             }
-            // SAFETY: the contents are unset until the kernel writes them; T is a plain number
-            // type, so whatever the memory holds is a valid (if meaningless) value.
+            // SAFETY: the contents are unset until the kernel writes them; T is Pod, so
+            // whatever the memory holds is a valid (if meaningless) value.
             Backend::Cuda(rt) => unsafe { rt.stream.alloc::<T>(n) }
                 .map(Buf::Cuda)
                 .map_err(|e| {
