@@ -187,32 +187,19 @@ pub fn layer_sum_backward(
     dw: &Buf<f32>,
     need_dx: bool,
 ) -> Result<Option<Buf<f32>>> {
-    layer_sum_backward_cols(be, x, w, (dout, Cols::own(s.d)), stats, s, dw, need_dx)
-}
-
-/// [`layer_sum_backward`] reading the output gradient from columns `cols` of `dout`.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_sum_backward_cols(
-    be: &Backend,
-    x: &Buf<bf16>,
-    w: &Buf<f32>,
-    dout: (&Buf<f32>, Cols),
-    stats: Option<&LayerNormStats>,
-    s: LayerSumShape,
-    dw: &Buf<f32>,
-    need_dx: bool,
-) -> Result<Option<Buf<f32>>> {
     let dx = if need_dx {
         Some(be.zeros::<f32>(s.n * s.l * s.d)?)
     } else {
         None
     };
-    layer_sum_backward_into(be, x, w, dout, stats, s, dw, dx.as_ref())?;
+    let own = (dout, Cols::own(s.d));
+    layer_sum_backward_into(be, x, w, own, stats, s, dw, dx.as_ref())?;
     Ok(dx)
 }
 
-/// [`layer_sum_backward_cols`] writing the stack gradient of layers first..first+k into `dx`
-/// [n, l, d] when given (its other layers untouched: GroupWS's groups share one buffer).
+/// [`layer_sum_backward`] reading the output gradient from columns `cols` of `dout` and writing
+/// the stack gradient of layers first..first+k into `dx` [n, l, d] when given (its other layers
+/// untouched: GroupWS's groups share one buffer).
 #[allow(clippy::too_many_arguments)]
 pub fn layer_sum_backward_into(
     be: &Backend,
@@ -338,11 +325,7 @@ pub fn clip_coefficient(
     grad: &Buf<f32>,
     max_norm: f32,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
-    if max_norm.is_nan() || max_norm <= 0.0 {
-        return Err(Error::Config(format!(
-            "clip: max_norm must be > 0, got {max_norm}"
-        )));
-    }
+    check_max_norm(max_norm)?;
     let n = grad.len();
     need(be, "clip_coefficient", "grad", grad, n)?;
     let parts = sum_squares_parts(n);
@@ -370,11 +353,9 @@ pub fn clip_coefficient_multi(
     grads: &[&Buf<f32>],
     max_norm: f32,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
-    if max_norm.is_nan() || max_norm <= 0.0 || grads.is_empty() {
-        return Err(Error::Config(format!(
-            "clip: max_norm must be > 0 and there must be gradients, got {max_norm} and {}",
-            grads.len()
-        )));
+    check_max_norm(max_norm)?;
+    if grads.is_empty() {
+        return Err(Error::Config("clip: no gradients to clip".into()));
     }
     let parts: Vec<usize> = grads.iter().map(|g| sum_squares_parts(g.len())).collect();
     let total: usize = parts.iter().sum();
@@ -398,6 +379,15 @@ pub fn clip_coefficient_multi(
         at += n_parts;
     }
     clip_from_partials(be, &partial, total, max_norm)
+}
+
+fn check_max_norm(max_norm: f32) -> Result<()> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(Error::Config(format!(
+            "clip: max_norm must be > 0, got {max_norm}"
+        )));
+    }
+    Ok(())
 }
 
 /// The blocks (and partial sums) of the squared-sum pass over one gradient of `len` values.
@@ -1680,6 +1670,17 @@ pub type AdamBufs<'a> = (
 );
 
 impl AdamTensors {
+    /// Refuses a table built on another backend (its addresses mean nothing there).
+    fn check_on(&self, be: &Backend, kernel: &str) -> Result<()> {
+        if !self.table.is_on(be) {
+            return Err(Error::Config(format!(
+                "{kernel}: the tensor table belongs to another backend than {}",
+                be.name()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn new(be: &Backend, tensors: &[AdamBufs]) -> Result<Self> {
         const K: &str = "adam_step_multi";
         if tensors.is_empty() || tensors.len() > 65535 {
@@ -1729,17 +1730,8 @@ pub fn clip_coefficient_table(
     max_norm: f32,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
     const K: &str = "sum_squares_multi";
-    if max_norm.is_nan() || max_norm <= 0.0 {
-        return Err(Error::Config(format!(
-            "clip: max_norm must be > 0, got {max_norm}"
-        )));
-    }
-    if !tensors.table.is_on(be) {
-        return Err(Error::Config(format!(
-            "{K}: the tensor table belongs to another backend than {}",
-            be.name()
-        )));
-    }
+    check_max_norm(max_norm)?;
+    tensors.check_on(be, K)?;
     let partial = be.zeros::<f32>(tensors.parts_total)?;
     let p = SumSquaresMultiParams {
         tensors: be.ptr(&tensors.table),
@@ -1761,12 +1753,7 @@ pub fn adam_step_multi(
     zero_grad: bool,
 ) -> Result<()> {
     const K: &str = "adam_step_multi";
-    if !tensors.table.is_on(be) {
-        return Err(Error::Config(format!(
-            "{K}: the tensor table belongs to another backend than {}",
-            be.name()
-        )));
-    }
+    tensors.check_on(be, K)?;
     if let Some(s) = grad_scale {
         need(be, K, "grad_scale", s, 1)?;
     }
