@@ -333,6 +333,15 @@ fn bench(c: &mut Criterion) {
                 })
             })
         });
+        // The global gradient norm for clipping over the same tensors: reads every gradient once.
+        group.throughput(Throughput::Bytes((total * 4) as u64));
+        group.bench_function("clip_norm_hconv_base", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    device::clip_coefficient_table(&be, &table, 1.0).unwrap();
+                })
+            })
+        });
     }
     let n = 100_000_000usize;
     let p = be.upload(&vec![0.1f32; n]).unwrap();

@@ -350,6 +350,14 @@ fn main() {
             "{{\"name\": \"adamw_multi_hconv_base\", \"ms\": {t:.4}, \"bytes\": {}}}",
             n * (4 * 4 + 3 * 4 + 2)
         );
+        // The global gradient norm for clipping over the same tensors (reads every gradient).
+        let t = time_ms(&be, &mut flush, || {
+            device::clip_coefficient_table(&be, &table, 1.0).unwrap();
+        });
+        println!(
+            "{{\"name\": \"clip_norm_hconv_base\", \"ms\": {t:.4}, \"bytes\": {}}}",
+            n * 4
+        );
     }
     be.synchronize().unwrap();
 }
