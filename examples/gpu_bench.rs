@@ -2,7 +2,7 @@
 //! events after warm-up, with an L2 flush (a 256 MB write) before each repetition, median of 20.
 //! Prints one JSON object per line: {"name", "ms", "bytes"} for tools/gpu_table.py.
 //!
-//!   cargo build --release --example gpu_bench && target/release/examples/gpu_bench
+//!   cargo build --release --example gpu_bench && target/release/examples/gpu_bench [section]
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -48,151 +48,158 @@ fn hconv_macs(plan: &strata::models::interface::HConvPlan) -> (usize, usize) {
 }
 
 fn main() {
+    // `gpu_bench [ws|hconv|losses|step|adamw]` runs one section; no argument runs them all.
+    let only = std::env::args().nth(1);
+    let run = |section: &str| only.as_deref().map_or(true, |o| o == section);
     let be = Backend::cuda().unwrap_or_else(|why| panic!("gpu_bench needs a GPU: {why}"));
     let Backend::Cuda(rt) = &be else {
         unreachable!()
     };
     let mut flush: CudaSlice<f32> = rt.stream.alloc_zeros(64 << 20).unwrap();
     eprintln!("device: {}", be.name());
-    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
-        let n = 32 * 500;
-        let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
-        let w = be.upload(&vec![0.1f32; l]).unwrap();
-        let dout = be.upload(&vec![0.01f32; n * d]).unwrap();
-        let dw = be.zeros::<f32>(l).unwrap();
-        for normalize in [false, true] {
-            let s = LayerSumShape {
-                n,
-                l,
-                d,
-                first: 0,
-                k: l,
-                normalize,
-            };
-            let tag = format!("ws_{name}{}", if normalize { "_norm" } else { "" });
-            let fwd = time_ms(&be, &mut flush, || {
-                device::layer_sum_forward(&be, &x, &w, s).unwrap();
-            });
-            // Bytes: read the bf16 stack (twice with the norm's statistics pass), write bf16 out.
-            let reads = if normalize { 2 } else { 1 };
-            println!(
-                "{{\"name\": \"{tag}_fwd\", \"ms\": {fwd:.4}, \"bytes\": {}}}",
-                reads * n * l * d * 2 + n * d * 2
-            );
-            let (_, stats) = device::layer_sum_forward(&be, &x, &w, s).unwrap();
-            let bwd = time_ms(&be, &mut flush, || {
-                device::layer_sum_backward(&be, &x, &w, &dout, stats.as_ref(), s, &dw, false)
-                    .unwrap();
-            });
-            println!(
-                "{{\"name\": \"{tag}_bwd_dw\", \"ms\": {bwd:.4}, \"bytes\": {}}}",
-                n * l * d * 2 + n * d * 4
-            );
+    if run("ws") {
+        for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
+            let n = 32 * 500;
+            let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+            let w = be.upload(&vec![0.1f32; l]).unwrap();
+            let dout = be.upload(&vec![0.01f32; n * d]).unwrap();
+            let dw = be.zeros::<f32>(l).unwrap();
+            for normalize in [false, true] {
+                let s = LayerSumShape {
+                    n,
+                    l,
+                    d,
+                    first: 0,
+                    k: l,
+                    normalize,
+                };
+                let tag = format!("ws_{name}{}", if normalize { "_norm" } else { "" });
+                let fwd = time_ms(&be, &mut flush, || {
+                    device::layer_sum_forward(&be, &x, &w, s).unwrap();
+                });
+                // Bytes: read the bf16 stack (twice with the norm's statistics pass), write bf16 out.
+                let reads = if normalize { 2 } else { 1 };
+                println!(
+                    "{{\"name\": \"{tag}_fwd\", \"ms\": {fwd:.4}, \"bytes\": {}}}",
+                    reads * n * l * d * 2 + n * d * 2
+                );
+                let (_, stats) = device::layer_sum_forward(&be, &x, &w, s).unwrap();
+                let bwd = time_ms(&be, &mut flush, || {
+                    device::layer_sum_backward(&be, &x, &w, &dout, stats.as_ref(), s, &dw, false)
+                        .unwrap();
+                });
+                println!(
+                    "{{\"name\": \"{tag}_bwd_dw\", \"ms\": {bwd:.4}, \"bytes\": {}}}",
+                    n * l * d * 2 + n * d * 4
+                );
+            }
         }
     }
     // HConv forward (all convs, bias + ReLU, flatten): FLOPs = 2 * MACs.
-    for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
-        let n = 32 * 500;
-        let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
-        let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
-        let mut layers = Vec::new();
-        let (macs, dx_macs) = hconv_macs(&plan);
-        for g in &plan.convs {
-            let w = vec![0.01f32; g.c_out * g.c_in * g.kernel];
-            layers.push((
-                be.upload(&device::hconv_weight_for_kernel(&w, g)).unwrap(),
-                be.upload(&vec![0.0f32; g.c_out]).unwrap(),
-            ));
+    if run("hconv") {
+        for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
+            let n = 32 * 500;
+            let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
+            let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+            let mut layers = Vec::new();
+            let (macs, dx_macs) = hconv_macs(&plan);
+            for g in &plan.convs {
+                let w = vec![0.01f32; g.c_out * g.c_in * g.kernel];
+                layers.push((
+                    be.upload(&device::hconv_weight_for_kernel(&w, g)).unwrap(),
+                    be.upload(&vec![0.0f32; g.c_out]).unwrap(),
+                ));
+            }
+            let t = time_ms(&be, &mut flush, || {
+                let mut h = device::hconv_conv_forward(
+                    &be,
+                    &x,
+                    n,
+                    &plan.convs[0],
+                    &layers[0].0,
+                    &layers[0].1,
+                    plan.convs.len() == 1,
+                )
+                .unwrap();
+                for (i, g) in plan.convs.iter().enumerate().skip(1) {
+                    h = device::hconv_conv_forward(
+                        &be,
+                        &h,
+                        n,
+                        g,
+                        &layers[i].0,
+                        &layers[i].1,
+                        i + 1 == plan.convs.len(),
+                    )
+                    .unwrap();
+                }
+            });
+            println!(
+                "{{\"name\": \"hconv_{name}_fwd\", \"ms\": {t:.4}, \"flops\": {}}}",
+                2 * macs * n
+            );
+            // Forward + backward for a frozen upstream: every conv's dW and db, dx for all but the
+            // first conv. FLOPs: forward + dW (each as many as the forward) + those dx.
+            let grads: Vec<(Buf<f32>, Buf<f32>)> = plan
+                .convs
+                .iter()
+                .map(|g| {
+                    (
+                        be.zeros::<f32>(g.c_out * g.c_in * g.kernel).unwrap(),
+                        be.zeros::<f32>(g.c_out).unwrap(),
+                    )
+                })
+                .collect();
+            let dout = be
+                .upload(&vec![bf16::from_f32(0.01); n * plan.output_dim()])
+                .unwrap();
+            let t = time_ms(&be, &mut flush, || {
+                let mut acts = Vec::new();
+                for (i, g) in plan.convs.iter().enumerate() {
+                    let input = if i == 0 { &x } else { &acts[i - 1] };
+                    let h = device::hconv_conv_forward(
+                        &be,
+                        input,
+                        n,
+                        g,
+                        &layers[i].0,
+                        &layers[i].1,
+                        i + 1 == plan.convs.len(),
+                    )
+                    .unwrap();
+                    acts.push(h);
+                }
+                let mut dy: Option<Buf<bf16>> = None;
+                for (i, g) in plan.convs.iter().enumerate().rev() {
+                    let saved = device::HConvSaved {
+                        x: if i == 0 { &x } else { &acts[i - 1] },
+                        y: &acts[i],
+                        w: &layers[i].0,
+                        flatten: i + 1 == plan.convs.len(),
+                    };
+                    let d = dy.as_ref().unwrap_or(&dout);
+                    let next = device::hconv_conv_backward(
+                        &be,
+                        &saved,
+                        n,
+                        g,
+                        d,
+                        (&grads[i].0, &grads[i].1),
+                        i > 0,
+                    )
+                    .unwrap();
+                    dy = next;
+                }
+            });
+            println!(
+                "{{\"name\": \"hconv_{name}_fwd_bwd\", \"ms\": {t:.4}, \"flops\": {}}}",
+                2 * (2 * macs + dx_macs) * n
+            );
         }
-        let t = time_ms(&be, &mut flush, || {
-            let mut h = device::hconv_conv_forward(
-                &be,
-                &x,
-                n,
-                &plan.convs[0],
-                &layers[0].0,
-                &layers[0].1,
-                plan.convs.len() == 1,
-            )
-            .unwrap();
-            for (i, g) in plan.convs.iter().enumerate().skip(1) {
-                h = device::hconv_conv_forward(
-                    &be,
-                    &h,
-                    n,
-                    g,
-                    &layers[i].0,
-                    &layers[i].1,
-                    i + 1 == plan.convs.len(),
-                )
-                .unwrap();
-            }
-        });
-        println!(
-            "{{\"name\": \"hconv_{name}_fwd\", \"ms\": {t:.4}, \"flops\": {}}}",
-            2 * macs * n
-        );
-        // Forward + backward for a frozen upstream: every conv's dW and db, dx for all but the
-        // first conv. FLOPs: forward + dW (each as many as the forward) + those dx.
-        let grads: Vec<(Buf<f32>, Buf<f32>)> = plan
-            .convs
-            .iter()
-            .map(|g| {
-                (
-                    be.zeros::<f32>(g.c_out * g.c_in * g.kernel).unwrap(),
-                    be.zeros::<f32>(g.c_out).unwrap(),
-                )
-            })
-            .collect();
-        let dout = be
-            .upload(&vec![bf16::from_f32(0.01); n * plan.output_dim()])
-            .unwrap();
-        let t = time_ms(&be, &mut flush, || {
-            let mut acts = Vec::new();
-            for (i, g) in plan.convs.iter().enumerate() {
-                let input = if i == 0 { &x } else { &acts[i - 1] };
-                let h = device::hconv_conv_forward(
-                    &be,
-                    input,
-                    n,
-                    g,
-                    &layers[i].0,
-                    &layers[i].1,
-                    i + 1 == plan.convs.len(),
-                )
-                .unwrap();
-                acts.push(h);
-            }
-            let mut dy: Option<Buf<bf16>> = None;
-            for (i, g) in plan.convs.iter().enumerate().rev() {
-                let saved = device::HConvSaved {
-                    x: if i == 0 { &x } else { &acts[i - 1] },
-                    y: &acts[i],
-                    w: &layers[i].0,
-                    flatten: i + 1 == plan.convs.len(),
-                };
-                let d = dy.as_ref().unwrap_or(&dout);
-                let next = device::hconv_conv_backward(
-                    &be,
-                    &saved,
-                    n,
-                    g,
-                    d,
-                    (&grads[i].0, &grads[i].1),
-                    i > 0,
-                )
-                .unwrap();
-                dy = next;
-            }
-        });
-        println!(
-            "{{\"name\": \"hconv_{name}_fwd_bwd\", \"ms\": {t:.4}, \"flops\": {}}}",
-            2 * (2 * macs + dx_macs) * n
-        );
     }
     // CTC loss + gradient (one call: upload of the targets, the kernel, the per-utterance losses
     // back to the host): 32 utterances x 500 frames, 71 symbols, 120 labels each.
-    {
+    if run("losses") {
         let (n, t, v, u) = (32usize, 500usize, 71usize, 120usize);
         let batch = strata::PackedBatch::from_lengths(&vec![t; n]).unwrap();
         let lp = be.upload(&vec![-(v as f32).ln(); n * t * v]).unwrap();
@@ -208,7 +215,7 @@ fn main() {
         );
     }
     // Fused softmax cross-entropy + dlogits: 4096 rows x 1251 classes (VoxCeleb1 speakers).
-    {
+    if run("losses") {
         let (rows, classes) = (4096usize, 1251usize);
         let logits = be.upload(&vec![0.1f32; rows * classes]).unwrap();
         let labels: Vec<usize> = (0..rows).map(|i| (i * 31) % classes).collect();
@@ -226,7 +233,7 @@ fn main() {
     // cls`) on Base. HConv and CLS report the flops of their GEMMs (CLS: K, V over every layer
     // token, out_proj, FFN, head; 6 x rows x in x out each for forward + both backward products);
     // WS is bandwidth-bound: bytes = the stack read forward and backward.
-    {
+    if run("step") {
         use strata::models::interface::{ClsActivation, InterfaceConfig, InterfaceKind};
         use strata::train::side_by_side::{HeadKind, Pair};
         let (utts, t, v, u) = (32usize, 500usize, 71usize, 120usize);
@@ -287,26 +294,28 @@ fn main() {
             println!("{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"{metric}\": {amount}}}");
         }
     }
-    for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
-        let p = be.upload(&vec![0.1f32; n]).unwrap();
-        let g = be.upload(&vec![0.01f32; n]).unwrap();
-        let (m, v) = (be.zeros::<f32>(n).unwrap(), be.zeros::<f32>(n).unwrap());
-        let copy = be.zeros::<bf16>(n).unwrap();
-        let cfg = AdamConfig::adamw(1e-3);
-        let mut step = 0;
-        let t = time_ms(&be, &mut flush, || {
-            step += 1;
-            device::adam_step(&be, &cfg, step, &p, &g, &m, &v, Some(&copy), None).unwrap();
-        });
-        // Read param, grad, m, v; write param, m, v, bf16 copy.
-        println!(
-            "{{\"name\": \"adamw_{n}\", \"ms\": {t:.4}, \"bytes\": {}}}",
-            n * (4 * 4 + 3 * 4 + 2)
-        );
+    if run("adamw") {
+        for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {
+            let p = be.upload(&vec![0.1f32; n]).unwrap();
+            let g = be.upload(&vec![0.01f32; n]).unwrap();
+            let (m, v) = (be.zeros::<f32>(n).unwrap(), be.zeros::<f32>(n).unwrap());
+            let copy = be.zeros::<bf16>(n).unwrap();
+            let cfg = AdamConfig::adamw(1e-3);
+            let mut step = 0;
+            let t = time_ms(&be, &mut flush, || {
+                step += 1;
+                device::adam_step(&be, &cfg, step, &p, &g, &m, &v, Some(&copy), None).unwrap();
+            });
+            // Read param, grad, m, v; write param, m, v, bf16 copy.
+            println!(
+                "{{\"name\": \"adamw_{n}\", \"ms\": {t:.4}, \"bytes\": {}}}",
+                n * (4 * 4 + 3 * 4 + 2)
+            );
+        }
     }
     // Multi-tensor AdamW over the tensors of an HConv (Base) + PR-head pair, as the device step
     // runs it: one launch over the table of buffers.
-    {
+    if run("adamw") {
         use strata::models::interface::InterfaceConfig;
         use strata::train::side_by_side::{HeadKind, Pair};
         let pair = Pair::new(

@@ -9,7 +9,9 @@
 // variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
 // Backward: dp[j] = sum_d dout * xhat summed over 8 frames per block, one partial per block and
 // layer, then one block reduces the partials in fixed order and applies the softmax Jacobian:
-// deterministic. The stack gradient (for a trainable upstream) is optional.
+// deterministic. The stack gradient (for a trainable upstream) is optional: with it,
+// layer_sum_backward (a warp per layer); without it (a frozen stack) and D % 8 == 0,
+// layer_sum_backward_dw (a thread per 8-column chunk, the forward's access pattern).
 // Per-layer reductions (norm statistics, dp) give each warp its own layers (j = warp, warp +
 // warps, ...) and reduce with shuffles only: no block-wide barrier per layer. Rows are read 8 bf16
 // (16 bytes) per load when D % 8 == 0. Blocks are a whole number of warps.
@@ -183,6 +185,67 @@ extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
     for (int j = threadIdx.x; j < a.k; j += blockDim.x) a.partial[(int64_t)j * gridDim.x + blockIdx.x] = dp_block[j];
 }
 STRATA_EMU_ENTRY(layer_sum_backward, LayerSumBwdParams)
+
+// Backward, weight gradient only (a frozen stack, D % 8 == 0): the forward's access pattern, for the
+// bandwidth. Thread (c, r) of a block of C * R threads (C = D / 8) owns the 8-column chunk c of
+// layers j = r, r + R, ... (at most LS_DW_LAYERS_PER_THREAD of them). Per frame it issues all of its
+// 16-byte loads before using any, with no shuffle or barrier in the frame loop (the warp-per-layer
+// kernel above waits on a reduction per layer and a barrier per frame), and adds each layer's dot
+// product to a register, frames in order. At the end the block sums each layer over its chunks in
+// fixed order (shared memory, k x C floats) into the same layer-major partials: deterministic.
+#define LS_DW_LAYERS_PER_THREAD 8
+
+extern "C" __global__ void layer_sum_backward_dw(const LayerSumBwdParams a) {
+    STRATA_DYNAMIC_SMEM(float, chunk_dp);  // [k, C]
+    const int chunks = a.D >> 3;
+    const int groups = blockDim.x / chunks;
+    const int c = threadIdx.x % chunks, r = threadIdx.x / chunks;
+    float acc[LS_DW_LAYERS_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < LS_DW_LAYERS_PER_THREAD; ++i) acc[i] = 0.0f;
+    const int64_t layer_step = (int64_t)groups * a.D;
+    const int f_stop = (int)(blockIdx.x + 1) * LS_FRAMES_PER_BLOCK;
+    const int f_end = f_stop < a.n ? f_stop : a.n;
+    for (int f = blockIdx.x * LS_FRAMES_PER_BLOCK; f < f_end; ++f) {
+        const bf16* row = a.x + ((int64_t)f * a.L + a.first + r) * a.D + 8 * c;
+        bf16x8 raw[LS_DW_LAYERS_PER_THREAD];
+#pragma unroll
+        for (int i = 0; i < LS_DW_LAYERS_PER_THREAD; ++i) {
+            if (r + i * groups < a.k) raw[i] = load_bf16x8(row + i * layer_step);
+        }
+        const float* g = a.dout + (int64_t)f * a.dout_stride + 8 * c;
+        const float4_t g0 = load_float4(g), g1 = load_float4(g + 4);
+        const float gv[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+#pragma unroll
+        for (int i = 0; i < LS_DW_LAYERS_PER_THREAD; ++i) {
+            const int j = r + i * groups;
+            if (j < a.k) {
+                float v[8];
+                unpack_bf16x8(raw[i], v);
+                const float m = a.normalize ? a.mean[(int64_t)f * a.k + j] : 0.0f;
+                const float rs = a.normalize ? a.rstd[(int64_t)f * a.k + j] : 1.0f;
+                float s = 0.0f;
+                for (int e = 0; e < 8; ++e) s += gv[e] * ((v[e] - m) * rs);
+                acc[i] += s;
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < LS_DW_LAYERS_PER_THREAD; ++i) {
+        const int j = r + i * groups;
+        if (j < a.k && r < groups) chunk_dp[j * chunks + c] = acc[i];
+    }
+    __syncthreads();
+    // Whole warps only (a block of C * R threads may end in a partial warp, which has no work here).
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int j = warp; j < a.k; j += warps) {
+        float s = 0.0f;
+        for (int cc = lane; cc < chunks; cc += 32) s += chunk_dp[j * chunks + cc];
+        s = warp_sum(s);
+        if (lane == 0) a.partial[(int64_t)j * gridDim.x + blockIdx.x] = s;
+    }
+}
+STRATA_EMU_ENTRY(layer_sum_backward_dw, LayerSumBwdParams)
 
 // One block: dp[j] = sum over the backward's blocks (fixed order), then dw += p * (dp - sum p dp).
 extern "C" __global__ void layer_sum_reduce(const LayerSumReduceParams a) {

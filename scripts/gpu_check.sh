@@ -57,7 +57,7 @@ echo "== strata demo on the GPU and on the CPU (same corpus, same init)"
 echo "== compute-sanitizer memcheck / racecheck (small sizes)"
 for tool in memcheck racecheck initcheck; do
     STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 3 \
-        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core ldmatrix hconv cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
+        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core ldmatrix layer_sum hconv cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
 done
 
 echo "== benchmarks: strata and PyTorch in the same run"
@@ -65,5 +65,7 @@ echo "== benchmarks: strata and PyTorch in the same run"
 python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" || status=1
 python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
 echo "== HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"
-STRATA_NO_SPECIALIZE=1 .gpu/gpu_bench 2>/dev/null | grep hconv | tee "$out/hconv-unspecialized.jsonl"
+STRATA_NO_SPECIALIZE=1 .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-unspecialized.jsonl"
+echo "== the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"
+STRATA_LAYER_SUM_BWD=warp .gpu/gpu_bench ws 2>/dev/null | grep bwd_dw | tee "$out/ws-warp-backward.jsonl"
 exit $status

@@ -232,7 +232,8 @@ pub fn layer_sum_backward_into(
         need(be, K, "rstd", &st.rstd, s.n * s.k)?;
     }
     let blocks = s.n.div_ceil(LAYER_SUM_FRAMES_PER_BLOCK);
-    let partial = be.zeros::<f32>(blocks * s.k)?;
+    // Both kernels write every block's partial of every layer.
+    let partial = be.output::<f32>(blocks * s.k)?;
     if let Some(dx) = dx {
         need(be, K, "dx", dx, s.n * s.l * s.d)?;
     }
@@ -252,13 +253,23 @@ pub fn layer_sum_backward_into(
         normalize: s.normalize as i32,
         dout_stride: cols.stride as i32,
     };
-    // Shared memory stages one dout row on the vectorised path (see the kernel).
-    let smem = if s.d % 8 == 0 && s.d <= 4096 {
-        (s.d * 4) as u32
+    if let (None, Some((threads, smem))) = (dx, layer_sum_dw_block(s)) {
+        be.launch(
+            "layer_sum_backward_dw",
+            (blocks as u32, 1, 1),
+            (threads, 1, 1),
+            smem,
+            &p,
+        )?;
     } else {
-        0
-    };
-    be.launch(K, (blocks as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), smem, &p)?;
+        // Shared memory stages one dout row on the vectorised path (see the kernel).
+        let smem = if s.d % 8 == 0 && s.d <= 4096 {
+            (s.d * 4) as u32
+        } else {
+            0
+        };
+        be.launch(K, (blocks as u32, 1, 1), (LAYER_SUM_BLOCK, 1, 1), smem, &p)?;
+    }
     let r = LayerSumReduceParams {
         partial: be.ptr(&partial),
         w: be.ptr(w),
@@ -267,6 +278,26 @@ pub fn layer_sum_backward_into(
         k: s.k as i32,
     };
     be.launch("layer_sum_reduce", (1, 1, 1), (256, 1, 1), 0, &r)
+}
+
+/// The block of `layer_sum_backward_dw` (threads, shared-memory bytes) for a shape, or None where
+/// that kernel does not apply and the warp-per-layer backward runs: D not a multiple of 8, more
+/// layers than LS_DW_LAYERS_PER_THREAD per thread in 1024 threads, or the k x D/8 per-chunk sums over
+/// 48 KB of shared memory. STRATA_LAYER_SUM_BWD=warp forces the warp-per-layer kernel (for the
+/// device script's comparison of the two).
+fn layer_sum_dw_block(s: LayerSumShape) -> Option<(u32, u32)> {
+    const LAYERS_PER_THREAD: usize = 8; // LS_DW_LAYERS_PER_THREAD of kernels/layer_sum.cu
+    if s.d % 8 != 0 || std::env::var("STRATA_LAYER_SUM_BWD").is_ok_and(|v| v == "warp") {
+        return None;
+    }
+    let chunks = s.d / 8;
+    // At least 128 threads, and enough layer groups that each thread owns at most 16 layers.
+    let groups =
+        s.k.div_ceil(LAYERS_PER_THREAD)
+            .max(128usize.div_ceil(chunks));
+    let threads = chunks * groups;
+    let smem = s.k * chunks * 4;
+    (threads <= 1024 && smem <= 48 * 1024).then_some((threads as u32, smem as u32))
 }
 
 /// Adam / AdamW step `t` (1-based) over a flat parameter buffer, as `crate::optim::Adam`.

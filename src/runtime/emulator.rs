@@ -34,6 +34,7 @@ macro_rules! entries {
 entries!(
     strata_emu_layer_sum_forward,
     strata_emu_layer_sum_backward,
+    strata_emu_layer_sum_backward_dw,
     strata_emu_layer_sum_reduce,
     strata_emu_adam_step,
     strata_emu_adam_step_multi,

@@ -18,6 +18,7 @@ pub const FILES: &[KernelFile] = &[
         kernels: &[
             "layer_sum_forward",
             "layer_sum_backward",
+            "layer_sum_backward_dw",
             "layer_sum_reduce",
         ],
     },
