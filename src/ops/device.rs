@@ -20,6 +20,9 @@ const LAYER_SUM_BLOCK: u32 = 128;
 /// LS_FRAMES_PER_BLOCK of kernels/layer_sum.cu.
 const LAYER_SUM_FRAMES_PER_BLOCK: usize = 8;
 const MAX_LAYERS: usize = 64;
+/// CTC_THREADS and CTC_GRAD_WARPS of kernels/ctc.cu.
+const CTC_THREADS: u32 = 256;
+const CTC_GRAD_WARPS: usize = 8;
 
 /// `buf` must live on `be` and hold exactly `want` elements.
 fn need<T>(be: &Backend, kernel: &str, what: &str, buf: &Buf<T>, want: usize) -> Result<()> {
@@ -847,7 +850,7 @@ pub fn ctc_loss(
     reduction: crate::ops::ctc::Reduction,
     zero_infinity: bool,
 ) -> Result<CtcOutput> {
-    const K: &str = "ctc_loss_fwd_bwd";
+    const K: &str = "ctc_loss";
     let n = batch.num_utterances();
     need(be, K, "log_probs", log_probs, batch.total_frames() * v)?;
     if targets.len() != n || v < 2 {
@@ -857,8 +860,13 @@ pub fn ctc_loss(
             format!("{} targets, vocabulary {v}", targets.len()),
         ));
     }
-    let mut flat = Vec::new();
-    let mut toff = vec![0i32];
+    // One int buffer (one upload): input offsets, target offsets, the labels, and per label the
+    // index of its next occurrence in its target (-1 at its last) and whether it is the first.
+    let total_labels: usize = targets.iter().map(Vec::len).sum();
+    let mut ints: Vec<i32> = Vec::with_capacity(2 * (n + 1) + 3 * total_labels);
+    ints.extend(batch.offsets().iter().map(|&o| o as i32));
+    ints.push(0);
+    let mut scratch_offsets = Vec::with_capacity(n);
     let mut scratch = 0usize;
     for (u, t) in targets.iter().enumerate() {
         if let Some(&bad) = t.iter().find(|&&c| c == 0 || c >= v) {
@@ -877,8 +885,8 @@ pub fn ctc_loss(
                 format!("target length {}", t.len()),
             ));
         }
-        flat.extend(t.iter().map(|&c| c as i32));
-        toff.push(flat.len() as i32);
+        ints.push(ints[n + 1 + u] + t.len() as i32);
+        scratch_offsets.push(scratch as i64);
         scratch += batch.len_of(u) * (2 * t.len() + 1);
     }
     if n == 0 || batch.total_frames() > i32::MAX as usize {
@@ -888,30 +896,69 @@ pub fn ctc_loss(
             format!("{n} utterances, {} frames", batch.total_frames()),
         ));
     }
-    let ioff: Vec<i32> = batch.offsets().iter().map(|&o| o as i32).collect();
-    let (ib, tb, ob) = (
-        be.upload(&ioff)?,
-        be.upload(if flat.is_empty() { &[0i32][..] } else { &flat })?,
-        be.upload(&toff)?,
-    );
-    let alpha = be.zeros::<f32>(scratch.max(1))?;
-    let nll = be.zeros::<f32>(n)?;
-    let grad = be.zeros::<f32>(batch.total_frames() * v)?;
+    let labels_at = ints.len();
+    ints.extend(targets.iter().flatten().map(|&c| c as i32));
+    let mut next_same = vec![-1i32; total_labels];
+    let mut first = vec![0i32; total_labels];
+    let (mut last_seen, mut seen) = (vec![-1i32; v], vec![false; v]);
+    let mut g0 = 0;
+    for t in targets {
+        for (i, &c) in t.iter().enumerate().rev() {
+            next_same[g0 + i] = last_seen[c];
+            last_seen[c] = i as i32;
+        }
+        for (i, &c) in t.iter().enumerate() {
+            first[g0 + i] = !seen[c] as i32;
+            seen[c] = true;
+        }
+        t.iter()
+            .for_each(|&c| (last_seen[c], seen[c]) = (-1, false));
+        g0 += t.len();
+    }
+    let links_at = ints.len();
+    ints.extend_from_slice(&next_same);
+    let first_at = ints.len();
+    ints.extend_from_slice(&first);
+    let ib = be.upload(&ints)?;
+    let sb = be.upload(&scratch_offsets)?;
+    let (alpha, beta) = (be.output::<f32>(scratch)?, be.output::<f32>(scratch)?);
+    let nll = be.output::<f32>(n)?;
+    let grad = be.output::<f32>(batch.total_frames() * v)?;
+    let at = |i: usize| be.ptr(&ib) + (i * 4) as u64;
     let p = CtcParams {
         lp: be.ptr(log_probs),
-        input_offsets: be.ptr(&ib),
-        targets: be.ptr(&tb),
-        target_offsets: be.ptr(&ob),
+        input_offsets: at(0),
+        targets: at(labels_at),
+        target_offsets: at(n + 1),
+        next_same: at(links_at),
+        first: at(first_at),
+        scratch_offsets: be.ptr(&sb),
         alpha: be.ptr(&alpha),
+        beta: be.ptr(&beta),
         nll: be.ptr(&nll),
         grad: be.ptr(&grad),
         n: n as i32,
+        frames: batch.total_frames() as i32,
         v: v as i32,
         blank: 0,
         mean: (reduction == crate::ops::ctc::Reduction::Mean) as i32,
         zero_infinity: zero_infinity as i32,
     };
-    be.launch(K, (n as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    be.launch(
+        "ctc_alpha_beta",
+        (n as u32, 2, 1),
+        (CTC_THREADS, 1, 1),
+        0,
+        &p,
+    )?;
+    let blocks = batch.total_frames().div_ceil(CTC_GRAD_WARPS);
+    be.launch(
+        "ctc_grad",
+        (blocks as u32, 1, 1),
+        (32 * CTC_GRAD_WARPS as u32, 1, 1),
+        0,
+        &p,
+    )?;
     let per_utterance = be.download(&nll)?;
     let loss = per_utterance
         .iter()

@@ -50,7 +50,7 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         file: "ctc.cu",
         source: include_str!("../../kernels/ctc.cu"),
-        kernels: &["ctc_loss_fwd_bwd"],
+        kernels: &["ctc_alpha_beta", "ctc_grad"],
     },
     KernelFile {
         file: "cross_entropy.cu",
@@ -204,7 +204,8 @@ params! {
     ActivationParams { x: u64, dy: u64, y: u64, n: i64, gelu: i32 }
     SelectLayerParams { x: u64, y: u64, n: i32, l: i32, d: i32, layer: i32 }
     CtcParams {
-        lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, alpha: u64, nll: u64, grad: u64,
-        n: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,
+        lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, next_same: u64, first: u64,
+        scratch_offsets: u64, alpha: u64, beta: u64, nll: u64, grad: u64,
+        n: i32, frames: i32, v: i32, blank: i32, mean: i32, zero_infinity: i32,
     }
 }

@@ -1,6 +1,6 @@
 // The CUDA vocabulary for kernels compiled by the host C++ compiler (the kernel emulator).
 // Each block's threads are cooperative fibers (emulator.cpp): a thread runs until it reaches a
-// barrier (__syncthreads) or a warp collective (__shfl_*_sync), then the next one runs; a barrier
+// barrier (__syncthreads) or a warp collective (__shfl_*_sync, __syncwarp), then the next one runs; a barrier
 // or collective releases when every live thread of the block / warp has arrived. Blocks run one
 // after another, so `__shared__` (function-static storage) is shared by exactly one block's threads.
 #pragma once
@@ -66,6 +66,10 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
 template <class T>
 inline T __shfl_sync(unsigned, T v, int src) {
     return strata_emu::shfl(v, src & 31);
+}
+// A warp barrier: a collective that exchanges nothing.
+inline void __syncwarp(unsigned = 0xffffffffu) {
+    (void)strata_emu::warp_exchange(0, strata_emu::lane_id());
 }
 // Blocks run one at a time on one OS thread and fibers never preempt: a plain add is atomic.
 inline float atomicAdd(float* p, float v) {
