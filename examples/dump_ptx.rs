@@ -1,4 +1,4 @@
-//! Writes the PTX NVRTC makes of every kernel file (sm_90), and of HConv's HuBERT-Base
+//! Writes the PTX NVRTC makes of every kernel file (sm_90, or the file's own target: sm_90a), and of HConv's HuBERT-Base
 //! specializations, into a folder, for ptxas reports:
 //! `cargo run --release --example dump_ptx -- OUT_DIR` (needs libnvrtc.so.13 on LD_LIBRARY_PATH).
 
@@ -8,7 +8,7 @@ fn main() {
     let dir = std::env::args().nth(1).unwrap_or_else(|| "ptx".into());
     std::fs::create_dir_all(&dir).expect("output folder");
     for file in kernels::FILES {
-        let (ptx, _) = cuda::compile(file, cuda::ARCH).unwrap_or_else(|e| panic!("{e}"));
+        let (ptx, _) = cuda::compile(file, cuda::arch_of(file)).unwrap_or_else(|e| panic!("{e}"));
         let path = format!("{dir}/{}.ptx", file.file.trim_end_matches(".cu"));
         std::fs::write(&path, ptx).expect("write PTX");
         println!("{path}");

@@ -285,3 +285,120 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     __syncthreads();
     return r;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hopper warpgroup MMA (wgmma, PTX ISA 8.0+, the sm_90a target only: files that use it are
+// compiled for sm_90a, see KernelFile::arch). A warpgroup is 4 consecutive warps, the first at a
+// warp index divisible by 4; all 128 threads issue each instruction together.
+//
+// Operands come from shared memory through matrix descriptors. Only the no-swizzle K-major layout
+// is used: an operand (A: M x K, B: N x K, K contiguous) is made of core matrices of 8 rows x 16
+// bytes (8 bf16 along K), each stored contiguously (row r at +16 r bytes); `lbo` is the byte
+// distance between core matrices adjacent along K, `sbo` between core matrices adjacent along M
+// (A) or N (B). Element (row, k) of an operand lies at
+//   start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2.
+// The accumulators stay in registers: thread (warp w of the warpgroup, lane l) holds, for each
+// n8 chunk j, d[4 j + r] = D[16 w + l / 4 + 8 (r / 2)][8 j + 2 (l % 4) + r % 2] (the mma.m16n8
+// C layout, one warp per 16 rows).
+//
+// wgmma runs asynchronously: shared memory written by ordinary stores or cp.async must be
+// published with fence_proxy_async() in each writing thread before the barrier that precedes the
+// wgmma; wgmma_fence() goes before the first wgmma that touches accumulators other code wrote;
+// after wgmma_commit(), wgmma_wait<N>() waits until at most N groups are in flight, and only then
+// may the accumulators be read or the operand buffers overwritten. The emulator computes each
+// wgmma at once when issued (from the descriptors, by the layout above), so it checks layouts and
+// arithmetic, not that ordering: compute-sanitizer on the GPU does.
+#if defined(STRATA_EMULATOR) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define STRATA_HAS_WGMMA 1
+#ifdef STRATA_EMULATOR
+struct wgmma_desc {
+    const unsigned char* start;
+    uint32_t lbo, sbo;
+};
+#else
+typedef unsigned long long wgmma_desc;
+#endif
+
+// Descriptor of the K-major, no-swizzle operand at `smem` (16-byte aligned, in the first 256 KB of
+// the block's shared window; lbo and sbo multiples of 16 below 256 KB).
+__device__ __forceinline__ wgmma_desc make_wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
+#ifdef STRATA_EMULATOR
+    return wgmma_desc{static_cast<const unsigned char*>(smem), lbo, sbo};
+#else
+    // Bits 0-13: start address >> 4; 16-29: lbo >> 4; 32-45: sbo >> 4; 49-51 base offset 0;
+    // 62-63 swizzle mode 0 (none).
+    const unsigned long long a = (smem_addr(smem) & 0x3ffffu) >> 4;
+    return a | ((unsigned long long)((lbo & 0x3ffffu) >> 4) << 16) | ((unsigned long long)((sbo & 0x3ffffu) >> 4) << 32);
+#endif
+}
+
+#ifdef STRATA_EMULATOR
+inline float strata_emu_desc_elem(const wgmma_desc& q, int row, int k) {
+    const unsigned char* p = q.start + (row / 8) * q.sbo + (k / 8) * q.lbo + (row % 8) * 16 + (k % 8) * 2;
+    bf16 v;
+    memcpy(&v, p, 2);
+    return bf16_to_float(v);
+}
+#endif
+
+// D[64 x 64] = A[64 x 16] B[16 x 64] + (scale_d ? D : 0), fp32 accumulators d[32] per thread.
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, wgmma_desc a, wgmma_desc b, int scale_d) {
+#ifdef STRATA_EMULATOR
+    const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    for (int j = 0; j < 8; ++j) {
+        for (int r = 0; r < 4; ++r) {
+            const int row = 16 * w + lane / 4 + 8 * (r / 2), col = 8 * j + 2 * (lane % 4) + r % 2;
+            float s = 0.0f;
+            for (int k = 0; k < 16; ++k) s += strata_emu_desc_elem(a, row, k) * strata_emu_desc_elem(b, col, k);
+            d[4 * j + r] = (scale_d ? d[4 * j + r] : 0.0f) + s;
+        }
+    }
+#else
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(scale_d));
+#endif
+}
+
+// Keeps the compiler from moving reads or writes of accumulator registers across the wgmma
+// fences (the asynchronous instruction owns them until wgmma_wait).
+__device__ __forceinline__ void wgmma_fence_operands(float* d, int n) {
+#ifndef STRATA_EMULATOR
+#pragma unroll
+    for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+    (void)d, (void)n;
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#ifndef STRATA_EMULATOR
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifndef STRATA_EMULATOR
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#ifndef STRATA_EMULATOR
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Makes this thread's ordinary shared-memory writes visible to the tensor cores' (async proxy)
+// reads that follow the next barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifndef STRATA_EMULATOR
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+#endif  // STRATA_HAS_WGMMA

@@ -57,7 +57,7 @@ echo "== strata demo on the GPU and on the CPU (same corpus, same init)"
 echo "== compute-sanitizer memcheck / racecheck (small sizes)"
 for tool in memcheck racecheck initcheck; do
     STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 3 \
-        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core ldmatrix layer_sum hconv ctc cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
+        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
 done
 
 echo "== benchmarks: strata and PyTorch in the same run"

@@ -1,4 +1,5 @@
-//! Every kernel file compiles with NVRTC for sm_90 (no GPU needed, only libnvrtc). CI installs
+//! Every kernel file compiles with NVRTC for sm_90 (sm_90a where it uses wgmma; no GPU needed,
+//! only libnvrtc). CI installs
 //! NVRTC and sets STRATA_REQUIRE_NVRTC=1, so there a missing NVRTC fails the test; on a machine
 //! without it the test says so and passes.
 
@@ -16,7 +17,7 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
     let dir = std::env::temp_dir().join(format!("strata-nvrtc-cache-{}", std::process::id()));
     std::env::set_var("STRATA_KERNEL_CACHE", &dir);
     for file in kernels::FILES {
-        let (ptx, hit) = cuda::compile(file, cuda::ARCH).unwrap_or_else(|e| panic!("{e}"));
+        let (ptx, hit) = cuda::compile(file, cuda::arch_of(file)).unwrap_or_else(|e| panic!("{e}"));
         assert!(!hit, "{}: fresh cache", file.file);
         for k in file.kernels {
             assert!(
@@ -25,7 +26,7 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
                 file.file
             );
         }
-        let (again, hit) = cuda::compile(file, cuda::ARCH).unwrap();
+        let (again, hit) = cuda::compile(file, cuda::arch_of(file)).unwrap();
         assert!(
             hit && again == ptx,
             "{}: second compile comes from the cache",
@@ -65,7 +66,7 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
         .expect("adamw.cu's cache entry");
     let text = std::fs::read_to_string(&entry).unwrap();
     std::fs::write(&entry, &text[..text.len() / 2]).unwrap();
-    let (_, hit) = cuda::compile(file, cuda::ARCH).unwrap();
+    let (_, hit) = cuda::compile(file, cuda::arch_of(file)).unwrap();
     assert!(!hit, "a truncated entry must be recompiled");
     std::fs::remove_dir_all(&dir).ok();
 }

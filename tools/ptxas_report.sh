@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Registers, spills and shared memory of every kernel for sm_90, without a GPU: NVRTC makes the PTX,
+# Registers, spills and shared memory of every kernel for sm_90 (sm_90a for wgmma files), without a GPU: NVRTC makes the PTX,
 # the PTX assembler from the PyPI wheel nvidia-cuda-nvcc reports on it.
 #   tools/ptxas_report.sh            (installs both wheels under ~/.cache/strata on first use)
 set -euo pipefail
@@ -12,7 +12,8 @@ out=$(mktemp -d)
 cargo run --release --quiet --example dump_ptx -- "$out" >/dev/null
 for ptx in "$out"/*.ptx; do
     echo "== $(basename "$ptx")"
-    "$cache/nvcc-13.0/nvidia/cu13/bin/ptxas" -v -arch=sm_90 -o /dev/null "$ptx" 2>&1 \
+    arch=$(sed -n 's/^\.target[[:space:]]*\([a-z0-9_]*\).*/\1/p' "$ptx" | head -1)
+    "$cache/nvcc-13.0/nvidia/cu13/bin/ptxas" -v -arch="${arch:-sm_90}" -o /dev/null "$ptx" 2>&1 \
         | grep -E "Compiling entry|registers|spill" | sed -e "s|^ptxas info *: ||"
 done
 rm -rf "$out"

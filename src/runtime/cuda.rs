@@ -13,6 +13,11 @@ use std::sync::{Arc, Mutex};
 
 pub const ARCH: &str = "sm_90";
 
+/// The target a kernel file compiles for: its own (sm_90a for wgmma) or [`ARCH`].
+pub fn arch_of(file: &KernelFile) -> &'static str {
+    file.arch.unwrap_or(ARCH)
+}
+
 pub struct CudaRuntime {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -211,11 +216,17 @@ impl CudaRuntime {
             return Ok(f.clone());
         }
         let file = kernels::file_of(kernel).ok_or_else(|| format!("no kernel named '{kernel}'"))?;
-        let (ptx, _) = compile_with(file, ARCH, defines)?;
+        let arch = arch_of(file);
+        let (ptx, _) = compile_with(file, arch, defines)?;
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(|e| format!("loading {}: {e}", file.file))?;
+            .map_err(|e| {
+                format!(
+                    "loading {} (compiled for {arch}) on {}: {e}",
+                    file.file, self.device_name
+                )
+            })?;
         for &k in file.kernels {
             let f = module
                 .load_function(k)

@@ -74,6 +74,7 @@ entries!(
     strata_emu_selftest_mma,
     strata_emu_selftest_divergent_barrier,
     strata_emu_selftest_ldmatrix,
+    strata_emu_selftest_wgmma,
 );
 
 /// Runs `kernel` to completion. `params` must be the kernel's parameter struct, its pointers valid

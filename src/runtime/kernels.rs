@@ -9,6 +9,9 @@ pub struct KernelFile {
     pub file: &'static str,
     pub source: &'static str,
     pub kernels: &'static [&'static str],
+    /// The target it needs instead of the default (crate::runtime::cuda::ARCH): "sm_90a" for
+    /// Hopper-only instructions (wgmma), which then run on sm_90 GPUs (H100, H200) only.
+    pub arch: Option<&'static str>,
 }
 
 pub const FILES: &[KernelFile] = &[
@@ -21,6 +24,7 @@ pub const FILES: &[KernelFile] = &[
             "layer_sum_backward_dw",
             "layer_sum_reduce",
         ],
+        arch: None,
     },
     KernelFile {
         file: "adamw.cu",
@@ -32,6 +36,7 @@ pub const FILES: &[KernelFile] = &[
             "sum_squares_multi",
             "clip_coefficient",
         ],
+        arch: None,
     },
     KernelFile {
         file: "hconv.cu",
@@ -46,31 +51,37 @@ pub const FILES: &[KernelFile] = &[
             "hconv_conv_backward_weight_vec",
             "hconv_split_reduce",
         ],
+        arch: None,
     },
     KernelFile {
         file: "ctc.cu",
         source: include_str!("../../kernels/ctc.cu"),
         kernels: &["ctc_alpha_beta", "ctc_grad"],
+        arch: None,
     },
     KernelFile {
         file: "cross_entropy.cu",
         source: include_str!("../../kernels/cross_entropy.cu"),
         kernels: &["cross_entropy_fwd_bwd"],
+        arch: None,
     },
     KernelFile {
         file: "softmax.cu",
         source: include_str!("../../kernels/softmax.cu"),
         kernels: &["log_softmax_forward", "log_softmax_backward"],
+        arch: None,
     },
     KernelFile {
         file: "pooling.cu",
         source: include_str!("../../kernels/pooling.cu"),
         kernels: &["mean_pool_forward", "mean_pool_backward"],
+        arch: None,
     },
     KernelFile {
         file: "dropout.cu",
         source: include_str!("../../kernels/dropout.cu"),
         kernels: &["dropout_apply"],
+        arch: None,
     },
     KernelFile {
         file: "layernorm.cu",
@@ -81,16 +92,19 @@ pub const FILES: &[KernelFile] = &[
             "layernorm_param_reduce",
             "layernorm_rows_bf16",
         ],
+        arch: None,
     },
     KernelFile {
         file: "convert.cu",
         source: include_str!("../../kernels/convert.cu"),
         kernels: &["cast_f32_to_bf16", "cast_bf16_to_f32"],
+        arch: None,
     },
     KernelFile {
         file: "attention.cu",
         source: include_str!("../../kernels/attention.cu"),
         kernels: &["cls_attention_forward", "cls_attention_backward"],
+        arch: None,
     },
     KernelFile {
         file: "elementwise.cu",
@@ -101,11 +115,13 @@ pub const FILES: &[KernelFile] = &[
             "activation_forward",
             "activation_backward",
         ],
+        arch: None,
     },
     KernelFile {
         file: "shape.cu",
         source: include_str!("../../kernels/shape.cu"),
         kernels: &["select_layer"],
+        arch: None,
     },
     KernelFile {
         file: "selftest.cu",
@@ -116,6 +132,13 @@ pub const FILES: &[KernelFile] = &[
             "selftest_divergent_barrier",
             "selftest_ldmatrix",
         ],
+        arch: None,
+    },
+    KernelFile {
+        file: "wgmma.cu",
+        source: include_str!("../../kernels/wgmma.cu"),
+        kernels: &["selftest_wgmma"],
+        arch: Some("sm_90a"),
     },
 ];
 
@@ -174,6 +197,7 @@ params! {
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
     SelftestLdmatrixParams { tile: u64, out: u64 }
+    SelftestWgmmaParams { a: u64, bt: u64, d: u64, k: i32 }
     HConvFwdParams {
         x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32,
         pad: i32, l_out: i32, flatten: i32, relu: i32, y32: u64,

@@ -13,3 +13,4 @@
 #include "../../../kernels/shape.cu"
 #include "../../../kernels/attention.cu"
 #include "../../../kernels/elementwise.cu"
+#include "../../../kernels/wgmma.cu"
