@@ -9,19 +9,28 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("output folder");
     for file in kernels::FILES {
         let (ptx, _) = cuda::compile(file, cuda::arch_of(file)).unwrap_or_else(|e| panic!("{e}"));
-        let path = format!("{dir}/{}.ptx", file.file.trim_end_matches(".cu"));
+        // A file built for two targets (hconv.cu) gets one PTX per target.
+        let stem = file.file.trim_end_matches(".cu");
+        let path = match file.arch {
+            Some(arch) => format!("{dir}/{stem}.{arch}.ptx"),
+            None => format!("{dir}/{stem}.ptx"),
+        };
         std::fs::write(&path, ptx).expect("write PTX");
         println!("{path}");
     }
-    // HConv's vectorized kernels specialized to HuBERT-Base's two convs, as the GPU runs them.
-    let hconv = kernels::file_of("hconv_conv_forward_vec").expect("hconv.cu");
+    // HConv's vectorized kernels specialized to HuBERT-Base's two convs, as the GPU runs them
+    // (the sm_90 build with mma.sync, the sm_90a build with wgmma).
     let plan = strata::models::interface::hconv_plan(13, 768, 5, 3).expect("plan");
-    for (i, g) in plan.convs.iter().enumerate() {
-        let defines = strata::ops::device::hconv_defines(g);
-        let (ptx, _) =
-            cuda::compile_with(hconv, cuda::ARCH, &defines).unwrap_or_else(|e| panic!("{e}"));
-        let path = format!("{dir}/hconv-base-conv{i}.ptx");
-        std::fs::write(&path, ptx).expect("write PTX");
-        println!("{path}");
+    for kernel in ["hconv_conv_forward_vec", "hconv_conv_forward_wgmma"] {
+        let hconv = kernels::file_of(kernel).expect("hconv.cu");
+        let arch = cuda::arch_of(hconv);
+        for (i, g) in plan.convs.iter().enumerate() {
+            let defines = strata::ops::device::hconv_defines(g);
+            let (ptx, _) =
+                cuda::compile_with(hconv, arch, &defines).unwrap_or_else(|e| panic!("{e}"));
+            let path = format!("{dir}/hconv-base-conv{i}.{arch}.ptx");
+            std::fs::write(&path, ptx).expect("write PTX");
+            println!("{path}");
+        }
     }
 }

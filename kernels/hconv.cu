@@ -39,14 +39,18 @@ __device__ __forceinline__ float hc_epilogue(const HConvFwdParams& p, float v) {
 // (8 mma n-tiles). as[m][k] holds A (row-major), bs[n][k] holds B transposed.
 __device__ __forceinline__ void hc_tile_mma(const bf16 (*as)[HC_TK + HC_PAD], const bf16 (*bs)[HC_TK + HC_PAD],
                                             float (*acc)[4], int warp, int g, int t) {
+#pragma unroll
     for (int ks = 0; ks < HC_TK; ks += 16) {
         uint32_t a[4];
+#pragma unroll
         for (int r = 0; r < 4; ++r) {
             const bf16* q = &as[warp * 16 + g + 8 * (r % 2)][ks + 2 * t + 8 * (r / 2)];
             a[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
         }
+#pragma unroll
         for (int j = 0; j < 8; ++j) {
             uint32_t b[2];
+#pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const bf16* q = &bs[8 * j + g][ks + 2 * t + 8 * r];
                 b[r] = (uint32_t)q[0].bits | ((uint32_t)q[1].bits << 16);
@@ -65,7 +69,9 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
     const int col0 = blockIdx.x * HC_TN;
     const int K = p.kernel * p.c_in;
     float acc[8][4];
+#pragma unroll
     for (int j = 0; j < 8; ++j)
+#pragma unroll
         for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
     bf16 zero;
     zero.bits = 0;
@@ -92,7 +98,9 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
         __syncthreads();
     }
     // Epilogue: bias + ReLU, bf16, plain or channel-major flattened layout.
+#pragma unroll
     for (int j = 0; j < 8; ++j) {
+#pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int64_t row = row0 + warp * 16 + g + 8 * (r / 2);
             const int co = col0 + 8 * j + 2 * t + (r % 2);
@@ -292,6 +300,116 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
     }
 }
 STRATA_EMU_ENTRY(hconv_conv_forward_vec, HConvFwdParams)
+
+#ifdef STRATA_HAS_WGMMA
+// The vectorized forward on Hopper's warpgroup MMA (this file's sm_90a build; the sm_90 build
+// leaves it out). Same implicit GEMM, staging and epilogue as hconv_conv_forward_vec; the 128 x 128
+// block tile is split between two warpgroups (rows 64 g..), each issuing two m64n64k16 per k16
+// step. Operands are staged by cp.async in the no-swizzle core-matrix layout: per 8-row group its
+// four 16-byte K chunks lie contiguously (descriptor lbo 128 B, sbo 512 B), so a warp's 32 chunks
+// of 8 rows fill 512 contiguous bytes. Three stages, copies issued two steps ahead; each step's
+// wgmmas complete before the next step's barrier, which is what frees a stage for reuse.
+#define HW_STAGES 3
+// bf16 offset of row r's 16-byte K chunk c in a staged 128 x 32 operand tile.
+__device__ __forceinline__ int hw_core_offset(int r, int c) { return (r >> 3) * 256 + c * 64 + (r & 7) * 8; }
+
+extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
+    HC_GEOMETRY
+    __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
+    __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
+    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
+    const int64_t rows = (int64_t)p.n * l_out;
+    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const int col0 = blockIdx.x * HV_BN;
+    const int K = kernel * c_in;
+    // As in the vectorized kernel: thread stages chunk tid % 4 of rows tid / 4 and tid / 4 + 64.
+    const int kc = (tid % 4) * 8;
+    int64_t a_base[2];
+    int a_li0[2];
+    bool a_ok[2], b_ok[2];
+    const bf16* b_src[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int64_t r = row0 + tid / 4 + 64 * j;
+        a_ok[j] = r < rows;
+        const int64_t f = a_ok[j] ? r / l_out : 0;
+        const int lo = a_ok[j] ? (int)(r % l_out) : 0;
+        a_base[j] = f * l_in * c_in;
+        a_li0[j] = lo * stride - pad;
+        const int co = col0 + tid / 4 + 64 * j;
+        b_ok[j] = co < c_out;
+        b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
+    }
+    auto stage = [&](int buf, int64_t step) {
+        const int k = (int)step * HV_BK + kc;
+        const int kw = k / c_in, ci = k - kw * c_in;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int at = hw_core_offset(tid / 4 + 64 * j, tid % 4);
+            const int li = a_li0[j] + kw;
+            const bool va = a_ok[j] && k < K && li >= 0 && li < l_in;
+            cp_async16(&as[buf][at], va ? p.x + a_base[j] + (int64_t)li * c_in + ci : p.x, va);
+            const bool vb = b_ok[j] && k < K;
+            cp_async16(&bs[buf][at], vb ? b_src[j] + k : p.w, vb);
+        }
+        cp_async_commit();
+    };
+    const int64_t steps = (K + HV_BK - 1) / HV_BK;
+    float acc[2][32];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) acc[h][i] = 0.0f;
+    // Exactly two groups before the loop and one per step (empty ones included), so that
+    // cp_async_wait<1> at step s means: steps 0..s have landed.
+    if (steps > 0) stage(0, 0); else cp_async_commit();
+    if (steps > 1) stage(1, 1); else cp_async_commit();
+    for (int64_t s = 0; s < steps; ++s) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // step s visible to the tensor cores; every wgmma of step s - 1 is done
+        if (s + 2 < steps) stage((int)((s + 2) % HW_STAGES), s + 2); else cp_async_commit();
+        const int buf = (int)(s % HW_STAGES);
+        wgmma_fence_operands(acc[0], 32);
+        wgmma_fence_operands(acc[1], 32);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < HV_BK / 16; ++ks) {
+            const wgmma_desc da = make_wgmma_desc(&as[buf][wg * 8 * 256 + ks * 2 * 64], 128, 512);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const wgmma_desc db = make_wgmma_desc(&bs[buf][h * 8 * 256 + ks * 2 * 64], 128, 512);
+                wgmma_m64n64k16_bf16(acc[h], da, db, 1);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc[0], 32);
+        wgmma_fence_operands(acc[1], 32);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int64_t row = row0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
+                const int co = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
+                if (row >= rows || co >= c_out) continue;
+                const float v = hc_epilogue(p, acc[h][4 * j + r] + p.bias[co]);
+                const int64_t f = row / l_out;
+                const int lo = (int)(row % l_out);
+                const int64_t at = p.flatten ? f * c_out * l_out + (int64_t)co * l_out + lo : row * c_out + co;
+                if (p.y32)
+                    p.y32[at] = v;
+                else
+                    p.y[at] = float_to_bf16(v);
+            }
+        }
+    }
+}
+STRATA_EMU_ENTRY(hconv_conv_forward_wgmma, HConvFwdParams)
+#endif  // STRATA_HAS_WGMMA
 
 // ---------------------------------------------------------------------------------------------
 // Backward. dy is the gradient of the conv's (post-ReLU) output y, in y's layout; the ReLU is

@@ -7,7 +7,9 @@
 #   scripts/gpu_check.sh                    # there: runs everything (about 2-4 minutes)
 #
 # When its device-step tests and the demo on cuda agree with the CPU, set
-# strata::train::device_step::VERIFIED_ON_GPU so that `--device auto` uses the GPU.
+# strata::train::device_step::VERIFIED_ON_GPU so that `--device auto` uses the GPU. When the wgmma
+# self-test and the wgmma HConv test pass (kernel tests) and its table beats mma.sync's, set
+# strata::ops::device::WGMMA_VERIFIED_ON_GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,6 +68,9 @@ python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" || status=1
 python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
 echo "== HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"
 STRATA_NO_SPECIALIZE=1 .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-unspecialized.jsonl"
+echo "== HConv forward and the training steps with the wgmma forward (STRATA_TENSOR_CORES=wgmma), for comparison"
+{ STRATA_TENSOR_CORES=wgmma .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma .gpu/gpu_bench step; } 2>/dev/null > "$out/wgmma.jsonl" || status=1
+python3 tools/gpu_table.py "$out/wgmma.jsonl" "$out/torch.jsonl" | tee "$out/table-wgmma.txt"
 echo "== the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"
 STRATA_LAYER_SUM_BWD=warp .gpu/gpu_bench ws 2>/dev/null | grep bwd_dw | tee "$out/ws-warp-backward.jsonl"
 exit $status

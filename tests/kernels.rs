@@ -480,8 +480,19 @@ fn hconv_forward_on_tensor_cores_matches_the_cpu_reference() {
         if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
             cases.extend([(16000, 13, 768, 5, 3), (16000, 25, 1024, 5, 3)]);
         }
-        for (n, l, d, kernel, stride) in cases {
-            let tag = format!("{} n={n} L={l} D={d} k={kernel} s={stride}", be.name());
+        // Both tensor-core paths of the vectorized kernel: mma.sync and Hopper's wgmma.
+        let paths = [
+            device::TensorCorePath::MmaSync,
+            device::TensorCorePath::Wgmma,
+        ];
+        for ((n, l, d, kernel, stride), path) in cases
+            .into_iter()
+            .flat_map(|c| paths.into_iter().map(move |p| (c, p)))
+        {
+            let tag = format!(
+                "{} {path:?} n={n} L={l} D={d} k={kernel} s={stride}",
+                be.name()
+            );
             let plan = hconv_plan(l, d, kernel, stride).unwrap();
             let mut rng = Rng::new((n + l + d) as u64);
             let x: Vec<f32> = (0..n * l * d).map(|_| round_bf16(rng.normal())).collect();
@@ -503,8 +514,8 @@ fn hconv_forward_on_tensor_cores_matches_the_cpu_reference() {
             for (i, (g, (w, b))) in plan.convs.iter().zip(&weights).enumerate() {
                 let wb = be.upload(&device::hconv_weight_for_kernel(w, g)).unwrap();
                 let bb = be.upload(b).unwrap();
-                h = device::hconv_conv_forward(&be, &h, n, g, &wb, &bb, i + 1 == plan.convs.len())
-                    .unwrap();
+                let last = i + 1 == plan.convs.len();
+                h = device::hconv_conv_forward_on(&be, path, &h, n, g, &wb, &bb, last).unwrap();
             }
             be.synchronize().unwrap();
             let got: Vec<f32> = be

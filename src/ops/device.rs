@@ -497,7 +497,23 @@ pub fn hconv_conv_forward(
     bias: &Buf<f32>,
     flatten: bool,
 ) -> Result<Buf<bf16>> {
-    match conv_forward(be, x, n, g, w, bias, flatten, true, false)? {
+    hconv_conv_forward_on(be, tensor_core_path(), x, n, g, w, bias, flatten)
+}
+
+/// [`hconv_conv_forward`] on the tensor-core path `path` (for tests and benchmarks that compare
+/// the two).
+#[allow(clippy::too_many_arguments)]
+pub fn hconv_conv_forward_on(
+    be: &Backend,
+    path: TensorCorePath,
+    x: &Buf<bf16>,
+    n: usize,
+    g: &ConvGeom,
+    w: &Buf<bf16>,
+    bias: &Buf<f32>,
+    flatten: bool,
+) -> Result<Buf<bf16>> {
+    match conv_forward(be, path, x, n, g, w, bias, flatten, true, false)? {
         LayerOut::Bf16(y) => Ok(y),
         LayerOut::F32(_) => unreachable!("asked for bf16"),
     }
@@ -525,11 +541,38 @@ impl LayerOut {
     }
 }
 
+/// The tensor-core instruction of the vectorized conv forward (HConv's convs and the Linear
+/// layers): `mma.sync` (any GPU from sm_80, and the default) or Hopper's warpgroup `wgmma`
+/// (sm_90a: H100 / H200), which reaches Hopper's matrix peak where `mma.sync` cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorCorePath {
+    MmaSync,
+    Wgmma,
+}
+
+/// Set once the device script has run the `wgmma` forward on an H100 and it matched the CPU
+/// reference there (kernels/wgmma.cu's self-test and tests/kernels.rs's wgmma HConv test); until
+/// then `STRATA_TENSOR_CORES=wgmma` opts in.
+pub const WGMMA_VERIFIED_ON_GPU: bool = false;
+
+/// The path the conv forward takes: `STRATA_TENSOR_CORES=wgmma` or `=mma` when set, else `wgmma`
+/// once verified ([`WGMMA_VERIFIED_ON_GPU`]) and `mma.sync` before. (A GPU that is not an sm_90
+/// part fails to load the sm_90a build with an error naming the kernel file and its target.)
+pub fn tensor_core_path() -> TensorCorePath {
+    match std::env::var("STRATA_TENSOR_CORES").as_deref() {
+        Ok("wgmma") => TensorCorePath::Wgmma,
+        Ok("mma") => TensorCorePath::MmaSync,
+        _ if WGMMA_VERIFIED_ON_GPU => TensorCorePath::Wgmma,
+        _ => TensorCorePath::MmaSync,
+    }
+}
+
 /// The layer-axis conv kernels' forward with its options: `relu` after the bias, output in bf16
 /// or (`out_f32`) fp32. Returns the one output buffer it made.
 #[allow(clippy::too_many_arguments)]
 fn conv_forward(
     be: &Backend,
+    path: TensorCorePath,
     x: &Buf<bf16>,
     n: usize,
     g: &ConvGeom,
@@ -586,7 +629,11 @@ fn conv_forward(
             1,
         );
         let d = hconv_defines(g);
-        be.launch_specialized("hconv_conv_forward_vec", &d, grid, (256, 1, 1), 0, &p)?;
+        let kernel = match path {
+            TensorCorePath::MmaSync => "hconv_conv_forward_vec",
+            TensorCorePath::Wgmma => "hconv_conv_forward_wgmma",
+        };
+        be.launch_specialized(kernel, &d, grid, (256, 1, 1), 0, &p)?;
     } else {
         let grid = (
             g.c_out.div_ceil(64) as u32,
@@ -1416,6 +1463,7 @@ pub fn linear_forward(
 ) -> Result<LayerOut> {
     conv_forward(
         be,
+        tensor_core_path(),
         x,
         rows,
         &linear_geom(in_f, out_f),

@@ -43,6 +43,7 @@ entries!(
     strata_emu_clip_coefficient,
     strata_emu_hconv_conv_forward,
     strata_emu_hconv_conv_forward_vec,
+    strata_emu_hconv_conv_forward_wgmma,
     strata_emu_hconv_conv_backward_data,
     strata_emu_hconv_conv_backward_weight,
     strata_emu_hconv_relu_mask,

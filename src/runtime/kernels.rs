@@ -53,6 +53,13 @@ pub const FILES: &[KernelFile] = &[
         ],
         arch: None,
     },
+    // hconv.cu again, for sm_90a: the same source, whose Hopper-only kernel exists in this build.
+    KernelFile {
+        file: "hconv.cu",
+        source: include_str!("../../kernels/hconv.cu"),
+        kernels: &["hconv_conv_forward_wgmma"],
+        arch: Some("sm_90a"),
+    },
     KernelFile {
         file: "ctc.cu",
         source: include_str!("../../kernels/ctc.cu"),
