@@ -291,12 +291,15 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // compiled for sm_90a, see KernelFile::arch). A warpgroup is 4 consecutive warps, the first at a
 // warp index divisible by 4; all 128 threads issue each instruction together.
 //
-// Operands come from shared memory through matrix descriptors. Only the no-swizzle K-major layout
-// is used: an operand (A: M x K, B: N x K, K contiguous) is made of core matrices of 8 rows x 16
-// bytes (8 bf16 along K), each stored contiguously (row r at +16 r bytes); `lbo` is the byte
-// distance between core matrices adjacent along K, `sbo` between core matrices adjacent along M
-// (A) or N (B). Element (row, k) of an operand lies at
-//   start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2.
+// Operands come from shared memory through matrix descriptors, in the no-swizzle layouts. An
+// operand (A: M x K, B: N x K; "row" below is m or n) is made of core matrices of 8 x 8 bf16, each
+// stored contiguously in 128 bytes; `lbo` is the byte distance between core matrices adjacent along
+// K, `sbo` between core matrices adjacent along M (A) or N (B).
+//   K-major (the default, trans 0): a core matrix is 8 rows of 8 consecutive k; element (row, k) at
+//     start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2.
+//   MN-major (trans 1: the operand stored transposed, rows contiguous): a core matrix is 8 k of 8
+//     consecutive rows; element (row, k) at
+//     start + (row / 8) * sbo + (k / 8) * lbo + (k % 8) * 16 + (row % 8) * 2.
 // The accumulators stay in registers: thread (warp w of the warpgroup, lane l) holds, for each
 // n8 chunk j, d[4 j + r] = D[16 w + l / 4 + 8 (r / 2)][8 j + 2 (l % 4) + r % 2] (the mma.m16n8
 // C layout, one warp per 16 rows).
@@ -333,8 +336,9 @@ __device__ __forceinline__ wgmma_desc make_wgmma_desc(const void* smem, uint32_t
 }
 
 #ifdef STRATA_EMULATOR
-inline float strata_emu_desc_elem(const wgmma_desc& q, int row, int k) {
-    const unsigned char* p = q.start + (row / 8) * q.sbo + (k / 8) * q.lbo + (row % 8) * 16 + (k % 8) * 2;
+inline float strata_emu_desc_elem(const wgmma_desc& q, int row, int k, bool mn_major) {
+    const unsigned char* p = q.start + (row / 8) * q.sbo + (k / 8) * q.lbo +
+                             (mn_major ? (k % 8) * 16 + (row % 8) * 2 : (row % 8) * 16 + (k % 8) * 2);
     bf16 v;
     memcpy(&v, p, 2);
     return bf16_to_float(v);
@@ -342,6 +346,8 @@ inline float strata_emu_desc_elem(const wgmma_desc& q, int row, int k) {
 #endif
 
 // D[64 x 64] = A[64 x 16] B[16 x 64] + (scale_d ? D : 0), fp32 accumulators d[32] per thread.
+// TRANS_A / TRANS_B: 0 for a K-major operand, 1 for an MN-major one.
+template <int TRANS_A = 0, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, wgmma_desc a, wgmma_desc b, int scale_d) {
 #ifdef STRATA_EMULATOR
     const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
@@ -349,7 +355,8 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, wgmma_desc a, wgm
         for (int r = 0; r < 4; ++r) {
             const int row = 16 * w + lane / 4 + 8 * (r / 2), col = 8 * j + 2 * (lane % 4) + r % 2;
             float s = 0.0f;
-            for (int k = 0; k < 16; ++k) s += strata_emu_desc_elem(a, row, k) * strata_emu_desc_elem(b, col, k);
+            for (int k = 0; k < 16; ++k)
+                s += strata_emu_desc_elem(a, row, k, TRANS_A) * strata_emu_desc_elem(b, col, k, TRANS_B);
             d[4 * j + r] = (scale_d ? d[4 * j + r] : 0.0f) + s;
         }
     }
@@ -359,12 +366,12 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, wgmma_desc a, wgm
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        "%32, %33, p, 1, 1, %35, %36;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(scale_d));
+        : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 #endif
 }
 

@@ -4,32 +4,49 @@
 //
 // selftest_wgmma: one warpgroup computes D[64 x 64] = A[64 x K] B[K x 64] (K a multiple of 16, at
 // most 64) in K / 16 wgmma steps, the first with scale_d = 0 over accumulators that hold garbage.
-// A and B are staged into two different core-matrix arrangements, so that the descriptor's two
-// offsets are told apart: in A each 8-row group's K chunks are contiguous (lbo = 128 B, sbo =
-// K / 8 * 128 B); in B each K chunk's 8-row groups are contiguous (lbo = 8 * 128 B, sbo = 128 B).
-// A wrong descriptor encoding or fragment layout gives a wrong product.
+// The operands are staged into different core-matrix arrangements, so that the descriptor's two
+// offsets are told apart: mode 0, both K-major (A: each 8-row group's K chunks contiguous, lbo =
+// 128 B, sbo = K / 8 * 128 B; B: each K chunk's 8-row groups contiguous, lbo = 8 * 128 B, sbo =
+// 128 B); mode 1, B MN-major instead (lbo = 128 B, sbo = K / 8 * 128 B); mode 2, A MN-major too
+// (lbo = 8 * 128 B, sbo = 128 B). A wrong descriptor encoding, operand layout or fragment layout
+// gives a wrong product.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif
 
 struct SelftestWgmmaParams {
     const bf16* a;   // [64, k] row-major
-    const bf16* bt;  // [64, k] row-major: B transposed (K-major B)
+    const bf16* bt;  // [64, k] row-major: B transposed
     float* d;        // [64, 64] row-major
-    int k;
+    int k, mode;
 };
+
+// Byte offset of element (row, k) of a staged operand (see common.cuh's wgmma notes).
+__device__ __forceinline__ int wg_test_offset(int row, int k, int lbo, int sbo, bool mn_major) {
+    return (row / 8) * sbo + (k / 8) * lbo + (mn_major ? (k % 8) * 16 + (row % 8) * 2 : (row % 8) * 16 + (k % 8) * 2);
+}
+
+template <int TA, int TB>
+__device__ __forceinline__ void wg_test_steps(float* d, const bf16* sa, const bf16* sb, int K, int a_lbo, int a_sbo,
+                                              int b_lbo, int b_sbo) {
+    for (int ks = 0; ks < K; ks += 16) {
+        const unsigned char* a = reinterpret_cast<const unsigned char*>(sa) + (ks / 8) * a_lbo;
+        const unsigned char* b = reinterpret_cast<const unsigned char*>(sb) + (ks / 8) * b_lbo;
+        wgmma_m64n64k16_bf16<TA, TB>(d, make_wgmma_desc(a, a_lbo, a_sbo), make_wgmma_desc(b, b_lbo, b_sbo), ks > 0);
+    }
+}
 
 extern "C" __global__ void selftest_wgmma(const SelftestWgmmaParams p) {
     __align__(128) __shared__ bf16 sa[64 * 64];
     __align__(128) __shared__ bf16 sb[64 * 64];
     const int K = p.k;
-    const int a_sbo = (K / 8) * 128, b_lbo = 8 * 128;
-    // Byte offsets of element (row, k) in each arrangement.
+    const bool a_mn = p.mode == 2, b_mn = p.mode >= 1;
+    const int a_lbo = a_mn ? 8 * 128 : 128, a_sbo = a_mn ? 128 : (K / 8) * 128;
+    const int b_lbo = b_mn ? 128 : 8 * 128, b_sbo = b_mn ? (K / 8) * 128 : 128;
     for (int e = threadIdx.x; e < 64 * K; e += blockDim.x) {
         const int row = e / K, k = e % K;
-        const int in_core = (row % 8) * 16 + (k % 8) * 2;
-        sa[((row / 8) * a_sbo + (k / 8) * 128 + in_core) / 2] = p.a[e];
-        sb[((row / 8) * 128 + (k / 8) * b_lbo + in_core) / 2] = p.bt[e];
+        sa[wg_test_offset(row, k, a_lbo, a_sbo, a_mn) / 2] = p.a[e];
+        sb[wg_test_offset(row, k, b_lbo, b_sbo, b_mn) / 2] = p.bt[e];
     }
     fence_proxy_async();
     __syncthreads();
@@ -38,11 +55,12 @@ extern "C" __global__ void selftest_wgmma(const SelftestWgmmaParams p) {
     for (int i = 0; i < 32; ++i) d[i] = 1e30f;  // scale_d = 0 must ignore these
     wgmma_fence_operands(d, 32);
     wgmma_fence();
-    for (int ks = 0; ks < K; ks += 16) {
-        const wgmma_desc da = make_wgmma_desc(reinterpret_cast<const unsigned char*>(sa) + (ks / 8) * 128, 128, a_sbo);
-        const wgmma_desc db = make_wgmma_desc(reinterpret_cast<const unsigned char*>(sb) + (ks / 8) * b_lbo, b_lbo, 128);
-        wgmma_m64n64k16_bf16(d, da, db, ks > 0);
-    }
+    if (p.mode == 0)
+        wg_test_steps<0, 0>(d, sa, sb, K, a_lbo, a_sbo, b_lbo, b_sbo);
+    else if (p.mode == 1)
+        wg_test_steps<0, 1>(d, sa, sb, K, a_lbo, a_sbo, b_lbo, b_sbo);
+    else
+        wg_test_steps<1, 1>(d, sa, sb, K, a_lbo, a_sbo, b_lbo, b_sbo);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(d, 32);

@@ -410,14 +410,17 @@ fn tensor_core_mma_wrapper_computes_a_16x16_by_16x8_product() {
 
 /// The Hopper warpgroup MMA wrapper (kernels/wgmma.cu, sm_90a): one warpgroup's 64 x K by K x 64
 /// product through shared-memory descriptors, K = 16 (one step) and 64 (four accumulating steps),
-/// the operands staged in two different core-matrix arrangements. In the emulator this checks the
+/// the operands K-major or MN-major (transposed), staged in different core-matrix arrangements. In the emulator this checks the
 /// kernel against the layout common.cuh documents; on an H100 it checks that layout against the
 /// hardware's.
 #[test]
 fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
     use strata::runtime::kernels::SelftestWgmmaParams;
     for be in backends() {
-        for k in [16usize, 64] {
+        for (k, mode) in [16usize, 64]
+            .into_iter()
+            .flat_map(|k| (0..3).map(move |m| (k, m)))
+        {
             let a: Vec<f32> = randn(64 * k, 80 + k as u64)
                 .iter()
                 .map(|&v| round_bf16(v))
@@ -436,6 +439,7 @@ fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
                 bt: be.ptr(&bb),
                 d: be.ptr(&d),
                 k: k as i32,
+                mode,
             };
             be.launch("selftest_wgmma", (1, 1, 1), (128, 1, 1), 0, &p)
                 .unwrap();
@@ -449,7 +453,7 @@ fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
                     let g = got[i * 64 + j] as f64;
                     assert!(
                         (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{} K = {k}: D[{i}][{j}] = {g}, want {want}",
+                        "{} K = {k}, mode {mode}: D[{i}][{j}] = {g}, want {want}",
                         be.name()
                     );
                 }
