@@ -310,8 +310,69 @@ STRATA_EMU_ENTRY(hconv_conv_forward_vec, HConvFwdParams)
 // of 8 rows fill 512 contiguous bytes. Three stages, copies issued two steps ahead; each step's
 // wgmmas complete before the next step's barrier, which is what frees a stage for reuse.
 #define HW_STAGES 3
-// bf16 offset of row r's 16-byte K chunk c in a staged 128 x 32 operand tile.
+// bf16 offset of row r's 16-byte K chunk c in a staged 128 x 32 K-major operand tile.
 __device__ __forceinline__ int hw_core_offset(int r, int c) { return (r >> 3) * 256 + c * 64 + (r & 7) * 8; }
+
+__device__ __forceinline__ void hw_zero(float (*acc)[32]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) acc[h][i] = 0.0f;
+}
+
+// The three-stage K loop of the wgmma kernels: stage(buf, step) issues step's cp.async copies into
+// buffer `buf` and commits them; compute(buf) issues a staged step's wgmmas and waits for them.
+// Exactly two copy groups go out before the loop and one per step (empty ones included), so
+// cp_async_wait<1> at step s means steps 0..s have landed. The barrier after it publishes step s
+// to the tensor cores and also means every thread has finished step s - 1, whose buffer the copies
+// of step s + 2 then reuse.
+template <class Stage, class Compute>
+__device__ __forceinline__ void hw_pipeline(int64_t steps, Stage stage, Compute compute) {
+    if (steps > 0) stage(0, 0); else cp_async_commit();
+    if (steps > 1) stage(1, 1); else cp_async_commit();
+    for (int64_t s = 0; s < steps; ++s) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        if (s + 2 < steps) stage((int)((s + 2) % HW_STAGES), s + 2); else cp_async_commit();
+        compute((int)(s % HW_STAGES));
+    }
+}
+
+// One staged step of a warpgroup's 64 x 128 tile: per k16, A's rows 64 wg.. against both 64-column
+// halves of B. a_base / b_base: the stage's tiles; the descriptors advance two K core matrices per
+// k16. Waits for its wgmmas before returning.
+template <int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void hw_step(float (*acc)[32], const bf16* a_tile, const bf16* b_tile, int wg, int a_lbo,
+                                        int a_sbo, int b_lbo, int b_sbo) {
+    wgmma_fence_operands(acc[0], 32);
+    wgmma_fence_operands(acc[1], 32);
+    wgmma_fence();
+    const unsigned char* a = reinterpret_cast<const unsigned char*>(a_tile) + wg * 8 * a_sbo;
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(b_tile);
+#pragma unroll
+    for (int ks = 0; ks < HV_BK / 16; ++ks) {
+        const wgmma_desc da = make_wgmma_desc(a + ks * 2 * a_lbo, a_lbo, a_sbo);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const wgmma_desc db = make_wgmma_desc(b + h * 8 * b_sbo + ks * 2 * b_lbo, b_lbo, b_sbo);
+            wgmma_m64n64k16_bf16<TRANS_A, TRANS_B>(acc[h], da, db, 1);
+        }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc[0], 32);
+    wgmma_fence_operands(acc[1], 32);
+}
+
+// The MN-major tiles (operands whose rows are contiguous in memory: W for dx, dpre and the im2col
+// rows for dW), 128 rows (m or n) x 32 k: core matrix (row group, k group) at row_group * 512 +
+// k_group * 128 bytes (lbo 128, sbo 512). Chunk c (0..511) of a stage, 8 rows of one k: k =
+// c % 8 + 8 (c / 128), rows 8 ((c / 8) % 16)..: 8 consecutive threads fill one core matrix (no bank
+// conflict), and 4 consecutive chunks of one k are 64 contiguous bytes in memory.
+__device__ __forceinline__ int hw_mn_k(int c) { return (c & 7) + 8 * (c >> 7); }
+__device__ __forceinline__ int hw_mn_rows(int c) { return 8 * ((c >> 3) & 15); }
+__device__ __forceinline__ int hw_mn_offset(int row, int k) { return (row >> 3) * 256 + (k >> 3) * 64 + (k & 7) * 8 + (row & 7); }
 
 extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
     HC_GEOMETRY
@@ -354,39 +415,9 @@ extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
         }
         cp_async_commit();
     };
-    const int64_t steps = (K + HV_BK - 1) / HV_BK;
     float acc[2][32];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) acc[h][i] = 0.0f;
-    // Exactly two groups before the loop and one per step (empty ones included), so that
-    // cp_async_wait<1> at step s means: steps 0..s have landed.
-    if (steps > 0) stage(0, 0); else cp_async_commit();
-    if (steps > 1) stage(1, 1); else cp_async_commit();
-    for (int64_t s = 0; s < steps; ++s) {
-        cp_async_wait<1>();
-        fence_proxy_async();
-        __syncthreads();  // step s visible to the tensor cores; every wgmma of step s - 1 is done
-        if (s + 2 < steps) stage((int)((s + 2) % HW_STAGES), s + 2); else cp_async_commit();
-        const int buf = (int)(s % HW_STAGES);
-        wgmma_fence_operands(acc[0], 32);
-        wgmma_fence_operands(acc[1], 32);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < HV_BK / 16; ++ks) {
-            const wgmma_desc da = make_wgmma_desc(&as[buf][wg * 8 * 256 + ks * 2 * 64], 128, 512);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const wgmma_desc db = make_wgmma_desc(&bs[buf][h * 8 * 256 + ks * 2 * 64], 128, 512);
-                wgmma_m64n64k16_bf16(acc[h], da, db, 1);
-            }
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc[0], 32);
-        wgmma_fence_operands(acc[1], 32);
-    }
+    hw_zero(acc);
+    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg, 128, 512, 128, 512); });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -718,6 +749,144 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
     }
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)
+
+#ifdef STRATA_HAS_WGMMA
+// The vectorized backward on wgmma (sm_90a build), with hconv_conv_forward_wgmma's tiles and
+// pipeline; the operands the mma.sync kernels read with ldmatrix.trans are MN-major here (the
+// wgmma transpose flags), staged as hw_mn_offset lays them out.
+
+// dx (dy = dpre): rows (f, li), cols ci, K = (kw, co). A: the gathered dpre rows, K-major; B: W as
+// [k][ci], MN-major.
+extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p) {
+    HC_GEOMETRY
+    __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
+    __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
+    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
+    const int64_t rows = (int64_t)p.n * l_in;
+    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const int col0 = blockIdx.x * HV_BN;
+    const int K = kernel * c_out, KW = kernel * c_in;
+    const int kc = (tid % 4) * 8;
+    int64_t a_frame[2];
+    int a_li[2];
+    bool a_ok[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int64_t r = row0 + tid / 4 + 64 * j;
+        a_ok[j] = r < rows;
+        a_frame[j] = a_ok[j] ? r / l_in : 0;
+        a_li[j] = a_ok[j] ? (int)(r % l_in) : 0;
+    }
+    auto stage = [&](int buf, int64_t step) {
+        const int k0 = (int)step * HV_BK, k = k0 + kc;
+        const int kw = k / c_out, co = k - kw * c_out;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int num = a_li[j] + pad - kw;
+            const int lo = num / stride;
+            const bool va = a_ok[j] && k < K && num >= 0 && num % stride == 0 && lo < l_out;
+            cp_async16(&as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)],
+                       va ? p.dy + (a_frame[j] * l_out + lo) * c_out + co : p.dy, va);
+            const int c = tid + 256 * j, kr = hw_mn_k(c), n8 = hw_mn_rows(c);
+            const int kb = k0 + kr, ci = col0 + n8;
+            const int kwb = kb / c_out, cob = kb - kwb * c_out;
+            const bool vb = kb < K && ci < c_in;
+            cp_async16(&bs[buf][hw_mn_offset(n8, kr)], vb ? p.w + (int64_t)cob * KW + kwb * c_in + ci : p.w, vb);
+        }
+        cp_async_commit();
+    };
+    float acc[2][32];
+    hw_zero(acc);
+    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 1>(acc, as[buf], bs[buf], wg, 128, 512, 128, 512); });
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int64_t row = row0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
+                const int ci = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
+                if (row < rows && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[h][4 * j + r]);
+            }
+        }
+    }
+}
+STRATA_EMU_ENTRY(hconv_conv_backward_data_wgmma, HConvBwdParams)
+
+// dW and db (dy = dpre): rows co, cols (kw, ci), K = every (frame, output position) of this
+// block's split chunk. A: dpre as [r][co], MN-major; B: the im2col rows [r][(kw, ci)], MN-major.
+extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams p) {
+    HC_GEOMETRY
+    __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
+    __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
+    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
+    const int64_t R = (int64_t)p.n * l_out;
+    const int co0 = blockIdx.y * HV_BM;
+    const int col0 = blockIdx.x * HV_BN;
+    const int KW = kernel * c_in;
+    const bool bias_block = blockIdx.x == 0;
+    const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
+    const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
+    auto stage = [&](int buf, int64_t step) {
+        const int64_t r0 = r_begin + step * HV_BK;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int c = tid + 256 * j, kr = hw_mn_k(c), m8 = hw_mn_rows(c);
+            const int64_t r = r0 + kr;
+            const int at = hw_mn_offset(m8, kr);
+            const int co = co0 + m8;
+            const bool va = r < r_end && co < c_out;
+            cp_async16(&as[buf][at], va ? p.dy + r * c_out + co : p.dy, va);
+            const int k = col0 + m8;
+            bool vb = r < r_end && k < KW;
+            const bf16* src = p.x;
+            if (vb) {
+                const int64_t f = r / l_out;
+                const int lo = (int)(r - f * l_out);
+                const int kw = k / c_in, ci = k - kw * c_in;
+                const int li = lo * stride - pad + kw;
+                vb = li >= 0 && li < l_in;
+                if (vb) src = p.x + (f * l_in + li) * c_in + ci;
+            }
+            cp_async16(&bs[buf][at], src, vb);
+        }
+        cp_async_commit();
+    };
+    float acc[2][32];
+    hw_zero(acc);
+    float bias_acc = 0.0f;  // thread i < 128 owns db[co0 + i] in bias blocks
+    const int64_t steps = r_end > r_begin ? (r_end - r_begin + HV_BK - 1) / HV_BK : 0;
+    hw_pipeline(steps, stage, [&](int buf) {
+        if (bias_block && tid < HV_BM) {
+            for (int kk = 0; kk < HV_BK; ++kk) bias_acc += bf16_to_float(as[buf][hw_mn_offset(tid, kk)]);
+        }
+        hw_step<1, 1>(acc, as[buf], bs[buf], wg, 128, 512, 128, 512);
+    });
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int co = co0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
+                const int k = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
+                if (co >= c_out || k >= KW) continue;
+                if (p.split > 1)
+                    p.partial_dw[((int64_t)blockIdx.z * c_out + co) * KW + k] = acc[h][4 * j + r];
+                else
+                    p.dw[(int64_t)co * KW + k] += acc[h][4 * j + r];
+            }
+        }
+    }
+    if (bias_block && tid < HV_BM && co0 + tid < c_out) {
+        if (p.split > 1)
+            p.partial_db[(int64_t)blockIdx.z * c_out + co0 + tid] = bias_acc;
+        else
+            p.db[co0 + tid] += bias_acc;
+    }
+}
+STRATA_EMU_ENTRY(hconv_conv_backward_weight_wgmma, HConvBwdParams)
+#endif  // STRATA_HAS_WGMMA
 
 // out[i] += sum over chunks s = 0, 1, ... of partial[s * count + i], in that order.
 struct SplitReduceParams {

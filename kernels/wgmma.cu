@@ -1,6 +1,7 @@
-// strata/kernels/wgmma.cu: Hopper warpgroup MMA (sm_90a). Today it holds the self-test of the
-// wrapper in common.cuh, the groundwork for tensor-core kernels on the path that reaches Hopper's
-// matrix peak (mma.sync, which kernels/hconv.cu uses, runs at a fraction of it on an H100).
+// strata/kernels/wgmma.cu: the self-test of Hopper's warpgroup MMA wrapper (common.cuh; sm_90a).
+// The kernels built on it live with their op family: hconv.cu's sm_90a build holds HConv's
+// forward and backward on wgmma (mma.sync, the other path, runs at a fraction of an H100's matrix
+// peak). This test pins the wrapper's descriptor and fragment layouts to the hardware's.
 //
 // selftest_wgmma: one warpgroup computes D[64 x 64] = A[64 x K] B[K x 64] (K a multiple of 16, at
 // most 64) in K / 16 wgmma steps, the first with scale_d = 0 over accumulators that hold garbage.

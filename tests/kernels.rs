@@ -614,8 +614,19 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
         if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
             cases.extend([(4000, 13, 768, 5, 3), (2000, 25, 1024, 5, 3)]);
         }
-        for (n, l, d, kernel, stride) in cases {
-            let tag = format!("{} n={n} L={l} D={d} k={kernel} s={stride}", be.name());
+        // Both tensor-core paths of the vectorized kernels: mma.sync and Hopper's wgmma.
+        let paths = [
+            device::TensorCorePath::MmaSync,
+            device::TensorCorePath::Wgmma,
+        ];
+        for ((n, l, d, kernel, stride), path) in cases
+            .into_iter()
+            .flat_map(|c| paths.into_iter().map(move |p| (c, p)))
+        {
+            let tag = format!(
+                "{} {path:?} n={n} L={l} D={d} k={kernel} s={stride}",
+                be.name()
+            );
             let plan = hconv_plan(l, d, kernel, stride).unwrap();
             // The naive bf16 reference is a scalar loop: only where it takes seconds at most.
             let with_naive = n * l * d * d * kernel < 2_000_000_000;
@@ -640,7 +651,8 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
                 let wb = be.upload(&device::hconv_weight_for_kernel(w, g)).unwrap();
                 let bb = be.upload(b).unwrap();
                 let last = i + 1 == plan.convs.len();
-                let y = device::hconv_conv_forward(&be, &acts[i], n, g, &wb, &bb, last).unwrap();
+                let y = device::hconv_conv_forward_on(&be, path, &acts[i], n, g, &wb, &bb, last)
+                    .unwrap();
                 acts.push(y);
                 wbufs.push(wb);
             }
@@ -665,7 +677,8 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
                     w: &wbufs[i],
                     flatten: last,
                 };
-                let dx = device::hconv_conv_backward(&be, &saved, n, g, &dy, (&dw, &db), true)
+                let grads = (&dw, &db);
+                let dx = device::hconv_conv_backward_on(&be, path, &saved, n, g, &dy, grads, true)
                     .unwrap()
                     .expect("asked for dx");
                 be.synchronize().unwrap();
@@ -725,7 +738,8 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
                 }
                 if i == 0 && n <= 4 {
                     // Accumulation: a second call adds exactly the same amounts again.
-                    device::hconv_conv_backward(&be, &saved, n, g, &dy, (&dw, &db), false).unwrap();
+                    device::hconv_conv_backward_on(&be, path, &saved, n, g, &dy, grads, false)
+                        .unwrap();
                     be.synchronize().unwrap();
                     let (dw2, db2) = (be.download(&dw).unwrap(), be.download(&db).unwrap());
                     for (t, o) in dw2.iter().chain(&db2).zip(dw_tap.iter().chain(&got_db)) {

@@ -541,18 +541,18 @@ impl LayerOut {
     }
 }
 
-/// The tensor-core instruction of the vectorized conv forward (HConv's convs and the Linear
-/// layers): `mma.sync` (any GPU from sm_80, and the default) or Hopper's warpgroup `wgmma`
-/// (sm_90a: H100 / H200), which reaches Hopper's matrix peak where `mma.sync` cannot.
+/// The tensor-core instruction of the vectorized conv kernels, forward and backward (HConv's convs
+/// and the Linear layers): `mma.sync` (any GPU from sm_80, and the default) or Hopper's warpgroup
+/// `wgmma` (sm_90a: H100 / H200), which reaches Hopper's matrix peak where `mma.sync` cannot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorCorePath {
     MmaSync,
     Wgmma,
 }
 
-/// Set once the device script has run the `wgmma` forward on an H100 and it matched the CPU
-/// reference there (kernels/wgmma.cu's self-test and tests/kernels.rs's wgmma HConv test); until
-/// then `STRATA_TENSOR_CORES=wgmma` opts in.
+/// Set once the device script has run the `wgmma` kernels on an H100 and they matched the CPU
+/// reference there (kernels/wgmma.cu's self-test and tests/kernels.rs's HConv forward and backward
+/// tests, which run both paths); until then `STRATA_TENSOR_CORES=wgmma` opts in.
 pub const WGMMA_VERIFIED_ON_GPU: bool = false;
 
 /// The path the conv forward takes: `STRATA_TENSOR_CORES=wgmma` or `=mma` when set, else `wgmma`
@@ -698,13 +698,29 @@ pub fn hconv_conv_backward(
     grads: (&Buf<f32>, &Buf<f32>),
     want_dx: bool,
 ) -> Result<Option<Buf<bf16>>> {
+    hconv_conv_backward_on(be, tensor_core_path(), saved, n, g, dy, grads, want_dx)
+}
+
+/// [`hconv_conv_backward`] on the tensor-core path `path` (for tests and benchmarks that compare
+/// the two).
+#[allow(clippy::too_many_arguments)]
+pub fn hconv_conv_backward_on(
+    be: &Backend,
+    path: TensorCorePath,
+    saved: &HConvSaved,
+    n: usize,
+    g: &ConvGeom,
+    dy: &Buf<bf16>,
+    grads: (&Buf<f32>, &Buf<f32>),
+    want_dx: bool,
+) -> Result<Option<Buf<bf16>>> {
     let inputs = ConvBwdInputs {
         x: saved.x,
         relu_out: Some(saved.y),
         w: saved.w,
         flatten: saved.flatten,
     };
-    conv_backward(be, &inputs, n, g, dy, grads, want_dx)
+    conv_backward(be, path, &inputs, n, g, dy, grads, want_dx)
 }
 
 /// What the layer-axis conv backward reads: `relu_out` (the post-ReLU output) given means a ReLU
@@ -716,8 +732,10 @@ struct ConvBwdInputs<'a> {
     flatten: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv_backward(
     be: &Backend,
+    path: TensorCorePath,
     saved: &ConvBwdInputs,
     n: usize,
     g: &ConvGeom,
@@ -821,13 +839,17 @@ fn conv_backward(
             g.c_out.div_ceil(128) as u32,
             split as u32,
         );
-        be.launch(
-            "hconv_conv_backward_weight_vec",
-            grid_w,
-            (256, 1, 1),
-            0,
-            &pv,
-        )?;
+        let (weight_kernel, data_kernel) = match path {
+            TensorCorePath::MmaSync => (
+                "hconv_conv_backward_weight_vec",
+                "hconv_conv_backward_data_vec",
+            ),
+            TensorCorePath::Wgmma => (
+                "hconv_conv_backward_weight_wgmma",
+                "hconv_conv_backward_data_wgmma",
+            ),
+        };
+        be.launch(weight_kernel, grid_w, (256, 1, 1), 0, &pv)?;
         if let Some((pdw, pdb)) = &partial {
             for (part, out, count) in [(pdw, dw, wsize), (pdb, db, g.c_out)] {
                 let rp = SplitReduceParams {
@@ -847,14 +869,7 @@ fn conv_backward(
                 1,
             );
             let d = hconv_defines(g);
-            be.launch_specialized(
-                "hconv_conv_backward_data_vec",
-                &d,
-                grid_d,
-                (256, 1, 1),
-                0,
-                &pv,
-            )?;
+            be.launch_specialized(data_kernel, &d, grid_d, (256, 1, 1), 0, &pv)?;
         }
         return Ok(dx);
     }
@@ -1497,6 +1512,7 @@ pub fn linear_backward(
     };
     conv_backward(
         be,
+        tensor_core_path(),
         &inputs,
         rows,
         &linear_geom(in_f, out_f),

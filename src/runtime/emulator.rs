@@ -49,6 +49,8 @@ entries!(
     strata_emu_hconv_relu_mask,
     strata_emu_hconv_conv_backward_data_vec,
     strata_emu_hconv_conv_backward_weight_vec,
+    strata_emu_hconv_conv_backward_data_wgmma,
+    strata_emu_hconv_conv_backward_weight_wgmma,
     strata_emu_hconv_split_reduce,
     strata_emu_ctc_alpha_beta,
     strata_emu_ctc_grad,

@@ -57,7 +57,11 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         file: "hconv.cu",
         source: include_str!("../../kernels/hconv.cu"),
-        kernels: &["hconv_conv_forward_wgmma"],
+        kernels: &[
+            "hconv_conv_forward_wgmma",
+            "hconv_conv_backward_data_wgmma",
+            "hconv_conv_backward_weight_wgmma",
+        ],
         arch: Some("sm_90a"),
     },
     KernelFile {
