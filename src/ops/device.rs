@@ -294,7 +294,7 @@ fn layer_sum_dw_block(s: LayerSumShape) -> Option<(u32, u32)> {
         return None;
     }
     let chunks = s.d / 8;
-    // At least 128 threads, and enough layer groups that each thread owns at most 16 layers.
+    // At least 128 threads, and enough layer groups that no thread owns more than 8 layers.
     let groups =
         s.k.div_ceil(LAYERS_PER_THREAD)
             .max(128usize.div_ceil(chunks));
@@ -555,7 +555,7 @@ pub enum TensorCorePath {
 /// tests, which run both paths); until then `STRATA_TENSOR_CORES=wgmma` opts in.
 pub const WGMMA_VERIFIED_ON_GPU: bool = false;
 
-/// The path the conv forward takes: `STRATA_TENSOR_CORES=wgmma` or `=mma` when set, else `wgmma`
+/// The path the conv kernels take: `STRATA_TENSOR_CORES=wgmma` or `=mma` when set, else `wgmma`
 /// once verified ([`WGMMA_VERIFIED_ON_GPU`]) and `mma.sync` before. (A GPU that is not an sm_90
 /// part fails to load the sm_90a build with an error naming the kernel file and its target.)
 pub fn tensor_core_path() -> TensorCorePath {
