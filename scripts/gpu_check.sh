@@ -46,8 +46,11 @@ status=0
 
 # The emulator half of the tests ran in CI already: the GPU's minutes go to the GPU.
 export STRATA_TEST_EMULATOR=0
-echo "== kernel tests on the GPU"
+echo "== kernel tests on the GPU (mma.sync paths)"
 STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
+# A process of its own: a faulting wgmma (a wrong descriptor) poisons the CUDA context.
+echo "== wgmma on the GPU: the wrapper's self-test, then HConv forward and backward on both paths"
+STRATA_TEST_CUDA=1 STRATA_TEST_WGMMA=1 .gpu/kernels_test --test-threads 1 warpgroup hconv 2>&1 | tee -a "$out/tests.log" | grep -E "^test |panicked|wgmma|Wgmma|test result" || status=1
 echo "== the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"
 STRATA_TEST_CUDA=1 .gpu/device_tape_test 2>&1 | tail -3 | tee -a "$out/tests.log" || status=1
 echo "== whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head)"
@@ -58,7 +61,7 @@ echo "== strata demo on the GPU and on the CPU (same corpus, same init)"
 
 echo "== compute-sanitizer memcheck / racecheck (small sizes)"
 for tool in memcheck racecheck initcheck; do
-    STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 3 \
+    STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 compute-sanitizer --tool $tool --error-exitcode 3 \
         .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
 done
 

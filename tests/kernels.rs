@@ -408,6 +408,22 @@ fn tensor_core_mma_wrapper_computes_a_16x16_by_16x8_product() {
     }
 }
 
+/// The tensor-core paths of the vectorized conv kernels to test on a backend: both in the emulator;
+/// on a GPU, mma.sync, and wgmma only with STRATA_TEST_WGMMA=1. The device script runs the wgmma
+/// tests in a process of their own until they have passed on an H100 once: a fault there (a bad
+/// descriptor) would poison the CUDA context for every test after it.
+fn tensor_core_paths(be: &Backend) -> Vec<device::TensorCorePath> {
+    let mut paths = vec![device::TensorCorePath::MmaSync];
+    if !matches!(be, Backend::Cuda(_)) || wgmma_on_gpu() {
+        paths.push(device::TensorCorePath::Wgmma);
+    }
+    paths
+}
+
+fn wgmma_on_gpu() -> bool {
+    std::env::var("STRATA_TEST_WGMMA").is_ok_and(|v| v == "1")
+}
+
 /// The Hopper warpgroup MMA wrapper (kernels/wgmma.cu, sm_90a): one warpgroup's 64 x K by K x 64
 /// product through shared-memory descriptors, K = 16 (one step) and 64 (four accumulating steps),
 /// the operands K-major or MN-major (transposed), staged in different core-matrix arrangements. In the emulator this checks the
@@ -417,6 +433,10 @@ fn tensor_core_mma_wrapper_computes_a_16x16_by_16x8_product() {
 fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
     use strata::runtime::kernels::SelftestWgmmaParams;
     for be in backends() {
+        if matches!(be, Backend::Cuda(_)) && !wgmma_on_gpu() {
+            eprintln!("wgmma on the GPU skipped: STRATA_TEST_WGMMA=1 runs it (in its own process)");
+            continue;
+        }
         for (k, mode) in [16usize, 64]
             .into_iter()
             .flat_map(|k| (0..3).map(move |m| (k, m)))
@@ -484,14 +504,11 @@ fn hconv_forward_on_tensor_cores_matches_the_cpu_reference() {
         if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
             cases.extend([(16000, 13, 768, 5, 3), (16000, 25, 1024, 5, 3)]);
         }
-        // Both tensor-core paths of the vectorized kernel: mma.sync and Hopper's wgmma.
-        let paths = [
-            device::TensorCorePath::MmaSync,
-            device::TensorCorePath::Wgmma,
-        ];
+        // mma.sync, and Hopper's wgmma (see tensor_core_paths).
+        let paths = tensor_core_paths(&be);
         for ((n, l, d, kernel, stride), path) in cases
             .into_iter()
-            .flat_map(|c| paths.into_iter().map(move |p| (c, p)))
+            .flat_map(|c| paths.clone().into_iter().map(move |p| (c, p)))
         {
             let tag = format!(
                 "{} {path:?} n={n} L={l} D={d} k={kernel} s={stride}",
@@ -614,14 +631,11 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
         if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
             cases.extend([(4000, 13, 768, 5, 3), (2000, 25, 1024, 5, 3)]);
         }
-        // Both tensor-core paths of the vectorized kernels: mma.sync and Hopper's wgmma.
-        let paths = [
-            device::TensorCorePath::MmaSync,
-            device::TensorCorePath::Wgmma,
-        ];
+        // mma.sync, and Hopper's wgmma (see tensor_core_paths).
+        let paths = tensor_core_paths(&be);
         for ((n, l, d, kernel, stride), path) in cases
             .into_iter()
-            .flat_map(|c| paths.into_iter().map(move |p| (c, p)))
+            .flat_map(|c| paths.clone().into_iter().map(move |p| (c, p)))
         {
             let tag = format!(
                 "{} {path:?} n={n} L={l} D={d} k={kernel} s={stride}",
