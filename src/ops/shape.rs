@@ -1,5 +1,5 @@
 //! Data-movement ops: concatenation along the feature axis, picking one layer out of the stack,
-//! prepending a token, and the channel-major flatten that ends HConv.
+//! prepending a token, the channel-major flatten that ends HConv, and a matrix transpose.
 
 use super::Real;
 
@@ -96,4 +96,50 @@ pub fn flatten_channel_major_backward<R: Real>(dy: &[R], l: usize, c: usize) -> 
         }
     }
     dx
+}
+
+/// [rows, cols] -> [cols, rows], in 32 x 32 blocks (a naive column walk strides through memory a
+/// whole row per element).
+pub fn transpose<R: Real>(x: &[R], rows: usize, cols: usize) -> Vec<R> {
+    assert_eq!(
+        x.len(),
+        rows * cols,
+        "transpose: {rows} x {cols} from {}",
+        x.len()
+    );
+    const B: usize = 32;
+    let mut y = vec![R::ZERO; x.len()];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    y[c * rows + r] = x[r * cols + c];
+                }
+            }
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_moves_every_element_across_ragged_blocks() {
+        for (rows, cols) in [(1, 1), (3, 70), (33, 31), (64, 96)] {
+            let x: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
+            let y = transpose(&x, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        y[c * rows + r],
+                        x[r * cols + c],
+                        "{rows} x {cols} at ({r}, {c})"
+                    );
+                }
+            }
+            assert_eq!(transpose(&y, cols, rows), x);
+        }
+    }
 }

@@ -5,7 +5,13 @@ use crate::ops::{self, layer_conv::ConvGeom, Real};
 use rayon::prelude::*;
 
 fn linear(x: &[f32], rows: usize, d: &Dense) -> Vec<f32> {
-    ops::linear::forward(x, rows, d.in_f, &d.w, d.out_f, Some(&d.b))
+    let mut y = Vec::with_capacity(rows * d.out_f);
+    for _ in 0..rows {
+        y.extend_from_slice(&d.b);
+    }
+    let (n, t) = (ops::gemm::Trans::N, 1.0);
+    ops::gemm::gemm(rows, d.in_f, d.out_f, x, n, &d.w_t, n, t, &mut y);
+    y
 }
 
 fn layer_norm(x: &[f32], dim: usize, n: &Norm, eps: f64) -> Vec<f32> {
