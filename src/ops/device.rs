@@ -285,7 +285,7 @@ pub fn layer_sum_backward_into(
 
 /// The block of `layer_sum_backward_dw` (threads, shared-memory bytes) for a shape, or None where
 /// that kernel does not apply and the warp-per-layer backward runs: D not a multiple of 8, more
-/// layers than LS_DW_LAYERS_PER_THREAD per thread in 1024 threads, or the k x D/8 per-chunk sums over
+/// layers than LS_DW_LAYERS_PER_THREAD per thread in 512 threads, or the k x D/8 per-chunk sums over
 /// 48 KB of shared memory. STRATA_LAYER_SUM_BWD=warp forces the warp-per-layer kernel (for the
 /// device script's comparison of the two).
 fn layer_sum_dw_block(s: LayerSumShape) -> Option<(u32, u32)> {
@@ -300,7 +300,9 @@ fn layer_sum_dw_block(s: LayerSumShape) -> Option<(u32, u32)> {
             .max(128usize.div_ceil(chunks));
     let threads = chunks * groups;
     let smem = s.k * chunks * 4;
-    (threads <= 1024 && smem <= 48 * 1024).then_some((threads as u32, smem as u32))
+    // At 86 registers a thread, 512 threads take 44K of an SM's 64K registers; a larger block
+    // could not launch at all.
+    (threads <= 512 && smem <= 48 * 1024).then_some((threads as u32, smem as u32))
 }
 
 /// Adam / AdamW step `t` (1-based) over a flat parameter buffer, as `crate::optim::Adam`.
