@@ -30,6 +30,21 @@ struct HConvFwdParams {
 
 __device__ __forceinline__ float hc_epilogue(const HConvFwdParams& p, float v) { return p.relu ? fmaxf(v, 0.0f) : v; }
 
+// Every forward kernel's epilogue for one accumulator: bias (+ ReLU), then y in its layout (plain
+// [rows, c_out] or the last conv's channel-major flatten) as bf16, or y32 in fp32.
+__device__ __forceinline__ void hc_fwd_store(const HConvFwdParams& p, int64_t row, int co, float acc, int64_t rows,
+                                             int c_out, int l_out) {
+    if (row >= rows || co >= c_out) return;
+    const float v = hc_epilogue(p, acc + p.bias[co]);
+    const int64_t f = row / l_out;
+    const int lo = (int)(row % l_out);
+    const int64_t at = p.flatten ? f * c_out * l_out + (int64_t)co * l_out + lo : row * c_out + co;
+    if (p.y32)
+        p.y32[at] = v;
+    else
+        p.y[at] = float_to_bf16(v);
+}
+
 #define HC_TM 64
 #define HC_TN 64
 #define HC_TK 32
@@ -103,16 +118,7 @@ extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int64_t row = row0 + warp * 16 + g + 8 * (r / 2);
-            const int co = col0 + 8 * j + 2 * t + (r % 2);
-            if (row >= rows || co >= p.c_out) continue;
-            const float v = hc_epilogue(p, acc[j][r] + p.bias[co]);
-            const int64_t f = row / p.l_out;
-            const int lo = (int)(row % p.l_out);
-            const int64_t at = p.flatten ? f * p.c_out * p.l_out + (int64_t)co * p.l_out + lo : row * p.c_out + co;
-            if (p.y32)
-                p.y32[at] = v;
-            else
-                p.y[at] = float_to_bf16(v);
+            hc_fwd_store(p, row, col0 + 8 * j + 2 * t + (r % 2), acc[j][r], rows, p.c_out, p.l_out);
         }
     }
 }
@@ -226,6 +232,43 @@ __device__ __forceinline__ void hv_pipeline(int64_t steps, Stage stage, Compute 
     }
 }
 
+// The vectorized forward kernels' operand staging: thread tid copies 16-byte chunk tid % 4 (8
+// channels, never straddling a tap as c_in % 8 == 0) of tile rows tid / 4 and tid / 4 + 64 of A
+// (the implicit im2col rows) and B (W's rows). The rows' frame offsets and first layer are fixed
+// for the whole K loop; out-of-range rows, channels and taps copy zeros.
+struct HcFwdStage {
+    int64_t a_base[2];
+    int a_li0[2];
+    bool a_ok[2], b_ok[2];
+    const bf16* b_src[2];
+
+    __device__ __forceinline__ HcFwdStage(const HConvFwdParams& p, int64_t rows, int64_t row0, int col0, int K, int l_in,
+                                          int c_in, int c_out, int l_out, int stride, int pad) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int64_t r = row0 + threadIdx.x / 4 + 64 * j;
+            a_ok[j] = r < rows;
+            const int64_t f = a_ok[j] ? r / l_out : 0;
+            const int lo = a_ok[j] ? (int)(r % l_out) : 0;
+            a_base[j] = f * l_in * c_in;
+            a_li0[j] = lo * stride - pad;
+            const int co = col0 + threadIdx.x / 4 + 64 * j;
+            b_ok[j] = co < c_out;
+            b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
+        }
+    }
+
+    // Copies row j's chunk at K index k (tap kw, channel ci) of A to a_dst and of B to b_dst.
+    __device__ __forceinline__ void copy(const HConvFwdParams& p, int j, int k, int kw, int ci, int K, int l_in, int c_in,
+                                         bf16* a_dst, bf16* b_dst) const {
+        const int li = a_li0[j] + kw;
+        const bool va = a_ok[j] && k < K && li >= 0 && li < l_in;
+        cp_async16(a_dst, va ? p.x + a_base[j] + (int64_t)li * c_in + ci : p.x, va);
+        const bool vb = b_ok[j] && k < K;
+        cp_async16(b_dst, vb ? b_src[j] + k : p.w, vb);
+    }
+};
+
 extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
     HC_GEOMETRY
     __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
@@ -236,36 +279,14 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
     const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_in;
-    // Each thread stages chunk (tid % 4) of rows tid / 4 and tid / 4 + 64 of both tiles; the rows'
-    // frame offsets and first layer are fixed for the whole K loop.
     const int kc = (tid % 4) * 8;
-    int64_t a_base[2];
-    int a_li0[2];
-    bool a_ok[2], b_ok[2];
-    const bf16* b_src[2];
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int64_t r = row0 + tid / 4 + 64 * j;
-        a_ok[j] = r < rows;
-        const int64_t f = a_ok[j] ? r / l_out : 0;
-        const int lo = a_ok[j] ? (int)(r % l_out) : 0;
-        a_base[j] = f * l_in * c_in;
-        a_li0[j] = lo * stride - pad;
-        const int co = col0 + tid / 4 + 64 * j;
-        b_ok[j] = co < c_out;
-        b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
-    }
+    const HcFwdStage rows_of(p, rows, row0, col0, K, l_in, c_in, c_out, l_out, stride, pad);
     auto stage = [&](int buf, int64_t step) {
         const int k = (int)step * HV_BK + kc;
         const int kw = k / c_in, ci = k - kw * c_in;
-        #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int li = a_li0[j] + kw;
-            const bool va = a_ok[j] && k < K && li >= 0 && li < l_in;
-            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.x + a_base[j] + (int64_t)li * c_in + ci : p.x, va);
-            const bool vb = b_ok[j] && k < K;
-            cp_async16(&bs[buf][tid / 4 + 64 * j][kc], vb ? b_src[j] + k : p.w, vb);
-        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            rows_of.copy(p, j, k, kw, ci, K, l_in, c_in, &as[buf][tid / 4 + 64 * j][kc], &bs[buf][tid / 4 + 64 * j][kc]);
         cp_async_commit();
     };
     float acc[4][4][4];
@@ -286,15 +307,7 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
             for (int r = 0; r < 4; ++r) {
                 const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int co = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (row >= rows || co >= c_out) continue;
-                const float v = hc_epilogue(p, acc[mi][nj][r] + p.bias[co]);
-                const int64_t f = row / l_out;
-                const int lo = (int)(row % l_out);
-                const int64_t at = p.flatten ? f * c_out * l_out + (int64_t)co * l_out + lo : row * c_out + co;
-                if (p.y32)
-                    p.y32[at] = v;
-                else
-                    p.y[at] = float_to_bf16(v);
+                hc_fwd_store(p, row, co, acc[mi][nj][r], rows, c_out, l_out);
             }
         }
     }
@@ -383,35 +396,15 @@ extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
     const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_in;
-    // As in the vectorized kernel: thread stages chunk tid % 4 of rows tid / 4 and tid / 4 + 64.
     const int kc = (tid % 4) * 8;
-    int64_t a_base[2];
-    int a_li0[2];
-    bool a_ok[2], b_ok[2];
-    const bf16* b_src[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int64_t r = row0 + tid / 4 + 64 * j;
-        a_ok[j] = r < rows;
-        const int64_t f = a_ok[j] ? r / l_out : 0;
-        const int lo = a_ok[j] ? (int)(r % l_out) : 0;
-        a_base[j] = f * l_in * c_in;
-        a_li0[j] = lo * stride - pad;
-        const int co = col0 + tid / 4 + 64 * j;
-        b_ok[j] = co < c_out;
-        b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
-    }
+    const HcFwdStage rows_of(p, rows, row0, col0, K, l_in, c_in, c_out, l_out, stride, pad);
     auto stage = [&](int buf, int64_t step) {
         const int k = (int)step * HV_BK + kc;
         const int kw = k / c_in, ci = k - kw * c_in;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int at = hw_core_offset(tid / 4 + 64 * j, tid % 4);
-            const int li = a_li0[j] + kw;
-            const bool va = a_ok[j] && k < K && li >= 0 && li < l_in;
-            cp_async16(&as[buf][at], va ? p.x + a_base[j] + (int64_t)li * c_in + ci : p.x, va);
-            const bool vb = b_ok[j] && k < K;
-            cp_async16(&bs[buf][at], vb ? b_src[j] + k : p.w, vb);
+            rows_of.copy(p, j, k, kw, ci, K, l_in, c_in, &as[buf][at], &bs[buf][at]);
         }
         cp_async_commit();
     };
@@ -426,15 +419,7 @@ extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
             for (int r = 0; r < 4; ++r) {
                 const int64_t row = row0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
                 const int co = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
-                if (row >= rows || co >= c_out) continue;
-                const float v = hc_epilogue(p, acc[h][4 * j + r] + p.bias[co]);
-                const int64_t f = row / l_out;
-                const int lo = (int)(row % l_out);
-                const int64_t at = p.flatten ? f * c_out * l_out + (int64_t)co * l_out + lo : row * c_out + co;
-                if (p.y32)
-                    p.y32[at] = v;
-                else
-                    p.y[at] = float_to_bf16(v);
+                hc_fwd_store(p, row, co, acc[h][4 * j + r], rows, c_out, l_out);
             }
         }
     }
@@ -610,6 +595,77 @@ extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
 }
 STRATA_EMU_ENTRY(hconv_relu_mask, HConvMaskParams)
 
+// Operand sources shared by the vectorized backward kernels (mma.sync and wgmma), each a 16-byte
+// chunk and whether it exists (a missing one is copied as zeros).
+
+// dx's A rows: thread tid stages rows tid / 4 and tid / 4 + 64 of the tile, (frame, li) each.
+struct HcDataRows {
+    int64_t frame[2];
+    int li[2];
+    bool ok[2];
+
+    __device__ __forceinline__ HcDataRows(int64_t rows, int64_t row0, int l_in) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int64_t r = row0 + threadIdx.x / 4 + 64 * j;
+            ok[j] = r < rows;
+            frame[j] = ok[j] ? r / l_in : 0;
+            li[j] = ok[j] ? (int)(r % l_in) : 0;
+        }
+    }
+
+    // dpre's chunk (8 output channels from co) for row j at K index k = (kw, co): the output
+    // position lo with lo * stride - pad + kw = li, where there is one.
+    __device__ __forceinline__ const bf16* src(const HConvBwdParams& p, int j, int k, int kw, int co, int K, int l_out,
+                                               int c_out, int stride, int pad, bool* valid) const {
+        const int num = li[j] + pad - kw;
+        const int lo = num / stride;
+        *valid = ok[j] && k < K && num >= 0 && num % stride == 0 && lo < l_out;
+        return *valid ? p.dy + (frame[j] * l_out + lo) * c_out + co : p.dy;
+    }
+};
+
+// dx's B: W's chunk (8 input channels from ci) at K index kb = (kw, co).
+__device__ __forceinline__ const bf16* hc_w_chunk(const HConvBwdParams& p, int kb, int ci, int K, int KW, int c_in,
+                                                  int c_out, bool* valid) {
+    const int kw = kb / c_out, co = kb - kw * c_out;
+    *valid = kb < K && ci < c_in;
+    return *valid ? p.w + (int64_t)co * KW + kw * c_in + ci : p.w;
+}
+
+// dW's B: the im2col chunk at row r = (frame, lo), column k = (kw, ci) (8 channels from ci).
+__device__ __forceinline__ const bf16* hc_im2col_chunk(const HConvBwdParams& p, int64_t r, int64_t r_end, int k,
+                                                       int KW, int l_in, int c_in, int l_out, int stride, int pad,
+                                                       bool* valid) {
+    *valid = r < r_end && k < KW;
+    if (!*valid) return p.x;
+    const int64_t f = r / l_out;
+    const int lo = (int)(r - f * l_out);
+    const int kw = k / c_in, ci = k - kw * c_in;
+    const int li = lo * stride - pad + kw;
+    *valid = li >= 0 && li < l_in;
+    return *valid ? p.x + (f * l_in + li) * c_in + ci : p.x;
+}
+
+// dW's epilogue for one accumulator: its own split chunk's partial sum, or added into dw.
+__device__ __forceinline__ void hc_dw_store(const HConvBwdParams& p, int co, int k, float v, int c_out, int KW) {
+    if (co >= c_out || k >= KW) return;
+    if (p.split > 1)
+        p.partial_dw[((int64_t)blockIdx.z * c_out + co) * KW + k] = v;
+    else
+        p.dw[(int64_t)co * KW + k] += v;
+}
+
+// db's epilogue: thread tid of a bias block (blockIdx.x == 0) owns output channel co0 + tid.
+__device__ __forceinline__ void hc_db_store(const HConvBwdParams& p, int co0, float v, int c_out) {
+    const int co = co0 + (int)threadIdx.x;
+    if (blockIdx.x != 0 || threadIdx.x >= HV_BM || co >= c_out) return;
+    if (p.split > 1)
+        p.partial_db[(int64_t)blockIdx.z * c_out + co] = v;
+    else
+        p.db[co] += v;
+}
+
 // dx (dy = dpre here; y and flatten unused): rows (f, li), cols ci, K = (kw, co).
 extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) {
     HC_GEOMETRY
@@ -622,29 +678,19 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_out, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    int64_t a_frame[2];
-    int a_li[2];
-    bool a_ok[2];
-    for (int j = 0; j < 2; ++j) {
-        const int64_t r = row0 + tid / 4 + 64 * j;
-        a_ok[j] = r < rows;
-        a_frame[j] = a_ok[j] ? r / l_in : 0;
-        a_li[j] = a_ok[j] ? (int)(r % l_in) : 0;
-    }
+    const HcDataRows a_rows(rows, row0, l_in);
     auto stage = [&](int buf, int64_t step) {
         const int k0 = (int)step * HV_BK, k = k0 + kc;
         const int kw = k / c_out, co = k - kw * c_out;
+#pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int num = a_li[j] + pad - kw;
-            const int lo = num / stride;
-            const bool va = a_ok[j] && k < K && num >= 0 && num % stride == 0 && lo < l_out;
-            cp_async16(&as[buf][tid / 4 + 64 * j][kc], va ? p.dy + (a_frame[j] * l_out + lo) * c_out + co : p.dy, va);
+            bool va, vb;
+            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, c_out, stride, pad, &va);
+            cp_async16(&as[buf][tid / 4 + 64 * j][kc], a, va);
             // W as [k][ci]: k-row c / 16, 8 channels at 8 (c % 16).
-            const int c = tid + 256 * j, krow = c / 16, ci = col0 + (c % 16) * 8;
-            const int kb = k0 + krow;
-            const int kwb = kb / c_out, cob = kb - kwb * c_out;
-            const bool vb = kb < K && ci < c_in;
-            cp_async16(&bt[buf][krow][(c % 16) * 8], vb ? p.w + (int64_t)cob * KW + kwb * c_in + ci : p.w, vb);
+            const int c = tid + 256 * j, krow = c / 16;
+            const bf16* b = hc_w_chunk(p, k0 + krow, col0 + (c % 16) * 8, K, KW, c_in, c_out, &vb);
+            cp_async16(&bt[buf][krow][(c % 16) * 8], b, vb);
         }
         cp_async_commit();
     };
@@ -695,17 +741,8 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
             const int co = co0 + off;
             const bool va = r < r_end && co < c_out;
             cp_async16(&at[buf][krow][off], va ? p.dy + r * c_out + co : p.dy, va);
-            const int k = col0 + off;
-            bool vb = r < r_end && k < KW;
-            const bf16* src = p.x;
-            if (vb) {
-                const int64_t f = r / l_out;
-                const int lo = (int)(r - f * l_out);
-                const int kw = k / c_in, ci = k - kw * c_in;
-                const int li = lo * stride - pad + kw;
-                vb = li >= 0 && li < l_in;
-                if (vb) src = p.x + (f * l_in + li) * c_in + ci;
-            }
+            bool vb;
+            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + off, KW, l_in, c_in, l_out, stride, pad, &vb);
             cp_async16(&bt[buf][krow][off], src, vb);
         }
         cp_async_commit();
@@ -733,20 +770,11 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
             for (int r = 0; r < 4; ++r) {
                 const int co = co0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int k = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (co >= c_out || k >= KW) continue;
-                if (p.split > 1)
-                    p.partial_dw[((int64_t)blockIdx.z * c_out + co) * KW + k] = acc[mi][nj][r];
-                else
-                    p.dw[(int64_t)co * KW + k] += acc[mi][nj][r];
+                hc_dw_store(p, co, k, acc[mi][nj][r], c_out, KW);
             }
         }
     }
-    if (bias_block && tid < HV_BM && co0 + tid < c_out) {
-        if (p.split > 1)
-            p.partial_db[(int64_t)blockIdx.z * c_out + co0 + tid] = bias_acc;
-        else
-            p.db[co0 + tid] += bias_acc;
-    }
+    hc_db_store(p, co0, bias_acc, c_out);
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)
 
@@ -767,31 +795,18 @@ extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_out, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    int64_t a_frame[2];
-    int a_li[2];
-    bool a_ok[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int64_t r = row0 + tid / 4 + 64 * j;
-        a_ok[j] = r < rows;
-        a_frame[j] = a_ok[j] ? r / l_in : 0;
-        a_li[j] = a_ok[j] ? (int)(r % l_in) : 0;
-    }
+    const HcDataRows a_rows(rows, row0, l_in);
     auto stage = [&](int buf, int64_t step) {
         const int k0 = (int)step * HV_BK, k = k0 + kc;
         const int kw = k / c_out, co = k - kw * c_out;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int num = a_li[j] + pad - kw;
-            const int lo = num / stride;
-            const bool va = a_ok[j] && k < K && num >= 0 && num % stride == 0 && lo < l_out;
-            cp_async16(&as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)],
-                       va ? p.dy + (a_frame[j] * l_out + lo) * c_out + co : p.dy, va);
+            bool va, vb;
+            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, c_out, stride, pad, &va);
+            cp_async16(&as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)], a, va);
             const int c = tid + 256 * j, kr = hw_mn_k(c), n8 = hw_mn_rows(c);
-            const int kb = k0 + kr, ci = col0 + n8;
-            const int kwb = kb / c_out, cob = kb - kwb * c_out;
-            const bool vb = kb < K && ci < c_in;
-            cp_async16(&bs[buf][hw_mn_offset(n8, kr)], vb ? p.w + (int64_t)cob * KW + kwb * c_in + ci : p.w, vb);
+            const bf16* b = hc_w_chunk(p, k0 + kr, col0 + n8, K, KW, c_in, c_out, &vb);
+            cp_async16(&bs[buf][hw_mn_offset(n8, kr)], b, vb);
         }
         cp_async_commit();
     };
@@ -837,17 +852,8 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
             const int co = co0 + m8;
             const bool va = r < r_end && co < c_out;
             cp_async16(&as[buf][at], va ? p.dy + r * c_out + co : p.dy, va);
-            const int k = col0 + m8;
-            bool vb = r < r_end && k < KW;
-            const bf16* src = p.x;
-            if (vb) {
-                const int64_t f = r / l_out;
-                const int lo = (int)(r - f * l_out);
-                const int kw = k / c_in, ci = k - kw * c_in;
-                const int li = lo * stride - pad + kw;
-                vb = li >= 0 && li < l_in;
-                if (vb) src = p.x + (f * l_in + li) * c_in + ci;
-            }
+            bool vb;
+            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + m8, KW, l_in, c_in, l_out, stride, pad, &vb);
             cp_async16(&bs[buf][at], src, vb);
         }
         cp_async_commit();
@@ -870,20 +876,11 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
             for (int r = 0; r < 4; ++r) {
                 const int co = co0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
                 const int k = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
-                if (co >= c_out || k >= KW) continue;
-                if (p.split > 1)
-                    p.partial_dw[((int64_t)blockIdx.z * c_out + co) * KW + k] = acc[h][4 * j + r];
-                else
-                    p.dw[(int64_t)co * KW + k] += acc[h][4 * j + r];
+                hc_dw_store(p, co, k, acc[h][4 * j + r], c_out, KW);
             }
         }
     }
-    if (bias_block && tid < HV_BM && co0 + tid < c_out) {
-        if (p.split > 1)
-            p.partial_db[(int64_t)blockIdx.z * c_out + co0 + tid] = bias_acc;
-        else
-            p.db[co0 + tid] += bias_acc;
-    }
+    hc_db_store(p, co0, bias_acc, c_out);
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight_wgmma, HConvBwdParams)
 #endif  // STRATA_HAS_WGMMA
