@@ -4,7 +4,7 @@
 # table. The GPU machine has no Rust: build here first, then carry .gpu/:
 #
 #   scripts/gpu_check.sh --prepare          # here: builds the binaries into .gpu/
-#   scripts/gpu_check.sh                    # there: runs everything (about 2-4 minutes)
+#   scripts/gpu_check.sh                    # there: runs everything (each section prints its start time)
 #
 # When its device-step tests and the demo on cuda agree with the CPU, set
 # strata::train::device_step::VERIFIED_ON_GPU so that `--device auto` uses the GPU. When the wgmma
@@ -46,34 +46,35 @@ status=0
 
 # The emulator half of the tests ran in CI already: the GPU's minutes go to the GPU.
 export STRATA_TEST_EMULATOR=0
-echo "== kernel tests on the GPU (mma.sync paths)"
+echo "== [${SECONDS}s] kernel tests on the GPU (mma.sync paths)"
 STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
 # A process of its own: a faulting wgmma (a wrong descriptor) poisons the CUDA context.
-echo "== wgmma on the GPU: the wrapper's self-test, then HConv forward and backward on both paths"
+echo "== [${SECONDS}s] wgmma on the GPU: the wrapper's self-test, then HConv forward and backward on both paths"
 STRATA_TEST_CUDA=1 STRATA_TEST_WGMMA=1 .gpu/kernels_test --test-threads 1 warpgroup hconv 2>&1 | tee -a "$out/tests.log" | grep -E "^test |panicked|wgmma|Wgmma|test result" || status=1
-echo "== the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"
+echo "== [${SECONDS}s] the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"
 STRATA_TEST_CUDA=1 .gpu/device_tape_test 2>&1 | tail -3 | tee -a "$out/tests.log" || status=1
-echo "== whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head)"
+echo "== [${SECONDS}s] whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head)"
 STRATA_TEST_CUDA=1 .gpu/device_step_test --nocapture 2>&1 | grep -E "step|worst|test result|panicked" | tail -40 | tee -a "$out/tests.log" || status=1
-echo "== strata demo on the GPU and on the CPU (same corpus, same init)"
+echo "== [${SECONDS}s] strata demo on the GPU and on the CPU (same corpus, same init)"
 .gpu/strata demo --device cuda 2>&1 | grep -E "training on|step  *1000|^WS|^HConv " | tee "$out/demo.txt" || status=1
 .gpu/strata demo --device cpu 2>&1 | grep -E "training on|step  *1000|^WS|^HConv " | tee -a "$out/demo.txt" || status=1
 
-echo "== compute-sanitizer memcheck / racecheck (small sizes)"
+echo "== [${SECONDS}s] compute-sanitizer memcheck / racecheck (small sizes)"
 for tool in memcheck racecheck initcheck; do
     STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 compute-sanitizer --tool $tool --error-exitcode 3 \
         .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
 done
 
-echo "== benchmarks: strata and PyTorch in the same run"
+echo "== [${SECONDS}s] benchmarks: strata and PyTorch in the same run"
 .gpu/gpu_bench > "$out/ours.jsonl" || status=1
 python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" || status=1
 python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
-echo "== HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"
+echo "== [${SECONDS}s] HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"
 STRATA_NO_SPECIALIZE=1 .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-unspecialized.jsonl"
-echo "== HConv forward and the training steps with the wgmma forward (STRATA_TENSOR_CORES=wgmma), for comparison"
+echo "== [${SECONDS}s] HConv and the training steps on the wgmma kernels (STRATA_TENSOR_CORES=wgmma), for comparison"
 { STRATA_TENSOR_CORES=wgmma .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma .gpu/gpu_bench step; } 2>/dev/null > "$out/wgmma.jsonl" || status=1
 python3 tools/gpu_table.py "$out/wgmma.jsonl" "$out/torch.jsonl" | tee "$out/table-wgmma.txt"
-echo "== the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"
+echo "== [${SECONDS}s] the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"
 STRATA_LAYER_SUM_BWD=warp .gpu/gpu_bench ws 2>/dev/null | grep bwd_dw | tee "$out/ws-warp-backward.jsonl"
+echo "== finished in ${SECONDS}s, status $status"
 exit $status
