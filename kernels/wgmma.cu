@@ -44,6 +44,13 @@ extern "C" __global__ void selftest_wgmma(const SelftestWgmmaParams p) {
     const bool a_mn = p.mode == 2, b_mn = p.mode >= 1;
     const int a_lbo = a_mn ? 8 * 128 : 128, a_sbo = a_mn ? 128 : (K / 8) * 128;
     const int b_lbo = b_mn ? 128 : 8 * 128, b_sbo = b_mn ? (K / 8) * 128 : 128;
+    // Zeros first, so that a failed test's diagnosis (tests/kernels.rs) knows every byte a
+    // misread could reach.
+    for (int e = threadIdx.x; e < 64 * 64; e += blockDim.x) {
+        sa[e].bits = 0;
+        sb[e].bits = 0;
+    }
+    __syncthreads();
     for (int e = threadIdx.x; e < 64 * K; e += blockDim.x) {
         const int row = e / K, k = e % K;
         sa[wg_test_offset(row, k, a_lbo, a_sbo, a_mn) / 2] = p.a[e];

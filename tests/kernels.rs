@@ -465,20 +465,115 @@ fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
                 .unwrap();
             be.synchronize().unwrap();
             let got = be.download(&d).unwrap();
-            for i in 0..64 {
-                for j in 0..64 {
-                    let want: f64 = (0..k)
-                        .map(|q| a[i * k + q] as f64 * bt[j * k + q] as f64)
-                        .sum();
-                    let g = got[i * 64 + j] as f64;
-                    assert!(
-                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{} K = {k}, mode {mode}: D[{i}][{j}] = {g}, want {want}",
-                        be.name()
-                    );
-                }
+            let want = wgmma_product_under(WgmmaReading::Documented, &a, &bt, k, mode);
+            if let Some((i, j)) = (0..64 * 64).map(|e| (e / 64, e % 64)).find(|&(i, j)| {
+                let (g, w) = (got[i * 64 + j] as f64, want[i * 64 + j]);
+                (g - w).abs() > 1e-5 * (1.0 + w.abs())
+            }) {
+                panic!(
+                    "{} K = {k}, mode {mode}: D[{i}][{j}] = {}, want {}; {}",
+                    be.name(),
+                    got[i * 64 + j],
+                    want[i * 64 + j],
+                    wgmma_diagnosis(&got, &a, &bt, k, mode)
+                );
             }
         }
+    }
+}
+
+/// Ways the hardware might read the self-test's shared memory, for a failure's diagnosis: the
+/// layout common.cuh documents, with the descriptor's two offsets swapped, with the MN-major core
+/// matrices' interior transposed, or both.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum WgmmaReading {
+    Documented,
+    OffsetsSwapped,
+    MnInteriorTransposed,
+    Both,
+}
+
+/// D = A B^T as the hardware would compute it reading selftest_wgmma's staged operands (zeroed,
+/// then staged by the documented layout, as the kernel does) under `reading`; NaN where a read
+/// falls outside the staged arrays.
+fn wgmma_product_under(
+    reading: WgmmaReading,
+    a: &[f32],
+    bt: &[f32],
+    k: usize,
+    mode: i32,
+) -> Vec<f64> {
+    use WgmmaReading::*;
+    let offset = |row: usize, q: usize, lbo: usize, sbo: usize, mn: bool| {
+        (row / 8) * sbo
+            + (q / 8) * lbo
+            + if mn {
+                (q % 8) * 16 + (row % 8) * 2
+            } else {
+                (row % 8) * 16 + (q % 8) * 2
+            }
+    };
+    // (lbo, sbo, MN-major) of A and B, as kernels/wgmma.cu stages them.
+    let (a_mn, b_mn) = (mode == 2, mode >= 1);
+    let a_geo = if a_mn {
+        (8 * 128, 128)
+    } else {
+        (128, (k / 8) * 128)
+    };
+    let b_geo = if b_mn {
+        (128, (k / 8) * 128)
+    } else {
+        (8 * 128, 128)
+    };
+    let stage = |x: &[f32], (lbo, sbo): (usize, usize), mn: bool| {
+        let mut smem = vec![0f64; 64 * 64];
+        for row in 0..64 {
+            for q in 0..k {
+                smem[offset(row, q, lbo, sbo, mn) / 2] = x[row * k + q] as f64;
+            }
+        }
+        smem
+    };
+    let (sa, sb) = (stage(a, a_geo, a_mn), stage(bt, b_geo, b_mn));
+    let read = |smem: &[f64], (lbo, sbo): (usize, usize), mn: bool, row: usize, q: usize| {
+        // Step q / 16's descriptor starts (q / 16) * 2 K core matrices on, by the documented lbo.
+        let start = (q / 16) * 2 * lbo;
+        let (l, s) = if matches!(reading, OffsetsSwapped | Both) {
+            (sbo, lbo)
+        } else {
+            (lbo, sbo)
+        };
+        let mn_interior = mn && !matches!(reading, MnInteriorTransposed | Both);
+        let at = start + offset(row, q % 16, l, s, mn_interior);
+        smem.get(at / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut d = vec![0f64; 64 * 64];
+    for i in 0..64 {
+        for j in 0..64 {
+            d[i * 64 + j] = (0..k)
+                .map(|q| read(&sa, a_geo, a_mn, i, q) * read(&sb, b_geo, b_mn, j, q))
+                .sum();
+        }
+    }
+    d
+}
+
+/// Which reading the GPU's result matches, so that a failed self-test says how to fix the layout.
+fn wgmma_diagnosis(got: &[f32], a: &[f32], bt: &[f32], k: usize, mode: i32) -> String {
+    use WgmmaReading::*;
+    let matches: Vec<WgmmaReading> = [Documented, OffsetsSwapped, MnInteriorTransposed, Both]
+        .into_iter()
+        .filter(|&r| {
+            let d = wgmma_product_under(r, a, bt, k, mode);
+            got.iter()
+                .zip(&d)
+                .all(|(&g, &w)| (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()))
+        })
+        .collect();
+    if matches.is_empty() {
+        "the result matches none of the readings tried (offsets swapped, MN-major interior transposed, both): check the fragment layout".into()
+    } else {
+        format!("the result matches the reading(s) {matches:?}")
     }
 }
 
