@@ -1,5 +1,5 @@
-//! Writes the PTX NVRTC makes of every kernel file (sm_90, or the file's own target: sm_90a), and of HConv's HuBERT-Base
-//! specializations, into a folder, for ptxas reports:
+//! Writes the PTX NVRTC makes of every kernel file (for sm_90, or the file's own target: sm_90a),
+//! and of HConv's HuBERT-Base specializations, into a folder, for ptxas reports:
 //! `cargo run --release --example dump_ptx -- OUT_DIR` (needs libnvrtc.so.13 on LD_LIBRARY_PATH).
 
 use strata::runtime::{cuda, kernels};

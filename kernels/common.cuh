@@ -3,7 +3,9 @@
 // host C++ compiler for the kernel emulator (STRATA_EMULATOR, see src/runtime/emulator/).
 //
 // Holds: the bf16 storage type and its conversions (round to nearest even), warp and block
-// reductions, and the kernel-entry macro that gives the emulator a launcher for each kernel.
+// reductions, 16-byte vector loads, the tensor-core wrappers (mma.sync, ldmatrix, cp.async, and
+// Hopper's wgmma for sm_90a files), and the kernel-entry macro that gives the emulator a launcher
+// for each kernel.
 // Convention: every kernel takes ONE parameter struct by value; Rust mirrors it with #[repr(C)].
 #pragma once
 
@@ -322,8 +324,9 @@ struct wgmma_desc {
 typedef unsigned long long wgmma_desc;
 #endif
 
-// Descriptor of the K-major, no-swizzle operand at `smem` (16-byte aligned, in the first 256 KB of
-// the block's shared window; lbo and sbo multiples of 16 below 256 KB).
+// Descriptor of the no-swizzle operand at `smem` (16-byte aligned, in the first 256 KB of the
+// block's shared window; lbo and sbo multiples of 16 below 256 KB). Whether it is read K-major or
+// MN-major is the instruction's TRANS flag, not the descriptor's.
 __device__ __forceinline__ wgmma_desc make_wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
 #ifdef STRATA_EMULATOR
     return wgmma_desc{static_cast<const unsigned char*>(smem), lbo, sbo};

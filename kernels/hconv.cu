@@ -8,9 +8,13 @@
 // x: bf16 [n, l_in, c_in] (frame-major stack or the previous conv's output); w: bf16 [c_out, K],
 // K = kernel * c_in, tap-major (the host reorders PyTorch's [c_out, c_in, k]); bias f32; y bf16,
 // either [n, l_out, c_out] or, for the last conv, flattened channel-major [n, c_out * l_out].
-// Block: 4 warps, a 64 x 64 tile of y; K advances 32 at a time through shared memory (any sizes:
-// out-of-range rows, columns and K are zero-filled); mma.sync m16n8k16, fp32 accumulation,
-// bias + ReLU fused. First version: correctness first (no async copies or double buffering yet).
+// Three families of kernels:
+// - general (any sizes): 4 warps, a 64 x 64 tile of y, K 32 at a time through shared memory
+//   (out-of-range rows, columns and K zero-filled), mma.sync m16n8k16, fp32 accumulation;
+// - vectorized (_vec; c_in, c_out multiples of 8): 128 x 128 tiles, cp.async, ldmatrix, mma.sync;
+// - wgmma (_wgmma; the same tiles on Hopper's warpgroup MMA): only in this file's sm_90a build
+//   (STRATA_HAS_WGMMA), which the host compiles beside the sm_90 one.
+// Bias + ReLU (+ flatten) fused into every forward's epilogue.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif

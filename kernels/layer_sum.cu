@@ -14,7 +14,8 @@
 // layer_sum_backward_dw (a thread per 8-column chunk, the forward's access pattern).
 // Per-layer reductions (norm statistics, dp) give each warp its own layers (j = warp, warp +
 // warps, ...) and reduce with shuffles only: no block-wide barrier per layer. Rows are read 8 bf16
-// (16 bytes) per load when D % 8 == 0. Blocks are a whole number of warps.
+// (16 bytes) per load when D % 8 == 0. The forward's and the warp-per-layer backward's blocks are a
+// whole number of warps.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif

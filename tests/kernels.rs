@@ -426,9 +426,9 @@ fn wgmma_on_gpu() -> bool {
 
 /// The Hopper warpgroup MMA wrapper (kernels/wgmma.cu, sm_90a): one warpgroup's 64 x K by K x 64
 /// product through shared-memory descriptors, K = 16 (one step) and 64 (four accumulating steps),
-/// the operands K-major or MN-major (transposed), staged in different core-matrix arrangements. In the emulator this checks the
-/// kernel against the layout common.cuh documents; on an H100 it checks that layout against the
-/// hardware's.
+/// the operands K-major or MN-major (transposed), staged in different core-matrix arrangements.
+/// In the emulator this checks the kernel against the layout common.cuh documents; on an H100 it
+/// checks that layout against the hardware's.
 #[test]
 fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
     use strata::runtime::kernels::SelftestWgmmaParams;

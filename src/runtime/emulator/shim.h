@@ -1,7 +1,7 @@
 // The CUDA vocabulary for kernels compiled by the host C++ compiler (the kernel emulator).
 // Each block's threads are cooperative fibers (emulator.cpp): a thread runs until it reaches a
-// barrier (__syncthreads) or a warp collective (__shfl_*_sync, __syncwarp), then the next one runs; a barrier
-// or collective releases when every live thread of the block / warp has arrived. Blocks run one
+// barrier (__syncthreads) or a warp collective (__shfl_*_sync, __syncwarp), then the next one
+// runs; a barrier or collective releases when every live thread of the block / warp has arrived. Blocks run one
 // after another, so `__shared__` (function-static storage) is shared by exactly one block's threads.
 #pragma once
 #include <math.h>  // expf, sqrtf, fmaxf, fminf in the global namespace, as in CUDA
