@@ -409,19 +409,24 @@ fn tensor_core_mma_wrapper_computes_a_16x16_by_16x8_product() {
 }
 
 /// The tensor-core paths of the vectorized conv kernels to test on a backend: both in the emulator;
-/// on a GPU, mma.sync, and wgmma only with STRATA_TEST_WGMMA=1. The device script runs the wgmma
-/// tests in a process of their own until they have passed on an H100 once: a fault there (a bad
-/// descriptor) would poison the CUDA context for every test after it.
+/// on a GPU, mma.sync, plus wgmma with STRATA_TEST_WGMMA=1, or wgmma alone with
+/// STRATA_TEST_WGMMA=only. The device script runs the wgmma tests in a process of their own until
+/// they have passed on an H100 once: a fault there (a bad descriptor) would poison the CUDA
+/// context for every test after it.
 fn tensor_core_paths(be: &Backend) -> Vec<device::TensorCorePath> {
-    let mut paths = vec![device::TensorCorePath::MmaSync];
-    if !matches!(be, Backend::Cuda(_)) || wgmma_on_gpu() {
-        paths.push(device::TensorCorePath::Wgmma);
+    use device::TensorCorePath::{MmaSync, Wgmma};
+    if !matches!(be, Backend::Cuda(_)) {
+        return vec![MmaSync, Wgmma];
     }
-    paths
+    match std::env::var("STRATA_TEST_WGMMA").as_deref() {
+        Ok("1") => vec![MmaSync, Wgmma],
+        Ok("only") => vec![Wgmma],
+        _ => vec![MmaSync],
+    }
 }
 
 fn wgmma_on_gpu() -> bool {
-    std::env::var("STRATA_TEST_WGMMA").is_ok_and(|v| v == "1")
+    std::env::var("STRATA_TEST_WGMMA").is_ok_and(|v| v == "1" || v == "only")
 }
 
 /// The Hopper warpgroup MMA wrapper (kernels/wgmma.cu, sm_90a): one warpgroup's 64 x K by K x 64
