@@ -9,9 +9,9 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use std::time::{Duration, Instant};
-use strata::ops::device::{self, LayerSumShape};
+use strata::ops::device::{self, LayerSumShape, TensorCorePath};
 use strata::optim::AdamConfig;
-use strata::runtime::Backend;
+use strata::runtime::{Backend, Buf};
 
 fn bench(c: &mut Criterion) {
     let be = match Backend::cuda() {
@@ -90,35 +90,38 @@ fn bench(c: &mut Criterion) {
             .map(|g| g.l_out() * g.c_out * g.c_in * g.kernel)
             .sum();
         group.throughput(Throughput::Elements((2 * macs * n) as u64)); // FLOPs
-        group.bench_function(format!("hconv_forward_{name}"), |b| {
-            b.iter_custom(|iters| {
-                timed(&be, iters, &mut || {
-                    let last = plan.convs.len() - 1;
-                    let mut h = device::hconv_conv_forward(
-                        &be,
-                        &x,
-                        n,
-                        &plan.convs[0],
-                        &layers[0].0,
-                        &layers[0].1,
-                        last == 0,
-                    )
-                    .unwrap();
-                    for (i, g) in plan.convs.iter().enumerate().skip(1) {
-                        h = device::hconv_conv_forward(
-                            &be,
-                            &h,
-                            n,
-                            g,
-                            &layers[i].0,
-                            &layers[i].1,
-                            i == last,
-                        )
-                        .unwrap();
-                    }
+                                                                       // Both tensor-core paths (wgmma needs an sm_90 GPU: H100 / H200).
+        for path in [TensorCorePath::MmaSync, TensorCorePath::Wgmma] {
+            let tag = match path {
+                TensorCorePath::MmaSync => format!("hconv_forward_{name}"),
+                TensorCorePath::Wgmma => format!("hconv_forward_{name}_wgmma"),
+            };
+            group.bench_function(tag, |b| {
+                b.iter_custom(|iters| {
+                    timed(&be, iters, &mut || {
+                        let last = plan.convs.len() - 1;
+                        let mut h: Option<Buf<bf16>> = None;
+                        for (i, g) in plan.convs.iter().enumerate() {
+                            let input = h.as_ref().unwrap_or(&x);
+                            let (w, b) = (&layers[i].0, &layers[i].1);
+                            h = Some(
+                                device::hconv_conv_forward_on(
+                                    &be,
+                                    path,
+                                    input,
+                                    n,
+                                    g,
+                                    w,
+                                    b,
+                                    i == last,
+                                )
+                                .unwrap(),
+                            );
+                        }
+                    })
                 })
-            })
-        });
+            });
+        }
     }
     // The whole HConv + PR-head step (HConv forward + backward, Linear, log-softmax, CTC, clip,
     // AdamW) at HuBERT-Base size: the device script compares it with PyTorch.

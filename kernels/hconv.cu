@@ -356,23 +356,27 @@ __device__ __forceinline__ void hw_pipeline(int64_t steps, Stage stage, Compute 
     }
 }
 
+// Both staged layouts (K-major: hw_core_offset; MN-major: hw_mn_offset) put a 128 x 32 tile's core
+// matrices 128 bytes apart along K and 512 bytes apart along M / N.
+#define HW_LBO 128
+#define HW_SBO 512
+
 // One staged step of a warpgroup's 64 x 128 tile: per k16, A's rows 64 wg.. against both 64-column
-// halves of B. a_base / b_base: the stage's tiles; the descriptors advance two K core matrices per
-// k16. Waits for its wgmmas before returning.
+// halves of B, from the stage's tiles a_tile / b_tile; the descriptors advance two K core matrices
+// per k16. Waits for its wgmmas before returning.
 template <int TRANS_A, int TRANS_B>
-__device__ __forceinline__ void hw_step(float (*acc)[32], const bf16* a_tile, const bf16* b_tile, int wg, int a_lbo,
-                                        int a_sbo, int b_lbo, int b_sbo) {
+__device__ __forceinline__ void hw_step(float (*acc)[32], const bf16* a_tile, const bf16* b_tile, int wg) {
     wgmma_fence_operands(acc[0], 32);
     wgmma_fence_operands(acc[1], 32);
     wgmma_fence();
-    const unsigned char* a = reinterpret_cast<const unsigned char*>(a_tile) + wg * 8 * a_sbo;
+    const unsigned char* a = reinterpret_cast<const unsigned char*>(a_tile) + wg * 8 * HW_SBO;
     const unsigned char* b = reinterpret_cast<const unsigned char*>(b_tile);
 #pragma unroll
     for (int ks = 0; ks < HV_BK / 16; ++ks) {
-        const wgmma_desc da = make_wgmma_desc(a + ks * 2 * a_lbo, a_lbo, a_sbo);
+        const wgmma_desc da = make_wgmma_desc(a + ks * 2 * HW_LBO, HW_LBO, HW_SBO);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const wgmma_desc db = make_wgmma_desc(b + h * 8 * b_sbo + ks * 2 * b_lbo, b_lbo, b_sbo);
+            const wgmma_desc db = make_wgmma_desc(b + h * 8 * HW_SBO + ks * 2 * HW_LBO, HW_LBO, HW_SBO);
             wgmma_m64n64k16_bf16<TRANS_A, TRANS_B>(acc[h], da, db, 1);
         }
     }
@@ -414,7 +418,7 @@ extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
     };
     float acc[2][32];
     hw_zero(acc);
-    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg, 128, 512, 128, 512); });
+    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg); });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -816,7 +820,7 @@ extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p
     };
     float acc[2][32];
     hw_zero(acc);
-    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 1>(acc, as[buf], bs[buf], wg, 128, 512, 128, 512); });
+    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 1>(acc, as[buf], bs[buf], wg); });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -870,7 +874,7 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
         if (bias_block && tid < HV_BM) {
             for (int kk = 0; kk < HV_BK; ++kk) bias_acc += bf16_to_float(as[buf][hw_mn_offset(tid, kk)]);
         }
-        hw_step<1, 1>(acc, as[buf], bs[buf], wg, 128, 512, 128, 512);
+        hw_step<1, 1>(acc, as[buf], bs[buf], wg);
     });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

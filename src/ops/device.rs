@@ -290,7 +290,10 @@ pub fn layer_sum_backward_into(
 /// device script's comparison of the two).
 fn layer_sum_dw_block(s: LayerSumShape) -> Option<(u32, u32)> {
     const LAYERS_PER_THREAD: usize = 8; // LS_DW_LAYERS_PER_THREAD of kernels/layer_sum.cu
-    if s.d % 8 != 0 || std::env::var("STRATA_LAYER_SUM_BWD").is_ok_and(|v| v == "warp") {
+    static WARP_KERNEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let forced = *WARP_KERNEL
+        .get_or_init(|| std::env::var("STRATA_LAYER_SUM_BWD").is_ok_and(|v| v == "warp"));
+    if s.d % 8 != 0 || forced {
         return None;
     }
     let chunks = s.d / 8;
@@ -557,16 +560,18 @@ pub enum TensorCorePath {
 /// tests, which run both paths); until then `STRATA_TENSOR_CORES=wgmma` opts in.
 pub const WGMMA_VERIFIED_ON_GPU: bool = false;
 
-/// The path the conv kernels take: `STRATA_TENSOR_CORES=wgmma` or `=mma` when set, else `wgmma`
-/// once verified ([`WGMMA_VERIFIED_ON_GPU`]) and `mma.sync` before. (A GPU that is not an sm_90
-/// part fails to load the sm_90a build with an error naming the kernel file and its target.)
+/// The path the conv kernels take: `STRATA_TENSOR_CORES=wgmma` or `=mma` when set (read once),
+/// else `wgmma` once verified ([`WGMMA_VERIFIED_ON_GPU`]) and `mma.sync` before. (A GPU that is
+/// not an sm_90 part fails to load the sm_90a build with an error naming the file and its target.)
 pub fn tensor_core_path() -> TensorCorePath {
-    match std::env::var("STRATA_TENSOR_CORES").as_deref() {
+    // Read once: every conv launch asks.
+    static PATH: std::sync::OnceLock<TensorCorePath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("STRATA_TENSOR_CORES").as_deref() {
         Ok("wgmma") => TensorCorePath::Wgmma,
         Ok("mma") => TensorCorePath::MmaSync,
         _ if WGMMA_VERIFIED_ON_GPU => TensorCorePath::Wgmma,
         _ => TensorCorePath::MmaSync,
-    }
+    })
 }
 
 /// The layer-axis conv kernels' forward with its options: `relu` after the bias, output in bf16
@@ -964,19 +969,21 @@ pub fn ctc_loss(
     ints.extend(targets.iter().flatten().map(|&c| c as i32));
     let mut next_same = vec![-1i32; total_labels];
     let mut first = vec![0i32; total_labels];
-    let (mut last_seen, mut seen) = (vec![-1i32; v], vec![false; v]);
+    // Walking each target backwards links every label to its next occurrence; what is left in
+    // `earliest` at the end is each label's first occurrence.
+    let mut earliest = vec![-1i32; v];
     let mut g0 = 0;
     for t in targets {
         for (i, &c) in t.iter().enumerate().rev() {
-            next_same[g0 + i] = last_seen[c];
-            last_seen[c] = i as i32;
+            next_same[g0 + i] = earliest[c];
+            earliest[c] = i as i32;
         }
-        for (i, &c) in t.iter().enumerate() {
-            first[g0 + i] = !seen[c] as i32;
-            seen[c] = true;
+        for &c in t {
+            if earliest[c] >= 0 {
+                first[g0 + earliest[c] as usize] = 1;
+                earliest[c] = -1;
+            }
         }
-        t.iter()
-            .for_each(|&c| (last_seen[c], seen[c]) = (-1, false));
         g0 += t.len();
     }
     let links_at = ints.len();
