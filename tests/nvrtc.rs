@@ -32,6 +32,13 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
             "{}: second compile comes from the cache",
             file.file
         );
+        // The same compile left the machine code for the target GPU in the cache too.
+        let (cubin, hit) = cuda::compile_cubin_with(file, cuda::arch_of(file), &[]).unwrap();
+        assert!(
+            hit && cubin.starts_with(b"\x7fELF"),
+            "{}: its cubin is cached, an ELF image",
+            file.file
+        );
     }
     // Specializations: HConv's vectorized kernels with HuBERT-Base / Large geometry as -D
     // constants compile, are cached apart from the plain build, and differ from it.
@@ -68,5 +75,18 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
     std::fs::write(&entry, &text[..text.len() / 2]).unwrap();
     let (_, hit) = cuda::compile(file, cuda::arch_of(file)).unwrap();
     assert!(!hit, "a truncated entry must be recompiled");
+    // Likewise a cubin with one byte changed (its hash no longer matches).
+    let cubin_entry = entry.with_extension("cubin");
+    let mut bytes = std::fs::read(&cubin_entry).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&cubin_entry, &bytes).unwrap();
+    let (cubin, hit) = cuda::compile_cubin_with(file, cuda::arch_of(file), &[]).unwrap();
+    assert!(
+        !hit && cubin.starts_with(b"\x7fELF"),
+        "a damaged cubin must be recompiled"
+    );
+    let (_, hit) = cuda::compile_cubin_with(file, cuda::arch_of(file), &[]).unwrap();
+    assert!(hit, "the recompiled cubin is cached again");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,8 +1,11 @@
 //! The CUDA backend over cudarc: a probe that never panics, NVRTC compilation on first use with a
 //! disk cache, one stream, launches of the kernels in src/runtime/kernels.rs.
 //!
-//! The cache key is a hash of (source, compile options, NVRTC version, architecture); an entry is
-//! written atomically and carries its key in a header line and an end marker, so a truncated,
+//! The cache key is a hash of (source, compile options, NVRTC version, architecture). A variant
+//! has two entries, its PTX and its machine code (cubin, which NVRTC assembles anyway when the
+//! target is a real architecture): on a GPU of the target architecture the cubin loads with no
+//! compile, elsewhere the driver compiles the PTX. Entries are written atomically and carry their
+//! key in a header line (and an end marker, or the cubin's length and hash), so a truncated,
 //! corrupt or stale entry is recompiled, never trusted.
 
 use super::kernels::{self, KernelFile};
@@ -24,6 +27,18 @@ pub struct CudaRuntime {
     /// Loaded kernels by "name|defines".
     functions: Mutex<HashMap<String, CudaFunction>>,
     pub device_name: String,
+    /// The GPU's compute capability: kernels compiled for exactly it load as machine code.
+    capability: (i32, i32),
+}
+
+/// The compute capability a real target names: "sm_90" and "sm_90a" are (9, 0).
+fn capability_of(arch: &str) -> Option<(i32, i32)> {
+    let n: i32 = arch
+        .strip_prefix("sm_")?
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .parse()
+        .ok()?;
+    Some((n / 10, n % 10))
 }
 
 /// Whether the CUDA 13 driver and NVRTC libraries can be loaded (cudarc panics on a missing one,
@@ -105,53 +120,175 @@ pub fn compile_with(
     arch: &'static str,
     defines: Defines,
 ) -> Result<(String, bool), String> {
-    let src = kernels::nvrtc_source(file);
-    let mut opts = compile_options();
-    opts.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
-    let (major, minor) = nvrtc_version()?;
-    let version = format!("{major}.{minor}");
-    let key = format!(
-        "{:016x}",
-        fnv1a(&[
-            src.as_bytes(),
-            opts.join(" ").as_bytes(),
-            version.as_bytes(),
-            arch.as_bytes()
-        ])
-    );
-    let header = format!(
-        "// strata kernel cache {key} {} nvrtc {version} {arch}\n",
-        file.file
-    );
-    const TRAILER: &str = "\n// strata end\n";
-    let path = cache_dir().join(format!("{}-{key}.ptx", file.file.trim_end_matches(".cu")));
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Some(body) = text
-            .strip_prefix(&header)
-            .and_then(|t| t.strip_suffix(TRAILER))
-        {
-            return Ok((body.to_string(), true));
-        }
-        // Stale or damaged: fall through and recompile over it.
+    let entry = CacheEntry::new(file, arch, defines)?;
+    if let Some(ptx) = entry.read_ptx() {
+        return Ok((ptx, true));
     }
-    let options = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        options: opts,
-        ..Default::default()
-    };
-    let ptx = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(&src, options))
-        .map_err(|_| format!("NVRTC panicked compiling {}", file.file))?
-        .map_err(|e| format!("NVRTC could not compile {} for {arch}: {e}", file.file))?;
-    let body = ptx.to_src();
-    if let Some(dir) = path.parent() {
-        if std::fs::create_dir_all(dir).is_ok() {
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&tmp, format!("{header}{body}{TRAILER}")).is_ok() {
-                let _ = std::fs::rename(&tmp, &path);
+    Ok((entry.compile()?.ptx, false))
+}
+
+/// The machine code (cubin) of [`compile_with`]'s compile, for a GPU of exactly `arch`: loading it
+/// costs no compile, where PTX costs the driver a PTX-to-machine-code pass in every process (~5 s
+/// for hconv.cu). Returns (cubin, cache hit).
+pub fn compile_cubin_with(
+    file: &KernelFile,
+    arch: &'static str,
+    defines: Defines,
+) -> Result<(Vec<u8>, bool), String> {
+    let entry = CacheEntry::new(file, arch, defines)?;
+    if let Some(cubin) = entry.read_cubin() {
+        return Ok((cubin, true));
+    }
+    Ok((entry.compile()?.cubin, false))
+}
+
+/// What one NVRTC compile for a real architecture (sm_XX) gives: the PTX, and the machine code
+/// NVRTC assembled from it on the way.
+struct Compiled {
+    ptx: String,
+    cubin: Vec<u8>,
+}
+
+/// One kernel variant's pair of disk cache entries, `<stem>-<key>.ptx` (text between a header
+/// line and an end marker) and `<stem>-<key>.cubin` (a header line with the length and hash of
+/// the bytes after it). Either is used only when whole and of this key.
+struct CacheEntry<'a> {
+    file: &'a KernelFile,
+    arch: &'static str,
+    src: String,
+    opts: Vec<String>,
+    header: String,
+    stem: PathBuf,
+}
+
+const PTX_TRAILER: &str = "\n// strata end\n";
+
+impl<'a> CacheEntry<'a> {
+    fn new(file: &'a KernelFile, arch: &'static str, defines: Defines) -> Result<Self, String> {
+        let src = kernels::nvrtc_source(file);
+        let mut opts = compile_options();
+        opts.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+        let (major, minor) = nvrtc_version()?;
+        let version = format!("{major}.{minor}");
+        let key = format!(
+            "{:016x}",
+            fnv1a(&[
+                src.as_bytes(),
+                opts.join(" ").as_bytes(),
+                version.as_bytes(),
+                arch.as_bytes()
+            ])
+        );
+        let header = format!(
+            "// strata kernel cache {key} {} nvrtc {version} {arch}",
+            file.file
+        );
+        let stem = cache_dir().join(format!("{}-{key}", file.file.trim_end_matches(".cu")));
+        Ok(CacheEntry {
+            file,
+            arch,
+            src,
+            opts,
+            header,
+            stem,
+        })
+    }
+
+    fn path(&self, ext: &str) -> PathBuf {
+        self.stem.with_extension(ext)
+    }
+
+    fn read_ptx(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.path("ptx")).ok()?;
+        let body = text
+            .strip_prefix(&self.header)?
+            .strip_prefix('\n')?
+            .strip_suffix(PTX_TRAILER)?;
+        Some(body.to_string())
+    }
+
+    fn read_cubin(&self) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.path("cubin")).ok()?;
+        let line_end = bytes.iter().position(|&b| b == b'\n')?;
+        let line = std::str::from_utf8(&bytes[..line_end]).ok()?;
+        let mut rest = line
+            .strip_prefix(&self.header)?
+            .strip_prefix(" cubin ")?
+            .split(' ');
+        let (len, hash) = (rest.next()?.parse::<usize>().ok()?, rest.next()?);
+        let body = &bytes[line_end + 1..];
+        (body.len() == len && format!("{:016x}", fnv1a(&[body])) == hash).then(|| body.to_vec())
+    }
+
+    /// Compiles with NVRTC and writes both entries (atomically: a temporary file renamed).
+    fn compile(&self) -> Result<Compiled, String> {
+        let (file, arch) = (self.file.file, self.arch);
+        let c = std::panic::catch_unwind(|| nvrtc_compile(&self.src, arch, &self.opts))
+            .map_err(|_| format!("NVRTC panicked compiling {file}"))?
+            .map_err(|e| format!("NVRTC could not compile {file} for {arch}: {e}"))?;
+        let mut cubin_entry = format!(
+            "{} cubin {} {:016x}\n",
+            self.header,
+            c.cubin.len(),
+            fnv1a(&[&c.cubin])
+        )
+        .into_bytes();
+        cubin_entry.extend_from_slice(&c.cubin);
+        let ptx_entry = format!("{}\n{}{PTX_TRAILER}", self.header, c.ptx).into_bytes();
+        if std::fs::create_dir_all(cache_dir()).is_ok() {
+            for (ext, bytes) in [("ptx", ptx_entry), ("cubin", cubin_entry)] {
+                let path = self.path(ext);
+                let tmp = path.with_extension(format!("{ext}.tmp{}", std::process::id()));
+                if std::fs::write(&tmp, bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
             }
         }
+        Ok(c)
     }
-    Ok((body, false))
+}
+
+/// One NVRTC compile of `src` for the real architecture `arch`, returning its PTX and cubin.
+fn nvrtc_compile(src: &str, arch: &str, opts: &[String]) -> Result<Compiled, String> {
+    use cudarc::nvrtc::{result, sys};
+    let c_src = std::ffi::CString::new(src).map_err(|_| "a NUL byte in the source")?;
+    let prog = result::create_program(&c_src, None).map_err(|e| e.to_string())?;
+    let mut options = vec![format!("--gpu-architecture={arch}")];
+    options.extend(opts.iter().cloned());
+    // SAFETY: `prog` was created above and is destroyed once, at the end; the buffers handed to
+    // NVRTC are sized by the size queries just before.
+    let out = unsafe {
+        let out = match result::compile_program(prog, &options) {
+            Err(e) => {
+                let log = match result::get_program_log(prog) {
+                    Ok(log) if !log.is_empty() => std::ffi::CStr::from_ptr(log.as_ptr())
+                        .to_string_lossy()
+                        .into_owned(),
+                    _ => String::new(),
+                };
+                Err(format!("{e}: {}", log.trim()))
+            }
+            Ok(()) => result::get_ptx(prog)
+                .map_err(|e| format!("reading the PTX: {e}"))
+                .and_then(|ptx| {
+                    let ptx = std::ffi::CStr::from_ptr(ptx.as_ptr())
+                        .to_string_lossy()
+                        .into_owned();
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .map_err(|e| format!("reading the cubin size: {e}"))?;
+                    let mut cubin = vec![0u8; size];
+                    sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                        .result()
+                        .map_err(|e| format!("reading the cubin: {e}"))?;
+                    Ok(Compiled { ptx, cubin })
+                }),
+        };
+        let _ = result::destroy_program(prog);
+        out
+    };
+    out
 }
 
 /// The activation / gradient pool: buffers come from cudarc's stream-ordered allocator
@@ -195,11 +332,13 @@ impl CudaRuntime {
         keep_freed_memory(&ctx);
         let stream = ctx.default_stream();
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let capability = ctx.compute_capability().unwrap_or((0, 0));
         Ok(CudaRuntime {
             ctx,
             stream,
             functions: Mutex::new(HashMap::new()),
             device_name,
+            capability,
         })
     }
 
@@ -217,16 +356,37 @@ impl CudaRuntime {
         }
         let file = kernels::file_of(kernel).ok_or_else(|| format!("no kernel named '{kernel}'"))?;
         let arch = arch_of(file);
-        let (ptx, _) = compile_with(file, arch, defines)?;
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(|e| {
-                format!(
-                    "loading {} (compiled for {arch}) on {}: {e}",
-                    file.file, self.device_name
-                )
-            })?;
+        let load_ptx = || -> Result<_, String> {
+            let (ptx, _) = compile_with(file, arch, defines)?;
+            self.ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| {
+                    format!(
+                        "loading {} (PTX for {arch}) on {}: {e}",
+                        file.file, self.device_name
+                    )
+                })
+        };
+        // Machine code on the GPU it was made for; PTX (compiled by the driver at load) on a
+        // GPU of another architecture, or should the machine code not load.
+        let module = if capability_of(arch) == Some(self.capability) {
+            let (cubin, _) = compile_cubin_with(file, arch, defines)?;
+            match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!(
+                        "strata: the machine code of {} for {arch} did not load on {} ({e}); \
+                         loading its PTX instead",
+                        file.file, self.device_name
+                    );
+                    load_ptx().map_err(|p| {
+                        format!("{p} (after its machine code for {arch} did not load: {e})")
+                    })?
+                }
+            }
+        } else {
+            load_ptx()?
+        };
         for &k in file.kernels {
             let f = module
                 .load_function(k)
@@ -262,5 +422,17 @@ impl CudaRuntime {
             format!("launch of {kernel} (grid {grid:?}, block {block:?}) failed: {e}")
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn real_targets_name_their_compute_capability() {
+        assert_eq!(super::capability_of("sm_90"), Some((9, 0)));
+        assert_eq!(super::capability_of("sm_90a"), Some((9, 0)));
+        assert_eq!(super::capability_of("sm_100a"), Some((10, 0)));
+        assert_eq!(super::capability_of("sm_86"), Some((8, 6)));
+        assert_eq!(super::capability_of("compute_90"), None);
     }
 }
