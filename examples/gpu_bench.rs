@@ -3,10 +3,14 @@
 //! Prints one JSON object per line: {"name", "ms", "bytes"} for tools/gpu_table.py.
 //!
 //!   cargo build --release --example gpu_bench && target/release/examples/gpu_bench [section]
+//!
+//! `gpu_bench precompile` needs no GPU, only NVRTC: it fills the kernel disk cache in parallel
+//! (see [`precompile`]).
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use strata::ops::device::{self, LayerSumShape};
+use strata::ops::layer_conv::ConvGeom;
 use strata::optim::AdamConfig;
 use strata::runtime::{Backend, Buf};
 
@@ -47,9 +51,108 @@ fn hconv_macs(plan: &strata::models::interface::HConvPlan) -> (usize, usize) {
     )
 }
 
-fn main() {
+/// HConv stacks (layers, dim, kernel, stride) whose convs the device script's processes launch:
+/// HuBERT-Base and -Large (kernel tests, benches, steps) and the small stacks of the kernel,
+/// device-step and demo tests.
+const PRECOMPILED_STACKS: &[(usize, usize, usize, usize)] = &[
+    (13, 768, 5, 3),
+    (25, 1024, 5, 3),
+    (13, 200, 5, 3),
+    (13, 96, 5, 3),
+    (13, 64, 5, 3),
+    (7, 40, 3, 2),
+    (7, 16, 5, 3),
+    (4, 24, 3, 2),
+];
+
+/// Compiles (PTX and machine code) every kernel file, and hconv.cu's two builds (mma.sync for sm_90, wgmma for sm_90a)
+/// specialized to each conv of [`PRECOMPILED_STACKS`], into the disk cache, on all cores at once.
+/// Each process would otherwise compile the variants it meets one after another, ~5 s apiece for
+/// hconv.cu, out of the GPU machine's few minutes. A variant missing here still compiles on first
+/// use; a cached one is checked, not trusted (crate::runtime::cuda::compile_with).
+fn precompile() -> std::process::ExitCode {
+    use strata::runtime::{cuda, kernels};
+    if let Err(why) = cuda::nvrtc_version() {
+        eprintln!("precompile: {why}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let start = std::time::Instant::now();
+    let mut jobs: Vec<(&'static kernels::KernelFile, Vec<(&'static str, i64)>)> =
+        kernels::FILES.iter().map(|f| (f, Vec::new())).collect();
+    let mut convs: Vec<ConvGeom> = PRECOMPILED_STACKS
+        .iter()
+        .flat_map(|&(l, d, k, s)| {
+            strata::models::interface::hconv_plan(l, d, k, s)
+                .unwrap()
+                .convs
+        })
+        .collect();
+    // tests/device_tape.rs's single conv.
+    convs.push(ConvGeom {
+        l_in: 7,
+        c_in: 24,
+        c_out: 8,
+        kernel: 5,
+        stride: 3,
+        pad: 2,
+    });
+    // Only the vectorized kernels (input channels a multiple of 8) are specialized.
+    for g in convs.iter().filter(|g| g.c_in % 8 == 0) {
+        for kernel in ["hconv_conv_forward_vec", "hconv_conv_forward_wgmma"] {
+            let file = kernels::file_of(kernel).unwrap();
+            let defines = device::hconv_defines(g).to_vec();
+            if !jobs
+                .iter()
+                .any(|(f, d)| std::ptr::eq(*f, file) && *d == defines)
+            {
+                jobs.push((file, defines));
+            }
+        }
+    }
+    // Longest sources first, so that no large compile starts last on an otherwise idle machine.
+    jobs.sort_by_key(|(f, _)| std::cmp::Reverse(f.source.len()));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let hits = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(jobs.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((file, defines)) = jobs.get(i) else {
+                    break;
+                };
+                match cuda::compile_cubin_with(file, cuda::arch_of(file), defines) {
+                    Ok((_, hit)) => {
+                        hits.fetch_add(hit as usize, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        eprintln!("precompile: {e}");
+                    }
+                }
+            });
+        }
+    });
+    eprintln!(
+        "precompiled {} kernel variants ({} already cached) in {:.1} s on {threads} threads",
+        jobs.len(),
+        hits.into_inner(),
+        start.elapsed().as_secs_f64()
+    );
+    if failed.into_inner() == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+fn main() -> std::process::ExitCode {
     // `gpu_bench [ws|hconv|losses|step|adamw]` runs one section; no argument runs them all.
     let only = std::env::args().nth(1);
+    if only.as_deref() == Some("precompile") {
+        return precompile();
+    }
     let run = |section: &str| only.as_deref().map_or(true, |o| o == section);
     let be = Backend::cuda().unwrap_or_else(|why| panic!("gpu_bench needs a GPU: {why}"));
     let Backend::Cuda(rt) = &be else {
@@ -369,4 +472,5 @@ fn main() {
         );
     }
     be.synchronize().unwrap();
+    std::process::ExitCode::SUCCESS
 }

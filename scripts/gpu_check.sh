@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# The one prepared GPU-machine run: kernel tests on the GPU at real sizes, compute-sanitizer
-# (memcheck, racecheck) on a small run, then our benchmarks and PyTorch's in the same run, as one
-# table. The GPU machine has no Rust: build here first, then carry .gpu/:
+# The one prepared GPU-machine run: kernel tests on the GPU at real sizes, our benchmarks and
+# PyTorch's in the same run as one table, the wgmma path, whole training steps against the CPU,
+# compute-sanitizer (memcheck, racecheck, initcheck) on a small run. The GPU machine has no Rust:
+# build here first, then carry .gpu/:
 #
 #   scripts/gpu_check.sh --prepare          # here: builds the binaries into .gpu/
 #   scripts/gpu_check.sh                    # there: runs everything (each section prints its start time)
+#
+# The device session's minutes are few (one call, ~10 minutes). First every kernel variant is
+# compiled on all cores at once (PTX and machine code, into the disk cache the later processes
+# load from). Then sections run most valuable first (correctness at real sizes, the issue
+# targets' table, wgmma, the training steps, the sanitizers, the comparisons), each under its own
+# time limit and all under one deadline (STRATA_GPU_DEADLINE seconds, default 540), so a slow
+# section costs its own result, not the ones after it, and the script always ends with its
+# summary. Every log is kept under $OUT.
 #
 # When its device-step tests and the demo on cuda agree with the CPU, set
 # strata::train::device_step::VERIFIED_ON_GPU so that `--device auto` uses the GPU. When the wgmma
@@ -37,44 +46,99 @@ fi
 
 out=${OUT:-/tmp/strata-gpu}
 mkdir -p "$out"
+deadline=${STRATA_GPU_DEADLINE:-540}
 # NVRTC: the toolkit's, or the PyPI wheel's that PyTorch ships with.
 nvrtc=$(ls /usr/local/cuda/lib64/libnvrtc.so.13 2>/dev/null || find / -name 'libnvrtc.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH="$(dirname "$nvrtc"):${LD_LIBRARY_PATH:-}"
-export STRATA_KERNEL_CACHE="$out/kernel-cache"
+# Outside $OUT: ~40 MB of PTX is not worth bringing back.
+export STRATA_KERNEL_CACHE=/tmp/strata-kernel-cache
 echo "== commit $(cat .gpu/commit), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), nvrtc $nvrtc"
 status=0
+skipped=""
+
+# `section LIMIT TITLE`: prints the title with the time so far and sets $limit, the seconds the
+# section may take: LIMIT, or what is left before the deadline. Returns 1 (skip the section)
+# when under 15 s are left.
+section() {
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 15 ]; then
+        echo "== [${SECONDS}s] SKIPPED (deadline): $2"
+        skipped="$skipped
+  $2"
+        return 1
+    fi
+    limit=$(($1 < left ? $1 : left))
+    echo "== [${SECONDS}s] (limit ${limit}s) $2"
+}
+# `limited CMD...`: CMD under the section's limit; a time-out is reported and fails the run.
+limited() {
+    timeout --kill-after=5 "$limit" "$@"
+    local rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "!! timed out after ${limit}s: $*"
+        status=1
+    fi
+    return "$rc"
+}
+
+# `summary LOG`: a test log's result lines and, when a test failed, its failure reports.
+summary() {
+    grep -E "^test result|^test .*FAILED$" "$1" | tail -20
+    sed -n '/^failures:$/,/^test result/p' "$1" \
+        | grep -vE '^ +[0-9]+: |^ +at |^stack backtrace:|^note: .*backtrace' | head -60
+}
 
 # The emulator half of the tests ran in CI already: the GPU's minutes go to the GPU.
 export STRATA_TEST_EMULATOR=0
-echo "== [${SECONDS}s] kernel tests on the GPU (mma.sync paths)"
-STRATA_TEST_CUDA=1 .gpu/kernels_test --test-threads 1 2>&1 | tee "$out/tests.log" || status=1
+if section 60 "NVRTC: every kernel variant the runs below launch, compiled on all cores into the cache"; then
+    limited .gpu/gpu_bench precompile 2>&1 | tee "$out/precompile.log" || status=1
+fi
+if section 150 "kernel tests on the GPU at real sizes (mma.sync paths)"; then
+    STRATA_TEST_CUDA=1 limited .gpu/kernels_test --test-threads 1 > "$out/tests.log" 2>&1 || status=1
+    summary "$out/tests.log"
+fi
+if section 120 "benchmarks: strata and PyTorch in the same run"; then
+    limited .gpu/gpu_bench > "$out/ours.jsonl" 2> "$out/ours.err" || { status=1; tail -5 "$out/ours.err"; }
+    limited python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" 2> "$out/torch.err" || { status=1; tail -5 "$out/torch.err"; }
+    python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
+fi
 # A process of its own: a faulting wgmma (a wrong descriptor) poisons the CUDA context.
-echo "== [${SECONDS}s] wgmma on the GPU: the wrapper's self-test, then HConv forward and backward on wgmma"
-STRATA_TEST_CUDA=1 STRATA_TEST_WGMMA=only .gpu/kernels_test --test-threads 1 warpgroup hconv 2>&1 | tee -a "$out/tests.log" | grep -E "^test |panicked|wgmma|Wgmma|test result" || status=1
-echo "== [${SECONDS}s] the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"
-STRATA_TEST_CUDA=1 .gpu/device_tape_test 2>&1 | tail -3 | tee -a "$out/tests.log" || status=1
-echo "== [${SECONDS}s] whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head)"
-STRATA_TEST_CUDA=1 .gpu/device_step_test --nocapture 2>&1 | grep -E "step|worst|test result|panicked" | tail -40 | tee -a "$out/tests.log" || status=1
-echo "== [${SECONDS}s] strata demo on the GPU and on the CPU (same corpus, same init)"
-.gpu/strata demo --device cuda 2>&1 | grep -E "training on|step  *1000|^WS|^HConv " | tee "$out/demo.txt" || status=1
-.gpu/strata demo --device cpu 2>&1 | grep -E "training on|step  *1000|^WS|^HConv " | tee -a "$out/demo.txt" || status=1
-
-echo "== [${SECONDS}s] compute-sanitizer memcheck / racecheck (small sizes)"
+if section 90 "wgmma on the GPU: the wrapper's self-test, then HConv forward and backward on wgmma"; then
+    STRATA_TEST_CUDA=1 STRATA_TEST_WGMMA=only limited .gpu/kernels_test --test-threads 1 warpgroup hconv > "$out/tests-wgmma.log" 2>&1 || status=1
+    grep -E "^test " "$out/tests-wgmma.log"
+    summary "$out/tests-wgmma.log"
+fi
+if section 60 "HConv and the training steps on the wgmma kernels (STRATA_TENSOR_CORES=wgmma), for comparison"; then
+    { STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench step; } 2> "$out/wgmma.err" > "$out/wgmma.jsonl" || status=1
+    python3 tools/gpu_table.py "$out/wgmma.jsonl" "$out/torch.jsonl" | tee "$out/table-wgmma.txt"
+fi
+if section 60 "the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"; then
+    STRATA_TEST_CUDA=1 limited .gpu/device_tape_test > "$out/tests-tape.log" 2>&1 || status=1
+    summary "$out/tests-tape.log"
+fi
+if section 120 "whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head)"; then
+    STRATA_TEST_CUDA=1 limited .gpu/device_step_test --nocapture > "$out/tests-step.log" 2>&1 || status=1
+    grep -E " step [ 0-9]+:|worst rel" "$out/tests-step.log" | tail -30
+    summary "$out/tests-step.log"
+fi
+if section 60 "strata demo on the GPU and on the CPU (same corpus, same init)"; then
+    limited .gpu/strata demo --device cuda > "$out/demo-cuda.log" 2>&1 || status=1
+    limited .gpu/strata demo --device cpu > "$out/demo-cpu.log" 2>&1 || status=1
+    grep -hE "training on|step  *1000|^WS|^HConv " "$out/demo-cuda.log" "$out/demo-cpu.log" | tee "$out/demo.txt"
+fi
 for tool in memcheck racecheck initcheck; do
-    STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 compute-sanitizer --tool $tool --error-exitcode 3 \
-        .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention multi_tensor 2>&1 | tail -4 | tee -a "$out/sanitizer.log" || status=1
+    if section 60 "compute-sanitizer $tool (small sizes)"; then
+        STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 limited compute-sanitizer --tool $tool --error-exitcode 3 \
+            .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention multi_tensor > "$out/sanitizer-$tool.log" 2>&1 || status=1
+        tail -4 "$out/sanitizer-$tool.log"
+    fi
 done
-
-echo "== [${SECONDS}s] benchmarks: strata and PyTorch in the same run"
-.gpu/gpu_bench > "$out/ours.jsonl" || status=1
-python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" || status=1
-python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
-echo "== [${SECONDS}s] HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"
-STRATA_NO_SPECIALIZE=1 .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-unspecialized.jsonl"
-echo "== [${SECONDS}s] HConv and the training steps on the wgmma kernels (STRATA_TENSOR_CORES=wgmma), for comparison"
-{ STRATA_TENSOR_CORES=wgmma .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma .gpu/gpu_bench step; } 2>/dev/null > "$out/wgmma.jsonl" || status=1
-python3 tools/gpu_table.py "$out/wgmma.jsonl" "$out/torch.jsonl" | tee "$out/table-wgmma.txt"
-echo "== [${SECONDS}s] the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"
-STRATA_LAYER_SUM_BWD=warp .gpu/gpu_bench ws 2>/dev/null | grep bwd_dw | tee "$out/ws-warp-backward.jsonl"
+if section 30 "HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"; then
+    STRATA_NO_SPECIALIZE=1 limited .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-unspecialized.jsonl"
+fi
+if section 30 "the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"; then
+    STRATA_LAYER_SUM_BWD=warp limited .gpu/gpu_bench ws 2>/dev/null | grep bwd_dw | tee "$out/ws-warp-backward.jsonl"
+fi
+[ -n "$skipped" ] && echo "== sections skipped at the deadline:$skipped"
 echo "== finished in ${SECONDS}s, status $status"
 exit $status
