@@ -57,14 +57,24 @@ __device__ __forceinline__ bf16 float_to_bf16(float f) {
     return h;
 }
 
-// Eight bf16 in 16 bytes: one vector load or store (callers guarantee 16-byte alignment on the GPU;
-// the emulator's host buffers are only element-aligned, so it copies bytewise).
+#ifdef STRATA_EMULATOR
+// The GPU faults on a vector access off its width's alignment; the emulator copies bytes, which
+// never fault, so it checks instead. Buffers start 16-byte aligned on both backends (cudaMalloc:
+// 256; the emulator's host vectors: malloc's 16), so what this catches is an offset the GPU
+// would fault on.
+inline void strata_emu_check_aligned(const void* p, unsigned bytes, const char* op) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) strata_emu::fault_misaligned(op, p, bytes);
+}
+#endif
+
+// Eight bf16 in 16 bytes: one vector load or store (callers guarantee 16-byte alignment).
 struct alignas(16) bf16x8 {
     uint32_t w[4];
 };
 
 __device__ __forceinline__ bf16x8 load_bf16x8(const bf16* p) {
 #ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, 16, "load_bf16x8");
     bf16x8 v;
     memcpy(&v, p, sizeof v);
     return v;
@@ -75,6 +85,7 @@ __device__ __forceinline__ bf16x8 load_bf16x8(const bf16* p) {
 
 __device__ __forceinline__ void store_bf16x8(bf16* p, const bf16x8& v) {
 #ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, 16, "store_bf16x8");
     memcpy(p, &v, sizeof v);
 #else
     *reinterpret_cast<bf16x8*>(p) = v;
@@ -88,6 +99,7 @@ struct alignas(16) float4_t {
 
 __device__ __forceinline__ float4_t load_float4(const float* p) {
 #ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, 16, "load_float4");
     float4_t v;
     memcpy(&v, p, sizeof v);
     return v;
@@ -152,6 +164,7 @@ inline uint32_t strata_emu_row_word(const uint32_t* mine, int src, int w) {
 // 2 (l % 4) and 2 (l % 4) + 1 (the low half first): exactly an mma A / B fragment register.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* row) {
 #ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(row, 16, "ldmatrix row");
     uint32_t mine[4];
     memcpy(mine, row, 16);
     const int lane = strata_emu::lane_id();
@@ -167,6 +180,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* row) {
 // elements (row 2 (l % 4), column l / 4) and (row 2 (l % 4) + 1, column l / 4).
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* row) {
 #ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(row, 16, "ldmatrix.trans row");
     uint32_t mine[4];
     memcpy(mine, row, 16);
     const int lane = strata_emu::lane_id();
@@ -189,6 +203,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* row) 
 // and readers wait at a barrier after cp_async_wait anyway).
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
 #ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(dst, 16, "cp.async shared destination");
+    if (valid) strata_emu_check_aligned(src, 16, "cp.async global source");
     if (valid)
         memcpy(dst, src, 16);
     else
@@ -329,6 +345,10 @@ typedef unsigned long long wgmma_desc;
 // MN-major is the instruction's TRANS flag, not the descriptor's.
 __device__ __forceinline__ wgmma_desc make_wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
 #ifdef STRATA_EMULATOR
+    // The hardware drops the low 4 bits of all three: off 16 bytes it reads elsewhere, silently.
+    strata_emu_check_aligned(smem, 16, "wgmma descriptor start");
+    if (lbo % 16 != 0 || sbo % 16 != 0)
+        strata_emu::fault_misaligned("wgmma descriptor stride (lbo or sbo)", reinterpret_cast<const void*>(uintptr_t(lbo % 16 ? lbo : sbo)), 16);
     return wgmma_desc{static_cast<const unsigned char*>(smem), lbo, sbo};
 #else
     // Bits 0-13: start address >> 4; 16-29: lbo >> 4; 32-45: sbo >> 4; 49-51 base offset 0;

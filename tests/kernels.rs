@@ -349,6 +349,40 @@ fn launch_errors_name_the_kernel_and_sizes() {
         normalize: false,
     };
     assert!(device::layer_sum_forward(&be, &x, &w, shape).is_err());
+
+    // A 16-byte access off its alignment faults on the GPU ("misaligned address"); the emulator
+    // reports it too instead of copying bytes. Planted: the stack one bf16 past its start, at
+    // D = 8 (the vectorized path).
+    let x: Buf<bf16> = be.zeros(2 * 3 * 8 + 8).unwrap();
+    let out: Buf<bf16> = be.zeros(2 * 8).unwrap();
+    let p = strata::runtime::kernels::LayerSumFwdParams {
+        x: be.ptr(&x) + 2,
+        w: be.ptr(&w),
+        out: be.ptr(&out),
+        mean: 0,
+        rstd: 0,
+        n: 2,
+        l: 3,
+        d: 8,
+        first: 0,
+        k: 3,
+        normalize: 0,
+        out_stride: 8,
+    };
+    let err = be
+        .launch("layer_sum_forward", (2, 1, 1), (128, 1, 1), 0, &p)
+        .expect_err("a misaligned vector load must fail the launch")
+        .to_string();
+    assert!(
+        err.contains("layer_sum_forward")
+            && err.contains("misaligned address: load_bf16x8 of 16 bytes")
+            && err.contains("2 bytes past"),
+        "{err}"
+    );
+    // The same launch from the aligned start runs.
+    let p = strata::runtime::kernels::LayerSumFwdParams { x: be.ptr(&x), ..p };
+    be.launch("layer_sum_forward", (2, 1, 1), (128, 1, 1), 0, &p)
+        .unwrap();
 }
 
 #[test]

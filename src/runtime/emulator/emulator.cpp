@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "shim.h"
@@ -79,6 +80,7 @@ struct Block {
     dim3 block_idx, block_dim, grid_dim;
     Body body = nullptr;
     const void* params = nullptr;
+    std::string fault;  // the block's first fault (fault_misaligned), empty if none
 };
 
 thread_local Block* tl_block = nullptr;
@@ -104,6 +106,19 @@ static void wait_in(State s) {
 }
 
 void block_barrier() { wait_in(AT_BLOCK_BARRIER); }
+
+void fault_misaligned(const char* op, const void* p, unsigned bytes) {
+    Block* b = tl_block;
+    if (!b->fault.empty()) return;
+    const dim3& t = b->fibers[b->current].tid;
+    char msg[320];
+    std::snprintf(msg, sizeof msg,
+                  "misaligned address: %s of %u bytes at an address %u bytes past a multiple of %u "
+                  "(block (%u,%u,%u), thread (%u,%u,%u))",
+                  op, bytes, (unsigned)(reinterpret_cast<uintptr_t>(p) % bytes), bytes, b->block_idx.x,
+                  b->block_idx.y, b->block_idx.z, t.x, t.y, t.z);
+    b->fault = msg;
+}
 
 uint64_t warp_exchange(uint64_t mine, int src) {
     Block* b = tl_block;
@@ -294,6 +309,10 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
             for (unsigned x = 0; x < grid.x && rc == 0; ++x) {
                 b.block_idx = dim3(x, y, z);
                 if (!run_block(b, err, errlen)) rc = 2;
+                if (rc == 0 && !b.fault.empty()) {
+                    std::snprintf(err, errlen, "%s", b.fault.c_str());
+                    rc = 3;
+                }
             }
     tl_block = saved;
     return rc;

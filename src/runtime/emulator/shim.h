@@ -27,6 +27,10 @@ int lane_id();
 // One warp-wide mma.sync.m16n8k16 (bf16 x bf16 -> f32) from per-lane fragments (PTX ISA layouts).
 void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const float* c);
 char* dynamic_smem();
+// Records a fault the GPU would raise: a `bytes`-wide access (`op`) at `p`, off that alignment.
+// The launch then fails with it ("misaligned address", as CUDA reports it), where the emulator's
+// byte copies would have carried on.
+void fault_misaligned(const char* op, const void* p, unsigned bytes);
 typedef void (*Body)(const void*);
 int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, char* err, unsigned errlen);
 
