@@ -383,6 +383,19 @@ fn launch_errors_name_the_kernel_and_sizes() {
     let p = strata::runtime::kernels::LayerSumFwdParams { x: be.ptr(&x), ..p };
     be.launch("layer_sum_forward", (2, 1, 1), (128, 1, 1), 0, &p)
         .unwrap();
+    // Launch shapes the GPU refuses are refused here too: grid.y past 65535, a block of more
+    // than 1024 threads, dynamic shared memory past 48 KB (strata never opts in to more).
+    for (grid, block, smem, want) in [
+        ((1, 65536, 1), (128, 1, 1), 0, "y and z in 1..65535"),
+        ((2, 1, 1), (64, 32, 1), 0, "1..1024 threads"),
+        ((2, 1, 1), (128, 1, 1), 48 * 1024 + 4, "at most 49152"),
+    ] {
+        let err = be
+            .launch("layer_sum_forward", grid, block, smem, &p)
+            .expect_err(want)
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
 }
 
 #[test]

@@ -281,8 +281,20 @@ static bool run_block(Block& b, char* err, unsigned errlen) {
 
 int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, char* err, unsigned errlen) {
     const long threads = (long)block.x * block.y * block.z;
-    if (threads <= 0 || threads > 1024) {
-        std::snprintf(err, errlen, "block of %ld threads: CUDA allows 1..1024", threads);
+    if (threads <= 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64) {
+        std::snprintf(err, errlen, "block (%u,%u,%u): CUDA allows 1..1024 threads, z at most 64", block.x,
+                      block.y, block.z);
+        return 1;
+    }
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+        std::snprintf(err, errlen, "grid (%u,%u,%u): CUDA allows x in 1..2^31-1, y and z in 1..65535", grid.x,
+                      grid.y, grid.z);
+        return 1;
+    }
+    // strata never raises a kernel's dynamic shared memory limit (cudaFuncSetAttribute), so the
+    // GPU refuses more than the default 48 KB.
+    if (smem > 48 * 1024) {
+        std::snprintf(err, errlen, "%u bytes of dynamic shared memory: at most 49152 without opting in", smem);
         return 1;
     }
     Block b;
@@ -308,6 +320,9 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
         for (unsigned y = 0; y < grid.y && rc == 0; ++y)
             for (unsigned x = 0; x < grid.x && rc == 0; ++x) {
                 b.block_idx = dim3(x, y, z);
+                // Shared memory starts undefined on the GPU: all ones here (NaN as f32 and as
+                // bf16), so a read before any write shows in results rather than reading zero.
+                std::memset(b.smem, 0xff, smem);
                 if (!run_block(b, err, errlen)) rc = 2;
                 if (rc == 0 && !b.fault.empty()) {
                     std::snprintf(err, errlen, "%s", b.fault.c_str());
