@@ -28,9 +28,17 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// The bits of ROUND_MAGIC: a float k + ROUND_MAGIC (|k| < 2^22, integer) has bits MAGIC_BITS + k.
+const ROUND_MAGIC_BITS: i32 = 0x4b40_0000;
+
 #[inline(always)]
 fn exp_core(x: f32) -> f32 {
-    let n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let shifted = x * LOG2E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC;
+    // n as an integer, read off the shifted float's bits: `n as i32` is a saturating,
+    // NaN-checking cast that LLVM does one lane at a time, which cost the GELU and softmax loops
+    // their vectorization. (The same n: x is clamped to [-87.3, 88], so |n| <= 127.)
+    let ni = shifted.to_bits() as i32 - ROUND_MAGIC_BITS;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_2e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -38,7 +46,7 @@ fn exp_core(x: f32) -> f32 {
     p = p * r + 4.166_579_6e-2;
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
-    (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    (p * r * r + r + 1.0) * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
 #[inline(always)]
@@ -140,10 +148,46 @@ fn gelu_generic(x: &mut [f32]) {
     }
 }
 
+/// Lanes of the softmax's partial max and sum: one AVX-512 register of f32.
+const LANES: usize = 16;
+
 #[inline(always)]
-fn exp_shifted_generic(y: &mut [f32], x: &[f32], m: f32) {
-    for (o, &v) in y.iter_mut().zip(x) {
+fn softmax_row_generic(x: &[f32], y: &mut [f32]) {
+    // The max lane-wise, then across lanes: exact in any order.
+    let body = x.len() - x.len() % LANES;
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    for c in x[..body].chunks_exact(LANES) {
+        for i in 0..LANES {
+            lane_max[i] = lane_max[i].max(c[i]);
+        }
+    }
+    let m = x[body..]
+        .iter()
+        .chain(&lane_max)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    // The sum as LANES partial sums added in a fixed order: the same bits on every CPU, and a
+    // loop that vectorizes (one running sum is a chain of dependent adds).
+    let mut lane_sum = [0f32; LANES];
+    let (y_body, y_tail) = y.split_at_mut(body);
+    for (o, c) in y_body
+        .chunks_exact_mut(LANES)
+        .zip(x[..body].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            let e = exp_f32(c[i] - m);
+            o[i] = e;
+            lane_sum[i] += e;
+        }
+    }
+    let mut s = 0f32;
+    for (o, &v) in y_tail.iter_mut().zip(&x[body..]) {
         *o = exp_f32(v - m);
+        s += *o;
+    }
+    let s = lane_sum.iter().fold(s, |a, &b| a + b);
+    let inv = 1.0 / s;
+    for o in y.iter_mut() {
+        *o *= inv;
     }
 }
 
@@ -152,6 +196,6 @@ dispatch!(
     gelu_slice => gelu_generic(x: &mut [f32])
 );
 dispatch!(
-    /// y[i] = exp(x[i] - m).
-    exp_shifted => exp_shifted_generic(y: &mut [f32], x: &[f32], m: f32)
+    /// One softmax row, y = exp(x - max x) / sum: x and y of the same length.
+    softmax_row => softmax_row_generic(x: &[f32], y: &mut [f32])
 );

@@ -61,10 +61,16 @@ pub trait Real:
             *v = *v * half * (Self::ONE + (*v * inv_sqrt2).erf());
         }
     }
-    /// y[i] = exp(x[i] - m) (f32: vectorized with runtime CPU dispatch).
-    fn exp_shifted(y: &mut [Self], x: &[Self], m: Self) {
+    /// One softmax row, y = exp(x - max x) / sum (f32: vectorized with runtime CPU dispatch).
+    fn softmax_row(x: &[Self], y: &mut [Self]) {
+        let m = x.iter().fold(Self::NEG_INFINITY, |a, &b| a.max(b));
         for (o, &v) in y.iter_mut().zip(x) {
             *o = (v - m).exp();
+        }
+        let s: Self = y.iter().copied().sum();
+        let inv = Self::ONE / s;
+        for o in y.iter_mut() {
+            *o *= inv;
         }
     }
     /// C[m,n] = alpha * A·B + beta * C with explicit element strides (C's column stride is 1).
@@ -188,8 +194,8 @@ impl_real!(f32, fastmath::erf_f32, fastmath::exp_f32, {
     fn gelu_slice(x: &mut [f32]) {
         fastmath::gelu_slice(x)
     }
-    fn exp_shifted(y: &mut [f32], x: &[f32], m: f32) {
-        fastmath::exp_shifted(y, x, m)
+    fn softmax_row(x: &[f32], y: &mut [f32]) {
+        fastmath::softmax_row(x, y)
     }
 });
 impl_real!(f64, libm::erf, f64::exp, {});

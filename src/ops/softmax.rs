@@ -11,14 +11,7 @@ pub fn softmax_forward<R: Real>(x: &[R], d: usize) -> Vec<R> {
 }
 
 pub(crate) fn softmax_row<R: Real>(x: &[R], y: &mut [R]) {
-    let m = x.iter().fold(R::NEG_INFINITY, |a, &b| a.max(b));
-    // Separate loops: the exp loop vectorizes; a float sum (kept in order) would stop it.
-    R::exp_shifted(y, x, m);
-    let s: R = y.iter().copied().sum();
-    let inv = R::ONE / s;
-    for o in y.iter_mut() {
-        *o *= inv;
-    }
+    R::softmax_row(x, y)
 }
 
 /// Takes the forward output y: dx = y * (dy - sum(dy * y)).

@@ -231,7 +231,8 @@ impl Upstream {
             .into_par_iter()
             .map(|hi| {
                 let mut s = vec![0f32; t * t];
-                // s = q_h k_h^T: q_h is [t, dh] at column hi*dh with row stride d; k_h likewise.
+                // s = scale * q_h k_h^T: q_h is [t, dh] at column hi*dh with row stride d; k_h
+                // likewise.
                 // SAFETY: the largest index read is (t-1)*d + hi*dh + dh-1 < t*d = q.len() = k.len(),
                 // and s is t*t.
                 unsafe {
@@ -239,7 +240,7 @@ impl Upstream {
                         t,
                         dh,
                         t,
-                        1.0,
+                        scale,
                         &q[hi * dh..],
                         d as isize,
                         1,
@@ -251,7 +252,6 @@ impl Upstream {
                         t as isize,
                     )
                 };
-                s.iter_mut().for_each(|x| *x *= scale);
                 if let (Some(b), Some(gate)) = (bias, layer.gate.as_ref()) {
                     for i in 0..t {
                         let ui = &u[i * d + hi * dh..i * d + (hi + 1) * dh];
