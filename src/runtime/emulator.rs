@@ -1,7 +1,9 @@
 //! The kernel emulator backend: kernels/*.cu compiled by the host C++ compiler (build.rs) and run
 //! with each block's threads as cooperative fibers (src/runtime/emulator/emulator.cpp). It runs the
-//! same kernel code as the GPU, so `cargo test` checks every kernel on machines with no GPU. What it
-//! cannot show: races under real scheduling, memory-model bugs, speed.
+//! same kernel code as the GPU, so `cargo test` checks every kernel on machines with no GPU, and
+//! fails a launch where the GPU would fault or refuse (misaligned 16-byte accesses, launch shapes
+//! and shared memory past CUDA's limits; see kernels/README.md). What it cannot show: races under
+//! real scheduling, memory-model bugs, speed.
 
 use std::ffi::{c_char, c_void};
 
