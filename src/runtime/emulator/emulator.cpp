@@ -85,6 +85,14 @@ struct Block {
 
 thread_local Block* tl_block = nullptr;
 
+}  // namespace strata_emu
+
+// The bounds of the `__shared__` statics' section (shim.h), provided by the linker.
+extern "C" char __start_strata_static_smem[] __attribute__((weak));
+extern "C" char __stop_strata_static_smem[] __attribute__((weak));
+
+namespace strata_emu {
+
 static const size_t kStack = 64 * 1024;
 
 const dim3& thread_idx() { return tl_block->fibers[tl_block->current].tid; }
@@ -320,9 +328,14 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
         for (unsigned y = 0; y < grid.y && rc == 0; ++y)
             for (unsigned x = 0; x < grid.x && rc == 0; ++x) {
                 b.block_idx = dim3(x, y, z);
-                // Shared memory starts undefined on the GPU: all ones here (NaN as f32 and as
-                // bf16), so a read before any write shows in results rather than reading zero.
+                // Shared memory (dynamic and static) starts undefined on the GPU: all ones here
+                // (NaN as f32 and as bf16), so a read before any write shows in results rather
+                // than reading zero or the previous block's values.
                 std::memset(b.smem, 0xff, smem);
+                char* static_begin = __start_strata_static_smem;
+                char* static_end = __stop_strata_static_smem;
+                if (static_begin != nullptr && static_end > static_begin)
+                    std::memset(static_begin, 0xff, (size_t)(static_end - static_begin));
                 if (!run_block(b, err, errlen)) rc = 2;
                 if (rc == 0 && !b.fault.empty()) {
                     std::snprintf(err, errlen, "%s", b.fault.c_str());

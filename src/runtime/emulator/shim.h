@@ -51,7 +51,10 @@ T shfl(T v, int src) {
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__ static
+// Static shared memory: function statics, all in one linker section, so that the emulator can
+// fill every kernel's with NaN bytes at each block's start (blocks and launches run one at a
+// time), as undefined as the GPU leaves it.
+#define __shared__ static __attribute__((section("strata_static_smem")))
 #define threadIdx (strata_emu::thread_idx())
 #define blockIdx (strata_emu::block_idx())
 #define blockDim (strata_emu::block_dim())
