@@ -5,7 +5,7 @@
 //! vs the fp32 reference at most 2x that of a naive bf16 computation (+1e-6).
 
 mod common;
-use common::{backends, on_gpu, rel_err};
+use common::{abs_diff, backends, max_abs_diff, on_gpu, rel_err};
 use half::bf16;
 use strata::ops::device::{self, LayerSumShape};
 use strata::optim::{clip_grad_norm, Adam, AdamConfig};
@@ -24,10 +24,6 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
 
 fn round_bf16(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[track_caller]
@@ -520,7 +516,7 @@ fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
             let want = wgmma_product_under(WgmmaReading::Documented, &a, &bt, k, mode);
             if let Some((i, j)) = (0..64 * 64).map(|e| (e / 64, e % 64)).find(|&(i, j)| {
                 let (g, w) = (got[i * 64 + j] as f64, want[i * 64 + j]);
-                (g - w).abs() > 1e-5 * (1.0 + w.abs())
+                g.is_nan() || (g - w).abs() > 1e-5 * (1.0 + w.abs())
             }) {
                 panic!(
                     "{} K = {k}, mode {mode}: D[{i}][{j}] = {}, want {}; {}",
@@ -878,7 +874,7 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
                 let close = |what: &str, got: &[f32], want: &[f32]| {
                     let e = max_abs_diff(got, want);
                     assert!(
-                        e <= 1e-4 * scale(want),
+                        e <= 1e-4 * scale(want) as f64,
                         "{ctag} {what}: {e:.3e} of scale {:.3e}",
                         scale(want)
                     );
@@ -1116,13 +1112,9 @@ fn ctc_kernel_matches_the_cpu_reference() {
                         .filter(|x| x.is_finite())
                         .fold(1e-30f64, |m, x| m.max(x.abs()));
                     let err = |v: &[f32]| {
-                        v.iter().zip(&exact.grad).fold(0f64, |m, (&a, &b)| {
-                            if a.is_nan() && b.is_nan() {
-                                m
-                            } else {
-                                m.max((a as f64 - b).abs())
-                            }
-                        })
+                        v.iter()
+                            .zip(&exact.grad)
+                            .fold(0f64, |m, (&a, &b)| m.max(abs_diff(a as f64, b)))
                     };
                     let (e_gpu, e_cpu) = (err(&g), err(&want.grad));
                     eprintln!(
@@ -1440,10 +1432,7 @@ fn linear_and_cast_on_the_device_match_the_cpu_reference() {
                 .collect();
             let rdx = rdx.unwrap();
             for (what, got, want) in [("dW", &gdw, &rdw), ("db", &gdb, &rdb)] {
-                let e = got
-                    .iter()
-                    .zip(want.iter())
-                    .fold(0f64, |m, (&a, &r)| m.max((a as f64 - r).abs()));
+                let e = max_abs_diff(got, want);
                 assert!(
                     e <= 1e-4 * scale(want),
                     "{tag}: {what} error {e:.3e} of scale {:.3e}",
@@ -1920,10 +1909,7 @@ fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
             };
             for (got, want, what) in [(&y, &wy, "y"), (&dx, &wdx, "dx")] {
                 let sc = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-                let err = got
-                    .iter()
-                    .zip(want.iter())
-                    .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+                let err = max_abs_diff(got, want);
                 assert!(
                     err <= 1e-5 * sc,
                     "{tag} activation gelu={gelu} {what}: error {err:.3e}"

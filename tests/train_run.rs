@@ -288,12 +288,16 @@ fn accumulating_two_halves_equals_one_step_on_the_whole_batch() {
         two.accumulate(&h2, &b2, &t[2..], 0.5).unwrap();
         for (p, q) in one.store.iter().zip(two.store.iter()) {
             let scale = p.grad.iter().fold(1e-12f32, |m, g| m.max(g.abs()));
-            let worst = p
-                .grad
-                .iter()
-                .zip(&q.grad)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            // NaN-aware: f32::max would skip a NaN gradient.
+            let worst =
+                p.grad
+                    .iter()
+                    .zip(&q.grad)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(
+                        0f32,
+                        |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+                    );
             assert!(
                 worst / scale < 1e-5,
                 "{head:?} {}: {worst} of {scale}",

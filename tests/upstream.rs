@@ -42,10 +42,7 @@ fn check_model(name: &str) {
             };
             let (g, w) = (pick(got), pick(want));
             let rms = (w.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
-            let err = g
-                .iter()
-                .zip(&w)
-                .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+            let err = common::max_abs_diff(&g, &w);
             worst = worst.max(err / rms);
             assert!(
                 err <= 1e-4 * rms,

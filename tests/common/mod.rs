@@ -104,15 +104,37 @@ impl Fixture {
     }
 }
 
+/// |a - b|, NaN-aware: 0 where both are NaN or equal (infinities of one sign), infinite where
+/// only one is NaN or the infinities differ. (`f64::max` skips NaN: folding plain differences
+/// with it would pass an output full of NaN.)
+pub fn abs_diff(a: f64, b: f64) -> f64 {
+    if a == b || (a.is_nan() && b.is_nan()) {
+        0.0
+    } else {
+        let d = (a - b).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        }
+    }
+}
+
+/// max|got - want|, NaN-aware ([`abs_diff`]).
+pub fn max_abs_diff<A: Copy + Into<f64>, B: Copy + Into<f64>>(got: &[A], want: &[B]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (&a, &b)| m.max(abs_diff(a.into(), b.into())))
+}
+
 /// max|got - want| / max|want|: the error relative to the tensor's scale (elementwise relative
-/// error is meaningless for entries that are zero up to rounding).
+/// error is meaningless for entries that are zero up to rounding). A NaN where the reference has
+/// none is an infinite error.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+    let err = max_abs_diff(got, want);
     if scale == 0.0 {
         err
     } else {
