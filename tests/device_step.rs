@@ -56,8 +56,14 @@ fn batches(
         .collect()
 }
 
+/// Relative difference; a NaN is infinitely far (callers fold with `max`, which skips NaN).
 fn rel(got: f32, want: f32) -> f32 {
-    (got - want).abs() / want.abs().max(1e-6)
+    let r = (got - want).abs() / want.abs().max(1e-6);
+    if r.is_nan() {
+        f32::INFINITY
+    } else {
+        r
+    }
 }
 
 #[test]

@@ -97,7 +97,14 @@ fn run_case(fx: &Fixture, case: &str) {
             // both sides must be rounding noise next to the key-weight gradient.
             let kw = store.grad(store.id(&p.name.replace("bias", "weight")).unwrap());
             let scale = kw.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let noise = p.grad.iter().chain(want).fold(0f32, |m, v| m.max(v.abs()));
+            // NaN-aware: f32::max would skip a NaN gradient.
+            let noise = p.grad.iter().chain(want).fold(0f32, |m, v| {
+                if v.is_nan() {
+                    f32::INFINITY
+                } else {
+                    m.max(v.abs())
+                }
+            });
             assert!(
                 noise <= 1e-5 * scale,
                 "{case}: k_proj.bias grad {noise} is not ~0 (scale {scale})"
