@@ -153,6 +153,7 @@ const LANES: usize = 16;
 
 #[inline(always)]
 fn softmax_row_generic(x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "softmax_row: x and y differ in length");
     // The max lane-wise, then across lanes: exact in any order.
     let body = x.len() - x.len() % LANES;
     let mut lane_max = [f32::NEG_INFINITY; LANES];
