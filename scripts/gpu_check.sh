@@ -81,8 +81,13 @@ limited() {
     return "$rc"
 }
 
-# `summary LOG`: a test log's result lines and, when a test failed, its failure reports.
+# `summary LOG`: a test log's result lines and, when a test failed, its failure reports; for a run
+# cut off before its result line, the tests that finished and the last lines it printed.
 summary() {
+    if ! grep -q "^test result" "$1"; then
+        echo "(no result line: cut off?) finished: $(grep -cE '^test .* ok$' "$1") ok, $(grep -cE '^test .*FAILED$' "$1") failed; last lines:"
+        tail -5 "$1"
+    fi
     grep -E "^test result|^test .*FAILED$" "$1" | tail -20
     sed -n '/^failures:$/,/^test result/p' "$1" \
         | grep -vE '^ +[0-9]+: |^ +at |^stack backtrace:|^note: .*backtrace' | head -60
