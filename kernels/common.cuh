@@ -203,8 +203,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* row) 
 // and readers wait at a barrier after cp_async_wait anyway).
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
 #ifdef STRATA_EMULATOR
+    // Both addresses aligned to the copy size, even when nothing is read (src-size 0).
     strata_emu_check_aligned(dst, 16, "cp.async shared destination");
-    if (valid) strata_emu_check_aligned(src, 16, "cp.async global source");
+    strata_emu_check_aligned(src, 16, "cp.async global source");
     if (valid)
         memcpy(dst, src, 16);
     else
