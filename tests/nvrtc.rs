@@ -60,17 +60,15 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
     // A damaged cache entry is recompiled, never trusted. The damaged one is adamw.cu's: a file
     // with a single (unspecialized) entry, so the plain compile below must meet it.
     let file = kernels::file_of("adam_step").unwrap();
+    // Its PTX entry (the cubin beside it has the same stem; the directory's order is arbitrary).
     let entry = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("adamw-")
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with("adamw-") && name.ends_with(".ptx")
         })
-        .expect("adamw.cu's cache entry");
+        .expect("adamw.cu's PTX cache entry");
     let text = std::fs::read_to_string(&entry).unwrap();
     std::fs::write(&entry, &text[..text.len() / 2]).unwrap();
     let (_, hit) = cuda::compile(file, cuda::arch_of(file)).unwrap();
