@@ -13,8 +13,13 @@ fn open_checked(path: &Path) -> Result<hound::WavReader<std::io::BufReader<std::
         path: p.clone(),
         detail,
     };
-    let reader = hound::WavReader::open(path).map_err(|e| match e {
-        hound::Error::IoError(e) => io(format!("cannot open: {e}")),
+    // Opened here, not by hound, so that a file that cannot be opened and one whose bytes are not
+    // a WAV header (hound reports both as I/O errors) get different messages.
+    let file = std::fs::File::open(path).map_err(|e| io(format!("cannot open: {e}")))?;
+    let reader = hound::WavReader::new(std::io::BufReader::new(file)).map_err(|e| match e {
+        hound::Error::IoError(e) => io(format!(
+            "not a readable WAV file: {e} (truncated, or not a WAV file)"
+        )),
         other => io(format!("not a readable WAV file: {other}")),
     })?;
     let spec = reader.spec();

@@ -53,11 +53,13 @@ fn kaldi_dir_loads_and_bad_utterances_are_named_or_skipped() {
     wav(&d, "narrow.wav", 8000, 8000, 1);
     wav(&d, "stereo.wav", 8000, 16000, 2);
     wav(&d, "short.wav", 300, 16000, 1);
+    write(&d, "junk.wav", "RIFFxxxxWAVE");
     for (id, file, needle) in [
         ("n", "narrow.wav", "8000 Hz"),
         ("s", "stereo.wav", "2 channels"),
         ("t", "short.wav", "300 samples"),
         ("m", "missing.wav", "cannot open"),
+        ("j", "junk.wav", "not a readable WAV file"),
     ] {
         write(&d, "wav.scp", &format!("a a.wav\n{id} {file}\n"));
         write(&d, "text", &format!("a h i\n{id} x y\n"));
