@@ -194,3 +194,33 @@ fn length_buckets_respect_the_budget_and_cover_every_utterance_once() {
         vec![vec![0, 2], vec![1]]
     );
 }
+
+#[test]
+fn kaldi_paths_relative_to_the_recipe_root_are_found_too() {
+    // A Kaldi recipe writes wav.scp paths relative to its root (the current directory), not to
+    // the data folder; the data folder is tried first, then the current directory.
+    let d = scratch("recipe");
+    let rel = PathBuf::from(format!("target/strata-data-{}-recipe", std::process::id()));
+    std::fs::create_dir_all(&rel).unwrap();
+    wav(&rel, "c.wav", 16000, 16000, 1);
+    wav(&d, "a.wav", 8000, 16000, 1);
+    let c = rel.join("c.wav");
+    write(&d, "wav.scp", &format!("a a.wav\nc {}\n", c.display()));
+    write(&d, "text", "a h i\nc x y\n");
+    let ds = load_kaldi_dir(&d, Task::Units, OnBad::Fail).unwrap();
+    assert_eq!(
+        ds.utterances.iter().map(|u| u.samples).collect::<Vec<_>>(),
+        [8000, 16000]
+    );
+    assert_eq!(ds.utterances[1].path, c);
+    // Neither in the data folder nor from the current directory: the error names the former.
+    write(&d, "wav.scp", "a a.wav\nc nowhere/c.wav\n");
+    let err = load_kaldi_dir(&d, Task::Units, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'c'") && err.contains("nowhere/c.wav"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&rel).unwrap();
+}

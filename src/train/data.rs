@@ -5,7 +5,9 @@
 //! Also the vocabulary (built from the training labels or read from a file) and length-bucketed
 //! batching by total audio length.
 //!
-//! Relative audio paths are resolved against the data directory (Kaldi) or the manifest's folder.
+//! Relative audio paths are resolved against the data directory (Kaldi) or the manifest's folder;
+//! where no file is there but one is at the path taken from the current directory (Kaldi recipes
+//! write wav.scp paths relative to the recipe's root), that one is used.
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -161,9 +163,13 @@ fn build(
 fn resolve(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    let in_base = base.join(p);
+    if !in_base.exists() && p.exists() {
         p.to_path_buf()
     } else {
-        base.join(p)
+        in_base
     }
 }
 
