@@ -246,6 +246,39 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         o.to_str().unwrap(),
     ]);
     assert!(!ok && log.contains("--dev"), "{log}");
+    // A finished run is never overwritten by a new one, and a resume that does not match it is
+    // refused before anything is rewritten.
+    let (ok, log) = run(with(&["--steps", "2", "--interfaces", "ws"]));
+    assert!(
+        !ok && log.contains("already holds a training run (checkpoints of groupws2, hconv, ws)"),
+        "{log}"
+    );
+    let recorded = std::fs::read_to_string(out.join("run.json")).unwrap();
+    let (ok, log) = run(with(&[
+        "--steps",
+        "8",
+        "--batch-seconds",
+        "2",
+        "--interfaces",
+        "ws,hconv,groupws2",
+        "--normalize",
+        "on",
+        "--resume",
+    ]));
+    assert!(
+        !ok && log.contains("normalize = false, this one true"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("run.json")).unwrap(),
+        recorded
+    );
+    let (ok, log) = run(with(&["--resume"])
+        .into_iter()
+        .map(|a| a.replace("/run", "/nothing-here"))
+        .collect());
+    assert!(!ok && log.contains("nothing to resume"), "{log}");
+    std::fs::remove_dir_all(&out).unwrap();
     // The device path from the CLI: the emulator runs the GPU kernels; no GPU is a clear error.
     let emu = dir.join("emulated");
     let mut args = with(&[
@@ -267,7 +300,7 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         "{log}"
     );
     assert!(emu.join("single/latest/state.json").exists());
-    // CLS pooling on the emulated device too, resumed from the run above's checkpoints.
+    // CLS pooling on the emulated device too, in its own run folder.
     let cls: Vec<String> = args
         .iter()
         .map(|a| match a.as_str() {
@@ -275,6 +308,10 @@ fn train_runs_resumes_and_reports_the_dev_error() {
             "2" => "3".into(),
             _ => a.clone(),
         })
+        .collect();
+    let cls: Vec<String> = cls
+        .into_iter()
+        .map(|a| a.replace("/emulated", "/emulated-cls"))
         .collect();
     let (ok, log) = run(cls);
     assert!(ok && log.contains("training 1 of 1 pairs"), "{log}");

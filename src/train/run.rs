@@ -289,6 +289,40 @@ fn load_pairs(path: &Path, pairs: &mut [Pair]) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `out` may take this run before anything is written there: a new run (`resume`
+/// false) must not land on a folder that already holds one (its log or a pair's checkpoints would
+/// be overwritten or mixed with the new run's), and a resumed run needs a checkpoint to continue.
+pub fn check_out_dir(out: &Path, resume: bool) -> Result<()> {
+    let log = out.join("log.jsonl");
+    let has_log = std::fs::metadata(&log).is_ok_and(|m| m.len() > 0);
+    let mut checkpointed: Vec<String> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("latest").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    checkpointed.sort();
+    if !resume && (has_log || !checkpointed.is_empty()) {
+        let what = if checkpointed.is_empty() {
+            "a training log (log.jsonl)".to_string()
+        } else {
+            format!("checkpoints of {}", checkpointed.join(", "))
+        };
+        return Err(Error::Config(format!(
+            "{} already holds a training run ({what}): --resume continues it; to start a new run, choose another output folder or delete that one",
+            out.display()
+        )));
+    }
+    if resume && checkpointed.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: nothing to resume (no <pair>/latest checkpoint there): run without --resume to start",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Trains every pair for `cfg.steps` optimizer steps; returns the last dev evaluation.
 /// `train_src` / `dev_src` give the hidden states of the training and dev sets.
 pub fn train(
@@ -303,6 +337,7 @@ pub fn train(
         path: cfg.out.display().to_string(),
         detail: format!("cannot create: {e}"),
     })?;
+    check_out_dir(&cfg.out, cfg.resume)?;
     if cfg.accum == 0 || cfg.steps == 0 || cfg.batch_samples == 0 {
         return Err(Error::Config(
             "steps, batch size and gradient-accumulation micro-batches must be at least 1".into(),

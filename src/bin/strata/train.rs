@@ -320,6 +320,8 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         ));
     }
     let device = parse_device(&t.device)?;
+    // Before the data checks, which can take a while on a large corpus.
+    strata::train::run::check_out_dir(&out, t.resume).map_err(|e| e.to_string())?;
     let upstream = match &t.model {
         Some(m) => Some(Upstream::load(m).map_err(|e| e.to_string())?),
         None => None,
@@ -367,6 +369,9 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     }
     let schedule =
         Schedule::parse(&t.schedule, t.lr, t.warmup, t.steps).map_err(|e| e.to_string())?;
+    if t.resume {
+        check_resumable(&out, &vocab, task_name(t.task), normalize, layers, dim)?;
+    }
     std::fs::write(out.join("vocab.txt"), vocab.tokens.join("\n") + "\n")
         .map_err(|e| format!("{}: {e}", out.display()))?;
     let run = serde_json::json!({
@@ -433,6 +438,58 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         out.join("log.jsonl").display(),
         out.join("curves.png").display()
     );
+    Ok(())
+}
+
+/// A resumed run must read its labels and features as the run it continues did: the same
+/// vocabulary (token order fixes the head's outputs), task, input normalization and stack shape.
+/// Checked before run.json and vocab.txt are rewritten, so a refused resume changes nothing.
+fn check_resumable(
+    out: &Path,
+    vocab: &Vocab,
+    task: &str,
+    normalize: bool,
+    layers: usize,
+    dim: usize,
+) -> Result<(), String> {
+    let vocab_path = out.join("vocab.txt");
+    let recorded = std::fs::read_to_string(&vocab_path).map_err(|e| {
+        format!(
+            "{}: cannot read the run's vocabulary: {e}",
+            vocab_path.display()
+        )
+    })?;
+    let recorded: Vec<&str> = recorded.lines().collect();
+    if recorded != vocab.tokens {
+        return Err(format!(
+            "{}: the run being resumed has {} tokens/classes, this data gives {} in a different order or set: resume with the same training data, or pass --vocab {}",
+            vocab_path.display(),
+            recorded.len(),
+            vocab.len(),
+            vocab_path.display()
+        ));
+    }
+    let run_path = out.join("run.json");
+    let run: serde_json::Value = std::fs::read_to_string(&run_path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .ok_or_else(|| {
+            format!(
+                "{}: missing or not valid JSON: cannot resume without the run's settings",
+                run_path.display()
+            )
+        })?;
+    let now =
+        serde_json::json!({"task": task, "normalize": normalize, "layers": layers, "dim": dim});
+    for (key, value) in now.as_object().expect("object") {
+        if run[key] != *value {
+            return Err(format!(
+                "{}: the run being resumed has {key} = {}, this one {value}: resume with the same task, upstream and --normalize",
+                run_path.display(),
+                run[key]
+            ));
+        }
+    }
     Ok(())
 }
 
