@@ -273,6 +273,19 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         std::fs::read_to_string(out.join("run.json")).unwrap(),
         recorded
     );
+    let (ok, log) = run(with(&[
+        "--steps",
+        "6",
+        "--batch-seconds",
+        "2",
+        "--interfaces",
+        "ws,hconv,groupws2",
+        "--resume",
+    ]));
+    assert!(
+        !ok && log.contains("at step 6 and this run stops at step 6 (--steps): nothing to train"),
+        "{log}"
+    );
     let (ok, log) = run(with(&["--resume"])
         .into_iter()
         .map(|a| a.replace("/run", "/nothing-here"))

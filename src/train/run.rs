@@ -424,6 +424,13 @@ pub fn train(
                     .into(),
             ));
         }
+        if start >= cfg.steps {
+            return Err(Error::Config(format!(
+                "{}: the checkpoints are at step {start} and this run stops at step {} (--steps): nothing to train; raise --steps to continue, or evaluate them with `strata eval`",
+                cfg.out.display(),
+                cfg.steps
+            )));
+        }
         truncate_log(&cfg.out, start)?;
     } else {
         if let Some(path) = &cfg.init_from {
