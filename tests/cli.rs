@@ -441,6 +441,29 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         ok && log.contains("accuracy") && log.contains("over 4 utterances"),
         "{log}"
     );
+    let eval = |model: &str, run: &str, data: &Path| {
+        strata(&[
+            "eval",
+            "--model",
+            model,
+            "--run",
+            dir.join(run).to_str().unwrap(),
+            "--pair",
+            "ws",
+            "--data",
+            data.to_str().unwrap(),
+        ])
+    };
+    // The run trained from the cache alone recorded the upstream that made the cache.
+    let (ok, log) = eval(&model, "run2", &dir.join("dev"));
+    assert!(ok && log.contains("over 4 utterances"), "{log}");
+    // Another upstream is refused, even where its states have the same shape.
+    let other = model.replace("hubert_group_postln", "wavlm_group_postln");
+    let (ok, log) = eval(&other, "run", &dir.join("dev"));
+    assert!(
+        !ok && log.contains("another upstream than --model") && log.contains("hubert_group_postln"),
+        "{log}"
+    );
 
     std::fs::write(&config, "stpes = 3\n").unwrap();
     let (ok, log) = strata(&["train", "--config", cfg]);

@@ -354,6 +354,13 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         (None, None) => unreachable!("checked above: --model or --features"),
     };
     let (layers, dim) = (train_src.num_states(), train_src.hidden_size());
+    // Which upstream made the hidden states (its config), so that eval and --resume can refuse
+    // another one of the same shape.
+    let fingerprint = match (&upstream, &caches) {
+        (Some(u), _) => upstream_fingerprint(u),
+        (None, Some((cache, _))) => cache.upstream.clone(),
+        (None, None) => unreachable!("checked above: --model or --features"),
+    };
     let interfaces = t
         .interfaces
         .split(',')
@@ -370,7 +377,15 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     let schedule =
         Schedule::parse(&t.schedule, t.lr, t.warmup, t.steps).map_err(|e| e.to_string())?;
     if t.resume {
-        check_resumable(&out, &vocab, task_name(t.task), normalize, layers, dim)?;
+        check_resumable(
+            &out,
+            &vocab,
+            task_name(t.task),
+            normalize,
+            &fingerprint,
+            layers,
+            dim,
+        )?;
     }
     std::fs::write(out.join("vocab.txt"), vocab.tokens.join("\n") + "\n")
         .map_err(|e| format!("{}: {e}", out.display()))?;
@@ -379,6 +394,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         "interfaces": interfaces.iter().map(|i| i.0.clone()).collect::<Vec<_>>(),
         "model": t.model.as_ref().map(|m| m.display().to_string()),
         "normalize": normalize,
+        "upstream": fingerprint,
         "layers": layers,
         "dim": dim,
         "steps": t.steps, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup,
@@ -449,6 +465,7 @@ fn check_resumable(
     vocab: &Vocab,
     task: &str,
     normalize: bool,
+    upstream: &str,
     layers: usize,
     dim: usize,
 ) -> Result<(), String> {
@@ -479,10 +496,12 @@ fn check_resumable(
                 run_path.display()
             )
         })?;
-    let now =
-        serde_json::json!({"task": task, "normalize": normalize, "layers": layers, "dim": dim});
+    let now = serde_json::json!({
+        "task": task, "normalize": normalize, "layers": layers, "dim": dim, "upstream": upstream
+    });
     for (key, value) in now.as_object().expect("object") {
-        if run[key] != *value {
+        // Runs written before the upstream was recorded are resumed without that check.
+        if run[key] != *value && !(key == "upstream" && run[key].is_null()) {
             return Err(format!(
                 "{}: the run being resumed has {key} = {}, this one {value}: resume with the same task, upstream and --normalize",
                 run_path.display(),
@@ -568,6 +587,19 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         (None, None) => model_normalize(&model, None)?,
     };
     let upstream = Upstream::load(&model).map_err(|e| e.to_string())?;
+    if let Some(trained_on) = recorded["upstream"].as_str() {
+        if trained_on != upstream_fingerprint(&upstream) {
+            return Err(format!(
+                "{}: the run was trained on the hidden states of another upstream than --model {} (their configs differ): evaluate with the model it was trained on{}",
+                run.join("run.json").display(),
+                model.display(),
+                recorded["model"]
+                    .as_str()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     let ctc = task != Task::Classification;
     let vocab = Vocab::from_file(&run.join("vocab.txt"), ctc).map_err(|e| e.to_string())?;
     let itf = interface_named(&pair, upstream.num_states(), upstream.hidden_size())?;
