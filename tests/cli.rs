@@ -464,6 +464,24 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         !ok && log.contains("another upstream than --model") && log.contains("hubert_group_postln"),
         "{log}"
     );
+    // A class the training set never had counts as an error, and is named.
+    let labels = std::fs::read_to_string(dir.join("dev/utt2label")).unwrap();
+    std::fs::write(
+        dir.join("dev/utt2label"),
+        labels.replacen("dev0 high", "dev0 middle", 1),
+    )
+    .unwrap();
+    let (ok, log) = eval(&model, "run", &dir.join("dev"));
+    assert!(
+        ok && log.contains("1 of the 4 reference tokens") && log.contains("'middle' x1"),
+        "{log}"
+    );
+    let hyps = std::fs::read_to_string(dir.join("run/ws/hyp-best.tsv")).unwrap();
+    assert!(
+        hyps.lines()
+            .any(|l| l.starts_with("dev0\t") && l.ends_with("\tmiddle")),
+        "{hyps}"
+    );
 
     std::fs::write(&config, "stpes = 3\n").unwrap();
     let (ok, log) = strata(&["train", "--config", cfg]);

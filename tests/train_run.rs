@@ -433,7 +433,6 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
                 &vocab,
                 load("dev"),
                 16000 * 2,
-                OnBad::Fail,
                 device,
             )
             .unwrap()

@@ -349,6 +349,58 @@ impl Vocab {
             .collect()
     }
 
+    /// Stands for a reference token outside the vocabulary when scoring: no hypothesis holds it,
+    /// so it counts as an error, as it would for any system that cannot output it.
+    pub const UNKNOWN: usize = usize::MAX;
+
+    /// Label indices for scoring (dev and test references), where a token outside the vocabulary
+    /// is [`Vocab::UNKNOWN`] rather than an error: a test set may hold a rare phone or class that
+    /// the training set lacks, and skipping its utterances would flatter the error rate.
+    pub fn encode_reference(&self, u: &Utterance) -> Vec<usize> {
+        u.label
+            .iter()
+            .map(|t| self.index.get(t).copied().unwrap_or(Self::UNKNOWN))
+            .collect()
+    }
+
+    /// The reference tokens of `ds` outside the vocabulary, with their counts, most frequent
+    /// first, and the total number of reference tokens.
+    pub fn unknown_tokens(&self, ds: &Dataset) -> (Vec<(String, usize)>, usize) {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        let mut total = 0;
+        for t in ds.utterances.iter().flat_map(|u| &u.label) {
+            total += 1;
+            if !self.index.contains_key(t) {
+                *counts.entry(t).or_default() += 1;
+            }
+        }
+        let mut unknown: Vec<(String, usize)> = counts
+            .into_iter()
+            .map(|(t, n)| (t.to_string(), n))
+            .collect();
+        unknown.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        (unknown, total)
+    }
+
+    /// A one-line note on the reference tokens of `ds` outside the vocabulary, if any.
+    pub fn unknown_note(&self, ds: &Dataset, what: &str) -> Option<String> {
+        let (unknown, total) = self.unknown_tokens(ds);
+        if unknown.is_empty() {
+            return None;
+        }
+        let n: usize = unknown.iter().map(|u| u.1).sum();
+        let listed: Vec<String> = unknown
+            .iter()
+            .take(5)
+            .map(|(t, c)| format!("'{t}' x{c}"))
+            .collect();
+        Some(format!(
+            "note: {n} of the {total} reference tokens of {what} are not in the vocabulary ({}{}); they count as errors",
+            listed.join(", "),
+            if unknown.len() > 5 { ", ..." } else { "" }
+        ))
+    }
+
     /// Encodes every utterance; with [`OnBad::Skip`] utterances with unknown tokens are dropped and
     /// recorded in `skipped`.
     pub fn encode_all(&self, ds: &mut Dataset, on_bad: OnBad) -> Result<Vec<Vec<usize>>> {

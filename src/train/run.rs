@@ -329,7 +329,7 @@ pub fn train(
     train_src: &StackSource,
     dev_src: &StackSource,
     mut train: Dataset,
-    mut dev: Dataset,
+    dev: Dataset,
     vocab: &Vocab,
     cfg: &TrainConfig,
 ) -> Result<Vec<EvalResult>> {
@@ -344,7 +344,16 @@ pub fn train(
         ));
     }
     let train_labels = vocab.encode_all(&mut train, cfg.on_bad)?;
-    let dev_labels = vocab.encode_all(&mut dev, cfg.on_bad)?;
+    let dev_labels: Vec<Vec<usize>> = dev
+        .utterances
+        .iter()
+        .map(|u| vocab.encode_reference(u))
+        .collect();
+    if let Some(note) = vocab.unknown_note(&dev, "the dev set") {
+        if cfg.progress {
+            eprintln!("{note}");
+        }
+    }
     if train.utterances.is_empty() || dev.utterances.is_empty() {
         return Err(Error::value(
             "dataset",
@@ -582,6 +591,7 @@ pub struct Hypothesis {
 /// Decodes `data` with the pair saved in `checkpoint_dir` (an `OUT/<pair>/{best,latest}` folder)
 /// for interface `itf`, on `device` (the device step's decoding reproduces the dev rates a device
 /// run logged); returns the error rate (PER / CER, or 1 - accuracy) and every hypothesis.
+/// Reference tokens outside the vocabulary count as errors ([`Vocab::encode_reference`]).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_checkpoint(
     source: &StackSource,
@@ -589,12 +599,15 @@ pub fn evaluate_checkpoint(
     itf: &InterfaceConfig,
     task: Task,
     vocab: &Vocab,
-    mut data: Dataset,
+    data: Dataset,
     batch_samples: usize,
-    on_bad: OnBad,
     device: TrainDevice,
 ) -> Result<(f64, Vec<Hypothesis>)> {
-    let labels = vocab.encode_all(&mut data, on_bad)?;
+    let labels: Vec<Vec<usize>> = data
+        .utterances
+        .iter()
+        .map(|u| vocab.encode_reference(u))
+        .collect();
     let mut pair = Pair::new(
         "eval",
         itf,

@@ -604,6 +604,9 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     let vocab = Vocab::from_file(&run.join("vocab.txt"), ctc).map_err(|e| e.to_string())?;
     let itf = interface_named(&pair, upstream.num_states(), upstream.hidden_size())?;
     let ds = load_data(&data, task, on_bad)?;
+    if let Some(note) = vocab.unknown_note(&ds, &data.display().to_string()) {
+        eprintln!("{note}");
+    }
     let ckpt = run.join(&pair).join(&which);
     let (rate, hyps) = strata::train::run::evaluate_checkpoint(
         &StackSource::Upstream(&upstream, normalize),
@@ -613,7 +616,6 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         &vocab,
         ds,
         60 * 16000,
-        on_bad,
         device,
     )
     .map_err(|e| e.to_string())?;
