@@ -3,6 +3,9 @@
 // deliberately broken (half the block waits at __syncthreads while the other half waits in a warp
 // shuffle their warp never completes): only the emulator runs it, to show that such a bug becomes
 // an error instead of a hang. (Threads that EXIT do not block a barrier, as on Volta and later.)
+// `selftest_unordered` is deliberately racy too (a missing barrier, blocks reading each other's
+// writes): also emulator only, to show that such races change results there rather than passing
+// by luck of the order in which the emulator runs threads and blocks.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif
@@ -67,6 +70,24 @@ extern "C" __global__ void selftest_divergent_barrier(const SelftestParams a) {
     if (threadIdx.x == 0) a.out[0] = v;
 }
 STRATA_EMU_ENTRY(selftest_divergent_barrier, SelftestParams)
+
+// 64-thread blocks. Each thread writes its smem slot and, with NO barrier, reads both neighbours'
+// slots: out[2 (64 b + t) + {0, 1}] = the lower / upper neighbour's value t +- 1 + 1, or whatever
+// was there before. Thread 0 of block b then copies block b - 1's flag (0 unless that block has
+// run) into out[129 blocks + b] and raises its own flag, out[128 blocks + b].
+extern "C" __global__ void selftest_unordered(const SelftestParams a) {
+    __shared__ float slots[64];
+    const int t = threadIdx.x, b = blockIdx.x, blocks = gridDim.x;
+    slots[t] = (float)(t + 1);
+    a.out[2 * (64 * b + t) + 0] = slots[(t + 63) % 64];
+    a.out[2 * (64 * b + t) + 1] = slots[(t + 1) % 64];
+    if (t == 0) {
+        float* flags = a.out + 128 * blocks;
+        a.out[129 * blocks + b] = b > 0 ? flags[b - 1] : 1.0f;
+        flags[b] = 1.0f;
+    }
+}
+STRATA_EMU_ENTRY(selftest_unordered, SelftestParams)
 
 // ldmatrix.x4 and .x4.trans from a 32 x 8 bf16 tile (four stacked 8 x 8 matrices, element e holds
 // the value e): lane l points at row l. out (uint32) gets lane l's four registers at 4l.. (plain),

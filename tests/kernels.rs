@@ -88,6 +88,54 @@ fn emulator_collectives_and_barriers_behave_like_cuda() {
         err.contains("deadlock") && err.contains("selftest_divergent_barrier"),
         "{err}"
     );
+    // Races that a fixed thread or block order would hide change results: each block sweeps its
+    // threads in the order opposite to its neighbour's, so a read of a slot not yet written
+    // (poisoned: NaN) happens for lower neighbours in some blocks and upper ones in others, and
+    // the blocks run out of order (some find their predecessor's flag still 0).
+    let blocks = 4;
+    let out = be.zeros::<f32>(130 * blocks).unwrap();
+    let p = SelftestParams {
+        input: 0,
+        out: be.ptr(&out),
+        n: 0,
+    };
+    be.launch(
+        "selftest_unordered",
+        (blocks as u32, 1, 1),
+        (64, 1, 1),
+        0,
+        &p,
+    )
+    .unwrap();
+    let o = be.download(&out).unwrap();
+    let (mut unwritten, mut written) = ([0; 2], [0; 2]);
+    for b in 0..blocks {
+        // Threads 1..62: their neighbours' order is the sweep's (0 and 63 wrap around).
+        for t in 1..63 {
+            for side in 0..2 {
+                let v = o[2 * (64 * b + t) + side];
+                let want = [(t + 63) % 64, (t + 1) % 64][side] as f32 + 1.0;
+                if v.is_nan() {
+                    unwritten[side] += 1;
+                } else {
+                    assert_eq!(
+                        v, want,
+                        "block {b} thread {t} side {side}: a value never written"
+                    );
+                    written[side] += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        unwritten.iter().chain(&written).all(|&n| n > 0),
+        "neighbour reads not yet written (lower, upper): {unwritten:?}, written: {written:?}"
+    );
+    let seen = &o[129 * blocks..130 * blocks];
+    assert!(
+        seen.contains(&0.0) && seen[1..].contains(&1.0),
+        "blocks that found their predecessor done: {seen:?}"
+    );
     let err = be
         .launch("no_such_kernel", (1, 1, 1), (1, 1, 1), 0, &p)
         .unwrap_err()

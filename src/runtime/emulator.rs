@@ -2,8 +2,9 @@
 //! with each block's threads as cooperative fibers (src/runtime/emulator/emulator.cpp). It runs the
 //! same kernel code as the GPU, so `cargo test` checks every kernel on machines with no GPU, and
 //! fails a launch where the GPU would fault or refuse (misaligned 16-byte accesses, launch shapes
-//! and shared memory past CUDA's limits; see kernels/README.md). What it cannot show: races under
-//! real scheduling, memory-model bugs, speed.
+//! and shared memory past CUDA's limits; see kernels/README.md). Threads and blocks run in orders
+//! that vary, so a race on a missing barrier or across blocks changes results. What it cannot
+//! show: races that need true concurrency, memory-model bugs, speed.
 
 use std::ffi::{c_char, c_void};
 
@@ -78,6 +79,7 @@ entries!(
     strata_emu_selftest_collectives,
     strata_emu_selftest_mma,
     strata_emu_selftest_divergent_barrier,
+    strata_emu_selftest_unordered,
     strata_emu_selftest_ldmatrix,
     strata_emu_selftest_wgmma,
 );

@@ -141,6 +141,7 @@ pub const FILES: &[KernelFile] = &[
             "selftest_collectives",
             "selftest_mma",
             "selftest_divergent_barrier",
+            "selftest_unordered",
             "selftest_ldmatrix",
         ],
         arch: None,

@@ -4,6 +4,12 @@
 // run as far as it can, the scheduler releases a warp whose live lanes all wait at a collective,
 // else the block if all live threads wait at __syncthreads, else reports a deadlock (a barrier or
 // collective reached by only part of its threads) as an error instead of hanging.
+//
+// On the GPU nothing orders threads between two barriers, nor the blocks of a grid. So that code
+// relying on an order (a missing __syncthreads / __syncwarp, a block reading what another block of
+// the same launch writes) fails here rather than passing by luck of the emulator's order, the
+// sweeps over a block's threads alternate between ascending and descending order, starting the
+// other way in every other block, and the blocks run in a scrambled (deterministic) order.
 #include <ucontext.h>
 
 #include <cstdio>
@@ -225,8 +231,9 @@ static void* initial_stack(char* base, size_t size) {
 }
 #endif
 
-// Runs one block to completion; false (with a message) on a deadlock.
-static bool run_block(Block& b, char* err, unsigned errlen) {
+// Runs one block to completion; false (with a message) on a deadlock. `descending_first`: the
+// direction of the first sweep over its threads (they alternate after it).
+static bool run_block(Block& b, bool descending_first, char* err, unsigned errlen) {
     const int n = (int)b.fibers.size();
     for (int i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
@@ -241,8 +248,9 @@ static bool run_block(Block& b, char* err, unsigned errlen) {
         makecontext(&f.ctx, trampoline, 0);
 #endif
     }
-    for (;;) {
-        for (int i = 0; i < n; ++i) {
+    for (bool descending = descending_first;; descending = !descending) {
+        for (int k = 0; k < n; ++k) {
+            const int i = descending ? n - 1 - k : k;
             if (b.fibers[i].state == READY) {
                 b.current = i;
 #ifdef STRATA_FAST_SWITCH
@@ -324,24 +332,40 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     Block* saved = tl_block;
     tl_block = &b;
     int rc = 0;
-    for (unsigned z = 0; z < grid.z && rc == 0; ++z)
-        for (unsigned y = 0; y < grid.y && rc == 0; ++y)
-            for (unsigned x = 0; x < grid.x && rc == 0; ++x) {
-                b.block_idx = dim3(x, y, z);
-                // Shared memory (dynamic and static) starts undefined on the GPU: all ones here
-                // (NaN as f32 and as bf16), so a read before any write shows in results rather
-                // than reading zero or the previous block's values.
-                std::memset(b.smem, 0xff, smem);
-                char* static_begin = __start_strata_static_smem;
-                char* static_end = __stop_strata_static_smem;
-                if (static_begin != nullptr && static_end > static_begin)
-                    std::memset(static_begin, 0xff, (size_t)(static_end - static_begin));
-                if (!run_block(b, err, errlen)) rc = 2;
-                if (rc == 0 && !b.fault.empty()) {
-                    std::snprintf(err, errlen, "%s", b.fault.c_str());
-                    rc = 3;
-                }
-            }
+    // Block j runs (j * step + blocks / 2) mod blocks: a step coprime to the count makes it a
+    // permutation, and near 0.618 of the count puts consecutive runs far apart in both directions
+    // (two blocks run in descending order).
+    const uint64_t blocks = (uint64_t)grid.x * grid.y * grid.z;
+    uint64_t step = blocks > 2 ? (uint64_t)(0.6180339887 * (double)blocks) : 1;
+    auto gcd = [](uint64_t a, uint64_t c) {
+        while (c != 0) {
+            const uint64_t t = a % c;
+            a = c;
+            c = t;
+        }
+        return a;
+    };
+    while (blocks > 2 && gcd(step, blocks) != 1) ++step;
+    for (uint64_t j = 0; j < blocks && rc == 0; ++j) {
+        const uint64_t linear = (uint64_t)(((unsigned __int128)j * step + blocks / 2) % blocks);
+        b.block_idx = dim3((unsigned)(linear % grid.x), (unsigned)(linear / grid.x % grid.y),
+                           (unsigned)(linear / grid.x / grid.y));
+        // Shared memory (dynamic and static) starts undefined on the GPU: all ones here (NaN as
+        // f32 and as bf16), so a read before any write shows in results rather than reading zero
+        // or the previous block's values.
+        std::memset(b.smem, 0xff, smem);
+        char* static_begin = __start_strata_static_smem;
+        char* static_end = __stop_strata_static_smem;
+        if (static_begin != nullptr && static_end > static_begin)
+            std::memset(static_begin, 0xff, (size_t)(static_end - static_begin));
+        // Block 0 (the only one of a one-block launch) sweeps its threads in descending order
+        // first: ascending is the order in which a missing barrier is most often harmless.
+        if (!run_block(b, (linear & 1) == 0, err, errlen)) rc = 2;
+        if (rc == 0 && !b.fault.empty()) {
+            std::snprintf(err, errlen, "%s", b.fault.c_str());
+            rc = 3;
+        }
+    }
     tl_block = saved;
     return rc;
 }
