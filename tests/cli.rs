@@ -338,6 +338,28 @@ fn train_runs_resumes_and_reports_the_dev_error() {
     assert!(!ok && log.contains("unknown interface 'hconvv'"), "{log}");
     let (ok, log) = run(with(&["--interfaces", "ws,hconv,ws"]));
     assert!(!ok && log.contains("'ws' is listed twice"), "{log}");
+    // The parameters a sweep varies, spelled in the interface's name.
+    let (ok, log) = run(with(&["--interfaces", "groupws9"]));
+    assert!(
+        !ok && log.contains("GroupWS needs 2 to 4 groups for 4 layers"),
+        "{log}"
+    );
+    let (ok, log) = run(with(&["--interfaces", "hconv-k3"]));
+    assert!(!ok && log.contains("hconv-kKsS"), "{log}");
+    let (ok, log) = run(with(&[
+        "--steps",
+        "2",
+        "--batch-seconds",
+        "2",
+        "--interfaces",
+        "hconv-k3s2,groupws3,single-1",
+    ]));
+    assert!(
+        ok && ["hconv-k3s2", "groupws3", "single-1"]
+            .iter()
+            .all(|p| out.join(p).join("latest/state.json").exists()),
+        "{log}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

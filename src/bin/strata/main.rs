@@ -37,7 +37,9 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
          checkpoints. Options (defaults in brackets):
            --task units|chars|classify  phones (space-separated) or characters with CTC + PR head,
                                         or one class per utterance with the utterance classifier [units]
-           --interfaces LIST  ws, hconv, concat, groupws2..4, single, cls, comma-separated [ws,hconv]
+           --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3), hconv-kKsS
+                              (e.g. hconv-k3s2), concat, groupwsN (N groups), single (last layer),
+                              single-N (layer N; 0 = CNN features), cls
            --steps N [1000]  --lr X [1e-3]  --schedule constant|linear|cosine [constant]  --warmup N [0]
            --optimizer adamw|adam [adamw]  --weight-decay X [0.01 adamw, 0 adam]  --clip C (0: off) [1]
            --batch-seconds S  audio per micro-batch [60]   --accum N  micro-batches per step [1]

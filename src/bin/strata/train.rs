@@ -9,16 +9,65 @@ use strata::train::data::{Dataset, OnBad, Task, Vocab};
 use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
 use strata::train::run::{TrainConfig, TrainDevice};
 
+/// The interfaces a name selects (also the pair's folder name): the paper's set, with the
+/// parameters a sweep varies spelled in the name.
+pub const INTERFACE_NAMES: &str = "ws, hconv (kernel 5, stride 3) or hconv-kKsS (e.g. hconv-k3s2), \
+concat, groupwsN (N groups, 2 <= N <= layers), single (the last layer) or single-N (layer N, 0 = the \
+CNN features), cls";
+
 pub fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceConfig, String> {
-    use strata::models::interface::{ClsActivation, InterfaceKind};
+    use strata::models::interface::{hconv_plan, ClsActivation, InterfaceKind};
+    let unknown = || format!("unknown interface '{name}': use {INTERFACE_NAMES}");
+    let number = |digits: &str| -> Result<usize, String> {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(unknown());
+        }
+        digits.parse().map_err(|_| unknown())
+    };
     let kind = match name {
         "ws" => InterfaceKind::WeightedSum,
-        "hconv" => InterfaceKind::HConv { kernel: 5, stride: 3 },
+        "hconv" => InterfaceKind::HConv {
+            kernel: 5,
+            stride: 3,
+        },
         "concat" => InterfaceKind::ConcatProj { out_dim: dim },
-        "groupws2" | "groupws3" | "groupws4" => InterfaceKind::GroupWs { groups: name[7..].parse().unwrap_or(2), out_dim: dim },
         "single" => InterfaceKind::SingleLayer { layer: -1 },
-        "cls" => InterfaceKind::ClsPool { heads: if dim % 8 == 0 { 8 } else { 1 }, ffn_dim: 4 * dim, activation: ClsActivation::Gelu },
-        other => return Err(format!("unknown interface '{other}': use ws, hconv, concat, groupws2, groupws3, groupws4, single or cls")),
+        "cls" => InterfaceKind::ClsPool {
+            heads: if dim % 8 == 0 { 8 } else { 1 },
+            ffn_dim: 4 * dim,
+            activation: ClsActivation::Gelu,
+        },
+        _ => {
+            if let Some(rest) = name.strip_prefix("hconv-k") {
+                let (k, s) = rest.split_once('s').ok_or_else(unknown)?;
+                let (kernel, stride) = (number(k)?, number(s)?);
+                hconv_plan(layers, dim, kernel, stride)
+                    .map_err(|e| format!("interface '{name}': {e}"))?;
+                InterfaceKind::HConv { kernel, stride }
+            } else if let Some(n) = name.strip_prefix("groupws") {
+                let groups = number(n)?;
+                if !(2..=layers).contains(&groups) {
+                    return Err(format!("interface '{name}': GroupWS needs 2 to {layers} groups for {layers} layers"));
+                }
+                InterfaceKind::GroupWs {
+                    groups,
+                    out_dim: dim,
+                }
+            } else if let Some(n) = name.strip_prefix("single-") {
+                let layer = number(n)?;
+                if layer >= layers {
+                    return Err(format!(
+                        "interface '{name}': the stack has layers 0..{} (0 = the CNN features)",
+                        layers - 1
+                    ));
+                }
+                InterfaceKind::SingleLayer {
+                    layer: layer as isize,
+                }
+            } else {
+                return Err(unknown());
+            }
+        }
     };
     Ok(InterfaceConfig::new(layers, dim, kind))
 }
