@@ -479,6 +479,43 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
     // The run trained from the cache alone recorded the upstream that made the cache.
     let (ok, log) = eval(&model, "run2", &dir.join("dev"));
     assert!(ok && log.contains("over 4 utterances"), "{log}");
+    // And eval reads the cache without an upstream too, with the same result.
+    let (ok, from_cache) = strata(&[
+        "eval",
+        "--features",
+        dir.join("feats").to_str().unwrap(),
+        "--run",
+        dir.join("run2").to_str().unwrap(),
+        "--pair",
+        "ws",
+        "--data",
+        dir.join("dev").to_str().unwrap(),
+    ]);
+    assert!(ok, "{from_cache}");
+    let accuracy = |log: &str| log.split("accuracy ").nth(1).map(|r| r[..6].to_string());
+    assert!(accuracy(&log).is_some(), "{log}");
+    assert_eq!(
+        accuracy(&from_cache),
+        accuracy(&log),
+        "{from_cache} vs {log}"
+    );
+    let (ok, log) = strata(&[
+        "eval",
+        "--model",
+        &model,
+        "--normalize",
+        "on",
+        "--run",
+        dir.join("run2").to_str().unwrap(),
+        "--pair",
+        "ws",
+        "--data",
+        dir.join("dev").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && log.contains("trained with input normalization off, this evaluation has it on"),
+        "{log}"
+    );
     // Another upstream is refused, even where its states have the same shape.
     let other = model.replace("hubert_group_postln", "wavlm_group_postln");
     let (ok, log) = eval(&other, "run", &dir.join("dev"));

@@ -12,7 +12,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
        strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] A.wav [B.wav ...]
        strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad]
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
-       strata eval --model DIR --run OUT --pair NAME --data DATA [--which best|latest] [--hyp FILE]
+       strata eval --model DIR|--features DIR --run OUT --pair NAME --data DATA [--which best|latest] [--hyp FILE]
                    [--task units|chars|classify] [--normalize auto|on|off] [--skip-bad]
                    [--device auto|cpu|cuda|emulator]
 
@@ -60,7 +60,9 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
   eval   decodes DATA with a pair trained by `train` (OUT/<pair>/best by default, with
          OUT/vocab.txt and the task and normalization recorded in OUT/run.json), prints its error
          rate (PER, CER) or accuracy and writes every utterance's hypothesis to --hyp (default
-         OUT/<pair>/hyp-<which>.tsv: id, hypothesis, reference).";
+         OUT/<pair>/hyp-<which>.tsv: id, hypothesis, reference). With --features DIR the hidden
+         states come from the feature cache DIR/<data stem> (extracted first when --model is given
+         too). The upstream and normalization must be the ones the run trained on.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -578,6 +578,7 @@ fn parse_device(name: &str) -> Result<TrainDevice, String> {
 
 pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     let (mut model, mut run, mut pair, mut data, mut hyp) = (None, None, None, None, None);
+    let mut features: Option<PathBuf> = None;
     let (mut task, mut which, mut on_bad, mut normalize) =
         (None, "best".to_string(), OnBad::Fail, None);
     let mut device = TrainDevice::Auto;
@@ -590,6 +591,7 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         };
         match a.as_str() {
             "--model" => model = Some(PathBuf::from(value()?)),
+            "--features" => features = Some(PathBuf::from(value()?)),
             "--run" => run = Some(PathBuf::from(value()?)),
             "--pair" => pair = Some(value()?),
             "--data" => data = Some(PathBuf::from(value()?)),
@@ -609,11 +611,12 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     }
     let need =
         |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| format!("eval needs {flag}\n\n{USAGE}"));
-    let (model, run, data) = (
-        need(model, "--model DIR")?,
-        need(run, "--run OUT")?,
-        need(data, "--data DATA")?,
-    );
+    let (run, data) = (need(run, "--run OUT")?, need(data, "--data DATA")?);
+    if model.is_none() && features.is_none() {
+        return Err(format!(
+            "eval needs --model DIR (or --features DIR with extracted features)\n\n{USAGE}"
+        ));
+    }
     let pair = pair.ok_or_else(|| {
         format!(
             "eval needs --pair NAME (an interface trained in {})",
@@ -630,18 +633,48 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         (None, Some(t)) => parse_task(t)?,
         (None, None) => Task::Units,
     };
-    let normalize = match (normalize, recorded["normalize"].as_bool()) {
-        (Some(n), _) => n,
-        (None, Some(n)) => n,
-        (None, None) => model_normalize(&model, None)?,
+    let normalize_flag = normalize;
+    let normalize = match (normalize, recorded["normalize"].as_bool(), &model) {
+        (Some(n), _, _) => n,
+        (None, Some(n), _) => n,
+        (None, None, Some(m)) => model_normalize(m, None)?,
+        (None, None, None) => false,
     };
-    let upstream = Upstream::load(&model).map_err(|e| e.to_string())?;
+    let upstream = match &model {
+        Some(m) => Some(Upstream::load(m).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let ctc = task != Task::Classification;
+    let vocab = Vocab::from_file(&run.join("vocab.txt"), ctc).map_err(|e| e.to_string())?;
+    let ds = load_data(&data, task, on_bad)?;
+    let cache = match &features {
+        Some(root) => Some(cache_for(root, &data, &ds, upstream.as_ref(), normalize)?),
+        None => None,
+    };
+    let source = match (&cache, &upstream) {
+        (Some(c), _) => StackSource::Cache(c),
+        (None, Some(u)) => StackSource::Upstream(u, normalize),
+        (None, None) => unreachable!("checked above: --model or --features"),
+    };
+    // The hidden states must come from the upstream (and input normalization) the run trained on.
+    let (made_by, normalized, what) = match (&cache, &upstream, &model) {
+        (Some(c), _, _) => (
+            c.upstream.clone(),
+            c.normalize,
+            format!("the features in {}", c.dir.display()),
+        ),
+        (None, Some(u), Some(m)) => (
+            upstream_fingerprint(u),
+            normalize,
+            format!("--model {}", m.display()),
+        ),
+        _ => unreachable!("checked above: --model or --features"),
+    };
     if let Some(trained_on) = recorded["upstream"].as_str() {
-        if trained_on != upstream_fingerprint(&upstream) {
+        if trained_on != made_by {
             return Err(format!(
-                "{}: the run was trained on the hidden states of another upstream than --model {} (their configs differ): evaluate with the model it was trained on{}",
+                "{}: the run was trained on the hidden states of another upstream than {what} (their configs differ): evaluate with the model it was trained on{}",
                 run.join("run.json").display(),
-                model.display(),
                 recorded["model"]
                     .as_str()
                     .map(|m| format!(" ({m})"))
@@ -649,16 +682,35 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
             ));
         }
     }
-    let ctc = task != Task::Classification;
-    let vocab = Vocab::from_file(&run.join("vocab.txt"), ctc).map_err(|e| e.to_string())?;
-    let itf = interface_named(&pair, upstream.num_states(), upstream.hidden_size())?;
-    let ds = load_data(&data, task, on_bad)?;
+    if let (Some(c), Some(flag)) = (&cache, normalize_flag) {
+        if flag != c.normalize {
+            return Err(format!(
+                "--normalize {}: the features in {} were extracted with input normalization {}",
+                if flag { "on" } else { "off" },
+                c.dir.display(),
+                if c.normalize { "on" } else { "off" }
+            ));
+        }
+    }
+    if recorded["normalize"]
+        .as_bool()
+        .is_some_and(|n| n != normalized)
+    {
+        let on_off = |n: bool| if n { "on" } else { "off" };
+        return Err(format!(
+            "{}: the run was trained with input normalization {}, this evaluation has it {} ({what}): use the run's setting",
+            run.join("run.json").display(),
+            on_off(!normalized),
+            on_off(normalized)
+        ));
+    }
+    let itf = interface_named(&pair, source.num_states(), source.hidden_size())?;
     if let Some(note) = vocab.unknown_note(&ds, &data.display().to_string()) {
         eprintln!("{note}");
     }
     let ckpt = run.join(&pair).join(&which);
     let (rate, hyps) = strata::train::run::evaluate_checkpoint(
-        &StackSource::Upstream(&upstream, normalize),
+        &source,
         &ckpt,
         &itf,
         task,
