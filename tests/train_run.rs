@@ -170,6 +170,62 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
 }
 
 #[test]
+fn save_every_checkpoints_let_a_run_that_died_between_evaluations_resume_bit_for_bit() {
+    let root = scratch("save-every");
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&load("train"), true);
+    let straight = root.join("straight");
+    train(
+        &src,
+        &src,
+        load("train"),
+        load("dev"),
+        &vocab,
+        &config(&straight, 6, false),
+    )
+    .unwrap();
+
+    // Evaluation only at the end, checkpoints every 2 steps; the run dies at its first
+    // evaluation (a dev file vanished after the data check), after logging step 5.
+    let died = root.join("died");
+    let mut cfg = config(&died, 5, false);
+    cfg.eval_every = 0;
+    cfg.save_every = 2;
+    let dev = load("dev");
+    let gone = dev.utterances[0].path.clone();
+    let kept = root.join("kept.wav");
+    std::fs::rename(&gone, &kept).unwrap();
+    let err = train(&src, &src, load("train"), dev, &vocab, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot open"), "{err}");
+    std::fs::rename(&kept, &gone).unwrap();
+    let state = std::fs::read_to_string(died.join("ws/latest/state.json")).unwrap();
+    assert!(
+        state.contains("params-4"),
+        "the last save is step 4's: {state}"
+    );
+    assert_eq!(
+        losses(&died).len(),
+        10,
+        "steps 1..5 of both pairs were logged"
+    );
+
+    let mut resume = config(&died, 6, true);
+    resume.eval_every = 0;
+    resume.save_every = 2;
+    train(&src, &src, load("train"), load("dev"), &vocab, &resume).unwrap();
+    assert_eq!(
+        losses(&straight),
+        losses(&died),
+        "resumed from step 4, the run logs the uninterrupted run's losses"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
 fn feature_cache_and_init_files_reproduce_runs_exactly() {
     let root = scratch("features");
     let upstream = fixture();

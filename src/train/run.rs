@@ -40,7 +40,12 @@ pub struct TrainConfig {
     pub batch_samples: usize,
     /// Micro-batches per optimizer step.
     pub accum: usize,
+    /// Dev evaluation (and the latest / best checkpoints) every this many steps and at the end;
+    /// 0: at the end only.
     pub eval_every: u64,
+    /// Also write the latest checkpoints every this many steps between evaluations, so a stopped
+    /// run loses at most this many steps; 0: with the evaluations only.
+    pub save_every: u64,
     pub seed: u64,
     pub shuffle: bool,
     pub out: PathBuf,
@@ -84,6 +89,7 @@ impl TrainConfig {
             batch_samples: 60 * 16000,
             accum: 1,
             eval_every: 100,
+            save_every: 0,
             seed: 0,
             shuffle: true,
             out,
@@ -524,55 +530,69 @@ pub fn train(
                 eprintln!("{line}");
             }
         }
-        if done % cfg.eval_every.max(1) == 0 || done == cfg.steps {
-            let rates = evaluate(
-                dev_src,
-                &pairs,
-                &on_device,
-                backend.as_ref(),
-                &dev,
-                &dev_labels,
-                cfg.batch_samples,
-            )?;
-            // Checkpoints are written from the CPU pairs: bring the device's state back first.
-            if let Some(be) = &backend {
-                for (p, d) in pairs.iter_mut().zip(&on_device) {
-                    if let Some(d) = d {
-                        d.write_to(be, p)?;
-                    }
+        let every = |n: u64| n > 0 && done % n == 0;
+        let eval_now = every(cfg.eval_every) || done == cfg.steps;
+        if !eval_now && !every(cfg.save_every) {
+            continue;
+        }
+        // Checkpoints are written from the CPU pairs: bring the device's state back first.
+        if let Some(be) = &backend {
+            for (p, d) in pairs.iter_mut().zip(&on_device) {
+                if let Some(d) = d {
+                    d.write_to(be, p)?;
                 }
             }
-            last.clear();
-            for ((p, &rate), best) in pairs.iter().zip(&rates).zip(&mut best) {
-                let mut entry = json!({"step": done, "pair": p.name, "dev_error_rate": rate});
-                if cfg.task == Task::Classification {
-                    entry["dev_accuracy"] = json!(1.0 - rate);
-                }
-                log_line(&cfg.out, entry)?;
-                let dir = cfg.out.join(&p.name);
-                if rate < *best {
-                    *best = rate;
-                    checkpoint::save(
-                        &dir.join("best"),
-                        &p.store,
-                        &p.optimizer,
-                        &json!({"best": rate, "order": order}),
-                    )?;
-                }
+        }
+        if !eval_now {
+            for (p, best) in pairs.iter().zip(&best) {
                 checkpoint::save(
-                    &dir.join("latest"),
+                    &cfg.out.join(&p.name).join("latest"),
                     &p.store,
                     &p.optimizer,
                     &json!({"best": *best, "order": order}),
                 )?;
-                last.push(EvalResult {
-                    name: p.name.clone(),
-                    step: done,
-                    error_rate: rate,
-                });
             }
-            crate::train::plot::write_curves(&cfg.out)?;
+            continue;
         }
+        let rates = evaluate(
+            dev_src,
+            &pairs,
+            &on_device,
+            backend.as_ref(),
+            &dev,
+            &dev_labels,
+            cfg.batch_samples,
+        )?;
+        last.clear();
+        for ((p, &rate), best) in pairs.iter().zip(&rates).zip(&mut best) {
+            let mut entry = json!({"step": done, "pair": p.name, "dev_error_rate": rate});
+            if cfg.task == Task::Classification {
+                entry["dev_accuracy"] = json!(1.0 - rate);
+            }
+            log_line(&cfg.out, entry)?;
+            let dir = cfg.out.join(&p.name);
+            if rate < *best {
+                *best = rate;
+                checkpoint::save(
+                    &dir.join("best"),
+                    &p.store,
+                    &p.optimizer,
+                    &json!({"best": rate, "order": order}),
+                )?;
+            }
+            checkpoint::save(
+                &dir.join("latest"),
+                &p.store,
+                &p.optimizer,
+                &json!({"best": *best, "order": order}),
+            )?;
+            last.push(EvalResult {
+                name: p.name.clone(),
+                step: done,
+                error_rate: rate,
+            });
+        }
+        crate::train::plot::write_curves(&cfg.out)?;
     }
     if cfg.progress && terminal {
         eprintln!();

@@ -43,7 +43,11 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
            --steps N [1000]  --lr X [1e-3]  --schedule constant|linear|cosine [constant]  --warmup N [0]
            --optimizer adamw|adam [adamw]  --weight-decay X [0.01 adamw, 0 adam]  --clip C (0: off) [1]
            --batch-seconds S  audio per micro-batch [60]   --accum N  micro-batches per step [1]
-           --eval-every N [100]  --seed S [0]  --no-shuffle
+           --eval-every N  dev evaluation and checkpoints every N steps and at the end (0: at the
+                           end only) [100]
+           --save-every N  also the latest checkpoints every N steps in between, so a stopped run
+                           loses at most N steps (0: with the evaluations only) [0]
+           --seed S [0]  --no-shuffle
            --device auto|cpu|cuda|emulator  where the step runs: cpu = the f32 reference engine;
                     cuda = the GPU kernels (bf16); emulator = the GPU kernels emulated on the CPU,
                     slow, for testing; auto = cpu until the device step is verified on a GPU

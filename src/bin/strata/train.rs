@@ -130,6 +130,7 @@ struct TrainArgs {
     accum: usize,
     clip: f64,
     eval_every: u64,
+    save_every: u64,
     seed: u64,
     device: String,
     normalize: Option<bool>,
@@ -142,7 +143,7 @@ struct TrainArgs {
 
 /// Flags that take no value (TOML: `key = true`; `shuffle = false` is `--no-shuffle`).
 const SWITCHES: [&str; 3] = ["--resume", "--no-shuffle", "--skip-bad"];
-const VALUED: [&str; 24] = [
+const VALUED: [&str; 25] = [
     "--model",
     "--features",
     "--train",
@@ -161,6 +162,7 @@ const VALUED: [&str; 24] = [
     "--accum",
     "--clip",
     "--eval-every",
+    "--save-every",
     "--seed",
     "--device",
     "--normalize",
@@ -244,6 +246,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
         accum: 1,
         clip: 1.0,
         eval_every: 100,
+        save_every: 0,
         seed: 0,
         device: "auto".into(),
         normalize: None,
@@ -286,6 +289,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
             "--accum" => t.accum = num(value()?, a)?,
             "--clip" => t.clip = num(value()?, a)?,
             "--eval-every" => t.eval_every = num(value()?, a)?,
+            "--save-every" => t.save_every = num(value()?, a)?,
             "--seed" => t.seed = num(value()?, a)?,
             "--device" => t.device = value()?,
             "--normalize" => t.normalize = parse_normalize(&value()?)?,
@@ -478,6 +482,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     cfg.batch_samples = (t.batch_seconds * 16000.0) as usize;
     cfg.accum = t.accum;
     cfg.eval_every = t.eval_every;
+    cfg.save_every = t.save_every;
     cfg.seed = t.seed;
     cfg.shuffle = t.shuffle;
     cfg.resume = t.resume;
