@@ -291,6 +291,14 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         .map(|a| a.replace("/run", "/nothing-here"))
         .collect());
     assert!(!ok && log.contains("nothing to resume"), "{log}");
+    let (ok, log) = run(with(&[])
+        .into_iter()
+        .map(|a| a.replace("/run", "/train/wav.scp"))
+        .collect());
+    assert!(
+        !ok && log.contains("cannot create the run folder: it exists and is not a folder"),
+        "{log}"
+    );
     std::fs::remove_dir_all(&out).unwrap();
     // The device path from the CLI: the emulator runs the GPU kernels; no GPU is a clear error.
     let emu = dir.join("emulated");

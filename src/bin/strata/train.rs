@@ -390,7 +390,17 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         Some(p) => Vocab::from_file(p, ctc).map_err(|e| e.to_string())?,
         None => Vocab::from_dataset(&train, ctc),
     };
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(&out).map_err(|e| {
+        let why = if out.exists() && !out.is_dir() {
+            "it exists and is not a folder".to_string()
+        } else {
+            e.to_string()
+        };
+        format!(
+            "--out {}: cannot create the run folder: {why}",
+            out.display()
+        )
+    })?;
     let caches = match &t.features {
         Some(root) => Some((
             cache_for(root, &train_p, &train, upstream.as_ref(), normalize)?,
