@@ -291,6 +291,42 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         .map(|a| a.replace("/run", "/nothing-here"))
         .collect());
     assert!(!ok && log.contains("nothing to resume"), "{log}");
+    // A run killed before its first checkpoint left only a log: neither a new run nor a resume
+    // may take the folder, and the resume's error says what happened.
+    std::fs::create_dir_all(dir.join("logonly")).unwrap();
+    std::fs::write(dir.join("logonly/log.jsonl"), "{\"step\":1,\"loss\":3.0}\n").unwrap();
+    let (ok, log) = run(with(&["--resume"])
+        .into_iter()
+        .map(|a| a.replace("/run", "/logonly"))
+        .collect());
+    assert!(
+        !ok && log.contains("stopped before its first checkpoint"),
+        "{log}"
+    );
+    let (ok, log) = run(with(&[])
+        .into_iter()
+        .map(|a| a.replace("/run", "/logonly"))
+        .collect());
+    assert!(
+        !ok && log.contains("holds a training run (a training log"),
+        "{log}"
+    );
+    // A folder that a live process trains into is refused; a lock left behind by a process that
+    // is gone is taken over, and released at the end.
+    let locked = |extra: &[&str]| -> Vec<String> {
+        with(extra)
+            .into_iter()
+            .map(|a| a.replace("/run", "/locked"))
+            .collect()
+    };
+    std::fs::create_dir_all(dir.join("locked")).unwrap();
+    std::fs::write(dir.join("locked/.lock"), std::process::id().to_string()).unwrap();
+    let (ok, log) = run(locked(&["--steps", "1"]));
+    let holder = format!("another process (pid {}) is training", std::process::id());
+    assert!(!ok && log.contains(&holder), "{log}");
+    std::fs::write(dir.join("locked/.lock"), "4294967295").unwrap();
+    let (ok, log) = run(locked(&["--steps", "1", "--batch-seconds", "2"]));
+    assert!(ok && !dir.join("locked/.lock").exists(), "{log}");
     let (ok, log) = run(with(&[])
         .into_iter()
         .map(|a| a.replace("/run", "/train/wav.scp"))

@@ -295,6 +295,71 @@ fn load_pairs(path: &Path, pairs: &mut [Pair]) -> Result<()> {
     Ok(())
 }
 
+/// Held while a run writes to its folder, so that a second `strata train` into the same folder (a
+/// job resubmitted while the first still runs) fails at once instead of interleaving checkpoints
+/// and log lines. The lock is `OUT/.lock` holding the writer's process id; one left behind by a
+/// process that no longer exists (killed) is taken over. Re-entrant within a process: the CLI
+/// holds it while it writes run.json and vocab.txt, and [`train`] takes it again.
+pub struct RunLock {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl RunLock {
+    pub fn acquire(out: &Path) -> Result<RunLock> {
+        let path = out.join(".lock");
+        let me = std::process::id();
+        let io = |detail: String| Error::Io {
+            path: path.display().to_string(),
+            detail,
+        };
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    write!(f, "{me}").map_err(|e| io(format!("cannot write the run lock: {e}")))?;
+                    return Ok(RunLock { path, owned: true });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if pid == me => return Ok(RunLock { path, owned: false }),
+                        // Linux: a live process has /proc/<pid>; elsewhere every lock is stale.
+                        Some(pid) if Path::new(&format!("/proc/{pid}")).exists() => {
+                            return Err(Error::Config(format!(
+                                "{}: another process (pid {pid}) is training into this folder; wait for it or stop it (if it is not strata, delete {})",
+                                out.display(),
+                                path.display()
+                            )))
+                        }
+                        _ => {
+                            // Left by a process that is gone (or unreadable): take it over.
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(io(format!("cannot create the run lock: {e}"))),
+            }
+        }
+        Err(io(
+            "could not take the run lock (it keeps reappearing)".into()
+        ))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Checks that `out` may take this run before anything is written there: a new run (`resume`
 /// false) must not land on a folder that already holds one (its log or a pair's checkpoints would
 /// be overwritten or mixed with the new run's), and a resumed run needs a checkpoint to continue.
@@ -321,8 +386,13 @@ pub fn check_out_dir(out: &Path, resume: bool) -> Result<()> {
         )));
     }
     if resume && checkpointed.is_empty() {
+        let fix = if has_log {
+            "the run stopped before its first checkpoint: delete the folder to start over (--save-every N checkpoints between evaluations)"
+        } else {
+            "run without --resume to start"
+        };
         return Err(Error::Config(format!(
-            "{}: nothing to resume (no <pair>/latest checkpoint there): run without --resume to start",
+            "{}: nothing to resume (no <pair>/latest checkpoint there): {fix}",
             out.display()
         )));
     }
@@ -343,6 +413,7 @@ pub fn train(
         path: cfg.out.display().to_string(),
         detail: format!("cannot create: {e}"),
     })?;
+    let _lock = RunLock::acquire(&cfg.out)?;
     check_out_dir(&cfg.out, cfg.resume)?;
     if cfg.accum == 0 || cfg.steps == 0 || cfg.batch_samples == 0 {
         return Err(Error::Config(

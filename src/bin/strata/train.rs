@@ -373,7 +373,24 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         ));
     }
     let device = parse_device(&t.device)?;
-    // Before the data checks, which can take a while on a large corpus.
+    // Before the data checks, which can take a while on a large corpus; the folder is locked
+    // from here on (run.json and vocab.txt are written before `train` starts).
+    if t.resume {
+        strata::train::run::check_out_dir(&out, true).map_err(|e| e.to_string())?;
+    } else {
+        std::fs::create_dir_all(&out).map_err(|e| {
+            let why = if out.exists() && !out.is_dir() {
+                "it exists and is not a folder".to_string()
+            } else {
+                e.to_string()
+            };
+            format!(
+                "--out {}: cannot create the run folder: {why}",
+                out.display()
+            )
+        })?;
+    }
+    let _lock = strata::train::run::RunLock::acquire(&out).map_err(|e| e.to_string())?;
     strata::train::run::check_out_dir(&out, t.resume).map_err(|e| e.to_string())?;
     let upstream = match &t.model {
         Some(m) => Some(Upstream::load(m).map_err(|e| e.to_string())?),
@@ -390,17 +407,6 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         Some(p) => Vocab::from_file(p, ctc).map_err(|e| e.to_string())?,
         None => Vocab::from_dataset(&train, ctc),
     };
-    std::fs::create_dir_all(&out).map_err(|e| {
-        let why = if out.exists() && !out.is_dir() {
-            "it exists and is not a folder".to_string()
-        } else {
-            e.to_string()
-        };
-        format!(
-            "--out {}: cannot create the run folder: {why}",
-            out.display()
-        )
-    })?;
     let caches = match &t.features {
         Some(root) => Some((
             cache_for(root, &train_p, &train, upstream.as_ref(), normalize)?,
