@@ -35,7 +35,8 @@ fn kaldi_dir_loads_and_bad_utterances_are_named_or_skipped() {
     let d = scratch("kaldi");
     wav(&d, "a.wav", 16000, 16000, 1);
     wav(&d, "b.wav", 8000, 16000, 1);
-    write(&d, "wav.scp", "a a.wav\nb b.wav\n");
+    // CRLF line ends and a UTF-8 byte-order mark, as Windows editors write them.
+    write(&d, "wav.scp", "\u{feff}a a.wav\r\nb b.wav\r\n");
     write(&d, "text", "a h e l o\nb w o r l d\n");
     let ds = load_kaldi_dir(&d, Task::Units, OnBad::Fail).unwrap();
     assert_eq!(ds.utterances.len(), 2);

@@ -57,6 +57,8 @@ fn io_err(path: &Path, detail: impl Into<String>) -> Error {
 fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| io_err(path, format!("cannot read: {e}")))?;
+    // Windows editors start UTF-8 files with a byte-order mark; it is not part of the first id.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     Ok(text
         .lines()
         .enumerate()
