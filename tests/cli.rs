@@ -507,6 +507,24 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         ok && log.contains("accuracy") && log.contains("over 4 utterances"),
         "{log}"
     );
+    // Every pair of the run from one upstream pass: the same result line for hconv.
+    let hconv_line = log.lines().find(|l| l.starts_with("hconv (best)")).unwrap();
+    let (ok, all) = strata(&[
+        "eval",
+        "--model",
+        &model,
+        "--run",
+        out.to_str().unwrap(),
+        "--pair",
+        "all",
+        "--data",
+        dir.join("dev").to_str().unwrap(),
+    ]);
+    assert!(
+        ok && all.lines().any(|l| l == hconv_line)
+            && all.lines().any(|l| l.starts_with("ws (best)")),
+        "{all}"
+    );
     let eval = |model: &str, run: &str, data: &Path| {
         strata(&[
             "eval",

@@ -694,42 +694,79 @@ pub fn evaluate_checkpoint(
     batch_samples: usize,
     device: TrainDevice,
 ) -> Result<(f64, Vec<Hypothesis>)> {
+    let mut all = evaluate_checkpoints(
+        source,
+        &[(checkpoint_dir.to_path_buf(), itf.clone())],
+        task,
+        vocab,
+        &data,
+        batch_samples,
+        device,
+    )?;
+    Ok(all.remove(0))
+}
+
+/// [`evaluate_checkpoint`] for several pairs (checkpoint folder, interface) at once: each batch's
+/// hidden states are read or computed once and decoded by every pair, as in training. Results
+/// in the order of `pairs`.
+pub fn evaluate_checkpoints(
+    source: &StackSource,
+    pairs: &[(PathBuf, InterfaceConfig)],
+    task: Task,
+    vocab: &Vocab,
+    data: &Dataset,
+    batch_samples: usize,
+    device: TrainDevice,
+) -> Result<Vec<(f64, Vec<Hypothesis>)>> {
     let labels: Vec<Vec<usize>> = data
         .utterances
         .iter()
         .map(|u| vocab.encode_reference(u))
         .collect();
-    let mut pair = Pair::new(
-        "eval",
-        itf,
-        head_kind(task, vocab),
-        AdamConfig::adamw(1e-3),
-        None,
-        0,
-    )?;
-    checkpoint::load(checkpoint_dir, &mut pair.store, &mut pair.optimizer)?;
-    let (backend, on_device) = device_pairs(device, std::slice::from_ref(&pair))?;
+    let mut loaded = Vec::with_capacity(pairs.len());
+    for (dir, itf) in pairs {
+        let mut pair = Pair::new(
+            "eval",
+            itf,
+            head_kind(task, vocab),
+            AdamConfig::adamw(1e-3),
+            None,
+            0,
+        )?;
+        checkpoint::load(dir, &mut pair.store, &mut pair.optimizer)?;
+        loaded.push(pair);
+    }
+    let (backend, on_device) = device_pairs(device, &loaded)?;
     let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
-    let mut rate = ErrorRate::default();
-    let mut out = Vec::new();
+    let mut rates = vec![ErrorRate::default(); loaded.len()];
+    let mut outs: Vec<Vec<Hypothesis>> = vec![Vec::new(); loaded.len()];
     for b in length_buckets(&samples, batch_samples, None) {
-        let (stack, batch) = source.stack(&data, &b)?;
-        let hyps = match (&backend, &on_device[0]) {
-            (Some(be), Some(d)) => d.decode_on(be, &upload_stack(be, &stack)?, &batch)?,
-            _ => pair.decode(&stack, &batch)?,
-        };
-        for (hyp, &i) in hyps.iter().zip(&b) {
-            rate.add(hyp, &labels[i]);
-            let u = &data.utterances[i];
-            out.push(Hypothesis {
-                id: u.id.clone(),
-                hyp: hyp.iter().map(|&t| vocab.tokens[t].clone()).collect(),
-                reference: u.label.clone(),
-            });
+        let (stack, batch) = source.stack(data, &b)?;
+        let x = device_stack(backend.as_ref(), &on_device, &stack)?;
+        for (k, (pair, d)) in loaded.iter().zip(&on_device).enumerate() {
+            let hyps = match (d, &backend, &x) {
+                (Some(d), Some(be), Some(x)) => d.decode_on(be, x, &batch)?,
+                _ => pair.decode(&stack, &batch)?,
+            };
+            for (hyp, &i) in hyps.iter().zip(&b) {
+                rates[k].add(hyp, &labels[i]);
+                let u = &data.utterances[i];
+                outs[k].push(Hypothesis {
+                    id: u.id.clone(),
+                    hyp: hyp.iter().map(|&t| vocab.tokens[t].clone()).collect(),
+                    reference: u.label.clone(),
+                });
+            }
         }
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok((rate.rate(), out))
+    Ok(rates
+        .iter()
+        .zip(outs)
+        .map(|(rate, mut out)| {
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            (rate.rate(), out)
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
        strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] A.wav [B.wav ...]
        strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad]
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
-       strata eval --model DIR|--features DIR --run OUT --pair NAME --data DATA [--which best|latest] [--hyp FILE]
+       strata eval --model DIR|--features DIR --run OUT --pair NAME[,NAME..]|all --data DATA [--which best|latest] [--hyp FILE]
                    [--task units|chars|classify] [--normalize auto|on|off] [--skip-bad]
                    [--device auto|cpu|cuda|emulator]
 
@@ -66,7 +66,8 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
          rate (PER, CER) or accuracy and writes every utterance's hypothesis to --hyp (default
          OUT/<pair>/hyp-<which>.tsv: id, hypothesis, reference). With --features DIR the hidden
          states come from the feature cache DIR/<data stem> (extracted first when --model is given
-         too). The upstream and normalization must be the ones the run trained on.";
+         too). The upstream and normalization must be the ones the run trained on. Several pairs
+         (a list, or all of the run's) are scored from one upstream pass per batch.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -640,7 +640,7 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     }
     let pair = pair.ok_or_else(|| {
         format!(
-            "eval needs --pair NAME (an interface trained in {})",
+            "eval needs --pair NAME (an interface trained in {}; a list ws,hconv or all)",
             run.display()
         )
     })?;
@@ -725,39 +725,72 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
             on_off(normalized)
         ));
     }
-    let itf = interface_named(&pair, source.num_states(), source.hidden_size())?;
+    // `--pair all`: every pair of the run; otherwise a comma-separated list.
+    let names: Vec<String> = if pair == "all" {
+        let listed: Vec<String> = recorded["interfaces"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if listed.is_empty() {
+            return Err(format!(
+                "--pair all: {} lists no interfaces; name the pairs (--pair ws,hconv)",
+                run.join("run.json").display()
+            ));
+        }
+        listed
+    } else {
+        pair.split(',').map(|n| n.trim().to_string()).collect()
+    };
+    if hyp.is_some() && names.len() > 1 {
+        return Err(format!(
+            "--hyp FILE takes one pair's hypotheses, and {} pairs are evaluated: leave it out (each goes to OUT/<pair>/hyp-{which}.tsv)",
+            names.len()
+        ));
+    }
+    let mut pairs = Vec::with_capacity(names.len());
+    for name in &names {
+        let itf = interface_named(name, source.num_states(), source.hidden_size())?;
+        pairs.push((run.join(name).join(&which), itf));
+    }
     if let Some(note) = vocab.unknown_note(&ds, &data.display().to_string()) {
         eprintln!("{note}");
     }
-    let ckpt = run.join(&pair).join(&which);
-    let (rate, hyps) = strata::train::run::evaluate_checkpoint(
+    let results = strata::train::run::evaluate_checkpoints(
         &source,
-        &ckpt,
-        &itf,
+        &pairs,
         task,
         &vocab,
-        ds,
+        &ds,
         60 * 16000,
         device,
     )
     .map_err(|e| e.to_string())?;
-    let hyp = hyp.unwrap_or_else(|| run.join(&pair).join(format!("hyp-{which}.tsv")));
-    let text: String = hyps
-        .iter()
-        .map(|h| format!("{}\t{}\t{}\n", h.id, h.hyp.join(" "), h.reference.join(" ")))
-        .collect();
-    std::fs::write(&hyp, text).map_err(|e| format!("{}: {e}", hyp.display()))?;
-    let (metric, value) = match task {
-        Task::Characters => ("CER", rate),
-        Task::Units => ("PER", rate),
-        Task::Classification => ("accuracy", 1.0 - rate),
-    };
-    println!(
-        "{pair} ({which}) on {}: {metric} {:.2}% over {} utterances; hypotheses in {}",
-        data.display(),
-        100.0 * value,
-        hyps.len(),
-        hyp.display()
-    );
+    for (name, (rate, hyps)) in names.iter().zip(results) {
+        let hyp = match &hyp {
+            Some(h) => h.clone(),
+            None => run.join(name).join(format!("hyp-{which}.tsv")),
+        };
+        let text: String = hyps
+            .iter()
+            .map(|h| format!("{}\t{}\t{}\n", h.id, h.hyp.join(" "), h.reference.join(" ")))
+            .collect();
+        std::fs::write(&hyp, text).map_err(|e| format!("{}: {e}", hyp.display()))?;
+        let (metric, value) = match task {
+            Task::Characters => ("CER", rate),
+            Task::Units => ("PER", rate),
+            Task::Classification => ("accuracy", 1.0 - rate),
+        };
+        println!(
+            "{name} ({which}) on {}: {metric} {:.2}% over {} utterances; hypotheses in {}",
+            data.display(),
+            100.0 * value,
+            hyps.len(),
+            hyp.display()
+        );
+    }
     Ok(())
 }
