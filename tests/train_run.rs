@@ -129,7 +129,7 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
         "{\"step\":4,\"pair\":\"ws\",\"loss\":9.0}\n{\"step\":5,\"pair\":\"ws\",\"loss\":9.0}\n",
     );
     std::fs::write(&log, text).unwrap();
-    train(
+    let resumed_result = train(
         &src,
         &src,
         load("train"),
@@ -138,6 +138,23 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
         &config(&resumed, 6, true),
     )
     .unwrap();
+    // The best dev rate and its step carry across the resume (the best at step 3 was recorded
+    // in the checkpoint the resume started from).
+    let summary = |r: &[strata::train::run::EvalResult]| -> Vec<(String, u64, Option<u64>, usize)> {
+        r.iter()
+            .map(|e| {
+                assert!(e.best_error_rate <= e.error_rate && e.interface_params < e.params);
+                (
+                    e.name.clone(),
+                    e.best_error_rate.to_bits(),
+                    e.best_step,
+                    e.params,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(summary(&result), summary(&resumed_result));
+    assert!(result.iter().all(|r| matches!(r.best_step, Some(3 | 6))));
     let mut changed = config(&resumed, 8, true);
     changed.accum = 3;
     let err = train(&src, &src, load("train"), load("dev"), &vocab, &changed)

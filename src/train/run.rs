@@ -124,6 +124,13 @@ pub struct EvalResult {
     pub name: String,
     pub step: u64,
     pub error_rate: f64,
+    /// The lowest dev error rate so far and its step (the `best` checkpoint; the step is unknown
+    /// for a run resumed from checkpoints written before it was recorded).
+    pub best_error_rate: f64,
+    pub best_step: Option<u64>,
+    /// Trainable scalars of the interface, and of interface + head.
+    pub interface_params: usize,
+    pub params: usize,
 }
 
 fn log_line(out: &Path, v: serde_json::Value) -> Result<()> {
@@ -477,6 +484,7 @@ pub fn train(
     // Where to continue: (step, best error rate per pair).
     let mut start = 0u64;
     let mut best = vec![f64::INFINITY; pairs.len()];
+    let mut best_step: Vec<Option<u64>> = vec![None; pairs.len()];
     // What fixes the data order and the step's meaning: a resumed run must use the same.
     let order = json!({
         "seed": cfg.seed,
@@ -491,6 +499,7 @@ pub fn train(
             let extra = checkpoint::load(&dir, &mut p.store, &mut p.optimizer)?;
             p.steps = p.optimizer.step;
             best[i] = extra["best"].as_f64().unwrap_or(f64::INFINITY);
+            best_step[i] = extra["best_step"].as_u64();
             if let Some(saved) = extra.get("order").and_then(|o| o.as_object()) {
                 for (key, was) in saved {
                     if order[key.as_str()] != *was {
@@ -615,12 +624,12 @@ pub fn train(
             }
         }
         if !eval_now {
-            for (p, best) in pairs.iter().zip(&best) {
+            for ((p, best), best_step) in pairs.iter().zip(&best).zip(&best_step) {
                 checkpoint::save(
                     &cfg.out.join(&p.name).join("latest"),
                     &p.store,
                     &p.optimizer,
-                    &json!({"best": *best, "order": order}),
+                    &json!({"best": *best, "best_step": best_step, "order": order}),
                 )?;
             }
             continue;
@@ -635,7 +644,9 @@ pub fn train(
             cfg.batch_samples,
         )?;
         last.clear();
-        for ((p, &rate), best) in pairs.iter().zip(&rates).zip(&mut best) {
+        for (((p, &rate), best), best_step) in
+            pairs.iter().zip(&rates).zip(&mut best).zip(&mut best_step)
+        {
             let mut entry = json!({"step": done, "pair": p.name, "dev_error_rate": rate});
             if cfg.task == Task::Classification {
                 entry["dev_accuracy"] = json!(1.0 - rate);
@@ -644,23 +655,28 @@ pub fn train(
             let dir = cfg.out.join(&p.name);
             if rate < *best {
                 *best = rate;
+                *best_step = Some(done);
                 checkpoint::save(
                     &dir.join("best"),
                     &p.store,
                     &p.optimizer,
-                    &json!({"best": rate, "order": order}),
+                    &json!({"best": rate, "best_step": done, "order": order}),
                 )?;
             }
             checkpoint::save(
                 &dir.join("latest"),
                 &p.store,
                 &p.optimizer,
-                &json!({"best": *best, "order": order}),
+                &json!({"best": *best, "best_step": *best_step, "order": order}),
             )?;
             last.push(EvalResult {
                 name: p.name.clone(),
                 step: done,
                 error_rate: rate,
+                best_error_rate: *best,
+                best_step: *best_step,
+                interface_params: p.interface_params(),
+                params: p.store.num_scalars(),
             });
         }
         crate::train::plot::write_curves(&cfg.out)?;

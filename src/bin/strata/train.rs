@@ -510,14 +510,22 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     let results = strata::train::run::train(&train_src, &dev_src, train, dev, &vocab, &cfg)
         .map_err(|e| e.to_string())?;
     let metric = if ctc { "dev error" } else { "dev accuracy" };
-    println!("{:<10} {:>8} {:>12}", "interface", "step", metric);
+    let shown = |rate: f64| 100.0 * if ctc { rate } else { 1.0 - rate };
+    println!(
+        "{:<12} {:>12} {:>12} {:>8} {:>12} {:>16}",
+        "interface", "itf params", "all params", "step", metric, "best (step)"
+    );
     for r in results {
-        let v = if ctc {
-            r.error_rate
-        } else {
-            1.0 - r.error_rate
-        };
-        println!("{:<10} {:>8} {:>11.2}%", r.name, r.step, 100.0 * v);
+        let best_step = r.best_step.map_or("?".to_string(), |s| s.to_string());
+        println!(
+            "{:<12} {:>12} {:>12} {:>8} {:>11.2}% {:>16}",
+            r.name,
+            r.interface_params,
+            r.params,
+            r.step,
+            shown(r.error_rate),
+            format!("{:.2}% ({best_step})", shown(r.best_error_rate))
+        );
     }
     println!(
         "log: {}; curves: {}",
