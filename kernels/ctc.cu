@@ -20,7 +20,8 @@
 //    (a chain from its first occurrence, links computed on the host), the CPU's accumulation order.
 //    Deterministic.
 // An impossible alignment (nll = inf): zero_infinity gives loss 0 and gradient 0; otherwise the
-// loss is inf and the gradient NaN, as the CPU reference.
+// loss is inf and the gradient NaN, as the CPU reference. A NaN loss (NaN log-probs) stays NaN
+// with a NaN gradient even under zero_infinity, as in PyTorch.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif
@@ -144,8 +145,8 @@ extern "C" __global__ void ctc_alpha_beta(const CtcParams p) {
     }
     if (!backward && tid == 0) {
         const float nll = ctc_nll(table, T, S);
-        const bool finite = nll < strata_bits_float(0x7f800000u) && nll == nll;
-        p.nll[u] = finite || !p.zero_infinity ? nll : 0.0f;
+        const bool impossible = nll == strata_bits_float(0x7f800000u);
+        p.nll[u] = impossible && p.zero_infinity ? 0.0f : nll;
     }
 }
 STRATA_EMU_ENTRY(ctc_alpha_beta, CtcParams)
@@ -175,7 +176,8 @@ extern "C" __global__ void ctc_grad(const CtcParams p) {
     const float nll = ctc_nll(A, T, S);
     const bool finite = nll < strata_bits_float(0x7f800000u) && nll == nll;
     if (!finite) {
-        const float fill = p.zero_infinity ? 0.0f : strata_bits_float(0x7fc00000u);
+        const bool impossible = nll == strata_bits_float(0x7f800000u);
+        const float fill = impossible && p.zero_infinity ? 0.0f : strata_bits_float(0x7fc00000u);
         for (int c = lane; c < p.v; c += 32) grad[c] = fill;
         return;
     }

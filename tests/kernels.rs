@@ -1180,6 +1180,57 @@ fn ctc_kernel_matches_the_cpu_reference() {
                 }
             }
         }
+        // A NaN log-probability (a diverged model) is not an impossible alignment: even under
+        // zero_infinity its utterance's loss and gradient stay NaN, as in PyTorch, so the run
+        // stops instead of training on zeros.
+        let batch = PackedBatch::from_lengths(&[4, 5]).unwrap();
+        let mut lp = strata::ops::softmax::log_softmax_forward(&randn(27, 3), 3);
+        lp[4] = f32::NAN;
+        let targets = vec![vec![1, 2], vec![2]];
+        let got = device::ctc_loss(
+            &be,
+            &be.upload(&lp).unwrap(),
+            3,
+            &batch,
+            &targets,
+            Reduction::Sum,
+            true,
+        )
+        .unwrap();
+        let g = be.download(&got.grad).unwrap();
+        let want = forward_backward(
+            &lp,
+            3,
+            batch.offsets(),
+            &[1, 2, 2],
+            &[0, 2, 3],
+            0,
+            Reduction::Sum,
+            true,
+        );
+        assert!(
+            want.per_utterance[0].is_nan()
+                && want.loss.is_nan()
+                && want.per_utterance[1].is_finite()
+        );
+        assert!(
+            got.per_utterance[0].is_nan() && got.loss.is_nan(),
+            "{}: {:?}",
+            be.name(),
+            got.per_utterance
+        );
+        assert!(
+            (got.per_utterance[1] - want.per_utterance[1]).abs()
+                <= 1e-5 * want.per_utterance[1].abs()
+        );
+        assert!(
+            g[..12].iter().all(|x| x.is_nan()) && g[12..].iter().all(|x| x.is_finite()),
+            "{g:?}"
+        );
+        assert!(
+            want.grad[..12].iter().all(|x| x.is_nan())
+                && want.grad[12..].iter().all(|x| x.is_finite())
+        );
         // Bad targets are refused with the utterance named.
         let batch = PackedBatch::from_lengths(&[3]).unwrap();
         let lpb = be.upload(&[-1.0f32; 9]).unwrap();

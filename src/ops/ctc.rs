@@ -1,7 +1,7 @@
 //! Connectionist temporal classification in log space (blank = 0 by default), with PyTorch's
 //! `ctc_loss` semantics: 'mean' divides each utterance's loss by its target length (min 1) and then
 //! averages over the batch; 'sum' adds them; `zero_infinity` turns an impossible alignment's infinite
-//! loss (and its gradient) into zero.
+//! loss (and its gradient) into zero, but leaves a NaN loss (from NaN log-probabilities) NaN.
 //!
 //! The gradient returned is the true derivative w.r.t. the log-probabilities. (PyTorch's own
 //! `ctc_loss` backward returns the logit gradient assuming a preceding log_softmax; composed with
@@ -148,7 +148,9 @@ pub fn forward_backward<R: Real>(
             }
             Reduction::Sum => R::ONE,
         };
-        let nll = if zero_infinity && !nll.is_finite() {
+        // Only an infinite loss (an impossible alignment) is zeroed: a NaN one (NaN log-probs, a
+        // diverged model) stays NaN with a NaN gradient, as in PyTorch, so that it is seen.
+        let nll = if zero_infinity && -nll == R::NEG_INFINITY {
             R::ZERO
         } else {
             nll
