@@ -243,6 +243,29 @@ fn save_every_checkpoints_let_a_run_that_died_between_evaluations_resume_bit_for
 }
 
 #[test]
+fn a_diverged_pair_stops_the_run_before_a_checkpoint_takes_its_parameters() {
+    let root = scratch("diverged");
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&load("train"), true);
+    // A finite first loss, then an update that overflows the parameters (no clipping).
+    let mut cfg = config(&root.join("out"), 3, false);
+    cfg.schedule = Schedule::parse("constant", 1e39, 0, 3).unwrap();
+    cfg.clip = None;
+    cfg.eval_every = 1;
+    let err = train(&src, &src, load("train"), load("dev"), &vocab, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("non-finite values") && err.contains("after step 1"),
+        "{err}"
+    );
+    assert!(!root.join("out/ws/latest").exists() && !root.join("out/hconv/latest").exists());
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
 fn feature_cache_and_init_files_reproduce_runs_exactly() {
     let root = scratch("features");
     let upstream = fixture();

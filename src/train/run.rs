@@ -623,6 +623,23 @@ pub fn train(
                 }
             }
         }
+        // A diverged pair (a finite loss, then an overflowing update) must not overwrite its
+        // last good checkpoint with NaN / Inf parameters.
+        for p in &pairs {
+            if let Some(q) = p
+                .store
+                .iter()
+                .find(|q| q.value.data().iter().any(|x| !x.is_finite()))
+            {
+                return Err(Error::value(
+                    "parameters",
+                    format!(
+                        "'{}' has non-finite values in {} after step {done} (the model diverged): lower the learning rate or clip gradients; its checkpoints keep their last good state",
+                        p.name, q.name
+                    ),
+                ));
+            }
+        }
         if !eval_now {
             for ((p, best), best_step) in pairs.iter().zip(&best).zip(&best_step) {
                 checkpoint::save(
