@@ -74,17 +74,27 @@ fn extract_writes_every_hidden_state_of_each_file() {
         let e = common::rel_err(&t.to_vec(), expected.f(key));
         assert!(e < 1e-4, "{name}: relative error {e:.2e}");
     }
-    // f16 output.
-    let (ok, log) = strata(&[
-        "extract",
-        "--model",
-        &model,
-        "--out",
-        out.to_str().unwrap(),
-        "--dtype",
-        "f16",
-        a.to_str().unwrap(),
-    ]);
+    // f16 output, replacing the file above: only with --overwrite.
+    let f16 = |extra: &[&str]| {
+        let mut args = vec![
+            "extract",
+            "--model",
+            &model,
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f16",
+            a.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        strata(&args)
+    };
+    let (ok, log) = f16(&[]);
+    assert!(
+        !ok && log.contains("already holds a file: pass --overwrite"),
+        "{log}"
+    );
+    let (ok, log) = f16(&["--overwrite"]);
     assert!(ok, "{log}");
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -472,6 +482,20 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
     assert_eq!(run["steps"], 3, "a flag overrides the config");
     assert_eq!(run["task"], "classify");
     assert!(dir.join("feats/train/index.json").exists() && dir.join("init.safetensors").exists());
+    // A cache is replaced only when asked (extraction can take hours).
+    let (ok, log) = strata(&[
+        "extract",
+        "--model",
+        &model,
+        "--data",
+        dir.join("dev").to_str().unwrap(),
+        "--out",
+        dir.join("feats/train").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && log.contains("already holds a feature cache of 8 utterances"),
+        "{log}"
+    );
     assert!(out.join("curves.png").exists());
     // The second run reads the cache without an upstream at all.
     let (ok, log) = strata(&[

@@ -175,6 +175,14 @@ fn shard_header(path: &Path) -> Result<(u64, Value)> {
 }
 
 impl FeatureCache {
+    /// Utterances held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub fn exists(dir: &Path) -> bool {
         dir.join("index.json").is_file()
     }

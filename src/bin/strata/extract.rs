@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use strata::models::upstream::Upstream;
 use strata::train::data::{load_audio_only, OnBad};
+use strata::train::features::FeatureCache;
 use strata::DType;
 
 struct ExtractArgs {
@@ -15,6 +16,7 @@ struct ExtractArgs {
     normalize: Option<bool>,
     data: Option<PathBuf>,
     on_bad: OnBad,
+    overwrite: bool,
     wavs: Vec<PathBuf>,
 }
 
@@ -22,6 +24,7 @@ fn parse_extract(args: &[String]) -> Result<ExtractArgs, String> {
     let (mut model, mut out, mut dtype, mut normalize, mut data, mut wavs) =
         (None, None, DType::F32, None, None, Vec::new());
     let mut on_bad = OnBad::Fail;
+    let mut overwrite = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -34,6 +37,7 @@ fn parse_extract(args: &[String]) -> Result<ExtractArgs, String> {
             "--out" => out = Some(PathBuf::from(value()?)),
             "--data" => data = Some(PathBuf::from(value()?)),
             "--skip-bad" => on_bad = OnBad::Skip,
+            "--overwrite" => overwrite = true,
             "--dtype" => {
                 dtype = match value()?.as_str() {
                     "f32" => DType::F32,
@@ -66,12 +70,35 @@ fn parse_extract(args: &[String]) -> Result<ExtractArgs, String> {
         normalize,
         data,
         on_bad,
+        overwrite,
         wavs,
     })
 }
 
 pub fn extract(args: &[String]) -> Result<(), String> {
     let a = parse_extract(args)?;
+    // Extraction can take hours: what an earlier run wrote is replaced only when asked.
+    if !a.overwrite {
+        let held = if a.data.is_some() {
+            FeatureCache::exists(&a.out).then(|| match FeatureCache::open(&a.out) {
+                Ok(c) => format!(
+                    "a feature cache of {} utterances, {} states x {}",
+                    c.len(),
+                    c.layers,
+                    c.dim
+                ),
+                Err(_) => "a damaged feature cache".to_string(),
+            })
+        } else {
+            a.out.exists().then(|| "a file".to_string())
+        };
+        if let Some(what) = held {
+            return Err(format!(
+                "--out {} already holds {what}: pass --overwrite to replace it, or choose another --out",
+                a.out.display()
+            ));
+        }
+    }
     let normalize = model_normalize(&a.model, a.normalize)?;
     if let Some(data) = &a.data {
         let model = Upstream::load(&a.model).map_err(|e| e.to_string())?;

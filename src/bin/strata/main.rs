@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--device auto|cpu|cuda|emulator]
-       strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] A.wav [B.wav ...]
-       strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad]
+       strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] [--overwrite] A.wav [B.wav ...]
+       strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad] [--overwrite]
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
        strata eval --model DIR|--features DIR --run OUT --pair NAME[,NAME..]|all --data DATA [--which best|latest] [--hyp FILE]
                    [--task units|chars|classify] [--normalize auto|on|off] [--skip-bad]
@@ -28,7 +28,8 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
          file's stem with shape [frames, layers + 1, hidden] (every hidden state, as transformers'
          output_hidden_states). With --data, every utterance of a data set goes into a feature cache
          folder (safetensors shards + index.json) for `train --features`. --normalize auto follows
-         the model directory's preprocessor_config.json (do_normalize), off when it has none.
+         the model directory's preprocessor_config.json (do_normalize), off when it has none. An
+         existing output (file or cache) is replaced only with --overwrite.
 
   train  trains one or several interfaces, each with its head, side by side from ONE upstream pass
          per batch. DATA is a Kaldi-style folder (wav.scp + text, or utt2label for classify) or a
