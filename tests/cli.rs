@@ -516,67 +516,44 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         "2",
     ]);
     assert!(ok && !log.contains("extracting"), "{log}");
-    let (ok, log) = strata(&[
-        "eval",
-        "--model",
-        &model,
-        "--run",
-        out.to_str().unwrap(),
-        "--pair",
-        "hconv",
-        "--data",
-        dir.join("dev").to_str().unwrap(),
-    ]);
+    // `strata eval` of `pair` in the run folder `run` on the dev set; `source` is the model or
+    // the feature cache (["--model", M] / ["--features", F]), `extra` further flags.
+    let eval = |source: [&str; 2], run: &str, pair: &str, extra: &[&str]| {
+        let (run, data) = (dir.join(run), dir.join("dev"));
+        let mut args = vec![
+            "eval",
+            source[0],
+            source[1],
+            "--run",
+            run.to_str().unwrap(),
+            "--pair",
+            pair,
+            "--data",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        strata(&args)
+    };
+    let with_model = ["--model", model.as_str()];
+    let (ok, log) = eval(with_model, "run", "hconv", &[]);
     assert!(
         ok && log.contains("accuracy") && log.contains("over 4 utterances"),
         "{log}"
     );
     // Every pair of the run from one upstream pass: the same result line for hconv.
     let hconv_line = log.lines().find(|l| l.starts_with("hconv (best)")).unwrap();
-    let (ok, all) = strata(&[
-        "eval",
-        "--model",
-        &model,
-        "--run",
-        out.to_str().unwrap(),
-        "--pair",
-        "all",
-        "--data",
-        dir.join("dev").to_str().unwrap(),
-    ]);
+    let (ok, all) = eval(with_model, "run", "all", &[]);
     assert!(
         ok && all.lines().any(|l| l == hconv_line)
             && all.lines().any(|l| l.starts_with("ws (best)")),
         "{all}"
     );
-    let eval = |model: &str, run: &str, data: &Path| {
-        strata(&[
-            "eval",
-            "--model",
-            model,
-            "--run",
-            dir.join(run).to_str().unwrap(),
-            "--pair",
-            "ws",
-            "--data",
-            data.to_str().unwrap(),
-        ])
-    };
     // The run trained from the cache alone recorded the upstream that made the cache.
-    let (ok, log) = eval(&model, "run2", &dir.join("dev"));
+    let (ok, log) = eval(with_model, "run2", "ws", &[]);
     assert!(ok && log.contains("over 4 utterances"), "{log}");
     // And eval reads the cache without an upstream too, with the same result.
-    let (ok, from_cache) = strata(&[
-        "eval",
-        "--features",
-        dir.join("feats").to_str().unwrap(),
-        "--run",
-        dir.join("run2").to_str().unwrap(),
-        "--pair",
-        "ws",
-        "--data",
-        dir.join("dev").to_str().unwrap(),
-    ]);
+    let feats = dir.join("feats");
+    let (ok, from_cache) = eval(["--features", feats.to_str().unwrap()], "run2", "ws", &[]);
     assert!(ok, "{from_cache}");
     let accuracy = |log: &str| log.split("accuracy ").nth(1).map(|r| r[..6].to_string());
     assert!(accuracy(&log).is_some(), "{log}");
@@ -585,26 +562,14 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         accuracy(&log),
         "{from_cache} vs {log}"
     );
-    let (ok, log) = strata(&[
-        "eval",
-        "--model",
-        &model,
-        "--normalize",
-        "on",
-        "--run",
-        dir.join("run2").to_str().unwrap(),
-        "--pair",
-        "ws",
-        "--data",
-        dir.join("dev").to_str().unwrap(),
-    ]);
+    let (ok, log) = eval(with_model, "run2", "ws", &["--normalize", "on"]);
     assert!(
         !ok && log.contains("trained with input normalization off, this evaluation has it on"),
         "{log}"
     );
     // Another upstream is refused, even where its states have the same shape.
     let other = model.replace("hubert_group_postln", "wavlm_group_postln");
-    let (ok, log) = eval(&other, "run", &dir.join("dev"));
+    let (ok, log) = eval(["--model", other.as_str()], "run", "ws", &[]);
     assert!(
         !ok && log.contains("another upstream than --model") && log.contains("hubert_group_postln"),
         "{log}"
@@ -616,7 +581,7 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         labels.replacen("dev0 high", "dev0 middle", 1),
     )
     .unwrap();
-    let (ok, log) = eval(&model, "run", &dir.join("dev"));
+    let (ok, log) = eval(with_model, "run", "ws", &[]);
     assert!(
         ok && log.contains("1 of the 4 reference tokens") && log.contains("'middle' x1"),
         "{log}"

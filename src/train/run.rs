@@ -156,22 +156,45 @@ fn evaluate(
     dev_labels: &[Vec<usize>],
     batch_samples: usize,
 ) -> Result<Vec<f64>> {
-    let samples: Vec<usize> = dev.utterances.iter().map(|u| u.samples).collect();
     let mut rates = vec![ErrorRate::default(); pairs.len()];
+    decode_all(
+        source,
+        pairs,
+        on_device,
+        backend,
+        dev,
+        batch_samples,
+        |k, i, hyp| rates[k].add(hyp, &dev_labels[i]),
+    )?;
+    Ok(rates.iter().map(ErrorRate::rate).collect())
+}
+
+/// Decodes every utterance of `data` with every pair (on the device where the pair is there),
+/// reading or computing each batch's hidden states once; `visit(pair, utterance, hypothesis)`.
+fn decode_all(
+    source: &StackSource,
+    pairs: &[Pair],
+    on_device: &[Option<DevicePair>],
+    backend: Option<&Backend>,
+    data: &Dataset,
+    batch_samples: usize,
+    mut visit: impl FnMut(usize, usize, &[usize]),
+) -> Result<()> {
+    let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
     for b in length_buckets(&samples, batch_samples, None) {
-        let (stack, batch) = source.stack(dev, &b)?;
+        let (stack, batch) = source.stack(data, &b)?;
         let x = device_stack(backend, on_device, &stack)?;
-        for ((p, d), rate) in pairs.iter().zip(on_device).zip(&mut rates) {
+        for (k, (p, d)) in pairs.iter().zip(on_device).enumerate() {
             let hyps = match (d, backend, &x) {
                 (Some(d), Some(be), Some(x)) => d.decode_on(be, x, &batch)?,
                 _ => p.decode(&stack, &batch)?,
             };
             for (hyp, &i) in hyps.iter().zip(&b) {
-                rate.add(hyp, &dev_labels[i]);
+                visit(k, i, hyp);
             }
         }
     }
-    Ok(rates.iter().map(ErrorRate::rate).collect())
+    Ok(())
 }
 
 /// The stack sent up once for every pair that trains on the device (None: no pair does).
@@ -770,28 +793,25 @@ pub fn evaluate_checkpoints(
         loaded.push(pair);
     }
     let (backend, on_device) = device_pairs(device, &loaded)?;
-    let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
     let mut rates = vec![ErrorRate::default(); loaded.len()];
     let mut outs: Vec<Vec<Hypothesis>> = vec![Vec::new(); loaded.len()];
-    for b in length_buckets(&samples, batch_samples, None) {
-        let (stack, batch) = source.stack(data, &b)?;
-        let x = device_stack(backend.as_ref(), &on_device, &stack)?;
-        for (k, (pair, d)) in loaded.iter().zip(&on_device).enumerate() {
-            let hyps = match (d, &backend, &x) {
-                (Some(d), Some(be), Some(x)) => d.decode_on(be, x, &batch)?,
-                _ => pair.decode(&stack, &batch)?,
-            };
-            for (hyp, &i) in hyps.iter().zip(&b) {
-                rates[k].add(hyp, &labels[i]);
-                let u = &data.utterances[i];
-                outs[k].push(Hypothesis {
-                    id: u.id.clone(),
-                    hyp: hyp.iter().map(|&t| vocab.tokens[t].clone()).collect(),
-                    reference: u.label.clone(),
-                });
-            }
-        }
-    }
+    decode_all(
+        source,
+        &loaded,
+        &on_device,
+        backend.as_ref(),
+        data,
+        batch_samples,
+        |k, i, hyp| {
+            rates[k].add(hyp, &labels[i]);
+            let u = &data.utterances[i];
+            outs[k].push(Hypothesis {
+                id: u.id.clone(),
+                hyp: hyp.iter().map(|&t| vocab.tokens[t].clone()).collect(),
+                reference: u.label.clone(),
+            });
+        },
+    )?;
     Ok(rates
         .iter()
         .zip(outs)

@@ -680,19 +680,17 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         Some(root) => Some(cache_for(root, &data, &ds, upstream.as_ref(), normalize)?),
         None => None,
     };
-    let source = match (&cache, &upstream) {
-        (Some(c), _) => StackSource::Cache(c),
-        (None, Some(u)) => StackSource::Upstream(u, normalize),
-        (None, None) => unreachable!("checked above: --model or --features"),
-    };
-    // The hidden states must come from the upstream (and input normalization) the run trained on.
-    let (made_by, normalized, what) = match (&cache, &upstream, &model) {
+    // The hidden states, and what made them: they must come from the upstream (and input
+    // normalization) the run trained on.
+    let (source, made_by, normalized, what) = match (&cache, &upstream, &model) {
         (Some(c), _, _) => (
+            StackSource::Cache(c),
             c.upstream.clone(),
             c.normalize,
             format!("the features in {}", c.dir.display()),
         ),
         (None, Some(u), Some(m)) => (
+            StackSource::Upstream(u, normalize),
             upstream_fingerprint(u),
             normalize,
             format!("--model {}", m.display()),
