@@ -356,7 +356,7 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         "--batch-seconds",
         "2",
         "--interfaces",
-        "ws,single",
+        "ws-large,single",
         "--device",
         "emulator",
     ]);
@@ -367,11 +367,12 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         "{log}"
     );
     assert!(emu.join("single/latest/state.json").exists());
+    assert!(emu.join("ws-large/latest/state.json").exists());
     // CLS pooling on the emulated device too, in its own run folder.
     let cls: Vec<String> = args
         .iter()
         .map(|a| match a.as_str() {
-            "ws,single" => "cls".into(),
+            "ws-large,single" => "cls".into(),
             "2" => "3".into(),
             _ => a.clone(),
         })
@@ -406,10 +407,10 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         "--batch-seconds",
         "2",
         "--interfaces",
-        "hconv-k3s2,groupws3,single-1",
+        "hconv-k3s2,groupws3,single-1,ws-large",
     ]));
     assert!(
-        ok && ["hconv-k3s2", "groupws3", "single-1"]
+        ok && ["hconv-k3s2", "groupws3", "single-1", "ws-large"]
             .iter()
             .all(|p| out.join(p).join("latest/state.json").exists()),
         "{log}"

@@ -12,7 +12,7 @@ use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{load_audio_only, load_kaldi_dir, OnBad, Task, Vocab};
 use strata::train::features::{extract_dataset, FeatureCache, StackSource};
 use strata::train::run::{train, TrainConfig};
-use strata::train::side_by_side::{HeadKind, Pair};
+use strata::train::side_by_side::{HeadKind, HeadWidth, Pair, PairSpec};
 
 fn corpus(dir: &Path, n: usize, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
@@ -42,8 +42,8 @@ fn config(out: &Path, steps: u64, resume: bool) -> TrainConfig {
     let mut c = TrainConfig::new(
         Task::Units,
         vec![
-            ("ws".into(), InterfaceConfig::weighted_sum(4, 32)),
-            ("hconv".into(), InterfaceConfig::hconv(4, 32)),
+            PairSpec::new("ws", InterfaceConfig::weighted_sum(4, 32)),
+            PairSpec::new("hconv", InterfaceConfig::hconv(4, 32)),
         ],
         out.to_path_buf(),
     );
@@ -178,7 +178,7 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
 
     // Interfaces must fit the upstream.
     let mut bad = config(&root.join("bad"), 1, false);
-    bad.interfaces = vec![("ws".into(), InterfaceConfig::weighted_sum(13, 768))];
+    bad.interfaces = vec![PairSpec::new("ws", InterfaceConfig::weighted_sum(13, 768))];
     let err = train(&src, &src, load("train"), load("dev"), &vocab, &bad)
         .unwrap_err()
         .to_string();
@@ -404,6 +404,78 @@ fn accumulating_two_halves_equals_one_step_on_the_whole_batch() {
 }
 
 #[test]
+fn ws_large_has_the_weighted_sum_and_a_head_as_large_as_the_hconv_pair() {
+    // The paper's "WS + Large DS": the WS baseline given HConv's parameter budget downstream.
+    for (layers, dim) in [(13, 768), (25, 1024)] {
+        for head in [
+            HeadKind::Ctc { vocab: 41 },
+            HeadKind::Classify { classes: 4 },
+        ] {
+            let opt = AdamConfig::adamw(1e-3);
+            let hconv = Pair::new(
+                "hconv",
+                &InterfaceConfig::hconv(layers, dim),
+                head,
+                opt,
+                None,
+                0,
+            )
+            .unwrap();
+            let spec = PairSpec {
+                name: "ws-large".into(),
+                interface: InterfaceConfig::weighted_sum(layers, dim),
+                head_width: HeadWidth::MatchParams(InterfaceConfig::hconv(layers, dim)),
+            };
+            let large = Pair::from_spec(&spec, head, opt, None, 0).unwrap();
+            let outputs = match head {
+                HeadKind::Ctc { vocab } => vocab,
+                HeadKind::Classify { classes } => classes,
+            };
+            let hidden = large
+                .store
+                .value(large.store.id("head.proj.weight").unwrap())
+                .shape()[0];
+            // WS's L weights, Linear(D, h) and Linear(h, V), counted by hand.
+            let expected = layers + hidden * (dim + 1) + outputs * (hidden + 1);
+            assert_eq!(large.store.num_scalars(), expected);
+            assert_eq!(large.interface_params(), layers);
+            let gap = large
+                .store
+                .num_scalars()
+                .abs_diff(hconv.store.num_scalars());
+            assert!(
+                gap <= (dim + 1 + outputs) / 2,
+                "{layers} x {dim}, {head:?}: ws-large {} vs hconv {} parameters (hidden {hidden})",
+                large.store.num_scalars(),
+                hconv.store.num_scalars()
+            );
+            if (layers, head) == (13, HeadKind::Ctc { vocab: 41 }) {
+                // (4,424,832 + 256 (768 + 1 + 41) + 41 - 13 - 41) / (768 + 1 + 41), rounded.
+                assert_eq!(hidden, 5719);
+            }
+            assert!(hidden > 4000, "{hidden}");
+        }
+    }
+    // Nothing to match against: an interface smaller than WS's own pair is refused, not shrunk.
+    let spec = PairSpec {
+        name: "ws-small".into(),
+        interface: InterfaceConfig::hconv(13, 768),
+        head_width: HeadWidth::MatchParams(InterfaceConfig::weighted_sum(13, 768)),
+    };
+    let err = Pair::from_spec(
+        &spec,
+        HeadKind::Ctc { vocab: 41 },
+        AdamConfig::adamw(1e-3),
+        None,
+        0,
+    )
+    .err()
+    .expect("a narrower head is refused")
+    .to_string();
+    assert!(err.contains("narrower than the SUPERB head's 256"), "{err}");
+}
+
+#[test]
 fn classification_trains_on_utt2label_and_reports_accuracy() {
     let root = scratch("classify");
     let upstream = fixture();
@@ -413,7 +485,7 @@ fn classification_trains_on_utt2label_and_reports_accuracy() {
     assert_eq!(vocab.tokens, ["high", "low"]);
     let mut c = TrainConfig::new(
         Task::Classification,
-        vec![("ws".into(), InterfaceConfig::weighted_sum(4, 32))],
+        vec![PairSpec::new("ws", InterfaceConfig::weighted_sum(4, 32))],
         root.join("run"),
     );
     c.steps = 30;
@@ -451,8 +523,8 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
     let vocab = Vocab::from_dataset(&load("train"), true);
     let cfg = |out: &Path, steps: u64, resume: bool, device: TrainDevice| {
         let mut c = config(out, steps, resume);
-        c.interfaces.push((
-            "groupws".into(),
+        c.interfaces.push(PairSpec::new(
+            "groupws",
             InterfaceConfig::new(
                 4,
                 32,
@@ -515,7 +587,7 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
         .filter(|v: &serde_json::Value| v["step"] == 6 && v.get("dev_error_rate").is_some())
         .collect();
     assert_eq!(logged.len(), 3);
-    for (i, (name, itf)) in cfg(&dev, 6, false, TrainDevice::Cpu)
+    for (i, spec) in cfg(&dev, 6, false, TrainDevice::Cpu)
         .interfaces
         .iter()
         .enumerate()
@@ -523,8 +595,8 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
         let eval = |device| {
             strata::train::run::evaluate_checkpoint(
                 &src,
-                &dev.join(name).join("latest"),
-                itf,
+                &dev.join(&spec.name).join("latest"),
+                spec,
                 Task::Units,
                 &vocab,
                 load("dev"),
@@ -535,11 +607,12 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
         };
         let (rate, hyps) = eval(TrainDevice::Emulator);
         assert_eq!(hyps.len(), 4);
-        assert_eq!(logged[i]["pair"], name.as_str());
+        assert_eq!(logged[i]["pair"], spec.name.as_str());
         assert_eq!(
             rate,
             logged[i]["dev_error_rate"].as_f64().unwrap(),
-            "{name}: device eval of the checkpoint = the logged dev rate"
+            "{}: device eval of the checkpoint = the logged dev rate",
+            spec.name
         );
         assert!(eval(TrainDevice::Cpu).0.is_finite());
     }

@@ -12,7 +12,6 @@
 //! pair only to be checkpointed, so checkpoints, `eval` and `--resume` are the same on both.
 
 use crate::error::{Error, Result};
-use crate::models::interface::InterfaceConfig;
 use crate::optim::{AdamConfig, Schedule};
 use crate::runtime::Backend;
 use crate::train::checkpoint;
@@ -20,7 +19,7 @@ use crate::train::data::{length_buckets, Dataset, OnBad, Task, Vocab};
 use crate::train::device_step::{upload_stack, DevicePair};
 use crate::train::features::StackSource;
 use crate::train::metrics::ErrorRate;
-use crate::train::side_by_side::{HeadKind, Pair};
+use crate::train::side_by_side::{HeadKind, Pair, PairSpec};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -28,8 +27,8 @@ use std::time::Instant;
 
 pub struct TrainConfig {
     pub task: Task,
-    /// (name, interface) pairs trained side by side.
-    pub interfaces: Vec<(String, InterfaceConfig)>,
+    /// The pairs trained side by side.
+    pub interfaces: Vec<PairSpec>,
     /// Adam / AdamW hyper-parameters; the learning rate of each step comes from `schedule`.
     pub optimizer: AdamConfig,
     pub schedule: Schedule,
@@ -78,7 +77,7 @@ pub enum TrainDevice {
 
 impl TrainConfig {
     /// Defaults for everything but the task, the pairs and the output folder.
-    pub fn new(task: Task, interfaces: Vec<(String, InterfaceConfig)>, out: PathBuf) -> Self {
+    pub fn new(task: Task, interfaces: Vec<PairSpec>, out: PathBuf) -> Self {
         TrainConfig {
             task,
             interfaces,
@@ -476,9 +475,9 @@ pub fn train(
         )));
     }
     let mut pairs = Vec::new();
-    for (i, (name, _)) in cfg.interfaces.iter().enumerate() {
+    for (i, PairSpec { name, .. }) in cfg.interfaces.iter().enumerate() {
         let bad = name.is_empty() || name.contains(['/', '\\', '.']) || name.trim() != name;
-        if bad || cfg.interfaces[..i].iter().any(|(n, _)| n == name) {
+        if bad || cfg.interfaces[..i].iter().any(|p| &p.name == name) {
             return Err(Error::Config(format!(
                 "pair name '{name}' is {}: each pair needs its own name (it names its checkpoint folder)",
                 if bad { "not a plain folder name" } else { "listed twice" }
@@ -488,16 +487,16 @@ pub fn train(
     if cfg.interfaces.is_empty() {
         return Err(Error::Config("no interface to train".into()));
     }
-    for (name, itf) in &cfg.interfaces {
+    for spec in &cfg.interfaces {
+        let (name, itf) = (&spec.name, &spec.interface);
         if itf.layers != layers || itf.dim != dim {
             return Err(Error::Config(format!(
                 "interface '{name}' is for {} x {} states but the upstream gives {layers} x {dim}",
                 itf.layers, itf.dim
             )));
         }
-        pairs.push(Pair::new(
-            name,
-            itf,
+        pairs.push(Pair::from_spec(
+            spec,
             cfg.head_kind(vocab),
             cfg.optimizer,
             cfg.clip,
@@ -736,14 +735,14 @@ pub struct Hypothesis {
 }
 
 /// Decodes `data` with the pair saved in `checkpoint_dir` (an `OUT/<pair>/{best,latest}` folder)
-/// for interface `itf`, on `device` (the device step's decoding reproduces the dev rates a device
+/// for `pair`, on `device` (the device step's decoding reproduces the dev rates a device
 /// run logged); returns the error rate (PER / CER, or 1 - accuracy) and every hypothesis.
 /// Reference tokens outside the vocabulary count as errors ([`Vocab::encode_reference`]).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_checkpoint(
     source: &StackSource,
     checkpoint_dir: &Path,
-    itf: &InterfaceConfig,
+    pair: &PairSpec,
     task: Task,
     vocab: &Vocab,
     data: Dataset,
@@ -752,7 +751,7 @@ pub fn evaluate_checkpoint(
 ) -> Result<(f64, Vec<Hypothesis>)> {
     let mut all = evaluate_checkpoints(
         source,
-        &[(checkpoint_dir.to_path_buf(), itf.clone())],
+        &[(checkpoint_dir.to_path_buf(), pair.clone())],
         task,
         vocab,
         &data,
@@ -767,7 +766,7 @@ pub fn evaluate_checkpoint(
 /// in the order of `pairs`.
 pub fn evaluate_checkpoints(
     source: &StackSource,
-    pairs: &[(PathBuf, InterfaceConfig)],
+    pairs: &[(PathBuf, PairSpec)],
     task: Task,
     vocab: &Vocab,
     data: &Dataset,
@@ -780,10 +779,9 @@ pub fn evaluate_checkpoints(
         .map(|u| vocab.encode_reference(u))
         .collect();
     let mut loaded = Vec::with_capacity(pairs.len());
-    for (dir, itf) in pairs {
-        let mut pair = Pair::new(
-            "eval",
-            itf,
+    for (dir, spec) in pairs {
+        let mut pair = Pair::from_spec(
+            spec,
             head_kind(task, vocab),
             AdamConfig::adamw(1e-3),
             None,

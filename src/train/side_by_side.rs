@@ -3,7 +3,8 @@
 //! parameters and optimizer, so the pairs never interact.
 //!
 //! A pair's head is the SUPERB PR head with CTC (phones / characters) or the utterance classifier
-//! with cross-entropy. An optimizer step may gather several micro-batches first (gradient
+//! with cross-entropy, 256 wide as in s3prl, or widened to another pair's parameter count (the
+//! paper's "WS + Large DS" baseline, [`HeadWidth::MatchParams`]). An optimizer step may gather several micro-batches first (gradient
 //! accumulation): each micro-batch's mean loss is scaled by 1 / micro-batches, as the usual
 //! PyTorch loop does.
 
@@ -27,6 +28,69 @@ pub enum HeadKind {
     Classify { classes: usize },
 }
 
+/// The width of a pair's head (the hidden size between its two Linear layers).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeadWidth {
+    /// s3prl's 256 ([`SUPERB_HIDDEN`]).
+    Superb,
+    /// As wide as makes the pair about as large (within one hidden unit's parameters) as the
+    /// same task's pair of the interface `like` with the 256-wide head: the paper's "WS + Large
+    /// DS", the weighted sum given HConv's parameter budget in its downstream. The paper does not
+    /// say how it enlarged the downstream; widening the hidden layer is our reading.
+    MatchParams(InterfaceConfig),
+}
+
+/// One pair of a run: its name (also its folder's), its interface and its head's width.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairSpec {
+    pub name: String,
+    pub interface: InterfaceConfig,
+    pub head_width: HeadWidth,
+}
+
+impl PairSpec {
+    /// A pair with the SUPERB (256-wide) head.
+    pub fn new(name: &str, interface: InterfaceConfig) -> Self {
+        PairSpec {
+            name: name.to_string(),
+            interface,
+            head_width: HeadWidth::Superb,
+        }
+    }
+}
+
+/// The head's hidden size for an interface of `output_dim` features and `interface_params`
+/// trainable scalars (see [`HeadWidth`]).
+pub fn head_hidden(
+    width: &HeadWidth,
+    output_dim: usize,
+    interface_params: usize,
+    head: HeadKind,
+) -> Result<usize> {
+    let like = match width {
+        HeadWidth::Superb => return Ok(SUPERB_HIDDEN),
+        HeadWidth::MatchParams(like) => like,
+    };
+    let outputs = match head {
+        HeadKind::Ctc { vocab } => vocab,
+        HeadKind::Classify { classes } => classes,
+    };
+    // Linear(d, h) + Linear(h, V): h (d + 1 + V) + V scalars.
+    let head_params = |d: usize, h: usize| h * (d + 1 + outputs) + outputs;
+    let mut store = ParamStore::new();
+    let other = interface::build(like, &mut store, "", &mut Rng::new(0))?;
+    let target = store.num_scalars() + head_params(other.output_dim(), SUPERB_HIDDEN);
+    let per_unit = output_dim + 1 + outputs;
+    let fixed = interface_params + outputs;
+    if target < fixed + per_unit * SUPERB_HIDDEN {
+        return Err(Error::Config(format!(
+            "a head matched to {:?}'s parameter count ({target}) would be narrower than the SUPERB head's {SUPERB_HIDDEN}; use the plain interface",
+            like.kind
+        )));
+    }
+    Ok(((target - fixed) as f64 / per_unit as f64).round() as usize)
+}
+
 pub enum Head {
     Pr(PrHead),
     Classifier(UtteranceClassifier),
@@ -44,6 +108,7 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// A pair with the SUPERB (256-wide) head.
     pub fn new(
         name: &str,
         cfg: &InterfaceConfig,
@@ -52,31 +117,32 @@ impl Pair {
         clip: Option<f64>,
         seed: u64,
     ) -> Result<Self> {
+        Self::from_spec(&PairSpec::new(name, cfg.clone()), head, opt, clip, seed)
+    }
+
+    pub fn from_spec(
+        spec: &PairSpec,
+        head: HeadKind,
+        opt: AdamConfig,
+        clip: Option<f64>,
+        seed: u64,
+    ) -> Result<Self> {
         let mut rng = Rng::new(seed);
         let mut store = ParamStore::new();
-        let itf = interface::build(cfg, &mut store, "interface.", &mut rng)?;
+        let itf = interface::build(&spec.interface, &mut store, "interface.", &mut rng)?;
         let d = itf.output_dim();
+        let hidden = head_hidden(&spec.head_width, d, store.num_scalars(), head)?;
         let head = match head {
             HeadKind::Ctc { vocab } => Head::Pr(PrHead::new(
-                &mut store,
-                "head.",
-                d,
-                SUPERB_HIDDEN,
-                vocab,
-                &mut rng,
+                &mut store, "head.", d, hidden, vocab, &mut rng,
             )?),
             HeadKind::Classify { classes } => Head::Classifier(UtteranceClassifier::new(
-                &mut store,
-                "head.",
-                d,
-                SUPERB_HIDDEN,
-                classes,
-                &mut rng,
+                &mut store, "head.", d, hidden, classes, &mut rng,
             )?),
         };
         let optimizer = Adam::new(opt, &store)?;
         Ok(Pair {
-            name: name.to_string(),
+            name: spec.name.clone(),
             store,
             interface: itf,
             head,

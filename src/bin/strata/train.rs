@@ -8,14 +8,28 @@ use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{Dataset, OnBad, Task, Vocab};
 use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
 use strata::train::run::{TrainConfig, TrainDevice};
+use strata::train::side_by_side::{HeadWidth, PairSpec};
 
 /// The interfaces a name selects (also the pair's folder name): the paper's set, with the
 /// parameters a sweep varies spelled in the name.
-pub const INTERFACE_NAMES: &str = "ws, hconv (kernel 5, stride 3) or hconv-kKsS (e.g. hconv-k3s2), \
-concat, groupwsN (N groups, 2 <= N <= layers), single (the last layer) or single-N (layer N, 0 = the \
-CNN features), cls";
+pub const INTERFACE_NAMES: &str = "ws, ws-large (WS with a head as large as hconv's pair), hconv \
+(kernel 5, stride 3) or hconv-kKsS (e.g. hconv-k3s2), concat, groupwsN (N groups, 2 <= N <= layers), \
+single (the last layer) or single-N (layer N, 0 = the CNN features), cls";
 
-pub fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceConfig, String> {
+/// The pair a name selects: its interface, and the SUPERB head, or for `ws-large` (the paper's
+/// "WS + Large DS") a head widened to the parameter count of the `hconv` pair.
+pub fn pair_named(name: &str, layers: usize, dim: usize) -> Result<PairSpec, String> {
+    if name == "ws-large" {
+        return Ok(PairSpec {
+            name: name.to_string(),
+            interface: InterfaceConfig::weighted_sum(layers, dim),
+            head_width: HeadWidth::MatchParams(InterfaceConfig::hconv(layers, dim)),
+        });
+    }
+    Ok(PairSpec::new(name, interface_named(name, layers, dim)?))
+}
+
+fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceConfig, String> {
     use strata::models::interface::{hconv_plan, ClsActivation, InterfaceKind};
     let unknown = || format!("unknown interface '{name}': use {INTERFACE_NAMES}");
     let number = |digits: &str| -> Result<usize, String> {
@@ -433,7 +447,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     let interfaces = t
         .interfaces
         .split(',')
-        .map(|n| interface_named(n.trim(), layers, dim).map(|c| (n.trim().to_string(), c)))
+        .map(|n| pair_named(n.trim(), layers, dim))
         .collect::<Result<Vec<_>, String>>()?;
     let mut optimizer = match t.optimizer.as_str() {
         "adamw" => AdamConfig::adamw(t.lr),
@@ -460,7 +474,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", out.display()))?;
     let run = serde_json::json!({
         "task": task_name(t.task),
-        "interfaces": interfaces.iter().map(|i| i.0.clone()).collect::<Vec<_>>(),
+        "interfaces": interfaces.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
         "model": t.model.as_ref().map(|m| m.display().to_string()),
         "normalize": normalize,
         "upstream": fingerprint,
@@ -759,8 +773,8 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     }
     let mut pairs = Vec::with_capacity(names.len());
     for name in &names {
-        let itf = interface_named(name, source.num_states(), source.hidden_size())?;
-        pairs.push((run.join(name).join(&which), itf));
+        let spec = pair_named(name, source.num_states(), source.hidden_size())?;
+        pairs.push((run.join(name).join(&which), spec));
     }
     if let Some(note) = vocab.unknown_note(&ds, &data.display().to_string()) {
         eprintln!("{note}");
