@@ -399,6 +399,11 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         !ok && log.contains("GroupWS needs 2 to 4 groups for 4 layers"),
         "{log}"
     );
+    let (ok, log) = run(with(&["--interfaces", "pca33"]));
+    assert!(
+        !ok && log.contains("PCA + Concat takes 1 to 32 components per layer"),
+        "{log}"
+    );
     let (ok, log) = run(with(&["--interfaces", "hconv-k3"]));
     assert!(!ok && log.contains("hconv-kKsS"), "{log}");
     let (ok, log) = run(with(&[
@@ -515,8 +520,15 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         "2",
         "--batch-seconds",
         "2",
+        "--interfaces",
+        "ws,pca",
     ]);
     assert!(ok && !log.contains("extracting"), "{log}");
+    // PCA + Concat fitted on the cache's training states, not trained.
+    assert!(
+        log.contains("PCA + Concat fitted on") && log.contains("\npca "),
+        "{log}"
+    );
     // `strata eval` of `pair` in the run folder `run` on the dev set; `source` is the model or
     // the feature cache (["--model", M] / ["--features", F]), `extra` further flags.
     let eval = |source: [&str; 2], run: &str, pair: &str, extra: &[&str]| {
@@ -563,6 +575,12 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
         accuracy(&log),
         "{from_cache} vs {log}"
     );
+    // PCA + Concat's fitted projection comes back from its checkpoint: the same result from the
+    // upstream and from the cache.
+    let (ok, log) = eval(with_model, "run2", "pca", &[]);
+    let (ok2, from_cache) = eval(["--features", feats.to_str().unwrap()], "run2", "pca", &[]);
+    assert!(ok && ok2 && accuracy(&log).is_some(), "{log}");
+    assert_eq!(accuracy(&from_cache), accuracy(&log), "{from_cache}");
     let (ok, log) = eval(with_model, "run2", "ws", &["--normalize", "on"]);
     assert!(
         !ok && log.contains("trained with input normalization off, this evaluation has it on"),

@@ -356,6 +356,12 @@ impl<'a> DeviceTape<'a> {
         Ok(self.leaf(Value::Bf16(Held::Lent(x)), shape, false))
     }
 
+    /// An fp32 value that never receives a gradient (a fitted, untrained bias).
+    pub fn constant_f32(&mut self, x: &'a Buf<f32>, shape: &[usize]) -> Result<DVar> {
+        Self::check_len("constant", shape, x.len())?;
+        Ok(self.leaf(Value::F32(Held::Lent(x)), shape, false))
+    }
+
     /// A bf16 leaf whose gradient [`DeviceTape::backward`] returns (a trainable upstream's stack,
     /// gradient checks).
     pub fn input_requiring_grad(&mut self, x: &'a Buf<bf16>, shape: &[usize]) -> Result<DVar> {

@@ -1,5 +1,7 @@
 //! Trainable parameters by name (PyTorch state_dict style names), their gradient accumulators, and
-//! safetensors save/load (saving is atomic: write to a temporary file, then rename).
+//! safetensors save/load (saving is atomic: write to a temporary file, then rename). A module's
+//! fitted, untrained values (PCA + Concat's projections) are frozen entries: saved and loaded with
+//! the rest, never updated by the optimizer, not counted as trainable.
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -14,6 +16,9 @@ pub struct Param {
     pub name: String,
     pub value: Tensor,
     pub grad: Vec<f32>,
+    /// Fitted, not trained: the optimizer leaves it alone (its gradient stays zero: modules
+    /// read frozen values as tape constants).
+    pub frozen: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -29,6 +34,15 @@ impl ParamStore {
 
     /// Registers an f32 parameter; names must be unique.
     pub fn add(&mut self, name: &str, value: Tensor) -> Result<ParamId> {
+        self.register(name, value, false)
+    }
+
+    /// Registers a frozen (fitted, untrained) value, saved and loaded like a parameter.
+    pub fn add_frozen(&mut self, name: &str, value: Tensor) -> Result<ParamId> {
+        self.register(name, value, true)
+    }
+
+    fn register(&mut self, name: &str, value: Tensor, frozen: bool) -> Result<ParamId> {
         if self.index.contains_key(name) {
             return Err(Error::Config(format!(
                 "parameter '{name}' is registered twice: give each module a distinct prefix"
@@ -40,6 +54,7 @@ impl ParamStore {
             name: name.to_string(),
             grad: vec![0.0; value.numel()],
             value,
+            frozen,
         });
         self.index.insert(name.to_string(), id);
         Ok(ParamId(id))
@@ -72,15 +87,15 @@ impl ParamStore {
     pub fn iter(&self) -> impl Iterator<Item = &Param> {
         self.params.iter()
     }
-    /// Total number of trainable scalars.
+    /// Total number of trainable scalars (frozen values not counted).
     pub fn num_scalars(&self) -> usize {
-        self.params.iter().map(|p| p.value.numel()).sum()
+        self.num_scalars_under("")
     }
-    /// Number of scalars of the parameters whose name starts with `prefix`.
+    /// Number of trainable scalars of the parameters whose name starts with `prefix`.
     pub fn num_scalars_under(&self, prefix: &str) -> usize {
         self.params
             .iter()
-            .filter(|p| p.name.starts_with(prefix))
+            .filter(|p| !p.frozen && p.name.starts_with(prefix))
             .map(|p| p.value.numel())
             .sum()
     }

@@ -18,6 +18,7 @@ pub mod linear;
 pub mod pooling;
 pub mod shape;
 pub mod softmax;
+pub mod symmetric_eigen;
 
 use std::fmt::Debug;
 use std::iter::Sum;

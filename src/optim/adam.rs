@@ -147,6 +147,9 @@ impl Adam {
         let s = self.config.scalars(self.step)?;
         for (i, id) in store.ids().collect::<Vec<_>>().into_iter().enumerate() {
             let p = store.get_mut(id);
+            if p.frozen {
+                continue;
+            }
             let grad = std::mem::take(&mut p.grad);
             let mut value = p.value.to_vec();
             let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);

@@ -118,6 +118,15 @@ enum DeviceInterface {
         layer: usize,
     },
     ClsPool(ClsParams),
+    /// The fitted projections as one block-diagonal Linear over the frame-major stack:
+    /// weight bf16 [L k, L D], bias fp32 [L k] (minus each layer's projected mean). The dense
+    /// matrix costs L times the FLOPs of per-layer products, Concat + Proj's cost, and reuses its
+    /// tensor-core Linear; nothing is trained, so no backward is recorded.
+    PcaConcat {
+        weight: Buf<bf16>,
+        bias: Buf<f32>,
+        out: usize,
+    },
 }
 
 /// CLS pooling's parameters (indices into [`DevicePair::params`]).
@@ -289,6 +298,43 @@ impl DevicePair {
                     layer: resolved as usize,
                 }
             }
+            InterfaceKind::PcaConcat { components } => {
+                let k = *components;
+                let pca = pair
+                    .interface
+                    .as_pca()
+                    .ok_or_else(|| refuse("a PCA + Concat config without its interface".into()))?;
+                if pca.fitted_frames(&pair.store) == 0 {
+                    return Err(refuse("PCA + Concat is not fitted yet".into()));
+                }
+                let value = |name: &str| -> Result<Vec<f32>> {
+                    let id = pair
+                        .store
+                        .id(name)
+                        .ok_or_else(|| refuse(format!("the pair has no fitted value '{name}'")))?;
+                    Ok(pair.store.value(id).to_vec())
+                };
+                let (mean, basis) = (value("interface.mean")?, value("interface.components")?);
+                let (rows, cols) = (layers * k, layers * dim);
+                let mut weight = vec![bf16::ZERO; rows * cols];
+                let mut bias = vec![0f32; rows];
+                for l in 0..layers {
+                    for j in 0..k {
+                        let w = &basis[(l * k + j) * dim..(l * k + j + 1) * dim];
+                        let row = (l * k + j) * cols + l * dim;
+                        for (o, &x) in weight[row..row + dim].iter_mut().zip(w) {
+                            *o = bf16::from_f32(x);
+                        }
+                        let mu = &mean[l * dim..(l + 1) * dim];
+                        bias[l * k + j] = -w.iter().zip(mu).map(|(a, b)| a * b).sum::<f32>();
+                    }
+                }
+                DeviceInterface::PcaConcat {
+                    weight: be.upload(&weight)?,
+                    bias: be.upload(&bias)?,
+                    out: rows,
+                }
+            }
             InterfaceKind::ClsPool {
                 heads, activation, ..
             } => {
@@ -332,14 +378,13 @@ impl DevicePair {
         };
         let head_proj = lin(&mut add, "head.proj")?;
         let head_out = lin(&mut add, "head.out")?;
-        if params.len() != pair.store.len() {
+        let trained: Vec<&str> = (pair.store.iter())
+            .filter(|q| !q.frozen)
+            .map(|q| q.name.as_str())
+            .collect();
+        if params.len() != trained.len() {
             let known: Vec<&str> = params.iter().map(|p| p.param.name.as_str()).collect();
-            let missing: Vec<&str> = pair
-                .store
-                .iter()
-                .map(|q| q.name.as_str())
-                .filter(|n| !known.contains(n))
-                .collect();
+            let missing: Vec<&str> = trained.into_iter().filter(|n| !known.contains(n)).collect();
             return Err(refuse(format!(
                 "the device step does not train {missing:?}; use --device cpu"
             )));
@@ -497,6 +542,12 @@ impl DevicePair {
             DeviceInterface::ClsPool(c) => {
                 let y = self.cls_forward(tape, c, x)?;
                 tape.to_bf16(y)?
+            }
+            DeviceInterface::PcaConcat { weight, bias, out } => {
+                let flat = tape.reshape(x, &[n, l * d])?;
+                let w = tape.input(weight, &[*out, l * d])?;
+                let b = tape.constant_f32(bias, &[*out])?;
+                tape.linear(flat, w, b, false)?
             }
         };
         match self.head {

@@ -11,7 +11,9 @@
 //! dev decoding runs there too, and the parameters and optimizer state come back into the CPU
 //! pair only to be checkpointed, so checkpoints, `eval` and `--resume` are the same on both.
 
+use crate::autograd::Tape;
 use crate::error::{Error, Result};
+use crate::models::interface::{PcaFit, PCA_FIT_FRAMES};
 use crate::optim::{AdamConfig, Schedule};
 use crate::runtime::Backend;
 use crate::train::checkpoint;
@@ -296,6 +298,71 @@ fn truncate_log(out: &Path, step: u64) -> Result<()> {
         })
 }
 
+/// Fits the PCA + Concat pairs not fitted yet (none loaded by `--init-from`): one pass over the
+/// first [`PCA_FIT_FRAMES`] training frames in the first epoch's batch order (normalized for the
+/// pairs that normalize).
+fn fit_pca(
+    pairs: &mut [Pair],
+    source: &StackSource,
+    train: &Dataset,
+    batches: &[Vec<usize>],
+    progress: bool,
+) -> Result<()> {
+    let wanted: Vec<usize> = (0..pairs.len())
+        .filter(|&i| {
+            (pairs[i].interface.as_pca()).is_some_and(|p| p.fitted_frames(&pairs[i].store) == 0)
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let (l, d) = (source.num_states(), source.hidden_size());
+    // One fit per normalization setting.
+    let normalized: Vec<bool> = (pairs.iter())
+        .map(|p| p.interface.config().normalize)
+        .collect();
+    let mut fits: Vec<(bool, PcaFit)> = Vec::new();
+    for &i in &wanted {
+        if !fits.iter().any(|f| f.0 == normalized[i]) {
+            fits.push((normalized[i], PcaFit::new(l, d)));
+        }
+    }
+    for b in batches {
+        let (stack, _) = source.stack(train, b)?;
+        for (normalize, fit) in &mut fits {
+            if *normalize {
+                let mut t = Tape::no_grad();
+                let x = t.constant(stack.clone())?;
+                let y = t.layer_norm(x, None, 1e-5)?;
+                fit.add(t.value(y))?;
+            } else {
+                fit.add(&stack)?;
+            }
+        }
+        if fits[0].1.frames() >= PCA_FIT_FRAMES {
+            break;
+        }
+    }
+    for (normalize, fit) in &fits {
+        let basis = fit.finish()?;
+        if progress {
+            eprintln!(
+                "PCA + Concat fitted on {} training frames{}",
+                basis.frames,
+                if *normalize { " (normalized)" } else { "" }
+            );
+        }
+        for &i in &wanted {
+            if normalized[i] == *normalize {
+                let pair = &mut pairs[i];
+                let pca = pair.interface.as_pca().expect("filtered above");
+                pca.set_fit(&mut pair.store, &basis)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every pair's parameters in one safetensors file, named `<pair>.<parameter>`.
 fn save_pairs(path: &Path, pairs: &[Pair]) -> Result<()> {
     let named: Vec<(String, &crate::Tensor)> = pairs
@@ -553,6 +620,10 @@ pub fn train(
         if let Some(path) = &cfg.init_from {
             load_pairs(path, &mut pairs)?;
         }
+        let samples: Vec<usize> = train.utterances.iter().map(|u| u.samples).collect();
+        let first_epoch =
+            length_buckets(&samples, cfg.batch_samples, cfg.shuffle.then_some(cfg.seed));
+        fit_pca(&mut pairs, train_src, &train, &first_epoch, cfg.progress)?;
         if let Some(path) = &cfg.save_init {
             save_pairs(path, &pairs)?;
         }

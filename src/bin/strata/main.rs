@@ -41,7 +41,9 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3), hconv-kKsS
                               (e.g. hconv-k3s2), concat, groupwsN (N groups), single (last layer),
                               single-N (layer N; 0 = CNN features), cls, ws-large (WS with a head
-                              widened to the hconv pair's parameter count: \"WS + Large DS\")
+                              widened to the hconv pair's parameter count: \"WS + Large DS\"),
+                              pca (PCA + Concat, D/L components per layer, fitted on the first
+                              100000 training frames) or pcaN (N components per layer)
            --steps N [1000]  --lr X [1e-3]  --schedule constant|linear|cosine [constant]  --warmup N [0]
            --optimizer adamw|adam [adamw]  --weight-decay X [0.01 adamw, 0 adam]  --clip C (0: off) [1]
            --batch-seconds S  audio per micro-batch [60]   --accum N  micro-batches per step [1]

@@ -14,7 +14,8 @@ use strata::train::side_by_side::{HeadWidth, PairSpec};
 /// parameters a sweep varies spelled in the name.
 pub const INTERFACE_NAMES: &str = "ws, ws-large (WS with a head as large as hconv's pair), hconv \
 (kernel 5, stride 3) or hconv-kKsS (e.g. hconv-k3s2), concat, groupwsN (N groups, 2 <= N <= layers), \
-single (the last layer) or single-N (layer N, 0 = the CNN features), cls";
+single (the last layer) or single-N (layer N, 0 = the CNN features), cls, pca (PCA + Concat, \
+D / L components per layer, fitted on the training features) or pcaN (N per layer)";
 
 /// The pair a name selects: its interface, and the SUPERB head, or for `ws-large` (the paper's
 /// "WS + Large DS") a head widened to the parameter count of the `hconv` pair.
@@ -67,6 +68,18 @@ fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceCon
                     groups,
                     out_dim: dim,
                 }
+            } else if let Some(n) = name.strip_prefix("pca") {
+                let components = if n.is_empty() {
+                    (dim / layers).max(1)
+                } else {
+                    number(n)?
+                };
+                if !(1..=dim).contains(&components) {
+                    return Err(format!(
+                        "interface '{name}': PCA + Concat takes 1 to {dim} components per layer"
+                    ));
+                }
+                InterfaceKind::PcaConcat { components }
             } else if let Some(n) = name.strip_prefix("single-") {
                 let layer = number(n)?;
                 if layer >= layers {

@@ -6,6 +6,7 @@ mod cls_pool;
 mod concat_proj;
 mod group_ws;
 mod hconv;
+mod pca_concat;
 mod single_layer;
 mod weighted_sum;
 
@@ -13,6 +14,7 @@ pub use cls_pool::{ClsActivation, ClsPool};
 pub use concat_proj::ConcatProj;
 pub use group_ws::{group_sizes, GroupWs};
 pub use hconv::{hconv_plan, HConv, HConvPlan};
+pub use pca_concat::{PcaBasis, PcaConcat, PcaFit, PCA_FIT_FRAMES};
 pub use single_layer::SingleLayer;
 pub use weighted_sum::WeightedSum;
 
@@ -38,6 +40,9 @@ pub enum InterfaceKind {
         ffn_dim: usize,
         activation: ClsActivation,
     },
+    /// Each layer projected onto its top `components` principal directions (fitted on training
+    /// features, not trained), the layers concatenated.
+    PcaConcat { components: usize },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -84,6 +89,10 @@ pub trait Interface: Send + Sync {
     fn output_dim(&self) -> usize;
     /// The interface proper, on an already checked and (optionally) normalized stack.
     fn forward_checked(&self, tape: &mut Tape, store: &ParamStore, stack: Var) -> Result<Var>;
+    /// PCA + Concat, the one interface fitted on data before training.
+    fn as_pca(&self) -> Option<&PcaConcat> {
+        None
+    }
 
     /// stack [frames, L, D] -> [frames, D'].
     fn forward(&self, tape: &mut Tape, store: &ParamStore, stack: Var) -> Result<Var> {
@@ -137,5 +146,6 @@ pub fn build(
         InterfaceKind::GroupWs { .. } => Box::new(GroupWs::new(cfg.clone(), store, prefix, rng)?),
         InterfaceKind::SingleLayer { .. } => Box::new(SingleLayer::new(cfg.clone())?),
         InterfaceKind::ClsPool { .. } => Box::new(ClsPool::new(cfg.clone(), store, prefix, rng)?),
+        InterfaceKind::PcaConcat { .. } => Box::new(PcaConcat::new(cfg.clone(), store, prefix)?),
     })
 }
