@@ -1,10 +1,11 @@
 //! CPU forward + backward of every interface on a HuBERT-Base-sized stack (13 x 768), frozen
-//! upstream (no stack gradient), in frames per second. PyTorch's CPU figure for the same work comes
+//! upstream (no stack gradient), in frames per second. PCA + Concat (fitted on the bench's own
+//! stack first) and the single layer train nothing: forward only. PyTorch's CPU figure for the same work comes
 //! from tools/bench_interfaces_torch.py; both go into RESULTS.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
-use strata::models::interface::{self, ClsActivation, InterfaceConfig, InterfaceKind};
+use strata::models::interface::{self, ClsActivation, InterfaceConfig, InterfaceKind, PcaFit};
 use strata::rng::Rng;
 use strata::{ParamStore, Tape, Tensor};
 
@@ -45,6 +46,11 @@ fn cases() -> Vec<(&'static str, InterfaceKind, usize)> {
             },
             256,
         ),
+        (
+            "pca_concat",
+            InterfaceKind::PcaConcat { components: D / L },
+            1024,
+        ),
     ]
 }
 
@@ -71,14 +77,19 @@ fn bench(c: &mut Criterion) {
             &[frames, itf.output_dim()],
         )
         .unwrap();
+        if let Some(pca) = itf.as_pca() {
+            let mut fit = PcaFit::new(L, D);
+            fit.add(&stack).unwrap();
+            pca.set_fit(&mut store, &fit.finish().unwrap()).unwrap();
+        }
         group.throughput(Throughput::Elements(frames as u64));
         group.bench_function(BenchmarkId::new(name, frames), |b| {
             b.iter(|| {
                 let mut tape = Tape::new();
                 let s = tape.constant(stack.clone()).unwrap();
                 let out = itf.forward(&mut tape, &store, s).unwrap();
-                if store.is_empty() {
-                    return; // single layer: nothing to train, forward only
+                if store.num_scalars() == 0 {
+                    return; // single layer, PCA + Concat: nothing to train, forward only
                 }
                 let loss = tape.dot_const(out, &probe).unwrap();
                 tape.backward(loss, &mut store).unwrap();

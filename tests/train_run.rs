@@ -6,7 +6,7 @@
 //! batch's gradients; classification (utt2label) trains and reports accuracy.
 
 use std::path::{Path, PathBuf};
-use strata::models::interface::InterfaceConfig;
+use strata::models::interface::{InterfaceConfig, InterfaceKind};
 use strata::models::upstream::Upstream;
 use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{load_audio_only, load_kaldi_dir, OnBad, Task, Vocab};
@@ -89,6 +89,15 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
     let src = StackSource::Upstream(&upstream, false);
     let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
     let vocab = Vocab::from_dataset(&load("train"), true);
+    // WS and HConv, and PCA + Concat, whose fit a resume must take from the checkpoints.
+    let config = |out: &Path, steps: u64, resume: bool| {
+        let mut c = config(out, steps, resume);
+        c.interfaces.push(PairSpec::new(
+            "pca",
+            InterfaceConfig::new(4, 32, InterfaceKind::PcaConcat { components: 5 }),
+        ));
+        c
+    };
 
     let straight = root.join("straight");
     let result = train(
@@ -100,11 +109,11 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
         &config(&straight, 6, false),
     )
     .unwrap();
-    assert_eq!(result.len(), 2);
+    assert_eq!(result.len(), 3);
     assert!(result
         .iter()
         .all(|r| r.step == 6 && r.error_rate.is_finite()));
-    for pair in ["ws", "hconv"] {
+    for pair in ["ws", "hconv", "pca"] {
         assert!(straight.join(pair).join("latest/state.json").exists());
         assert!(straight.join(pair).join("best/state.json").exists());
     }
@@ -144,6 +153,7 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
         r.iter()
             .map(|e| {
                 assert!(e.best_error_rate <= e.error_rate && e.interface_params < e.params);
+                assert_eq!(e.interface_params == 0, e.name == "pca");
                 (
                     e.name.clone(),
                     e.best_error_rate.to_bits(),
@@ -165,7 +175,7 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
         "{err}"
     );
     let (a, b) = (losses(&straight), losses(&resumed));
-    assert_eq!(a.len(), 12, "2 pairs x 6 steps");
+    assert_eq!(a.len(), 18, "3 pairs x 6 steps");
     assert!(
         a[0].contains("\"lr\":0.0005"),
         "warm-up halves the first rate: {}",
@@ -514,7 +524,6 @@ fn classification_trains_on_utt2label_and_reports_accuracy() {
 /// state go through the checkpoint); the checkpoint evaluates on the CPU.
 #[test]
 fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
-    use strata::models::interface::InterfaceKind;
     use strata::train::run::TrainDevice;
     let root = scratch("device");
     let upstream = fixture();

@@ -14,10 +14,29 @@ from gen_fixtures import ClsPool, ConcatProj, GroupWS, HConv, SingleLayer, Weigh
 L, D = 13, 768
 
 
+class PcaConcat(torch.nn.Module):
+    """Per-layer PCA (fitted, not trained), layers concatenated: sklearn's transform, batched."""
+
+    def __init__(self, stack, k):
+        super().__init__()
+        x = stack[:, 0].double()  # (L, T, D)
+        mu = x.mean(1, keepdim=True)
+        xc = x - mu
+        cov = xc.transpose(1, 2) @ xc / (x.shape[1] - 1)
+        _, v = torch.linalg.eigh(cov)  # ascending
+        self.register_buffer("mean", mu.float()[:, None])  # (L, 1, 1, D)
+        self.register_buffer("components", v.flip(-1)[..., :k].float()[:, None])  # (L, 1, D, k)
+
+    def forward(self, stack):  # (L, 1, T, D) -> (1, T, L * k)
+        y = (stack - self.mean) @ self.components
+        return y.permute(1, 2, 0, 3).flatten(2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--only", help="one case by name (e.g. pca_concat)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -28,9 +47,12 @@ def main():
         ("group_ws3", GroupWS(L, D, 3, D), 1024),
         ("single_layer", SingleLayer(-1), 2048),
         ("cls_pool", ClsPool(L, D, 12, 3072, "gelu"), 256),
+        ("pca_concat", PcaConcat(torch.randn(L, 1, 1024, D), D // L), 1024),
     ]
     print(f"torch {torch.__version__}, {args.threads} threads")
     for name, m, frames in cases:
+        if args.only and name != args.only:
+            continue
         stack = torch.randn(L, 1, frames, D)
         has_params = any(True for _ in m.parameters())
 
