@@ -242,6 +242,32 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         18,
         "3 pairs x 6 steps"
     );
+    // The weighted sums' layer weights (softmax, in percent), per sum, and in every evaluation's
+    // log line: the wavlm fixture has 4 states, groupws2 sums layers 0-1 and 2-3.
+    for want in [
+        "ws layer weights (%): 0:",
+        "groupws2 layer weights (%): 0:",
+        "groupws2 layer weights (%): 2:",
+    ] {
+        assert!(log.contains(want), "missing '{want}' in {log}");
+    }
+    assert!(!log.contains("hconv layer weights"), "{log}");
+    for line in lines.lines().filter(|l| l.contains("dev_error_rate")) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let sums = v["layer_weights"].as_array().map(|a| a.len());
+        let want = match v["pair"].as_str().unwrap() {
+            "ws" => Some(1),
+            "groupws2" => Some(2),
+            _ => None,
+        };
+        assert_eq!(sums, want, "{line}");
+        for sum in v["layer_weights"].as_array().into_iter().flatten() {
+            let total: f64 = (sum["weights"].as_array().unwrap().iter())
+                .map(|w| w.as_f64().unwrap())
+                .sum();
+            assert!((total - 1.0).abs() < 1e-6, "{line}");
+        }
+    }
     assert_eq!(
         std::fs::read_to_string(out.join("vocab.txt")).unwrap(),
         "<blank>\na\nb\nc\n"

@@ -305,3 +305,54 @@ fn weighted_sum_starts_uniform_and_hconv_init_is_pytorch_default() {
         "uniform init should reach near its bound"
     );
 }
+
+#[test]
+fn layer_weights_are_the_softmax_of_each_sums_logits() {
+    let mut store = ParamStore::new();
+    let ws = interface::build(
+        &InterfaceConfig::weighted_sum(3, 4),
+        &mut store,
+        "",
+        &mut Rng::new(0),
+    )
+    .unwrap();
+    let id = store.id("weights").unwrap();
+    let l3 = 3f32.ln();
+    store
+        .set_value(
+            id,
+            strata::Tensor::from_vec(vec![0.0, l3, 0.0], &[3]).unwrap(),
+        )
+        .unwrap();
+    let got = ws.layer_weights(&store).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, 0);
+    for (g, w) in got[0].1.iter().zip([0.2, 0.6, 0.2]) {
+        assert!((g - w).abs() < 1e-6, "{got:?}");
+    }
+    // GroupWS over 5 layers in 2 groups: layers 0-2 and 3-4, uniform at init.
+    let cfg = InterfaceConfig::new(
+        5,
+        4,
+        InterfaceKind::GroupWs {
+            groups: 2,
+            out_dim: 4,
+        },
+    );
+    let mut store = ParamStore::new();
+    let g = interface::build(&cfg, &mut store, "", &mut Rng::new(0)).unwrap();
+    let sums = g.layer_weights(&store).unwrap();
+    assert_eq!(
+        sums,
+        vec![(0, vec![1.0 / 3.0; 3]), (3, vec![0.5, 0.5])],
+        "uniform at init"
+    );
+    let mut store = ParamStore::new();
+    let h = interface::build(
+        &InterfaceConfig::hconv(7, 8),
+        &mut store,
+        "",
+        &mut Rng::new(0),
+    );
+    assert!(h.unwrap().layer_weights(&store).is_none());
+}

@@ -132,6 +132,9 @@ pub struct EvalResult {
     /// Trainable scalars of the interface, and of interface + head.
     pub interface_params: usize,
     pub params: usize,
+    /// The interface's layer weights, softmax-normalized, as (first layer, weights) per weighted
+    /// sum (WS, GroupWS; see [`crate::models::interface::Interface::layer_weights`]).
+    pub layer_weights: Option<Vec<(usize, Vec<f32>)>>,
 }
 
 fn log_line(out: &Path, v: serde_json::Value) -> Result<()> {
@@ -761,6 +764,14 @@ pub fn train(
             if cfg.task == Task::Classification {
                 entry["dev_accuracy"] = json!(1.0 - rate);
             }
+            let layer_weights = p.interface.layer_weights(&p.store);
+            if let Some(sums) = &layer_weights {
+                // One list per weighted sum, indexed from its first layer.
+                entry["layer_weights"] = json!(sums
+                    .iter()
+                    .map(|(first, w)| json!({"first_layer": first, "weights": w}))
+                    .collect::<Vec<_>>());
+            }
             log_line(&cfg.out, entry)?;
             let dir = cfg.out.join(&p.name);
             if rate < *best {
@@ -787,6 +798,7 @@ pub fn train(
                 best_step: *best_step,
                 interface_params: p.interface_params(),
                 params: p.store.num_scalars(),
+                layer_weights,
             });
         }
         crate::train::plot::write_curves(&cfg.out)?;

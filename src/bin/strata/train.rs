@@ -542,7 +542,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         "{:<12} {:>12} {:>12} {:>8} {:>12} {:>16}",
         "interface", "itf params", "all params", "step", metric, "best (step)"
     );
-    for r in results {
+    for r in &results {
         let best_step = r.best_step.map_or("?".to_string(), |s| s.to_string());
         println!(
             "{:<12} {:>12} {:>12} {:>8} {:>11.2}% {:>16}",
@@ -553,6 +553,22 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
             shown(r.error_rate),
             format!("{:.2}% ({best_step})", shown(r.best_error_rate))
         );
+    }
+    // Which layers the weighted sums chose: what a layer-wise analysis starts from.
+    for r in results {
+        for (first, weights) in r.layer_weights.iter().flatten() {
+            let top =
+                (0..weights.len()).fold(0, |b, i| if weights[i] > weights[b] { i } else { b });
+            let shown: Vec<String> = (weights.iter().enumerate())
+                .map(|(i, w)| format!("{}:{:.1}", first + i, 100.0 * w))
+                .collect();
+            println!(
+                "{} layer weights (%): {} (largest: layer {})",
+                r.name,
+                shown.join(" "),
+                first + top
+            );
+        }
     }
     println!(
         "log: {}; curves: {}",

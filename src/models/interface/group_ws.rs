@@ -3,7 +3,7 @@
 //! The paper gives no split rule for L not divisible by k [our choice]: numpy.array_split's, i.e.
 //! sizes differ by at most one and the larger groups come first (13 into 3 -> 5, 4, 4).
 
-use super::{Interface, InterfaceConfig, InterfaceKind};
+use super::{softmax_weights, Interface, InterfaceConfig, InterfaceKind};
 use crate::autograd::{ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use crate::models::nn::Linear;
@@ -80,5 +80,12 @@ impl Interface for GroupWs {
         }
         let cat = tape.concat_cols(&parts)?;
         self.proj.forward(tape, store, cat)
+    }
+    fn layer_weights(&self, store: &ParamStore) -> Option<Vec<(usize, Vec<f32>)>> {
+        Some(
+            (self.groups.iter())
+                .map(|&(first, w)| (first, softmax_weights(&store.value(w).to_vec())))
+                .collect(),
+        )
     }
 }

@@ -22,6 +22,14 @@ use crate::autograd::{ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
+/// softmax(logits), computed in f64.
+fn softmax_weights(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let e: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|x| (x / sum) as f32).collect()
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum InterfaceKind {
     /// s3prl's softmax-weighted sum (L parameters).
@@ -91,6 +99,12 @@ pub trait Interface: Send + Sync {
     fn forward_checked(&self, tape: &mut Tape, store: &ParamStore, stack: Var) -> Result<Var>;
     /// PCA + Concat, the one interface fitted on data before training.
     fn as_pca(&self) -> Option<&PcaConcat> {
+        None
+    }
+    /// The layer weights a researcher reads off a weighted sum (softmax of the logits), as
+    /// (first layer, weights) per sum: one for WS, one per group for GroupWS; None for
+    /// interfaces without explicit layer weights.
+    fn layer_weights(&self, _store: &ParamStore) -> Option<Vec<(usize, Vec<f32>)>> {
         None
     }
 
