@@ -309,3 +309,47 @@ fn shape_ops() {
         dot(&r, &concat_cols(&[&a, b], &[2, 4], 3))
     });
 }
+
+#[test]
+fn speaker_head_ops() {
+    use ops::speaker::*;
+    // Three utterances (9, 12, 10 frames), c = 3: TDNN context 3, dilation 2 keeps 5, 8, 6.
+    let (c, offsets) = (3, vec![0, 9, 21, 31]);
+    let x = rand_vec(31 * c, 21);
+    let (y, out_offsets) = time_context_forward(&x, c, &offsets, 3, 2);
+    assert_eq!(out_offsets, vec![0, 5, 13, 19]);
+    // Frame 1 of utterance 1 is input frames 10, 12, 14 side by side.
+    assert_eq!(
+        &y[6 * 9..7 * 9],
+        [&x[30..33], &x[36..39], &x[42..45]].concat()
+    );
+    let r = rand_vec(y.len(), 22);
+    let dx = time_context_backward(&r, c, &offsets, &out_offsets, 3, 2);
+    check("time context dx", &x, &dx, |x| {
+        dot(&r, &time_context_forward(x, c, &offsets, 3, 2).0)
+    });
+    assert_eq!(context_frames(14, 5, 1), Some(10));
+    assert_eq!(context_frames(4, 5, 1), None);
+    assert_eq!(context_frames(4, 3, 2), None);
+
+    let y = stats_pool_forward(&x, c, &offsets);
+    // Utterance 0, feature 0: mean and unbiased std by hand.
+    let f0: Vec<f64> = (0..9).map(|t| x[t * c]).collect();
+    let m = f0.iter().sum::<f64>() / 9.0;
+    let s = (f0.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / 8.0).sqrt();
+    assert!((y[0] - m).abs() < 1e-12 && (y[c] - s).abs() < 1e-12);
+    let r = rand_vec(y.len(), 23);
+    let dx = stats_pool_backward(&r, &x, &y, c, &offsets);
+    check("stats pool dx", &x, &dx, |x| {
+        dot(&r, &stats_pool_forward(x, c, &offsets))
+    });
+
+    let y = l2_normalize_forward(&x, c);
+    let norm: f64 = y[..c].iter().map(|v| v * v).sum();
+    assert!((norm - 1.0).abs() < 1e-12);
+    let r = rand_vec(y.len(), 24);
+    let dx = l2_normalize_backward(&r, &x, c);
+    check("l2 normalize dx", &x, &dx, |x| {
+        dot(&r, &l2_normalize_forward(x, c))
+    });
+}

@@ -238,3 +238,63 @@ fn elementwise_and_norm_ops_match_pytorch() {
         }
     }
 }
+
+#[test]
+fn speaker_head_with_am_softmax_matches_pytorch() {
+    use common::rel_err;
+    use strata::models::head::{SpeakerHead, SpeakerHeadConfig};
+    // tools/gen_speaker_fixture.py: s3prl's sv_voxceleb1 modules at width 16, last TDNN 24, in
+    // float64 (the reference) and in float32 ("f32.": PyTorch's own float32 result). strata's
+    // float32 error is held to twice PyTorch's (flash-attention's rule), or 1e-6.
+    let fx = Fixture::load("speaker.safetensors");
+    let check = |what: &str, got: &[f32], key: &str| {
+        let ours = rel_err(got, fx.f(key));
+        let torch = rel_err(fx.f(&format!("f32.{key}")), fx.f(key));
+        eprintln!("{what}: strata {ours:.2e}, torch f32 {torch:.2e}");
+        assert!(
+            ours <= (2.0 * torch).max(1e-6),
+            "{what}: error {ours:.3e} vs PyTorch float32's {torch:.3e}"
+        );
+    };
+    let batch = PackedBatch::from_lengths(&fx.usizes("lengths")).unwrap();
+    let labels = fx.usizes("labels");
+    let config = SpeakerHeadConfig {
+        width: 16,
+        agg_width: 24,
+        ..SpeakerHeadConfig::default()
+    };
+    let mut store = ParamStore::new();
+    let head = SpeakerHead::new(&mut store, "head.", 12, config, 5, &mut Rng::new(0)).unwrap();
+    fx.load_params(&mut store, "");
+    let mut tape = Tape::new();
+    let x = tape.input_requiring_grad(fx.tensor("x")).unwrap();
+    let logits = head
+        .am_logits(&mut tape, &store, x, &batch, &labels)
+        .unwrap();
+    let loss = tape
+        .cross_entropy(logits, &labels, Reduction::Mean)
+        .unwrap();
+    check("loss", &tape.value(loss).to_vec(), "loss");
+    let g = tape.backward(loss, &mut store).unwrap();
+    check("dx", g.get(x).unwrap(), "grad.x");
+    for p in store.iter() {
+        check(&p.name, &p.grad, &format!("grad.{}", p.name));
+    }
+    let mut tape = Tape::no_grad();
+    let x = tape.constant(fx.tensor("x")).unwrap();
+    let e = head.embed(&mut tape, &store, x, &batch).unwrap();
+    check("embedding", &tape.value(e).to_vec(), "embedding");
+    // Too short for the TDNN windows (14 frames lost): an error naming the utterance.
+    let short = PackedBatch::from_lengths(&[20, 14]).unwrap();
+    let mut tape = Tape::no_grad();
+    let x = tape.constant(strata::Tensor::zeros(&[34, 12])).unwrap();
+    let err = head
+        .embed(&mut tape, &store, x, &short)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("utterance 1 of the batch has 14 frames"),
+        "{err}"
+    );
+}

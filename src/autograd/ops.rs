@@ -239,6 +239,122 @@ impl Tape {
         })
     }
 
+    /// A TDNN layer's input: x [frames, c] -> [frames', context * c], each output frame its
+    /// utterance's frames t, t + dilation, ... side by side (no window crosses utterances; each
+    /// utterance loses (context - 1) dilation frames). Returns the output and its batch.
+    pub fn time_context(
+        &mut self,
+        x: Var,
+        batch: &PackedBatch,
+        context: usize,
+        dilation: usize,
+    ) -> Result<(Var, PackedBatch)> {
+        let shape = self.shape(x).to_vec();
+        if shape.len() != 2 || shape[0] != batch.total_frames() || context == 0 || dilation == 0 {
+            return Err(Error::shape(
+                "time_context input",
+                format!(
+                    "[{} frames, c], context and dilation >= 1",
+                    batch.total_frames()
+                ),
+                format!("{shape:?}, context {context}, dilation {dilation}"),
+            ));
+        }
+        for u in 0..batch.num_utterances() {
+            if ops::speaker::context_frames(batch.len_of(u), context, dilation).is_none() {
+                return Err(Error::value(
+                    "speaker head input",
+                    format!(
+                        "utterance {u} of the batch has {} frames, fewer than the x-vector's TDNN windows need: give it more audio (or leave it out with --skip-bad)",
+                        batch.len_of(u)
+                    ),
+                ));
+            }
+        }
+        let c = shape[1];
+        let offsets = batch.offsets().to_vec();
+        let (y, out_offsets) = ops::speaker::time_context_forward(
+            self.value(x).data(),
+            c,
+            &offsets,
+            context,
+            dilation,
+        );
+        let lengths: Vec<usize> = out_offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        let out_batch = PackedBatch::from_lengths(&lengths)?;
+        let out = self.push(
+            y,
+            &[out_batch.total_frames(), context * c],
+            &[x],
+            move || {
+                Box::new(move |g, _| {
+                    vec![Some(ops::speaker::time_context_backward(
+                        g,
+                        c,
+                        &offsets,
+                        &out_offsets,
+                        context,
+                        dilation,
+                    ))]
+                })
+            },
+        )?;
+        Ok((out, out_batch))
+    }
+
+    /// Statistics pooling: x [frames, c] -> [utterances, 2c], each utterance's mean then its
+    /// standard deviation (n - 1 denominator, as torch.std). Needs 2 frames per utterance.
+    pub fn stats_pool(&mut self, x: Var, batch: &PackedBatch) -> Result<Var> {
+        let shape = self.shape(x).to_vec();
+        if shape.len() != 2 || shape[0] != batch.total_frames() {
+            return Err(Error::shape(
+                "stats_pool input",
+                format!("[{} frames, c]", batch.total_frames()),
+                format!("{shape:?}"),
+            ));
+        }
+        if let Some(u) = (0..batch.num_utterances()).find(|&u| batch.len_of(u) < 2) {
+            return Err(Error::value(
+                "statistics pooling",
+                format!("utterance {u} of the batch has {} frame(s): a standard deviation needs 2 (give it more audio)", batch.len_of(u)),
+            ));
+        }
+        let c = shape[1];
+        let offsets = batch.offsets().to_vec();
+        let xt = self.shared(x);
+        let y = ops::speaker::stats_pool_forward(xt.data(), c, &offsets);
+        let yc = y.clone();
+        self.push(y, &[batch.num_utterances(), 2 * c], &[x], move || {
+            Box::new(move |g, _| {
+                vec![Some(ops::speaker::stats_pool_backward(
+                    g,
+                    xt.data(),
+                    &yc,
+                    c,
+                    &offsets,
+                ))]
+            })
+        })
+    }
+
+    /// F.normalize(x, dim=-1) of x [rows, c].
+    pub fn l2_normalize(&mut self, x: Var) -> Result<Var> {
+        let shape = self.shape(x).to_vec();
+        let c = last_dim(&shape);
+        if shape.is_empty() || c == 0 {
+            return Err(Error::shape(
+                "l2_normalize input",
+                "[rows, c >= 1]",
+                format!("{shape:?}"),
+            ));
+        }
+        let xt = self.shared(x);
+        let y = ops::speaker::l2_normalize_forward(xt.data(), c);
+        self.push(y, &shape, &[x], move || {
+            Box::new(move |g, _| vec![Some(ops::speaker::l2_normalize_backward(g, xt.data(), c))])
+        })
+    }
+
     /// Conv1d over the layer axis of x [n, l_in, c_in]: weight [c_out, c_in, k], bias [c_out].
     pub fn layer_conv(&mut self, x: Var, w: Var, b: Var, stride: usize, pad: usize) -> Result<Var> {
         let xs = self.shape(x).to_vec();

@@ -18,6 +18,7 @@ pub mod linear;
 pub mod pooling;
 pub mod shape;
 pub mod softmax;
+pub mod speaker;
 pub mod symmetric_eigen;
 
 use std::fmt::Debug;
