@@ -663,3 +663,154 @@ fn train_from_a_toml_config_classifies_with_a_feature_cache_and_eval_reads_the_r
     assert!(!ok && log.contains("give --model"), "{log}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn speaker_verification_trains_on_utt2spk_and_scores_trials() {
+    let dir = scratch("sv");
+    // Harmonic tones: each "speaker" has its own pitch; dev speakers are unseen in training.
+    let speaker_wav = |path: &Path, f0: f32, n: usize| {
+        let tone: Vec<f32> = (0..n)
+            .map(|i| {
+                let t = i as f32 / 16000.0;
+                (1..5)
+                    .map(|k| (std::f32::consts::TAU * f0 * k as f32 * t).sin() / k as f32)
+                    .sum::<f32>()
+                    * 0.2
+            })
+            .collect();
+        write_wav(path, &tone, 16000, 1);
+    };
+    let mut ids = Vec::new();
+    for (set, speakers) in [
+        ("train", vec![("s1", 100.0), ("s2", 150.0), ("s3", 210.0)]),
+        ("dev", vec![("s4", 120.0), ("s5", 180.0)]),
+    ] {
+        let d = dir.join(set);
+        std::fs::create_dir_all(&d).unwrap();
+        let (mut scp, mut spk) = (String::new(), String::new());
+        for (s, f0) in speakers {
+            for u in 0..3 {
+                let id = format!("{s}-{u}");
+                speaker_wav(
+                    &d.join(format!("{id}.wav")),
+                    f0 * (1.0 + 0.01 * u as f32),
+                    8000 + 1000 * u,
+                );
+                scp.push_str(&format!("{id} {id}.wav\n"));
+                spk.push_str(&format!("{id} {s}\n"));
+                if set == "dev" {
+                    ids.push((id, s));
+                }
+            }
+        }
+        std::fs::write(d.join("wav.scp"), scp).unwrap();
+        std::fs::write(d.join("utt2spk"), spk).unwrap();
+    }
+    let mut trials = String::new();
+    for (i, (a, sa)) in ids.iter().enumerate() {
+        for (b, sb) in &ids[i + 1..] {
+            trials.push_str(&format!("{} {a} {b}\n", (sa == sb) as u8));
+        }
+    }
+    std::fs::write(dir.join("dev/trials"), trials).unwrap();
+    let model = format!(
+        "{}/tests/fixtures/upstream/hubert_group_postln",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (train, dev, out) = (dir.join("train"), dir.join("dev"), dir.join("run"));
+    let args = |dev: &Path, out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--model",
+            &model,
+            "--task",
+            "sv",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--batch-seconds",
+            "3",
+            "--interfaces",
+            "ws,hconv",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for s in [
+            "--train",
+            train.to_str().unwrap(),
+            "--dev",
+            dev.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            a.push(s.to_string());
+        }
+        a
+    };
+    let run = |a: Vec<String>| strata(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, log) = run(args(&dev, &out, &[]));
+    assert!(
+        ok && log.contains("3 speakers") && log.contains("dev EER"),
+        "{log}"
+    );
+    // eval scores the trials with the best checkpoints: the EER the log recorded there.
+    let (ok, eval) = strata(&[
+        "eval",
+        "--model",
+        &model,
+        "--run",
+        out.to_str().unwrap(),
+        "--pair",
+        "all",
+        "--data",
+        dev.to_str().unwrap(),
+    ]);
+    assert!(ok, "{eval}");
+    let logged = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    for pair in ["ws", "hconv"] {
+        let best = (logged.lines())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["pair"] == pair)
+            .filter_map(|v| v["dev_eer"].as_f64())
+            .fold(f64::INFINITY, f64::min);
+        let want = format!(
+            "{pair} (best) on {}: EER {:.2}% over 15 trials",
+            dev.display(),
+            100.0 * best
+        );
+        assert!(eval.contains(&want), "missing '{want}' in {eval}");
+        let scores = std::fs::read_to_string(out.join(pair).join("hyp-best.tsv")).unwrap();
+        assert_eq!(scores.lines().count(), 15);
+        assert!(scores.starts_with("s4-0 s4-1\t"), "{scores}");
+        assert!(
+            scores.lines().next().unwrap().ends_with("\ttarget"),
+            "{scores}"
+        );
+    }
+    // No device kernels for the speaker head: a clear error, not a silent CPU run.
+    let (ok, log) = run(args(&dev, &dir.join("emu"), &["--device", "emulator"]));
+    assert!(
+        !ok && log.contains("the speaker head (x-vector, AM-softmax) has no device kernels yet"),
+        "{log}"
+    );
+    // A dev set without trials, or given as a manifest, is refused up front.
+    std::fs::rename(dir.join("dev/trials"), dir.join("dev/trials.off")).unwrap();
+    let (ok, log) = run(args(&dev, &dir.join("r2"), &[]));
+    assert!(
+        !ok && log.contains("trials") && log.contains("cannot read"),
+        "{log}"
+    );
+    let manifest = dir.join("dev.tsv");
+    std::fs::write(&manifest, "s4-0.wav\ts4\n").unwrap();
+    let (ok, log) = run(args(&manifest, &dir.join("r3"), &[]));
+    assert!(
+        !ok && log.contains("a speaker-verification set is a folder with wav.scp and trials"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

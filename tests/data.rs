@@ -225,3 +225,77 @@ fn kaldi_paths_relative_to_the_recipe_root_are_found_too() {
     );
     std::fs::remove_dir_all(&rel).unwrap();
 }
+
+#[test]
+fn speaker_dirs_and_verification_trials() {
+    use strata::train::data::{load_verification_dir, Trial, SPEAKER_MIN_SAMPLES};
+    let d = scratch("sv");
+    for (name, samples) in [("a", 8000), ("b", 9000), ("c", 7000), ("x", 6000)] {
+        wav(&d, &format!("{name}.wav"), samples, 16000, 1);
+    }
+    wav(&d, "short.wav", SPEAKER_MIN_SAMPLES - 1, 16000, 1);
+    // Training: utt2spk; every utterance long enough for the x-vector's windows.
+    write(
+        &d,
+        "wav.scp",
+        "a a.wav\nb b.wav\nc c.wav\nshort short.wav\n",
+    );
+    write(&d, "utt2spk", "a spk1\nb spk2\nc spk1\nshort spk2\n");
+    let err = load_kaldi_dir(&d, Task::Speaker, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'short'") && err.contains("the speaker head needs at least 5200"),
+        "{err}"
+    );
+    let ds = load_kaldi_dir(&d, Task::Speaker, OnBad::Skip).unwrap();
+    assert_eq!((ds.utterances.len(), ds.skipped.len()), (3, 1));
+    assert_eq!(Vocab::from_dataset(&ds, false).tokens, vec!["spk1", "spk2"]);
+    // Verification: VoxCeleb's "label idA idB" and Kaldi's "idA idB target|nontarget" lines;
+    // utterances no trial names (x) are left out.
+    write(
+        &d,
+        "wav.scp",
+        "a a.wav\nb b.wav\nc c.wav\nx x.wav\nshort short.wav\n",
+    );
+    write(&d, "trials", "1 a c\n0 a b\nb c nontarget\nc a target\n");
+    let ds = load_verification_dir(&d, OnBad::Fail).unwrap();
+    let ids: Vec<&str> = ds.utterances.iter().map(|u| u.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    let t = |a, b, target| Trial { a, b, target };
+    assert_eq!(
+        ds.trials,
+        [t(0, 2, true), t(0, 1, false), t(1, 2, false), t(2, 0, true)]
+    );
+    // A trial with a too-short utterance: an error, or dropped with it.
+    write(&d, "trials", "1 a c\n0 a short\n0 b c\n");
+    let err = load_verification_dir(&d, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("'short'"), "{err}");
+    let ds = load_verification_dir(&d, OnBad::Skip).unwrap();
+    assert_eq!(ds.trials, [t(0, 2, true), t(1, 2, false)]);
+    assert!(
+        ds.skipped
+            .iter()
+            .any(|(_, why)| why.contains("1 of 3 trials")),
+        "{:?}",
+        ds.skipped
+    );
+    // Bad trials files: named line, unknown utterance, one kind of trial only.
+    for (text, want) in [
+        ("1 a c\nsame a b\n", "line 2: 'same a b' is not a trial"),
+        (
+            "1 a c\n0 a nobody\n",
+            "names utterance 'nobody', which wav.scp does not list",
+        ),
+        ("1 a c\n1 b b\n", "needs target and nontarget trials both"),
+    ] {
+        write(&d, "trials", text);
+        let err = load_verification_dir(&d, OnBad::Fail)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{text:?}: {err}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}

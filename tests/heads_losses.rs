@@ -298,3 +298,30 @@ fn speaker_head_with_am_softmax_matches_pytorch() {
         "{err}"
     );
 }
+
+#[test]
+fn equal_error_rate_matches_sklearn_and_scipy() {
+    use strata::train::metrics::{cosine, equal_error_rate};
+    let fx = Fixture::load("speaker.safetensors");
+    let scores: Vec<f64> = fx.f("eer.scores").iter().map(|&s| s as f64).collect();
+    let targets: Vec<bool> = fx.usizes("eer.targets").iter().map(|&t| t == 1).collect();
+    let eer = equal_error_rate(&scores, &targets).unwrap();
+    let want = fx.f("eer.value")[0] as f64;
+    assert!((eer - want).abs() < 1e-6, "EER {eer} vs scipy's {want}");
+    // Perfect separation, total confusion, and what has no EER.
+    assert_eq!(
+        equal_error_rate(&[0.9, 0.8, 0.1, 0.2], &[true, true, false, false]),
+        Some(0.0)
+    );
+    assert_eq!(
+        equal_error_rate(&[0.1, 0.2, 0.9, 0.8], &[true, true, false, false]),
+        Some(1.0)
+    );
+    assert_eq!(
+        equal_error_rate(&[0.5; 4], &[true, false, true, false]),
+        Some(0.5)
+    );
+    assert_eq!(equal_error_rate(&[0.5, 0.4], &[true, true]), None);
+    assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - 0.5f64.sqrt()).abs() < 1e-12);
+    assert_eq!(cosine(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
+}

@@ -355,7 +355,7 @@ fn accumulating_two_halves_equals_one_step_on_the_whole_batch() {
     let upstream = fixture();
     let waves: Vec<Vec<f32>> = (0..4)
         .map(|u| {
-            (0..5000 + 700 * u)
+            (0..5200 + 700 * u)
                 .map(|i| (i as f32 * (0.02 + 0.01 * u as f32)).sin() * 0.3)
                 .collect()
         })
@@ -369,10 +369,13 @@ fn accumulating_two_halves_equals_one_step_on_the_whole_batch() {
     for head in [
         HeadKind::Ctc { vocab: 4 },
         HeadKind::Classify { classes: 4 },
+        HeadKind::Speaker { speakers: 4 },
     ] {
         let t: Vec<Vec<usize>> = match head {
             HeadKind::Ctc { .. } => targets.clone(),
-            HeadKind::Classify { .. } => vec![vec![0], vec![3], vec![1], vec![3]],
+            HeadKind::Classify { .. } | HeadKind::Speaker { .. } => {
+                vec![vec![0], vec![3], vec![1], vec![3]]
+            }
         };
         let new = || {
             Pair::new(
@@ -440,6 +443,7 @@ fn ws_large_has_the_weighted_sum_and_a_head_as_large_as_the_hconv_pair() {
             let outputs = match head {
                 HeadKind::Ctc { vocab } => vocab,
                 HeadKind::Classify { classes } => classes,
+                HeadKind::Speaker { .. } => unreachable!("not among the heads above"),
             };
             let hidden = large
                 .store

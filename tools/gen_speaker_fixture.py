@@ -13,6 +13,9 @@ PyTorch's own (flash-attention's rule: at most twice PyTorch's float32 error, ea
 against the float64 result). The gradient passes nine layers and AM-softmax's scale 30, which
 puts both float32 errors near 1e-5.
 
+It also holds the equal error rate s3prl computes (sklearn's roc_curve, scipy's brentq on
+interp1d) for random trial scores with ties ("eer.*"; needs scikit-learn and scipy).
+
     .venv/bin/python tools/gen_speaker_fixture.py
 """
 import os
@@ -95,5 +98,21 @@ for name, m in modules.items():
 reference = run(torch.float64)
 tensors.update(reference)
 tensors.update({f"f32.{k}": v for k, v in run(torch.float32).items()})
+# EER: 300 trials, a third targets scoring higher on average; scores on a 0.01 grid, so that
+# many tie.
+import numpy as np  # noqa: E402
+from scipy.interpolate import interp1d  # noqa: E402
+from scipy.optimize import brentq  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+g = torch.Generator().manual_seed(7)
+targets = (torch.rand(300, generator=g) < 1 / 3).long()
+scores = (torch.randn(300, generator=g) * 0.25 + 0.3 * targets).mul(100).round().div(100).float()
+fpr, tpr, _ = roc_curve(targets.numpy(), scores.double().numpy(), pos_label=1)
+eer = brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
+tensors["eer.scores"] = scores
+tensors["eer.targets"] = targets
+tensors["eer.value"] = torch.tensor([eer], dtype=torch.float32)
+print("eer", eer)
 save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "speaker.safetensors"))
 print("wrote speaker.safetensors: loss", reference["loss"].item())

@@ -1,4 +1,5 @@
-//! Training data: Kaldi-style directories (`wav.scp` + `text`, or `wav.scp` + `utt2label`) and TSV
+//! Training data: Kaldi-style directories (`wav.scp` + `text`, `utt2label` or `utt2spk`; a
+//! verification set: `wav.scp` + `trials`) and TSV
 //! manifests (`path<TAB>label`), checked up front: every audio file must be a readable 16 kHz mono
 //! WAV of at least one frame (400 samples) and every label non-empty. A bad utterance is an error
 //! naming it, or, when the caller asks for [`OnBad::Skip`], a counted skip with its reason.
@@ -23,6 +24,21 @@ pub enum Task {
     Characters,
     /// One class name per utterance.
     Classification,
+    /// Speaker verification: trained on the training speakers (`utt2spk`), scored on `trials`.
+    Speaker,
+}
+
+/// Audio samples the x-vector head needs per utterance: 16 frames of a 20 ms hop, 25 ms window
+/// (its TDNN windows take 14 frames, the standard deviation needs 2).
+pub const SPEAKER_MIN_SAMPLES: usize = 400 + 15 * 320;
+
+/// One verification trial: utterances `a` and `b` (indices into the data set), same speaker or
+/// not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trial {
+    pub a: usize,
+    pub b: usize,
+    pub target: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +61,8 @@ pub struct Dataset {
     pub utterances: Vec<Utterance>,
     /// (utterance id, reason) of every skipped utterance.
     pub skipped: Vec<(String, String)>,
+    /// A verification set's trials (empty otherwise).
+    pub trials: Vec<Trial>,
 }
 
 fn io_err(path: &Path, detail: impl Into<String>) -> Error {
@@ -102,7 +120,7 @@ fn tokens(label: &str, task: Task) -> Vec<String> {
                 })
                 .collect()
         }
-        Task::Classification => {
+        Task::Classification | Task::Speaker => {
             let l = label.trim();
             if l.is_empty() {
                 vec![]
@@ -114,12 +132,24 @@ fn tokens(label: &str, task: Task) -> Vec<String> {
 }
 
 /// Checks one utterance's audio and label; Err(reason) for a bad one.
-fn check(id: &str, path: &Path, label: Option<&[String]>) -> std::result::Result<usize, String> {
+fn check(
+    id: &str,
+    path: &Path,
+    label: Option<&[String]>,
+    min_samples: usize,
+) -> std::result::Result<usize, String> {
     let samples = crate::audio::wav_samples(path).map_err(|e| e.to_string())?;
     if samples < 400 {
         return Err(format!(
             "{}: {samples} samples; at least 400 (one 25 ms frame at 16 kHz) are needed",
             path.display()
+        ));
+    }
+    if samples < min_samples {
+        return Err(format!(
+            "{}: {samples} samples; the speaker head needs at least {min_samples} ({:.2} s)",
+            path.display(),
+            min_samples as f64 / 16000.0
         ));
     }
     if label.is_some_and(|l| l.is_empty()) {
@@ -132,10 +162,16 @@ fn build(
     entries: Vec<(String, PathBuf, Vec<String>)>,
     on_bad: OnBad,
     labelled: bool,
+    min_samples: usize,
 ) -> Result<Dataset> {
     let mut ds = Dataset::default();
     for (id, path, label) in entries {
-        match check(&id, &path, labelled.then_some(label.as_slice())) {
+        match check(
+            &id,
+            &path,
+            labelled.then_some(label.as_slice()),
+            min_samples,
+        ) {
             Ok(samples) => ds.utterances.push(Utterance {
                 id,
                 path,
@@ -201,12 +237,12 @@ fn load_kaldi(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> 
                 (id, p, Vec::new())
             })
             .collect();
-        return build(entries, on_bad, false);
+        return build(entries, on_bad, false, 400);
     };
-    let label_file = dir.join(if task == Task::Classification {
-        "utt2label"
-    } else {
-        "text"
+    let label_file = dir.join(match task {
+        Task::Classification => "utt2label",
+        Task::Speaker => "utt2spk",
+        Task::Units | Task::Characters => "text",
     });
     let labels: HashMap<String, String> = id_map(&label_file)?.into_iter().collect();
     let mut entries = Vec::new();
@@ -228,7 +264,96 @@ fn load_kaldi(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> 
         };
         entries.push((id, resolve(dir, &path), label));
     }
-    build(entries, on_bad, true)
+    build(entries, on_bad, true, min_samples(task))
+}
+
+fn min_samples(task: Task) -> usize {
+    if task == Task::Speaker {
+        SPEAKER_MIN_SAMPLES
+    } else {
+        400
+    }
+}
+
+/// A verification set: a Kaldi-style folder with `wav.scp` and `trials`, one trial per line,
+/// either "1 idA idB" / "0 idA idB" (VoxCeleb's lists, s3prl) or "idA idB target|nontarget"
+/// (Kaldi). Utterances no trial names are left out; with [`OnBad::Skip`], trials naming a bad
+/// utterance are dropped with it (each skip is listed in `skipped`).
+pub fn load_verification_dir(dir: &Path, on_bad: OnBad) -> Result<Dataset> {
+    let path = dir.join("trials");
+    let mut pairs = Vec::new();
+    for (no, line) in read_lines(&path)? {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let bad = || {
+            io_err(
+                &path,
+                format!("line {no}: '{line}' is not a trial: write '1 idA idB' / '0 idA idB' or 'idA idB target' / 'idA idB nontarget'"),
+            )
+        };
+        let trial = match f.as_slice() {
+            ["1", a, b] => (a.to_string(), b.to_string(), true),
+            ["0", a, b] => (a.to_string(), b.to_string(), false),
+            [a, b, "target"] => (a.to_string(), b.to_string(), true),
+            [a, b, "nontarget"] => (a.to_string(), b.to_string(), false),
+            _ => return Err(bad()),
+        };
+        pairs.push(trial);
+    }
+    if !pairs.iter().any(|t| t.2) || !pairs.iter().any(|t| !t.2) {
+        return Err(io_err(
+            &path,
+            "needs target and nontarget trials both: an equal error rate weighs one kind against the other",
+        ));
+    }
+    let named: HashSet<&str> = pairs
+        .iter()
+        .flat_map(|t| [t.0.as_str(), t.1.as_str()])
+        .collect();
+    let scp = id_map(&dir.join("wav.scp"))?;
+    let known: HashSet<&str> = scp.iter().map(|(id, _)| id.as_str()).collect();
+    if let Some(missing) = named.iter().find(|id| !known.contains(**id)) {
+        return Err(io_err(
+            &path,
+            format!("names utterance '{missing}', which wav.scp does not list"),
+        ));
+    }
+    let entries = (scp.iter())
+        .filter(|(id, _)| named.contains(id.as_str()))
+        .map(|(id, p)| (id.clone(), resolve(dir, p), Vec::new()))
+        .collect();
+    let mut ds = build(entries, on_bad, false, SPEAKER_MIN_SAMPLES)?;
+    let index: HashMap<&str, usize> = (ds.utterances.iter().enumerate())
+        .map(|(i, u)| (u.id.as_str(), i))
+        .collect();
+    let mut trials = Vec::new();
+    let mut dropped = 0;
+    for (a, b, target) in &pairs {
+        match (index.get(a.as_str()), index.get(b.as_str())) {
+            (Some(&a), Some(&b)) => trials.push(Trial {
+                a,
+                b,
+                target: *target,
+            }),
+            _ => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        ds.skipped.push((
+            "trials".into(),
+            format!(
+                "{dropped} of {} trials name a skipped utterance and were dropped",
+                pairs.len()
+            ),
+        ));
+    }
+    if !trials.iter().any(|t| t.target) || !trials.iter().any(|t| !t.target) {
+        return Err(io_err(
+            &path,
+            "no target or no nontarget trial is left after the skipped utterances",
+        ));
+    }
+    ds.trials = trials;
+    Ok(ds)
 }
 
 /// A TSV manifest: `path<TAB>label` per line (an optional header `path<TAB>label` is skipped); the
@@ -267,7 +392,12 @@ fn load_manifest(manifest: &Path, task: Option<Task>, on_bad: OnBad) -> Result<D
             task.map(|t| tokens(label, t)).unwrap_or_default(),
         ));
     }
-    build(entries, on_bad, task.is_some())
+    build(
+        entries,
+        on_bad,
+        task.is_some(),
+        task.map_or(400, min_samples),
+    )
 }
 
 /// Token <-> index. For CTC the blank `<blank>` is index 0.

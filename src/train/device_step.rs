@@ -145,6 +145,9 @@ struct ClsParams {
     ffn2: Lin,
 }
 
+const NO_SPEAKER_KERNELS: &str =
+    "the speaker head (x-vector, AM-softmax) has no device kernels yet; use --device cpu";
+
 pub struct DevicePair {
     pub name: String,
     params: Vec<TrainedParam>,
@@ -249,6 +252,9 @@ impl DevicePair {
         let cfg = pair.interface.config().clone();
         let (layers, dim) = (cfg.layers, cfg.dim);
         let refuse = |what: String| Error::Config(format!("'{}' on the device: {what}", pair.name));
+        if matches!(pair.head, Head::Speaker(_)) {
+            return Err(refuse(NO_SPEAKER_KERNELS.into()));
+        }
         let mut params: Vec<TrainedParam> = Vec::new();
         let mut add = |name: &str, layout: Layout| add_param(be, pair, &mut params, name, layout);
         let interface = match &cfg.kind {
@@ -375,6 +381,7 @@ impl DevicePair {
             Head::Classifier(h) => HeadKind::Classify {
                 classes: h.out.out_features,
             },
+            Head::Speaker(_) => return Err(refuse(NO_SPEAKER_KERNELS.into())),
         };
         let head_proj = lin(&mut add, "head.proj")?;
         let head_out = lin(&mut add, "head.out")?;
@@ -561,6 +568,7 @@ impl DevicePair {
                 let pooled = tape.to_bf16(pooled)?;
                 self.linear(tape, pooled, self.head_out, true)
             }
+            HeadKind::Speaker { .. } => Err(Error::Config(NO_SPEAKER_KERNELS.into())),
         }
     }
 
@@ -619,6 +627,7 @@ impl DevicePair {
         let loss = match this.head {
             HeadKind::Ctc { .. } => tape.ctc_loss(out, batch, targets)?,
             HeadKind::Classify { .. } => tape.cross_entropy(out, &class_labels(targets)?)?,
+            HeadKind::Speaker { .. } => return Err(Error::Config(NO_SPEAKER_KERNELS.into())),
         };
         let value = tape.loss_value(loss)?;
         if !value.is_finite() {

@@ -1,5 +1,6 @@
 //! Recognition metrics: greedy CTC decoding (s3prl: argmax, unique_consecutive, drop the blank)
-//! and edit-distance error rates (PER / CER / WER).
+//! and edit-distance error rates (PER / CER / WER); verification's cosine scores and equal error
+//! rate.
 
 /// Greedy CTC decoding of log-probabilities [frames, v].
 pub fn ctc_greedy_decode(log_probs: &[f32], v: usize, blank: usize) -> Vec<usize> {
@@ -57,6 +58,57 @@ impl ErrorRate {
             self.errors as f64 / self.reference_len as f64
         }
     }
+}
+
+/// Cosine similarity of two embeddings (0 when either is all zeros).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
+}
+
+/// The equal error rate of verification `scores` (higher = more likely the same speaker) with
+/// `targets` (true = same speaker), as s3prl computes it: sklearn's ROC curve (one point per
+/// distinct score, from the highest), then the false-positive rate where the linearly
+/// interpolated curve meets tpr = 1 - fpr (scipy's brentq on interp1d). None without at least
+/// one target and one nontarget trial.
+pub fn equal_error_rate(scores: &[f64], targets: &[bool]) -> Option<f64> {
+    let positives = targets.iter().filter(|&&t| t).count();
+    let negatives = targets.len() - positives;
+    if positives == 0 || negatives == 0 || scores.len() != targets.len() {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]));
+    let (mut tp, mut fp) = (0usize, 0usize);
+    let (mut f0, mut t0) = (0f64, 0f64);
+    let mut i = 0;
+    while i < order.len() {
+        // Every trial scoring this value crosses the threshold together.
+        let s = scores[order[i]];
+        while i < order.len() && scores[order[i]] == s {
+            if targets[order[i]] {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            i += 1;
+        }
+        let (f1, t1) = (fp as f64 / negatives as f64, tp as f64 / positives as f64);
+        let (g0, g1) = (1.0 - f0 - t0, 1.0 - f1 - t1);
+        if g1 <= 0.0 {
+            // g falls from g0 > 0 to g1 <= 0 along this segment.
+            let alpha = g0 / (g0 - g1);
+            return Some(f0 + alpha * (f1 - f0));
+        }
+        (f0, t0) = (f1, t1);
+    }
+    unreachable!("the curve ends at (1, 1), where 1 - fpr - tpr = -1")
 }
 
 #[cfg(test)]

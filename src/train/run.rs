@@ -20,7 +20,7 @@ use crate::train::checkpoint;
 use crate::train::data::{length_buckets, Dataset, OnBad, Task, Vocab};
 use crate::train::device_step::{upload_stack, DevicePair};
 use crate::train::features::StackSource;
-use crate::train::metrics::ErrorRate;
+use crate::train::metrics::{cosine, equal_error_rate, ErrorRate};
 use crate::train::side_by_side::{HeadKind, Pair, PairSpec};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
@@ -115,6 +115,9 @@ pub fn head_kind(task: Task, vocab: &Vocab) -> HeadKind {
         Task::Classification => HeadKind::Classify {
             classes: vocab.len(),
         },
+        Task::Speaker => HeadKind::Speaker {
+            speakers: vocab.len(),
+        },
         _ => HeadKind::Ctc { vocab: vocab.len() },
     }
 }
@@ -161,6 +164,7 @@ fn evaluate(
     batch_samples: usize,
 ) -> Result<Vec<f64>> {
     let mut rates = vec![ErrorRate::default(); pairs.len()];
+    let mut embeddings = vec![vec![Vec::new(); dev.utterances.len()]; pairs.len()];
     decode_all(
         source,
         pairs,
@@ -168,9 +172,40 @@ fn evaluate(
         backend,
         dev,
         batch_samples,
-        |k, i, hyp| rates[k].add(hyp, &dev_labels[i]),
+        |k, i, out| match out {
+            Decoded::Tokens(hyp) => rates[k].add(hyp, &dev_labels[i]),
+            Decoded::Embedding(e) => embeddings[k][i] = e.to_vec(),
+        },
     )?;
-    Ok(rates.iter().map(ErrorRate::rate).collect())
+    (pairs.iter().zip(&rates).zip(&embeddings))
+        .map(|((p, rate), emb)| match p.head_kind() {
+            HeadKind::Speaker { .. } => Ok(verification_scores(dev, emb)?.0),
+            _ => Ok(rate.rate()),
+        })
+        .collect()
+}
+
+/// What a pair makes of an utterance for scoring: a hypothesis (token ids, or a one-element
+/// class list) or a speaker embedding.
+enum Decoded<'a> {
+    Tokens(&'a [usize]),
+    Embedding(&'a [f32]),
+}
+
+/// The equal error rate of `data`'s trials scored by the cosine similarity of `embeddings` (one
+/// per utterance), and every trial's score.
+fn verification_scores(data: &Dataset, embeddings: &[Vec<f32>]) -> Result<(f64, Vec<f64>)> {
+    let scores: Vec<f64> = (data.trials.iter())
+        .map(|t| cosine(&embeddings[t.a], &embeddings[t.b]))
+        .collect();
+    let targets: Vec<bool> = data.trials.iter().map(|t| t.target).collect();
+    let eer = equal_error_rate(&scores, &targets).ok_or_else(|| {
+        Error::value(
+            "verification trials",
+            "an equal error rate needs target and nontarget trials both: give the set a trials file with both",
+        )
+    })?;
+    Ok((eer, scores))
 }
 
 /// Decodes every utterance of `data` with every pair (on the device where the pair is there),
@@ -182,19 +217,25 @@ fn decode_all(
     backend: Option<&Backend>,
     data: &Dataset,
     batch_samples: usize,
-    mut visit: impl FnMut(usize, usize, &[usize]),
+    mut visit: impl FnMut(usize, usize, Decoded),
 ) -> Result<()> {
     let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
     for b in length_buckets(&samples, batch_samples, None) {
         let (stack, batch) = source.stack(data, &b)?;
         let x = device_stack(backend, on_device, &stack)?;
         for (k, (p, d)) in pairs.iter().zip(on_device).enumerate() {
+            if let HeadKind::Speaker { .. } = p.head_kind() {
+                for (e, &i) in p.embed(&stack, &batch)?.iter().zip(&b) {
+                    visit(k, i, Decoded::Embedding(e));
+                }
+                continue;
+            }
             let hyps = match (d, backend, &x) {
                 (Some(d), Some(be), Some(x)) => d.decode_on(be, x, &batch)?,
                 _ => p.decode(&stack, &batch)?,
             };
             for (hyp, &i) in hyps.iter().zip(&b) {
-                visit(k, i, hyp);
+                visit(k, i, Decoded::Tokens(hyp));
             }
         }
     }
@@ -536,6 +577,12 @@ pub fn train(
             "no usable training or dev utterance left",
         ));
     }
+    if cfg.task == Task::Speaker && dev.trials.is_empty() {
+        return Err(Error::value(
+            "dev set",
+            "speaker verification is scored on trials: the dev folder needs wav.scp and a trials file (load it with load_verification_dir)",
+        ));
+    }
     let (layers, dim) = (train_src.num_states(), train_src.hidden_size());
     if (dev_src.num_states(), dev_src.hidden_size()) != (layers, dim) {
         return Err(Error::Config(format!(
@@ -764,6 +811,9 @@ pub fn train(
             if cfg.task == Task::Classification {
                 entry["dev_accuracy"] = json!(1.0 - rate);
             }
+            if cfg.task == Task::Speaker {
+                entry["dev_eer"] = json!(rate);
+            }
             let layer_weights = p.interface.layer_weights(&p.store);
             if let Some(sums) = &layer_weights {
                 // One list per weighted sum, indexed from its first layer.
@@ -876,6 +926,7 @@ pub fn evaluate_checkpoints(
     let (backend, on_device) = device_pairs(device, &loaded)?;
     let mut rates = vec![ErrorRate::default(); loaded.len()];
     let mut outs: Vec<Vec<Hypothesis>> = vec![Vec::new(); loaded.len()];
+    let mut embeddings = vec![vec![Vec::new(); data.utterances.len()]; loaded.len()];
     decode_all(
         source,
         &loaded,
@@ -883,24 +934,38 @@ pub fn evaluate_checkpoints(
         backend.as_ref(),
         data,
         batch_samples,
-        |k, i, hyp| {
-            rates[k].add(hyp, &labels[i]);
-            let u = &data.utterances[i];
-            outs[k].push(Hypothesis {
-                id: u.id.clone(),
-                hyp: hyp.iter().map(|&t| vocab.tokens[t].clone()).collect(),
-                reference: u.label.clone(),
-            });
+        |k, i, out| match out {
+            Decoded::Tokens(hyp) => {
+                rates[k].add(hyp, &labels[i]);
+                let u = &data.utterances[i];
+                outs[k].push(Hypothesis {
+                    id: u.id.clone(),
+                    hyp: hyp.iter().map(|&t| vocab.tokens[t].clone()).collect(),
+                    reference: u.label.clone(),
+                });
+            }
+            Decoded::Embedding(e) => embeddings[k][i] = e.to_vec(),
         },
     )?;
-    Ok(rates
-        .iter()
-        .zip(outs)
-        .map(|(rate, mut out)| {
+    let mut results = Vec::with_capacity(loaded.len());
+    for (((p, rate), mut out), emb) in loaded.iter().zip(&rates).zip(outs).zip(&embeddings) {
+        if let HeadKind::Speaker { .. } = p.head_kind() {
+            // One line per trial, in the trials file's order: "idA idB", score, target or not.
+            let (eer, scores) = verification_scores(data, emb)?;
+            let lines = (data.trials.iter().zip(scores))
+                .map(|(t, score)| Hypothesis {
+                    id: format!("{} {}", data.utterances[t.a].id, data.utterances[t.b].id),
+                    hyp: vec![format!("{score:.6}")],
+                    reference: vec![if t.target { "target" } else { "nontarget" }.into()],
+                })
+                .collect();
+            results.push((eer, lines));
+        } else {
             out.sort_by(|a, b| a.id.cmp(&b.id));
-            (rate.rate(), out)
-        })
-        .collect())
+            results.push((rate.rate(), out));
+        }
+    }
+    Ok(results)
 }
 
 #[cfg(test)]

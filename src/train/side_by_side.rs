@@ -11,7 +11,9 @@
 use crate::autograd::{ParamStore, Tape, Var};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
-use crate::models::head::{PrHead, UtteranceClassifier, SUPERB_HIDDEN};
+use crate::models::head::{
+    PrHead, SpeakerHead, SpeakerHeadConfig, UtteranceClassifier, SUPERB_HIDDEN,
+};
 use crate::models::interface::{self, Interface, InterfaceConfig};
 use crate::ops::ctc::Reduction;
 use crate::optim::{clip_grad_norm, Adam, AdamConfig};
@@ -26,6 +28,9 @@ pub enum HeadKind {
     Ctc { vocab: usize },
     /// One of `classes` per utterance.
     Classify { classes: usize },
+    /// Speaker verification: the x-vector head trained with AM-softmax over `speakers`
+    /// training speakers; evaluated by its embeddings.
+    Speaker { speakers: usize },
 }
 
 /// The width of a pair's head (the hidden size between its two Linear layers).
@@ -74,6 +79,11 @@ pub fn head_hidden(
     let outputs = match head {
         HeadKind::Ctc { vocab } => vocab,
         HeadKind::Classify { classes } => classes,
+        HeadKind::Speaker { .. } => {
+            return Err(Error::Config(
+                "a head matched to another pair's size is defined for the PR head and the utterance classifier, not the speaker head".into(),
+            ))
+        }
     };
     // Linear(d, h) + Linear(h, V): h (d + 1 + V) + V scalars.
     let head_params = |d: usize, h: usize| h * (d + 1 + outputs) + outputs;
@@ -94,6 +104,7 @@ pub fn head_hidden(
 pub enum Head {
     Pr(PrHead),
     Classifier(UtteranceClassifier),
+    Speaker(SpeakerHead),
 }
 
 pub struct Pair {
@@ -139,6 +150,14 @@ impl Pair {
             HeadKind::Classify { classes } => Head::Classifier(UtteranceClassifier::new(
                 &mut store, "head.", d, hidden, classes, &mut rng,
             )?),
+            HeadKind::Speaker { speakers } => Head::Speaker(SpeakerHead::new(
+                &mut store,
+                "head.",
+                d,
+                SpeakerHeadConfig::default(),
+                speakers,
+                &mut rng,
+            )?),
         };
         let optimizer = Adam::new(opt, &store)?;
         Ok(Pair {
@@ -152,8 +171,16 @@ impl Pair {
         })
     }
 
-    /// Logits: [frames, V] for CTC (log-probabilities), [utterances, C] for classification.
-    fn outputs(&self, tape: &mut Tape, stack: &Tensor, batch: &PackedBatch) -> Result<Var> {
+    /// Logits: [frames, V] for CTC (log-probabilities), [utterances, C] for classification,
+    /// the AM-softmax logits [utterances, speakers] for the speaker head (which needs the
+    /// batch's `speakers`), or with `speakers` None its embeddings [utterances, width].
+    fn outputs(
+        &self,
+        tape: &mut Tape,
+        stack: &Tensor,
+        batch: &PackedBatch,
+        speakers: Option<&[usize]>,
+    ) -> Result<Var> {
         let s = tape.constant(stack.clone())?;
         let feats = self.interface.forward(tape, &self.store, s)?;
         match &self.head {
@@ -162,6 +189,10 @@ impl Pair {
                 tape.log_softmax(logits)
             }
             Head::Classifier(h) => h.forward(tape, &self.store, feats, batch),
+            Head::Speaker(h) => match speakers {
+                Some(labels) => h.am_logits(tape, &self.store, feats, batch, labels),
+                None => h.embed(tape, &self.store, feats, batch),
+            },
         }
     }
 
@@ -176,11 +207,19 @@ impl Pair {
         scale: f32,
     ) -> Result<f32> {
         let mut tape = Tape::new();
-        let out = self.outputs(&mut tape, stack, batch)?;
         let loss = match &self.head {
-            Head::Pr(_) => tape.ctc_loss(out, batch, targets, Reduction::Mean, true)?,
+            Head::Pr(_) => {
+                let out = self.outputs(&mut tape, stack, batch, None)?;
+                tape.ctc_loss(out, batch, targets, Reduction::Mean, true)?
+            }
             Head::Classifier(_) => {
+                let out = self.outputs(&mut tape, stack, batch, None)?;
                 tape.cross_entropy(out, &class_labels(targets)?, Reduction::Mean)?
+            }
+            Head::Speaker(_) => {
+                let labels = class_labels(targets)?;
+                let out = self.outputs(&mut tape, stack, batch, Some(&labels))?;
+                tape.cross_entropy(out, &labels, Reduction::Mean)?
             }
         };
         let value = tape.value(loss).item()?;
@@ -232,8 +271,28 @@ impl Pair {
     /// Greedy CTC hypotheses (token ids) or the predicted class (a one-element list) per utterance.
     pub fn decode(&self, stack: &Tensor, batch: &PackedBatch) -> Result<Vec<Vec<usize>>> {
         let mut tape = Tape::no_grad();
-        let out = self.outputs(&mut tape, stack, batch)?;
+        let out = self.outputs(&mut tape, stack, batch, None)?;
         decode_outputs(self.head_kind(), &tape.value(out).to_vec(), batch)
+    }
+
+    /// The speaker head's embedding of each utterance (what verification trials are scored
+    /// with); an error for the other heads.
+    pub fn embed(&self, stack: &Tensor, batch: &PackedBatch) -> Result<Vec<Vec<f32>>> {
+        if !matches!(self.head, Head::Speaker(_)) {
+            return Err(Error::Config(format!(
+                "'{}' has no speaker head to embed with",
+                self.name
+            )));
+        }
+        let mut tape = Tape::no_grad();
+        let out = self.outputs(&mut tape, stack, batch, None)?;
+        let width = tape.shape(out)[1];
+        Ok(tape
+            .value(out)
+            .to_vec()
+            .chunks(width)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     pub fn head_kind(&self) -> HeadKind {
@@ -243,6 +302,9 @@ impl Pair {
             },
             Head::Classifier(h) => HeadKind::Classify {
                 classes: h.out.out_features,
+            },
+            Head::Speaker(h) => HeadKind::Speaker {
+                speakers: h.speakers,
             },
         }
     }
@@ -278,6 +340,11 @@ pub fn decode_outputs(
     let (rows, v) = match head {
         HeadKind::Ctc { vocab } => (batch.total_frames(), vocab),
         HeadKind::Classify { classes } => (batch.num_utterances(), classes),
+        HeadKind::Speaker { .. } => {
+            return Err(Error::Config(
+                "a speaker head is scored by its embeddings on trials, not decoded".into(),
+            ))
+        }
     };
     if v == 0 || data.len() != rows * v {
         return Err(Error::shape(
@@ -296,7 +363,7 @@ pub fn decode_outputs(
                 )
             })
             .collect(),
-        HeadKind::Classify { .. } => data
+        HeadKind::Classify { .. } | HeadKind::Speaker { .. } => data
             .chunks(v)
             .map(|row| {
                 let best = row

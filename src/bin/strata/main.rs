@@ -13,7 +13,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
        strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad] [--overwrite]
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
        strata eval --model DIR|--features DIR --run OUT --pair NAME[,NAME..]|all --data DATA [--which best|latest] [--hyp FILE]
-                   [--task units|chars|classify] [--normalize auto|on|off] [--skip-bad]
+                   [--task units|chars|classify|sv] [--normalize auto|on|off] [--skip-bad]
                    [--device auto|cpu|cuda|emulator]
 
   demo   makes a deterministic speech-like corpus in memory (16 phone-like units with transcripts),
@@ -32,12 +32,16 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
          existing output (file or cache) is replaced only with --overwrite.
 
   train  trains one or several interfaces, each with its head, side by side from ONE upstream pass
-         per batch. DATA is a Kaldi-style folder (wav.scp + text, or utt2label for classify) or a
-         TSV manifest (path<TAB>label). Writes OUT/run.json, OUT/vocab.txt, OUT/log.jsonl (loss per
+         per batch. DATA is a Kaldi-style folder (wav.scp + text, or utt2label for classify, or
+         utt2spk for sv) or a TSV manifest (path<TAB>label); an sv dev or test set is a folder with
+         wav.scp and trials (\"1 idA idB\" / \"0 idA idB\", or Kaldi's \"idA idB target|nontarget\"). Writes OUT/run.json, OUT/vocab.txt, OUT/log.jsonl (loss per
          pair per step, dev metric per evaluation), OUT/curves.png and OUT/<pair>/{latest,best}/
          checkpoints. Options (defaults in brackets):
-           --task units|chars|classify  phones (space-separated) or characters with CTC + PR head,
-                                        or one class per utterance with the utterance classifier [units]
+           --task units|chars|classify|sv  phones (space-separated) or characters with CTC + PR
+                                        head, or one class per utterance with the utterance
+                                        classifier, or speaker verification (SUPERB SV: x-vector
+                                        head, AM-softmax on the training speakers, EER of cosine
+                                        scores on the dev trials; CPU only) [units]
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3), hconv-kKsS
                               (e.g. hconv-k3s2), concat, groupwsN (N groups), single (last layer),
                               single-N (layer N; 0 = CNN features), cls, ws-large (WS with a head

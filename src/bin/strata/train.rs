@@ -118,13 +118,33 @@ fn load_data(path: &Path, task: Task, on_bad: OnBad) -> Result<Dataset, String> 
     Ok(ds)
 }
 
+/// A set that is scored: for speaker verification a folder with wav.scp and trials, else as
+/// [`load_data`].
+fn load_scored_data(path: &Path, task: Task, on_bad: OnBad) -> Result<Dataset, String> {
+    if task != Task::Speaker {
+        return load_data(path, task, on_bad);
+    }
+    if !path.is_dir() {
+        return Err(format!(
+            "{}: a speaker-verification set is a folder with wav.scp and trials",
+            path.display()
+        ));
+    }
+    let ds = strata::train::data::load_verification_dir(path, on_bad).map_err(|e| e.to_string())?;
+    for (id, why) in &ds.skipped {
+        eprintln!("{}: skipped {id}: {why}", path.display());
+    }
+    Ok(ds)
+}
+
 pub fn parse_task(v: &str) -> Result<Task, String> {
     match v {
         "units" => Ok(Task::Units),
         "chars" => Ok(Task::Characters),
         "classify" => Ok(Task::Classification),
+        "sv" => Ok(Task::Speaker),
         other => Err(format!(
-            "--task takes units, chars or classify, got '{other}'"
+            "--task takes units, chars, classify or sv, got '{other}'"
         )),
     }
 }
@@ -134,7 +154,13 @@ fn task_name(t: Task) -> &'static str {
         Task::Units => "units",
         Task::Characters => "chars",
         Task::Classification => "classify",
+        Task::Speaker => "sv",
     }
+}
+
+/// Whether the task's labels are CTC token sequences (not one class or speaker each).
+fn is_ctc(t: Task) -> bool {
+    matches!(t, Task::Units | Task::Characters)
 }
 
 /// Every `strata train` setting, with its default.
@@ -428,8 +454,8 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         None => t.normalize.unwrap_or(false),
     };
     let train = load_data(&train_p, t.task, t.on_bad)?;
-    let dev = load_data(&dev_p, t.task, t.on_bad)?;
-    let ctc = t.task != Task::Classification;
+    let dev = load_scored_data(&dev_p, t.task, t.on_bad)?;
+    let ctc = is_ctc(t.task);
     let vocab = match &t.vocab {
         Some(p) => Vocab::from_file(p, ctc).map_err(|e| e.to_string())?,
         None => Vocab::from_dataset(&train, ctc),
@@ -514,7 +540,11 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         train.utterances.len(),
         dev.utterances.len(),
         vocab.len(),
-        if ctc { "tokens" } else { "classes" },
+        match t.task {
+            Task::Speaker => "speakers",
+            _ if ctc => "tokens",
+            _ => "classes",
+        },
         t.interfaces
     );
     let mut cfg = TrainConfig::new(t.task, interfaces, out.clone());
@@ -536,8 +566,12 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     cfg.device = device;
     let results = strata::train::run::train(&train_src, &dev_src, train, dev, &vocab, &cfg)
         .map_err(|e| e.to_string())?;
-    let metric = if ctc { "dev error" } else { "dev accuracy" };
-    let shown = |rate: f64| 100.0 * if ctc { rate } else { 1.0 - rate };
+    let (metric, accuracy) = match t.task {
+        Task::Speaker => ("dev EER", false),
+        _ if ctc => ("dev error", false),
+        _ => ("dev accuracy", true),
+    };
+    let shown = |rate: f64| 100.0 * if accuracy { 1.0 - rate } else { rate };
     println!(
         "{:<12} {:>12} {:>12} {:>8} {:>12} {:>16}",
         "interface", "itf params", "all params", "step", metric, "best (step)"
@@ -716,9 +750,9 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         Some(m) => Some(Upstream::load(m).map_err(|e| e.to_string())?),
         None => None,
     };
-    let ctc = task != Task::Classification;
+    let ctc = is_ctc(task);
     let vocab = Vocab::from_file(&run.join("vocab.txt"), ctc).map_err(|e| e.to_string())?;
-    let ds = load_data(&data, task, on_bad)?;
+    let ds = load_scored_data(&data, task, on_bad)?;
     let cache = match &features {
         Some(root) => Some(cache_for(root, &data, &ds, upstream.as_ref(), normalize)?),
         None => None,
@@ -828,16 +862,22 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
             .map(|h| format!("{}\t{}\t{}\n", h.id, h.hyp.join(" "), h.reference.join(" ")))
             .collect();
         std::fs::write(&hyp, text).map_err(|e| format!("{}: {e}", hyp.display()))?;
-        let (metric, value) = match task {
-            Task::Characters => ("CER", rate),
-            Task::Units => ("PER", rate),
-            Task::Classification => ("accuracy", 1.0 - rate),
+        let (metric, value, what) = match task {
+            Task::Characters => ("CER", rate, "utterances"),
+            Task::Units => ("PER", rate, "utterances"),
+            Task::Classification => ("accuracy", 1.0 - rate, "utterances"),
+            Task::Speaker => ("EER", rate, "trials"),
         };
         println!(
-            "{name} ({which}) on {}: {metric} {:.2}% over {} utterances; hypotheses in {}",
+            "{name} ({which}) on {}: {metric} {:.2}% over {} {what}; {} in {}",
             data.display(),
             100.0 * value,
             hyps.len(),
+            if task == Task::Speaker {
+                "scores"
+            } else {
+                "hypotheses"
+            },
             hyp.display()
         );
     }
