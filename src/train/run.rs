@@ -1,8 +1,9 @@
 //! `strata train`: one source of hidden states (the upstream run on each batch, or a feature cache)
-//! feeds every interface + head pair; CTC recognition (phones / characters) or utterance
-//! classification; gradient accumulation, a learning-rate schedule and clipping; a JSONL log line
-//! per pair per step; dev PER / CER / accuracy every `eval_every` steps and at the end, with loss and
-//! metric curves redrawn as PNG; each pair's checkpoint (latest, and best by dev error) in its own
+//! feeds every interface + head pair; CTC recognition (phones / characters), utterance
+//! classification or speaker verification; PCA + Concat fitted before the first step; gradient
+//! accumulation, a learning-rate schedule and clipping; a JSONL log line per pair per step; dev
+//! PER / CER / accuracy / EER every `eval_every` steps and at the end, with loss and metric curves
+//! redrawn as PNG; each pair's checkpoint (latest, and best by dev error) in its own
 //! folder; `resume` continues bit for bit from the latest checkpoints.
 //!
 //! The step runs on the CPU (the f32 reference engine) or on a device backend ([`TrainDevice`]):

@@ -4,9 +4,10 @@
 //!
 //! A pair's head is the SUPERB PR head with CTC (phones / characters) or the utterance classifier
 //! with cross-entropy, 256 wide as in s3prl, or widened to another pair's parameter count (the
-//! paper's "WS + Large DS" baseline, [`HeadWidth::MatchParams`]). An optimizer step may gather several micro-batches first (gradient
-//! accumulation): each micro-batch's mean loss is scaled by 1 / micro-batches, as the usual
-//! PyTorch loop does.
+//! paper's "WS + Large DS" baseline, [`HeadWidth::MatchParams`]); or the speaker-verification
+//! x-vector head with AM-softmax, scored by its embeddings. An optimizer step may gather several
+//! micro-batches first (gradient accumulation): each micro-batch's mean loss is scaled by
+//! 1 / micro-batches, as the usual PyTorch loop does.
 
 use crate::autograd::{ParamStore, Tape, Var};
 use crate::batch::PackedBatch;
