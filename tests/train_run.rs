@@ -92,10 +92,10 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
     // WS and HConv, and PCA + Concat, whose fit a resume must take from the checkpoints.
     let config = |out: &Path, steps: u64, resume: bool| {
         let mut c = config(out, steps, resume);
-        c.interfaces.push(PairSpec::new(
-            "pca",
-            InterfaceConfig::new(4, 32, InterfaceKind::PcaConcat { components: 5 }),
-        ));
+        let mut pca = InterfaceConfig::new(4, 32, InterfaceKind::PcaConcat { components: 5 });
+        // Fitted on the normalized states, as it then projects them.
+        pca.normalize = true;
+        c.interfaces.push(PairSpec::new("pca", pca));
         c
     };
 
@@ -116,6 +116,30 @@ fn train_resume_is_bit_for_bit_and_writes_checkpoints_and_curves() {
     for pair in ["ws", "hconv", "pca"] {
         assert!(straight.join(pair).join("latest/state.json").exists());
         assert!(straight.join(pair).join("best/state.json").exists());
+    }
+    // Normalized frames have zero mean over D in every layer, so the fitted means do too.
+    let saved = std::fs::read_dir(straight.join("pca/latest"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("params-")
+        })
+        .unwrap();
+    let bytes = std::fs::read(&saved).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mean: Vec<f32> = (st.tensor("interface.mean").unwrap().data().chunks(4))
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(mean.len(), 4 * 32);
+    for layer in mean.chunks(32) {
+        let (sum, size) = (
+            layer.iter().sum::<f32>(),
+            layer.iter().map(|x| x.abs()).sum::<f32>(),
+        );
+        assert!(size > 1.0 && sum.abs() < 1e-4 * size, "{layer:?}");
     }
     let png = std::fs::read(straight.join("curves.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
