@@ -20,6 +20,7 @@ fn cases() -> Vec<(&'static str, InterfaceKind, usize)> {
             InterfaceKind::HConv {
                 kernel: 5,
                 stride: 3,
+                depth: None,
             },
             256,
         ),

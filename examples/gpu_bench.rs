@@ -354,6 +354,7 @@ fn main() -> std::process::ExitCode {
                 InterfaceKind::HConv {
                     kernel: 5,
                     stride: 3,
+                    depth: None,
                 },
                 ("flops", flops),
             )

@@ -382,14 +382,14 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         "--batch-seconds",
         "2",
         "--interfaces",
-        "ws-large,single",
+        "ws-large,single,hconv-d1",
         "--device",
         "emulator",
     ]);
     args[8] = emu.to_str().unwrap().to_string();
     let (ok, log) = run(args.clone());
     assert!(
-        ok && log.contains("training 2 of 2 pairs on kernel emulator"),
+        ok && log.contains("training 3 of 3 pairs on kernel emulator"),
         "{log}"
     );
     assert!(emu.join("single/latest/state.json").exists());
@@ -398,7 +398,7 @@ fn train_runs_resumes_and_reports_the_dev_error() {
     let cls: Vec<String> = args
         .iter()
         .map(|a| match a.as_str() {
-            "ws-large,single" => "cls".into(),
+            "ws-large,single,hconv-d1" => "cls".into(),
             "2" => "3".into(),
             _ => a.clone(),
         })
@@ -430,18 +430,20 @@ fn train_runs_resumes_and_reports_the_dev_error() {
         !ok && log.contains("PCA + Concat takes 1 to 32 components per layer"),
         "{log}"
     );
-    let (ok, log) = run(with(&["--interfaces", "hconv-k3"]));
-    assert!(!ok && log.contains("hconv-kKsS"), "{log}");
+    let (ok, log) = run(with(&["--interfaces", "hconv-k3x"]));
+    assert!(!ok && log.contains("hconv-kKsSdD"), "{log}");
+    let (ok, log) = run(with(&["--interfaces", "hconv-d0"]));
+    assert!(!ok && log.contains("depth >= 1"), "{log}");
     let (ok, log) = run(with(&[
         "--steps",
         "2",
         "--batch-seconds",
         "2",
         "--interfaces",
-        "hconv-k3s2,groupws3,single-1,ws-large",
+        "hconv-k3s2,groupws3,single-1,ws-large,hconv-d1",
     ]));
     assert!(
-        ok && ["hconv-k3s2", "groupws3", "single-1", "ws-large"]
+        ok && ["hconv-k3s2", "groupws3", "single-1", "ws-large", "hconv-d1"]
             .iter()
             .all(|p| out.join(p).join("latest/state.json").exists()),
         "{log}"

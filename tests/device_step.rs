@@ -152,6 +152,7 @@ fn every_device_interface_and_head_follows_the_cpu_losses() {
         InterfaceKind::HConv {
             kernel: 5,
             stride: 3,
+            depth: None,
         },
         InterfaceKind::ConcatProj { out_dim: 24 },
         InterfaceKind::SingleLayer { layer: -2 },

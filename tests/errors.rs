@@ -62,6 +62,7 @@ fn impossible_interface_configs_are_rejected() {
             InterfaceKind::HConv {
                 kernel: 5,
                 stride: 1,
+                depth: None,
             },
         ),
         InterfaceConfig::new(
@@ -70,6 +71,7 @@ fn impossible_interface_configs_are_rejected() {
             InterfaceKind::HConv {
                 kernel: 5,
                 stride: 3,
+                depth: None,
             },
         ),
         InterfaceConfig::new(

@@ -17,16 +17,19 @@ fn config_for(case: &str, l: usize, d: usize) -> InterfaceConfig {
         InterfaceKind::HConv {
             kernel: 3,
             stride: 2,
+            depth: None,
         }
     } else if case.ends_with("_k4s4") {
         InterfaceKind::HConv {
             kernel: 4,
             stride: 4,
+            depth: None,
         }
     } else if case.starts_with("hconv") {
         InterfaceKind::HConv {
             kernel: 5,
             stride: 3,
+            depth: None,
         }
     } else if case.starts_with("concat_") {
         InterfaceKind::ConcatProj { out_dim: d }
@@ -355,4 +358,55 @@ fn layer_weights_are_the_softmax_of_each_sums_logits() {
         &mut Rng::new(0),
     );
     assert!(h.unwrap().layer_weights(&store).is_none());
+}
+
+#[test]
+fn hconv_at_an_explicit_depth() {
+    use strata::models::interface::{hconv_plan, hconv_plan_at_depth};
+    // One conv over 13 layers: 13 -> 5 positions, the last conv floor(768 / 5) = 153 channels.
+    let one = hconv_plan_at_depth(13, 768, 5, 3, 1).unwrap();
+    assert_eq!(
+        (one.convs.len(), one.l_last, one.c_last, one.output_dim()),
+        (1, 5, 153, 765)
+    );
+    assert_eq!(one.num_params(), 153 * 768 * 5 + 153);
+    // The official depth asked for explicitly is the official plan.
+    assert_eq!(
+        hconv_plan_at_depth(13, 768, 5, 3, 2).unwrap(),
+        hconv_plan(13, 768, 5, 3).unwrap()
+    );
+    // Deeper than the layer axis allows: it stays at one position (13 -> 5 -> 2 -> 1 -> 1).
+    let four = hconv_plan_at_depth(13, 768, 5, 3, 4).unwrap();
+    let lengths: Vec<usize> = four.convs.iter().map(|g| g.l_in).collect();
+    assert_eq!(
+        (lengths, four.l_last, four.c_last),
+        (vec![13, 5, 2, 1], 1, 768)
+    );
+    assert!(hconv_plan_at_depth(13, 768, 5, 3, 0).is_err());
+    // The interface builds from it, and its output has the plan's width.
+    let cfg = InterfaceConfig::new(
+        13,
+        32,
+        InterfaceKind::HConv {
+            kernel: 3,
+            stride: 2,
+            depth: Some(1),
+        },
+    );
+    let mut store = ParamStore::new();
+    let itf = interface::build(&cfg, &mut store, "", &mut Rng::new(0)).unwrap();
+    let plan = hconv_plan_at_depth(13, 32, 3, 2, 1).unwrap();
+    assert_eq!(
+        (itf.output_dim(), store.num_scalars()),
+        (plan.output_dim(), plan.num_params())
+    );
+    let mut tape = Tape::new();
+    let x = tape
+        .input_requiring_grad(
+            strata::Tensor::from_vec(Rng::new(2).uniform_vec(3 * 13 * 32, 1.0), &[3, 13, 32])
+                .unwrap(),
+        )
+        .unwrap();
+    let y = itf.forward(&mut tape, &store, x).unwrap();
+    assert_eq!(tape.shape(y), &[3, plan.output_dim()]);
 }

@@ -25,7 +25,9 @@
 use crate::autograd::{DVar, DeviceParam, DeviceTape};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
-use crate::models::interface::{group_sizes, hconv_plan, ClsActivation, HConvPlan, InterfaceKind};
+use crate::models::interface::{
+    group_sizes, hconv_plan_for, ClsActivation, HConvPlan, InterfaceKind,
+};
 use crate::ops::device;
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
@@ -275,8 +277,12 @@ impl DevicePair {
                     proj: lin(&mut add, "interface.proj")?,
                 }
             }
-            InterfaceKind::HConv { kernel, stride } => {
-                let plan = hconv_plan(layers, dim, *kernel, *stride)?;
+            InterfaceKind::HConv {
+                kernel,
+                stride,
+                depth,
+            } => {
+                let plan = hconv_plan_for(layers, dim, *kernel, *stride, *depth)?;
                 if plan.convs.is_empty() {
                     return Err(refuse(format!(
                         "HConv over {layers} layers with stride {stride} has no conv (only the flatten), which has no device kernel yet; use the CPU"

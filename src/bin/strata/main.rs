@@ -34,18 +34,21 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
   train  trains one or several interfaces, each with its head, side by side from ONE upstream pass
          per batch. DATA is a Kaldi-style folder (wav.scp + text, or utt2label for classify, or
          utt2spk for sv) or a TSV manifest (path<TAB>label); an sv dev or test set is a folder with
-         wav.scp and trials (\"1 idA idB\" / \"0 idA idB\", or Kaldi's \"idA idB target|nontarget\"). Writes OUT/run.json, OUT/vocab.txt, OUT/log.jsonl (loss per
-         pair per step, dev metric per evaluation), OUT/curves.png and OUT/<pair>/{latest,best}/
-         checkpoints. Options (defaults in brackets):
+         wav.scp and trials (\"1 idA idB\" / \"0 idA idB\", or Kaldi's \"idA idB target|nontarget\").
+         Writes OUT/run.json, OUT/vocab.txt, OUT/log.jsonl (loss per pair per step, dev metric per
+         evaluation), OUT/curves.png and OUT/<pair>/{latest,best}/ checkpoints. Options (defaults
+         in brackets):
            --task units|chars|classify|sv  phones (space-separated) or characters with CTC + PR
                                         head, or one class per utterance with the utterance
                                         classifier, or speaker verification (SUPERB SV: x-vector
                                         head, AM-softmax on the training speakers, EER of cosine
                                         scores on the dev trials; CPU only) [units]
-           --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3), hconv-kKsS
-                              (e.g. hconv-k3s2), concat, groupwsN (N groups), single (last layer),
-                              single-N (layer N; 0 = CNN features), cls, ws-large (WS with a head
-                              widened to the hconv pair's parameter count: \"WS + Large DS\"),
+           --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3, depth
+                              floor(log3 L)), hconv-kKsSdD with any of kernel, stride, depth
+                              (e.g. hconv-k3s2, hconv-d1), concat, groupwsN (N groups), single
+                              (last layer), single-N (layer N; 0 = CNN features), cls, ws-large
+                              (WS with a head widened to the hconv pair's parameter count:
+                              \"WS + Large DS\"),
                               pca (PCA + Concat, D/L components per layer, fitted on the first
                               100000 training frames) or pcaN (N components per layer)
            --steps N [1000]  --lr X [1e-3]  --schedule constant|linear|cosine [constant]  --warmup N [0]
@@ -71,14 +74,20 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
 
   eval   decodes DATA with a pair trained by `train` (OUT/<pair>/best by default, with
          OUT/vocab.txt and the task and normalization recorded in OUT/run.json), prints its error
-         rate (PER, CER) or accuracy and writes every utterance's hypothesis to --hyp (default
-         OUT/<pair>/hyp-<which>.tsv: id, hypothesis, reference). With --features DIR the hidden
+         rate (PER, CER), accuracy or EER (sv, on DATA's trials) and writes every utterance's
+         hypothesis, or every trial's score, to --hyp (default OUT/<pair>/hyp-<which>.tsv: id,
+         hypothesis, reference). With --features DIR the hidden
          states come from the feature cache DIR/<data stem> (extracted first when --model is given
          too). The upstream and normalization must be the ones the run trained on. Several pairs
          (a list, or all of the run's) are scored from one upstream pass per batch.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `strata train --help` and the like: the usage text, not an unknown-option error.
+    if args.len() > 1 && args[1..].iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let result = match args.first().map(String::as_str) {
         Some("demo") => {
             demo::parse_demo(&args[1..]).and_then(|a| demo::demo(&a).map_err(|e| e.to_string()))

@@ -13,7 +13,8 @@ use strata::train::side_by_side::{HeadWidth, PairSpec};
 /// The interfaces a name selects (also the pair's folder name): the paper's set, with the
 /// parameters a sweep varies spelled in the name.
 pub const INTERFACE_NAMES: &str = "ws, ws-large (WS with a head as large as hconv's pair), hconv \
-(kernel 5, stride 3) or hconv-kKsS (e.g. hconv-k3s2), concat, groupwsN (N groups, 2 <= N <= layers), \
+(kernel 5, stride 3, depth floor(log3 L)) or hconv-kKsSdD with any of kernel K, stride S, depth D \
+(e.g. hconv-k3s2, hconv-d1), concat, groupwsN (N groups, 2 <= N <= layers), \
 single (the last layer) or single-N (layer N, 0 = the CNN features), cls, pca (PCA + Concat, \
 D / L components per layer, fitted on the training features) or pcaN (N per layer)";
 
@@ -31,7 +32,7 @@ pub fn pair_named(name: &str, layers: usize, dim: usize) -> Result<PairSpec, Str
 }
 
 fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceConfig, String> {
-    use strata::models::interface::{hconv_plan, ClsActivation, InterfaceKind};
+    use strata::models::interface::{hconv_plan_for, ClsActivation, InterfaceKind};
     let unknown = || format!("unknown interface '{name}': use {INTERFACE_NAMES}");
     let number = |digits: &str| -> Result<usize, String> {
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -44,6 +45,7 @@ fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceCon
         "hconv" => InterfaceKind::HConv {
             kernel: 5,
             stride: 3,
+            depth: None,
         },
         "concat" => InterfaceKind::ConcatProj { out_dim: dim },
         "single" => InterfaceKind::SingleLayer { layer: -1 },
@@ -53,12 +55,30 @@ fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceCon
             activation: ClsActivation::Gelu,
         },
         _ => {
-            if let Some(rest) = name.strip_prefix("hconv-k") {
-                let (k, s) = rest.split_once('s').ok_or_else(unknown)?;
-                let (kernel, stride) = (number(k)?, number(s)?);
-                hconv_plan(layers, dim, kernel, stride)
+            if let Some(rest) = name.strip_prefix("hconv-") {
+                // kK, sS and dD in that order, each optional (kernel 5, stride 3, the official
+                // depth): hconv-k3s2, hconv-d1, hconv-k3s2d2.
+                let mut fields = [None; 3];
+                let mut rest = rest;
+                for (i, tag) in ['k', 's', 'd'].into_iter().enumerate() {
+                    if let Some(r) = rest.strip_prefix(tag) {
+                        let end = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+                        fields[i] = Some(number(&r[..end])?);
+                        rest = &r[end..];
+                    }
+                }
+                if !rest.is_empty() || fields.iter().all(Option::is_none) {
+                    return Err(unknown());
+                }
+                let (kernel, stride, depth) =
+                    (fields[0].unwrap_or(5), fields[1].unwrap_or(3), fields[2]);
+                hconv_plan_for(layers, dim, kernel, stride, depth)
                     .map_err(|e| format!("interface '{name}': {e}"))?;
-                InterfaceKind::HConv { kernel, stride }
+                InterfaceKind::HConv {
+                    kernel,
+                    stride,
+                    depth,
+                }
             } else if let Some(n) = name.strip_prefix("groupws") {
                 let groups = number(n)?;
                 if !(2..=layers).contains(&groups) {

@@ -3,6 +3,8 @@
 //! zero padding floor(k/2), bias, ReLU after every conv; every conv maps D -> D channels except the
 //! last, which maps D -> floor(D / L_last); the remaining layer axis is flattened channel-major.
 //! L < stride gives zero convs: the output is the channel-major flatten of the D x L stack.
+//! A depth other than the official rule can be asked for ([`hconv_plan_at_depth`]): the
+//! kernel / stride / depth sweeps the paper leaves open.
 
 use super::{Interface, InterfaceConfig, InterfaceKind};
 use crate::autograd::{ParamId, ParamStore, Tape, Var};
@@ -40,16 +42,52 @@ fn depth(layers: usize, stride: usize) -> usize {
     ((layers as f64).ln() / (stride as f64).ln()).floor() as usize
 }
 
+/// The official plan: floor(log_stride L) convs.
 pub fn hconv_plan(layers: usize, dim: usize, kernel: usize, stride: usize) -> Result<HConvPlan> {
     if stride < 2 {
         return Err(Error::Config(format!(
             "HConv stride must be >= 2 (depth is floor(log_stride L)), got {stride}"
         )));
     }
+    plan(layers, dim, kernel, stride, depth(layers, stride))
+}
+
+/// The plan with `convs` convs instead of the official depth (at least 1; the layer axis stops
+/// shrinking at length 1, so deeper stacks keep convolving one position). The last conv still maps
+/// to floor(D / L_last) channels.
+pub fn hconv_plan_at_depth(
+    layers: usize,
+    dim: usize,
+    kernel: usize,
+    stride: usize,
+    convs: usize,
+) -> Result<HConvPlan> {
+    if stride == 0 || convs == 0 {
+        return Err(Error::Config(format!(
+            "HConv with an explicit depth needs stride >= 1 and depth >= 1, got stride {stride}, depth {convs}"
+        )));
+    }
+    plan(layers, dim, kernel, stride, convs)
+}
+
+/// The plan for [`InterfaceKind::HConv`]'s fields.
+pub fn hconv_plan_for(
+    layers: usize,
+    dim: usize,
+    kernel: usize,
+    stride: usize,
+    depth: Option<usize>,
+) -> Result<HConvPlan> {
+    match depth {
+        None => hconv_plan(layers, dim, kernel, stride),
+        Some(n) => hconv_plan_at_depth(layers, dim, kernel, stride, n),
+    }
+}
+
+fn plan(layers: usize, dim: usize, kernel: usize, stride: usize, n: usize) -> Result<HConvPlan> {
     if kernel == 0 {
         return Err(Error::Config("HConv kernel size must be >= 1".into()));
     }
-    let n = depth(layers, stride);
     let pad = kernel / 2;
     let mut convs = Vec::with_capacity(n);
     let mut l = layers;
@@ -94,10 +132,15 @@ impl HConv {
         prefix: &str,
         rng: &mut Rng,
     ) -> Result<Self> {
-        let InterfaceKind::HConv { kernel, stride } = cfg.kind else {
+        let InterfaceKind::HConv {
+            kernel,
+            stride,
+            depth,
+        } = cfg.kind
+        else {
             return Err(Error::Config("HConv::new needs an HConv config".into()));
         };
-        let plan = hconv_plan(cfg.layers, cfg.dim, kernel, stride)?;
+        let plan = hconv_plan_for(cfg.layers, cfg.dim, kernel, stride, depth)?;
         let mut convs = Vec::new();
         for (i, g) in plan.convs.iter().enumerate() {
             // PyTorch Conv1d default: weight and bias ~ U(±1/sqrt(c_in * k)).

@@ -13,7 +13,7 @@ mod weighted_sum;
 pub use cls_pool::{ClsActivation, ClsPool};
 pub use concat_proj::ConcatProj;
 pub use group_ws::{group_sizes, GroupWs};
-pub use hconv::{hconv_plan, HConv, HConvPlan};
+pub use hconv::{hconv_plan, hconv_plan_at_depth, hconv_plan_for, HConv, HConvPlan};
 pub use pca_concat::{PcaBasis, PcaConcat, PcaFit, PCA_FIT_FRAMES};
 pub use single_layer::SingleLayer;
 pub use weighted_sum::WeightedSum;
@@ -34,8 +34,13 @@ fn softmax_weights(logits: &[f32]) -> Vec<f32> {
 pub enum InterfaceKind {
     /// s3prl's softmax-weighted sum (L parameters).
     WeightedSum,
-    /// Hierarchical convolution over the layer axis (the paper: kernel 5, stride 3).
-    HConv { kernel: usize, stride: usize },
+    /// Hierarchical convolution over the layer axis (the paper: kernel 5, stride 3, depth
+    /// floor(log_stride L); `depth` Some(n) asks for n convs instead).
+    HConv {
+        kernel: usize,
+        stride: usize,
+        depth: Option<usize>,
+    },
     /// Concatenate the L layers, project to `out_dim`.
     ConcatProj { out_dim: usize },
     /// `groups` contiguous layer groups, a weighted sum in each, concatenated, projected to `out_dim`.
@@ -82,6 +87,7 @@ impl InterfaceConfig {
             InterfaceKind::HConv {
                 kernel: 5,
                 stride: 3,
+                depth: None,
             },
         )
     }
