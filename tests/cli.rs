@@ -460,6 +460,19 @@ fn demo_runs_the_whole_pipeline_and_prints_its_table() {
     }
     let (ok, log) = strata(&["demo", "--steps", "x"]);
     assert!(!ok && log.contains("--steps"), "{log}");
+    // Every command's --help is the usage, not an unknown option.
+    for cmd in ["demo", "extract", "train", "eval"] {
+        let (ok, log) = strata(&[cmd, "--help"]);
+        assert!(
+            ok && log.contains("usage: strata demo") && log.contains("--interfaces LIST"),
+            "{cmd}: {log}"
+        );
+    }
+    let (ok, log) = strata(&["train", "--bogus"]);
+    assert!(
+        !ok && log.contains("unknown option '--bogus' for train"),
+        "{log}"
+    );
 }
 
 #[test]
