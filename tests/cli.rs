@@ -807,12 +807,6 @@ fn speaker_verification_trains_on_utt2spk_and_scores_trials() {
             "{scores}"
         );
     }
-    // No device kernels for the speaker head: a clear error, not a silent CPU run.
-    let (ok, log) = run(args(&dev, &dir.join("emu"), &["--device", "emulator"]));
-    assert!(
-        !ok && log.contains("the speaker head (x-vector, AM-softmax) has no device kernels yet"),
-        "{log}"
-    );
     // A dev set without trials, or given as a manifest, is refused up front.
     std::fs::rename(dir.join("dev/trials"), dir.join("dev/trials.off")).unwrap();
     let (ok, log) = run(args(&dev, &dir.join("r2"), &[]));

@@ -441,3 +441,108 @@ fn pca_concat_on_the_device_follows_the_cpu_and_stays_fitted() {
         }
     }
 }
+
+#[test]
+fn the_speaker_head_on_the_device_follows_the_cpu() {
+    use strata::models::head::SpeakerHeadConfig;
+    use strata::train::side_by_side::PairSpec;
+    let (layers, dim, phones, speakers) = (5, 24, 6, 4);
+    // Utterances of at least 16 frames (what the x-vector needs), four per batch, a "speaker"
+    // label each (from the first phone).
+    let world = SyntheticWorld::new(3, layers, dim, phones);
+    let corpus = world.corpus(4, 80);
+    let long: Vec<_> = (corpus.utterances.iter())
+        .filter(|u| u.stack.shape()[0] >= 16)
+        .collect();
+    let data: Vec<Batch> = long
+        .chunks(4)
+        .take(4)
+        .map(|chunk| {
+            let (stack, lengths) = synthetic::pack(chunk);
+            let targets = chunk.iter().map(|u| vec![u.phones[0] % speakers]).collect();
+            (stack, PackedBatch::from_lengths(&lengths).unwrap(), targets)
+        })
+        .collect();
+    assert_eq!(data.len(), 4);
+    let config = SpeakerHeadConfig {
+        width: 16,
+        agg_width: 24,
+        ..SpeakerHeadConfig::default()
+    };
+    for (i, kind) in [
+        InterfaceKind::WeightedSum,
+        InterfaceKind::HConv {
+            kernel: 5,
+            stride: 3,
+            depth: None,
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = PairSpec::new("sv", InterfaceConfig::new(layers, dim, kind.clone()));
+        let new_pair = || {
+            Pair::with_speaker_head(
+                &spec,
+                speakers,
+                config,
+                AdamConfig::adamw(3e-3),
+                Some(1.0),
+                5 + i as u64,
+            )
+            .unwrap()
+        };
+        for be in backends() {
+            // First-batch gradients, parameter by parameter.
+            let (mut c, mut g) = (new_pair(), DevicePair::from_pair(&be, &new_pair()).unwrap());
+            let (stack, batch, targets) = &data[0];
+            c.accumulate(stack, batch, targets, 1.0).unwrap();
+            let x = upload_stack(&be, stack).unwrap();
+            g.accumulate_on(&be, &x, batch, targets, 1.0).unwrap();
+            for (name, got) in g.gradients(&be).unwrap() {
+                let want = c.store.grad(c.store.id(&name).unwrap());
+                let (mut e2, mut w2) = (0f64, 0f64);
+                for (a, b) in got.iter().zip(want) {
+                    e2 += ((a - b) as f64).powi(2);
+                    w2 += (*b as f64).powi(2);
+                }
+                let (err, norm) = (e2.sqrt(), w2.sqrt());
+                eprintln!(
+                    "{kind:?} {name}: {:.3e} (norm {norm:.3e})",
+                    err / norm.max(1e-30)
+                );
+                assert!(
+                    err <= 7e-2 * norm,
+                    "{kind:?}: gradient of '{name}' off by {err:.3e} (norm {norm:.3e})"
+                );
+            }
+            let mut cpu = new_pair();
+            let mut dev = DevicePair::from_pair(&be, &new_pair()).unwrap();
+            let worst = compare_accumulated(&be, &mut cpu, &mut dev, &data, 3);
+            eprintln!(
+                "{}: speaker head, {kind:?}: worst rel {worst:.2e}",
+                be.name()
+            );
+            assert!(worst < 1e-2, "{}: {kind:?}: worst {worst:.3e}", be.name());
+            // The embeddings agree too (what the trials are scored with).
+            let (stack, batch, _) = &data[1];
+            let want = cpu.embed(stack, batch).unwrap();
+            let mut back = new_pair();
+            dev.write_to(&be, &mut back).unwrap();
+            let got = dev
+                .embed_on(&be, &upload_stack(&be, stack).unwrap(), batch)
+                .unwrap();
+            let cpu_of_dev = back.embed(stack, batch).unwrap();
+            for (g, w) in got.iter().zip(&cpu_of_dev) {
+                let e = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let scale = w.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                assert!(e <= 3e-2 * scale, "embedding off by {e} of {scale}");
+            }
+            assert_eq!(want.len(), got.len());
+        }
+    }
+}

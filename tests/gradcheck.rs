@@ -344,6 +344,20 @@ fn speaker_head_ops() {
         dot(&r, &stats_pool_forward(x, c, &offsets))
     });
 
+    // A channel constant over an utterance (a silent ReLU unit): torch's std backward gives it
+    // no std gradient, only the mean's 1 / n (seen in the venv: zeros(5, 3) -> 0.2 each).
+    let mut flat = x.clone();
+    (0..9).for_each(|t| flat[t * c + 1] = 0.0);
+    let y = stats_pool_forward(&flat, c, &offsets);
+    let ones = vec![1.0; y.len()];
+    let dx = stats_pool_backward(&ones, &flat, &y, c, &offsets);
+    assert_eq!(y[c + 1], 0.0);
+    assert!(
+        (0..9).all(|t| (dx[t * c + 1] - 1.0 / 9.0).abs() < 1e-15),
+        "{dx:?}"
+    );
+    assert!(dx.iter().all(|v| v.is_finite()));
+
     let y = l2_normalize_forward(&x, c);
     let norm: f64 = y[..c].iter().map(|v| v * v).sum();
     assert!((norm - 1.0).abs() < 1e-12);

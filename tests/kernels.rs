@@ -2155,3 +2155,152 @@ fn multi_tensor_adam_equals_the_per_tensor_kernel_and_zeroes_gradients() {
         }
     }
 }
+
+/// The speaker head's kernels (kernels/speaker.cu) against src/ops/speaker.rs: the TDNN window
+/// gather exactly (a bf16 copy) and its backward, statistics pooling, row L2 normalization and the
+/// AM-softmax margin, fp32 to 1e-5 of scale. Lengths include the shortest utterance a window
+/// allows and ones much longer; widths of 1, 7 and 512 channels.
+#[test]
+fn speaker_head_kernels_match_the_cpu_references() {
+    use strata::ops::speaker as cpu;
+    use strata::PackedBatch;
+    for be in backends() {
+        for (lens, c, context, dilation) in [
+            (vec![5usize], 1usize, 5usize, 1usize),
+            (vec![9, 12, 30], 7, 3, 2),
+            (vec![40, 7, 300], 512, 3, 3),
+        ] {
+            let tag = format!(
+                "{} {lens:?} x {c}, window {context} / {dilation}",
+                be.name()
+            );
+            let batch = PackedBatch::from_lengths(&lens).unwrap();
+            let frames = batch.total_frames();
+            let x = randn(frames * c, 31);
+            // The gather is a copy of bf16 rows: exactly the CPU's windows of the rounded input.
+            let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+            let (want, out_offsets) =
+                cpu::time_context_forward(&xr, c, batch.offsets(), context, dilation);
+            let (idx, inv, lengths) =
+                device::speaker_window_index(&batch, context, dilation).unwrap();
+            let out_lengths: Vec<usize> = out_offsets.windows(2).map(|w| w[1] - w[0]).collect();
+            assert_eq!(lengths, out_lengths, "{tag}");
+            let y = device::rows_gather(
+                &be,
+                &be.upload(&to_bf16(&x)).unwrap(),
+                &be.upload(&idx).unwrap(),
+                c,
+            )
+            .unwrap();
+            let got: Vec<f32> = be
+                .download(&y)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            assert_eq!(got, want, "{tag}: windows");
+            let dy = randn(want.len(), 32);
+            let dx = device::rows_gather_sum(
+                &be,
+                &be.upload(&dy).unwrap(),
+                &be.upload(&inv).unwrap(),
+                frames,
+                context,
+                c,
+            )
+            .unwrap();
+            let want = cpu::time_context_backward(
+                &dy,
+                c,
+                batch.offsets(),
+                &out_offsets,
+                context,
+                dilation,
+            );
+            let e = rel_err(&be.download(&dx).unwrap(), &want);
+            assert!(e < 1e-6, "{tag}: window backward {e:e}");
+
+            // Statistics pooling (every utterance >= 2 frames here); the last channel constant
+            // (std 0: no std gradient, as torch) where there is more than one.
+            let mut x = x.clone();
+            if c > 1 {
+                (0..frames).for_each(|f| x[f * c + c - 1] = 0.5);
+            }
+            let xb = be.upload(&x).unwrap();
+            let y = device::stats_pool_forward(&be, &xb, &batch, c).unwrap();
+            let want_y = cpu::stats_pool_forward(&x, c, batch.offsets());
+            let got_y = be.download(&y).unwrap();
+            let e = rel_err(&got_y, &want_y);
+            assert!(e < 1e-5, "{tag}: stats pool {e:e}");
+            let dy = randn(want_y.len(), 33);
+            let dx = device::stats_pool_backward(&be, &xb, &y, &be.upload(&dy).unwrap(), &batch, c)
+                .unwrap();
+            let want = cpu::stats_pool_backward(&dy, &x, &want_y, c, batch.offsets());
+            assert!(want.iter().all(|v| v.is_finite()), "{tag}");
+            let e = rel_err(&be.download(&dx).unwrap(), &want);
+            assert!(e < 1e-5, "{tag}: stats pool backward {e:e}");
+
+            // Row L2 normalization, a zero row included (the 1e-12 clamp).
+            let rows = lens.len() + 1;
+            let mut v = randn(rows * c, 34);
+            v[..c].iter_mut().for_each(|a| *a = 0.0);
+            let vb = be.upload(&v).unwrap();
+            let got = be
+                .download(&device::l2_normalize_forward(&be, &vb, rows, c).unwrap())
+                .unwrap();
+            let e = rel_err(&got, &cpu::l2_normalize_forward(&v, c));
+            assert!(e < 1e-5, "{tag}: l2 normalize {e:e}");
+            let dy = randn(rows * c, 35);
+            let got = be
+                .download(
+                    &device::l2_normalize_backward(&be, &vb, &be.upload(&dy).unwrap(), rows, c)
+                        .unwrap(),
+                )
+                .unwrap();
+            let want = cpu::l2_normalize_backward(&dy, &v, c);
+            // The zero row's gradient is dy / 1e-12: compare the others, then that row exactly.
+            let e = rel_err(&got[c..], &want[c..]);
+            assert!(e < 1e-5, "{tag}: l2 normalize backward {e:e}");
+            assert!(
+                got[..c]
+                    .iter()
+                    .zip(&want[..c])
+                    .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs()),
+                "{tag}"
+            );
+        }
+        // The margin: only each row's label loses m, everything times s; backward s * dy.
+        let (rows, classes) = (3usize, 5usize);
+        let cos = randn(rows * classes, 36);
+        let labels = [4i32, 0, 2];
+        let out = device::am_margin(
+            &be,
+            &be.upload(&cos).unwrap(),
+            Some(&be.upload(&labels).unwrap()),
+            rows,
+            classes,
+            30.0,
+            0.4,
+        )
+        .unwrap();
+        let got = be.download(&out).unwrap();
+        for r in 0..rows {
+            for j in 0..classes {
+                let m = if j as i32 == labels[r] { 0.4 } else { 0.0 };
+                assert_eq!(got[r * classes + j], 30.0 * (cos[r * classes + j] - m));
+            }
+        }
+        let back = device::am_margin(
+            &be,
+            &be.upload(&cos).unwrap(),
+            None,
+            rows,
+            classes,
+            30.0,
+            0.4,
+        )
+        .unwrap();
+        let got = be.download(&back).unwrap();
+        assert!(got.iter().zip(&cos).all(|(g, c)| *g == 30.0 * c));
+    }
+}

@@ -981,6 +981,145 @@ impl<'a> DeviceTape<'a> {
         ))
     }
 
+    /// A TDNN layer's windows of bf16 x [frames, c]: bf16 [frames', context * c], each row the
+    /// utterance's frames t, t + dilation, ... side by side (as the CPU tape's `time_context`).
+    /// Returns the windows and their batch.
+    pub fn time_context(
+        &mut self,
+        x: DVar,
+        batch: &PackedBatch,
+        context: usize,
+        dilation: usize,
+    ) -> Result<(DVar, PackedBatch)> {
+        const OP: &str = "time_context";
+        let shape = self.shape(x).to_vec();
+        if shape.len() != 2 || shape[0] != batch.total_frames() || context == 0 || dilation == 0 {
+            return Err(shape_error(
+                OP,
+                format!(
+                    "[{} frames, c], context and dilation >= 1",
+                    batch.total_frames()
+                ),
+                format!("{shape:?}, context {context}, dilation {dilation}"),
+            ));
+        }
+        let (frames, c) = (shape[0], shape[1]);
+        let (idx, inv, lengths) = device::speaker_window_index(batch, context, dilation)
+            .ok_or_else(|| {
+                Error::value(
+                    "speaker head input",
+                    "an utterance of the batch is shorter than the x-vector's TDNN windows: give it more audio",
+                )
+            })?;
+        let out_batch = PackedBatch::from_lengths(&lengths)?;
+        let xb = self.bf16_of(OP, x)?;
+        let idx = self.be.upload(&idx)?;
+        let y = device::rows_gather(self.be, &xb, &idx, c)?;
+        let inv = self.be.upload(&inv)?;
+        let out = self.push(
+            Value::Bf16(Held::Own(Rc::new(y))),
+            &[out_batch.total_frames(), context * c],
+            &[x],
+            move || {
+                Box::new(move |be, g, _| {
+                    let dy = g.to_f32(be, OP)?;
+                    Ok(vec![Some(Grad::f32(device::rows_gather_sum(
+                        be, &dy, &inv, frames, context, c,
+                    )?))])
+                })
+            },
+        );
+        Ok((out, out_batch))
+    }
+
+    /// Statistics pooling of fp32 x [frames, c]: fp32 [utterances, 2c], means then unbiased stds.
+    pub fn stats_pool(&mut self, x: DVar, batch: &PackedBatch) -> Result<DVar> {
+        const OP: &str = "stats_pool";
+        let shape = self.shape(x).to_vec();
+        if shape.len() != 2 || shape[0] != batch.total_frames() {
+            return Err(shape_error(
+                OP,
+                format!("[{} frames, c]", batch.total_frames()),
+                format!("{shape:?}"),
+            ));
+        }
+        let c = shape[1];
+        let xf = self.f32_of(OP, x)?;
+        let y = Rc::new(device::stats_pool_forward(self.be, &xf, batch, c)?);
+        let (saved, batch) = (Rc::clone(&y), batch.clone());
+        Ok(self.push(
+            Value::F32(Held::Own(y)),
+            &[batch.num_utterances(), 2 * c],
+            &[x],
+            move || {
+                Box::new(move |be, g, _| {
+                    let dy = g.to_f32(be, OP)?;
+                    Ok(vec![Some(Grad::f32(device::stats_pool_backward(
+                        be, &xf, &saved, &dy, &batch, c,
+                    )?))])
+                })
+            },
+        ))
+    }
+
+    /// F.normalize of the rows of fp32 x [rows, c] (a parameter too: AM-softmax's speaker
+    /// vectors).
+    pub fn l2_normalize(&mut self, x: DVar) -> Result<DVar> {
+        const OP: &str = "l2_normalize";
+        let (rows, c) = self.logits_dims(OP, x)?;
+        let xf = self.f32_of(OP, x)?;
+        let y = device::l2_normalize_forward(self.be, &xf, rows, c)?;
+        Ok(self.push(
+            Value::F32(Held::Own(Rc::new(y))),
+            &[rows, c],
+            &[x],
+            move || {
+                Box::new(move |be, g, _| {
+                    let dy = g.to_f32(be, OP)?;
+                    Ok(vec![Some(Grad::f32(device::l2_normalize_backward(
+                        be, &xf, &dy, rows, c,
+                    )?))])
+                })
+            },
+        ))
+    }
+
+    /// AM-softmax's logits from fp32 cosines [rows, classes]: scale (cos - margin [j = label]).
+    pub fn am_margin(
+        &mut self,
+        x: DVar,
+        labels: &[usize],
+        scale: f32,
+        margin: f32,
+    ) -> Result<DVar> {
+        const OP: &str = "am_margin";
+        let (rows, classes) = self.logits_dims(OP, x)?;
+        if labels.len() != rows || labels.iter().any(|&l| l >= classes) {
+            return Err(shape_error(
+                OP,
+                format!("{rows} labels below {classes}"),
+                format!("{labels:?}"),
+            ));
+        }
+        let xf = self.f32_of(OP, x)?;
+        let labels: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+        let lb = self.be.upload(&labels)?;
+        let y = device::am_margin(self.be, &xf, Some(&lb), rows, classes, scale, margin)?;
+        Ok(self.push(
+            Value::F32(Held::Own(Rc::new(y))),
+            &[rows, classes],
+            &[x],
+            move || {
+                Box::new(move |be, g, _| {
+                    let dy = g.to_f32(be, OP)?;
+                    Ok(vec![Some(Grad::f32(device::am_margin(
+                        be, &dy, None, rows, classes, scale, margin,
+                    )?))])
+                })
+            },
+        ))
+    }
+
     fn logits_dims(&self, op: &str, x: DVar) -> Result<(usize, usize)> {
         match *self.shape(x) {
             [rows, v] => Ok((rows, v)),

@@ -6,11 +6,12 @@ use crate::error::{Error, Result};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::kernels::{
-    ActivationParams, AdamMultiParams, AdamParams, AdamTensor, AddRowsParams, CastParams,
-    ClipCoefParams, ClsAttnParams, ColSumParams, CrossEntropyParams, CtcParams, DropoutParams,
-    HConvBwdParams, HConvFwdParams, HConvMaskParams, LayerNormBwdParams, LayerNormFwdParams,
-    LayerNormReduceParams, LayerNormRowsParams, LayerSumBwdParams, LayerSumFwdParams,
-    LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams, SelectLayerParams, SplitReduceParams,
+    ActivationParams, AdamMultiParams, AdamParams, AdamTensor, AddRowsParams, AmMarginParams,
+    CastParams, ClipCoefParams, ClsAttnParams, ColSumParams, CrossEntropyParams, CtcParams,
+    DropoutParams, HConvBwdParams, HConvFwdParams, HConvMaskParams, L2NormalizeParams,
+    LayerNormBwdParams, LayerNormFwdParams, LayerNormReduceParams, LayerNormRowsParams,
+    LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams,
+    RowsGatherParams, RowsGatherSumParams, SelectLayerParams, SplitReduceParams, StatsPoolParams,
     SumSquaresMultiParams, SumSquaresParams, WidenParams,
 };
 use crate::runtime::{Backend, Buf};
@@ -1926,4 +1927,233 @@ pub fn adam_step_multi(
     };
     let blocks = tensors.max_len.div_ceil(256).clamp(1, 4096) as u32;
     be.launch(K, (blocks, tensors.count as u32, 1), (256, 1, 1), 0, &p)
+}
+
+// ---- The speaker head (kernels/speaker.cu; CPU reference src/ops/speaker.rs) ----
+
+/// A TDNN layer's windows: y[r] = x[idx[r]] for bf16 rows of `c` (idx built by
+/// [`speaker_window_index`]).
+pub fn rows_gather(be: &Backend, x: &Buf<bf16>, idx: &Buf<i32>, c: usize) -> Result<Buf<bf16>> {
+    const K: &str = "rows_gather";
+    let rows = idx.len();
+    rows_check(K, rows, c)?;
+    if x.len() % c != 0 {
+        return Err(Error::shape(
+            K,
+            format!("x [frames, {c}]"),
+            format!("{} elements", x.len()),
+        ));
+    }
+    need(be, K, "idx", idx, rows)?;
+    let y = be.output::<bf16>(rows * c)?;
+    let p = RowsGatherParams {
+        x: be.ptr(x),
+        idx: be.ptr(idx),
+        y: be.ptr(&y),
+        rows: rows as i32,
+        c: c as i32,
+    };
+    launch_elementwise(be, K, rows * c, &p)?;
+    Ok(y)
+}
+
+/// The backward of [`rows_gather`]: dx [frames, c] with dx[f] = sum over j of dy[inv[f * context
+/// + j]] (-1 = nothing), summed in j order (no atomics: deterministic).
+pub fn rows_gather_sum(
+    be: &Backend,
+    dy: &Buf<f32>,
+    inv: &Buf<i32>,
+    frames: usize,
+    context: usize,
+    c: usize,
+) -> Result<Buf<f32>> {
+    const K: &str = "rows_gather_sum";
+    rows_check(K, frames, c)?;
+    need(be, K, "inv", inv, frames * context)?;
+    if dy.len() % c != 0 {
+        return Err(Error::shape(
+            K,
+            format!("dy [rows, {c}]"),
+            format!("{} elements", dy.len()),
+        ));
+    }
+    let dx = be.output::<f32>(frames * c)?;
+    let p = RowsGatherSumParams {
+        dy: be.ptr(dy),
+        inv: be.ptr(inv),
+        dx: be.ptr(&dx),
+        frames: frames as i32,
+        context: context as i32,
+        c: c as i32,
+    };
+    launch_elementwise(be, K, frames * c, &p)?;
+    Ok(dx)
+}
+
+/// The gather indices of a TDNN window of `context` frames `dilation` apart over each utterance
+/// of `batch` (rows of the output in [frames', context] order), their inverse for the backward
+/// ([frames, context], -1 where unused), and the output's utterance lengths. None when an
+/// utterance is shorter than one window.
+pub fn speaker_window_index(
+    batch: &crate::batch::PackedBatch,
+    context: usize,
+    dilation: usize,
+) -> Option<(Vec<i32>, Vec<i32>, Vec<usize>)> {
+    let mut idx = Vec::new();
+    let mut inv = vec![-1i32; batch.total_frames() * context];
+    let mut lengths = Vec::new();
+    for w in batch.offsets().windows(2) {
+        let kept = crate::ops::speaker::context_frames(w[1] - w[0], context, dilation)?;
+        for t in 0..kept {
+            for j in 0..context {
+                let src = w[0] + t + j * dilation;
+                inv[src * context + j] = idx.len() as i32;
+                idx.push(src as i32);
+            }
+        }
+        lengths.push(kept);
+    }
+    Some((idx, inv, lengths))
+}
+
+/// Statistics pooling of fp32 x [frames, c]: [utterances, 2c], means then unbiased stds (each
+/// utterance at least 2 frames).
+pub fn stats_pool_forward(
+    be: &Backend,
+    x: &Buf<f32>,
+    batch: &crate::batch::PackedBatch,
+    c: usize,
+) -> Result<Buf<f32>> {
+    const K: &str = "stats_pool_forward";
+    let (offsets, u, frames) = stats_params(be, K, batch, c)?;
+    need(be, K, "x", x, frames * c)?;
+    let y = be.output::<f32>(u * 2 * c)?;
+    let p = StatsPoolParams {
+        x: be.ptr(x),
+        y: 0,
+        dy: 0,
+        out: be.ptr(&y),
+        offsets: be.ptr(&offsets),
+        utterances: u as i32,
+        c: c as i32,
+    };
+    be.launch(K, (u as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(y)
+}
+
+/// The backward of [`stats_pool_forward`] given its input `x` and output `y`.
+pub fn stats_pool_backward(
+    be: &Backend,
+    x: &Buf<f32>,
+    y: &Buf<f32>,
+    dy: &Buf<f32>,
+    batch: &crate::batch::PackedBatch,
+    c: usize,
+) -> Result<Buf<f32>> {
+    const K: &str = "stats_pool_backward";
+    let (offsets, u, frames) = stats_params(be, K, batch, c)?;
+    need(be, K, "x", x, frames * c)?;
+    need(be, K, "y", y, u * 2 * c)?;
+    need(be, K, "dy", dy, u * 2 * c)?;
+    let dx = be.output::<f32>(frames * c)?;
+    let p = StatsPoolParams {
+        x: be.ptr(x),
+        y: be.ptr(y),
+        dy: be.ptr(dy),
+        out: be.ptr(&dx),
+        offsets: be.ptr(&offsets),
+        utterances: u as i32,
+        c: c as i32,
+    };
+    be.launch(K, (u as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(dx)
+}
+
+fn stats_params(
+    be: &Backend,
+    kernel: &str,
+    batch: &crate::batch::PackedBatch,
+    c: usize,
+) -> Result<(Buf<i32>, usize, usize)> {
+    if let Some(u) = (0..batch.num_utterances()).find(|&u| batch.len_of(u) < 2) {
+        return Err(Error::shape(
+            kernel,
+            "at least 2 frames per utterance",
+            format!("utterance {u}: {} frame(s)", batch.len_of(u)),
+        ));
+    }
+    pool_params(be, kernel, batch, 2 * c)
+}
+
+/// F.normalize of each row of fp32 x [rows, c].
+pub fn l2_normalize_forward(be: &Backend, x: &Buf<f32>, rows: usize, c: usize) -> Result<Buf<f32>> {
+    l2_normalize(be, "l2_normalize_forward", x, None, rows, c)
+}
+
+/// The backward of [`l2_normalize_forward`].
+pub fn l2_normalize_backward(
+    be: &Backend,
+    x: &Buf<f32>,
+    dy: &Buf<f32>,
+    rows: usize,
+    c: usize,
+) -> Result<Buf<f32>> {
+    l2_normalize(be, "l2_normalize_backward", x, Some(dy), rows, c)
+}
+
+fn l2_normalize(
+    be: &Backend,
+    k: &'static str,
+    x: &Buf<f32>,
+    dy: Option<&Buf<f32>>,
+    rows: usize,
+    c: usize,
+) -> Result<Buf<f32>> {
+    rows_check(k, rows, c)?;
+    need(be, k, "x", x, rows * c)?;
+    if let Some(dy) = dy {
+        need(be, k, "dy", dy, rows * c)?;
+    }
+    let out = be.output::<f32>(rows * c)?;
+    let p = L2NormalizeParams {
+        x: be.ptr(x),
+        dy: dy.map_or(0, |d| be.ptr(d)),
+        out: be.ptr(&out),
+        rows: rows as i32,
+        c: c as i32,
+    };
+    be.launch(k, (rows as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(out)
+}
+
+/// AM-softmax's logits from cosines [rows, classes]: scale (cos - margin [j = label]); with
+/// `labels` None the backward, scale * dy.
+pub fn am_margin(
+    be: &Backend,
+    x: &Buf<f32>,
+    labels: Option<&Buf<i32>>,
+    rows: usize,
+    classes: usize,
+    scale: f32,
+    margin: f32,
+) -> Result<Buf<f32>> {
+    const K: &str = "am_margin";
+    rows_check(K, rows, classes)?;
+    need(be, K, "x", x, rows * classes)?;
+    if let Some(l) = labels {
+        need(be, K, "labels", l, rows)?;
+    }
+    let out = be.output::<f32>(rows * classes)?;
+    let p = AmMarginParams {
+        x: be.ptr(x),
+        labels: labels.map_or(0, |l| be.ptr(l)),
+        out: be.ptr(&out),
+        rows: rows as i32,
+        classes: classes as i32,
+        backward: labels.is_none() as i32,
+        scale,
+        margin,
+    };
+    launch_elementwise(be, K, rows * classes, &p)?;
+    Ok(out)
 }

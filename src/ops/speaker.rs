@@ -95,7 +95,8 @@ pub fn stats_pool_forward<R: Real>(x: &[R], c: usize, offsets: &[usize]) -> Vec<
 }
 
 /// The gradient of [`stats_pool_forward`] given its output `y`: d mean / dx = 1 / n,
-/// d std / dx_t = (x_t - mean) / ((n - 1) std) (NaN / Inf for a constant feature, as in torch).
+/// d std / dx_t = (x_t - mean) / ((n - 1) std), and 0 where the std is 0 (a feature constant over
+/// the utterance, e.g. a ReLU unit silent throughout it), as torch's std backward masks it.
 pub fn stats_pool_backward<R: Real>(
     dy: &[R],
     x: &[R],
@@ -113,7 +114,10 @@ pub fn stats_pool_backward<R: Real>(
         for t in s..e {
             let xr = &x[t * c..(t + 1) * c];
             for (k, o) in dx[t * c..(t + 1) * c].iter_mut().enumerate() {
-                *o = dmean[k] / n + dstd[k] * (xr[k] - mean[k]) / (dof * std[k]);
+                *o = dmean[k] / n;
+                if std[k] != R::ZERO {
+                    *o += dstd[k] * (xr[k] - mean[k]) / (dof * std[k]);
+                }
             }
         }
     }

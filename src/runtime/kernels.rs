@@ -135,6 +135,20 @@ pub const FILES: &[KernelFile] = &[
         arch: None,
     },
     KernelFile {
+        file: "speaker.cu",
+        source: include_str!("../../kernels/speaker.cu"),
+        kernels: &[
+            "rows_gather",
+            "rows_gather_sum",
+            "stats_pool_forward",
+            "stats_pool_backward",
+            "l2_normalize_forward",
+            "l2_normalize_backward",
+            "am_margin",
+        ],
+        arch: None,
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -238,6 +252,11 @@ params! {
     AddRowsParams { a: u64, b: u64, v: u64, y: u64, rows: i64, c: i32 }
     ColSumParams { x: u64, out: u64, rows: i64, c: i32 }
     ActivationParams { x: u64, dy: u64, y: u64, n: i64, gelu: i32 }
+    RowsGatherParams { x: u64, idx: u64, y: u64, rows: i32, c: i32 }
+    RowsGatherSumParams { dy: u64, inv: u64, dx: u64, frames: i32, context: i32, c: i32 }
+    StatsPoolParams { x: u64, y: u64, dy: u64, out: u64, offsets: u64, utterances: i32, c: i32 }
+    L2NormalizeParams { x: u64, dy: u64, out: u64, rows: i32, c: i32 }
+    AmMarginParams { x: u64, labels: u64, out: u64, rows: i32, classes: i32, backward: i32, scale: f32, margin: f32 }
     SelectLayerParams { x: u64, y: u64, n: i32, l: i32, d: i32, layer: i32 }
     CtcParams {
         lp: u64, input_offsets: u64, targets: u64, target_offsets: u64, next_same: u64, first: u64,

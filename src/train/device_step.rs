@@ -147,8 +147,31 @@ struct ClsParams {
     ffn2: Lin,
 }
 
-const NO_SPEAKER_KERNELS: &str =
-    "the speaker head (x-vector, AM-softmax) has no device kernels yet; use --device cpu";
+/// The head's parameters (indices into [`DevicePair::params`]).
+enum DeviceHead {
+    /// The PR head and the utterance classifier: Linear(D', hidden) -> Linear(hidden, V or C).
+    TwoLayer {
+        proj: Lin,
+        out: Lin,
+    },
+    Speaker(SpeakerParams),
+}
+
+/// The x-vector head (see [`crate::models::head::SpeakerHead`]).
+struct SpeakerParams {
+    connector: Lin,
+    /// (layer, context, dilation) per TDNN.
+    tdnn: Vec<(Lin, usize, usize)>,
+    utter1: Lin,
+    utter2: Lin,
+    /// AM-softmax's speaker vectors [speakers, width].
+    am: usize,
+    /// The cosines' Linear has no bias: zeros [speakers].
+    zero_bias: Buf<f32>,
+    speakers: usize,
+    scale: f32,
+    margin: f32,
+}
 
 pub struct DevicePair {
     pub name: String,
@@ -157,8 +180,7 @@ pub struct DevicePair {
     adam: device::AdamTensors,
     interface: DeviceInterface,
     head: HeadKind,
-    head_proj: Lin,
-    head_out: Lin,
+    head_params: DeviceHead,
     layers: usize,
     dim: usize,
     normalize: bool,
@@ -254,9 +276,6 @@ impl DevicePair {
         let cfg = pair.interface.config().clone();
         let (layers, dim) = (cfg.layers, cfg.dim);
         let refuse = |what: String| Error::Config(format!("'{}' on the device: {what}", pair.name));
-        if matches!(pair.head, Head::Speaker(_)) {
-            return Err(refuse(NO_SPEAKER_KERNELS.into()));
-        }
         let mut params: Vec<TrainedParam> = Vec::new();
         let mut add = |name: &str, layout: Layout| add_param(be, pair, &mut params, name, layout);
         let interface = match &cfg.kind {
@@ -387,10 +406,33 @@ impl DevicePair {
             Head::Classifier(h) => HeadKind::Classify {
                 classes: h.out.out_features,
             },
-            Head::Speaker(_) => return Err(refuse(NO_SPEAKER_KERNELS.into())),
+            Head::Speaker(h) => HeadKind::Speaker {
+                speakers: h.speakers,
+            },
         };
-        let head_proj = lin(&mut add, "head.proj")?;
-        let head_out = lin(&mut add, "head.out")?;
+        let head_params = match &pair.head {
+            Head::Speaker(h) => {
+                let mut tdnn = Vec::new();
+                for (i, &(_, context, dilation)) in h.tdnn.iter().enumerate() {
+                    tdnn.push((lin(&mut add, &format!("head.tdnn{i}"))?, context, dilation));
+                }
+                DeviceHead::Speaker(SpeakerParams {
+                    connector: lin(&mut add, "head.connector")?,
+                    tdnn,
+                    utter1: lin(&mut add, "head.utter1")?,
+                    utter2: lin(&mut add, "head.utter2")?,
+                    am: add("head.amsoftmax.weight", Layout::Plain)?,
+                    zero_bias: be.zeros::<f32>(h.speakers)?,
+                    speakers: h.speakers,
+                    scale: h.config.scale,
+                    margin: h.config.margin,
+                })
+            }
+            _ => DeviceHead::TwoLayer {
+                proj: lin(&mut add, "head.proj")?,
+                out: lin(&mut add, "head.out")?,
+            },
+        };
         let trained: Vec<&str> = (pair.store.iter())
             .filter(|q| !q.frozen)
             .map(|q| q.name.as_str())
@@ -423,8 +465,7 @@ impl DevicePair {
             adam,
             interface,
             head: kind,
-            head_proj,
-            head_out,
+            head_params,
             layers,
             dim,
             normalize: cfg.normalize,
@@ -505,8 +546,80 @@ impl DevicePair {
     }
 
     /// Records the interface and the head on `tape`, reading the bf16 stack `x0` [frames, L, D];
-    /// returns the head's fp32 output (CTC logits per frame, or class logits per utterance).
+    /// returns the head's fp32 output (CTC logits per frame, or class logits per utterance; the
+    /// speaker head's AM-softmax logits need the batch's `speakers`, its embeddings none).
     fn forward<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        x0: &'t Buf<bf16>,
+        batch: &PackedBatch,
+        speakers: Option<&[usize]>,
+    ) -> Result<DVar> {
+        let feats = self.features(tape, x0, batch)?;
+        let (proj, out) = match &self.head_params {
+            DeviceHead::TwoLayer { proj, out } => (*proj, *out),
+            DeviceHead::Speaker(s) => {
+                let e = self.speaker_embed(tape, s, feats, batch)?;
+                let Some(labels) = speakers else {
+                    return Ok(e);
+                };
+                let e = tape.to_bf16(e)?;
+                let h = self.linear(tape, e, s.utter2, true)?;
+                let h = tape.activation(h, false)?;
+                let xn = tape.l2_normalize(h)?;
+                let xn = tape.to_bf16(xn)?;
+                let w = self.var(tape, s.am)?;
+                let wn = tape.l2_normalize(w)?;
+                let wn = tape.to_bf16(wn)?;
+                let zero = tape.constant_f32(&s.zero_bias, &[s.speakers])?;
+                let cos = tape.linear(xn, wn, zero, true)?;
+                return tape.am_margin(cos, labels, s.scale, s.margin);
+            }
+        };
+        match self.head {
+            HeadKind::Ctc { .. } => {
+                let h = self.linear(tape, feats, proj, false)?;
+                self.linear(tape, h, out, true)
+            }
+            _ => {
+                let h = self.linear(tape, feats, proj, true)?;
+                let pooled = tape.mean_pool(h, batch)?;
+                let pooled = tape.to_bf16(pooled)?;
+                self.linear(tape, pooled, out, true)
+            }
+        }
+    }
+
+    /// The x-vector up to its embedding (fp32 [utterances, width]), as the CPU head: connector,
+    /// TDNN windows + Linear + ReLU five times, statistics pooling, Linear + ReLU.
+    fn speaker_embed<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        s: &SpeakerParams,
+        feats: DVar,
+        batch: &PackedBatch,
+    ) -> Result<DVar> {
+        let mut h = self.linear(tape, feats, s.connector, false)?;
+        let mut b = batch.clone();
+        for (i, &(layer, context, dilation)) in s.tdnn.iter().enumerate() {
+            let (window, next) = tape.time_context(h, &b, context, dilation)?;
+            let z = self.linear(tape, window, layer, true)?;
+            let a = tape.activation(z, false)?;
+            h = if i + 1 == s.tdnn.len() {
+                a
+            } else {
+                tape.to_bf16(a)?
+            };
+            b = next;
+        }
+        let pooled = tape.stats_pool(h, &b)?;
+        let pooled = tape.to_bf16(pooled)?;
+        let e = self.linear(tape, pooled, s.utter1, true)?;
+        tape.activation(e, false)
+    }
+
+    /// The interface's features (bf16 [frames, D']) of the bf16 stack `x0`.
+    fn features<'t>(
         &'t self,
         tape: &mut DeviceTape<'t>,
         x0: &'t Buf<bf16>,
@@ -563,19 +676,7 @@ impl DevicePair {
                 tape.linear(flat, w, b, false)?
             }
         };
-        match self.head {
-            HeadKind::Ctc { .. } => {
-                let h = self.linear(tape, feats, self.head_proj, false)?;
-                self.linear(tape, h, self.head_out, true)
-            }
-            HeadKind::Classify { .. } => {
-                let h = self.linear(tape, feats, self.head_proj, true)?;
-                let pooled = tape.mean_pool(h, batch)?;
-                let pooled = tape.to_bf16(pooled)?;
-                self.linear(tape, pooled, self.head_out, true)
-            }
-            HeadKind::Speaker { .. } => Err(Error::Config(NO_SPEAKER_KERNELS.into())),
-        }
+        Ok(feats)
     }
 
     /// CLS pooling as the CPU interface computes it (pre-LN transformer layer, CLS query only):
@@ -629,11 +730,20 @@ impl DevicePair {
         self.check_stack(x0, batch.total_frames())?;
         let this: &Self = self;
         let mut tape = DeviceTape::new(be);
-        let out = this.forward(&mut tape, x0, batch)?;
         let loss = match this.head {
-            HeadKind::Ctc { .. } => tape.ctc_loss(out, batch, targets)?,
-            HeadKind::Classify { .. } => tape.cross_entropy(out, &class_labels(targets)?)?,
-            HeadKind::Speaker { .. } => return Err(Error::Config(NO_SPEAKER_KERNELS.into())),
+            HeadKind::Ctc { .. } => {
+                let out = this.forward(&mut tape, x0, batch, None)?;
+                tape.ctc_loss(out, batch, targets)?
+            }
+            HeadKind::Classify { .. } => {
+                let out = this.forward(&mut tape, x0, batch, None)?;
+                tape.cross_entropy(out, &class_labels(targets)?)?
+            }
+            HeadKind::Speaker { .. } => {
+                let labels = class_labels(targets)?;
+                let out = this.forward(&mut tape, x0, batch, Some(&labels))?;
+                tape.cross_entropy(out, &labels)?
+            }
         };
         let value = tape.loss_value(loss)?;
         if !value.is_finite() {
@@ -713,10 +823,32 @@ impl DevicePair {
     ) -> Result<Vec<Vec<usize>>> {
         self.check_stack(x0, batch.total_frames())?;
         let mut tape = DeviceTape::no_grad(be);
-        let mut out = self.forward(&mut tape, x0, batch)?;
+        let mut out = self.forward(&mut tape, x0, batch, None)?;
         if let HeadKind::Ctc { .. } = self.head {
             out = tape.log_softmax(out)?;
         }
         decode_outputs(self.head, &be.download(tape.f32_value(out)?)?, batch)
+    }
+
+    /// The speaker head's embedding of each utterance of the bf16 stack `x0` (what verification
+    /// trials are scored with); an error for the other heads.
+    pub fn embed_on(
+        &self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+    ) -> Result<Vec<Vec<f32>>> {
+        if !matches!(self.head_params, DeviceHead::Speaker(_)) {
+            return Err(Error::Config(format!(
+                "'{}' has no speaker head to embed with",
+                self.name
+            )));
+        }
+        self.check_stack(x0, batch.total_frames())?;
+        let mut tape = DeviceTape::no_grad(be);
+        let out = self.forward(&mut tape, x0, batch, None)?;
+        let width = tape.shape(out)[1];
+        let values = be.download(tape.f32_value(out)?)?;
+        Ok(values.chunks(width).map(<[f32]>::to_vec).collect())
     }
 }

@@ -226,7 +226,11 @@ fn decode_all(
         let x = device_stack(backend, on_device, &stack)?;
         for (k, (p, d)) in pairs.iter().zip(on_device).enumerate() {
             if let HeadKind::Speaker { .. } = p.head_kind() {
-                for (e, &i) in p.embed(&stack, &batch)?.iter().zip(&b) {
+                let embeddings = match (d, backend, &x) {
+                    (Some(d), Some(be), Some(x)) => d.embed_on(be, x, &batch)?,
+                    _ => p.embed(&stack, &batch)?,
+                };
+                for (e, &i) in embeddings.iter().zip(&b) {
                     visit(k, i, Decoded::Embedding(e));
                 }
                 continue;

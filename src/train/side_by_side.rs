@@ -139,6 +139,37 @@ impl Pair {
         clip: Option<f64>,
         seed: u64,
     ) -> Result<Self> {
+        Self::build(spec, head, SpeakerHeadConfig::default(), opt, clip, seed)
+    }
+
+    /// A pair with a speaker-verification head of another width than SUPERB's (small ones for
+    /// tests, or a sweep).
+    pub fn with_speaker_head(
+        spec: &PairSpec,
+        speakers: usize,
+        config: SpeakerHeadConfig,
+        opt: AdamConfig,
+        clip: Option<f64>,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(
+            spec,
+            HeadKind::Speaker { speakers },
+            config,
+            opt,
+            clip,
+            seed,
+        )
+    }
+
+    fn build(
+        spec: &PairSpec,
+        head: HeadKind,
+        speaker_config: SpeakerHeadConfig,
+        opt: AdamConfig,
+        clip: Option<f64>,
+        seed: u64,
+    ) -> Result<Self> {
         let mut rng = Rng::new(seed);
         let mut store = ParamStore::new();
         let itf = interface::build(&spec.interface, &mut store, "interface.", &mut rng)?;
@@ -155,7 +186,7 @@ impl Pair {
                 &mut store,
                 "head.",
                 d,
-                SpeakerHeadConfig::default(),
+                speaker_config,
                 speakers,
                 &mut rng,
             )?),

@@ -42,7 +42,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
                                         head, or one class per utterance with the utterance
                                         classifier, or speaker verification (SUPERB SV: x-vector
                                         head, AM-softmax on the training speakers, EER of cosine
-                                        scores on the dev trials; CPU only) [units]
+                                        scores on the dev trials) [units]
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3, depth
                               floor(log3 L)), hconv-kKsSdD with any of kernel, stride, depth
                               (e.g. hconv-k3s2, hconv-d1), concat, groupwsN (N groups), single

@@ -14,3 +14,4 @@
 #include "../../../kernels/attention.cu"
 #include "../../../kernels/elementwise.cu"
 #include "../../../kernels/wgmma.cu"
+#include "../../../kernels/speaker.cu"
