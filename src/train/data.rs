@@ -311,7 +311,9 @@ pub fn load_verification_dir(dir: &Path, on_bad: OnBad) -> Result<Dataset> {
         .collect();
     let scp = id_map(&dir.join("wav.scp"))?;
     let known: HashSet<&str> = scp.iter().map(|(id, _)| id.as_str()).collect();
-    if let Some(missing) = named.iter().find(|id| !known.contains(**id)) {
+    // The first unknown id in file order, so the message does not depend on hashing.
+    let in_order = pairs.iter().flat_map(|t| [t.0.as_str(), t.1.as_str()]);
+    if let Some(missing) = in_order.into_iter().find(|id| !known.contains(id)) {
         return Err(io_err(
             &path,
             format!("names utterance '{missing}', which wav.scp does not list"),
