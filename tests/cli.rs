@@ -807,6 +807,16 @@ fn speaker_verification_trains_on_utt2spk_and_scores_trials() {
             "{scores}"
         );
     }
+    // s3prl's random 8 s training crops, here 0.4 s windows (the head needs 0.33 s).
+    let (ok, log) = run(args(&dev, &dir.join("crop"), &["--crop-seconds", "0.4"]));
+    assert!(ok && log.contains("dev EER"), "{log}");
+    let run_json = std::fs::read_to_string(dir.join("crop/run.json")).unwrap();
+    assert!(run_json.contains("\"crop_seconds\": 0.4"), "{run_json}");
+    let (ok, log) = run(args(&dev, &dir.join("crop2"), &["--crop-seconds", "0.01"]));
+    assert!(
+        !ok && log.contains("--crop-seconds takes at least 0.025"),
+        "{log}"
+    );
     // A dev set without trials, or given as a manifest, is refused up front.
     std::fs::rename(dir.join("dev/trials"), dir.join("dev/trials.off")).unwrap();
     let (ok, log) = run(args(&dev, &dir.join("r2"), &[]));

@@ -545,6 +545,70 @@ fn classification_trains_on_utt2label_and_reports_accuracy() {
     std::fs::remove_dir_all(&root).ok();
 }
 
+#[test]
+fn cropped_training_draws_windows_resumes_bit_for_bit_and_is_refused_where_it_cannot_hold() {
+    use strata::train::run::crop_window;
+    // Windows: whole when short enough; else inside the utterance, the same for the same
+    // (seed, micro-batch, utterance), and not the same everywhere.
+    assert_eq!(crop_window(0, 5, 2, 3000, 4000), (0, 3000));
+    let starts: Vec<usize> = (0..50)
+        .map(|n| {
+            let (start, len) = crop_window(7, n, 3, 10_000, 4000);
+            assert!(len == 4000 && start + len <= 10_000);
+            assert_eq!(crop_window(7, n, 3, 10_000, 4000), (start, len));
+            start
+        })
+        .collect();
+    assert!(starts.iter().any(|&s| s != starts[0]), "{starts:?}");
+
+    let root = scratch("crop");
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Classification, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&load("train"), false);
+    let cfg = |out: &Path, steps: u64, resume: bool| {
+        let mut c = TrainConfig::new(
+            Task::Classification,
+            vec![PairSpec::new("ws", InterfaceConfig::weighted_sum(4, 32))],
+            out.to_path_buf(),
+        );
+        (c.steps, c.eval_every, c.resume) = (steps, 2, resume);
+        c.batch_samples = 16000 * 2;
+        c.crop_samples = Some(4000);
+        c
+    };
+    let run = |c: &TrainConfig| train(&src, &src, load("train"), load("dev"), &vocab, c);
+    let (straight, resumed) = (root.join("straight"), root.join("resumed"));
+    run(&cfg(&straight, 4, false)).unwrap();
+    run(&cfg(&resumed, 2, false)).unwrap();
+    run(&cfg(&resumed, 4, true)).unwrap();
+    assert_eq!(
+        losses(&straight),
+        losses(&resumed),
+        "a resumed run crops alike"
+    );
+    // Every utterance (6000-16000 samples) was cut to 4000 samples: 12 frames each.
+    for line in losses(&straight) {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["frames"].as_u64().unwrap() % 12, 0, "{line}");
+    }
+    // A different crop length is another run.
+    let mut other = cfg(&resumed, 6, true);
+    other.crop_samples = Some(5000);
+    let err = run(&other).unwrap_err().to_string();
+    assert!(err.contains("crop_samples"), "{err}");
+    // Transcripts do not fit a window; a cache holds whole utterances.
+    let mut ctc = cfg(&root.join("ctc"), 2, false);
+    ctc.task = Task::Units;
+    let units = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
+    let ctc_vocab = Vocab::from_dataset(&units("train"), true);
+    let err = train(&src, &src, units("train"), units("dev"), &ctc_vocab, &ctc)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("utterance-level tasks"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
+
 /// The trainer on the device path (the kernel emulator here; the same code drives the GPU): WS,
 /// HConv and GroupWS pairs follow the CPU run's losses within bf16 margins, step by step, with
 /// warm-up + decay and two micro-batches per step; a device run stopped after 3 steps and resumed

@@ -387,4 +387,43 @@ impl StackSource<'_> {
             StackSource::Cache(c) => c.stack(&names),
         }
     }
+
+    /// [`StackSource::stack`] of a (start, length) window of each utterance's audio (samples).
+    /// Only the upstream can: a cache holds the states of whole utterances.
+    pub fn stack_cropped(
+        &self,
+        ds: &Dataset,
+        idx: &[usize],
+        windows: &[(usize, usize)],
+    ) -> Result<(Tensor, PackedBatch)> {
+        let StackSource::Upstream(up, normalize) = self else {
+            return Err(Error::Config(
+                "a feature cache cannot crop utterances: run the upstream on each batch".into(),
+            ));
+        };
+        let names: Vec<&str> = idx.iter().map(|&i| ds.utterances[i].id.as_str()).collect();
+        let mut waves = Vec::with_capacity(idx.len());
+        for (&i, &(start, len)) in idx.iter().zip(windows) {
+            // The upstream's input normalization sees the crop, as it would in s3prl.
+            let wave = read_wave(&ds.utterances[i].path, false)?;
+            let crop = wave.get(start..start + len).ok_or_else(|| {
+                Error::value(
+                    "training crop",
+                    format!(
+                        "'{}': samples {start}..{} of {}: the file changed since it was checked",
+                        ds.utterances[i].id,
+                        start + len,
+                        wave.len()
+                    ),
+                )
+            })?;
+            waves.push(if *normalize {
+                crate::models::upstream::normalize_wave(crop)
+            } else {
+                crop.to_vec()
+            });
+        }
+        let refs: Vec<&[f32]> = waves.iter().map(Vec::as_slice).collect();
+        up.forward(&refs, &names)
+    }
 }

@@ -61,6 +61,10 @@ pub struct TrainConfig {
     pub progress: bool,
     /// Where the training step runs.
     pub device: TrainDevice,
+    /// Crop every longer training utterance to a random window of this many samples at each step
+    /// (s3prl's SV loader: 8 s); the window is a function of the seed, the micro-batch and the
+    /// utterance, so a resumed run crops alike. Needs the upstream run on each batch.
+    pub crop_samples: Option<usize>,
 }
 
 /// Where the training step runs.
@@ -101,6 +105,7 @@ impl TrainConfig {
             init_from: None,
             progress: false,
             device: TrainDevice::Cpu,
+            crop_samples: None,
         }
     }
 
@@ -347,6 +352,27 @@ fn truncate_log(out: &Path, step: u64) -> Result<()> {
         })
 }
 
+/// The (start, length) in samples of utterance `utterance`'s training crop in micro-batch
+/// `micro_batch`: the whole utterance when it is no longer than `crop`, else a window drawn from a
+/// generator seeded by (seed, micro-batch, utterance), so a resumed run draws the same.
+pub fn crop_window(
+    seed: u64,
+    micro_batch: u64,
+    utterance: usize,
+    samples: usize,
+    crop: usize,
+) -> (usize, usize) {
+    if samples <= crop {
+        return (0, samples);
+    }
+    let key = seed
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(micro_batch.wrapping_mul(0xbf58_476d_1ce4_e5b9))
+        .wrapping_add(utterance as u64);
+    let start = crate::rng::Rng::new(key).below(samples - crop + 1);
+    (start, crop)
+}
+
 /// Fits the PCA + Concat pairs not fitted yet (none loaded by `--init-from`): one pass over the
 /// first [`PCA_FIT_FRAMES`] training frames in the first epoch's batch order (normalized for the
 /// pairs that normalize).
@@ -582,6 +608,21 @@ pub fn train(
             "no usable training or dev utterance left",
         ));
     }
+    if cfg.crop_samples.is_some() && matches!(train_src, StackSource::Cache(_)) {
+        return Err(Error::Config(
+            "cropping training utterances needs the upstream run on each batch: a feature cache holds whole utterances' states, which a crop of the audio would change; train with --model and without --features".into(),
+        ));
+    }
+    if cfg.crop_samples.is_some() && matches!(cfg.task, Task::Units | Task::Characters) {
+        return Err(Error::Config(
+            "cropping training utterances is for utterance-level tasks (classify, sv): a transcript does not match a window of its audio".into(),
+        ));
+    }
+    if cfg.crop_samples == Some(0) {
+        return Err(Error::Config(
+            "a training crop needs at least one sample".into(),
+        ));
+    }
     if cfg.task == Task::Speaker && dev.trials.is_empty() {
         return Err(Error::value(
             "dev set",
@@ -636,6 +677,7 @@ pub fn train(
         "batch_samples": cfg.batch_samples,
         "accum": cfg.accum,
         "train_utterances": train.utterances.len(),
+        "crop_samples": cfg.crop_samples,
     });
     if cfg.resume {
         for (i, p) in pairs.iter_mut().enumerate() {
@@ -690,7 +732,10 @@ pub fn train(
             eprintln!("training {n} of {} pairs on {}", pairs.len(), be.name());
         }
     }
-    let samples: Vec<usize> = train.utterances.iter().map(|u| u.samples).collect();
+    // Batches are planned on the cropped lengths.
+    let samples: Vec<usize> = (train.utterances.iter())
+        .map(|u| cfg.crop_samples.map_or(u.samples, |c| u.samples.min(c)))
+        .collect();
     let epoch_batches = |epoch: u64| {
         length_buckets(
             &samples,
@@ -718,7 +763,15 @@ pub fn train(
                 cached = Some((epoch, epoch_batches(epoch)));
             }
             let b = &cached.as_ref().expect("just filled").1[pos];
-            let (stack, batch) = train_src.stack(&train, b)?;
+            let (stack, batch) = match cfg.crop_samples {
+                None => train_src.stack(&train, b)?,
+                Some(crop) => {
+                    let windows: Vec<(usize, usize)> = (b.iter())
+                        .map(|&i| crop_window(cfg.seed, n, i, train.utterances[i].samples, crop))
+                        .collect();
+                    train_src.stack_cropped(&train, b, &windows)?
+                }
+            };
             let targets: Vec<Vec<usize>> = b.iter().map(|&i| train_labels[i].clone()).collect();
             frames += batch.total_frames();
             let scale = 1.0 / cfg.accum as f32;

@@ -54,6 +54,8 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
            --steps N [1000]  --lr X [1e-3]  --schedule constant|linear|cosine [constant]  --warmup N [0]
            --optimizer adamw|adam [adamw]  --weight-decay X [0.01 adamw, 0 adam]  --clip C (0: off) [1]
            --batch-seconds S  audio per micro-batch [60]   --accum N  micro-batches per step [1]
+           --crop-seconds S  train on a random S-second window of each longer utterance, drawn
+                             anew at every step (s3prl's SV: 8); needs the upstream, not --features
            --eval-every N  dev evaluation and checkpoints every N steps and at the end (0: at the
                            end only) [100]
            --save-every N  also the latest checkpoints every N steps in between, so a stopped run

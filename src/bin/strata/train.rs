@@ -212,11 +212,12 @@ struct TrainArgs {
     on_bad: OnBad,
     save_init: Option<PathBuf>,
     init_from: Option<PathBuf>,
+    crop_seconds: Option<f64>,
 }
 
 /// Flags that take no value (TOML: `key = true`; `shuffle = false` is `--no-shuffle`).
 const SWITCHES: [&str; 3] = ["--resume", "--no-shuffle", "--skip-bad"];
-const VALUED: [&str; 25] = [
+const VALUED: [&str; 26] = [
     "--model",
     "--features",
     "--train",
@@ -241,6 +242,7 @@ const VALUED: [&str; 25] = [
     "--normalize",
     "--save-init",
     "--init-from",
+    "--crop-seconds",
     "--config",
 ];
 
@@ -328,6 +330,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
         on_bad: OnBad::Fail,
         save_init: None,
         init_from: None,
+        crop_seconds: None,
     };
     let mut it = all.iter();
     while let Some(a) = it.next() {
@@ -359,6 +362,15 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
             "--optimizer" => t.optimizer = value()?,
             "--weight-decay" => t.weight_decay = Some(num(value()?, a)?),
             "--batch-seconds" => t.batch_seconds = num(value()?, a)?,
+            "--crop-seconds" => {
+                let v: f64 = num(value()?, a)?;
+                if !(v.is_finite() && v * 16000.0 >= 400.0) {
+                    return Err(format!(
+                        "--crop-seconds takes at least 0.025 (one 25 ms frame), got {v}"
+                    ));
+                }
+                t.crop_seconds = Some(v);
+            }
             "--accum" => t.accum = num(value()?, a)?,
             "--clip" => t.clip = num(value()?, a)?,
             "--eval-every" => t.eval_every = num(value()?, a)?,
@@ -541,7 +553,8 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         "dim": dim,
         "steps": t.steps, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup,
         "optimizer": t.optimizer, "weight_decay": optimizer.weight_decay,
-        "batch_seconds": t.batch_seconds, "accum": t.accum, "clip": t.clip, "seed": t.seed,
+        "batch_seconds": t.batch_seconds, "crop_seconds": t.crop_seconds, "accum": t.accum,
+        "clip": t.clip, "seed": t.seed,
         "shuffle": t.shuffle, "device": t.device, "commit": strata::GIT_COMMIT,
     });
     std::fs::write(
@@ -573,6 +586,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     cfg.clip = (t.clip > 0.0).then_some(t.clip);
     cfg.steps = t.steps;
     cfg.batch_samples = (t.batch_seconds * 16000.0) as usize;
+    cfg.crop_samples = t.crop_seconds.map(|s| (s * 16000.0).round() as usize);
     cfg.accum = t.accum;
     cfg.eval_every = t.eval_every;
     cfg.save_every = t.save_every;
