@@ -343,6 +343,23 @@ fn feature_cache_and_init_files_reproduce_runs_exactly() {
         losses(&root.join("b")),
         "f32 features = the upstream"
     );
+    // A cache holds whole utterances' states: no training crops from it.
+    let mut cropped = config(&root.join("cropped"), 4, false);
+    (cropped.task, cropped.crop_samples) = (Task::Classification, Some(4000));
+    let err = train(
+        &StackSource::Cache(&tc),
+        &StackSource::Cache(&dc),
+        load("train"),
+        load("dev"),
+        &vocab,
+        &cropped,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("needs the upstream run on each batch"),
+        "{err}"
+    );
 
     // Another seed would draw other parameters (and the same data order, which depends on the
     // seed too, is kept by fixing shuffle off in both): init_from makes them equal.
