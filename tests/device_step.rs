@@ -58,6 +58,16 @@ fn batches(
         .collect()
 }
 
+/// (||got - want||, ||want||) in f64: gradients are compared by relative L2 error.
+fn l2_error(got: &[f32], want: &[f32]) -> (f64, f64) {
+    let (mut e2, mut w2) = (0f64, 0f64);
+    for (a, b) in got.iter().zip(want) {
+        e2 += ((a - b) as f64).powi(2);
+        w2 += (*b as f64).powi(2);
+    }
+    (e2.sqrt(), w2.sqrt())
+}
+
 /// Relative difference; a NaN is infinitely far (callers fold with `max`, which skips NaN).
 fn rel(got: f32, want: f32) -> f32 {
     let r = (got - want).abs() / want.abs().max(1e-6);
@@ -199,12 +209,7 @@ fn every_device_interface_and_head_follows_the_cpu_losses() {
                         let want = c.store.grad(c.store.id(&name).unwrap());
                         // Relative L2 error: a ReLU whose input sits near 0 may flip between
                         // the bf16 and fp32 paths and move single entries a lot.
-                        let (mut e2, mut w2) = (0f64, 0f64);
-                        for (a, b) in got.iter().zip(want) {
-                            e2 += ((a - b) as f64).powi(2);
-                            w2 += (*b as f64).powi(2);
-                        }
-                        let (err, norm) = (e2.sqrt(), w2.sqrt());
+                        let (err, norm) = l2_error(&got, want);
                         if std::env::var("SHOW").is_ok() {
                             eprintln!("{kind:?} {name}: {:.3e}", err / norm.max(1e-30));
                         }
@@ -501,12 +506,8 @@ fn the_speaker_head_on_the_device_follows_the_cpu() {
             g.accumulate_on(&be, &x, batch, targets, 1.0).unwrap();
             for (name, got) in g.gradients(&be).unwrap() {
                 let want = c.store.grad(c.store.id(&name).unwrap());
-                let (mut e2, mut w2) = (0f64, 0f64);
-                for (a, b) in got.iter().zip(want) {
-                    e2 += ((a - b) as f64).powi(2);
-                    w2 += (*b as f64).powi(2);
-                }
-                let (err, norm) = (e2.sqrt(), w2.sqrt());
+                // Relative L2, as the every-interface test.
+                let (err, norm) = l2_error(&got, want);
                 eprintln!(
                     "{kind:?} {name}: {:.3e} (norm {norm:.3e})",
                     err / norm.max(1e-30)

@@ -442,6 +442,24 @@ impl<'a> DeviceTape<'a> {
         DVar(self.nodes.len() - 1)
     }
 
+    /// Records an fp32 op of the one input `x` whose backward maps the output's gradient (as
+    /// fp32) to the input's with `backward`.
+    fn push_f32(
+        &mut self,
+        y: Rc<Buf<f32>>,
+        shape: &[usize],
+        x: DVar,
+        op: &'static str,
+        backward: impl FnOnce(&Backend, &Buf<f32>) -> Result<Buf<f32>> + 'a,
+    ) -> DVar {
+        self.push(Value::F32(Held::Own(y)), shape, &[x], move || {
+            Box::new(move |be, g, _| {
+                let dy = g.to_f32(be, op)?;
+                Ok(vec![Some(Grad::f32(backward(be, &dy)?))])
+            })
+        })
+    }
+
     /// The same values under another shape of as many elements.
     pub fn reshape(&mut self, x: DVar, shape: &[usize]) -> Result<DVar> {
         let n = &self.nodes[x.0];
@@ -920,18 +938,11 @@ impl<'a> DeviceTape<'a> {
     pub fn activation(&mut self, x: DVar, gelu: bool) -> Result<DVar> {
         const OP: &str = "activation";
         let xf = self.f32_of(OP, x)?;
-        let y = device::activation_forward(self.be, &xf, gelu)?;
+        let y = Rc::new(device::activation_forward(self.be, &xf, gelu)?);
         let shape = self.shape(x).to_vec();
-        Ok(
-            self.push(Value::F32(Held::Own(Rc::new(y))), &shape, &[x], move || {
-                Box::new(move |be, g, _| {
-                    let dy = g.to_f32(be, OP)?;
-                    Ok(vec![Some(Grad::f32(device::activation_backward(
-                        be, &xf, &dy, gelu,
-                    )?))])
-                })
-            }),
-        )
+        Ok(self.push_f32(y, &shape, x, OP, move |be, dy| {
+            device::activation_backward(be, &xf, dy, gelu)
+        }))
     }
 
     /// Inverted dropout of fp32 x with drop probability `p`: the CPU tape's mask exactly (a
@@ -951,34 +962,29 @@ impl<'a> DeviceTape<'a> {
         )
     }
 
+    /// The channels c of x [frames, c] packed as `batch`.
+    fn frame_channels(&self, op: &str, x: DVar, batch: &PackedBatch) -> Result<usize> {
+        match *self.shape(x) {
+            [frames, c] if frames == batch.total_frames() => Ok(c),
+            ref s => Err(shape_error(
+                op,
+                format!("[{} frames, c]", batch.total_frames()),
+                format!("{s:?}"),
+            )),
+        }
+    }
+
     /// Mean of each utterance's frames: fp32 [frames, c] -> [utterances, c].
     pub fn mean_pool(&mut self, x: DVar, batch: &PackedBatch) -> Result<DVar> {
         const OP: &str = "mean_pool";
-        let shape = self.shape(x).to_vec();
-        if shape.len() != 2 || shape[0] != batch.total_frames() {
-            return Err(shape_error(
-                OP,
-                format!("[{} frames, c]", batch.total_frames()),
-                format!("{shape:?}"),
-            ));
-        }
-        let c = shape[1];
+        let c = self.frame_channels(OP, x, batch)?;
         let xf = self.f32_of(OP, x)?;
-        let y = device::mean_pool_forward(self.be, &xf, batch, c)?;
+        let y = Rc::new(device::mean_pool_forward(self.be, &xf, batch, c)?);
         let batch = batch.clone();
-        Ok(self.push(
-            Value::F32(Held::Own(Rc::new(y))),
-            &[batch.num_utterances(), c],
-            &[x],
-            move || {
-                Box::new(move |be, g, _| {
-                    let dy = g.to_f32(be, OP)?;
-                    Ok(vec![Some(Grad::f32(device::mean_pool_backward(
-                        be, &dy, &batch, c,
-                    )?))])
-                })
-            },
-        ))
+        let shape = [batch.num_utterances(), c];
+        Ok(self.push_f32(y, &shape, x, OP, move |be, dy| {
+            device::mean_pool_backward(be, dy, &batch, c)
+        }))
     }
 
     /// A TDNN layer's windows of bf16 x [frames, c]: bf16 [frames', context * c], each row the
@@ -1035,31 +1041,14 @@ impl<'a> DeviceTape<'a> {
     /// Statistics pooling of fp32 x [frames, c]: fp32 [utterances, 2c], means then unbiased stds.
     pub fn stats_pool(&mut self, x: DVar, batch: &PackedBatch) -> Result<DVar> {
         const OP: &str = "stats_pool";
-        let shape = self.shape(x).to_vec();
-        if shape.len() != 2 || shape[0] != batch.total_frames() {
-            return Err(shape_error(
-                OP,
-                format!("[{} frames, c]", batch.total_frames()),
-                format!("{shape:?}"),
-            ));
-        }
-        let c = shape[1];
+        let c = self.frame_channels(OP, x, batch)?;
         let xf = self.f32_of(OP, x)?;
         let y = Rc::new(device::stats_pool_forward(self.be, &xf, batch, c)?);
         let (saved, batch) = (Rc::clone(&y), batch.clone());
-        Ok(self.push(
-            Value::F32(Held::Own(y)),
-            &[batch.num_utterances(), 2 * c],
-            &[x],
-            move || {
-                Box::new(move |be, g, _| {
-                    let dy = g.to_f32(be, OP)?;
-                    Ok(vec![Some(Grad::f32(device::stats_pool_backward(
-                        be, &xf, &saved, &dy, &batch, c,
-                    )?))])
-                })
-            },
-        ))
+        let shape = [batch.num_utterances(), 2 * c];
+        Ok(self.push_f32(y, &shape, x, OP, move |be, dy| {
+            device::stats_pool_backward(be, &xf, &saved, dy, &batch, c)
+        }))
     }
 
     /// F.normalize of the rows of fp32 x [rows, c] (a parameter too: AM-softmax's speaker
@@ -1068,20 +1057,10 @@ impl<'a> DeviceTape<'a> {
         const OP: &str = "l2_normalize";
         let (rows, c) = self.logits_dims(OP, x)?;
         let xf = self.f32_of(OP, x)?;
-        let y = device::l2_normalize_forward(self.be, &xf, rows, c)?;
-        Ok(self.push(
-            Value::F32(Held::Own(Rc::new(y))),
-            &[rows, c],
-            &[x],
-            move || {
-                Box::new(move |be, g, _| {
-                    let dy = g.to_f32(be, OP)?;
-                    Ok(vec![Some(Grad::f32(device::l2_normalize_backward(
-                        be, &xf, &dy, rows, c,
-                    )?))])
-                })
-            },
-        ))
+        let y = Rc::new(device::l2_normalize_forward(self.be, &xf, rows, c)?);
+        Ok(self.push_f32(y, &[rows, c], x, OP, move |be, dy| {
+            device::l2_normalize_backward(be, &xf, dy, rows, c)
+        }))
     }
 
     /// AM-softmax's logits from fp32 cosines [rows, classes]: scale (cos - margin [j = label]).
@@ -1104,20 +1083,18 @@ impl<'a> DeviceTape<'a> {
         let xf = self.f32_of(OP, x)?;
         let labels: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
         let lb = self.be.upload(&labels)?;
-        let y = device::am_margin(self.be, &xf, Some(&lb), rows, classes, scale, margin)?;
-        Ok(self.push(
-            Value::F32(Held::Own(Rc::new(y))),
-            &[rows, classes],
-            &[x],
-            move || {
-                Box::new(move |be, g, _| {
-                    let dy = g.to_f32(be, OP)?;
-                    Ok(vec![Some(Grad::f32(device::am_margin(
-                        be, &dy, None, rows, classes, scale, margin,
-                    )?))])
-                })
-            },
-        ))
+        let y = Rc::new(device::am_margin(
+            self.be,
+            &xf,
+            Some(&lb),
+            rows,
+            classes,
+            scale,
+            margin,
+        )?);
+        Ok(self.push_f32(y, &[rows, classes], x, OP, move |be, dy| {
+            device::am_margin(be, dy, None, rows, classes, scale, margin)
+        }))
     }
 
     fn logits_dims(&self, op: &str, x: DVar) -> Result<(usize, usize)> {
@@ -1134,16 +1111,9 @@ impl<'a> DeviceTape<'a> {
         let xf = self.f32_of(OP, x)?;
         let y = Rc::new(device::log_softmax_forward(self.be, &xf, rows, v)?);
         let saved = Rc::clone(&y);
-        Ok(
-            self.push(Value::F32(Held::Own(y)), &[rows, v], &[x], move || {
-                Box::new(move |be, g, _| {
-                    let dy = g.to_f32(be, OP)?;
-                    Ok(vec![Some(Grad::f32(device::log_softmax_backward(
-                        be, &saved, &dy, rows, v,
-                    )?))])
-                })
-            }),
-        )
+        Ok(self.push_f32(y, &[rows, v], x, OP, move |be, dy| {
+            device::log_softmax_backward(be, &saved, dy, rows, v)
+        }))
     }
 
     /// The mean CTC loss (blank 0, zero_infinity, PyTorch's 'mean') of fp32 logits [frames, v]
