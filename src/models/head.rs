@@ -107,9 +107,19 @@ impl Default for SpeakerHeadConfig {
 pub const XVECTOR_TDNN: [(usize, usize); 5] = [(5, 1), (3, 2), (3, 3), (1, 1), (1, 1)];
 
 /// Frames the x-vector's TDNN layers take from each utterance: 4 + 4 + 6 = 14.
-pub fn xvector_frames_lost() -> usize {
-    XVECTOR_TDNN.iter().map(|(c, d)| (c - 1) * d).sum()
+pub const fn xvector_frames_lost() -> usize {
+    let mut lost = 0;
+    let mut i = 0;
+    while i < XVECTOR_TDNN.len() {
+        lost += (XVECTOR_TDNN[i].0 - 1) * XVECTOR_TDNN[i].1;
+        i += 1;
+    }
+    lost
 }
+
+/// Frames an utterance needs for the x-vector head: what the TDNN windows take, and 2 left for
+/// the standard deviation (16).
+pub const XVECTOR_MIN_FRAMES: usize = xvector_frames_lost() + 2;
 
 pub struct SpeakerHead {
     pub config: SpeakerHeadConfig,
@@ -181,8 +191,7 @@ impl SpeakerHead {
         x: Var,
         batch: &PackedBatch,
     ) -> Result<Var> {
-        // The TDNN windows take 14 frames, the standard deviation needs 2 of what is left.
-        let need = xvector_frames_lost() + 2;
+        let need = XVECTOR_MIN_FRAMES;
         if let Some(u) = (0..batch.num_utterances()).find(|&u| batch.len_of(u) < need) {
             return Err(crate::error::Error::value(
                 "speaker head input",

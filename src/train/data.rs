@@ -28,9 +28,9 @@ pub enum Task {
     Speaker,
 }
 
-/// Audio samples the x-vector head needs per utterance: 16 frames of a 20 ms hop, 25 ms window
-/// (its TDNN windows take 14 frames, the standard deviation needs 2).
-pub const SPEAKER_MIN_SAMPLES: usize = 400 + 15 * 320;
+/// Audio samples the x-vector head needs per utterance: its 16 frames
+/// ([`crate::models::head::XVECTOR_MIN_FRAMES`]) of a 25 ms window at a 20 ms hop.
+pub const SPEAKER_MIN_SAMPLES: usize = 400 + (crate::models::head::XVECTOR_MIN_FRAMES - 1) * 320;
 
 /// One verification trial: utterances `a` and `b` (indices into the data set), same speaker or
 /// not.

@@ -717,6 +717,7 @@ pub fn train(
         if let Some(path) = &cfg.init_from {
             load_pairs(path, &mut pairs)?;
         }
+        // Planned on the whole lengths, not the training crops: the fit reads whole utterances.
         let samples: Vec<usize> = train.utterances.iter().map(|u| u.samples).collect();
         let first_epoch =
             length_buckets(&samples, cfg.batch_samples, cfg.shuffle.then_some(cfg.seed));

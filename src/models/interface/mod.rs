@@ -22,12 +22,10 @@ use crate::autograd::{ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
-/// softmax(logits), computed in f64.
+/// The layer weights a weighted sum applies: softmax of its logits, by the same routine as its
+/// forward.
 fn softmax_weights(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let e: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.iter().map(|x| (x / sum) as f32).collect()
+    crate::ops::softmax::softmax_forward(logits, logits.len())
 }
 
 #[derive(Clone, Debug, PartialEq)]
