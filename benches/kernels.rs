@@ -244,6 +244,76 @@ fn bench(c: &mut Criterion) {
                 })
             })
         });
+        // The speaker head's own kernels (kernels/speaker.cu) on the same 32 x 500 frames of 768:
+        // a TDNN's 5-frame windows, statistics pooling, row L2 normalization, the margin.
+        let (idx, inv, _) = device::speaker_window_index(&batch, 5, 1).unwrap();
+        let (idx, inv) = (be.upload(&idx).unwrap(), be.upload(&inv).unwrap());
+        let windows = device::rows_gather(&be, &feats16, &idx, d).unwrap();
+        let dwindows = be.upload(&vec![0.1f32; windows.len()]).unwrap();
+        group.throughput(Throughput::Bytes((windows.len() * 4) as u64));
+        group.bench_function("rows_gather_tdnn5_32x500x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::rows_gather(&be, &feats16, &idx, d).unwrap())
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((windows.len() * 4 + rows * d * 4) as u64));
+        group.bench_function("rows_gather_sum_tdnn5_32x500x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::rows_gather_sum(&be, &dwindows, &inv, rows, 5, d).unwrap())
+                })
+            })
+        });
+        let stats = device::stats_pool_forward(&be, &feats, &batch, d).unwrap();
+        group.throughput(Throughput::Bytes((rows * d * 4) as u64));
+        group.bench_function("stats_pool_forward_32x500x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::stats_pool_forward(&be, &feats, &batch, d).unwrap())
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((rows * d * 8) as u64));
+        group.bench_function("stats_pool_backward_32x500x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(
+                        device::stats_pool_backward(&be, &feats, &stats, &stats, &batch, d)
+                            .unwrap(),
+                    )
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((rows * d * 8) as u64));
+        group.bench_function("l2_normalize_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::l2_normalize_forward(&be, &feats, rows, d).unwrap())
+                })
+            })
+        });
+        group.bench_function("l2_normalize_backward_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::l2_normalize_backward(&be, &feats, &feats, rows, d).unwrap())
+                })
+            })
+        });
+        let labels = be
+            .upload(&(0..rows as i32).map(|r| r % v as i32).collect::<Vec<_>>())
+            .unwrap();
+        group.throughput(Throughput::Bytes((rows * v * 8) as u64));
+        group.bench_function("am_margin_16000x71", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(
+                        device::am_margin(&be, &logits, Some(&labels), rows, v, 30.0, 0.4).unwrap(),
+                    )
+                })
+            })
+        });
     }
     // `normalize` of a Base stack (bf16 row LayerNorm over 16000 x 13 rows of 768) and CLS
     // pooling's attention (8 heads over 14 tokens per frame), forward and backward.
