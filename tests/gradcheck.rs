@@ -367,3 +367,51 @@ fn speaker_head_ops() {
         dot(&r, &l2_normalize_forward(x, c))
     });
 }
+
+#[test]
+fn ml_superb_head_ops() {
+    // Packed self-attention over utterances of 3, 5 and 1 frames, with and without dropout on
+    // the probabilities (a fixed seed makes the dropped function deterministic).
+    let offsets = [0usize, 3, 8, 9];
+    let (heads, hd) = (2, 3);
+    let n = 9 * heads * hd;
+    let (q, k, v, r) = (
+        rand_vec(n, 41),
+        rand_vec(n, 42),
+        rand_vec(n, 43),
+        rand_vec(n, 44),
+    );
+    for drop in [None, Some(ops::attention::ProbDropout { p: 0.3, seed: 9 })] {
+        let f = |q: &[f64], k: &[f64], v: &[f64]| {
+            ops::attention::packed_forward((q, k, v), &offsets, heads, hd, drop).0
+        };
+        let (_, probs) = ops::attention::packed_forward((&q, &k, &v), &offsets, heads, hd, drop);
+        let (dq, dk, dv) =
+            ops::attention::packed_backward((&q, &k, &v), &probs, &r, &offsets, heads, hd, drop);
+        check("packed attention dq", &q, &dq, |q| dot(&r, &f(q, &k, &v)));
+        check("packed attention dk", &k, &dk, |k| dot(&r, &f(&q, k, &v)));
+        check("packed attention dv", &v, &dv, |v| dot(&r, &f(&q, &k, v)));
+    }
+    // Utterance mean normalization.
+    let x = rand_vec(9 * 4, 45);
+    let r = rand_vec(9 * 4, 46);
+    let dx = ops::pooling::center(&r, 4, &offsets);
+    check("utterance centering", &x, &dx, |x| {
+        dot(&r, &ops::pooling::center(x, 4, &offsets))
+    });
+    // Conv2d patches (stride 2, 2 channels over 6 features), utterances of 4 and 5 frames.
+    let g = ops::conv2d::PatchGeom {
+        freq: 6,
+        channels: 2,
+        kernel: 3,
+        stride: 2,
+    };
+    let offsets = [0usize, 4, 9];
+    let x = rand_vec(9 * 12, 47);
+    let (y, outs) = ops::conv2d::patches_forward(&x, &offsets, &g);
+    let r = rand_vec(y.len(), 48);
+    let dx = ops::conv2d::patches_backward(&r, &offsets, &outs, &g);
+    check("conv2d patches", &x, &dx, |x| {
+        dot(&r, &ops::conv2d::patches_forward(x, &offsets, &g).0)
+    });
+}

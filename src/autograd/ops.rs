@@ -540,6 +540,140 @@ impl Tape {
         })
     }
 
+    /// Each utterance's frames minus its mean frame: x [frames, c] of a packed batch (ESPnet's
+    /// utterance mean normalization).
+    pub fn utterance_center(&mut self, x: Var, batch: &PackedBatch) -> Result<Var> {
+        let shape = self.shape(x).to_vec();
+        if shape.len() != 2 || shape[0] != batch.total_frames() {
+            return Err(Error::shape(
+                "utterance_center input",
+                format!("[{} frames, c]", batch.total_frames()),
+                format!("{shape:?}"),
+            ));
+        }
+        let c = shape[1];
+        let offsets = batch.offsets().to_vec();
+        let y = ops::pooling::center(self.value(x).data(), c, &offsets);
+        self.push(y, &shape, &[x], move || {
+            Box::new(move |g, _| vec![Some(ops::pooling::center(g, c, &offsets))])
+        })
+    }
+
+    /// The im2col patches of a 2-D convolution over each utterance's (time, feature) plane:
+    /// x [frames, freq * channels] (channels fastest) -> [frames' * freq', channels * k * k]
+    /// (see [`ops::conv2d`]). Returns the patches, the output batch and freq'.
+    pub fn conv2d_patches(
+        &mut self,
+        x: Var,
+        batch: &PackedBatch,
+        geom: ops::conv2d::PatchGeom,
+    ) -> Result<(Var, PackedBatch, usize)> {
+        let shape = self.shape(x).to_vec();
+        let width = geom.freq * geom.channels;
+        if shape.len() != 2 || shape[0] != batch.total_frames() || shape[1] != width {
+            return Err(Error::shape(
+                "conv2d_patches input",
+                format!(
+                    "[{} frames, {} features x {} channels]",
+                    batch.total_frames(),
+                    geom.freq,
+                    geom.channels
+                ),
+                format!("{shape:?}"),
+            ));
+        }
+        let (Some(out_freq), Some(_)) = (
+            geom.out_len(geom.freq),
+            ops::conv2d::out_offsets(batch.offsets(), &geom),
+        ) else {
+            let short = (0..batch.num_utterances())
+                .find(|&u| geom.out_len(batch.len_of(u)).is_none())
+                .map(|u| format!("utterance {u} of the batch has {} frames", batch.len_of(u)))
+                .unwrap_or_else(|| format!("the frames have {} features", geom.freq));
+            return Err(Error::value(
+                "2-D convolution input",
+                format!(
+                    "{short}, fewer than its {0} x {0} kernel needs: give it more audio (or leave it out with --skip-bad)",
+                    geom.kernel
+                ),
+            ));
+        };
+        let offsets = batch.offsets().to_vec();
+        let (y, outs) = ops::conv2d::patches_forward(self.value(x).data(), &offsets, &geom);
+        let lengths: Vec<usize> = outs.windows(2).map(|w| w[1] - w[0]).collect();
+        let out_batch = PackedBatch::from_lengths(&lengths)?;
+        let rows = out_batch.total_frames() * out_freq;
+        let out = self.push(y, &[rows, geom.patch_width()], &[x], move || {
+            Box::new(move |g, _| {
+                vec![Some(ops::conv2d::patches_backward(
+                    g, &offsets, &outs, &geom,
+                ))]
+            })
+        })?;
+        Ok((out, out_batch, out_freq))
+    }
+
+    /// Multi-head self-attention within each utterance of a packed batch: q, k, v [frames, e]
+    /// already projected, e = heads * head_dim; `dropout` on the attention probabilities.
+    pub fn packed_self_attention(
+        &mut self,
+        (q, k, v): (Var, Var, Var),
+        batch: &PackedBatch,
+        heads: usize,
+        dropout: Option<ops::attention::ProbDropout>,
+    ) -> Result<Var> {
+        let qs = self.shape(q).to_vec();
+        if qs.len() != 2 || qs[0] != batch.total_frames() || heads == 0 || qs[1] % heads != 0 {
+            return Err(Error::shape(
+                "packed_self_attention",
+                format!(
+                    "q [{} frames, e] with e divisible by {heads} heads",
+                    batch.total_frames()
+                ),
+                format!("{qs:?}"),
+            ));
+        }
+        check_shape("packed_self_attention k", self.shape(k), &qs)?;
+        check_shape("packed_self_attention v", self.shape(v), &qs)?;
+        let head_dim = qs[1] / heads;
+        let offsets = batch.offsets().to_vec();
+        let (qt, kt, vt) = (self.shared(q), self.shared(k), self.shared(v));
+        let (y, probs) = ops::attention::packed_forward(
+            (qt.data(), kt.data(), vt.data()),
+            &offsets,
+            heads,
+            head_dim,
+            dropout,
+        );
+        self.push(y, &qs, &[q, k, v], move || {
+            Box::new(move |gy, _| {
+                let (dq, dk, dv) = ops::attention::packed_backward(
+                    (qt.data(), kt.data(), vt.data()),
+                    &probs,
+                    gy,
+                    &offsets,
+                    heads,
+                    head_dim,
+                    dropout,
+                );
+                vec![Some(dq), Some(dk), Some(dv)]
+            })
+        })
+    }
+
+    /// x * m elementwise for a constant m of x's shape (SpecAugment's masks).
+    pub fn mul_const(&mut self, x: Var, m: &crate::tensor::Tensor) -> Result<Var> {
+        let shape = self.shape(x).to_vec();
+        check_shape("mul_const operand", m.shape(), &shape)?;
+        let m = m.f32s()?.to_vec();
+        let y = (self.value(x).data().iter().zip(&m))
+            .map(|(a, b)| a * b)
+            .collect();
+        self.push(y, &shape, &[x], move || {
+            Box::new(move |g, _| vec![Some(g.iter().zip(&m).map(|(a, b)| a * b).collect())])
+        })
+    }
+
     /// CTC loss of log-probabilities [frames, V] of a packed batch against per-utterance targets.
     /// Errors name the utterance: a label outside 1..V (0 is the blank) or a target longer than
     /// its input.

@@ -19,10 +19,127 @@ impl AttnGeom {
     }
 }
 
+/// Dropout on the attention probabilities (ESPnet's `attention_dropout_rate`): probability `p`,
+/// and the keep decision of probability element i of the whole call is `dropout::keep(seed, i)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProbDropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// One sequence's attention: q [sq, w], k and v [sk, w] (rows w = heads * head_dim apart);
+/// writes out [sq, w] and probs [heads, sq, sk]. `drop`: the dropout and this sequence's first
+/// probability's index in the call.
+#[allow(clippy::too_many_arguments)]
+fn sequence_forward<R: Real>(
+    qf: &[R],
+    kf: &[R],
+    vf: &[R],
+    sq: usize,
+    sk: usize,
+    heads: usize,
+    head_dim: usize,
+    of: &mut [R],
+    pf: &mut [R],
+    drop: Option<(ProbDropout, u64)>,
+) {
+    let w = heads * head_dim;
+    let scale = R::from_f64(1.0 / (head_dim as f64).sqrt());
+    let mut scores = vec![R::ZERO; sk];
+    for h in 0..heads {
+        let hs = h * head_dim;
+        for i in 0..sq {
+            let row = (h * sq + i) * sk;
+            let p = &mut pf[row..row + sk];
+            let qi = &qf[i * w + hs..i * w + hs + head_dim];
+            for (j, s) in scores.iter_mut().enumerate() {
+                let kj = &kf[j * w + hs..j * w + hs + head_dim];
+                *s = qi.iter().zip(kj).map(|(&a, &b)| a * b).sum::<R>() * scale;
+            }
+            super::softmax::softmax_row(&scores, p);
+            let o = &mut of[i * w + hs..i * w + hs + head_dim];
+            for (j, &pj) in p.iter().enumerate() {
+                let pj = match drop {
+                    Some((d, base)) => dropped(pj, d, base + (row + j) as u64),
+                    None => pj,
+                };
+                for (a, &b) in o.iter_mut().zip(&vf[j * w + hs..j * w + hs + head_dim]) {
+                    *a += pj * b;
+                }
+            }
+        }
+    }
+}
+
+/// A probability after dropout: kept and scaled by 1 / (1 - p), or 0.
+#[inline]
+fn dropped<R: Real>(v: R, d: ProbDropout, index: u64) -> R {
+    if d.p <= 0.0 {
+        v
+    } else if d.p < 1.0 && super::dropout::keep(d.seed, index, d.p) {
+        v * R::from_f64(1.0 / (1.0 - d.p))
+    } else {
+        R::ZERO
+    }
+}
+
+/// The gradients of [`sequence_forward`], added into dq [sq, w], dk and dv [sk, w].
+#[allow(clippy::too_many_arguments)]
+fn sequence_backward<R: Real>(
+    (qf, kf, vf): (&[R], &[R], &[R]),
+    pf: &[R],
+    of: &[R],
+    sq: usize,
+    sk: usize,
+    heads: usize,
+    head_dim: usize,
+    (dq, dk, dv): (&mut [R], &mut [R], &mut [R]),
+    drop: Option<(ProbDropout, u64)>,
+) {
+    let w = heads * head_dim;
+    let scale = R::from_f64(1.0 / (head_dim as f64).sqrt());
+    let mut ds = vec![R::ZERO; sk];
+    let mut kept = vec![R::ZERO; sk];
+    for h in 0..heads {
+        let hs = h * head_dim;
+        for i in 0..sq {
+            let row = (h * sq + i) * sk;
+            let p = &pf[row..row + sk];
+            let doi = &of[i * w + hs..i * w + hs + head_dim];
+            // The probabilities as applied to V (after dropout), and dP = dO V^T through the
+            // dropout; then dS = P * (dP - sum(P * dP)).
+            for j in 0..sk {
+                let one = match drop {
+                    Some((d, base)) => dropped(R::ONE, d, base + (row + j) as u64),
+                    None => R::ONE,
+                };
+                kept[j] = p[j] * one;
+                ds[j] = one
+                    * doi
+                        .iter()
+                        .zip(&vf[j * w + hs..j * w + hs + head_dim])
+                        .map(|(&a, &b)| a * b)
+                        .sum::<R>();
+            }
+            let dot: R = p.iter().zip(&ds).map(|(&a, &b)| a * b).sum();
+            for (j, d) in ds.iter_mut().enumerate() {
+                *d = p[j] * (*d - dot) * scale;
+            }
+            for j in 0..sk {
+                let (pj, dsj) = (kept[j], ds[j]);
+                for e in 0..head_dim {
+                    dv[j * w + hs + e] += pj * doi[e];
+                    dk[j * w + hs + e] += dsj * qf[i * w + hs + e];
+                    dq[i * w + hs + e] += dsj * kf[j * w + hs + e];
+                }
+            }
+        }
+    }
+}
+
 /// Returns (out [n, sq, h*dh], probs [n, h, sq, sk]).
 pub fn forward<R: Real>(q: &[R], k: &[R], v: &[R], n: usize, g: &AttnGeom) -> (Vec<R>, Vec<R>) {
     let w = g.width();
-    let scale = R::from_f64(1.0 / (g.head_dim as f64).sqrt());
     let mut out = vec![R::ZERO; n * g.sq * w];
     let mut probs = vec![R::ZERO; n * g.heads * g.sq * g.sk];
     out.par_chunks_mut(g.sq * w)
@@ -30,25 +147,7 @@ pub fn forward<R: Real>(q: &[R], k: &[R], v: &[R], n: usize, g: &AttnGeom) -> (V
         .enumerate()
         .for_each(|(f, (of, pf))| {
             let (qf, kf, vf) = (&q[f * g.sq * w..], &k[f * g.sk * w..], &v[f * g.sk * w..]);
-            for h in 0..g.heads {
-                let hs = h * g.head_dim;
-                for i in 0..g.sq {
-                    let p = &mut pf[(h * g.sq + i) * g.sk..(h * g.sq + i + 1) * g.sk];
-                    let qi = &qf[i * w + hs..i * w + hs + g.head_dim];
-                    for (j, pj) in p.iter_mut().enumerate() {
-                        let kj = &kf[j * w + hs..j * w + hs + g.head_dim];
-                        *pj = qi.iter().zip(kj).map(|(&a, &b)| a * b).sum::<R>() * scale;
-                    }
-                    let scores = p.to_vec();
-                    super::softmax::softmax_row(&scores, p);
-                    let o = &mut of[i * w + hs..i * w + hs + g.head_dim];
-                    for (j, &pj) in p.iter().enumerate() {
-                        for (a, &b) in o.iter_mut().zip(&vf[j * w + hs..j * w + hs + g.head_dim]) {
-                            *a += pj * b;
-                        }
-                    }
-                }
-            }
+            sequence_forward(qf, kf, vf, g.sq, g.sk, g.heads, g.head_dim, of, pf, None);
         });
     (out, probs)
 }
@@ -64,54 +163,116 @@ pub fn backward<R: Real>(
     g: &AttnGeom,
 ) -> (Vec<R>, Vec<R>, Vec<R>) {
     let w = g.width();
-    let scale = R::from_f64(1.0 / (g.head_dim as f64).sqrt());
-    let results: Vec<(Vec<R>, Vec<R>, Vec<R>)> = (0..n)
-        .into_par_iter()
-        .map(|f| {
-            let (qf, kf, vf) = (&q[f * g.sq * w..], &k[f * g.sk * w..], &v[f * g.sk * w..]);
-            let of = &dout[f * g.sq * w..];
+    let mut dq = vec![R::ZERO; n * g.sq * w];
+    let mut dk = vec![R::ZERO; n * g.sk * w];
+    let mut dv = vec![R::ZERO; n * g.sk * w];
+    dq.par_chunks_mut(g.sq * w)
+        .zip(dk.par_chunks_mut(g.sk * w))
+        .zip(dv.par_chunks_mut(g.sk * w))
+        .enumerate()
+        .for_each(|(f, ((dqf, dkf), dvf))| {
+            let inputs = (&q[f * g.sq * w..], &k[f * g.sk * w..], &v[f * g.sk * w..]);
             let pf = &probs[f * g.heads * g.sq * g.sk..];
-            let mut dq = vec![R::ZERO; g.sq * w];
-            let mut dk = vec![R::ZERO; g.sk * w];
-            let mut dv = vec![R::ZERO; g.sk * w];
-            let mut ds = vec![R::ZERO; g.sk];
-            for h in 0..g.heads {
-                let hs = h * g.head_dim;
-                for i in 0..g.sq {
-                    let p = &pf[(h * g.sq + i) * g.sk..(h * g.sq + i + 1) * g.sk];
-                    let doi = &of[i * w + hs..i * w + hs + g.head_dim];
-                    // dP = dO V^T, dS = P * (dP - sum(P * dP)).
-                    for (j, d) in ds.iter_mut().enumerate() {
-                        *d = doi
-                            .iter()
-                            .zip(&vf[j * w + hs..j * w + hs + g.head_dim])
-                            .map(|(&a, &b)| a * b)
-                            .sum();
-                    }
-                    let dot: R = p.iter().zip(&ds).map(|(&a, &b)| a * b).sum();
-                    for (j, d) in ds.iter_mut().enumerate() {
-                        *d = p[j] * (*d - dot) * scale;
-                    }
-                    for j in 0..g.sk {
-                        let (pj, dsj) = (p[j], ds[j]);
-                        for e in 0..g.head_dim {
-                            dv[j * w + hs + e] += pj * doi[e];
-                            dk[j * w + hs + e] += dsj * qf[i * w + hs + e];
-                            dq[i * w + hs + e] += dsj * kf[j * w + hs + e];
-                        }
-                    }
-                }
-            }
-            (dq, dk, dv)
-        })
-        .collect();
-    let mut dq = Vec::with_capacity(n * g.sq * w);
-    let mut dk = Vec::with_capacity(n * g.sk * w);
-    let mut dv = Vec::with_capacity(n * g.sk * w);
-    for (a, b, c) in results {
-        dq.extend(a);
-        dk.extend(b);
-        dv.extend(c);
+            let of = &dout[f * g.sq * w..];
+            let grads = (dqf, dkf, dvf);
+            sequence_backward(inputs, pf, of, g.sq, g.sk, g.heads, g.head_dim, grads, None);
+        });
+    (dq, dk, dv)
+}
+
+/// Where each utterance's probabilities start in a packed call's probs ([heads, t, t] each).
+fn prob_offsets(offsets: &[usize], heads: usize) -> Vec<usize> {
+    let mut out = vec![0];
+    for w in offsets.windows(2) {
+        let t = w[1] - w[0];
+        out.push(out.last().copied().unwrap_or(0) + heads * t * t);
     }
+    out
+}
+
+/// Self-attention within each utterance of a packed batch (a padded batch with its key padding
+/// masked, as ESPnet's encoder): q, k, v [frames, heads * head_dim] already projected, `offsets`
+/// the utterances' cu_seqlens. Returns (out [frames, w], probs: per utterance [heads, t, t],
+/// before dropout).
+pub fn packed_forward<R: Real>(
+    (q, k, v): (&[R], &[R], &[R]),
+    offsets: &[usize],
+    heads: usize,
+    head_dim: usize,
+    drop: Option<ProbDropout>,
+) -> (Vec<R>, Vec<R>) {
+    let w = heads * head_dim;
+    let po = prob_offsets(offsets, heads);
+    let mut out = vec![R::ZERO; q.len()];
+    let mut probs = vec![R::ZERO; *po.last().unwrap_or(&0)];
+    let lens: Vec<usize> = offsets.windows(2).map(|o| o[1] - o[0]).collect();
+    let outs = super::split_mut(&mut out, lens.iter().map(|t| t * w));
+    let ps = super::split_mut(&mut probs, lens.iter().map(|t| heads * t * t));
+    outs.into_par_iter()
+        .zip(ps)
+        .enumerate()
+        .for_each(|(u, (of, pf))| {
+            let (s, t) = (offsets[u] * w, lens[u]);
+            let drop = drop.map(|d| (d, po[u] as u64));
+            sequence_forward(
+                &q[s..],
+                &k[s..],
+                &v[s..],
+                t,
+                t,
+                heads,
+                head_dim,
+                of,
+                pf,
+                drop,
+            );
+        });
+    (out, probs)
+}
+
+/// The gradients (dq, dk, dv) of [`packed_forward`] (the same `drop`).
+#[allow(clippy::too_many_arguments)]
+pub fn packed_backward<R: Real>(
+    (q, k, v): (&[R], &[R], &[R]),
+    probs: &[R],
+    dout: &[R],
+    offsets: &[usize],
+    heads: usize,
+    head_dim: usize,
+    drop: Option<ProbDropout>,
+) -> (Vec<R>, Vec<R>, Vec<R>) {
+    let w = heads * head_dim;
+    let po = prob_offsets(offsets, heads);
+    let (mut dq, mut dk, mut dv) = (
+        vec![R::ZERO; q.len()],
+        vec![R::ZERO; q.len()],
+        vec![R::ZERO; q.len()],
+    );
+    let lens: Vec<usize> = offsets.windows(2).map(|o| o[1] - o[0]).collect();
+    let sizes = || lens.iter().map(|t| t * w);
+    let (dqs, dks, dvs) = (
+        super::split_mut(&mut dq, sizes()),
+        super::split_mut(&mut dk, sizes()),
+        super::split_mut(&mut dv, sizes()),
+    );
+    dqs.into_par_iter()
+        .zip(dks)
+        .zip(dvs)
+        .enumerate()
+        .for_each(|(u, ((dqu, dku), dvu))| {
+            let (s, t) = (offsets[u] * w, lens[u]);
+            let drop = drop.map(|d| (d, po[u] as u64));
+            sequence_backward(
+                (&q[s..], &k[s..], &v[s..]),
+                &probs[po[u]..],
+                &dout[s..],
+                t,
+                t,
+                heads,
+                head_dim,
+                (dqu, dku, dvu),
+                drop,
+            );
+        });
     (dq, dk, dv)
 }

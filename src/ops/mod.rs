@@ -5,6 +5,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod conv2d;
 pub mod cross_entropy;
 pub mod ctc;
 pub mod device;
@@ -24,6 +25,18 @@ pub mod symmetric_eigen;
 use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// Splits `x` into consecutive mutable pieces of the given lengths (one per utterance of a packed
+/// batch, to fill in parallel).
+pub(crate) fn split_mut<R>(mut x: &mut [R], lengths: impl Iterator<Item = usize>) -> Vec<&mut [R]> {
+    let mut parts = Vec::new();
+    for n in lengths {
+        let (a, b) = std::mem::take(&mut x).split_at_mut(n);
+        parts.push(a);
+        x = b;
+    }
+    parts
+}
 
 /// The float types the reference ops compute in.
 pub trait Real:

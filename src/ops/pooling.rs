@@ -38,3 +38,20 @@ pub fn mean_backward<R: Real>(dy: &[R], c: usize, offsets: &[usize]) -> Vec<R> {
     }
     dx
 }
+
+/// Each utterance's frames minus its mean frame: ESPnet's `UtteranceMVN` with only the means
+/// normalized (ML-SUPERB's feature normalization). The map is linear and self-adjoint, so it is
+/// also its own backward: the gradient of x - mean(x) is g - mean(g).
+pub fn center<R: Real>(x: &[R], c: usize, offsets: &[usize]) -> Vec<R> {
+    let means = mean_forward(x, c, offsets);
+    let mut y = x.to_vec();
+    for u in 0..offsets.len() - 1 {
+        let m = &means[u * c..(u + 1) * c];
+        for row in y[offsets[u] * c..offsets[u + 1] * c].chunks_exact_mut(c) {
+            for (o, &mu) in row.iter_mut().zip(m) {
+                *o -= mu;
+            }
+        }
+    }
+    y
+}
