@@ -2,5 +2,6 @@
 
 pub mod head;
 pub mod interface;
+pub mod mlsuperb_head;
 pub mod nn;
 pub mod upstream;
