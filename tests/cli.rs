@@ -833,3 +833,102 @@ fn speaker_verification_trains_on_utt2spk_and_scores_trials() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
+    let dir = scratch("mlsuperb");
+    for (name, n) in [("train", 6usize), ("dev", 2)] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (mut scp, mut text) = (String::new(), String::new());
+        for u in 0..n {
+            let tone: Vec<f32> = (0..9000 + 700 * u)
+                .map(|i| (i as f32 * (0.02 + 0.01 * u as f32)).sin() * 0.3)
+                .collect();
+            write_wav(&d.join(format!("{u}.wav")), &tone, 16000, 1);
+            scp.push_str(&format!("{name}{u} {u}.wav\n"));
+            text.push_str(&format!("{name}{u} {}\n", ["ab c", "ca", "b a"][u % 3]));
+        }
+        std::fs::write(d.join("wav.scp"), scp).unwrap();
+        std::fs::write(d.join("text"), text).unwrap();
+    }
+    let model = format!(
+        "{}/tests/fixtures/upstream/hubert_group_postln",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (t, d, o) = (dir.join("train"), dir.join("dev"), dir.join("run"));
+    let args = |extra: &[&str]| -> Vec<String> {
+        let base = [
+            "train",
+            "--model",
+            &model,
+            "--train",
+            t.to_str().unwrap(),
+            "--dev",
+            d.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+            "--task",
+            "chars",
+            "--batch-seconds",
+            "2",
+            "--interfaces",
+            "ws,hconv",
+        ];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |a: Vec<String>| strata(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, log) = run(args(&["--head", "mlsuperb", "--steps", "2"]));
+    assert!(ok && log.contains("dev error"), "{log}");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
+    assert_eq!(recorded["head"], "mlsuperb");
+    // eval builds the head the run recorded (a SUPERB head would not find its parameters).
+    let (ok, log) = strata(&[
+        "eval",
+        "--model",
+        &model,
+        "--run",
+        o.to_str().unwrap(),
+        "--pair",
+        "all",
+        "--data",
+        d.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        ok && log.contains("ws (best) on") && log.contains("CER"),
+        "{log}"
+    );
+    // A resume must keep the head.
+    let (ok, log) = run(args(&["--steps", "4", "--resume"]));
+    assert!(
+        !ok && log.contains("head = \"mlsuperb\", this one \"superb\""),
+        "{log}"
+    );
+    let (ok, log) = run(args(&["--head", "mlsuperb", "--steps", "3", "--resume"]));
+    assert!(ok, "{log}");
+    // The head is for CTC tasks, has no device path yet, and takes known names only.
+    let (ok, log) = run(args(&["--head", "mlsuperb", "--task", "classify"])
+        .into_iter()
+        .map(|a| a.replace("/run", "/classify"))
+        .collect());
+    assert!(!ok && log.contains("for --task units or chars"), "{log}");
+    let (ok, log) = run(
+        args(&["--head", "mlsuperb", "--steps", "1", "--device", "emulator"])
+            .into_iter()
+            .map(|a| a.replace("/run", "/emulated"))
+            .collect(),
+    );
+    assert!(
+        !ok && log.contains("the ML-SUPERB transformer head has no device path yet"),
+        "{log}"
+    );
+    let (ok, log) = run(args(&["--head", "espnet"]));
+    assert!(
+        !ok && log.contains("--head takes superb or mlsuperb"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -12,7 +12,7 @@ use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{load_audio_only, load_kaldi_dir, OnBad, Task, Vocab};
 use strata::train::features::{extract_dataset, FeatureCache, StackSource};
 use strata::train::run::{train, TrainConfig};
-use strata::train::side_by_side::{HeadKind, HeadWidth, Pair, PairSpec};
+use strata::train::side_by_side::{CtcHead, HeadKind, HeadWidth, Pair, PairSpec};
 
 fn corpus(dir: &Path, n: usize, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
@@ -479,6 +479,7 @@ fn ws_large_has_the_weighted_sum_and_a_head_as_large_as_the_hconv_pair() {
                 name: "ws-large".into(),
                 interface: InterfaceConfig::weighted_sum(layers, dim),
                 head_width: HeadWidth::MatchParams(InterfaceConfig::hconv(layers, dim)),
+                ctc_head: CtcHead::Superb,
             };
             let large = Pair::from_spec(&spec, head, opt, None, 0).unwrap();
             let outputs = match head {
@@ -516,6 +517,7 @@ fn ws_large_has_the_weighted_sum_and_a_head_as_large_as_the_hconv_pair() {
         name: "ws-small".into(),
         interface: InterfaceConfig::hconv(13, 768),
         head_width: HeadWidth::MatchParams(InterfaceConfig::weighted_sum(13, 768)),
+        ctc_head: CtcHead::Superb,
     };
     let err = Pair::from_spec(
         &spec,
@@ -734,5 +736,78 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
         );
         assert!(eval(TrainDevice::Cpu).0.is_finite());
     }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn the_ml_superb_head_trains_resumes_bit_for_bit_and_refuses_utterances_it_cannot_align() {
+    use strata::models::mlsuperb_head::MlSuperbHeadConfig;
+    let root = scratch("mlsuperb");
+    // A short utterance (18 frames -> 6 after the head's subsampling) with 8 phones: the SUPERB
+    // head (18 frames) can align it, the ML-SUPERB head cannot.
+    let samples: Vec<f32> = (0..6000).map(|i| 0.1 * (i as f32 * 0.05).sin()).collect();
+    strata::audio::write_wav_pcm16(&root.join("train/long.wav"), &samples).unwrap();
+    let append = |file: &str, line: &str| {
+        let p = root.join("train").join(file);
+        let text = std::fs::read_to_string(&p).unwrap() + line;
+        std::fs::write(p, text).unwrap();
+    };
+    append("wav.scp", "long long.wav\n");
+    append("text", "long a e i o a e i o\n");
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str, on_bad| load_kaldi_dir(&root.join(d), Task::Units, on_bad).unwrap();
+    let vocab = Vocab::from_dataset(&load("train", OnBad::Fail), true);
+    let head = CtcHead::MlSuperb(MlSuperbHeadConfig {
+        width: 32,
+        heads: 4,
+        ffn: 64,
+        ..MlSuperbHeadConfig::default()
+    });
+    let config = |out: &Path, steps: u64, resume: bool, on_bad| {
+        let mut c = config(out, steps, resume);
+        c.interfaces.truncate(1);
+        c.interfaces[0].ctc_head = head;
+        c.on_bad = on_bad;
+        c
+    };
+    let err = train(
+        &src,
+        &src,
+        load("train", OnBad::Fail),
+        load("dev", OnBad::Fail),
+        &vocab,
+        &config(&root.join("refused"), 1, false, OnBad::Fail),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("'long' has 8 label tokens, more than the 6 frames")
+            && err.contains("--skip-bad"),
+        "{err}"
+    );
+    let run = |out: &Path, steps: u64, resume: bool| {
+        train(
+            &src,
+            &src,
+            load("train", OnBad::Fail),
+            load("dev", OnBad::Fail),
+            &vocab,
+            &config(out, steps, resume, OnBad::Skip),
+        )
+        .unwrap()
+    };
+    let straight = root.join("straight");
+    let result = run(&straight, 6, false);
+    assert!(result[0].error_rate.is_finite() && result[0].params > result[0].interface_params);
+    let resumed = root.join("resumed");
+    run(&resumed, 3, false);
+    run(&resumed, 6, true);
+    let (a, b) = (losses(&straight), losses(&resumed));
+    assert_eq!(a.len(), 6);
+    assert_eq!(
+        a, b,
+        "dropout and SpecAugment masks follow the step: a resumed run logs the same losses"
+    );
     std::fs::remove_dir_all(&root).ok();
 }

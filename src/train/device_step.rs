@@ -276,6 +276,12 @@ impl DevicePair {
         let cfg = pair.interface.config().clone();
         let (layers, dim) = (cfg.layers, cfg.dim);
         let refuse = |what: String| Error::Config(format!("'{}' on the device: {what}", pair.name));
+        if let Head::MlSuperb(_) = pair.head {
+            return Err(refuse(
+                "the ML-SUPERB transformer head has no device path yet (it trains on the CPU)"
+                    .into(),
+            ));
+        }
         let mut params: Vec<TrainedParam> = Vec::new();
         let mut add = |name: &str, layout: Layout| add_param(be, pair, &mut params, name, layout);
         let interface = match &cfg.kind {
@@ -399,17 +405,7 @@ impl DevicePair {
             }
         };
         // The shapes come with the parameters; the tape checks that they chain.
-        let kind = match &pair.head {
-            Head::Pr(h) => HeadKind::Ctc {
-                vocab: h.out.out_features,
-            },
-            Head::Classifier(h) => HeadKind::Classify {
-                classes: h.out.out_features,
-            },
-            Head::Speaker(h) => HeadKind::Speaker {
-                speakers: h.speakers,
-            },
-        };
+        let kind = pair.head_kind();
         let head_params = match &pair.head {
             Head::Speaker(h) => {
                 let mut tdnn = Vec::new();

@@ -175,6 +175,11 @@ fn shard_header(path: &Path) -> Result<(u64, Value)> {
 }
 
 impl FeatureCache {
+    /// Frames of utterance `id` (None: not in the cache).
+    pub fn frames(&self, id: &str) -> Option<usize> {
+        self.entries.get(id).map(|e| e.frames)
+    }
+
     /// Utterances held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -369,6 +374,24 @@ impl StackSource<'_> {
         match self {
             StackSource::Upstream(u, _) => u.hidden_size(),
             StackSource::Cache(c) => c.dim,
+        }
+    }
+
+    /// Upstream frames of utterance `i` of `ds`.
+    pub fn frames_of(&self, ds: &Dataset, i: usize) -> Result<usize> {
+        let u = &ds.utterances[i];
+        match self {
+            StackSource::Upstream(up, _) => Ok(up.config.num_frames(u.samples)),
+            StackSource::Cache(c) => c.frames(&u.id).ok_or_else(|| {
+                Error::value(
+                    "feature cache",
+                    format!(
+                        "{} holds no states for '{}': extract the data set again",
+                        c.dir.display(),
+                        u.id
+                    ),
+                )
+            }),
         }
     }
 

@@ -15,6 +15,7 @@
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::models::interface::{PcaFit, PCA_FIT_FRAMES};
+use crate::models::mlsuperb_head::{mlsuperb_frames, MLSUPERB_MIN_FRAMES};
 use crate::optim::{AdamConfig, Schedule};
 use crate::runtime::Backend;
 use crate::train::checkpoint;
@@ -22,7 +23,7 @@ use crate::train::data::{length_buckets, Dataset, OnBad, Task, Vocab};
 use crate::train::device_step::{upload_stack, DevicePair};
 use crate::train::features::StackSource;
 use crate::train::metrics::{cosine, equal_error_rate, ErrorRate};
-use crate::train::side_by_side::{HeadKind, Pair, PairSpec};
+use crate::train::side_by_side::{CtcHead, HeadKind, Pair, PairSpec};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -438,6 +439,70 @@ fn fit_pca(
     Ok(())
 }
 
+/// Frames the pairs' CTC heads emit for an utterance of `frames` upstream frames: the fewest
+/// over the pairs (None: too short for one of the heads).
+fn ctc_head_frames(specs: &[PairSpec], frames: usize) -> Option<usize> {
+    specs
+        .iter()
+        .map(|s| match s.ctc_head {
+            CtcHead::Superb => Some(frames),
+            CtcHead::MlSuperb(_) => mlsuperb_frames(frames),
+        })
+        .try_fold(usize::MAX, |m, f| f.map(|f| m.min(f)))
+}
+
+/// Checks before training that every utterance of `ds` suits the CTC heads: long enough for the
+/// ML-SUPERB head's convolutions and, with `labels` (training), no more tokens than the frames
+/// the heads emit (a CTC alignment needs a frame per token; ESPnet would zero such a loss
+/// silently). A misfit fails the run up front, naming the utterance, or with `OnBad::Skip` is
+/// left out and listed in `ds.skipped`.
+fn fit_ctc_heads(
+    src: &StackSource,
+    ds: &mut Dataset,
+    labels: Option<&mut Vec<Vec<usize>>>,
+    specs: &[PairSpec],
+    on_bad: OnBad,
+) -> Result<()> {
+    let mut keep = Vec::with_capacity(ds.utterances.len());
+    for i in 0..ds.utterances.len() {
+        let frames = src.frames_of(ds, i)?;
+        let tokens = labels.as_ref().map_or(0, |l| l[i].len());
+        let why = match ctc_head_frames(specs, frames) {
+            None => Some(format!(
+                "{frames} frames, fewer than the {MLSUPERB_MIN_FRAMES} the ML-SUPERB head's convolutions need"
+            )),
+            Some(out) if tokens > out => Some(format!(
+                "{tokens} label tokens, more than the {out} frames the CTC head emits for its audio (CTC needs a frame per token)"
+            )),
+            Some(_) => None,
+        };
+        match why {
+            None => keep.push(true),
+            Some(why) if on_bad == OnBad::Skip => {
+                ds.skipped.push((ds.utterances[i].id.clone(), why));
+                keep.push(false);
+            }
+            Some(why) => {
+                return Err(Error::value(
+                    "utterance",
+                    format!(
+                        "'{}' has {why}: leave it out, or pass --skip-bad",
+                        ds.utterances[i].id
+                    ),
+                ))
+            }
+        }
+    }
+    let mut flags = keep.iter();
+    ds.utterances
+        .retain(|_| *flags.next().expect("one flag each"));
+    if let Some(l) = labels {
+        let mut flags = keep.iter();
+        l.retain(|_| *flags.next().expect("one flag each"));
+    }
+    Ok(())
+}
+
 /// Every pair's parameters in one safetensors file, named `<pair>.<parameter>`.
 fn save_pairs(path: &Path, pairs: &[Pair]) -> Result<()> {
     let named: Vec<(String, &crate::Tensor)> = pairs
@@ -576,7 +641,7 @@ pub fn train(
     train_src: &StackSource,
     dev_src: &StackSource,
     mut train: Dataset,
-    dev: Dataset,
+    mut dev: Dataset,
     vocab: &Vocab,
     cfg: &TrainConfig,
 ) -> Result<Vec<EvalResult>> {
@@ -591,7 +656,29 @@ pub fn train(
             "steps, batch size and gradient-accumulation micro-batches must be at least 1".into(),
         ));
     }
-    let train_labels = vocab.encode_all(&mut train, cfg.on_bad)?;
+    let mut train_labels = vocab.encode_all(&mut train, cfg.on_bad)?;
+    if matches!(cfg.task, Task::Units | Task::Characters) {
+        let before = (train.skipped.len(), dev.skipped.len());
+        let specs = &cfg.interfaces;
+        fit_ctc_heads(
+            train_src,
+            &mut train,
+            Some(&mut train_labels),
+            specs,
+            cfg.on_bad,
+        )?;
+        fit_ctc_heads(dev_src, &mut dev, None, specs, cfg.on_bad)?;
+        for (ds, was, what) in [(&train, before.0, "training"), (&dev, before.1, "dev")] {
+            if cfg.progress && ds.skipped.len() > was {
+                eprintln!(
+                    "skipped {} {what} utterance(s) the CTC head cannot take, e.g. {}: {}",
+                    ds.skipped.len() - was,
+                    ds.skipped[was].0,
+                    ds.skipped[was].1
+                );
+            }
+        }
+    }
     let dev_labels: Vec<Vec<usize>> = dev
         .utterances
         .iter()

@@ -16,6 +16,7 @@ use crate::models::head::{
     PrHead, SpeakerHead, SpeakerHeadConfig, UtteranceClassifier, SUPERB_HIDDEN,
 };
 use crate::models::interface::{self, Interface, InterfaceConfig};
+use crate::models::mlsuperb_head::{MlSuperbHead, MlSuperbHeadConfig};
 use crate::ops::ctc::Reduction;
 use crate::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::rng::Rng;
@@ -46,12 +47,25 @@ pub enum HeadWidth {
     MatchParams(InterfaceConfig),
 }
 
-/// One pair of a run: its name (also its folder's), its interface and its head's width.
+/// Which head a CTC task (phones, characters) trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum CtcHead {
+    /// SUPERB PR's two Linear layers at the upstream's frame rate.
+    #[default]
+    Superb,
+    /// ML-SUPERB's transformer CTC model (ESPnet recipe), at half the frame rate
+    /// ([`MlSuperbHead`]).
+    MlSuperb(MlSuperbHeadConfig),
+}
+
+/// One pair of a run: its name (also its folder's), its interface and its head's width (and,
+/// for CTC tasks, which head).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PairSpec {
     pub name: String,
     pub interface: InterfaceConfig,
     pub head_width: HeadWidth,
+    pub ctc_head: CtcHead,
 }
 
 impl PairSpec {
@@ -61,6 +75,7 @@ impl PairSpec {
             name: name.to_string(),
             interface,
             head_width: HeadWidth::Superb,
+            ctc_head: CtcHead::Superb,
         }
     }
 }
@@ -106,6 +121,7 @@ pub enum Head {
     Pr(PrHead),
     Classifier(UtteranceClassifier),
     Speaker(SpeakerHead),
+    MlSuperb(MlSuperbHead),
 }
 
 pub struct Pair {
@@ -117,6 +133,11 @@ pub struct Pair {
     pub clip: Option<f64>,
     /// Optimizer steps taken.
     pub steps: u64,
+    /// What the dropout and SpecAugment masks of a training forward are drawn from, with the
+    /// step and the micro-batch (so a resumed run draws the same).
+    seed: u64,
+    /// Micro-batches accumulated since the last optimizer step.
+    micro: u64,
 }
 
 impl Pair {
@@ -175,14 +196,24 @@ impl Pair {
         let itf = interface::build(&spec.interface, &mut store, "interface.", &mut rng)?;
         let d = itf.output_dim();
         let hidden = head_hidden(&spec.head_width, d, store.num_scalars(), head)?;
-        let head = match head {
-            HeadKind::Ctc { vocab } => Head::Pr(PrHead::new(
+        if let (CtcHead::MlSuperb(_), HeadWidth::MatchParams(_)) =
+            (&spec.ctc_head, &spec.head_width)
+        {
+            return Err(Error::Config(
+                "a head matched to another pair's size is defined for the SUPERB heads, not the ML-SUPERB head".into(),
+            ));
+        }
+        let head = match (head, spec.ctc_head) {
+            (HeadKind::Ctc { vocab }, CtcHead::MlSuperb(config)) => Head::MlSuperb(
+                MlSuperbHead::new(&mut store, "head.", d, config, vocab, &mut rng)?,
+            ),
+            (HeadKind::Ctc { vocab }, CtcHead::Superb) => Head::Pr(PrHead::new(
                 &mut store, "head.", d, hidden, vocab, &mut rng,
             )?),
-            HeadKind::Classify { classes } => Head::Classifier(UtteranceClassifier::new(
+            (HeadKind::Classify { classes }, _) => Head::Classifier(UtteranceClassifier::new(
                 &mut store, "head.", d, hidden, classes, &mut rng,
             )?),
-            HeadKind::Speaker { speakers } => Head::Speaker(SpeakerHead::new(
+            (HeadKind::Speaker { speakers }, _) => Head::Speaker(SpeakerHead::new(
                 &mut store,
                 "head.",
                 d,
@@ -200,32 +231,50 @@ impl Pair {
             optimizer,
             clip,
             steps: 0,
+            seed,
+            micro: 0,
         })
     }
 
-    /// Logits: [frames, V] for CTC (log-probabilities), [utterances, C] for classification,
-    /// the AM-softmax logits [utterances, speakers] for the speaker head (which needs the
-    /// batch's `speakers`), or with `speakers` None its embeddings [utterances, width].
+    /// Logits and the batch their rows belong to: [frames, V] for CTC (log-probabilities; the
+    /// ML-SUPERB head's frames are subsampled), [utterances, C] for classification, the
+    /// AM-softmax logits [utterances, speakers] for the speaker head (which needs the batch's
+    /// `speakers`), or with `speakers` None its embeddings [utterances, width]. `train`: the seed
+    /// of a training forward's random masks (the heads that have any), None for evaluation.
     fn outputs(
         &self,
         tape: &mut Tape,
         stack: &Tensor,
         batch: &PackedBatch,
         speakers: Option<&[usize]>,
-    ) -> Result<Var> {
+        train: Option<u64>,
+    ) -> Result<(Var, PackedBatch)> {
         let s = tape.constant(stack.clone())?;
         let feats = self.interface.forward(tape, &self.store, s)?;
+        let same = |v: Var| Ok((v, batch.clone()));
         match &self.head {
             Head::Pr(h) => {
                 let logits = h.forward(tape, &self.store, feats)?;
-                tape.log_softmax(logits)
+                same(tape.log_softmax(logits)?)
             }
-            Head::Classifier(h) => h.forward(tape, &self.store, feats, batch),
-            Head::Speaker(h) => match speakers {
-                Some(labels) => h.am_logits(tape, &self.store, feats, batch, labels),
-                None => h.embed(tape, &self.store, feats, batch),
-            },
+            Head::MlSuperb(h) => {
+                let (logits, b) = h.forward(tape, &self.store, feats, batch, train)?;
+                Ok((tape.log_softmax(logits)?, b))
+            }
+            Head::Classifier(h) => same(h.forward(tape, &self.store, feats, batch)?),
+            Head::Speaker(h) => same(match speakers {
+                Some(labels) => h.am_logits(tape, &self.store, feats, batch, labels)?,
+                None => h.embed(tape, &self.store, feats, batch)?,
+            }),
         }
+    }
+
+    /// The seed of the current micro-batch's training masks.
+    fn micro_seed(&self) -> u64 {
+        let mut r = Rng::new(self.seed ^ 0x6d6c_7375_7065_7262);
+        let base = r.next_u64();
+        Rng::new(base ^ self.steps.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (self.micro << 48))
+            .next_u64()
     }
 
     /// Adds the gradients of one micro-batch's mean loss times `scale` to the parameters' gradients
@@ -239,18 +288,26 @@ impl Pair {
         scale: f32,
     ) -> Result<f32> {
         let mut tape = Tape::new();
+        let seed = self.micro_seed();
+        self.micro += 1;
         let loss = match &self.head {
             Head::Pr(_) => {
-                let out = self.outputs(&mut tape, stack, batch, None)?;
+                let (out, _) = self.outputs(&mut tape, stack, batch, None, None)?;
                 tape.ctc_loss(out, batch, targets, Reduction::Mean, true)?
             }
+            Head::MlSuperb(_) => {
+                // ESPnet's CTC: the summed loss over the batch, divided by its utterances.
+                let (out, b) = self.outputs(&mut tape, stack, batch, None, Some(seed))?;
+                let sum = tape.ctc_loss(out, &b, targets, Reduction::Sum, true)?;
+                tape.scale(sum, 1.0 / b.num_utterances() as f32)?
+            }
             Head::Classifier(_) => {
-                let out = self.outputs(&mut tape, stack, batch, None)?;
+                let (out, _) = self.outputs(&mut tape, stack, batch, None, None)?;
                 tape.cross_entropy(out, &class_labels(targets)?, Reduction::Mean)?
             }
             Head::Speaker(_) => {
                 let labels = class_labels(targets)?;
-                let out = self.outputs(&mut tape, stack, batch, Some(&labels))?;
+                let (out, _) = self.outputs(&mut tape, stack, batch, Some(&labels), None)?;
                 tape.cross_entropy(out, &labels, Reduction::Mean)?
             }
         };
@@ -283,6 +340,7 @@ impl Pair {
         self.optimizer.step(&mut self.store)?;
         self.store.zero_grad();
         self.steps += 1;
+        self.micro = 0;
         Ok(())
     }
 
@@ -303,8 +361,8 @@ impl Pair {
     /// Greedy CTC hypotheses (token ids) or the predicted class (a one-element list) per utterance.
     pub fn decode(&self, stack: &Tensor, batch: &PackedBatch) -> Result<Vec<Vec<usize>>> {
         let mut tape = Tape::no_grad();
-        let out = self.outputs(&mut tape, stack, batch, None)?;
-        decode_outputs(self.head_kind(), &tape.value(out).to_vec(), batch)
+        let (out, out_batch) = self.outputs(&mut tape, stack, batch, None, None)?;
+        decode_outputs(self.head_kind(), &tape.value(out).to_vec(), &out_batch)
     }
 
     /// The speaker head's embedding of each utterance (what verification trials are scored
@@ -317,7 +375,7 @@ impl Pair {
             )));
         }
         let mut tape = Tape::no_grad();
-        let out = self.outputs(&mut tape, stack, batch, None)?;
+        let (out, _) = self.outputs(&mut tape, stack, batch, None, None)?;
         let width = tape.shape(out)[1];
         Ok(tape
             .value(out)
@@ -332,6 +390,7 @@ impl Pair {
             Head::Pr(h) => HeadKind::Ctc {
                 vocab: h.out.out_features,
             },
+            Head::MlSuperb(h) => HeadKind::Ctc { vocab: h.vocab() },
             Head::Classifier(h) => HeadKind::Classify {
                 classes: h.out.out_features,
             },

@@ -43,6 +43,11 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
                                         classifier, or speaker verification (SUPERB SV: x-vector
                                         head, AM-softmax on the training speakers, EER of cosine
                                         scores on the dev trials) [units]
+           --head superb|mlsuperb  the CTC tasks' head: SUPERB PR's two Linear layers, or
+                                   ML-SUPERB's ESPnet downstream (Conv2d subsampling to half
+                                   the frame rate, 2 transformer blocks, CTC summed over the
+                                   batch / its utterances, SpecAugment masks, dropout 0.1);
+                                   the CPU runs it (no device path yet) [superb]
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3, depth
                               floor(log3 L)), hconv-kKsSdD with any of kernel, stride, depth
                               (e.g. hconv-k3s2, hconv-d1), concat, groupwsN (N groups), single

@@ -8,7 +8,7 @@ use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{Dataset, OnBad, Task, Vocab};
 use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
 use strata::train::run::{TrainConfig, TrainDevice};
-use strata::train::side_by_side::{HeadWidth, PairSpec};
+use strata::train::side_by_side::{CtcHead, HeadWidth, PairSpec};
 
 /// The interfaces a name selects (also the pair's folder name): the paper's set, with the
 /// parameters a sweep varies spelled in the name.
@@ -26,6 +26,7 @@ pub fn pair_named(name: &str, layers: usize, dim: usize) -> Result<PairSpec, Str
             name: name.to_string(),
             interface: InterfaceConfig::weighted_sum(layers, dim),
             head_width: HeadWidth::MatchParams(InterfaceConfig::hconv(layers, dim)),
+            ctc_head: CtcHead::Superb,
         });
     }
     Ok(PairSpec::new(name, interface_named(name, layers, dim)?))
@@ -178,6 +179,24 @@ fn task_name(t: Task) -> &'static str {
     }
 }
 
+/// `--head superb|mlsuperb`.
+pub fn parse_head(v: &str) -> Result<CtcHead, String> {
+    match v {
+        "superb" => Ok(CtcHead::Superb),
+        "mlsuperb" => Ok(CtcHead::MlSuperb(Default::default())),
+        other => Err(format!(
+            "--head takes superb or mlsuperb (ML-SUPERB's transformer CTC head), got '{other}'"
+        )),
+    }
+}
+
+fn head_name(h: CtcHead) -> &'static str {
+    match h {
+        CtcHead::Superb => "superb",
+        CtcHead::MlSuperb(_) => "mlsuperb",
+    }
+}
+
 /// Whether the task's labels are CTC token sequences (not one class or speaker each).
 fn is_ctc(t: Task) -> bool {
     matches!(t, Task::Units | Task::Characters)
@@ -213,11 +232,12 @@ struct TrainArgs {
     save_init: Option<PathBuf>,
     init_from: Option<PathBuf>,
     crop_seconds: Option<f64>,
+    head: CtcHead,
 }
 
 /// Flags that take no value (TOML: `key = true`; `shuffle = false` is `--no-shuffle`).
 const SWITCHES: [&str; 3] = ["--resume", "--no-shuffle", "--skip-bad"];
-const VALUED: [&str; 26] = [
+const VALUED: [&str; 27] = [
     "--model",
     "--features",
     "--train",
@@ -243,6 +263,7 @@ const VALUED: [&str; 26] = [
     "--save-init",
     "--init-from",
     "--crop-seconds",
+    "--head",
     "--config",
 ];
 
@@ -331,6 +352,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
         save_init: None,
         init_from: None,
         crop_seconds: None,
+        head: CtcHead::Superb,
     };
     let mut it = all.iter();
     while let Some(a) = it.next() {
@@ -371,6 +393,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
                 }
                 t.crop_seconds = Some(v);
             }
+            "--head" => t.head = parse_head(&value()?)?,
             "--accum" => t.accum = num(value()?, a)?,
             "--clip" => t.clip = num(value()?, a)?,
             "--eval-every" => t.eval_every = num(value()?, a)?,
@@ -385,6 +408,13 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
             "--skip-bad" => t.on_bad = OnBad::Skip,
             other => return Err(format!("unknown option '{other}' for train\n\n{USAGE}")),
         }
+    }
+    if t.head != CtcHead::Superb && !is_ctc(t.task) {
+        return Err(format!(
+            "--head {}: the ML-SUPERB head is a CTC head, for --task units or chars (this run is --task {})",
+            head_name(t.head),
+            task_name(t.task)
+        ));
     }
     let positive = t.batch_seconds.is_finite()
         && t.batch_seconds > 0.0
@@ -515,11 +545,14 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         (None, Some((cache, _))) => cache.upstream.clone(),
         (None, None) => unreachable!("checked above: --model or --features"),
     };
-    let interfaces = t
+    let mut interfaces = t
         .interfaces
         .split(',')
         .map(|n| pair_named(n.trim(), layers, dim))
         .collect::<Result<Vec<_>, String>>()?;
+    for spec in &mut interfaces {
+        spec.ctc_head = t.head;
+    }
     let mut optimizer = match t.optimizer.as_str() {
         "adamw" => AdamConfig::adamw(t.lr),
         "adam" => AdamConfig::adam(t.lr),
@@ -534,7 +567,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         check_resumable(
             &out,
             &vocab,
-            task_name(t.task),
+            (task_name(t.task), head_name(t.head)),
             normalize,
             &fingerprint,
             layers,
@@ -545,6 +578,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", out.display()))?;
     let run = serde_json::json!({
         "task": task_name(t.task),
+        "head": head_name(t.head),
         "interfaces": interfaces.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
         "model": t.model.as_ref().map(|m| m.display().to_string()),
         "normalize": normalize,
@@ -652,7 +686,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
 fn check_resumable(
     out: &Path,
     vocab: &Vocab,
-    task: &str,
+    (task, head): (&str, &str),
     normalize: bool,
     upstream: &str,
     layers: usize,
@@ -686,13 +720,17 @@ fn check_resumable(
             )
         })?;
     let now = serde_json::json!({
-        "task": task, "normalize": normalize, "layers": layers, "dim": dim, "upstream": upstream
+        "task": task, "head": head, "normalize": normalize, "layers": layers, "dim": dim,
+        "upstream": upstream
     });
     for (key, value) in now.as_object().expect("object") {
-        // Runs written before the upstream was recorded are resumed without that check.
-        if run[key] != *value && !(key == "upstream" && run[key].is_null()) {
+        // Runs written before the upstream or the head was recorded are resumed without that
+        // check (they had the SUPERB heads).
+        let unrecorded = run[key].is_null()
+            && (key == "upstream" || (key == "head" && head == head_name(CtcHead::Superb)));
+        if run[key] != *value && !unrecorded {
             return Err(format!(
-                "{}: the run being resumed has {key} = {}, this one {value}: resume with the same task, upstream and --normalize",
+                "{}: the run being resumed has {key} = {}, this one {value}: resume with the same task, --head, upstream and --normalize",
                 run_path.display(),
                 run[key]
             ));
@@ -772,6 +810,11 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
         (Some(t), _) => t,
         (None, Some(t)) => parse_task(t)?,
         (None, None) => Task::Units,
+    };
+    // The head the run trained (runs that did not record it had the SUPERB heads).
+    let head = match recorded["head"].as_str() {
+        Some(h) => parse_head(h)?,
+        None => CtcHead::Superb,
     };
     let normalize_flag = normalize;
     let normalize = match (normalize, recorded["normalize"].as_bool(), &model) {
@@ -870,7 +913,8 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     }
     let mut pairs = Vec::with_capacity(names.len());
     for name in &names {
-        let spec = pair_named(name, source.num_states(), source.hidden_size())?;
+        let mut spec = pair_named(name, source.num_states(), source.hidden_size())?;
+        spec.ctc_head = head;
         pairs.push((run.join(name).join(&which), spec));
     }
     if let Some(note) = vocab.unknown_note(&ds, &data.display().to_string()) {
