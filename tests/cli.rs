@@ -40,6 +40,32 @@ fn write_wav(path: &Path, samples: &[f32], rate: u32, channels: u16) {
     w.finalize().unwrap();
 }
 
+/// Kaldi folders `dir/<set>` of `n` tones each, utterance u `first + u * step` samples long and
+/// transcribed `texts[u % len]`.
+fn transcribed_tones(
+    dir: &Path,
+    sets: &[(&str, usize)],
+    first: usize,
+    step: usize,
+    texts: &[&str],
+) {
+    for &(name, n) in sets {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (mut scp, mut text) = (String::new(), String::new());
+        for u in 0..n {
+            let tone: Vec<f32> = (0..first + step * u)
+                .map(|i| (i as f32 * (0.03 + 0.01 * u as f32)).sin() * 0.3)
+                .collect();
+            write_wav(&d.join(format!("{u}.wav")), &tone, 16000, 1);
+            scp.push_str(&format!("{name}{u} {u}.wav\n"));
+            text.push_str(&format!("{name}{u} {}\n", texts[u % texts.len()]));
+        }
+        std::fs::write(d.join("wav.scp"), scp).unwrap();
+        std::fs::write(d.join("text"), text).unwrap();
+    }
+}
+
 #[test]
 fn extract_writes_every_hidden_state_of_each_file() {
     let dir = scratch("extract");
@@ -174,21 +200,13 @@ fn extract_rejects_bad_audio_and_arguments() {
 #[test]
 fn train_runs_resumes_and_reports_the_dev_error() {
     let dir = scratch("train");
-    for (name, n) in [("train", 8usize), ("dev", 3)] {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        let (mut scp, mut text) = (String::new(), String::new());
-        for u in 0..n {
-            let tone: Vec<f32> = (0..8000 + 500 * u)
-                .map(|i| (i as f32 * (0.03 + 0.01 * u as f32)).sin() * 0.3)
-                .collect();
-            write_wav(&d.join(format!("{u}.wav")), &tone, 16000, 1);
-            scp.push_str(&format!("{name}{u} {u}.wav\n"));
-            text.push_str(&format!("{name}{u} {}\n", ["a b", "b c a", "c"][u % 3]));
-        }
-        std::fs::write(d.join("wav.scp"), scp).unwrap();
-        std::fs::write(d.join("text"), text).unwrap();
-    }
+    transcribed_tones(
+        &dir,
+        &[("train", 8), ("dev", 3)],
+        8000,
+        500,
+        &["a b", "b c a", "c"],
+    );
     let model = format!(
         "{}/tests/fixtures/upstream/wavlm_group_postln",
         env!("CARGO_MANIFEST_DIR")
@@ -837,21 +855,13 @@ fn speaker_verification_trains_on_utt2spk_and_scores_trials() {
 #[test]
 fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
     let dir = scratch("mlsuperb");
-    for (name, n) in [("train", 6usize), ("dev", 2)] {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        let (mut scp, mut text) = (String::new(), String::new());
-        for u in 0..n {
-            let tone: Vec<f32> = (0..9000 + 700 * u)
-                .map(|i| (i as f32 * (0.02 + 0.01 * u as f32)).sin() * 0.3)
-                .collect();
-            write_wav(&d.join(format!("{u}.wav")), &tone, 16000, 1);
-            scp.push_str(&format!("{name}{u} {u}.wav\n"));
-            text.push_str(&format!("{name}{u} {}\n", ["ab c", "ca", "b a"][u % 3]));
-        }
-        std::fs::write(d.join("wav.scp"), scp).unwrap();
-        std::fs::write(d.join("text"), text).unwrap();
-    }
+    transcribed_tones(
+        &dir,
+        &[("train", 6), ("dev", 2)],
+        9000,
+        700,
+        &["ab c", "ca", "b a"],
+    );
     let model = format!(
         "{}/tests/fixtures/upstream/hubert_group_postln",
         env!("CARGO_MANIFEST_DIR")

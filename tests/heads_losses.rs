@@ -241,21 +241,13 @@ fn elementwise_and_norm_ops_match_pytorch() {
 
 #[test]
 fn speaker_head_with_am_softmax_matches_pytorch() {
-    use common::rel_err;
+    use common::check_vs_torch;
     use strata::models::head::{SpeakerHead, SpeakerHeadConfig};
     // tools/gen_speaker_fixture.py: s3prl's sv_voxceleb1 modules at width 16, last TDNN 24, in
     // float64 (the reference) and in float32 ("f32.": PyTorch's own float32 result). strata's
     // float32 error is held to twice PyTorch's (flash-attention's rule), or 1e-6.
     let fx = Fixture::load("speaker.safetensors");
-    let check = |what: &str, got: &[f32], key: &str| {
-        let ours = rel_err(got, fx.f(key));
-        let torch = rel_err(fx.f(&format!("f32.{key}")), fx.f(key));
-        eprintln!("{what}: strata {ours:.2e}, torch f32 {torch:.2e}");
-        assert!(
-            ours <= (2.0 * torch).max(1e-6),
-            "{what}: error {ours:.3e} vs PyTorch float32's {torch:.3e}"
-        );
-    };
+    let check = |what: &str, got: &[f32], key: &str| check_vs_torch(&fx, what, got, key, 1e-6);
     let batch = PackedBatch::from_lengths(&fx.usizes("lengths")).unwrap();
     let labels = fx.usizes("labels");
     let config = SpeakerHeadConfig {

@@ -2,7 +2,7 @@
 //! behaviour (SpecAugment and dropout drawn from a seed).
 
 mod common;
-use common::{rel_err, split_targets, Fixture};
+use common::{check_vs_torch, split_targets, Fixture};
 use strata::models::mlsuperb_head::{MlSuperbHead, MlSuperbHeadConfig};
 use strata::rng::Rng;
 use strata::{PackedBatch, ParamStore, Reduction, Tape, Tensor};
@@ -29,15 +29,7 @@ fn ml_superb_head_with_ctc_matches_espnet_in_pytorch() {
     // float32 error (flash-attention's rule), or 2e-6 of the tensor's scale: through some 20
     // layers both sit at 0.3-1.7e-6, float32's rounding floor.
     let fx = Fixture::load("mlsuperb.safetensors");
-    let check = |what: &str, got: &[f32], key: &str| {
-        let ours = rel_err(got, fx.f(key));
-        let torch = rel_err(fx.f(&format!("f32.{key}")), fx.f(key));
-        eprintln!("{what}: strata {ours:.2e}, torch f32 {torch:.2e}");
-        assert!(
-            ours <= (2.0 * torch).max(2e-6),
-            "{what}: error {ours:.3e} vs PyTorch float32's {torch:.3e}"
-        );
-    };
+    let check = |what: &str, got: &[f32], key: &str| check_vs_torch(&fx, what, got, key, 2e-6);
     let batch = PackedBatch::from_lengths(&fx.usizes("lengths")).unwrap();
     let targets = split_targets(&fx.usizes("targets"), &fx.usizes("target_lengths"));
     let mut store = ParamStore::new();

@@ -142,6 +142,21 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     }
 }
 
+/// Holds strata's float32 result to twice PyTorch's own float32 error, both measured against a
+/// fixture's float64 reference `key` (PyTorch's float32 result under "f32.`key`"):
+/// flash-attention's rule, with `floor` (relative to the tensor's scale) for results at float32's
+/// rounding floor.
+#[track_caller]
+pub fn check_vs_torch(fx: &Fixture, what: &str, got: &[f32], key: &str, floor: f64) {
+    let ours = rel_err(got, fx.f(key));
+    let torch = rel_err(fx.f(&format!("f32.{key}")), fx.f(key));
+    eprintln!("{what}: strata {ours:.2e}, torch f32 {torch:.2e}");
+    assert!(
+        ours <= (2.0 * torch).max(floor),
+        "{what}: error {ours:.3e} vs PyTorch float32's {torch:.3e}"
+    );
+}
+
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert!(
