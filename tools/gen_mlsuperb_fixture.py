@@ -9,7 +9,7 @@ ESPnet subsamples a padded batch's mask by slicing the padded length (x_mask[:, 
 :-2:1]), so in a padded batch a shorter utterance keeps (t + 1) / 2 frames, the last ones computed
 from padding; alone (as at inference) it gets (t - 1) / 2 - 2, which is what strata gives every
 utterance of a packed batch. Parameter names are strata's; a Conv2d weight [out, in, 3, 3] is
-stored flattened to [out, in * 9].
+stored as strata's patches read it, permuted to [out, 3, 3, in] and flattened to [out, 9 * in].
 
 Small sizes (features 12 -> preencoder 16 -> width 16, 4 heads, FFN 32, 2 blocks, 7 tokens) keep
 the file small; the layer geometry is the recipe's. The third utterance's target needs more
@@ -127,8 +127,13 @@ def run(dtype):
     out = {"logits": torch.cat(logits), "loss": loss.detach().reshape(1), "grad.x": x.grad,
            "out_lengths": torch.tensor(out_lens)}
     for name, p in params().items():
-        out[f"grad.{name}"] = p.grad.reshape(p.shape[0], -1) if "conv" in name and p.dim() == 4 else p.grad
+        out[f"grad.{name}"] = as_strata(p.grad)
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in out.items()}
+
+
+def as_strata(v):
+    """A Conv2d weight [out, in, kh, kw] as [out, kh * kw * in] (strata's patch order)."""
+    return v.permute(0, 2, 3, 1).reshape(v.shape[0], -1) if v.dim() == 4 else v
 
 
 def params():
@@ -157,8 +162,7 @@ tensors = {
     "target_lengths": torch.tensor([len(t) for t in TARGETS], dtype=torch.int64),
 }
 for name, p in params().items():
-    v = p.detach().clone()
-    tensors[name] = v.reshape(v.shape[0], -1) if v.dim() == 4 else v
+    tensors[name] = as_strata(p.detach().clone())
 reference = run(torch.float64)
 tensors.update(reference)
 tensors.update({f"f32.{k}": v for k, v in run(torch.float32).items() if k != "out_lengths"})

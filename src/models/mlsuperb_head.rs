@@ -107,9 +107,9 @@ pub struct EncoderBlock {
 pub struct MlSuperbHead {
     pub config: MlSuperbHeadConfig,
     pub preencoder: Linear,
-    /// The convolutions as GEMMs over im2col patches: weight [c_out, c_in * 3 * 3] (PyTorch's
-    /// Conv2d weight flattened), with Conv2d's default initialization (that of a Linear of
-    /// fan-in c_in * 9).
+    /// The convolutions as GEMMs over im2col patches: weight [c_out, 3 * 3 * c_in] (PyTorch's
+    /// Conv2d weight [c_out, c_in, 3, 3] permuted to [c_out, 3, 3, c_in]; see `ops::conv2d`),
+    /// with Conv2d's default initialization (that of a Linear of fan-in 9 c_in).
     pub conv1: Linear,
     pub conv2: Linear,
     pub embed_out: Linear,

@@ -1,12 +1,15 @@
 //! 2-D convolution over each utterance's (time, feature) plane, as im2col patches: the gather of
 //! every k x k window into one row, so that the convolution itself is a GEMM (`ops::linear`) with
-//! PyTorch's Conv2d weight [c_out, c_in, k, k] read as [c_out, c_in * k * k]. ESPnet's
-//! `Conv2dSubsampling2` (ML-SUPERB's downstream) is two such convolutions.
+//! a weight [c_out, k * k * c_in]: PyTorch's Conv2d weight [c_out, c_in, k, k] permuted to
+//! [c_out, k, k, c_in]. ESPnet's `Conv2dSubsampling2` (ML-SUPERB's downstream) is two such
+//! convolutions.
 //!
 //! Layout: a frame is [freq, channels] (channels fastest), so a convolution's output rows
-//! [(frame, freq), c_out] are directly the next one's input. A patch row is ordered (channel,
-//! time offset, feature offset), PyTorch's weight order. Windows never cross utterances: an
-//! utterance of t frames gives (t - k) / stride + 1, as an unpadded Conv2d.
+//! [(frame, freq), c_out] are directly the next one's input. A patch row is ordered (time offset,
+//! feature offset, channel): k * k contiguous channel vectors, so the gather and its adjoint move
+//! whole vectors (PyTorch's (channel, time, feature) order would gather single floats 9 apart).
+//! Windows never cross utterances: an utterance of t frames gives (t - k) / stride + 1, as an
+//! unpadded Conv2d.
 
 use super::Real;
 use rayon::prelude::*;
@@ -47,13 +50,13 @@ pub fn out_offsets(offsets: &[usize], g: &PatchGeom) -> Option<Vec<usize>> {
     Some(out)
 }
 
-/// x [frames, freq, channels] -> patches [out frames * out freq, channels * k * k]; returns them
+/// x [frames, freq, channels] -> patches [out frames * out freq, k * k * channels]; returns them
 /// and the output offsets. The input must fit ([`out_offsets`] is Some).
 pub fn patches_forward<R: Real>(x: &[R], offsets: &[usize], g: &PatchGeom) -> (Vec<R>, Vec<usize>) {
     let outs = out_offsets(offsets, g).expect("patches_forward: checked by the caller");
     let of = g.out_len(g.freq).expect("checked");
-    let (pw, fw, k) = (g.patch_width(), g.frame_width(), g.kernel);
-    // Which utterance each output frame belongs to, and its time index within it.
+    let (pw, fw, k, c) = (g.patch_width(), g.frame_width(), g.kernel, g.channels);
+    // The first input frame of each output frame.
     let mut frames = Vec::with_capacity(*outs.last().unwrap_or(&0));
     for u in 0..offsets.len() - 1 {
         for t in 0..outs[u + 1] - outs[u] {
@@ -66,13 +69,10 @@ pub fn patches_forward<R: Real>(x: &[R], offsets: &[usize], g: &PatchGeom) -> (V
         .for_each(|(yr, &first)| {
             for f in 0..of {
                 let row = &mut yr[f * pw..(f + 1) * pw];
-                for c in 0..g.channels {
-                    for dt in 0..k {
-                        let src = &x[(first + dt) * fw..(first + dt + 1) * fw];
-                        for df in 0..k {
-                            row[(c * k + dt) * k + df] = src[(f * g.stride + df) * g.channels + c];
-                        }
-                    }
+                for dt in 0..k {
+                    // The k windows' features are adjacent in the frame: one copy of k * c.
+                    let src = (first + dt) * fw + f * g.stride * c;
+                    row[dt * k * c..(dt + 1) * k * c].copy_from_slice(&x[src..src + k * c]);
                 }
             }
         });
@@ -88,7 +88,7 @@ pub fn patches_backward<R: Real>(
     g: &PatchGeom,
 ) -> Vec<R> {
     let of = g.out_len(g.freq).expect("checked");
-    let (pw, fw, k) = (g.patch_width(), g.frame_width(), g.kernel);
+    let (pw, fw, k, c) = (g.patch_width(), g.frame_width(), g.kernel, g.channels);
     let total = *offsets.last().unwrap_or(&0);
     let mut dx = vec![R::ZERO; total * fw];
     // Utterances own disjoint input frames, so they scatter in parallel.
@@ -98,12 +98,11 @@ pub fn patches_backward<R: Real>(
             let r = outs[u] + t;
             for f in 0..of {
                 let row = &dy[(r * of + f) * pw..(r * of + f + 1) * pw];
-                for c in 0..g.channels {
-                    for dt in 0..k {
-                        let dst = &mut dxu[(t * g.stride + dt) * fw..(t * g.stride + dt + 1) * fw];
-                        for df in 0..k {
-                            dst[(f * g.stride + df) * g.channels + c] += row[(c * k + dt) * k + df];
-                        }
+                for dt in 0..k {
+                    let dst = (t * g.stride + dt) * fw + f * g.stride * c;
+                    let dst = &mut dxu[dst..dst + k * c];
+                    for (o, &v) in dst.iter_mut().zip(&row[dt * k * c..(dt + 1) * k * c]) {
+                        *o += v;
                     }
                 }
             }
@@ -116,8 +115,8 @@ pub fn patches_backward<R: Real>(
 mod tests {
     use super::*;
 
-    /// A direct Conv2d (no bias) of one utterance: x [t, freq, c_in], w [c_out, c_in, k, k] ->
-    /// [t', f', c_out].
+    /// A direct Conv2d (no bias) of one utterance, PyTorch's weight layout: x [t, freq, c_in],
+    /// w [c_out, c_in, k, k] -> [t', f', c_out].
     fn direct(x: &[f64], t: usize, g: &PatchGeom, w: &[f64], c_out: usize) -> Vec<f64> {
         let (k, s) = (g.kernel, g.stride);
         let (ot, of) = (g.out_len(t).unwrap(), g.out_len(g.freq).unwrap());
@@ -161,13 +160,25 @@ mod tests {
         let (p, outs) = patches_forward(&x, &offsets, &g);
         assert_eq!(outs, vec![0, 2, 5, 6]);
         let pw = g.patch_width();
+        // PyTorch's [c_out, c_in, k, k] permuted to the patches' [c_out, k, k, c_in].
+        let (k, ci) = (g.kernel, g.channels);
+        let mut wp = vec![0.0; w.len()];
+        for o in 0..c_out {
+            for c in 0..ci {
+                for a in 0..k {
+                    for b in 0..k {
+                        wp[((o * k + a) * k + b) * ci + c] = w[((o * ci + c) * k + a) * k + b];
+                    }
+                }
+            }
+        }
         for (u, &t) in lengths.iter().enumerate() {
             let xu = &x[offsets[u] * 14..offsets[u + 1] * 14];
             let want = direct(xu, t, &g, &w, c_out);
             let rows = &p[outs[u] * 3 * pw..outs[u + 1] * 3 * pw];
             for (r, patch) in rows.chunks_exact(pw).enumerate() {
                 for o in 0..c_out {
-                    let got: f64 = patch.iter().zip(&w[o * pw..]).map(|(a, b)| a * b).sum();
+                    let got: f64 = patch.iter().zip(&wp[o * pw..]).map(|(a, b)| a * b).sum();
                     assert!((got - want[r * c_out + o]).abs() < 1e-12, "utt {u} row {r}");
                 }
             }
