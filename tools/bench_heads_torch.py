@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""PyTorch CPU forward+backward of the SUPERB SV head (s3prl's sv_voxceleb1: connector, XVector
-with F.unfold TDNNs, statistics pooling, UtteranceExtractor, AMSoftmaxLoss) on 768-dim features,
-8 utterances x 200 frames (one padded batch of equal lengths, so no padding), 1,211 speakers: the
-counterpart of `cargo bench --bench heads`. Same thread count as the Rust bench:
+"""PyTorch CPU forward+backward of the heads of `cargo bench --bench heads`, on 768-dim features,
+one padded batch of equal lengths (so no padding): the SUPERB SV head (s3prl's sv_voxceleb1:
+connector, XVector with F.unfold TDNNs, statistics pooling, UtteranceExtractor, AMSoftmaxLoss),
+8 utterances x 200 frames, 1,211 speakers; and the ML-SUPERB head (ESPnet's UtteranceMVN,
+linear preencoder, Conv2dSubsampling2, 2 pre-LN transformer blocks, after_norm, ctc_lo, CTC sum /
+batch; no dropout or SpecAugment, as the Rust bench), 8 utterances x 250 frames, 100 characters.
+Same thread count as the Rust bench:
 
     .venv/bin/python tools/bench_heads_torch.py --threads 2
 """
 import argparse
+import math
 import time
 
 import torch
@@ -39,6 +43,63 @@ class SpeakerHead(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
+class Block(nn.Module):  # ESPnet EncoderLayer, normalize_before=True
+    def __init__(self, d=256, heads=8, ffn=1024):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.w_1, self.w_2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.norm1(x)
+        split = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(y)), split(self.k(y)), split(self.v(y))
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        x = x + self.o((attn @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.w_2(F.relu(self.w_1(self.norm2(x))))
+
+
+class MlSuperbHead(nn.Module):
+    def __init__(self, dim, vocab, d=256):
+        super().__init__()
+        self.d = d
+        self.pre = nn.Linear(dim, 80)
+        self.conv = nn.Sequential(nn.Conv2d(1, d, 3, 2), nn.ReLU(), nn.Conv2d(d, d, 3, 1), nn.ReLU())
+        self.out = nn.Linear(d * 37, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(2))
+        self.after_norm = nn.LayerNorm(d, eps=1e-12)
+        self.ctc_lo = nn.Linear(d, vocab)
+
+    def forward(self, x, targets, target_lengths):  # x (B, T, D)
+        x = self.pre(x - x.mean(1, keepdim=True))
+        h = self.conv(x.unsqueeze(1))
+        b, c, t, f = h.shape
+        h = self.out(h.transpose(1, 2).reshape(b, t, c * f))
+        pos = torch.arange(t, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, self.d, 2, dtype=torch.float32) * -(math.log(10000.0) / self.d))
+        pe = torch.zeros(t, self.d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        h = h * math.sqrt(self.d) + pe
+        for blk in self.blocks:
+            h = blk(h)
+        lp = F.log_softmax(self.ctc_lo(self.after_norm(h)), dim=-1)
+        lengths = torch.full((b,), t, dtype=torch.long)
+        loss = F.ctc_loss(lp.transpose(0, 1), targets, lengths, target_lengths, reduction="sum", zero_infinity=True)
+        return loss / b
+
+
+def timed(step, seconds):
+    for _ in range(2):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -54,15 +115,21 @@ def main():
         head.zero_grad()
         head(x, labels).backward()
 
-    for _ in range(2):
-        step()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-        step()
-        n += 1
-    dt = (time.perf_counter() - t0) / n
+    dt = timed(step, args.seconds)
     print(f"torch {torch.__version__}, {args.threads} threads")
-    print(f"speaker head 8 x 200 frames  {dt * 1e3:9.2f} ms  {1600 / dt:12.0f} frames/s")
+    print(f"speaker head 8 x 200 frames    {dt * 1e3:9.2f} ms  {1600 / dt:12.0f} frames/s")
+
+    ml = MlSuperbHead(768, 100)
+    x = torch.randn(8, 250, 768)
+    targets = torch.tensor([[1 + (u * 7 + i * 13) % 99 for i in range(60)] for u in range(8)])
+    target_lengths = torch.full((8,), 60, dtype=torch.long)
+
+    def ml_step():
+        ml.zero_grad()
+        ml(x, targets, target_lengths).backward()
+
+    dt = timed(ml_step, args.seconds)
+    print(f"ML-SUPERB head 8 x 250 frames  {dt * 1e3:9.2f} ms  {2000 / dt:12.0f} frames/s")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ apt-get install espeak-ng sox) in the Kaldi layout strata reads:
     OUT/{train,dev,test}/{wav.scp,text,utt2spk} and OUT/wav/*.wav (16 kHz mono PCM16)
 
 Sentences are drawn deterministically from a fixed word list. Transcripts are espeak-ng's en-us
-phonemes (-x mnemonics, stress marks removed), the canonical pronunciation of the text, while the
-audio is spoken by en-us voice variants; the split is by voice (speaker-disjoint):
-train m1 m2 m3 f1 f2, dev m4 f3, test m5 f4.
+phonemes (-x mnemonics, stress marks removed), the canonical pronunciation of the text, for
+`--task units`; or with `--transcripts words` the sentence itself, for `--task chars` (character
+CTC, as ML-SUPERB). The audio is spoken by en-us voice variants; the split is by voice
+(speaker-disjoint): train m1 m2 m3 f1 f2, dev m4 f3, test m5 f4.
 
-    python3 tools/make_espeak_corpus.py OUT [--per-voice 40] [--seed 0]
+    python3 tools/make_espeak_corpus.py OUT [--per-voice 40] [--seed 0] [--transcripts phones|words]
 """
 import argparse
 import os
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--per-voice", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transcripts", choices=["phones", "words"], default="phones")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     os.makedirs(os.path.join(args.out, "wav"), exist_ok=True)
@@ -59,7 +61,8 @@ def main():
                     wav = os.path.join(args.out, "wav", uid + ".wav")
                     run(["sox", raw, "-r", "16000", "-c", "1", "-b", "16", wav])
                     scp.append(f"{uid} {os.path.relpath(wav, d)}")
-                    text.append(f"{uid} {phones(sentence)}")
+                    said = phones(sentence) if args.transcripts == "phones" else sentence
+                    text.append(f"{uid} {said}")
                     spk.append(f"{uid} {v}")
             for name, lines in (("wav.scp", scp), ("text", text), ("utt2spk", spk)):
                 with open(os.path.join(d, name), "w") as f:
