@@ -5,6 +5,7 @@
 //! - the ML-SUPERB head (ESPnet's Conv2d subsampling + 2 transformer blocks + CTC, 100 characters)
 //!   without dropout and SpecAugment (the same arithmetic as an evaluation forward),
 //!   8 utterances x 250 frames (5 s each).
+//!
 //! PyTorch's CPU figures for the same work (the s3prl / ESPnet modules, one padded batch of equal
 //! lengths) come from tools/bench_heads_torch.py; both go into RESULTS.md.
 
