@@ -399,6 +399,14 @@ fn ml_superb_head_ops() {
     check("utterance centering", &x, &dx, |x| {
         dot(&r, &ops::pooling::center(x, 4, &offsets))
     });
+    // SpecAugment's time warp: a linear map of frames, backward its transpose.
+    let taps = ops::resample::time_warp_taps(2, 9, 4, 6);
+    let x = rand_vec(11 * 3, 49);
+    let r = rand_vec(9 * 3, 50);
+    let dx = ops::resample::mix_backward(&r, 3, &taps, 11);
+    check("time warp", &x, &dx, |x| {
+        dot(&r, &ops::resample::mix_forward(x, 3, &taps))
+    });
     // Conv2d patches (stride 2, 2 channels over 6 features), utterances of 4 and 5 frames.
     let g = ops::conv2d::PatchGeom {
         freq: 6,

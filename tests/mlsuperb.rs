@@ -142,3 +142,23 @@ fn training_masks_come_from_the_seed_and_evaluation_has_none() {
     };
     assert_eq!(run_quiet(Some(3)), run_quiet(None));
 }
+
+#[test]
+fn time_warp_is_pytorchs_bicubic_interpolation_of_each_side_of_the_center() {
+    use strata::ops::resample::{mix_forward, time_warp_taps};
+    let fx = Fixture::load("mlsuperb.safetensors");
+    for i in 0..4 {
+        let geom = fx.usizes(&format!("warp{i}.geom"));
+        let (t, center, warped) = (geom[0], geom[1], geom[2]);
+        // Two frames before the utterance: taps address the packed batch.
+        let mut x = vec![9.0f32; 2 * 6];
+        x.extend_from_slice(fx.f(&format!("warp{i}.x")));
+        let y = mix_forward(&x, 6, &time_warp_taps(2, t, center, warped));
+        common::assert_close(
+            &format!("warp {geom:?}"),
+            &y,
+            fx.f(&format!("warp{i}.y")),
+            1e-6,
+        );
+    }
+}

@@ -16,6 +16,9 @@ the file small; the layer geometry is the recipe's. The third utterance's target
 frames than its two (a repeated token needs a blank between), so its loss is infinite and
 zeroed (zero_infinity).
 
+It also holds SpecAugment's time warp (bicubic F.interpolate of the frames before and after a
+center) for a few utterance sizes.
+
 The same float32 inputs and parameters run twice: in float64 (the reference, stored as float32)
 and in float32 (stored under "f32."), so that the test can hold strata's float32 error to twice
 PyTorch's (flash-attention's rule).
@@ -166,5 +169,15 @@ for name, p in params().items():
 reference = run(torch.float64)
 tensors.update(reference)
 tensors.update({f"f32.{k}": v for k, v in run(torch.float32).items() if k != "out_lengths"})
+# SpecAugment's time warp (espnet2's time_warp, bicubic, with the center and warp given) of one
+# utterance (time, 6 features): "warpN.geom" = (frames, center, warped).
+g = torch.Generator().manual_seed(3)
+for i, (t, center, warped) in enumerate([(20, 7, 5), (23, 10, 14), (12, 6, 6), (11, 5, 1)]):
+    x = torch.randn(1, 1, t, 6, generator=g)
+    left = F.interpolate(x[:, :, :center], (warped, 6), mode="bicubic", align_corners=False)
+    right = F.interpolate(x[:, :, center:], (t - warped, 6), mode="bicubic", align_corners=False)
+    tensors[f"warp{i}.x"] = x[0, 0]
+    tensors[f"warp{i}.y"] = torch.cat([left, right], dim=2)[0, 0]
+    tensors[f"warp{i}.geom"] = torch.tensor([t, center, warped], dtype=torch.int64)
 save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "mlsuperb.safetensors"))
 print("wrote mlsuperb.safetensors: loss", reference["loss"].item(), "frames", reference["out_lengths"].tolist())

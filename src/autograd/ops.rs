@@ -661,6 +661,25 @@ impl Tape {
         })
     }
 
+    /// Frames mixed by fixed taps (`ops::resample`: SpecAugment's time warp): x [frames, c] ->
+    /// [taps.len(), c], output frame j = sum of w * x[frame] over its taps.
+    pub fn time_mix(&mut self, x: Var, taps: Vec<ops::resample::Taps>) -> Result<Var> {
+        let shape = self.shape(x).to_vec();
+        let frames = shape.first().copied().unwrap_or(0);
+        if shape.len() != 2 || taps.iter().flatten().any(|&(f, _)| f >= frames) {
+            return Err(Error::shape(
+                "time_mix input",
+                "[frames, c] holding every tapped frame",
+                format!("{shape:?}"),
+            ));
+        }
+        let c = shape[1];
+        let y = ops::resample::mix_forward(self.value(x).data(), c, &taps);
+        self.push(y, &[taps.len(), c], &[x], move || {
+            Box::new(move |g, _| vec![Some(ops::resample::mix_backward(g, c, &taps, frames))])
+        })
+    }
+
     /// x * m elementwise for a constant m of x's shape (SpecAugment's masks).
     pub fn mul_const(&mut self, x: Var, m: &crate::tensor::Tensor) -> Result<Var> {
         let shape = self.shape(x).to_vec();

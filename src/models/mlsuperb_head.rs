@@ -1,21 +1,22 @@
 //! The ML-SUPERB downstream (ESPnet's `egs2/ml_superb` recipe, `train_asr_s3prl_{10min,1h}`): a
 //! small transformer CTC model over the interface's features.
 //!
-//! features [frames, D'] -> (training: SpecAugment's masks) -> each utterance minus its mean frame
-//! (`UtteranceMVN`, means only) -> Linear(D', 80) (`preencoder: linear`) -> `Conv2dSubsampling2`
-//! (Conv2d(1, 256, 3, stride 2) + ReLU, Conv2d(256, 256, 3, stride 1) + ReLU over each utterance's
-//! (time, 80) plane, then Linear(256 * 37, 256), x * 16 + sinusoidal positions, dropout; t frames
-//! -> (t - 1) / 2 - 2) -> 2 pre-LN transformer blocks (8 heads, FFN 1024 with ReLU, dropout 0.1
-//! on residual branches, FFN and attention probabilities) -> LayerNorm -> Linear(256, V) (`ctc_lo`).
-//! ESPnet's LayerNorm has eps 1e-12; the initialization is PyTorch's (the recipe says `init: none`).
+//! features [frames, D'] -> (training: SpecAugment's time warp and masks) -> each utterance minus
+//! its mean frame (`UtteranceMVN`, means only) -> Linear(D', 80) (`preencoder: linear`) ->
+//! `Conv2dSubsampling2` (Conv2d(1, 256, 3, stride 2) + ReLU, Conv2d(256, 256, 3, stride 1) + ReLU
+//! over each utterance's (time, 80) plane, then Linear(256 * 37, 256), x * 16 + sinusoidal
+//! positions, dropout; t frames -> (t - 1) / 2 - 2) -> 2 pre-LN transformer blocks (8 heads, FFN
+//! 1024 with ReLU, dropout 0.1 on residual branches, FFN and attention probabilities) -> LayerNorm
+//! -> Linear(256, V) (`ctc_lo`). ESPnet's LayerNorm has eps 1e-12; the initialization is PyTorch's
+//! (the recipe says `init: none`).
 //!
 //! Where a packed batch differs from ESPnet's padded one: ESPnet subsamples the padding mask by
 //! slicing the padded length (`x_mask[:, :, :-2:2][:, :, :-2:1]`), so in a training batch a
 //! shorter utterance keeps (t + 1) / 2 frames, its last ones computed from padding; here every
 //! utterance gets (t - 1) / 2 - 2, what ESPnet gives it alone (as at inference), whatever the
-//! batch. Not reproduced: SpecAugment's time warp (bicubic resampling of the time axis); the
-//! masks are. ESPnet draws a time mask's width from the padded batch length and a feature mask's
-//! position from the batch's widest mask; here both come from each utterance itself.
+//! batch. SpecAugment: ESPnet draws a time mask's width from the padded batch length, a feature
+//! mask's position from the batch's widest mask, and one time warp for a batch of equal lengths;
+//! here all three come from each utterance itself.
 
 use crate::autograd::{ParamStore, Tape, Var};
 use crate::batch::PackedBatch;
@@ -26,10 +27,13 @@ use crate::ops::conv2d::PatchGeom;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
-/// SpecAugment's masks (ML-SUPERB: 2 feature masks 0-26 wide, 10 time masks up to 5% of the
-/// utterance), replaced with zeros.
+/// SpecAugment as ML-SUPERB's recipe: a bicubic time warp (window 5), then 2 feature masks 0-26
+/// wide and 10 time masks up to 5% of the utterance, replaced with zeros.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SpecAugmentConfig {
+    /// The time warp's window W: the warp's center is drawn from [W, t - W), the frames before it
+    /// resampled to center + [-W + 1, W] frames; no warp for t <= 2W; 0 turns it off.
+    pub time_warp_window: usize,
     /// Feature-mask widths are drawn from [lo, hi).
     pub freq_width: (usize, usize),
     pub freq_masks: usize,
@@ -41,6 +45,7 @@ pub struct SpecAugmentConfig {
 impl Default for SpecAugmentConfig {
     fn default() -> Self {
         SpecAugmentConfig {
+            time_warp_window: 5,
             freq_width: (0, 27),
             freq_masks: 2,
             time_ratio: (0.0, 0.05),
@@ -235,9 +240,14 @@ impl MlSuperbHead {
         let mut seeds = train.map(Rng::new);
         let mut next_seed = || seeds.as_mut().map(Rng::next_u64);
         let mut x = x;
-        if let (Some(spec), Some(seed)) = (&c.specaug, next_seed()) {
+        if let (Some(spec), Some(warp_seed), Some(mask_seed)) =
+            (&c.specaug, next_seed(), next_seed())
+        {
+            if spec.time_warp_window > 0 {
+                x = tape.time_mix(x, time_warp(spec.time_warp_window, batch, warp_seed))?;
+            }
             let d = tape.shape(x)[1];
-            let mask = specaug_mask(spec, batch, d, seed)?;
+            let mask = specaug_mask(spec, batch, d, mask_seed)?;
             x = tape.mul_const(x, &mask)?;
         }
         let x = tape.utterance_center(x, batch)?;
@@ -323,6 +333,26 @@ pub fn positions(batch: &PackedBatch, d: usize) -> Result<Tensor> {
     Tensor::from_vec(pe, &[batch.total_frames(), d])
 }
 
+/// SpecAugment's time warp of every utterance of a packed batch (each its own center and warp, as
+/// ESPnet does for a batch of unequal lengths), as taps for [`Tape::time_mix`].
+pub fn time_warp(window: usize, batch: &PackedBatch, seed: u64) -> Vec<crate::ops::resample::Taps> {
+    let mut rng = Rng::new(seed);
+    let mut taps = Vec::with_capacity(batch.total_frames());
+    for u in 0..batch.num_utterances() {
+        let (first, t) = (batch.offsets()[u], batch.len_of(u));
+        if t <= 2 * window {
+            taps.extend((first..first + t).map(|f| [(f, 1.0), (f, 0.0), (f, 0.0), (f, 0.0)]));
+            continue;
+        }
+        let center = window + rng.below(t - 2 * window);
+        let warped = center - window + rng.below(2 * window) + 1;
+        taps.extend(crate::ops::resample::time_warp_taps(
+            first, t, center, warped,
+        ));
+    }
+    taps
+}
+
 /// SpecAugment's keep mask (1 kept, 0 masked) for features [frames, d] of a packed batch: per
 /// utterance, feature masks then time masks.
 pub fn specaug_mask(
@@ -378,6 +408,23 @@ mod tests {
         }
         assert_eq!(mlsuperb_frames(6), None);
         assert_eq!(mlsuperb_frames(MLSUPERB_MIN_FRAMES), Some(1));
+    }
+
+    #[test]
+    fn time_warps_stay_in_each_utterance_and_leave_short_ones_alone() {
+        let batch = PackedBatch::from_lengths(&[30, 10, 25]).unwrap();
+        let taps = time_warp(5, &batch, 7);
+        assert_eq!(taps.len(), 65);
+        for (j, t) in taps.iter().enumerate() {
+            let u = (0..3).find(|&u| j < batch.offsets()[u + 1]).unwrap();
+            let range = batch.offsets()[u]..batch.offsets()[u + 1];
+            assert!(t.iter().all(|(f, _)| range.contains(f)), "frame {j}: {t:?}");
+        }
+        // 10 frames <= 2 x 5: unwarped.
+        for (j, t) in taps.iter().enumerate().take(40).skip(30) {
+            assert_eq!(t[0], (j, 1.0));
+        }
+        assert_ne!(taps, time_warp(5, &batch, 8));
     }
 
     #[test]

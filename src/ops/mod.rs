@@ -17,6 +17,7 @@ pub mod layer_sum;
 pub mod layernorm;
 pub mod linear;
 pub mod pooling;
+pub mod resample;
 pub mod shape;
 pub mod softmax;
 pub mod speaker;
