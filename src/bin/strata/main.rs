@@ -46,7 +46,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
            --head superb|mlsuperb  the CTC tasks' head: SUPERB PR's two Linear layers, or
                                    ML-SUPERB's ESPnet downstream (Conv2d subsampling to half
                                    the frame rate, 2 transformer blocks, CTC summed over the
-                                   batch / its utterances, SpecAugment masks, dropout 0.1);
+                                   batch / its utterances, SpecAugment, dropout 0.1);
                                    the CPU runs it (no device path yet) [superb]
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3, depth
                               floor(log3 L)), hconv-kKsSdD with any of kernel, stride, depth
