@@ -911,6 +911,27 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         ok && log.contains("ws (best) on") && log.contains("CER"),
         "{log}"
     );
+    // A test utterance too short for the head's convolutions (0.1 s: 4 frames) is named.
+    let short = dir.join("short");
+    std::fs::create_dir_all(&short).unwrap();
+    write_wav(&short.join("s.wav"), &[0.1; 1600], 16000, 1);
+    std::fs::write(short.join("wav.scp"), "tiny s.wav\n").unwrap();
+    std::fs::write(short.join("text"), "tiny a\n").unwrap();
+    let (ok, log) = strata(&[
+        "eval",
+        "--model",
+        &model,
+        "--run",
+        o.to_str().unwrap(),
+        "--pair",
+        "ws",
+        "--data",
+        short.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && log.contains("'tiny' has 4 frames, fewer than the 7"),
+        "{log}"
+    );
     // A resume must keep the head.
     let (ok, log) = run(args(&["--steps", "4", "--resume"]));
     assert!(

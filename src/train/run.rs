@@ -454,14 +454,14 @@ fn ctc_head_frames(specs: &[PairSpec], frames: usize) -> Option<usize> {
 /// Checks before training that every utterance of `ds` suits the CTC heads: long enough for the
 /// ML-SUPERB head's convolutions and, with `labels` (training), no more tokens than the frames
 /// the heads emit (a CTC alignment needs a frame per token; ESPnet would zero such a loss
-/// silently). A misfit fails the run up front, naming the utterance, or with `OnBad::Skip` is
-/// left out and listed in `ds.skipped`.
+/// silently). A misfit fails up front, naming the utterance and then `fix`, or with
+/// `OnBad::Skip` is left out and listed in `ds.skipped`.
 fn fit_ctc_heads(
     src: &StackSource,
     ds: &mut Dataset,
     labels: Option<&mut Vec<Vec<usize>>>,
     specs: &[PairSpec],
-    on_bad: OnBad,
+    (on_bad, fix): (OnBad, &str),
 ) -> Result<()> {
     let mut keep = Vec::with_capacity(ds.utterances.len());
     for i in 0..ds.utterances.len() {
@@ -485,10 +485,7 @@ fn fit_ctc_heads(
             Some(why) => {
                 return Err(Error::value(
                     "utterance",
-                    format!(
-                        "'{}' has {why}: leave it out, or pass --skip-bad",
-                        ds.utterances[i].id
-                    ),
+                    format!("'{}' has {why}: {fix}", ds.utterances[i].id),
                 ))
             }
         }
@@ -660,14 +657,9 @@ pub fn train(
     if matches!(cfg.task, Task::Units | Task::Characters) {
         let before = (train.skipped.len(), dev.skipped.len());
         let specs = &cfg.interfaces;
-        fit_ctc_heads(
-            train_src,
-            &mut train,
-            Some(&mut train_labels),
-            specs,
-            cfg.on_bad,
-        )?;
-        fit_ctc_heads(dev_src, &mut dev, None, specs, cfg.on_bad)?;
+        let bad = (cfg.on_bad, "leave it out, or pass --skip-bad");
+        fit_ctc_heads(train_src, &mut train, Some(&mut train_labels), specs, bad)?;
+        fit_ctc_heads(dev_src, &mut dev, None, specs, bad)?;
         for (ds, was, what) in [(&train, before.0, "training"), (&dev, before.1, "dev")] {
             if cfg.progress && ds.skipped.len() > was {
                 eprintln!(
@@ -1052,6 +1044,12 @@ pub fn evaluate_checkpoints(
     batch_samples: usize,
     device: TrainDevice,
 ) -> Result<Vec<(f64, Vec<Hypothesis>)>> {
+    if matches!(task, Task::Units | Task::Characters) {
+        // An utterance too short for a head fails here by name, not mid-way by batch index.
+        let specs: Vec<PairSpec> = pairs.iter().map(|(_, s)| s.clone()).collect();
+        let fix = "leave it out of the evaluated set (no hypothesis can be made for it)";
+        fit_ctc_heads(source, &mut data.clone(), None, &specs, (OnBad::Fail, fix))?;
+    }
     let labels: Vec<Vec<usize>> = data
         .utterances
         .iter()
