@@ -559,20 +559,17 @@ impl Tape {
         })
     }
 
-    /// The im2col patches of a 2-D convolution over each utterance's (time, feature) plane:
-    /// x [frames, freq * channels] (channels fastest) -> [frames' * freq', channels * k * k]
-    /// (see [`ops::conv2d`]). Returns the patches, the output batch and freq'.
-    pub fn conv2d_patches(
-        &mut self,
-        x: Var,
+    /// The checks of a 2-D convolution's input x [frames, freq * channels]; returns freq'.
+    fn conv2d_input_check(
+        &self,
+        shape: &[usize],
         batch: &PackedBatch,
-        geom: ops::conv2d::PatchGeom,
-    ) -> Result<(Var, PackedBatch, usize)> {
-        let shape = self.shape(x).to_vec();
+        geom: &ops::conv2d::PatchGeom,
+    ) -> Result<usize> {
         let width = geom.freq * geom.channels;
         if shape.len() != 2 || shape[0] != batch.total_frames() || shape[1] != width {
             return Err(Error::shape(
-                "conv2d_patches input",
+                "2-D convolution input",
                 format!(
                     "[{} frames, {} features x {} channels]",
                     batch.total_frames(),
@@ -582,22 +579,37 @@ impl Tape {
                 format!("{shape:?}"),
             ));
         }
-        let (Some(out_freq), Some(_)) = (
+        match (
             geom.out_len(geom.freq),
-            ops::conv2d::out_offsets(batch.offsets(), &geom),
-        ) else {
-            let short = (0..batch.num_utterances())
-                .find(|&u| geom.out_len(batch.len_of(u)).is_none())
-                .map(|u| format!("utterance {u} of the batch has {} frames", batch.len_of(u)))
-                .unwrap_or_else(|| format!("the frames have {} features", geom.freq));
-            return Err(Error::value(
-                "2-D convolution input",
-                format!(
-                    "{short}, fewer than its {0} x {0} kernel needs: give it more audio (or leave it out with --skip-bad)",
-                    geom.kernel
-                ),
-            ));
-        };
+            ops::conv2d::out_offsets(batch.offsets(), geom),
+        ) {
+            (Some(out_freq), Some(_)) => Ok(out_freq),
+            _ => {
+                let short = (0..batch.num_utterances())
+                    .find(|&u| geom.out_len(batch.len_of(u)).is_none())
+                    .map(|u| format!("utterance {u} of the batch has {} frames", batch.len_of(u)))
+                    .unwrap_or_else(|| format!("the frames have {} features", geom.freq));
+                Err(Error::value(
+                    "2-D convolution input",
+                    format!(
+                        "{short}, fewer than its {0} x {0} kernel needs: give it more audio (or leave it out with --skip-bad)",
+                        geom.kernel
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The im2col patches of a 2-D convolution over each utterance's (time, feature) plane:
+    /// x [frames, freq * channels] (channels fastest) -> [frames' * freq', channels * k * k]
+    /// (see [`ops::conv2d`]). Returns the patches, the output batch and freq'.
+    pub fn conv2d_patches(
+        &mut self,
+        x: Var,
+        batch: &PackedBatch,
+        geom: ops::conv2d::PatchGeom,
+    ) -> Result<(Var, PackedBatch, usize)> {
+        let out_freq = self.conv2d_input_check(self.shape(x), batch, &geom)?;
         let offsets = batch.offsets().to_vec();
         let (y, outs) = ops::conv2d::patches_forward(self.value(x).data(), &offsets, &geom);
         let lengths: Vec<usize> = outs.windows(2).map(|w| w[1] - w[0]).collect();
@@ -611,6 +623,58 @@ impl Tape {
             })
         })?;
         Ok((out, out_batch, out_freq))
+    }
+
+    /// A stride-1 2-D convolution over each utterance's (time, feature) plane without im2col
+    /// patches ([`ops::conv2d::shifted_forward`]): x [frames, freq * c_in] (channels fastest),
+    /// w [c_out, k * k * c_in], b [c_out] -> [frames' * freq', c_out] and the output batch.
+    pub fn conv2d_stride1(
+        &mut self,
+        x: Var,
+        batch: &PackedBatch,
+        (w, b): (Var, Var),
+        geom: ops::conv2d::PatchGeom,
+    ) -> Result<(Var, PackedBatch)> {
+        let ws = self.shape(w).to_vec();
+        if geom.stride != 1 || ws.len() != 2 || ws[1] != geom.patch_width() {
+            return Err(Error::shape(
+                "conv2d_stride1 weight",
+                format!("[c_out, {}] at stride 1", geom.patch_width()),
+                format!("{ws:?} at stride {}", geom.stride),
+            ));
+        }
+        let c_out = ws[0];
+        check_shape("conv2d_stride1 bias", self.shape(b), &[c_out])?;
+        let out_freq = self.conv2d_input_check(self.shape(x), batch, &geom)?;
+        let offsets = batch.offsets().to_vec();
+        let (xt, wt) = (self.shared(x), self.shared(w));
+        let (y, outs) = ops::conv2d::shifted_forward(
+            xt.data(),
+            &offsets,
+            &geom,
+            wt.data(),
+            self.value(b).data(),
+            c_out,
+        );
+        let lengths: Vec<usize> = outs.windows(2).map(|w| w[1] - w[0]).collect();
+        let out_batch = PackedBatch::from_lengths(&lengths)?;
+        let rows = out_batch.total_frames() * out_freq;
+        let out = self.push(y, &[rows, c_out], &[x, w, b], move || {
+            Box::new(move |gy, need| {
+                let (dx, dw, db) = ops::conv2d::shifted_backward(
+                    xt.data(),
+                    &offsets,
+                    &outs,
+                    &geom,
+                    wt.data(),
+                    c_out,
+                    gy,
+                    need[0],
+                );
+                vec![dx, Some(dw), Some(db)]
+            })
+        })?;
+        Ok((out, out_batch))
     }
 
     /// Multi-head self-attention within each utterance of a packed batch: q, k, v [frames, e]

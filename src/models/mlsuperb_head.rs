@@ -270,8 +270,12 @@ impl MlSuperbHead {
             kernel: CONV_KERNEL,
             stride: 1,
         };
-        let (p2, b2, _) = tape.conv2d_patches(h, &b1, geom2)?;
-        let h = self.conv2.forward(tape, store, p2)?;
+        let w2 = tape.param(store, self.conv2.weight);
+        let bias2 = self.conv2.bias.map(|b| tape.param(store, b));
+        let bias2 =
+            bias2.ok_or_else(|| Error::Config("ML-SUPERB head: conv2 has no bias".into()))?;
+        // Stride 1 and 256 channels: shifted GEMMs, not 9 x 256-wide patches.
+        let (h, b2) = tape.conv2d_stride1(h, &b1, (w2, bias2), geom2)?;
         let h = tape.relu(h)?;
         // (frames, freq, channels) -> channel-major rows, as torch's x.transpose(1, 2).view(b, t, c * f).
         let h = tape.reshape(h, &[b2.total_frames(), self.freq2, w])?;

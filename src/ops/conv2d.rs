@@ -111,6 +111,150 @@ pub fn patches_backward<R: Real>(
     dx
 }
 
+/// A stride-1 convolution computed without patches: for each of the k * k window offsets
+/// (dt, df), one GEMM of the input rows shifted by dt * freq + df against that offset's [c_out,
+/// c_in] slice of the weight, accumulated into an output that spans every feature position of a
+/// frame (freq per output frame, the last k - 1 of which wrap into the next frame and are
+/// dropped). Same result as [`patches_forward`] times the weight, without the k * k-fold copy of
+/// the input (the ML-SUPERB head's second convolution: 333 MB of patches at 8 x 250 frames).
+/// x [frames, freq, c_in], w [c_out, k * k * c_in], b [c_out] -> ([frames' * freq', c_out], the
+/// output offsets). The input must fit ([`out_offsets`] is Some, with `g.stride` 1).
+pub fn shifted_forward<R: Real>(
+    x: &[R],
+    offsets: &[usize],
+    g: &PatchGeom,
+    w: &[R],
+    b: &[R],
+    c_out: usize,
+) -> (Vec<R>, Vec<usize>) {
+    assert_eq!(g.stride, 1, "shifted_forward: stride 1 only");
+    let outs = out_offsets(offsets, g).expect("shifted_forward: checked by the caller");
+    let (f, of, c, k) = (
+        g.freq,
+        g.out_len(g.freq).expect("checked"),
+        g.channels,
+        g.kernel,
+    );
+    let mut y = Vec::with_capacity(outs.last().copied().unwrap_or(0) * of * c_out);
+    for u in 0..offsets.len() - 1 {
+        let t_out = outs[u + 1] - outs[u];
+        // Every feature position of each output frame; the last k - 1 positions of the last
+        // frame would read past the utterance, so they are left out.
+        let rows = t_out * f - (k - 1);
+        let mut wide = vec![R::ZERO; t_out * f * c_out];
+        for (dt, df) in (0..k).flat_map(|dt| (0..k).map(move |df| (dt, df))) {
+            let first = (offsets[u] + dt) * f + df;
+            let tap = (dt * k + df) * c;
+            // SAFETY: rows x c from row `first` stay inside the utterance (rows was cut so), the
+            // weight slice [c_out, c] at column `tap` inside w, and rows x c_out inside `wide`.
+            unsafe {
+                R::gemm_raw(
+                    rows,
+                    c,
+                    c_out,
+                    R::ONE,
+                    &x[first * c..],
+                    c as isize,
+                    1,
+                    &w[tap..],
+                    1,
+                    (k * k * c) as isize,
+                    R::ONE,
+                    &mut wide[..rows * c_out],
+                    c_out as isize,
+                )
+            };
+        }
+        for t in 0..t_out {
+            for row in wide[t * f * c_out..(t * f + of) * c_out].chunks_exact(c_out) {
+                y.extend(row.iter().zip(b).map(|(&v, &bias)| v + bias));
+            }
+        }
+    }
+    (y, outs)
+}
+
+/// The gradients (dx, dw [c_out, k * k * c_in], db) of [`shifted_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn shifted_backward<R: Real>(
+    x: &[R],
+    offsets: &[usize],
+    outs: &[usize],
+    g: &PatchGeom,
+    w: &[R],
+    c_out: usize,
+    dy: &[R],
+    need_dx: bool,
+) -> (Option<Vec<R>>, Vec<R>, Vec<R>) {
+    let (f, of, c, k) = (
+        g.freq,
+        g.out_len(g.freq).expect("checked"),
+        g.channels,
+        g.kernel,
+    );
+    let mut dx = need_dx.then(|| vec![R::ZERO; x.len()]);
+    let mut dw = vec![R::ZERO; w.len()];
+    let mut db = vec![R::ZERO; c_out];
+    for row in dy.chunks_exact(c_out) {
+        for (a, &v) in db.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+    for u in 0..offsets.len() - 1 {
+        let t_out = outs[u + 1] - outs[u];
+        let rows = t_out * f - (k - 1);
+        // The output gradient spread over every feature position, zero at the dropped ones.
+        let mut wide = vec![R::ZERO; t_out * f * c_out];
+        for t in 0..t_out {
+            let src = &dy[(outs[u] + t) * of * c_out..(outs[u] + t + 1) * of * c_out];
+            wide[t * f * c_out..(t * f + of) * c_out].copy_from_slice(src);
+        }
+        for (dt, df) in (0..k).flat_map(|dt| (0..k).map(move |df| (dt, df))) {
+            let first = (offsets[u] + dt) * f + df;
+            let tap = (dt * k + df) * c;
+            // SAFETY: as in shifted_forward; dw's [c_out, c] block at column `tap` has row
+            // stride k * k * c, and dx's rows x c from row `first` stay inside the utterance.
+            unsafe {
+                // dw[:, tap..tap + c] += wide^T x_shifted
+                R::gemm_raw(
+                    c_out,
+                    rows,
+                    c,
+                    R::ONE,
+                    &wide[..rows * c_out],
+                    1,
+                    c_out as isize,
+                    &x[first * c..],
+                    c as isize,
+                    1,
+                    R::ONE,
+                    &mut dw[tap..],
+                    (k * k * c) as isize,
+                );
+                if let Some(dx) = dx.as_mut() {
+                    // dx_shifted += wide w[:, tap..tap + c]
+                    R::gemm_raw(
+                        rows,
+                        c_out,
+                        c,
+                        R::ONE,
+                        &wide[..rows * c_out],
+                        c_out as isize,
+                        1,
+                        &w[tap..],
+                        (k * k * c) as isize,
+                        1,
+                        R::ONE,
+                        &mut dx[first * c..],
+                        c as isize,
+                    );
+                }
+            }
+        }
+    }
+    (dx, dw, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +336,47 @@ mod tests {
             (lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0),
             "{lhs} vs {rhs}"
         );
+    }
+
+    #[test]
+    fn shifted_gemms_equal_patches_times_the_weight_forward_and_backward() {
+        use crate::ops::linear;
+        let g = PatchGeom {
+            freq: 7,
+            channels: 3,
+            kernel: 3,
+            stride: 1,
+        };
+        let offsets = [0usize, 5, 13, 16];
+        let c_out = 4;
+        let x: Vec<f64> = (0..16 * 21)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0)
+            .collect();
+        let w: Vec<f64> = (0..c_out * g.patch_width())
+            .map(|i| ((i * 11 % 17) as f64 - 8.0) / 5.0)
+            .collect();
+        let b = [0.5, -1.0, 0.25, 2.0];
+        let (p, outs) = patches_forward(&x, &offsets, &g);
+        let rows = p.len() / g.patch_width();
+        let want = linear::forward(&p, rows, g.patch_width(), &w, c_out, Some(&b));
+        let (got, outs2) = shifted_forward(&x, &offsets, &g, &w, &b, c_out);
+        assert_eq!(outs, outs2);
+        assert_eq!(got.len(), want.len());
+        for (a, e) in got.iter().zip(&want) {
+            assert!((a - e).abs() < 1e-12, "{a} vs {e}");
+        }
+        let dy: Vec<f64> = (0..want.len())
+            .map(|i| ((i * 29 % 13) as f64) - 6.0)
+            .collect();
+        let (dp, dw, db) = linear::backward(&p, rows, g.patch_width(), &w, c_out, &dy, true);
+        let dx = patches_backward(&dp.unwrap(), &offsets, &outs, &g);
+        let (dx2, dw2, db2) = shifted_backward(&x, &offsets, &outs, &g, &w, c_out, &dy, true);
+        for (name, a, e) in [("dx", dx2.unwrap(), dx), ("dw", dw2, dw), ("db", db2, db)] {
+            assert_eq!(a.len(), e.len(), "{name}");
+            for (a, e) in a.iter().zip(&e) {
+                assert!((a - e).abs() < 1e-9, "{name}: {a} vs {e}");
+            }
+        }
     }
 
     #[test]
