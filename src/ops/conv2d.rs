@@ -1,8 +1,9 @@
-//! 2-D convolution over each utterance's (time, feature) plane, as im2col patches: the gather of
-//! every k x k window into one row, so that the convolution itself is a GEMM (`ops::linear`) with
-//! a weight [c_out, k * k * c_in]: PyTorch's Conv2d weight [c_out, c_in, k, k] permuted to
-//! [c_out, k, k, c_in]. ESPnet's `Conv2dSubsampling2` (ML-SUPERB's downstream) is two such
-//! convolutions.
+//! 2-D convolution over each utterance's (time, feature) plane, with a weight [c_out, k * k *
+//! c_in]: PyTorch's Conv2d weight [c_out, c_in, k, k] permuted to [c_out, k, k, c_in]. Two ways:
+//! im2col patches (the gather of every k x k window into one row, so that the convolution is one
+//! GEMM, `ops::linear`; any stride, cheap for few input channels) and, at stride 1, k * k GEMMs
+//! of shifted input rows with no patches (for many channels, where the patches would be k * k
+//! times the input). ESPnet's `Conv2dSubsampling2` (ML-SUPERB's downstream) is one of each.
 //!
 //! Layout: a frame is [freq, channels] (channels fastest), so a convolution's output rows
 //! [(frame, freq), c_out] are directly the next one's input. A patch row is ordered (time offset,
