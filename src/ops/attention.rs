@@ -1,6 +1,8 @@
-//! Multi-head scaled-dot-product attention over tiny per-frame sequences (CLS pooling attends over
-//! the L+1 layer tokens of one frame). Inputs are already projected: q [n, sq, h*dh], k and v
-//! [n, sk, h*dh]; heads are contiguous dh-slices of the feature axis, as in nn.MultiheadAttention.
+//! Multi-head scaled-dot-product attention, over tiny per-frame sequences (CLS pooling attends
+//! over the L+1 layer tokens of one frame: q [n, sq, h*dh], k and v [n, sk, h*dh]) or over each
+//! utterance's frames of a packed batch (the ML-SUPERB head's self-attention, with dropout on the
+//! probabilities). Inputs are already projected; heads are contiguous dh-slices of the feature
+//! axis, as in nn.MultiheadAttention and ESPnet's MultiHeadedAttention.
 
 use super::Real;
 use rayon::prelude::*;
