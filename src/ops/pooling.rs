@@ -1,4 +1,5 @@
-//! Mean over the valid frames of each utterance of a packed batch (`offsets` = cu_seqlens).
+//! Means over the valid frames of each utterance of a packed batch (`offsets` = cu_seqlens): mean
+//! pooling, and centering (each frame minus its utterance's mean).
 
 use super::Real;
 
