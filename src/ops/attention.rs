@@ -29,9 +29,8 @@ pub struct ProbDropout {
     pub seed: u64,
 }
 
-/// One sequence's attention: q [sq, w], k and v [sk, w] (rows w = heads * head_dim apart);
-/// writes out [sq, w] and probs [heads, sq, sk]. `drop`: the dropout and this sequence's first
-/// probability's index in the call.
+/// One short sequence's attention: q [sq, w], k and v [sk, w] (rows w = heads * head_dim
+/// apart); writes out [sq, w] and probs [heads, sq, sk].
 #[allow(clippy::too_many_arguments)]
 fn sequence_forward<R: Real>(
     qf: &[R],
@@ -43,7 +42,6 @@ fn sequence_forward<R: Real>(
     head_dim: usize,
     of: &mut [R],
     pf: &mut [R],
-    drop: Option<(ProbDropout, u64)>,
 ) {
     let w = heads * head_dim;
     let scale = R::from_f64(1.0 / (head_dim as f64).sqrt());
@@ -61,10 +59,6 @@ fn sequence_forward<R: Real>(
             super::softmax::softmax_row(&scores, p);
             let o = &mut of[i * w + hs..i * w + hs + head_dim];
             for (j, &pj) in p.iter().enumerate() {
-                let pj = match drop {
-                    Some((d, base)) => dropped(pj, d, base + (row + j) as u64),
-                    None => pj,
-                };
                 for (a, &b) in o.iter_mut().zip(&vf[j * w + hs..j * w + hs + head_dim]) {
                     *a += pj * b;
                 }
@@ -96,39 +90,30 @@ fn sequence_backward<R: Real>(
     heads: usize,
     head_dim: usize,
     (dq, dk, dv): (&mut [R], &mut [R], &mut [R]),
-    drop: Option<(ProbDropout, u64)>,
 ) {
     let w = heads * head_dim;
     let scale = R::from_f64(1.0 / (head_dim as f64).sqrt());
     let mut ds = vec![R::ZERO; sk];
-    let mut kept = vec![R::ZERO; sk];
     for h in 0..heads {
         let hs = h * head_dim;
         for i in 0..sq {
             let row = (h * sq + i) * sk;
             let p = &pf[row..row + sk];
             let doi = &of[i * w + hs..i * w + hs + head_dim];
-            // The probabilities as applied to V (after dropout), and dP = dO V^T through the
-            // dropout; then dS = P * (dP - sum(P * dP)).
-            for j in 0..sk {
-                let one = match drop {
-                    Some((d, base)) => dropped(R::ONE, d, base + (row + j) as u64),
-                    None => R::ONE,
-                };
-                kept[j] = p[j] * one;
-                ds[j] = one
-                    * doi
-                        .iter()
-                        .zip(&vf[j * w + hs..j * w + hs + head_dim])
-                        .map(|(&a, &b)| a * b)
-                        .sum::<R>();
+            // dP = dO V^T, dS = P * (dP - sum(P * dP)).
+            for (j, d) in ds.iter_mut().enumerate() {
+                *d = doi
+                    .iter()
+                    .zip(&vf[j * w + hs..j * w + hs + head_dim])
+                    .map(|(&a, &b)| a * b)
+                    .sum();
             }
             let dot: R = p.iter().zip(&ds).map(|(&a, &b)| a * b).sum();
             for (j, d) in ds.iter_mut().enumerate() {
                 *d = p[j] * (*d - dot) * scale;
             }
             for j in 0..sk {
-                let (pj, dsj) = (kept[j], ds[j]);
+                let (pj, dsj) = (p[j], ds[j]);
                 for e in 0..head_dim {
                     dv[j * w + hs + e] += pj * doi[e];
                     dk[j * w + hs + e] += dsj * qf[i * w + hs + e];
@@ -136,6 +121,171 @@ fn sequence_backward<R: Real>(
                 }
             }
         }
+    }
+}
+
+/// c[m, n] = beta c + a[m, k] b[k, n] over strided views (row stride, column stride; c's
+/// column stride 1), each view checked to lie inside its slice.
+#[allow(clippy::too_many_arguments)]
+fn strided_mm<R: Real>(
+    (m, k, n): (usize, usize, usize),
+    (a, rsa, csa): (&[R], usize, usize),
+    (b, rsb, csb): (&[R], usize, usize),
+    beta: R,
+    (c, rsc): (&mut [R], usize),
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(last(m, k, rsa, csa) < a.len() && last(k, n, rsb, csb) < b.len());
+    assert!(last(m, n, rsc, 1) < c.len());
+    // SAFETY: the asserts above keep every element the strides reach inside its slice.
+    unsafe {
+        R::gemm_raw(
+            m,
+            k,
+            n,
+            R::ONE,
+            a,
+            rsa as isize,
+            csa as isize,
+            b,
+            rsb as isize,
+            csb as isize,
+            beta,
+            c,
+            rsc as isize,
+        )
+    }
+}
+
+/// The dropout multipliers (0 or 1 / (1 - p)) of one head's [t, t] probabilities starting at
+/// probability index `base` of the call.
+fn drop_multipliers<R: Real>(drop: Option<(ProbDropout, u64)>, len: usize) -> Option<Vec<R>> {
+    drop.map(|(d, base)| {
+        (0..len)
+            .map(|i| dropped(R::ONE, d, base + i as u64))
+            .collect()
+    })
+}
+
+/// [`sequence_forward`] for self-attention over t frames, as matrix products (the ML-SUPERB
+/// head's utterances are hundreds of frames long).
+#[allow(clippy::too_many_arguments)]
+fn self_attention_forward<R: Real>(
+    (qf, kf, vf): (&[R], &[R], &[R]),
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    of: &mut [R],
+    pf: &mut [R],
+    drop: Option<(ProbDropout, u64)>,
+) {
+    let w = heads * head_dim;
+    let scale = R::from_f64(1.0 / (head_dim as f64).sqrt());
+    let mut scores = vec![R::ZERO; t];
+    for h in 0..heads {
+        let (hs, p) = (h * head_dim, &mut pf[h * t * t..(h + 1) * t * t]);
+        // S = Q_h K_h^T, then each row's softmax of S * scale.
+        strided_mm(
+            (t, head_dim, t),
+            (&qf[hs..], w, 1),
+            (&kf[hs..], 1, w),
+            R::ZERO,
+            (p, t),
+        );
+        for row in p.chunks_exact_mut(t) {
+            for (s, &v) in scores.iter_mut().zip(row.iter()) {
+                *s = v * scale;
+            }
+            super::softmax::softmax_row(&scores, row);
+        }
+        let mult = drop_multipliers::<R>(drop.map(|(d, b)| (d, b + (h * t * t) as u64)), t * t);
+        let dropped_p: Vec<R>;
+        let applied: &[R] = match &mult {
+            Some(m) => {
+                dropped_p = p.iter().zip(m).map(|(&a, &b)| a * b).collect();
+                &dropped_p
+            }
+            None => p,
+        };
+        // O_h = P V_h.
+        strided_mm(
+            (t, t, head_dim),
+            (applied, t, 1),
+            (&vf[hs..], w, 1),
+            R::ZERO,
+            (&mut of[hs..], w),
+        );
+    }
+}
+
+/// The gradients of [`self_attention_forward`], added into dq, dk, dv [t, w].
+#[allow(clippy::too_many_arguments)]
+fn self_attention_backward<R: Real>(
+    (qf, kf, vf): (&[R], &[R], &[R]),
+    pf: &[R],
+    of: &[R],
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    (dq, dk, dv): (&mut [R], &mut [R], &mut [R]),
+    drop: Option<(ProbDropout, u64)>,
+) {
+    let w = heads * head_dim;
+    let scale = R::from_f64(1.0 / (head_dim as f64).sqrt());
+    let mut ds = vec![R::ZERO; t * t];
+    for h in 0..heads {
+        let (hs, p) = (h * head_dim, &pf[h * t * t..(h + 1) * t * t]);
+        let mult = drop_multipliers::<R>(drop.map(|(d, b)| (d, b + (h * t * t) as u64)), t * t);
+        let applied: Vec<R> = match &mult {
+            Some(m) => p.iter().zip(m).map(|(&a, &b)| a * b).collect(),
+            None => p.to_vec(),
+        };
+        // dV_h += P_applied^T dO_h; dP_applied = dO_h V_h^T.
+        strided_mm(
+            (t, t, head_dim),
+            (&applied, 1, t),
+            (&of[hs..], w, 1),
+            R::ONE,
+            (&mut dv[hs..], w),
+        );
+        strided_mm(
+            (t, head_dim, t),
+            (&of[hs..], w, 1),
+            (&vf[hs..], 1, w),
+            R::ZERO,
+            (&mut ds, t),
+        );
+        // Through the dropout, then the softmax: dS = P * (dP - sum(P * dP)) * scale.
+        for (i, row) in ds.chunks_exact_mut(t).enumerate() {
+            if let Some(m) = &mult {
+                row.iter_mut()
+                    .zip(&m[i * t..(i + 1) * t])
+                    .for_each(|(d, &b)| *d *= b);
+            }
+            let pr = &p[i * t..(i + 1) * t];
+            let dot: R = pr.iter().zip(row.iter()).map(|(&a, &b)| a * b).sum();
+            for (d, &pj) in row.iter_mut().zip(pr) {
+                *d = pj * (*d - dot) * scale;
+            }
+        }
+        // dQ_h += dS K_h; dK_h += dS^T Q_h.
+        strided_mm(
+            (t, t, head_dim),
+            (&ds, t, 1),
+            (&kf[hs..], w, 1),
+            R::ONE,
+            (&mut dq[hs..], w),
+        );
+        strided_mm(
+            (t, t, head_dim),
+            (&ds, 1, t),
+            (&qf[hs..], w, 1),
+            R::ONE,
+            (&mut dk[hs..], w),
+        );
     }
 }
 
@@ -149,7 +299,7 @@ pub fn forward<R: Real>(q: &[R], k: &[R], v: &[R], n: usize, g: &AttnGeom) -> (V
         .enumerate()
         .for_each(|(f, (of, pf))| {
             let (qf, kf, vf) = (&q[f * g.sq * w..], &k[f * g.sk * w..], &v[f * g.sk * w..]);
-            sequence_forward(qf, kf, vf, g.sq, g.sk, g.heads, g.head_dim, of, pf, None);
+            sequence_forward(qf, kf, vf, g.sq, g.sk, g.heads, g.head_dim, of, pf);
         });
     (out, probs)
 }
@@ -177,7 +327,7 @@ pub fn backward<R: Real>(
             let pf = &probs[f * g.heads * g.sq * g.sk..];
             let of = &dout[f * g.sq * w..];
             let grads = (dqf, dkf, dvf);
-            sequence_backward(inputs, pf, of, g.sq, g.sk, g.heads, g.head_dim, grads, None);
+            sequence_backward(inputs, pf, of, g.sq, g.sk, g.heads, g.head_dim, grads);
         });
     (dq, dk, dv)
 }
@@ -216,11 +366,8 @@ pub fn packed_forward<R: Real>(
         .for_each(|(u, (of, pf))| {
             let (s, t) = (offsets[u] * w, lens[u]);
             let drop = drop.map(|d| (d, po[u] as u64));
-            sequence_forward(
-                &q[s..],
-                &k[s..],
-                &v[s..],
-                t,
+            self_attention_forward(
+                (&q[s..], &k[s..], &v[s..]),
                 t,
                 heads,
                 head_dim,
@@ -264,11 +411,10 @@ pub fn packed_backward<R: Real>(
         .for_each(|(u, ((dqu, dku), dvu))| {
             let (s, t) = (offsets[u] * w, lens[u]);
             let drop = drop.map(|d| (d, po[u] as u64));
-            sequence_backward(
+            self_attention_backward(
                 (&q[s..], &k[s..], &v[s..]),
                 &probs[po[u]..],
                 &dout[s..],
-                t,
                 t,
                 heads,
                 head_dim,
