@@ -811,3 +811,42 @@ fn the_ml_superb_head_trains_resumes_bit_for_bit_and_refuses_utterances_it_canno
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn a_transcript_longer_than_its_frames_stops_the_superb_head_before_the_first_step() {
+    let root = scratch("toolong");
+    // 6000 samples: 18 frames at 50 Hz, and 20 phones.
+    let samples: Vec<f32> = (0..6000).map(|i| 0.1 * (i as f32 * 0.07).sin()).collect();
+    strata::audio::write_wav_pcm16(&root.join("train/fast.wav"), &samples).unwrap();
+    for (file, line) in [
+        ("wav.scp", "fast fast.wav\n"),
+        ("text", "fast a e i o a e i o a e i o a e i o a e i o\n"),
+    ] {
+        let p = root.join("train").join(file);
+        std::fs::write(&p, std::fs::read_to_string(&p).unwrap() + line).unwrap();
+    }
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&load("train"), true);
+    let out = root.join("run");
+    let err = train(
+        &src,
+        &src,
+        load("train"),
+        load("dev"),
+        &vocab,
+        &config(&out, 2, false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("'fast' has 20 label tokens, more than the 18 frames"),
+        "{err}"
+    );
+    assert!(!out.join("log.jsonl").exists(), "refused before any step");
+    let mut skip = config(&out, 2, false);
+    skip.on_bad = OnBad::Skip;
+    train(&src, &src, load("train"), load("dev"), &vocab, &skip).unwrap();
+    std::fs::remove_dir_all(&root).ok();
+}
