@@ -38,17 +38,10 @@ pub fn symmetric_eigen(a: &[f64], n: usize) -> Result<SymmetricEigen> {
             vectors: vec![],
         });
     }
-    let mut v = a.to_vec();
+    // tred2 and tql2 walk columns of V; both run on its transpose, so that they walk rows.
+    let mut vt = crate::ops::shape::transpose(a, n, n);
     let (mut d, mut e) = (vec![0f64; n], vec![0f64; n]);
-    tridiagonalize(&mut v, &mut d, &mut e, n);
-    // The QL rotations combine pairs of columns of V: work on its transpose so that they touch
-    // two contiguous rows.
-    let mut vt = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            vt[j * n + i] = v[i * n + j];
-        }
-    }
+    tridiagonalize_transposed(&mut vt, &mut d, &mut e, n);
     tridiagonal_ql(&mut vt, &mut d, &mut e, n)?;
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&x, &y| d[y].total_cmp(&d[x]));
@@ -64,12 +57,14 @@ pub fn symmetric_eigen(a: &[f64], n: usize) -> Result<SymmetricEigen> {
     Ok(SymmetricEigen { n, values, vectors })
 }
 
-/// Householder tridiagonalization (tred2): on return `v` holds the orthogonal transformation,
-/// `d` the diagonal and `e[1..]` the subdiagonal.
-fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
+/// Householder tridiagonalization (tred2) of the matrix whose transpose `vt` holds (its lower
+/// triangle is read): every index of EISPACK's tred2 swapped, so that its column walks are row
+/// walks. On return `vt` holds the transpose of the orthogonal transformation, `d` the diagonal
+/// and `e[1..]` the subdiagonal.
+fn tridiagonalize_transposed(vt: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
     let at = |i: usize, j: usize| i * n + j;
     for j in 0..n {
-        d[j] = v[at(n - 1, j)];
+        d[j] = vt[at(j, n - 1)];
     }
     for i in (1..n).rev() {
         let mut scale = 0.0;
@@ -80,9 +75,9 @@ fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
         if scale == 0.0 {
             e[i] = d[i - 1];
             for j in 0..i {
-                d[j] = v[at(i - 1, j)];
-                v[at(i, j)] = 0.0;
-                v[at(j, i)] = 0.0;
+                d[j] = vt[at(j, i - 1)];
+                vt[at(j, i)] = 0.0;
+                vt[at(i, j)] = 0.0;
             }
         } else {
             for dk in d.iter_mut().take(i) {
@@ -100,11 +95,11 @@ fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
             e[..i].fill(0.0);
             for j in 0..i {
                 let f = d[j];
-                v[at(j, i)] = f;
-                let mut g = e[j] + v[at(j, j)] * f;
+                vt[at(i, j)] = f;
+                let mut g = e[j] + vt[at(j, j)] * f;
                 for k in j + 1..i {
-                    g += v[at(k, j)] * d[k];
-                    e[k] += v[at(k, j)] * f;
+                    g += vt[at(j, k)] * d[k];
+                    e[k] += vt[at(j, k)] * f;
                 }
                 e[j] = g;
             }
@@ -120,42 +115,42 @@ fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
             for j in 0..i {
                 let (f, g) = (d[j], e[j]);
                 for k in j..i {
-                    v[at(k, j)] -= f * e[k] + g * d[k];
+                    vt[at(j, k)] -= f * e[k] + g * d[k];
                 }
-                d[j] = v[at(i - 1, j)];
-                v[at(i, j)] = 0.0;
+                d[j] = vt[at(j, i - 1)];
+                vt[at(j, i)] = 0.0;
             }
         }
         d[i] = h;
     }
     // Accumulate the transformations.
     for i in 0..n - 1 {
-        v[at(n - 1, i)] = v[at(i, i)];
-        v[at(i, i)] = 1.0;
+        vt[at(i, n - 1)] = vt[at(i, i)];
+        vt[at(i, i)] = 1.0;
         let h = d[i + 1];
         if h != 0.0 {
             for k in 0..=i {
-                d[k] = v[at(k, i + 1)] / h;
+                d[k] = vt[at(i + 1, k)] / h;
             }
             for j in 0..=i {
                 let mut g = 0.0;
                 for k in 0..=i {
-                    g += v[at(k, i + 1)] * v[at(k, j)];
+                    g += vt[at(i + 1, k)] * vt[at(j, k)];
                 }
                 for k in 0..=i {
-                    v[at(k, j)] -= g * d[k];
+                    vt[at(j, k)] -= g * d[k];
                 }
             }
         }
         for k in 0..=i {
-            v[at(k, i + 1)] = 0.0;
+            vt[at(i + 1, k)] = 0.0;
         }
     }
     for j in 0..n {
-        d[j] = v[at(n - 1, j)];
-        v[at(n - 1, j)] = 0.0;
+        d[j] = vt[at(j, n - 1)];
+        vt[at(j, n - 1)] = 0.0;
     }
-    v[at(n - 1, n - 1)] = 1.0;
+    vt[at(n - 1, n - 1)] = 1.0;
     e[0] = 0.0;
 }
 
