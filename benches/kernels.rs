@@ -1,6 +1,7 @@
 //! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, the whole HConv +
 //! PR-head step, log-softmax, CTC, cross-entropy, LayerNorm, dropout, mean pooling, the step's glue
-//! (casts, GELU, residual add, the bf16 row norm), CLS pooling's attention, AdamW flat and
+//! (casts, GELU, residual add, the bf16 row norm), CLS pooling's attention, the packed
+//! self-attention of the ML-SUPERB head, AdamW flat and
 //! multi-tensor) at HuBERT-Base / Large sizes, 32 x 500 frames. GPU only: without one it says so
 //! and measures nothing (the emulator's speed means nothing). The device script's table
 //! (examples/gpu_bench.rs + PyTorch) is the one recorded in RESULTS.md; this is for iterating on a
@@ -311,6 +312,34 @@ fn bench(c: &mut Criterion) {
                     drop(
                         device::am_margin(&be, &logits, Some(&labels), rows, v, 30.0, 0.4).unwrap(),
                     )
+                })
+            })
+        });
+    }
+    // The ML-SUPERB head's self-attention: 8 utterances x 250 frames, 8 heads of 32, with its
+    // dropout on the probabilities, forward and backward (~0.26 GFLOP each way).
+    {
+        let batch = strata::PackedBatch::from_lengths(&[250; 8]).unwrap();
+        let n = 2000 * 256;
+        let x = be.upload(&vec![0.01f32; n]).unwrap();
+        let attn = device::PackedAttn {
+            q: &x,
+            k: &x,
+            v: &x,
+            batch: &batch,
+            heads: 8,
+            head_dim: 32,
+            dropout: Some(strata::ops::attention::ProbDropout { p: 0.1, seed: 1 }),
+        };
+        let (_, probs) = attn.forward(&be).unwrap();
+        group.throughput(Throughput::Elements(2000));
+        group.bench_function("packed_attention_forward_8x250_8x32", |b| {
+            b.iter_custom(|iters| timed(&be, iters, &mut || drop(attn.forward(&be).unwrap())))
+        });
+        group.bench_function("packed_attention_backward_8x250_8x32", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(attn.backward(&be, &probs, &x).unwrap())
                 })
             })
         });

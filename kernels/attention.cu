@@ -1,4 +1,7 @@
-// strata/kernels/attention.cu: CLS pooling's attention, fused: per frame, ONE query (the CLS
+// strata/kernels/attention.cu: CLS pooling's attention (first), and the packed self-attention of
+// the ML-SUPERB head (at the end of the file).
+//
+// CLS pooling's attention, fused: per frame, ONE query (the CLS
 // token's, the same for every frame: a learned vector through the same LayerNorm and projection)
 // over the frame's L+1 tokens (the CLS token's key/value row, shared by all frames, then the L
 // layer tokens' rows). CPU reference: src/ops/attention.rs with sq = 1.
@@ -128,3 +131,134 @@ extern "C" __global__ void cls_attention_backward(const ClsAttnParams a) {
     }
 }
 STRATA_EMU_ENTRY(cls_attention_backward, ClsAttnParams)
+
+// ---------------------------------------------------------------------------------------------
+// Packed self-attention: multi-head attention of each frame over its own utterance's frames (the
+// ML-SUPERB head's encoder), fp32, with seeded dropout on the probabilities. CPU reference:
+// src/ops/attention.rs packed_forward / packed_backward (the same probability layout, per
+// utterance [H, T, T] from prob_off[u], and the same dropout index: prob_off[u] + (h T + i) T + j).
+//
+// One block per (frame, head). Forward: the row of scores in the probs buffer (no length limit),
+// block max and sum, then each thread one output feature. Backward in two launches, no atomics:
+// per query row, dS = P (dP - sum P dP) scale with dP through the dropout, into `ds`, and dQ;
+// then per key row, dK = sum_i dS_ij q_i and dV = sum_i P'_ij dO_i (P' after dropout).
+
+struct PackedAttnParams {
+    const float* q;         // [frames, H * dh]
+    const float* k;
+    const float* v;
+    float* probs;           // forward writes, backward reads
+    float* out;             // forward: [frames, H * dh]
+    const float* dout;      // backward
+    float* ds;              // backward scratch, laid out as probs
+    float* dq;
+    float* dk;
+    float* dv;
+    const int* offsets;     // [U + 1] frames
+    const long long* prob_off;  // [U + 1]
+    int utterances, H, dh, dropout;
+    float scale, keep_scale;
+    unsigned long long seed;
+    double p;
+};
+
+// The utterance holding frame f (offsets ascending; binary search).
+__device__ __forceinline__ int packed_utterance_of(const int* offsets, int utterances, int f) {
+    int lo = 0, hi = utterances - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (offsets[mid] <= f) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Probability element `index` after dropout.
+__device__ __forceinline__ float packed_drop(const PackedAttnParams& a, float pj, long long index) {
+    if (!a.dropout) return pj;
+    return dropout_keep(a.seed, (unsigned long long)index, a.p) ? pj * a.keep_scale : 0.0f;
+}
+
+extern "C" __global__ void packed_attention_forward(const PackedAttnParams a) {
+    __shared__ float scratch[32];
+    const int f = blockIdx.x / a.H, h = blockIdx.x % a.H, W = a.H * a.dh;
+    const int u = packed_utterance_of(a.offsets, a.utterances, f);
+    const int s0 = a.offsets[u], T = a.offsets[u + 1] - s0, i = f - s0;
+    const long long base = a.prob_off[u] + ((long long)h * T + i) * T;
+    const float* qi = a.q + (int64_t)f * W + h * a.dh;
+    float* row = a.probs + base;
+    float m = strata_bits_float(0xff800000u);
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        const float* kj = a.k + (int64_t)(s0 + j) * W + h * a.dh;
+        float dot = 0.0f;
+        for (int e = 0; e < a.dh; ++e) dot += qi[e] * kj[e];
+        dot *= a.scale;
+        row[j] = dot;
+        m = fmaxf(m, dot);
+    }
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        const float ex = expf(row[j] - m);
+        row[j] = ex;
+        sum += ex;
+    }
+    const float inv = 1.0f / block_sum(sum, scratch);
+    for (int j = threadIdx.x; j < T; j += blockDim.x) row[j] *= inv;
+    __syncthreads();
+    for (int e = threadIdx.x; e < a.dh; e += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < T; ++j) {
+            acc += packed_drop(a, row[j], base + j) * a.v[(int64_t)(s0 + j) * W + h * a.dh + e];
+        }
+        a.out[(int64_t)f * W + h * a.dh + e] = acc;
+    }
+}
+STRATA_EMU_ENTRY(packed_attention_forward, PackedAttnParams)
+
+extern "C" __global__ void packed_attention_backward_query(const PackedAttnParams a) {
+    __shared__ float scratch[32];
+    const int f = blockIdx.x / a.H, h = blockIdx.x % a.H, W = a.H * a.dh;
+    const int u = packed_utterance_of(a.offsets, a.utterances, f);
+    const int s0 = a.offsets[u], T = a.offsets[u + 1] - s0, i = f - s0;
+    const long long base = a.prob_off[u] + ((long long)h * T + i) * T;
+    const float* doi = a.dout + (int64_t)f * W + h * a.dh;
+    const float* p = a.probs + base;
+    float* dsr = a.ds + base;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        const float* vj = a.v + (int64_t)(s0 + j) * W + h * a.dh;
+        float dp = 0.0f;
+        for (int e = 0; e < a.dh; ++e) dp += doi[e] * vj[e];
+        dp = packed_drop(a, dp, base + j);
+        dsr[j] = dp;
+        dot += p[j] * dp;
+    }
+    dot = block_sum(dot, scratch);
+    for (int j = threadIdx.x; j < T; j += blockDim.x) dsr[j] = p[j] * (dsr[j] - dot) * a.scale;
+    __syncthreads();
+    for (int e = threadIdx.x; e < a.dh; e += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < T; ++j) acc += dsr[j] * a.k[(int64_t)(s0 + j) * W + h * a.dh + e];
+        a.dq[(int64_t)f * W + h * a.dh + e] = acc;
+    }
+}
+STRATA_EMU_ENTRY(packed_attention_backward_query, PackedAttnParams)
+
+extern "C" __global__ void packed_attention_backward_key(const PackedAttnParams a) {
+    const int f = blockIdx.x / a.H, h = blockIdx.x % a.H, W = a.H * a.dh;
+    const int u = packed_utterance_of(a.offsets, a.utterances, f);
+    const int s0 = a.offsets[u], T = a.offsets[u + 1] - s0, j = f - s0;
+    const long long head = a.prob_off[u] + (long long)h * T * T;
+    for (int e = threadIdx.x; e < a.dh; e += blockDim.x) {
+        float dk = 0.0f, dv = 0.0f;
+        for (int i = 0; i < T; ++i) {
+            const long long at = head + (long long)i * T + j;
+            const int64_t row = (int64_t)(s0 + i) * W + h * a.dh + e;
+            dk += a.ds[at] * a.q[row];
+            dv += packed_drop(a, a.probs[at], at) * a.dout[row];
+        }
+        a.dk[(int64_t)f * W + h * a.dh + e] = dk;
+        a.dv[(int64_t)f * W + h * a.dh + e] = dv;
+    }
+}
+STRATA_EMU_ENTRY(packed_attention_backward_key, PackedAttnParams)

@@ -282,6 +282,17 @@ __device__ __forceinline__ void warp_row_stats_bf16(const bf16* row, int n, floa
     *rstd = 1.0f / sqrtf(warp_sum(q) / (float)n + eps);
 }
 
+// Seeded dropout's keep decision for element i, the CPU's exactly (src/ops/dropout.rs):
+// SplitMix64's finaliser over (seed, i), its top 53 bits as a double in [0, 1) compared with p.
+__device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long i, double p) {
+    unsigned long long z = seed ^ (i * 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const double u = (double)(z >> 11) * (1.0 / 9007199254740992.0);
+    return u >= p;
+}
+
 // Max over the block, returned to every thread (same contract as block_sum).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31;

@@ -2304,3 +2304,74 @@ fn speaker_head_kernels_match_the_cpu_references() {
         assert!(got.iter().zip(&cos).all(|(g, c)| *g == 30.0 * c));
     }
 }
+
+#[test]
+fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
+    use strata::ops::attention::{packed_backward, packed_forward, ProbDropout};
+    for be in backends() {
+        let tag = be.name();
+        let mut cases = vec![(vec![1usize, 5, 37], 2usize, 8usize), (vec![20, 3], 4, 5)];
+        if on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
+            cases.push((vec![250; 8], 8, 32));
+        }
+        for (lengths, heads, dh) in cases {
+            let batch = strata::PackedBatch::from_lengths(&lengths).unwrap();
+            let n = batch.total_frames() * heads * dh;
+            let (q, k, v, dout) = (randn(n, 61), randn(n, 62), randn(n, 63), randn(n, 64));
+            for dropout in [None, Some(ProbDropout { p: 0.25, seed: 77 })] {
+                let bufs = [&q, &k, &v, &dout].map(|x| be.upload(x).unwrap());
+                let attn = device::PackedAttn {
+                    q: &bufs[0],
+                    k: &bufs[1],
+                    v: &bufs[2],
+                    batch: &batch,
+                    heads,
+                    head_dim: dh,
+                    dropout,
+                };
+                let (out, probs) = attn.forward(&be).unwrap();
+                let (dq, dk, dv) = attn.backward(&be, &probs, &bufs[3]).unwrap();
+                let offsets = batch.offsets();
+                let (want_out, want_probs) =
+                    packed_forward((&q, &k, &v), offsets, heads, dh, dropout);
+                let (wq, wk, wv) = packed_backward(
+                    (&q, &k, &v),
+                    &want_probs,
+                    &dout,
+                    offsets,
+                    heads,
+                    dh,
+                    dropout,
+                );
+                let what = format!("{tag} {lengths:?} x {heads} heads, dropout {dropout:?}");
+                for (name, got, want) in [
+                    ("out", &out, &want_out),
+                    ("probs", &probs, &want_probs),
+                    ("dq", &dq, &wq),
+                    ("dk", &dk, &wk),
+                    ("dv", &dv, &wv),
+                ] {
+                    let got = be.download(got).unwrap();
+                    common::assert_close(&format!("{what}: {name}"), &got, want, 1e-5);
+                }
+            }
+        }
+        // Shapes that do not match are refused by name.
+        let batch = strata::PackedBatch::from_lengths(&[4]).unwrap();
+        let small = be.upload(&randn(4 * 6, 1)).unwrap();
+        let err = device::PackedAttn {
+            q: &small,
+            k: &small,
+            v: &small,
+            batch: &batch,
+            heads: 2,
+            head_dim: 4,
+            dropout: None,
+        }
+        .forward(&be)
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("packed_attention_forward"), "{err}");
+    }
+}

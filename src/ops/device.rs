@@ -11,8 +11,8 @@ use crate::runtime::kernels::{
     DropoutParams, HConvBwdParams, HConvFwdParams, HConvMaskParams, L2NormalizeParams,
     LayerNormBwdParams, LayerNormFwdParams, LayerNormReduceParams, LayerNormRowsParams,
     LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams,
-    RowsGatherParams, RowsGatherSumParams, SelectLayerParams, SplitReduceParams, StatsPoolParams,
-    SumSquaresMultiParams, SumSquaresParams, WidenParams,
+    PackedAttnParams, RowsGatherParams, RowsGatherSumParams, SelectLayerParams, SplitReduceParams,
+    StatsPoolParams, SumSquaresMultiParams, SumSquaresParams, WidenParams,
 };
 use crate::runtime::{Backend, Buf};
 use half::bf16;
@@ -2156,4 +2156,129 @@ pub fn am_margin(
     };
     launch_elementwise(be, K, rows * classes, &p)?;
     Ok(out)
+}
+
+/// Shapes and inputs of the packed self-attention (kernels/attention.cu): q, k, v fp32
+/// [frames, heads * head_dim] of a packed batch, each frame attending over its utterance.
+pub struct PackedAttn<'a> {
+    pub q: &'a Buf<f32>,
+    pub k: &'a Buf<f32>,
+    pub v: &'a Buf<f32>,
+    pub batch: &'a crate::batch::PackedBatch,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Dropout on the probabilities, the CPU's mask (`ops::attention::ProbDropout`).
+    pub dropout: Option<crate::ops::attention::ProbDropout>,
+}
+
+const PACKED_ATTN_BLOCK: u32 = 128;
+
+impl PackedAttn<'_> {
+    /// Checks the shapes; returns (offsets, probability offsets, probabilities' length).
+    fn prepare(&self, be: &Backend, k: &str) -> Result<(Buf<i32>, Buf<i64>, usize)> {
+        let (frames, w) = (self.batch.total_frames(), self.heads * self.head_dim);
+        if self.heads == 0 || self.head_dim == 0 {
+            return Err(Error::shape(
+                k,
+                "heads and head_dim >= 1",
+                format!("{} x {}", self.heads, self.head_dim),
+            ));
+        }
+        rows_check(k, frames * self.heads, w)?;
+        for (what, b) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            need(be, k, what, b, frames * w)?;
+        }
+        if let Some(d) = self.dropout {
+            if !(0.0..1.0).contains(&d.p) {
+                return Err(Error::value(
+                    k,
+                    format!("dropout probability {} is outside [0, 1)", d.p),
+                ));
+            }
+        }
+        let mut prob_off = vec![0i64];
+        for t in self.batch.lengths() {
+            prob_off.push(prob_off.last().copied().unwrap_or(0) + (self.heads * t * t) as i64);
+        }
+        let total = *prob_off.last().unwrap_or(&0) as usize;
+        let offsets: Vec<i32> = self.batch.offsets().iter().map(|&o| o as i32).collect();
+        Ok((be.upload(&offsets)?, be.upload(&prob_off)?, total))
+    }
+
+    fn params(&self, be: &Backend, offsets: &Buf<i32>, prob_off: &Buf<i64>) -> PackedAttnParams {
+        let d = self
+            .dropout
+            .unwrap_or(crate::ops::attention::ProbDropout { p: 0.0, seed: 0 });
+        PackedAttnParams {
+            q: be.ptr(self.q),
+            k: be.ptr(self.k),
+            v: be.ptr(self.v),
+            probs: 0,
+            out: 0,
+            dout: 0,
+            ds: 0,
+            dq: 0,
+            dk: 0,
+            dv: 0,
+            offsets: be.ptr(offsets),
+            prob_off: be.ptr(prob_off),
+            utterances: self.batch.num_utterances() as i32,
+            h: self.heads as i32,
+            dh: self.head_dim as i32,
+            dropout: (self.dropout.is_some() && d.p > 0.0) as i32,
+            scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
+            keep_scale: (1.0 / (1.0 - d.p)) as f32,
+            seed: d.seed,
+            p: d.p,
+        }
+    }
+
+    fn grid(&self) -> (u32, u32, u32) {
+        ((self.batch.total_frames() * self.heads) as u32, 1, 1)
+    }
+
+    /// (out fp32 [frames, heads * head_dim], probabilities before dropout, per utterance
+    /// [heads, t, t]).
+    pub fn forward(&self, be: &Backend) -> Result<(Buf<f32>, Buf<f32>)> {
+        const K: &str = "packed_attention_forward";
+        let (offsets, prob_off, total) = self.prepare(be, K)?;
+        let out = be.output::<f32>(self.q.len())?;
+        let probs = be.output::<f32>(total)?;
+        let mut p = self.params(be, &offsets, &prob_off);
+        (p.out, p.probs) = (be.ptr(&out), be.ptr(&probs));
+        be.launch(K, self.grid(), (PACKED_ATTN_BLOCK, 1, 1), 0, &p)?;
+        Ok((out, probs))
+    }
+
+    /// (dq, dk, dv) given the forward's probabilities and dout (fp32 [frames, heads * head_dim]).
+    pub fn backward(
+        &self,
+        be: &Backend,
+        probs: &Buf<f32>,
+        dout: &Buf<f32>,
+    ) -> Result<(Buf<f32>, Buf<f32>, Buf<f32>)> {
+        const Q: &str = "packed_attention_backward_query";
+        let (offsets, prob_off, total) = self.prepare(be, Q)?;
+        need(be, Q, "probs", probs, total)?;
+        need(be, Q, "dout", dout, self.q.len())?;
+        let ds = be.output::<f32>(total)?;
+        let n = self.q.len();
+        let (dq, dk, dv) = (
+            be.output::<f32>(n)?,
+            be.output::<f32>(n)?,
+            be.output::<f32>(n)?,
+        );
+        let mut p = self.params(be, &offsets, &prob_off);
+        (p.probs, p.dout, p.ds) = (be.ptr(probs), be.ptr(dout), be.ptr(&ds));
+        (p.dq, p.dk, p.dv) = (be.ptr(&dq), be.ptr(&dk), be.ptr(&dv));
+        be.launch(Q, self.grid(), (PACKED_ATTN_BLOCK, 1, 1), 0, &p)?;
+        be.launch(
+            "packed_attention_backward_key",
+            self.grid(),
+            (PACKED_ATTN_BLOCK, 1, 1),
+            0,
+            &p,
+        )?;
+        Ok((dq, dk, dv))
+    }
 }

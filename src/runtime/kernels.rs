@@ -114,7 +114,13 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         file: "attention.cu",
         source: include_str!("../../kernels/attention.cu"),
-        kernels: &["cls_attention_forward", "cls_attention_backward"],
+        kernels: &[
+            "cls_attention_forward",
+            "cls_attention_backward",
+            "packed_attention_forward",
+            "packed_attention_backward_query",
+            "packed_attention_backward_key",
+        ],
         arch: None,
     },
     KernelFile {
@@ -248,6 +254,11 @@ params! {
     ClsAttnParams {
         q: u64, k_cls: u64, v_cls: u64, k: u64, v: u64, probs: u64, out: u64, dout: u64, dk: u64, dv: u64,
         dq_part: u64, dk_cls_part: u64, dv_cls_part: u64, n: i32, l: i32, d: i32, h: i32, scale: f32,
+    }
+    PackedAttnParams {
+        q: u64, k: u64, v: u64, probs: u64, out: u64, dout: u64, ds: u64, dq: u64, dk: u64, dv: u64,
+        offsets: u64, prob_off: u64, utterances: i32, h: i32, dh: i32, dropout: i32, scale: f32,
+        keep_scale: f32, seed: u64, p: f64,
     }
     AddRowsParams { a: u64, b: u64, v: u64, y: u64, rows: i64, c: i32 }
     ColSumParams { x: u64, out: u64, rows: i64, c: i32 }
