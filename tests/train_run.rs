@@ -850,3 +850,37 @@ fn a_transcript_longer_than_its_frames_stops_the_superb_head_before_the_first_st
     train(&src, &src, load("train"), load("dev"), &vocab, &skip).unwrap();
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn ws_large_with_the_ml_superb_head_widens_its_transformer_to_the_hconv_pairs_size() {
+    // The paper reports "WS + Large DS" on ML-SUPERB mono-1h.
+    use strata::models::mlsuperb_head::MlSuperbHeadConfig;
+    let (layers, dim, head) = (13, 768, HeadKind::Ctc { vocab: 41 });
+    let opt = AdamConfig::adamw(1e-3);
+    let ml = CtcHead::MlSuperb(MlSuperbHeadConfig::default());
+    let mut hconv = PairSpec::new("hconv", InterfaceConfig::hconv(layers, dim));
+    hconv.ctc_head = ml;
+    let hconv = Pair::from_spec(&hconv, head, opt, None, 0).unwrap();
+    let spec = PairSpec {
+        name: "ws-large".into(),
+        interface: InterfaceConfig::weighted_sum(layers, dim),
+        head_width: HeadWidth::MatchParams(InterfaceConfig::hconv(layers, dim)),
+        ctc_head: ml,
+    };
+    let large = Pair::from_spec(&spec, head, opt, None, 0).unwrap();
+    let width = |p: &Pair| {
+        p.store
+            .value(p.store.id("head.ctc_lo.weight").unwrap())
+            .shape()[1]
+    };
+    assert_eq!(width(&hconv), 256);
+    let w = width(&large);
+    assert!(w > 256 && w % 8 == 0, "{w}");
+    let (a, b) = (large.store.num_scalars(), hconv.store.num_scalars());
+    // One step of 8 in width adds ~70 x 2 x 8 x w scalars; the match is within half of that.
+    assert!(
+        a.abs_diff(b) <= 70 * 8 * w,
+        "ws-large {a} vs hconv {b} (width {w})"
+    );
+    eprintln!("ML-SUPERB ws-large: width {w}, {a} scalars vs hconv's {b}");
+}

@@ -213,6 +213,59 @@ impl MlSuperbHead {
         self.ctc_lo.out_features
     }
 
+    /// The trainable scalars of a head on `in_dim` features (what [`MlSuperbHead::new`] would
+    /// add to a store), without building it; None for a configuration `new` refuses.
+    pub fn num_params(in_dim: usize, c: &MlSuperbHeadConfig, vocab: usize) -> Option<usize> {
+        let freq2 = mlsuperb_frames(c.preencoder_dim)?;
+        if c.heads == 0 || c.width % c.heads != 0 {
+            return None;
+        }
+        let (w, k2) = (c.width, CONV_KERNEL * CONV_KERNEL);
+        let linear = |i: usize, o: usize| i * o + o;
+        let block = 2 * w + 4 * linear(w, w) + 2 * w + linear(w, c.ffn) + linear(c.ffn, w);
+        Some(
+            linear(in_dim, c.preencoder_dim)
+                + linear(k2, w)
+                + linear(k2 * w, w)
+                + linear(w * freq2, w)
+                + c.blocks * block
+                + 2 * w
+                + linear(w, vocab),
+        )
+    }
+
+    /// `base` widened (its transformer width and FFN in proportion, whole attention heads) until a
+    /// head on `in_dim` features has about `target` scalars: the ML-SUPERB form of the paper's
+    /// "WS + Large DS" (see [`crate::train::side_by_side::HeadWidth::MatchParams`]). None when
+    /// even `base` is larger.
+    pub fn widened_to(
+        base: &MlSuperbHeadConfig,
+        in_dim: usize,
+        vocab: usize,
+        target: usize,
+    ) -> Option<MlSuperbHeadConfig> {
+        let at = |width: usize| MlSuperbHeadConfig {
+            width,
+            ffn: base.ffn * width / base.width,
+            ..*base
+        };
+        let size = |width: usize| Self::num_params(in_dim, &at(width), vocab);
+        if size(base.width)? > target {
+            return None;
+        }
+        // The size grows with the width: stop at the first step past the target.
+        let mut width = base.width;
+        while size(width + base.heads)? <= target {
+            width += base.heads;
+        }
+        let (below, above) = (size(width)?, size(width + base.heads)?);
+        Some(at(if target - below <= above - target {
+            width
+        } else {
+            width + base.heads
+        }))
+    }
+
     /// features [frames, D'] of a packed batch -> (logits [frames', V], the batch of frames').
     /// `train`: Some(seed) applies SpecAugment and dropout with masks drawn from the seed (a
     /// training step); None is evaluation.
@@ -403,6 +456,48 @@ pub fn specaug_mask(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parameter_count_is_what_new_adds_and_widening_meets_a_target() {
+        let small = MlSuperbHeadConfig {
+            preencoder_dim: 16,
+            width: 16,
+            heads: 4,
+            ffn: 32,
+            ..MlSuperbHeadConfig::default()
+        };
+        for (dim, c, vocab) in [(12, small, 7), (40, MlSuperbHeadConfig::default(), 41)] {
+            let mut store = ParamStore::new();
+            MlSuperbHead::new(&mut store, "h.", dim, c, vocab, &mut Rng::new(0)).unwrap();
+            assert_eq!(
+                MlSuperbHead::num_params(dim, &c, vocab),
+                Some(store.num_scalars())
+            );
+        }
+        let base = MlSuperbHeadConfig::default();
+        let own = MlSuperbHead::num_params(768, &base, 41).unwrap();
+        let wide = MlSuperbHead::widened_to(&base, 768, 41, 2 * own).unwrap();
+        assert_eq!(
+            (wide.width % 8, wide.ffn, wide.heads),
+            (0, 4 * wide.width, 8)
+        );
+        let got = MlSuperbHead::num_params(768, &wide, 41).unwrap();
+        let step = |w: usize| {
+            let at = |w| MlSuperbHeadConfig {
+                width: w,
+                ffn: 4 * w,
+                ..base
+            };
+            MlSuperbHead::num_params(768, &at(w + 8), 41).unwrap()
+                - MlSuperbHead::num_params(768, &at(w), 41).unwrap()
+        };
+        assert!(
+            got.abs_diff(2 * own) <= step(wide.width) / 2,
+            "{got} vs {}",
+            2 * own
+        );
+        assert_eq!(MlSuperbHead::widened_to(&base, 768, 41, own - 1), None);
+    }
 
     #[test]
     fn output_frames_follow_conv2d_subsampling2() {

@@ -43,7 +43,8 @@ pub enum HeadWidth {
     /// As wide as makes the pair about as large (within one hidden unit's parameters) as the
     /// same task's pair of the interface `like` with the 256-wide head: the paper's "WS + Large
     /// DS", the weighted sum given HConv's parameter budget in its downstream. The paper does not
-    /// say how it enlarged the downstream; widening the hidden layer is our reading.
+    /// say how it enlarged the downstream; widening the hidden layer is our reading (for the
+    /// ML-SUPERB head, its transformer: `MlSuperbHead::widened_to`).
     MatchParams(InterfaceConfig),
 }
 
@@ -115,6 +116,30 @@ pub fn head_hidden(
         )));
     }
     Ok(((target - fixed) as f64 / per_unit as f64).round() as usize)
+}
+
+/// The ML-SUPERB head widened so that a pair with `interface_params` trainable interface scalars
+/// is about as large as the same task's pair of the interface `like` with the recipe's head (the
+/// paper evaluates "WS + Large DS" on ML-SUPERB mono-1h; how it enlarged the downstream it does
+/// not say: a wider transformer, FFN in proportion, is our reading).
+fn ml_superb_matched(
+    base: &MlSuperbHeadConfig,
+    like: &InterfaceConfig,
+    output_dim: usize,
+    interface_params: usize,
+    vocab: usize,
+) -> Result<MlSuperbHeadConfig> {
+    let mut store = ParamStore::new();
+    let other = interface::build(like, &mut store, "", &mut Rng::new(0))?;
+    let bad = || Error::Config(format!("ML-SUPERB head configuration {base:?}"));
+    let other_head = MlSuperbHead::num_params(other.output_dim(), base, vocab).ok_or_else(bad)?;
+    let target = (store.num_scalars() + other_head).saturating_sub(interface_params);
+    MlSuperbHead::widened_to(base, output_dim, vocab, target).ok_or_else(|| {
+        Error::Config(format!(
+            "an ML-SUPERB head matched to {:?}'s pair size would be smaller than the recipe's; use the plain interface",
+            like.kind
+        ))
+    })
 }
 
 pub enum Head {
@@ -195,19 +220,24 @@ impl Pair {
         let mut store = ParamStore::new();
         let itf = interface::build(&spec.interface, &mut store, "interface.", &mut rng)?;
         let d = itf.output_dim();
-        let hidden = head_hidden(&spec.head_width, d, store.num_scalars(), head)?;
-        if let (CtcHead::MlSuperb(_), HeadWidth::MatchParams(_)) =
-            (&spec.ctc_head, &spec.head_width)
-        {
-            return Err(Error::Config(
-                "a head matched to another pair's size is defined for the SUPERB heads, not the ML-SUPERB head".into(),
-            ));
-        }
-        let head = match (head, spec.ctc_head) {
-            (HeadKind::Ctc { vocab }, CtcHead::MlSuperb(config)) => Head::MlSuperb(
-                MlSuperbHead::new(&mut store, "head.", d, config, vocab, &mut rng)?,
-            ),
-            (HeadKind::Ctc { vocab }, CtcHead::Superb) => Head::Pr(PrHead::new(
+        let ml_superb = match (head, spec.ctc_head) {
+            (HeadKind::Ctc { vocab }, CtcHead::MlSuperb(base)) => Some(match &spec.head_width {
+                HeadWidth::Superb => base,
+                HeadWidth::MatchParams(like) => {
+                    ml_superb_matched(&base, like, d, store.num_scalars(), vocab)?
+                }
+            }),
+            _ => None,
+        };
+        let hidden = match ml_superb {
+            Some(_) => SUPERB_HIDDEN,
+            None => head_hidden(&spec.head_width, d, store.num_scalars(), head)?,
+        };
+        let head = match (head, ml_superb) {
+            (HeadKind::Ctc { vocab }, Some(config)) => Head::MlSuperb(MlSuperbHead::new(
+                &mut store, "head.", d, config, vocab, &mut rng,
+            )?),
+            (HeadKind::Ctc { vocab }, None) => Head::Pr(PrHead::new(
                 &mut store, "head.", d, hidden, vocab, &mut rng,
             )?),
             (HeadKind::Classify { classes }, _) => Head::Classifier(UtteranceClassifier::new(
