@@ -162,14 +162,29 @@ struct PackedAttnParams {
     double p;
 };
 
-// The utterance holding frame f (offsets ascending; binary search).
-__device__ __forceinline__ int packed_utterance_of(const int* offsets, int utterances, int f) {
-    int lo = 0, hi = utterances - 1;
+// What a (frame, head) block works on: frame f of utterance u (its frames s0 .. s0 + T, f the
+// t-th), head h, the row width W, and where head h's [T, T] probabilities start.
+struct PackedBlock {
+    int f, h, W, s0, T, t;
+    long long head;
+};
+
+__device__ __forceinline__ PackedBlock packed_block(const PackedAttnParams& a) {
+    PackedBlock b;
+    b.f = blockIdx.x / a.H;
+    b.h = blockIdx.x % a.H;
+    b.W = a.H * a.dh;
+    // The utterance holding frame f (offsets ascending; binary search).
+    int lo = 0, hi = a.utterances - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
-        if (offsets[mid] <= f) lo = mid; else hi = mid - 1;
+        if (a.offsets[mid] <= b.f) lo = mid; else hi = mid - 1;
     }
-    return lo;
+    b.s0 = a.offsets[lo];
+    b.T = a.offsets[lo + 1] - b.s0;
+    b.t = b.f - b.s0;
+    b.head = a.prob_off[lo] + (long long)b.h * b.T * b.T;
+    return b;
 }
 
 // Probability element `index` after dropout.
@@ -180,10 +195,9 @@ __device__ __forceinline__ float packed_drop(const PackedAttnParams& a, float pj
 
 extern "C" __global__ void packed_attention_forward(const PackedAttnParams a) {
     __shared__ float scratch[32];
-    const int f = blockIdx.x / a.H, h = blockIdx.x % a.H, W = a.H * a.dh;
-    const int u = packed_utterance_of(a.offsets, a.utterances, f);
-    const int s0 = a.offsets[u], T = a.offsets[u + 1] - s0, i = f - s0;
-    const long long base = a.prob_off[u] + ((long long)h * T + i) * T;
+    const PackedBlock pb = packed_block(a);
+    const int f = pb.f, h = pb.h, W = pb.W, s0 = pb.s0, T = pb.T;
+    const long long base = pb.head + (long long)pb.t * T;
     const float* qi = a.q + (int64_t)f * W + h * a.dh;
     float* row = a.probs + base;
     float m = strata_bits_float(0xff800000u);
@@ -217,10 +231,9 @@ STRATA_EMU_ENTRY(packed_attention_forward, PackedAttnParams)
 
 extern "C" __global__ void packed_attention_backward_query(const PackedAttnParams a) {
     __shared__ float scratch[32];
-    const int f = blockIdx.x / a.H, h = blockIdx.x % a.H, W = a.H * a.dh;
-    const int u = packed_utterance_of(a.offsets, a.utterances, f);
-    const int s0 = a.offsets[u], T = a.offsets[u + 1] - s0, i = f - s0;
-    const long long base = a.prob_off[u] + ((long long)h * T + i) * T;
+    const PackedBlock pb = packed_block(a);
+    const int f = pb.f, h = pb.h, W = pb.W, s0 = pb.s0, T = pb.T;
+    const long long base = pb.head + (long long)pb.t * T;
     const float* doi = a.dout + (int64_t)f * W + h * a.dh;
     const float* p = a.probs + base;
     float* dsr = a.ds + base;
@@ -245,10 +258,9 @@ extern "C" __global__ void packed_attention_backward_query(const PackedAttnParam
 STRATA_EMU_ENTRY(packed_attention_backward_query, PackedAttnParams)
 
 extern "C" __global__ void packed_attention_backward_key(const PackedAttnParams a) {
-    const int f = blockIdx.x / a.H, h = blockIdx.x % a.H, W = a.H * a.dh;
-    const int u = packed_utterance_of(a.offsets, a.utterances, f);
-    const int s0 = a.offsets[u], T = a.offsets[u + 1] - s0, j = f - s0;
-    const long long head = a.prob_off[u] + (long long)h * T * T;
+    const PackedBlock pb = packed_block(a);
+    const int f = pb.f, h = pb.h, W = pb.W, s0 = pb.s0, T = pb.T, j = pb.t;
+    const long long head = pb.head;
     for (int e = threadIdx.x; e < a.dh; e += blockDim.x) {
         float dk = 0.0f, dv = 0.0f;
         for (int i = 0; i < T; ++i) {

@@ -134,7 +134,7 @@ fi
 for tool in memcheck racecheck initcheck; do
     if section 60 "compute-sanitizer $tool (small sizes)"; then
         STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 limited compute-sanitizer --tool $tool --error-exitcode 3 \
-            .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention multi_tensor > "$out/sanitizer-$tool.log" 2>&1 || status=1
+            .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention packed_self multi_tensor > "$out/sanitizer-$tool.log" 2>&1 || status=1
         tail -4 "$out/sanitizer-$tool.log"
     fi
 done

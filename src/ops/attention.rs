@@ -124,42 +124,6 @@ fn sequence_backward<R: Real>(
     }
 }
 
-/// c[m, n] = beta c + a[m, k] b[k, n] over strided views (row stride, column stride; c's
-/// column stride 1), each view checked to lie inside its slice.
-#[allow(clippy::too_many_arguments)]
-fn strided_mm<R: Real>(
-    (m, k, n): (usize, usize, usize),
-    (a, rsa, csa): (&[R], usize, usize),
-    (b, rsb, csb): (&[R], usize, usize),
-    beta: R,
-    (c, rsc): (&mut [R], usize),
-) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    assert!(last(m, k, rsa, csa) < a.len() && last(k, n, rsb, csb) < b.len());
-    assert!(last(m, n, rsc, 1) < c.len());
-    // SAFETY: the asserts above keep every element the strides reach inside its slice.
-    unsafe {
-        R::gemm_raw(
-            m,
-            k,
-            n,
-            R::ONE,
-            a,
-            rsa as isize,
-            csa as isize,
-            b,
-            rsb as isize,
-            csb as isize,
-            beta,
-            c,
-            rsc as isize,
-        )
-    }
-}
-
 /// The dropout multipliers (0 or 1 / (1 - p)) of one head's [t, t] probabilities starting at
 /// probability index `base` of the call.
 fn drop_multipliers<R: Real>(drop: Option<(ProbDropout, u64)>, len: usize) -> Option<Vec<R>> {
@@ -168,6 +132,14 @@ fn drop_multipliers<R: Real>(drop: Option<(ProbDropout, u64)>, len: usize) -> Op
             .map(|i| dropped(R::ONE, d, base + i as u64))
             .collect()
     })
+}
+
+/// One head's probabilities as applied to V: times the dropout multipliers, or as they are.
+fn applied<'a, R: Real>(p: &'a [R], mult: &Option<Vec<R>>) -> std::borrow::Cow<'a, [R]> {
+    match mult {
+        Some(m) => p.iter().zip(m).map(|(&a, &b)| a * b).collect(),
+        None => std::borrow::Cow::Borrowed(p),
+    }
 }
 
 /// [`sequence_forward`] for self-attention over t frames, as matrix products (the ML-SUPERB
@@ -188,7 +160,7 @@ fn self_attention_forward<R: Real>(
     for h in 0..heads {
         let (hs, p) = (h * head_dim, &mut pf[h * t * t..(h + 1) * t * t]);
         // S = Q_h K_h^T, then each row's softmax of S * scale.
-        strided_mm(
+        super::gemm::gemm_strided(
             (t, head_dim, t),
             (&qf[hs..], w, 1),
             (&kf[hs..], 1, w),
@@ -202,18 +174,11 @@ fn self_attention_forward<R: Real>(
             super::softmax::softmax_row(&scores, row);
         }
         let mult = drop_multipliers::<R>(drop.map(|(d, b)| (d, b + (h * t * t) as u64)), t * t);
-        let dropped_p: Vec<R>;
-        let applied: &[R] = match &mult {
-            Some(m) => {
-                dropped_p = p.iter().zip(m).map(|(&a, &b)| a * b).collect();
-                &dropped_p
-            }
-            None => p,
-        };
+        let applied = applied(p, &mult);
         // O_h = P V_h.
-        strided_mm(
+        super::gemm::gemm_strided(
             (t, t, head_dim),
-            (applied, t, 1),
+            (&applied, t, 1),
             (&vf[hs..], w, 1),
             R::ZERO,
             (&mut of[hs..], w),
@@ -239,19 +204,16 @@ fn self_attention_backward<R: Real>(
     for h in 0..heads {
         let (hs, p) = (h * head_dim, &pf[h * t * t..(h + 1) * t * t]);
         let mult = drop_multipliers::<R>(drop.map(|(d, b)| (d, b + (h * t * t) as u64)), t * t);
-        let applied: Vec<R> = match &mult {
-            Some(m) => p.iter().zip(m).map(|(&a, &b)| a * b).collect(),
-            None => p.to_vec(),
-        };
+        let applied = applied(p, &mult);
         // dV_h += P_applied^T dO_h; dP_applied = dO_h V_h^T.
-        strided_mm(
+        super::gemm::gemm_strided(
             (t, t, head_dim),
             (&applied, 1, t),
             (&of[hs..], w, 1),
             R::ONE,
             (&mut dv[hs..], w),
         );
-        strided_mm(
+        super::gemm::gemm_strided(
             (t, head_dim, t),
             (&of[hs..], w, 1),
             (&vf[hs..], 1, w),
@@ -272,14 +234,14 @@ fn self_attention_backward<R: Real>(
             }
         }
         // dQ_h += dS K_h; dK_h += dS^T Q_h.
-        strided_mm(
+        super::gemm::gemm_strided(
             (t, t, head_dim),
             (&ds, t, 1),
             (&kf[hs..], w, 1),
             R::ONE,
             (&mut dq[hs..], w),
         );
-        strided_mm(
+        super::gemm::gemm_strided(
             (t, t, head_dim),
             (&ds, 1, t),
             (&qf[hs..], w, 1),

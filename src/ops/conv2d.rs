@@ -12,6 +12,7 @@
 //! Windows never cross utterances: an utterance of t frames gives (t - k) / stride + 1, as an
 //! unpadded Conv2d.
 
+use super::gemm::gemm_strided;
 use super::Real;
 use rayon::prelude::*;
 
@@ -146,25 +147,14 @@ pub fn shifted_forward<R: Real>(
         for (dt, df) in (0..k).flat_map(|dt| (0..k).map(move |df| (dt, df))) {
             let first = (offsets[u] + dt) * f + df;
             let tap = (dt * k + df) * c;
-            // SAFETY: rows x c from row `first` stay inside the utterance (rows was cut so), the
-            // weight slice [c_out, c] at column `tap` inside w, and rows x c_out inside `wide`.
-            unsafe {
-                R::gemm_raw(
-                    rows,
-                    c,
-                    c_out,
-                    R::ONE,
-                    &x[first * c..],
-                    c as isize,
-                    1,
-                    &w[tap..],
-                    1,
-                    (k * k * c) as isize,
-                    R::ONE,
-                    &mut wide[..rows * c_out],
-                    c_out as isize,
-                )
-            };
+            // rows x c from row `first` stay inside the utterance: rows was cut so.
+            gemm_strided(
+                (rows, c, c_out),
+                (&x[first * c..], c, 1),
+                (&w[tap..], 1, k * k * c),
+                R::ONE,
+                (&mut wide[..rows * c_out], c_out),
+            );
         }
         for t in 0..t_out {
             for row in wide[t * f * c_out..(t * f + of) * c_out].chunks_exact(c_out) {
@@ -213,43 +203,23 @@ pub fn shifted_backward<R: Real>(
         for (dt, df) in (0..k).flat_map(|dt| (0..k).map(move |df| (dt, df))) {
             let first = (offsets[u] + dt) * f + df;
             let tap = (dt * k + df) * c;
-            // SAFETY: as in shifted_forward; dw's [c_out, c] block at column `tap` has row
-            // stride k * k * c, and dx's rows x c from row `first` stay inside the utterance.
-            unsafe {
-                // dw[:, tap..tap + c] += wide^T x_shifted
-                R::gemm_raw(
-                    c_out,
-                    rows,
-                    c,
+            // dw[:, tap..tap + c] += wide^T x_shifted (dw's column block has row stride k k c).
+            gemm_strided(
+                (c_out, rows, c),
+                (&wide[..rows * c_out], 1, c_out),
+                (&x[first * c..], c, 1),
+                R::ONE,
+                (&mut dw[tap..], k * k * c),
+            );
+            if let Some(dx) = dx.as_mut() {
+                // dx_shifted += wide w[:, tap..tap + c]
+                gemm_strided(
+                    (rows, c_out, c),
+                    (&wide[..rows * c_out], c_out, 1),
+                    (&w[tap..], k * k * c, 1),
                     R::ONE,
-                    &wide[..rows * c_out],
-                    1,
-                    c_out as isize,
-                    &x[first * c..],
-                    c as isize,
-                    1,
-                    R::ONE,
-                    &mut dw[tap..],
-                    (k * k * c) as isize,
+                    (&mut dx[first * c..], c),
                 );
-                if let Some(dx) = dx.as_mut() {
-                    // dx_shifted += wide w[:, tap..tap + c]
-                    R::gemm_raw(
-                        rows,
-                        c_out,
-                        c,
-                        R::ONE,
-                        &wide[..rows * c_out],
-                        c_out as isize,
-                        1,
-                        &w[tap..],
-                        (k * k * c) as isize,
-                        1,
-                        R::ONE,
-                        &mut dx[first * c..],
-                        c as isize,
-                    );
-                }
             }
         }
     }

@@ -2185,6 +2185,7 @@ impl PackedAttn<'_> {
             ));
         }
         rows_check(k, frames * self.heads, w)?;
+        let (offsets, _, _) = pool_params(be, k, self.batch, w)?;
         for (what, b) in [("q", self.q), ("k", self.k), ("v", self.v)] {
             need(be, k, what, b, frames * w)?;
         }
@@ -2201,8 +2202,7 @@ impl PackedAttn<'_> {
             prob_off.push(prob_off.last().copied().unwrap_or(0) + (self.heads * t * t) as i64);
         }
         let total = *prob_off.last().unwrap_or(&0) as usize;
-        let offsets: Vec<i32> = self.batch.offsets().iter().map(|&o| o as i32).collect();
-        Ok((be.upload(&offsets)?, be.upload(&prob_off)?, total))
+        Ok((offsets, be.upload(&prob_off)?, total))
     }
 
     fn params(&self, be: &Backend, offsets: &Buf<i32>, prob_off: &Buf<i64>) -> PackedAttnParams {

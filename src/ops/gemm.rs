@@ -81,6 +81,52 @@ pub fn gemm<R: Real>(
     };
 }
 
+/// `c[m,n] = beta * c + a[m,k] · b[k,n]` over strided views (row stride, column stride; `c`'s
+/// column stride is 1), each view checked to lie inside its slice: the safe form of
+/// [`Real::gemm_raw`] for operands that are slices of larger rows (one attention head's columns,
+/// a shifted window of frames, a weight's column block).
+pub fn gemm_strided<R: Real>(
+    (m, k, n): (usize, usize, usize),
+    (a, rsa, csa): (&[R], usize, usize),
+    (b, rsb, csb): (&[R], usize, usize),
+    beta: R,
+    (c, rsc): (&mut [R], usize),
+) {
+    if m == 0 || n == 0 || k == 0 {
+        if beta == R::ZERO {
+            (0..m).for_each(|i| c[i * rsc..i * rsc + n].fill(R::ZERO));
+        }
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        last(m, k, rsa, csa) < a.len() && last(k, n, rsb, csb) < b.len(),
+        "gemm_strided: an operand view reaches past its slice"
+    );
+    assert!(
+        last(m, n, rsc, 1) < c.len(),
+        "gemm_strided: the output view reaches past its slice"
+    );
+    // SAFETY: the asserts above keep every element the strides reach inside its slice.
+    unsafe {
+        R::gemm_raw(
+            m,
+            k,
+            n,
+            R::ONE,
+            a,
+            rsa as isize,
+            csa as isize,
+            b,
+            rsb as isize,
+            csb as isize,
+            beta,
+            c,
+            rsc as isize,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

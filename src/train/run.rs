@@ -451,11 +451,41 @@ fn ctc_head_frames(specs: &[PairSpec], frames: usize) -> Option<usize> {
         .try_fold(usize::MAX, |m, f| f.map(|f| m.min(f)))
 }
 
-/// Checks before training that every utterance of `ds` suits the CTC heads: long enough for the
-/// ML-SUPERB head's convolutions and, with `labels` (training), no more tokens than the frames
+/// Why utterance `i` of `ds` does not suit the CTC heads (None: it does): too short for the
+/// ML-SUPERB head's convolutions or, given its `tokens` (training), more tokens than the frames
 /// the heads emit (a CTC alignment needs a frame per token; ESPnet would zero such a loss
-/// silently). A misfit fails up front, naming the utterance and then `fix`, or with
-/// `OnBad::Skip` is left out and listed in `ds.skipped`.
+/// silently).
+fn ctc_misfit(
+    src: &StackSource,
+    ds: &Dataset,
+    i: usize,
+    tokens: usize,
+    specs: &[PairSpec],
+) -> Result<Option<String>> {
+    let frames = src.frames_of(ds, i)?;
+    Ok(match ctc_head_frames(specs, frames) {
+        None => Some(format!(
+            "{frames} frames, fewer than the {MLSUPERB_MIN_FRAMES} the ML-SUPERB head's convolutions need"
+        )),
+        Some(out) if tokens > out => Some(format!(
+            "{tokens} label tokens, more than the {out} frames the CTC head emits for its audio (CTC needs a frame per token)"
+        )),
+        Some(_) => None,
+    })
+}
+
+/// The error naming utterance `i`'s misfit `why`, then `fix`.
+fn misfit_error(ds: &Dataset, i: usize, why: &str, fix: &str) -> Error {
+    Error::value(
+        "utterance",
+        format!("'{}' has {why}: {fix}", ds.utterances[i].id),
+    )
+}
+
+/// Checks before training that every utterance of `ds` suits the CTC heads ([`ctc_misfit`];
+/// `labels` for training, None for a dev set, whose transcripts need not align). A misfit fails
+/// up front, naming the utterance and then `fix`, or with `OnBad::Skip` is left out and listed in
+/// `ds.skipped`.
 fn fit_ctc_heads(
     src: &StackSource,
     ds: &mut Dataset,
@@ -465,29 +495,14 @@ fn fit_ctc_heads(
 ) -> Result<()> {
     let mut keep = Vec::with_capacity(ds.utterances.len());
     for i in 0..ds.utterances.len() {
-        let frames = src.frames_of(ds, i)?;
         let tokens = labels.as_ref().map_or(0, |l| l[i].len());
-        let why = match ctc_head_frames(specs, frames) {
-            None => Some(format!(
-                "{frames} frames, fewer than the {MLSUPERB_MIN_FRAMES} the ML-SUPERB head's convolutions need"
-            )),
-            Some(out) if tokens > out => Some(format!(
-                "{tokens} label tokens, more than the {out} frames the CTC head emits for its audio (CTC needs a frame per token)"
-            )),
-            Some(_) => None,
-        };
-        match why {
+        match ctc_misfit(src, ds, i, tokens, specs)? {
             None => keep.push(true),
             Some(why) if on_bad == OnBad::Skip => {
                 ds.skipped.push((ds.utterances[i].id.clone(), why));
                 keep.push(false);
             }
-            Some(why) => {
-                return Err(Error::value(
-                    "utterance",
-                    format!("'{}' has {why}: {fix}", ds.utterances[i].id),
-                ))
-            }
+            Some(why) => return Err(misfit_error(ds, i, &why, fix)),
         }
     }
     let mut flags = keep.iter();
@@ -1048,7 +1063,11 @@ pub fn evaluate_checkpoints(
         // An utterance too short for a head fails here by name, not mid-way by batch index.
         let specs: Vec<PairSpec> = pairs.iter().map(|(_, s)| s.clone()).collect();
         let fix = "leave it out of the evaluated set (no hypothesis can be made for it)";
-        fit_ctc_heads(source, &mut data.clone(), None, &specs, (OnBad::Fail, fix))?;
+        for i in 0..data.utterances.len() {
+            if let Some(why) = ctc_misfit(source, data, i, 0, &specs)? {
+                return Err(misfit_error(data, i, &why, fix));
+            }
+        }
     }
     let labels: Vec<Vec<usize>> = data
         .utterances
