@@ -282,6 +282,17 @@ __device__ __forceinline__ void warp_row_stats_bf16(const bf16* row, int n, floa
     *rstd = 1.0f / sqrtf(warp_sum(q) / (float)n + eps);
 }
 
+// The utterance holding packed row t: the last u with offsets[u] <= t (binary search of the
+// [utterances + 1] offsets, cu_seqlens).
+__device__ __forceinline__ int utterance_of(const int* offsets, int utterances, int64_t t) {
+    int lo = 0, hi = utterances;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (offsets[mid] <= t) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
 // Seeded dropout's keep decision for element i, the CPU's exactly (src/ops/dropout.rs):
 // SplitMix64's finaliser over (seed, i), its top 53 bits as a double in [0, 1) compared with p.
 __device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long i, double p) {

@@ -1,5 +1,6 @@
 // strata/kernels/pooling.cu: mean over each utterance's frames of a packed batch (the utterance
-// classifier's pooling), forward and backward. CPU reference: src/ops/pooling.rs.
+// classifier's pooling), forward and backward; and each frame minus its utterance's mean (the
+// ML-SUPERB head's UtteranceMVN, its own adjoint). CPU reference: src/ops/pooling.rs.
 // Forward: block u, threads over channels, frames summed in order (deterministic), times
 // 1 / frames. Backward: every frame of utterance u gets dy[u] / frames (grid-stride over frames).
 #ifndef STRATA_COMMON_INCLUDED
@@ -26,14 +27,30 @@ STRATA_EMU_ENTRY(mean_pool_forward, MeanPoolParams)
 
 extern "C" __global__ void mean_pool_backward(const MeanPoolParams p) {
     for (int t = blockIdx.x; t < p.frames; t += gridDim.x) {
-        // The utterance of frame t: binary search of the offsets.
-        int lo = 0, hi = p.utterances;
-        while (hi - lo > 1) {
-            const int mid = (lo + hi) / 2;
-            if (p.offsets[mid] <= t) lo = mid; else hi = mid;
-        }
+        const int lo = utterance_of(p.offsets, p.utterances, t);
         const float inv = 1.0f / (float)(p.offsets[lo + 1] - p.offsets[lo]);
         for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) p.out[(int64_t)t * p.c + ch] = p.in[(int64_t)lo * p.c + ch] * inv;
     }
 }
 STRATA_EMU_ENTRY(mean_pool_backward, MeanPoolParams)
+
+// y = x - mean of x's utterance, per channel: block (u, channel chunk), a thread per channel,
+// frames summed in order and scaled by 1 / frames as the CPU's mean (deterministic). The map is
+// self-adjoint, so the backward is this kernel on dy.
+struct CenterParams {
+    const float* x;      // [frames, c]
+    float* y;            // [frames, c]
+    const int* offsets;  // [utterances + 1]
+    int utterances, c;
+};
+
+extern "C" __global__ void utterance_center(const CenterParams p) {
+    const int u = blockIdx.x, ch = blockIdx.y * blockDim.x + threadIdx.x;
+    if (ch >= p.c) return;
+    const int s = p.offsets[u], e = p.offsets[u + 1];
+    float acc = 0.0f;
+    for (int t = s; t < e; ++t) acc += p.x[(int64_t)t * p.c + ch];
+    const float mean = acc * (1.0f / (float)(e - s));
+    for (int t = s; t < e; ++t) p.y[(int64_t)t * p.c + ch] = p.x[(int64_t)t * p.c + ch] - mean;
+}
+STRATA_EMU_ENTRY(utterance_center, CenterParams)

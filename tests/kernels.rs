@@ -2375,3 +2375,138 @@ fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
         assert!(err.contains("packed_attention_forward"), "{err}");
     }
 }
+
+#[test]
+fn mlsuperb_head_kernels_match_the_cpu_references() {
+    use strata::models::mlsuperb_head::{
+        positions, specaug_mask, specaug_spans, time_warp, SpecAugmentConfig,
+    };
+    use strata::ops::conv2d::{patches_backward, patches_forward, PatchGeom};
+    use strata::ops::{pooling, resample};
+    for be in backends() {
+        let tag = be.name();
+        let big = on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1");
+        // Frame-level ops: centering, time warp, masks, positions.
+        let mut cases = vec![(vec![30usize, 8, 17], 24usize), (vec![12], 7)];
+        if big {
+            cases.push((vec![500; 32], 768));
+        }
+        for (lengths, d) in cases {
+            let batch = strata::PackedBatch::from_lengths(&lengths).unwrap();
+            let n = batch.total_frames();
+            let what = format!("{tag} {} utterances x {d}", lengths.len());
+            let x = randn(n * d, 91);
+            let xb = be.upload(&x).unwrap();
+            let got = device::utterance_center(&be, &xb, &batch, d).unwrap();
+            let want = pooling::center(&x, d, batch.offsets());
+            common::assert_close(
+                &format!("{what}: center"),
+                &be.download(&got).unwrap(),
+                &want,
+                1e-6,
+            );
+
+            let taps = time_warp(5, &batch, 17);
+            let warp = device::DeviceTimeWarp::upload(&be, &taps, n).unwrap();
+            let got = be.download(&warp.forward(&be, &xb, d).unwrap()).unwrap();
+            common::assert_close(
+                &format!("{what}: warp"),
+                &got,
+                &resample::mix_forward(&x, d, &taps),
+                1e-6,
+            );
+            let got = be.download(&warp.backward(&be, &xb, d).unwrap()).unwrap();
+            common::assert_close(
+                &format!("{what}: warp backward"),
+                &got,
+                &resample::mix_backward(&x, d, &taps, n),
+                1e-6,
+            );
+
+            let cfg = SpecAugmentConfig {
+                freq_width: (0, d / 3),
+                time_ratio: (0.0, 0.2),
+                ..SpecAugmentConfig::default()
+            };
+            let spans = specaug_spans(&cfg, &batch, d, 23);
+            assert!(spans.iter().any(|s| !s.frames.is_empty()));
+            let mask = device::DeviceSpecMask::upload(&be, &spans, &batch, d).unwrap();
+            let got = be.download(&mask.apply(&be, &xb).unwrap()).unwrap();
+            let m = specaug_mask(&cfg, &batch, d, 23).unwrap().to_vec();
+            let want: Vec<f32> = x.iter().zip(&m).map(|(a, b)| a * b).collect();
+            assert_eq!(got, want, "{what}: masks");
+
+            let got = device::scale_add_positions(&be, &xb, &batch, d, 4.0).unwrap();
+            let pe = positions(&batch, d).unwrap().to_vec();
+            let want: Vec<f32> = x.iter().zip(&pe).map(|(a, p)| a * 4.0 + p).collect();
+            common::assert_close(
+                &format!("{what}: positions"),
+                &be.download(&got).unwrap(),
+                &want,
+                1e-5,
+            );
+        }
+        // The convolutions' patches: Conv2dSubsampling2's two (1 channel at stride 2; channels
+        // in 16-byte vectors at stride 1) and an odd channel count.
+        let mut convs = vec![
+            (vec![7usize, 12, 9], 11usize, 1usize, 2usize),
+            (vec![5, 9], 6, 16, 1),
+            (vec![4, 6], 5, 3, 1),
+        ];
+        if big {
+            convs.push((vec![249; 32], 80, 1, 2));
+            convs.push((vec![124; 32], 39, 256, 1));
+        }
+        for (lengths, freq, channels, stride) in convs {
+            let batch = strata::PackedBatch::from_lengths(&lengths).unwrap();
+            let g = PatchGeom {
+                freq,
+                channels,
+                kernel: 3,
+                stride,
+            };
+            let what = format!("{tag} patches {lengths:?} x {freq} x {channels} / {stride}");
+            let x: Vec<f32> = randn(batch.total_frames() * freq * channels, 92)
+                .into_iter()
+                .map(round_bf16)
+                .collect();
+            let xb = be.upload(&to_bf16(&x)).unwrap();
+            let (patches, out) = device::conv2d_patches(&be, &xb, &batch, &g).unwrap();
+            let (want, outs) = patches_forward(&x, batch.offsets(), &g);
+            assert_eq!(out.offsets(), &outs[..], "{what}: output offsets");
+            let got: Vec<f32> = be
+                .download(&patches)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            assert_eq!(got, want, "{what}: patches");
+            let dy: Vec<f32> = randn(want.len(), 93).into_iter().map(round_bf16).collect();
+            let dyb = be.upload(&to_bf16(&dy)).unwrap();
+            let got = device::conv2d_patches_adjoint(&be, &dyb, &batch, &g).unwrap();
+            common::assert_close(
+                &format!("{what}: adjoint"),
+                &be.download(&got).unwrap(),
+                &patches_backward(&dy, batch.offsets(), &outs, &g),
+                1e-6,
+            );
+        }
+        // An utterance shorter than the kernel is refused by name.
+        let batch = strata::PackedBatch::from_lengths(&[5, 2]).unwrap();
+        let g = PatchGeom {
+            freq: 4,
+            channels: 1,
+            kernel: 3,
+            stride: 1,
+        };
+        let xb = be.upload(&to_bf16(&randn(7 * 4, 1))).unwrap();
+        let err = device::conv2d_patches(&be, &xb, &batch, &g)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("conv2d_patches") && err.contains("[5, 2]"),
+            "{err}"
+        );
+    }
+}

@@ -371,13 +371,18 @@ impl MlSuperbHead {
     }
 }
 
+/// The rates r_i of [`positions`], one per sine / cosine pair.
+pub fn position_rates(d: usize) -> Vec<f32> {
+    (0..d.div_ceil(2))
+        .map(|i| ((2 * i) as f32 * -((10000f64.ln() / d as f64) as f32)).exp())
+        .collect()
+}
+
 /// ESPnet's `PositionalEncoding` table for each utterance's frames (positions restart at 0 per
 /// utterance): pe[t, 2i] = sin(t * r_i), pe[t, 2i + 1] = cos(t * r_i), r_i = exp(-2i ln(10000) /
 /// d), computed in f32 as torch does.
 pub fn positions(batch: &PackedBatch, d: usize) -> Result<Tensor> {
-    let rates: Vec<f32> = (0..d.div_ceil(2))
-        .map(|i| ((2 * i) as f32 * -((10000f64.ln() / d as f64) as f32)).exp())
-        .collect();
+    let rates = position_rates(d);
     let mut pe = Vec::with_capacity(batch.total_frames() * d);
     for u in 0..batch.num_utterances() {
         for t in 0..batch.len_of(u) {
@@ -410,17 +415,24 @@ pub fn time_warp(window: usize, batch: &PackedBatch, seed: u64) -> Vec<crate::op
     taps
 }
 
-/// SpecAugment's keep mask (1 kept, 0 masked) for features [frames, d] of a packed batch: per
-/// utterance, feature masks then time masks.
-pub fn specaug_mask(
+/// SpecAugment's masked spans of one utterance: feature ranges (masked in every frame) and frame
+/// ranges (relative to the utterance's first frame), half-open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaskedSpans {
+    pub features: Vec<(usize, usize)>,
+    pub frames: Vec<(usize, usize)>,
+}
+
+/// SpecAugment's masked spans for features [frames, d] of a packed batch: per utterance, feature
+/// masks then time masks, drawn from `seed`.
+pub fn specaug_spans(
     cfg: &SpecAugmentConfig,
     batch: &PackedBatch,
     d: usize,
     seed: u64,
-) -> Result<Tensor> {
+) -> Vec<MaskedSpans> {
     let mut rng = Rng::new(seed);
-    let mut mask = vec![1f32; batch.total_frames() * d];
-    // `count` spans 0..lo-hi wide, drawn from [lo, hi), positioned in [0, max(1, len - widest)).
+    // `count` spans lo..hi wide, drawn from [lo, hi), positioned in [0, max(1, len - widest)).
     let spans = |rng: &mut Rng, count: usize, (lo, hi): (usize, usize), len: usize| {
         if hi <= lo {
             return Vec::new();
@@ -436,17 +448,36 @@ pub fn specaug_mask(
             })
             .collect::<Vec<_>>()
     };
-    for u in 0..batch.num_utterances() {
+    (0..batch.num_utterances())
+        .map(|u| {
+            let t = batch.len_of(u);
+            let features = spans(&mut rng, cfg.freq_masks, cfg.freq_width, d);
+            let lo = (cfg.time_ratio.0 * t as f64).floor() as usize;
+            let hi = ((cfg.time_ratio.1 * t as f64).floor() as usize).min(t);
+            let frames = spans(&mut rng, cfg.time_masks, (lo, hi), t);
+            MaskedSpans { features, frames }
+        })
+        .collect()
+}
+
+/// SpecAugment's keep mask (1 kept, 0 masked) for features [frames, d] of a packed batch
+/// ([`specaug_spans`] drawn from `seed`).
+pub fn specaug_mask(
+    cfg: &SpecAugmentConfig,
+    batch: &PackedBatch,
+    d: usize,
+    seed: u64,
+) -> Result<Tensor> {
+    let mut mask = vec![1f32; batch.total_frames() * d];
+    for (u, spans) in specaug_spans(cfg, batch, d, seed).iter().enumerate() {
         let (first, t) = (batch.offsets()[u], batch.len_of(u));
         let rows = &mut mask[first * d..(first + t) * d];
-        for (a, b) in spans(&mut rng, cfg.freq_masks, cfg.freq_width, d) {
+        for &(a, b) in &spans.features {
             for row in rows.chunks_exact_mut(d) {
                 row[a..b].iter_mut().for_each(|m| *m = 0.0);
             }
         }
-        let lo = (cfg.time_ratio.0 * t as f64).floor() as usize;
-        let hi = ((cfg.time_ratio.1 * t as f64).floor() as usize).min(t);
-        for (a, b) in spans(&mut rng, cfg.time_masks, (lo, hi), t) {
+        for &(a, b) in &spans.frames {
             rows[a * d..b * d].iter_mut().for_each(|m| *m = 0.0);
         }
     }

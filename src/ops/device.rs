@@ -17,6 +17,12 @@ use crate::runtime::kernels::{
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
+mod mlsuperb;
+pub use mlsuperb::{
+    conv2d_patches, conv2d_patches_adjoint, scale_add_positions, utterance_center, DeviceSpecMask,
+    DeviceTimeWarp,
+};
+
 const LAYER_SUM_BLOCK: u32 = 128;
 /// LS_FRAMES_PER_BLOCK of kernels/layer_sum.cu.
 const LAYER_SUM_FRAMES_PER_BLOCK: usize = 8;

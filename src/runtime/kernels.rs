@@ -85,7 +85,11 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         file: "pooling.cu",
         source: include_str!("../../kernels/pooling.cu"),
-        kernels: &["mean_pool_forward", "mean_pool_backward"],
+        kernels: &[
+            "mean_pool_forward",
+            "mean_pool_backward",
+            "utterance_center",
+        ],
         arch: None,
     },
     KernelFile {
@@ -152,6 +156,18 @@ pub const FILES: &[KernelFile] = &[
             "l2_normalize_backward",
             "am_margin",
         ],
+        arch: None,
+    },
+    KernelFile {
+        file: "conv2d.cu",
+        source: include_str!("../../kernels/conv2d.cu"),
+        kernels: &["conv2d_patches", "conv2d_patches_adjoint"],
+        arch: None,
+    },
+    KernelFile {
+        file: "mlsuperb.cu",
+        source: include_str!("../../kernels/mlsuperb.cu"),
+        kernels: &["row_mix", "specaug_mask", "scale_add_positions"],
         arch: None,
     },
     KernelFile {
@@ -244,6 +260,14 @@ params! {
     CrossEntropyParams { logits: u64, labels: u64, loss_rows: u64, dlogits: u64, rows: i32, classes: i32, mean: i32 }
     LogSoftmaxParams { x: u64, dy: u64, out: u64, rows: i32, d: i32 }
     MeanPoolParams { input: u64, offsets: u64, out: u64, utterances: i32, frames: i32, c: i32 }
+    CenterParams { x: u64, y: u64, offsets: u64, utterances: i32, c: i32 }
+    PatchParams {
+        x: u64, patches: u64, dpatches: u64, dx: u64, in_offsets: u64, out_offsets: u64, utterances: i32,
+        frames: i32, out_frames: i32, freq: i32, out_freq: i32, c: i32, k: i32, stride: i32,
+    }
+    RowMixParams { x: u64, y: u64, row_ptr: u64, src: u64, w: u64, rows: i64, c: i32 }
+    SpecMaskParams { x: u64, y: u64, row_code: u64, chan_keep: u64, rows: i64, c: i32 }
+    PositionsParams { x: u64, y: u64, offsets: u64, rates: u64, rows: i64, utterances: i32, d: i32, scale: f32 }
     DropoutParams { x: u64, y: u64, n: i64, seed: u64, p: f64, scale: f32 }
     LayerNormFwdParams { x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32 }
     LayerNormBwdParams { x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32 }

@@ -15,3 +15,5 @@
 #include "../../../kernels/elementwise.cu"
 #include "../../../kernels/wgmma.cu"
 #include "../../../kernels/speaker.cu"
+#include "../../../kernels/conv2d.cu"
+#include "../../../kernels/mlsuperb.cu"

@@ -1,0 +1,71 @@
+// strata/kernels/conv2d.cu: the im2col patches of a 2-D convolution over each utterance's (time,
+// feature) plane, and their adjoint: the ML-SUPERB head's Conv2dSubsampling2 runs both of its
+// convolutions as a Linear over these patches (hconv.cu's GEMM). CPU reference: src/ops/conv2d.rs
+// (patches_forward / patches_backward). A frame is [freq, c] (channels fastest); a patch row is
+// ordered (time offset, feature offset, channel); windows never cross utterances.
+//
+// Forward: a gather, 16-byte copies when c % 8 == 0 (a patch row is then k * k whole 8-vectors).
+// Adjoint: each input element gathers the patch entries that copied it (at most ceil(k / s)^2), in
+// the order of their patch rows, as the CPU adds them: deterministic, no atomics.
+#ifndef STRATA_COMMON_INCLUDED
+#include "common.cuh"
+#endif
+
+struct PatchParams {
+    const bf16* x;           // forward: [frames, freq, c]
+    bf16* patches;           // forward: [out_frames * out_freq, k * k * c]
+    const bf16* dpatches;    // adjoint: [out_frames * out_freq, k * k * c]
+    float* dx;               // adjoint: [frames, freq, c]
+    const int* in_offsets;   // [utterances + 1]
+    const int* out_offsets;  // [utterances + 1]
+    int utterances, frames, out_frames, freq, out_freq, c, k, stride;
+};
+
+extern "C" __global__ void conv2d_patches(const PatchParams p) {
+    const int vec = (p.c & 7) == 0 ? 8 : 1;
+    const int64_t width = (int64_t)p.k * p.k * p.c;
+    const int64_t per_row = width / vec;
+    const int64_t total = (int64_t)p.out_frames * p.out_freq * per_row;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = e / per_row;
+        const int col = (int)(e % per_row) * vec;
+        const int out_frame = (int)(row / p.out_freq), fo = (int)(row % p.out_freq);
+        const int u = utterance_of(p.out_offsets, p.utterances, out_frame);
+        const int64_t first = p.in_offsets[u] + (int64_t)(out_frame - p.out_offsets[u]) * p.stride;
+        const int dt = col / (p.k * p.c), rest = col % (p.k * p.c);
+        const int64_t src = (first + dt) * p.freq * p.c + (int64_t)fo * p.stride * p.c + rest;
+        bf16* dst = p.patches + row * width + col;
+        if (vec == 8)
+            store_bf16x8(dst, load_bf16x8(p.x + src));
+        else
+            *dst = p.x[src];
+    }
+}
+STRATA_EMU_ENTRY(conv2d_patches, PatchParams)
+
+extern "C" __global__ void conv2d_patches_adjoint(const PatchParams p) {
+    const int64_t width = (int64_t)p.k * p.k * p.c;
+    const int64_t total = (int64_t)p.frames * p.freq * p.c;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t frame = e / ((int64_t)p.freq * p.c);
+        const int f = (int)(e / p.c % p.freq), ch = (int)(e % p.c);
+        const int u = utterance_of(p.in_offsets, p.utterances, frame);
+        const int t = (int)(frame - p.in_offsets[u]);
+        const int out_len = p.out_offsets[u + 1] - p.out_offsets[u];
+        float acc = 0.0f;
+        // Descending offsets visit the patch rows in ascending order.
+        for (int dt = p.k - 1; dt >= 0; --dt) {
+            const int tt = t - dt;
+            if (tt < 0 || tt % p.stride != 0 || tt / p.stride >= out_len) continue;
+            const int64_t out_frame = p.out_offsets[u] + tt / p.stride;
+            for (int df = p.k - 1; df >= 0; --df) {
+                const int ff = f - df;
+                if (ff < 0 || ff % p.stride != 0 || ff / p.stride >= p.out_freq) continue;
+                const int64_t row = out_frame * p.out_freq + ff / p.stride;
+                acc += bf16_to_float(p.dpatches[row * width + ((int64_t)dt * p.k + df) * p.c + ch]);
+            }
+        }
+        p.dx[e] = acc;
+    }
+}
+STRATA_EMU_ENTRY(conv2d_patches_adjoint, PatchParams)
