@@ -57,6 +57,8 @@ use crate::ops::layer_conv::ConvGeom;
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
+mod mlsuperb;
+
 /// A handle to a value recorded on a [`DeviceTape`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DVar(usize);
@@ -1125,6 +1127,19 @@ impl<'a> DeviceTape<'a> {
         batch: &PackedBatch,
         targets: &[Vec<usize>],
     ) -> Result<DVar> {
+        self.ctc_loss_reduced(logits, batch, targets, Reduction::Mean, 1.0)
+    }
+
+    /// [`Self::ctc_loss`] with PyTorch's `reduction`, times `factor` (ESPnet's CTC: the sum over
+    /// the batch divided by its utterances).
+    pub fn ctc_loss_reduced(
+        &mut self,
+        logits: DVar,
+        batch: &PackedBatch,
+        targets: &[Vec<usize>],
+        reduction: Reduction,
+        factor: f32,
+    ) -> Result<DVar> {
         const OP: &str = "ctc_loss";
         let (rows, v) = self.logits_dims(OP, logits)?;
         if rows != batch.total_frames() {
@@ -1136,15 +1151,18 @@ impl<'a> DeviceTape<'a> {
         }
         let xf = self.f32_of(OP, logits)?;
         let lp = device::log_softmax_forward(self.be, &xf, rows, v)?;
-        let ctc = device::ctc_loss(self.be, &lp, v, batch, targets, Reduction::Mean, true)?;
-        Ok(self.push(Value::Loss(ctc.loss), &[1], &[logits], move || {
+        let ctc = device::ctc_loss(self.be, &lp, v, batch, targets, reduction, true)?;
+        let loss = ctc.loss * factor;
+        Ok(self.push(Value::Loss(loss), &[1], &[logits], move || {
             Box::new(move |be, g, _| {
                 let Grad::Scalar(seed) = g else {
                     return Err(Error::Config(format!("{OP}: expects the loss seed")));
                 };
                 let dx = device::log_softmax_backward(be, &lp, &ctc.grad, rows, v)?;
                 Ok(vec![Some(Grad::bf16(device::cast_to_bf16_scaled(
-                    be, &dx, seed,
+                    be,
+                    &dx,
+                    seed * factor,
                 )?))])
             })
         }))

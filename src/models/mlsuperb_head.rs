@@ -98,6 +98,20 @@ pub fn mlsuperb_frames(frames: usize) -> Option<usize> {
 /// Input frames the head needs for one output frame (7: 140 ms at 50 Hz).
 pub const MLSUPERB_MIN_FRAMES: usize = 2 * CONV_KERNEL + 1;
 
+/// Refuses a batch with an utterance too short for the head's convolutions, naming it.
+pub fn check_lengths(batch: &PackedBatch) -> Result<()> {
+    match (0..batch.num_utterances()).find(|&u| mlsuperb_frames(batch.len_of(u)).is_none()) {
+        Some(u) => Err(Error::value(
+            "ML-SUPERB head input",
+            format!(
+                "utterance {u} of the batch has {} frames; the head's convolutions need at least {MLSUPERB_MIN_FRAMES} (about 0.15 s of audio): leave shorter utterances out",
+                batch.len_of(u)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 pub struct EncoderBlock {
     pub norm1: LayerNorm,
     pub linear_q: Linear,
@@ -209,6 +223,28 @@ impl MlSuperbHead {
         })
     }
 
+    /// The patch geometries of Conv2dSubsampling2's two convolutions.
+    pub fn conv_geoms(&self) -> (PatchGeom, PatchGeom) {
+        let first = PatchGeom {
+            freq: self.config.preencoder_dim,
+            channels: 1,
+            kernel: CONV_KERNEL,
+            stride: CONV1_STRIDE,
+        };
+        let second = PatchGeom {
+            freq: self.freq1,
+            channels: self.config.width,
+            kernel: CONV_KERNEL,
+            stride: 1,
+        };
+        (first, second)
+    }
+
+    /// Features per frame after the convolutions (what `embed.out` reads channel-major).
+    pub fn conv_out_features(&self) -> usize {
+        self.freq2
+    }
+
     pub fn vocab(&self) -> usize {
         self.ctc_lo.out_features
     }
@@ -278,17 +314,7 @@ impl MlSuperbHead {
         train: Option<u64>,
     ) -> Result<(Var, PackedBatch)> {
         let c = &self.config;
-        if let Some(u) =
-            (0..batch.num_utterances()).find(|&u| mlsuperb_frames(batch.len_of(u)).is_none())
-        {
-            return Err(Error::value(
-                "ML-SUPERB head input",
-                format!(
-                    "utterance {u} of the batch has {} frames; the head's convolutions need at least {MLSUPERB_MIN_FRAMES} (about 0.15 s of audio): leave shorter utterances out",
-                    batch.len_of(u)
-                ),
-            ));
-        }
+        check_lengths(batch)?;
         // One seed per random site, drawn in a fixed order.
         let mut seeds = train.map(Rng::new);
         let mut next_seed = || seeds.as_mut().map(Rng::next_u64);
@@ -307,22 +333,11 @@ impl MlSuperbHead {
         let x = self.preencoder.forward(tape, store, x)?;
         // Conv2dSubsampling2.
         let w = c.width;
-        let geom1 = PatchGeom {
-            freq: c.preencoder_dim,
-            channels: 1,
-            kernel: CONV_KERNEL,
-            stride: CONV1_STRIDE,
-        };
+        let (geom1, geom2) = self.conv_geoms();
         let (p1, b1, _) = tape.conv2d_patches(x, batch, geom1)?;
         let h = self.conv1.forward(tape, store, p1)?;
         let h = tape.relu(h)?;
         let h = tape.reshape(h, &[b1.total_frames(), self.freq1 * w])?;
-        let geom2 = PatchGeom {
-            freq: self.freq1,
-            channels: w,
-            kernel: CONV_KERNEL,
-            stride: 1,
-        };
         let w2 = tape.param(store, self.conv2.weight);
         let bias2 = self.conv2.bias.map(|b| tape.param(store, b));
         let bias2 =

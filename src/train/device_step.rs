@@ -13,6 +13,11 @@
 //! (LayerNorm, Linear, activation) around a fused attention of the one CLS query over each frame's
 //! tokens (kernels/attention.cu); the CLS token is the same in every frame, so its LayerNorm,
 //! query, key and value are computed once and their gradients summed over the frames.
+//! The ML-SUPERB head (SpecAugment, centering, Linear, Conv2dSubsampling2 as Linear layers over
+//! im2col patches, positions, two pre-LN transformer blocks on the packed self-attention, CTC
+//! summed / utterances) draws its dropout and SpecAugment masks from the seeds the CPU pair's
+//! would (the same micro-batch seed, drawn in the same order; the masks' randomness stays on the
+//! host and goes up as taps, spans and seeds), so both paths train alike.
 //!
 //! Parameters live on the device as fp32 master weights in the kernels' layouts (HConv weights
 //! tap-major, Linear weights [out, in]) with bf16 copies that the AdamW kernel refreshes, plus
@@ -28,12 +33,18 @@ use crate::error::{Error, Result};
 use crate::models::interface::{
     group_sizes, hconv_plan_for, ClsActivation, HConvPlan, InterfaceKind,
 };
+use crate::models::mlsuperb_head::{self, MlSuperbHeadConfig};
+use crate::ops::attention::ProbDropout;
+use crate::ops::conv2d::PatchGeom;
+use crate::ops::ctc::Reduction;
 use crate::ops::device;
+use crate::ops::device::{DeviceSpecMask, DeviceTimeWarp};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
+use crate::rng::Rng;
 use crate::runtime::{Backend, Buf};
 use crate::tensor::Tensor;
-use crate::train::side_by_side::{class_labels, decode_outputs, Head, HeadKind, Pair};
+use crate::train::side_by_side::{class_labels, decode_outputs, micro_seed, Head, HeadKind, Pair};
 use half::bf16;
 
 /// Whether the device step has been seen to follow the CPU path on a real GPU (scripts/gpu_check.sh,
@@ -63,6 +74,29 @@ enum Layout {
     /// An HConv conv weight: PyTorch's [c_out, c_in, k] on the CPU, tap-major [c_out, k, c_in] on
     /// the device (the implicit GEMM's row order).
     TapMajor(ConvGeom),
+    /// The ML-SUPERB head's `embed.out` weight: its inputs channel-major (c * freq + f, torch's
+    /// transpose(1, 2).view) on the CPU, frame-major (f * channels + c, the convolution's rows
+    /// as they are) on the device, so no transpose runs.
+    FreqMajor { freq: usize, channels: usize },
+}
+
+/// Weight columns permuted from channel-major to frequency-major (or back, `to_device` false).
+fn permute_columns(v: &[f32], freq: usize, channels: usize, to_device: bool) -> Vec<f32> {
+    let cols = freq * channels;
+    let mut out = vec![0f32; v.len()];
+    for (src, dst) in v.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        for f in 0..freq {
+            for c in 0..channels {
+                let (cm, fm) = (c * freq + f, f * channels + c);
+                if to_device {
+                    dst[fm] = src[cm];
+                } else {
+                    dst[cm] = src[fm];
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Layout {
@@ -70,12 +104,14 @@ impl Layout {
         match self {
             Layout::Plain => v.to_vec(),
             Layout::TapMajor(g) => device::hconv_weight_tap_major(v, g),
+            Layout::FreqMajor { freq, channels } => permute_columns(v, *freq, *channels, true),
         }
     }
     fn to_cpu(&self, v: &[f32]) -> Vec<f32> {
         match self {
             Layout::Plain => v.to_vec(),
             Layout::TapMajor(g) => device::hconv_weight_grad_to_torch(v, g),
+            Layout::FreqMajor { freq, channels } => permute_columns(v, *freq, *channels, false),
         }
     }
 }
@@ -155,6 +191,33 @@ enum DeviceHead {
         out: Lin,
     },
     Speaker(SpeakerParams),
+    MlSuperb(Box<MlSuperbParams>),
+}
+
+/// The ML-SUPERB transformer CTC head (see [`crate::models::mlsuperb_head::MlSuperbHead`]).
+struct MlSuperbParams {
+    config: MlSuperbHeadConfig,
+    geoms: (PatchGeom, PatchGeom),
+    preencoder: Lin,
+    conv1: Lin,
+    conv2: Lin,
+    /// Its weight frequency-major ([`Layout::FreqMajor`]).
+    embed_out: Lin,
+    blocks: Vec<BlockParams>,
+    after_norm: (usize, usize),
+    ctc_lo: Lin,
+}
+
+/// One pre-LN transformer block of the ML-SUPERB head.
+struct BlockParams {
+    norm1: (usize, usize),
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    out: Lin,
+    norm2: (usize, usize),
+    w_1: Lin,
+    w_2: Lin,
 }
 
 /// The x-vector head (see [`crate::models::head::SpeakerHead`]).
@@ -188,6 +251,9 @@ pub struct DevicePair {
     clip: Option<f64>,
     /// Optimizer steps taken (continuing the CPU pair's count).
     pub steps: u64,
+    /// The CPU pair's mask seed and micro-batch count (dropout and SpecAugment draw as the CPU's).
+    seed: u64,
+    micro: u64,
 }
 
 /// The bf16 device copy of a host stack [frames, L, D], refused when it holds NaN or Inf (named
@@ -248,7 +314,7 @@ fn add_param(
         moment(&pair.optimizer.exp_avg_sq)?,
     );
     let shape = match &layout {
-        Layout::Plain => pair.store.value(id).shape().to_vec(),
+        Layout::Plain | Layout::FreqMajor { .. } => pair.store.value(id).shape().to_vec(),
         Layout::TapMajor(g) => vec![g.c_out, g.kernel * g.c_in],
     };
     params.push(TrainedParam {
@@ -276,12 +342,6 @@ impl DevicePair {
         let cfg = pair.interface.config().clone();
         let (layers, dim) = (cfg.layers, cfg.dim);
         let refuse = |what: String| Error::Config(format!("'{}' on the device: {what}", pair.name));
-        if let Head::MlSuperb(_) = pair.head {
-            return Err(refuse(
-                "the ML-SUPERB transformer head has no device path yet (it trains on the CPU)"
-                    .into(),
-            ));
-        }
         let mut params: Vec<TrainedParam> = Vec::new();
         let mut add = |name: &str, layout: Layout| add_param(be, pair, &mut params, name, layout);
         let interface = match &cfg.kind {
@@ -424,6 +484,54 @@ impl DevicePair {
                     margin: h.config.margin,
                 })
             }
+            Head::MlSuperb(h) => {
+                let norm = |add: &mut dyn FnMut(&str, Layout) -> Result<usize>,
+                            name: &str|
+                 -> Result<(usize, usize)> {
+                    Ok((
+                        add(&format!("{name}.weight"), Layout::Plain)?,
+                        add(&format!("{name}.bias"), Layout::Plain)?,
+                    ))
+                };
+                let preencoder = lin(&mut add, "head.preencoder")?;
+                let conv1 = lin(&mut add, "head.embed.conv1")?;
+                let conv2 = lin(&mut add, "head.embed.conv2")?;
+                let embed_out = Lin {
+                    weight: add(
+                        "head.embed.out.weight",
+                        Layout::FreqMajor {
+                            freq: h.conv_out_features(),
+                            channels: h.config.width,
+                        },
+                    )?,
+                    bias: add("head.embed.out.bias", Layout::Plain)?,
+                };
+                let mut blocks = Vec::new();
+                for i in 0..h.config.blocks {
+                    let b = format!("head.encoders.{i}.");
+                    blocks.push(BlockParams {
+                        norm1: norm(&mut add, &format!("{b}norm1"))?,
+                        q: lin(&mut add, &format!("{b}self_attn.linear_q"))?,
+                        k: lin(&mut add, &format!("{b}self_attn.linear_k"))?,
+                        v: lin(&mut add, &format!("{b}self_attn.linear_v"))?,
+                        out: lin(&mut add, &format!("{b}self_attn.linear_out"))?,
+                        norm2: norm(&mut add, &format!("{b}norm2"))?,
+                        w_1: lin(&mut add, &format!("{b}feed_forward.w_1"))?,
+                        w_2: lin(&mut add, &format!("{b}feed_forward.w_2"))?,
+                    });
+                }
+                DeviceHead::MlSuperb(Box::new(MlSuperbParams {
+                    config: h.config,
+                    geoms: h.conv_geoms(),
+                    preencoder,
+                    conv1,
+                    conv2,
+                    embed_out,
+                    blocks,
+                    after_norm: norm(&mut add, "head.after_norm")?,
+                    ctc_lo: lin(&mut add, "head.ctc_lo")?,
+                }))
+            }
             _ => DeviceHead::TwoLayer {
                 proj: lin(&mut add, "head.proj")?,
                 out: lin(&mut add, "head.out")?,
@@ -468,6 +576,8 @@ impl DevicePair {
             optimizer: pair.optimizer.config,
             clip: pair.clip,
             steps: pair.optimizer.step,
+            seed: pair.seed,
+            micro: pair.micro,
         })
     }
 
@@ -489,6 +599,7 @@ impl DevicePair {
         }
         pair.optimizer.step = self.steps;
         pair.steps = self.steps;
+        pair.micro = self.micro;
         Ok(())
     }
 
@@ -536,28 +647,34 @@ impl DevicePair {
         tape: &mut DeviceTape<'t>,
         x: DVar,
         (w, b): (usize, usize),
+        eps: f64,
     ) -> Result<DVar> {
         let (w, b) = (self.var(tape, w)?, self.var(tape, b)?);
-        tape.layer_norm(x, Some((w, b)), 1e-5)
+        tape.layer_norm(x, Some((w, b)), eps)
     }
 
     /// Records the interface and the head on `tape`, reading the bf16 stack `x0` [frames, L, D];
     /// returns the head's fp32 output (CTC logits per frame, or class logits per utterance; the
-    /// speaker head's AM-softmax logits need the batch's `speakers`, its embeddings none).
+    /// speaker head's AM-softmax logits need the batch's `speakers`, its embeddings none) and the
+    /// batch of its rows (the ML-SUPERB head subsamples frames). `train`: the micro-batch's mask
+    /// seed (dropout, SpecAugment), None in evaluation.
     fn forward<'t>(
         &'t self,
         tape: &mut DeviceTape<'t>,
         x0: &'t Buf<bf16>,
         batch: &PackedBatch,
         speakers: Option<&[usize]>,
-    ) -> Result<DVar> {
+        train: Option<u64>,
+    ) -> Result<(DVar, PackedBatch)> {
         let feats = self.features(tape, x0, batch)?;
+        let same = |v: DVar| Ok((v, batch.clone()));
         let (proj, out) = match &self.head_params {
             DeviceHead::TwoLayer { proj, out } => (*proj, *out),
+            DeviceHead::MlSuperb(h) => return self.mlsuperb_forward(tape, h, feats, batch, train),
             DeviceHead::Speaker(s) => {
                 let e = self.speaker_embed(tape, s, feats, batch)?;
                 let Some(labels) = speakers else {
-                    return Ok(e);
+                    return same(e);
                 };
                 let e = tape.to_bf16(e)?;
                 let h = self.linear(tape, e, s.utter2, true)?;
@@ -569,21 +686,106 @@ impl DevicePair {
                 let wn = tape.to_bf16(wn)?;
                 let zero = tape.constant_f32(&s.zero_bias, &[s.speakers])?;
                 let cos = tape.linear(xn, wn, zero, true)?;
-                return tape.am_margin(cos, labels, s.scale, s.margin);
+                return same(tape.am_margin(cos, labels, s.scale, s.margin)?);
             }
         };
         match self.head {
             HeadKind::Ctc { .. } => {
                 let h = self.linear(tape, feats, proj, false)?;
-                self.linear(tape, h, out, true)
+                same(self.linear(tape, h, out, true)?)
             }
             _ => {
                 let h = self.linear(tape, feats, proj, true)?;
                 let pooled = tape.mean_pool(h, batch)?;
                 let pooled = tape.to_bf16(pooled)?;
-                self.linear(tape, pooled, out, true)
+                same(self.linear(tape, pooled, out, true)?)
             }
         }
+    }
+
+    /// The ML-SUPERB head over the interface's bf16 features [frames, D'], as the CPU head's
+    /// forward (the same seeds drawn in the same order, so the same dropout and SpecAugment
+    /// masks): -> (fp32 logits [frames', V], the batch of frames').
+    fn mlsuperb_forward<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        h: &MlSuperbParams,
+        feats: DVar,
+        batch: &PackedBatch,
+        train: Option<u64>,
+    ) -> Result<(DVar, PackedBatch)> {
+        const EPS: f64 = 1e-12;
+        let c = &h.config;
+        mlsuperb_head::check_lengths(batch)?;
+        let be = tape.backend();
+        let mut seeds = train.map(Rng::new);
+        let mut next_seed = || seeds.as_mut().map(Rng::next_u64);
+        let mut x = tape.to_f32(feats)?;
+        // As the CPU head: two seeds drawn whether or not SpecAugment is on.
+        if let (Some(spec), Some(warp_seed), Some(mask_seed)) =
+            (&c.specaug, next_seed(), next_seed())
+        {
+            let (n, d) = (batch.total_frames(), tape.shape(x)[1]);
+            if spec.time_warp_window > 0 {
+                let taps = mlsuperb_head::time_warp(spec.time_warp_window, batch, warp_seed);
+                x = tape.time_warp(x, DeviceTimeWarp::upload(be, &taps, n)?)?;
+            }
+            let spans = mlsuperb_head::specaug_spans(spec, batch, d, mask_seed);
+            x = tape.spec_mask(x, DeviceSpecMask::upload(be, &spans, batch, d)?)?;
+        }
+        let x = tape.utterance_center(x, batch)?;
+        let x = tape.to_bf16(x)?;
+        let x = self.linear(tape, x, h.preencoder, false)?;
+        // Conv2dSubsampling2: each convolution a Linear over im2col patches, then ReLU.
+        let (g1, g2) = h.geoms;
+        let (p1, b1) = tape.conv2d_patches(x, batch, g1)?;
+        let y = self.linear(tape, p1, h.conv1, true)?;
+        let y = tape.activation(y, false)?;
+        let y = tape.to_bf16(y)?;
+        let y = tape.reshape(y, &[b1.total_frames(), g2.freq * g2.channels])?;
+        let (p2, b2) = tape.conv2d_patches(y, &b1, g2)?;
+        let y = self.linear(tape, p2, h.conv2, true)?;
+        let y = tape.activation(y, false)?;
+        let y = tape.to_bf16(y)?;
+        let rows = tape.shape(y)[0];
+        let y = tape.reshape(y, &[b2.total_frames(), rows / b2.total_frames() * c.width])?;
+        let y = self.linear(tape, y, h.embed_out, true)?;
+        let mut x = tape.scale_add_positions(y, &b2, (c.width as f32).sqrt())?;
+        let dropout = |tape: &mut DeviceTape<'t>, v: DVar, p: f64, seed: Option<u64>| match seed {
+            Some(seed) if p > 0.0 => tape.dropout(v, p, seed),
+            _ => Ok(v),
+        };
+        x = dropout(tape, x, c.dropout, next_seed())?;
+        for blk in &h.blocks {
+            let y = self.layer_norm(tape, x, blk.norm1, EPS)?;
+            let y = tape.to_bf16(y)?;
+            let q = self.linear(tape, y, blk.q, true)?;
+            let k = self.linear(tape, y, blk.k, true)?;
+            let v = self.linear(tape, y, blk.v, true)?;
+            let attn_drop = next_seed()
+                .filter(|_| c.attention_dropout > 0.0)
+                .map(|seed| ProbDropout {
+                    p: c.attention_dropout,
+                    seed,
+                });
+            let a = tape.packed_self_attention((q, k, v), &b2, c.heads, attn_drop)?;
+            let a = tape.to_bf16(a)?;
+            let a = self.linear(tape, a, blk.out, true)?;
+            let a = dropout(tape, a, c.dropout, next_seed())?;
+            x = tape.add(x, a)?;
+            let y = self.layer_norm(tape, x, blk.norm2, EPS)?;
+            let y = tape.to_bf16(y)?;
+            let f = self.linear(tape, y, blk.w_1, true)?;
+            let f = tape.activation(f, false)?;
+            let f = dropout(tape, f, c.dropout, next_seed())?;
+            let f = tape.to_bf16(f)?;
+            let f = self.linear(tape, f, blk.w_2, true)?;
+            let f = dropout(tape, f, c.dropout, next_seed())?;
+            x = tape.add(x, f)?;
+        }
+        let x = self.layer_norm(tape, x, h.after_norm, EPS)?;
+        let x = tape.to_bf16(x)?;
+        Ok((self.linear(tape, x, h.ctc_lo, true)?, b2))
     }
 
     /// The x-vector up to its embedding (fp32 [utterances, width]), as the CPU head: connector,
@@ -690,10 +892,10 @@ impl DevicePair {
         let n = tape.shape(x)[0];
         let rows = tape.reshape(x, &[n * l, d])?;
         let x32 = tape.to_f32(rows)?;
-        let u = self.layer_norm(tape, x32, c.ln1)?;
+        let u = self.layer_norm(tape, x32, c.ln1, 1e-5)?;
         let u = tape.to_bf16(u)?;
         let cls = tape.param_as(&self.params[c.cls].param, &[1, d])?;
-        let u_cls = self.layer_norm(tape, cls, c.ln1)?;
+        let u_cls = self.layer_norm(tape, cls, c.ln1, 1e-5)?;
         let u_cls = tape.to_bf16(u_cls)?;
         let q = self.linear(tape, u_cls, c.q, true)?;
         let k_cls = self.linear(tape, u_cls, c.k, false)?;
@@ -703,7 +905,7 @@ impl DevicePair {
         let attn = tape.cls_attention(q, k_cls, v_cls, k, v, l, c.heads)?;
         let o = self.linear(tape, attn, c.out_proj, true)?;
         let h = tape.add_row(o, cls)?;
-        let g = self.layer_norm(tape, h, c.ln2)?;
+        let g = self.layer_norm(tape, h, c.ln2, 1e-5)?;
         let g = tape.to_bf16(g)?;
         let z = self.linear(tape, g, c.ffn1, true)?;
         let act = tape.activation(z, c.gelu)?;
@@ -724,20 +926,28 @@ impl DevicePair {
         scale: f32,
     ) -> Result<f32> {
         self.check_stack(x0, batch.total_frames())?;
+        let seed = micro_seed(self.seed, self.steps, self.micro);
+        self.micro += 1;
         let this: &Self = self;
         let mut tape = DeviceTape::new(be);
-        let loss = match this.head {
-            HeadKind::Ctc { .. } => {
-                let out = this.forward(&mut tape, x0, batch, None)?;
+        let loss = match (this.head, &this.head_params) {
+            (_, DeviceHead::MlSuperb(_)) => {
+                // ESPnet's CTC: the summed loss over the batch, divided by its utterances.
+                let (out, b) = this.forward(&mut tape, x0, batch, None, Some(seed))?;
+                let per_utterance = 1.0 / b.num_utterances() as f32;
+                tape.ctc_loss_reduced(out, &b, targets, Reduction::Sum, per_utterance)?
+            }
+            (HeadKind::Ctc { .. }, _) => {
+                let (out, _) = this.forward(&mut tape, x0, batch, None, None)?;
                 tape.ctc_loss(out, batch, targets)?
             }
-            HeadKind::Classify { .. } => {
-                let out = this.forward(&mut tape, x0, batch, None)?;
+            (HeadKind::Classify { .. }, _) => {
+                let (out, _) = this.forward(&mut tape, x0, batch, None, None)?;
                 tape.cross_entropy(out, &class_labels(targets)?)?
             }
-            HeadKind::Speaker { .. } => {
+            (HeadKind::Speaker { .. }, _) => {
                 let labels = class_labels(targets)?;
-                let out = this.forward(&mut tape, x0, batch, Some(&labels))?;
+                let (out, _) = this.forward(&mut tape, x0, batch, Some(&labels), None)?;
                 tape.cross_entropy(out, &labels)?
             }
         };
@@ -767,6 +977,7 @@ impl DevicePair {
             None => None,
         };
         self.steps += 1;
+        self.micro = 0;
         let cfg = AdamConfig {
             lr,
             ..self.optimizer
@@ -819,11 +1030,11 @@ impl DevicePair {
     ) -> Result<Vec<Vec<usize>>> {
         self.check_stack(x0, batch.total_frames())?;
         let mut tape = DeviceTape::no_grad(be);
-        let mut out = self.forward(&mut tape, x0, batch, None)?;
+        let (mut out, out_batch) = self.forward(&mut tape, x0, batch, None, None)?;
         if let HeadKind::Ctc { .. } = self.head {
             out = tape.log_softmax(out)?;
         }
-        decode_outputs(self.head, &be.download(tape.f32_value(out)?)?, batch)
+        decode_outputs(self.head, &be.download(tape.f32_value(out)?)?, &out_batch)
     }
 
     /// The speaker head's embedding of each utterance of the bf16 stack `x0` (what verification
@@ -842,7 +1053,7 @@ impl DevicePair {
         }
         self.check_stack(x0, batch.total_frames())?;
         let mut tape = DeviceTape::no_grad(be);
-        let out = self.forward(&mut tape, x0, batch, None)?;
+        let (out, _) = self.forward(&mut tape, x0, batch, None, None)?;
         let width = tape.shape(out)[1];
         let values = be.download(tape.f32_value(out)?)?;
         Ok(values.chunks(width).map(<[f32]>::to_vec).collect())

@@ -159,10 +159,11 @@ pub struct Pair {
     /// Optimizer steps taken.
     pub steps: u64,
     /// What the dropout and SpecAugment masks of a training forward are drawn from, with the
-    /// step and the micro-batch (so a resumed run draws the same).
-    seed: u64,
+    /// step and the micro-batch (so a resumed run draws the same; the device step draws them
+    /// the same way).
+    pub(crate) seed: u64,
     /// Micro-batches accumulated since the last optimizer step.
-    micro: u64,
+    pub(crate) micro: u64,
 }
 
 impl Pair {
@@ -301,10 +302,7 @@ impl Pair {
 
     /// The seed of the current micro-batch's training masks.
     fn micro_seed(&self) -> u64 {
-        let mut r = Rng::new(self.seed ^ 0x6d6c_7375_7065_7262);
-        let base = r.next_u64();
-        Rng::new(base ^ self.steps.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (self.micro << 48))
-            .next_u64()
+        micro_seed(self.seed, self.steps, self.micro)
     }
 
     /// Adds the gradients of one micro-batch's mean loss times `scale` to the parameters' gradients
@@ -434,6 +432,13 @@ impl Pair {
     pub fn interface_params(&self) -> usize {
         self.store.num_scalars_under("interface.")
     }
+}
+
+/// The seed of the training masks (dropout, SpecAugment) of micro-batch `micro` of step `steps` of
+/// a pair seeded with `seed`.
+pub(crate) fn micro_seed(seed: u64, steps: u64, micro: u64) -> u64 {
+    let base = Rng::new(seed ^ 0x6d6c_7375_7065_7262).next_u64();
+    Rng::new(base ^ steps.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro << 48)).next_u64()
 }
 
 /// The class id of each utterance from classification targets (one id each).

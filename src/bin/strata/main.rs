@@ -46,8 +46,8 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
            --head superb|mlsuperb  the CTC tasks' head: SUPERB PR's two Linear layers, or
                                    ML-SUPERB's ESPnet downstream (Conv2d subsampling to half
                                    the frame rate, 2 transformer blocks, CTC summed over the
-                                   batch / its utterances, SpecAugment, dropout 0.1);
-                                   the CPU runs it (no device path yet) [superb]
+                                   batch / its utterances, SpecAugment, dropout 0.1)
+                                   [superb]
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3, depth
                               floor(log3 L)), hconv-kKsSdD with any of kernel, stride, depth
                               (e.g. hconv-k3s2, hconv-d1), concat, groupwsN (N groups), single
