@@ -96,6 +96,29 @@ fn precompile() -> std::process::ExitCode {
         stride: 3,
         pad: 2,
     });
+    // The heads' Linear layers in the step benchmark (one layer, kernel 1): the PR head on Base
+    // and Large, the ML-SUPERB head's (preencoder, conv2 and embed.out over patches, attention
+    // and FFN, ctc_lo).
+    for (c_in, c_out) in [
+        (768, 256),
+        (1024, 256),
+        (256, 71),
+        (768, 80),
+        (2304, 256),
+        (9472, 256),
+        (256, 256),
+        (256, 1024),
+        (1024, 256),
+    ] {
+        convs.push(ConvGeom {
+            l_in: 1,
+            c_in,
+            c_out,
+            kernel: 1,
+            stride: 1,
+            pad: 0,
+        });
+    }
     // Only the vectorized kernels (input channels a multiple of 8) are specialized.
     for g in convs.iter().filter(|g| g.c_in % 8 == 0) {
         for kernel in ["hconv_conv_forward_vec", "hconv_conv_forward_wgmma"] {
@@ -148,7 +171,7 @@ fn precompile() -> std::process::ExitCode {
 }
 
 fn main() -> std::process::ExitCode {
-    // `gpu_bench [ws|hconv|losses|step|adamw]` runs one section; no argument runs them all.
+    // `gpu_bench [ws|hconv|losses|mlsuperb|step|adamw]` runs one section; no argument runs them all.
     let only = std::env::args().nth(1);
     if only.as_deref() == Some("precompile") {
         return precompile();
@@ -330,6 +353,73 @@ fn main() -> std::process::ExitCode {
             3 * rows * classes * 4
         );
     }
+    // The ML-SUPERB head's data movement at 32 x 500 frames (strata only: bandwidth against the
+    // measured copy): the second convolution's im2col patches (bf16 [7904 x 37, 2304] from
+    // [7968 x 39 x 256]) and their adjoint, centering, SpecAugment's time warp and masks over the
+    // fp32 features [16000, 768], and the positions over [7904, 256].
+    if run("mlsuperb") {
+        use strata::models::mlsuperb_head::{specaug_spans, time_warp, SpecAugmentConfig};
+        use strata::ops::conv2d::PatchGeom;
+        let (utts, d) = (32usize, 768usize);
+        let batch = strata::PackedBatch::from_lengths(&vec![500; utts]).unwrap();
+        let b1 = strata::PackedBatch::from_lengths(&vec![249; utts]).unwrap();
+        let b2 = strata::PackedBatch::from_lengths(&vec![247; utts]).unwrap();
+        let g = PatchGeom {
+            freq: 39,
+            channels: 256,
+            kernel: 3,
+            stride: 1,
+        };
+        let x = be
+            .upload(&vec![bf16::from_f32(0.5); b1.total_frames() * 39 * 256])
+            .unwrap();
+        let (patches, _) = device::conv2d_patches(&be, &x, &b1, &g).unwrap();
+        let (xb, pb) = (x.len() * 2, patches.len() * 2);
+        let ms = time_ms(&be, &mut flush, || {
+            device::conv2d_patches(&be, &x, &b1, &g).unwrap();
+        });
+        println!(
+            "{{\"name\": \"conv2d_patches_mlsuperb\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            xb + pb
+        );
+        let ms = time_ms(&be, &mut flush, || {
+            device::conv2d_patches_adjoint(&be, &patches, &b1, &g).unwrap();
+        });
+        println!(
+            "{{\"name\": \"conv2d_patches_adjoint_mlsuperb\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            pb + 2 * xb
+        );
+        drop(patches);
+        let n = batch.total_frames();
+        let feats = be.upload(&vec![0.5f32; n * d]).unwrap();
+        let rw = 2 * n * d * 4;
+        let ms = time_ms(&be, &mut flush, || {
+            device::utterance_center(&be, &feats, &batch, d).unwrap();
+        });
+        println!(
+            "{{\"name\": \"utterance_center_32x500x768\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            rw + n * d * 4
+        );
+        let warp = device::DeviceTimeWarp::upload(&be, &time_warp(5, &batch, 1), n).unwrap();
+        let ms = time_ms(&be, &mut flush, || {
+            warp.forward(&be, &feats, d).unwrap();
+        });
+        println!("{{\"name\": \"time_warp_32x500x768\", \"ms\": {ms:.4}, \"bytes\": {rw}}}");
+        let spans = specaug_spans(&SpecAugmentConfig::default(), &batch, d, 2);
+        let mask = device::DeviceSpecMask::upload(&be, &spans, &batch, d).unwrap();
+        let ms = time_ms(&be, &mut flush, || {
+            mask.apply(&be, &feats).unwrap();
+        });
+        println!("{{\"name\": \"specaug_mask_32x500x768\", \"ms\": {ms:.4}, \"bytes\": {rw}}}");
+        let h = be.upload(&vec![0.5f32; b2.total_frames() * 256]).unwrap();
+        let ms = time_ms(&be, &mut flush, || {
+            device::scale_add_positions(&be, &h, &b2, 256, 16.0).unwrap();
+        });
+        println!(
+            "{{\"name\": \"scale_add_positions_32x247x256\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            2 * h.len() * 4
+        );
+    }
     // A whole interface + PR-head training step on a bf16 stack already on the GPU (forward, CTC,
     // backward, clip, AdamW; the loss comes back to the host): 32 utterances x 500 frames. HConv
     // on the Base and Large stacks; WS and CLS pooling (8 heads, FFN 3072, GELU: `--interfaces
@@ -396,6 +486,51 @@ fn main() -> std::process::ExitCode {
                 dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
             });
             println!("{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"{metric}\": {amount}}}");
+        }
+        // WS (Base) + the ML-SUPERB head on the same batch, without dropout and SpecAugment (as
+        // the PyTorch row, tools/bench_heads_torch.py): 500 -> 249 -> 247 frames per utterance.
+        // Flops: its GEMMs and the attention's two products per head, 6 x their MACs (forward,
+        // and the two products of each backward).
+        {
+            use strata::models::mlsuperb_head::MlSuperbHeadConfig;
+            use strata::train::side_by_side::{CtcHead, PairSpec};
+            let (l, d) = (13usize, 768usize);
+            let mut spec = PairSpec::new("ml", InterfaceConfig::weighted_sum(l, d));
+            let c = MlSuperbHeadConfig {
+                dropout: 0.0,
+                attention_dropout: 0.0,
+                specaug: None,
+                ..MlSuperbHeadConfig::default()
+            };
+            spec.ctc_head = CtcHead::MlSuperb(c);
+            let pair = Pair::from_spec(
+                &spec,
+                HeadKind::Ctc { vocab: v },
+                AdamConfig::adamw(1e-3),
+                Some(1.0),
+                0,
+            )
+            .unwrap();
+            let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
+            let x: Vec<bf16> = (0..n * l * d)
+                .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
+                .collect();
+            let x0 = be.upload(&x).unwrap();
+            let (w, (t1, t2)) = (c.width, (249usize, 247usize));
+            let (n1, n2) = (utts * t1, utts * t2);
+            let macs = n * d * 80
+                + n1 * 39 * 9 * w
+                + n2 * 37 * 9 * w * w
+                + n2 * 37 * w * w
+                + c.blocks * (4 * n2 * w * w + 2 * n2 * w * c.ffn + 2 * utts * t2 * t2 * w)
+                + n2 * w * v;
+            let ms = time_ms(&be, &mut flush, || {
+                dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
+            });
+            println!(
+                "{{\"name\": \"step_mlsuperb_ws_base\", \"ms\": {ms:.4}, \"flops\": {}}}",
+                6 * macs
+            );
         }
     }
     if run("adamw") {

@@ -77,16 +77,16 @@ class MlSuperbHead(nn.Module):
         h = self.conv(x.unsqueeze(1))
         b, c, t, f = h.shape
         h = self.out(h.transpose(1, 2).reshape(b, t, c * f))
-        pos = torch.arange(t, dtype=torch.float32)[:, None]
-        div = torch.exp(torch.arange(0, self.d, 2, dtype=torch.float32) * -(math.log(10000.0) / self.d))
-        pe = torch.zeros(t, self.d)
+        pos = torch.arange(t, dtype=torch.float32, device=x.device)[:, None]
+        div = torch.exp(torch.arange(0, self.d, 2, dtype=torch.float32, device=x.device) * -(math.log(10000.0) / self.d))
+        pe = torch.zeros(t, self.d, device=x.device)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
         h = h * math.sqrt(self.d) + pe
         for blk in self.blocks:
             h = blk(h)
         lp = F.log_softmax(self.ctc_lo(self.after_norm(h)), dim=-1)
         lengths = torch.full((b,), t, dtype=torch.long)
-        loss = F.ctc_loss(lp.transpose(0, 1), targets, lengths, target_lengths, reduction="sum", zero_infinity=True)
+        loss = F.ctc_loss(lp.float().transpose(0, 1), targets, lengths, target_lengths, reduction="sum", zero_infinity=True)
         return loss / b
 
 

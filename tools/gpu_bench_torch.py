@@ -127,6 +127,27 @@ def main():
 
         print(json.dumps({"name": name, "ms": time_ms(step)}))
         del m, stacked, head, params, opt
+    # WS (Base) + the ML-SUPERB head (tools/bench_heads_torch.py: ESPnet's modules, without
+    # dropout and SpecAugment, as strata's row) on the same batch: bf16 autocast, CTC summed / 32
+    # in fp32, clip, fused AdamW.
+    from bench_heads_torch import MlSuperbHead
+    ws = WeightedSum(13, 768, False).to(dev)
+    ml = MlSuperbHead(768, V).to(dev)
+    stacked = torch.randn(13, 1, N * T, 768, device=dev).to(torch.bfloat16)
+    params = list(ws.parameters()) + list(ml.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+    def ml_step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ml(ws(stacked).view(N, T, 768), targets, tl)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss.item()
+
+    print(json.dumps({"name": "step_mlsuperb_ws_base", "ms": time_ms(ml_step)}))
+    del ws, ml, stacked, params, opt
     # Fused AdamW over the tensors of an HConv (Base) + PR-head pair (strata: adam_step_multi).
     m = HConv(13, 768).to(dev)
     d_out = m(torch.zeros(13, 1, 2, 768, device=dev)).shape[-1]
