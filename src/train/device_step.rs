@@ -335,6 +335,12 @@ fn lin(add: &mut dyn FnMut(&str, Layout) -> Result<usize>, name: &str) -> Result
     })
 }
 
+/// A LayerNorm `name`'s (weight, bias) through `add`.
+fn norm(add: &mut dyn FnMut(&str, Layout) -> Result<usize>, name: &str) -> Result<(usize, usize)> {
+    let l = lin(add, name)?;
+    Ok((l.weight, l.bias))
+}
+
 impl DevicePair {
     /// The device copy of a CPU pair: its current parameters, optimizer state (moments and step
     /// count) and settings.
@@ -440,14 +446,6 @@ impl DevicePair {
                         "CLS pooling's device attention takes at most 95 layer tokens, not {layers}"
                     )));
                 }
-                let norm = |add: &mut dyn FnMut(&str, Layout) -> Result<usize>,
-                            name: &str|
-                 -> Result<(usize, usize)> {
-                    Ok((
-                        add(&format!("{name}.weight"), Layout::Plain)?,
-                        add(&format!("{name}.bias"), Layout::Plain)?,
-                    ))
-                };
                 let p = "interface.";
                 DeviceInterface::ClsPool(ClsParams {
                     heads: *heads,
@@ -485,14 +483,6 @@ impl DevicePair {
                 })
             }
             Head::MlSuperb(h) => {
-                let norm = |add: &mut dyn FnMut(&str, Layout) -> Result<usize>,
-                            name: &str|
-                 -> Result<(usize, usize)> {
-                    Ok((
-                        add(&format!("{name}.weight"), Layout::Plain)?,
-                        add(&format!("{name}.bias"), Layout::Plain)?,
-                    ))
-                };
                 let preencoder = lin(&mut add, "head.preencoder")?;
                 let conv1 = lin(&mut add, "head.embed.conv1")?;
                 let conv2 = lin(&mut add, "head.embed.conv2")?;
