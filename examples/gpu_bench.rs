@@ -467,6 +467,17 @@ fn main() -> std::process::ExitCode {
             ),
             ("step_cls_base", l, d, (cls, ("flops", cls_flops))),
         ];
+        // One step's time for `pair` over an [n, l, d] stack.
+        let mut time_step = |pair: &Pair, l: usize, d: usize| {
+            let mut dev = strata::train::device_step::DevicePair::from_pair(&be, pair).unwrap();
+            let x: Vec<bf16> = (0..n * l * d)
+                .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
+                .collect();
+            let x0 = be.upload(&x).unwrap();
+            time_ms(&be, &mut flush, || {
+                dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
+            })
+        };
         for (name, l, d, (kind, (metric, amount))) in rows {
             let pair = Pair::new(
                 name,
@@ -477,14 +488,7 @@ fn main() -> std::process::ExitCode {
                 0,
             )
             .unwrap();
-            let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
-            let x: Vec<bf16> = (0..n * l * d)
-                .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
-                .collect();
-            let x0 = be.upload(&x).unwrap();
-            let ms = time_ms(&be, &mut flush, || {
-                dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
-            });
+            let ms = time_step(&pair, l, d);
             println!("{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"{metric}\": {amount}}}");
         }
         // WS (Base) + the ML-SUPERB head on the same batch, without dropout and SpecAugment (as
@@ -511,11 +515,6 @@ fn main() -> std::process::ExitCode {
                 0,
             )
             .unwrap();
-            let mut dev = strata::train::device_step::DevicePair::from_pair(&be, &pair).unwrap();
-            let x: Vec<bf16> = (0..n * l * d)
-                .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
-                .collect();
-            let x0 = be.upload(&x).unwrap();
             let (w, (t1, t2)) = (c.width, (249usize, 247usize));
             let (n1, n2) = (utts * t1, utts * t2);
             let macs = n * d * 80
@@ -524,9 +523,7 @@ fn main() -> std::process::ExitCode {
                 + n2 * 37 * w * w
                 + c.blocks * (4 * n2 * w * w + 2 * n2 * w * c.ffn + 2 * utts * t2 * t2 * w)
                 + n2 * w * v;
-            let ms = time_ms(&be, &mut flush, || {
-                dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
-            });
+            let ms = time_step(&pair, l, d);
             println!(
                 "{{\"name\": \"step_mlsuperb_ws_base\", \"ms\": {ms:.4}, \"flops\": {}}}",
                 6 * macs

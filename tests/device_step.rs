@@ -63,6 +63,35 @@ fn batches(
         .collect()
 }
 
+/// Four batches of four synthetic utterances of at least `min_frames` frames ((layers, dim,
+/// phones) stacks), with `target(utterance, frames)` each.
+fn long_batches(
+    (layers, dim, phones): (usize, usize, usize),
+    min_frames: usize,
+    target: impl Fn(&synthetic::Utterance, usize) -> Vec<usize>,
+) -> Vec<Batch> {
+    let world = SyntheticWorld::new(3, layers, dim, phones);
+    let corpus = world.corpus(4, 80);
+    let long: Vec<_> = (corpus.utterances.iter())
+        .filter(|u| u.stack.shape()[0] >= min_frames)
+        .collect();
+    let data: Vec<Batch> = long
+        .chunks(4)
+        .take(4)
+        .map(|chunk| {
+            let (stack, lengths) = synthetic::pack(chunk);
+            let targets = chunk.iter().zip(&lengths).map(|(u, &t)| target(u, t));
+            (
+                stack,
+                PackedBatch::from_lengths(&lengths).unwrap(),
+                targets.collect(),
+            )
+        })
+        .collect();
+    assert_eq!(data.len(), 4, "enough utterances of {min_frames} frames");
+    data
+}
+
 /// (||got - want||, ||want||) in f64: gradients are compared by relative L2 error.
 fn l2_error(got: &[f32], want: &[f32]) -> (f64, f64) {
     let (mut e2, mut w2) = (0f64, 0f64);
@@ -457,23 +486,11 @@ fn the_speaker_head_on_the_device_follows_the_cpu() {
     use strata::models::head::SpeakerHeadConfig;
     use strata::train::side_by_side::PairSpec;
     let (layers, dim, phones, speakers) = (5, 24, 6, 4);
-    // Utterances of at least 16 frames (what the x-vector needs), four per batch, a "speaker"
-    // label each (from the first phone).
-    let world = SyntheticWorld::new(3, layers, dim, phones);
-    let corpus = world.corpus(4, 80);
-    let long: Vec<_> = (corpus.utterances.iter())
-        .filter(|u| u.stack.shape()[0] >= 16)
-        .collect();
-    let data: Vec<Batch> = long
-        .chunks(4)
-        .take(4)
-        .map(|chunk| {
-            let (stack, lengths) = synthetic::pack(chunk);
-            let targets = chunk.iter().map(|u| vec![u.phones[0] % speakers]).collect();
-            (stack, PackedBatch::from_lengths(&lengths).unwrap(), targets)
-        })
-        .collect();
-    assert_eq!(data.len(), 4);
+    // Utterances of at least 16 frames (what the x-vector needs), a "speaker" label each (from
+    // the first phone).
+    let data = long_batches((layers, dim, phones), 16, |u, _| {
+        vec![u.phones[0] % speakers]
+    });
     let config = SpeakerHeadConfig {
         width: 16,
         agg_width: 24,
@@ -558,28 +575,12 @@ fn the_mlsuperb_head_on_the_device_follows_the_cpu() {
     use strata::models::mlsuperb_head::{mlsuperb_frames, MlSuperbHeadConfig, SpecAugmentConfig};
     use strata::train::side_by_side::{CtcHead, PairSpec};
     let (layers, dim, phones) = (5, 24, 6);
-    // Utterances of at least 12 frames (the convolutions need 7), four per batch; targets cut to
-    // half the head's output frames so that every alignment exists.
-    let world = SyntheticWorld::new(3, layers, dim, phones);
-    let corpus = world.corpus(4, 80);
-    let long: Vec<_> = (corpus.utterances.iter())
-        .filter(|u| u.stack.shape()[0] >= 12)
-        .collect();
-    let data: Vec<Batch> = long
-        .chunks(4)
-        .take(4)
-        .map(|chunk| {
-            let (stack, lengths) = synthetic::pack(chunk);
-            let targets = (chunk.iter().zip(&lengths))
-                .map(|(u, &t)| {
-                    let keep = (mlsuperb_frames(t).unwrap() / 2).min(u.phones.len());
-                    u.phones[..keep].to_vec()
-                })
-                .collect();
-            (stack, PackedBatch::from_lengths(&lengths).unwrap(), targets)
-        })
-        .collect();
-    assert_eq!(data.len(), 4);
+    // Utterances of at least 12 frames (the convolutions need 7); targets cut to half the head's
+    // output frames so that every alignment exists.
+    let data = long_batches((layers, dim, phones), 12, |u, t| {
+        let keep = (mlsuperb_frames(t).unwrap() / 2).min(u.phones.len());
+        u.phones[..keep].to_vec()
+    });
     // Training as the recipe (dropout 0.1 on the branches and the attention probabilities, time
     // warp, masks): the device must draw the CPU's masks for the losses to agree.
     let config = MlSuperbHeadConfig {

@@ -11,6 +11,25 @@ use crate::error::Result;
 use crate::ops::attention::ProbDropout;
 use crate::ops::conv2d::PatchGeom;
 use crate::ops::device::{self, DeviceSpecMask, DeviceTimeWarp, PackedAttn};
+use crate::runtime::Buf;
+
+/// The packed attention's launch description over fp32 q, k, v [frames, heads * head_dim].
+fn packed_attn<'b>(
+    batch: &'b PackedBatch,
+    (q, k, v): (&'b Buf<f32>, &'b Buf<f32>, &'b Buf<f32>),
+    heads: usize,
+    dropout: Option<ProbDropout>,
+) -> PackedAttn<'b> {
+    PackedAttn {
+        q,
+        k,
+        v,
+        batch,
+        heads,
+        head_dim: q.len() / batch.total_frames() / heads,
+        dropout,
+    }
+}
 
 impl<'a> DeviceTape<'a> {
     /// The width c of fp32 x [rows, c].
@@ -150,16 +169,7 @@ impl<'a> DeviceTape<'a> {
             self.f32_of(OP, v)?,
         );
         let batch = batch.clone();
-        let attn = PackedAttn {
-            q: &qf,
-            k: &kf,
-            v: &vf,
-            batch: &batch,
-            heads,
-            head_dim: w / heads,
-            dropout,
-        };
-        let (out, probs) = attn.forward(self.be)?;
+        let (out, probs) = packed_attn(&batch, (&qf, &kf, &vf), heads, dropout).forward(self.be)?;
         let shape = [batch.total_frames(), w];
         Ok(self.push(
             Value::F32(Held::Own(Rc::new(out))),
@@ -168,15 +178,7 @@ impl<'a> DeviceTape<'a> {
             move || {
                 Box::new(move |be, g, _| {
                     let dout = g.to_f32(be, OP)?;
-                    let attn = PackedAttn {
-                        q: &qf,
-                        k: &kf,
-                        v: &vf,
-                        batch: &batch,
-                        heads,
-                        head_dim: w / heads,
-                        dropout,
-                    };
+                    let attn = packed_attn(&batch, (&qf, &kf, &vf), heads, dropout);
                     let (dq, dk, dv) = attn.backward(be, &probs, &dout)?;
                     Ok(vec![
                         Some(Grad::f32(dq)),
