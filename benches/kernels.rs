@@ -1,7 +1,7 @@
 //! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, the whole HConv +
 //! PR-head step, log-softmax, CTC, cross-entropy, LayerNorm, dropout, mean pooling, the step's glue
 //! (casts, GELU, residual add, the bf16 row norm), CLS pooling's attention, the packed
-//! self-attention of the ML-SUPERB head, AdamW flat and
+//! self-attention and the data movement of the ML-SUPERB head, AdamW flat and
 //! multi-tensor) at HuBERT-Base / Large sizes, 32 x 500 frames. GPU only: without one it says so
 //! and measures nothing (the emulator's speed means nothing). The device script's table
 //! (examples/gpu_bench.rs + PyTorch) is the one recorded in RESULTS.md; this is for iterating on a
@@ -342,6 +342,62 @@ fn bench(c: &mut Criterion) {
                     drop(attn.backward(&be, &probs, &x).unwrap())
                 })
             })
+        });
+    }
+    // The ML-SUPERB head's data movement at 32 x 500 frames: the second convolution's im2col
+    // patches and their adjoint, centering, SpecAugment's time warp and masks over [16000, 768].
+    {
+        use strata::models::mlsuperb_head::{specaug_spans, time_warp, SpecAugmentConfig};
+        let batch = strata::PackedBatch::from_lengths(&[500; 32]).unwrap();
+        let b1 = strata::PackedBatch::from_lengths(&[249; 32]).unwrap();
+        let g = strata::ops::conv2d::PatchGeom {
+            freq: 39,
+            channels: 256,
+            kernel: 3,
+            stride: 1,
+        };
+        let x = be
+            .upload(&vec![bf16::from_f32(0.5); b1.total_frames() * 39 * 256])
+            .unwrap();
+        let (patches, _) = device::conv2d_patches(&be, &x, &b1, &g).unwrap();
+        group.throughput(Throughput::Bytes(((x.len() + patches.len()) * 2) as u64));
+        group.bench_function("conv2d_patches_mlsuperb", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::conv2d_patches(&be, &x, &b1, &g).unwrap())
+                })
+            })
+        });
+        group.bench_function("conv2d_patches_adjoint_mlsuperb", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::conv2d_patches_adjoint(&be, &patches, &b1, &g).unwrap())
+                })
+            })
+        });
+        drop(patches);
+        let (n, d) = (batch.total_frames(), 768);
+        let feats = be.upload(&vec![0.5f32; n * d]).unwrap();
+        group.throughput(Throughput::Bytes((2 * n * d * 4) as u64));
+        group.bench_function("utterance_center_32x500x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::utterance_center(&be, &feats, &batch, d).unwrap())
+                })
+            })
+        });
+        let warp = device::DeviceTimeWarp::upload(&be, &time_warp(5, &batch, 1), n).unwrap();
+        group.bench_function("time_warp_32x500x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(warp.forward(&be, &feats, d).unwrap())
+                })
+            })
+        });
+        let spans = specaug_spans(&SpecAugmentConfig::default(), &batch, d, 2);
+        let mask = device::DeviceSpecMask::upload(&be, &spans, &batch, d).unwrap();
+        group.bench_function("specaug_mask_32x500x768", |b| {
+            b.iter_custom(|iters| timed(&be, iters, &mut || drop(mask.apply(&be, &feats).unwrap())))
         });
     }
     // `normalize` of a Base stack (bf16 row LayerNorm over 16000 x 13 rows of 768) and CLS
