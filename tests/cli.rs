@@ -888,29 +888,50 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
     let run = |a: Vec<String>| strata(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let (ok, log) = run(args(&["--head", "mlsuperb", "--steps", "2"]));
-    assert!(ok && log.contains("dev error"), "{log}");
+    // With ESPnet's model averaging over the 2 best of 2 evaluations.
+    let (ok, log) = run(args(&[
+        "--head",
+        "mlsuperb",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--average-best",
+        "2",
+    ]));
+    assert!(
+        ok && log.contains("dev error") && log.contains("ws averaged over steps [1, 2]"),
+        "{log}"
+    );
     let recorded: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
     assert_eq!(recorded["head"], "mlsuperb");
+    assert_eq!(recorded["average_best"], 2);
     // eval builds the head the run recorded (a SUPERB head would not find its parameters).
-    let (ok, log) = strata(&[
-        "eval",
-        "--model",
-        &model,
-        "--run",
-        o.to_str().unwrap(),
-        "--pair",
-        "all",
-        "--data",
-        d.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let eval = |which: &str| {
+        strata(&[
+            "eval",
+            "--model",
+            &model,
+            "--run",
+            o.to_str().unwrap(),
+            "--pair",
+            "all",
+            "--data",
+            d.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--which",
+            which,
+        ])
+    };
+    let (ok, log) = eval("best");
     assert!(
         ok && log.contains("ws (best) on") && log.contains("CER"),
         "{log}"
     );
+    let (ok, log) = eval("averaged");
+    assert!(ok && log.contains("hconv (averaged) on"), "{log}");
     // A test utterance too short for the head's convolutions (0.1 s: 4 frames) is named.
     let short = dir.join("short");
     std::fs::create_dir_all(&short).unwrap();
@@ -932,14 +953,30 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         !ok && log.contains("'tiny' has 4 frames, fewer than the 7"),
         "{log}"
     );
-    // A resume must keep the head.
+    // A resume must keep the head and the n-best averaging.
     let (ok, log) = run(args(&["--steps", "4", "--resume"]));
     assert!(
         !ok && log.contains("head = \"mlsuperb\", this one \"superb\""),
         "{log}"
     );
     let (ok, log) = run(args(&["--head", "mlsuperb", "--steps", "3", "--resume"]));
-    assert!(ok, "{log}");
+    assert!(!ok && log.contains("resume with --average-best 2"), "{log}");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
+    assert_eq!(
+        recorded["average_best"], 2,
+        "a refused resume changes nothing"
+    );
+    let (ok, log) = run(args(&[
+        "--head",
+        "mlsuperb",
+        "--steps",
+        "3",
+        "--average-best",
+        "2",
+        "--resume",
+    ]));
+    assert!(ok && log.contains("ws averaged over steps"), "{log}");
     // The head is for CTC tasks and takes known names only. (Its device path: tests/device_step.rs;
     // at the recipe's width one emulated step takes minutes.)
     let (ok, log) = run(args(&["--head", "mlsuperb", "--task", "classify"])

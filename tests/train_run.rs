@@ -884,3 +884,132 @@ fn ws_large_with_the_ml_superb_head_widens_its_transformer_to_the_hconv_pairs_si
     );
     eprintln!("ML-SUPERB ws-large: width {w}, {a} scalars vs hconv's {b}");
 }
+
+#[test]
+fn the_n_best_evaluations_are_kept_averaged_scored_and_survive_a_resume() {
+    use strata::train::run::{evaluate_checkpoint, TrainDevice};
+    let root = scratch("nbest");
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&load("train"), true);
+    let cfg = |out: &Path, steps: u64, resume: bool| {
+        let mut c = config(out, steps, resume);
+        c.schedule = Schedule::constant(2e-2);
+        (c.eval_every, c.average_best) = (1, 2);
+        c
+    };
+    let straight = root.join("straight");
+    let result = train(
+        &src,
+        &src,
+        load("train"),
+        load("dev"),
+        &vocab,
+        &cfg(&straight, 6, false),
+    )
+    .unwrap();
+    let log = std::fs::read_to_string(straight.join("log.jsonl")).unwrap();
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for r in &result {
+        // The two lowest dev error rates of the log (the earlier step first on a tie).
+        let mut evals: Vec<(f64, u64)> = (entries.iter())
+            .filter(|e| e["pair"] == r.name.as_str() && e["dev_error_rate"].is_number())
+            .map(|e| {
+                (
+                    e["dev_error_rate"].as_f64().unwrap(),
+                    e["step"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        eprintln!("{}: dev error rates (rate, step) {evals:?}", r.name);
+        assert_eq!(evals.len(), 6);
+        evals.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+        let want: Vec<u64> = evals[..2].iter().map(|e| e.1).collect();
+        let (rate, steps) = r.averaged.clone().expect("averaged after the last step");
+        assert_eq!(steps, want, "{}", r.name);
+        // Only those snapshots are kept.
+        let dir = straight.join(&r.name);
+        let mut kept: Vec<String> = std::fs::read_dir(dir.join("nbest"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        kept.sort();
+        let mut named: Vec<String> = want.iter().map(|s| format!("step-{s}")).collect();
+        named.sort();
+        assert_eq!(kept, named);
+        // The averaged parameters are the snapshots' mean, and score what the run reported.
+        let params = |d: &Path, step: u64| -> Vec<(String, Vec<f32>)> {
+            let mut t: Vec<(String, Vec<f32>)> =
+                strata::io::load_safetensors(&d.join(format!("params-{step}.safetensors")))
+                    .unwrap()
+                    .into_iter()
+                    .map(|(n, t)| (n, t.to_vec()))
+                    .collect();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t
+        };
+        let snaps: Vec<_> = (want.iter())
+            .map(|&s| params(&dir.join("nbest").join(format!("step-{s}")), s))
+            .collect();
+        let averaged = params(&dir.join("averaged"), 6);
+        assert_eq!(averaged.len(), snaps[0].len());
+        let mut moved = false;
+        for (i, (name, avg)) in averaged.iter().enumerate() {
+            let (a, b) = (&snaps[0][i].1, &snaps[1][i].1);
+            moved |= a != b;
+            for ((x, y), m) in a.iter().zip(b).zip(avg) {
+                assert_eq!(*m, ((*x as f64 + *y as f64) / 2.0) as f32, "{name}");
+            }
+        }
+        assert!(moved, "the snapshots differ");
+        let spec = PairSpec::new(
+            &r.name,
+            if r.name == "ws" {
+                InterfaceConfig::weighted_sum(4, 32)
+            } else {
+                InterfaceConfig::hconv(4, 32)
+            },
+        );
+        let (scored, _) = evaluate_checkpoint(
+            &src,
+            &dir.join("averaged"),
+            &spec,
+            Task::Units,
+            &vocab,
+            load("dev"),
+            16000 * 2,
+            TrainDevice::Cpu,
+        )
+        .unwrap();
+        assert_eq!(scored, rate, "{}", r.name);
+        assert!(log.contains(&format!("\"averaged_dev_error_rate\":{rate}")));
+    }
+    // Stopped after 3 steps and resumed to 6: the same snapshots and the same average.
+    let resumed = root.join("resumed");
+    train(
+        &src,
+        &src,
+        load("train"),
+        load("dev"),
+        &vocab,
+        &cfg(&resumed, 3, false),
+    )
+    .unwrap();
+    let again = train(
+        &src,
+        &src,
+        load("train"),
+        load("dev"),
+        &vocab,
+        &cfg(&resumed, 6, true),
+    )
+    .unwrap();
+    for (a, b) in result.iter().zip(&again) {
+        assert_eq!(a.averaged, b.averaged, "{}", a.name);
+    }
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -66,6 +66,11 @@ pub struct TrainConfig {
     /// (s3prl's SV loader: 8 s); the window is a function of the seed, the micro-batch and the
     /// utterance, so a resumed run crops alike. Needs the upstream run on each batch.
     pub crop_samples: Option<usize>,
+    /// Keep the parameters of the evaluations with the N lowest dev error rates
+    /// (`OUT/<pair>/nbest/step-<S>`) and, at the end, write their average (`OUT/<pair>/averaged`)
+    /// and score it on dev: ESPnet's `keep_nbest_models` + model averaging (ML-SUPERB's recipe
+    /// averages 5). 0: off.
+    pub average_best: usize,
 }
 
 /// Where the training step runs.
@@ -107,6 +112,7 @@ impl TrainConfig {
             progress: false,
             device: TrainDevice::Cpu,
             crop_samples: None,
+            average_best: 0,
         }
     }
 
@@ -145,6 +151,70 @@ pub struct EvalResult {
     /// The interface's layer weights, softmax-normalized, as (first layer, weights) per weighted
     /// sum (WS, GroupWS; see [`crate::models::interface::Interface::layer_weights`]).
     pub layer_weights: Option<Vec<(usize, Vec<f32>)>>,
+    /// With [`TrainConfig::average_best`], after the last step: the averaged parameters' dev
+    /// error rate and the steps averaged.
+    pub averaged: Option<(f64, Vec<u64>)>,
+}
+
+/// The state a pair's `latest` checkpoint carries for a resume: its best dev error rate and step,
+/// the n-best list ((dev error rate, step), lowest first) and its length, and the data order.
+fn resume_state(
+    best: f64,
+    best_step: Option<u64>,
+    (nbest, n): (&[(f64, u64)], usize),
+    order: &serde_json::Value,
+) -> serde_json::Value {
+    json!({"best": best, "best_step": best_step, "nbest": nbest, "average_best": n, "order": order})
+}
+
+/// Enters (rate, step) into the `n` lowest dev error rates `list` (ascending; on a tie the earlier
+/// step stays ahead, and a full list takes only a strictly lower rate). Returns whether it
+/// entered and the step it pushed out.
+fn enter_nbest(list: &mut Vec<(f64, u64)>, n: usize, rate: f64, step: u64) -> (bool, Option<u64>) {
+    if n == 0 || (list.len() >= n && list.last().is_some_and(|&(worst, _)| rate >= worst)) {
+        return (false, None);
+    }
+    let at = list.partition_point(|&(r, _)| r <= rate);
+    list.insert(at, (rate, step));
+    let out = (list.len() > n)
+        .then(|| list.pop().map(|(_, s)| s))
+        .flatten();
+    (true, out)
+}
+
+/// The folder of a pair's n-best snapshot of `step`.
+fn nbest_dir(pair_dir: &Path, step: u64) -> PathBuf {
+    pair_dir.join("nbest").join(format!("step-{step}"))
+}
+
+/// The element-wise mean (in f64) of the parameters saved in `snapshots`, as a copy of `pair`'s
+/// store (names and shapes checked by the checkpoint loader).
+fn averaged_store(pair: &Pair, snapshots: &[PathBuf]) -> Result<crate::autograd::ParamStore> {
+    let mut sums: Vec<Vec<f64>> = pair
+        .store
+        .iter()
+        .map(|q| vec![0.0; q.value.numel()])
+        .collect();
+    for dir in snapshots {
+        let (mut store, mut opt) = (pair.store.clone(), pair.optimizer.clone());
+        checkpoint::load(dir, &mut store, &mut opt)?;
+        for (sum, q) in sums.iter_mut().zip(store.iter()) {
+            for (s, v) in sum.iter_mut().zip(q.value.to_vec()) {
+                *s += v as f64;
+            }
+        }
+    }
+    let mut avg = pair.store.clone();
+    let ids: Vec<_> = avg.ids().collect();
+    for (id, sum) in ids.into_iter().zip(sums) {
+        let shape = avg.value(id).shape().to_vec();
+        let mean = sum
+            .iter()
+            .map(|s| (s / snapshots.len() as f64) as f32)
+            .collect();
+        avg.set_value(id, crate::Tensor::from_vec(mean, &shape)?)?;
+    }
+    Ok(avg)
 }
 
 fn log_line(out: &Path, v: serde_json::Value) -> Result<()> {
@@ -764,6 +834,7 @@ pub fn train(
     let mut start = 0u64;
     let mut best = vec![f64::INFINITY; pairs.len()];
     let mut best_step: Vec<Option<u64>> = vec![None; pairs.len()];
+    let mut nbest: Vec<Vec<(f64, u64)>> = vec![Vec::new(); pairs.len()];
     // What fixes the data order and the step's meaning: a resumed run must use the same.
     let order = json!({
         "seed": cfg.seed,
@@ -780,6 +851,21 @@ pub fn train(
             p.steps = p.optimizer.step;
             best[i] = extra["best"].as_f64().unwrap_or(f64::INFINITY);
             best_step[i] = extra["best_step"].as_u64();
+            // The n-best list goes on as it was kept (checkpoints from before --average-best have
+            // none: 0).
+            let was = extra["average_best"].as_u64().unwrap_or(0) as usize;
+            if was != cfg.average_best {
+                return Err(Error::Config(format!(
+                    "{}: the run being resumed kept its {was} best evaluations (--average-best {was}), this one asks for {}: resume with --average-best {was}",
+                    dir.display(),
+                    cfg.average_best
+                )));
+            }
+            for e in extra["nbest"].as_array().into_iter().flatten() {
+                if let (Some(rate), Some(step)) = (e[0].as_f64(), e[1].as_u64()) {
+                    nbest[i].push((rate, step));
+                }
+            }
             if let Some(saved) = extra.get("order").and_then(|o| o.as_object()) {
                 for (key, was) in saved {
                     if order[key.as_str()] != *was {
@@ -937,12 +1023,12 @@ pub fn train(
             }
         }
         if !eval_now {
-            for ((p, best), best_step) in pairs.iter().zip(&best).zip(&best_step) {
+            for (i, p) in pairs.iter().enumerate() {
                 checkpoint::save(
                     &cfg.out.join(&p.name).join("latest"),
                     &p.store,
                     &p.optimizer,
-                    &json!({"best": *best, "best_step": best_step, "order": order}),
+                    &resume_state(best[i], best_step[i], (&nbest[i], cfg.average_best), &order),
                 )?;
             }
             continue;
@@ -957,9 +1043,8 @@ pub fn train(
             cfg.batch_samples,
         )?;
         last.clear();
-        for (((p, &rate), best), best_step) in
-            pairs.iter().zip(&rates).zip(&mut best).zip(&mut best_step)
-        {
+        for (i, (p, &rate)) in pairs.iter().zip(&rates).enumerate() {
+            let (best, best_step) = (&mut best[i], &mut best_step[i]);
             let mut entry = json!({"step": done, "pair": p.name, "dev_error_rate": rate});
             if cfg.task == Task::Classification {
                 entry["dev_accuracy"] = json!(1.0 - rate);
@@ -987,12 +1072,26 @@ pub fn train(
                     &json!({"best": rate, "best_step": done, "order": order}),
                 )?;
             }
+            // A snapshot enters the n best before `latest` lists it, and one pushed out is removed
+            // after: a crash in between leaves a spare folder, never a listed one missing.
+            let (entered, out) = enter_nbest(&mut nbest[i], cfg.average_best, rate, done);
+            if entered {
+                checkpoint::save(
+                    &nbest_dir(&dir, done),
+                    &p.store,
+                    &p.optimizer,
+                    &json!({"dev_error_rate": rate, "step": done}),
+                )?;
+            }
             checkpoint::save(
                 &dir.join("latest"),
                 &p.store,
                 &p.optimizer,
-                &json!({"best": *best, "best_step": *best_step, "order": order}),
+                &resume_state(*best, *best_step, (&nbest[i], cfg.average_best), &order),
             )?;
+            if let Some(step) = out {
+                remove_snapshot(&nbest_dir(&dir, step))?;
+            }
             last.push(EvalResult {
                 name: p.name.clone(),
                 step: done,
@@ -1002,6 +1101,7 @@ pub fn train(
                 interface_params: p.interface_params(),
                 params: p.store.num_scalars(),
                 layer_weights,
+                averaged: None,
             });
         }
         crate::train::plot::write_curves(&cfg.out)?;
@@ -1009,7 +1109,88 @@ pub fn train(
     if cfg.progress && terminal {
         eprintln!();
     }
+    if cfg.average_best > 0 && !last.is_empty() {
+        let device = (&backend, on_device.as_slice());
+        average_and_score(
+            cfg,
+            &mut pairs,
+            &nbest,
+            &mut last,
+            device,
+            dev_src,
+            &dev,
+            &dev_labels,
+        )?;
+    }
     Ok(last)
+}
+
+fn remove_snapshot(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+            path: dir.display().to_string(),
+            detail: format!("cannot remove the n-best snapshot: {e}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// After the last step: each pair's n-best snapshots averaged into `OUT/<pair>/averaged`, scored
+/// on dev (on the device when the pair trained there: `trained_on`), logged and added to its
+/// result.
+#[allow(clippy::too_many_arguments)]
+fn average_and_score(
+    cfg: &TrainConfig,
+    pairs: &mut [Pair],
+    nbest: &[Vec<(f64, u64)>],
+    last: &mut [EvalResult],
+    (backend, trained_on): (&Option<Backend>, &[Option<DevicePair>]),
+    dev_src: &StackSource,
+    dev: &Dataset,
+    dev_labels: &[Vec<usize>],
+) -> Result<()> {
+    let (mut steps, mut trained) = (Vec::new(), Vec::new());
+    for (p, list) in pairs.iter_mut().zip(nbest) {
+        let dir = cfg.out.join(&p.name);
+        let kept: Vec<u64> = list.iter().map(|&(_, s)| s).collect();
+        let snapshots: Vec<PathBuf> = kept.iter().map(|&s| nbest_dir(&dir, s)).collect();
+        let avg = averaged_store(p, &snapshots)?;
+        checkpoint::save(
+            &dir.join("averaged"),
+            &avg,
+            &p.optimizer,
+            &json!({"averaged_steps": kept}),
+        )?;
+        // Scored in place of the trained parameters, which come back right after.
+        trained.push(std::mem::replace(&mut p.store, avg));
+        steps.push(kept);
+    }
+    let on_device: Vec<Option<DevicePair>> = (pairs.iter().zip(trained_on))
+        .map(|(p, on)| match (backend, on) {
+            (Some(be), Some(_)) => DevicePair::from_pair(be, p).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    let rates = evaluate(
+        dev_src,
+        pairs,
+        &on_device,
+        backend.as_ref(),
+        dev,
+        dev_labels,
+        cfg.batch_samples,
+    );
+    for (p, store) in pairs.iter_mut().zip(trained) {
+        p.store = store;
+    }
+    for ((r, rate), kept) in last.iter_mut().zip(rates?).zip(steps) {
+        log_line(
+            &cfg.out,
+            json!({"step": r.step, "pair": r.name, "averaged_dev_error_rate": rate, "averaged_steps": kept}),
+        )?;
+        r.averaged = Some((rate, kept));
+    }
+    Ok(())
 }
 
 /// One utterance's result from [`evaluate_checkpoint`].
@@ -1133,6 +1314,21 @@ pub fn evaluate_checkpoints(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_n_best_list_keeps_the_lowest_rates_and_the_earlier_step_on_ties() {
+        use super::enter_nbest;
+        let mut l = Vec::new();
+        assert_eq!(enter_nbest(&mut l, 2, 0.5, 1), (true, None));
+        assert_eq!(enter_nbest(&mut l, 2, 0.5, 2), (true, None));
+        // Full: a tie with the worst does not enter; a lower rate pushes the worst out.
+        assert_eq!(enter_nbest(&mut l, 2, 0.5, 3), (false, None));
+        assert_eq!(enter_nbest(&mut l, 2, 0.4, 4), (true, Some(2)));
+        assert_eq!(l, vec![(0.4, 4), (0.5, 1)]);
+        assert_eq!(enter_nbest(&mut l, 0, 0.1, 5), (false, None));
+        assert_eq!(enter_nbest(&mut l, 3, 0.45, 6), (true, None));
+        assert_eq!(l, vec![(0.4, 4), (0.45, 6), (0.5, 1)]);
+    }
+
     #[test]
     fn progress_line_shows_bar_losses_speed_and_eta() {
         let l = super::progress_line(

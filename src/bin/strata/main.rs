@@ -12,7 +12,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
        strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] [--overwrite] A.wav [B.wav ...]
        strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad] [--overwrite]
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
-       strata eval --model DIR|--features DIR --run OUT --pair NAME[,NAME..]|all --data DATA [--which best|latest] [--hyp FILE]
+       strata eval --model DIR|--features DIR --run OUT --pair NAME[,NAME..]|all --data DATA [--which best|latest|averaged] [--hyp FILE]
                    [--task units|chars|classify|sv] [--normalize auto|on|off] [--skip-bad]
                    [--device auto|cpu|cuda|emulator]
 
@@ -65,6 +65,10 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
                            end only) [100]
            --save-every N  also the latest checkpoints every N steps in between, so a stopped run
                            loses at most N steps (0: with the evaluations only) [0]
+           --average-best N  keep the parameters of the N evaluations of lowest dev error
+                             (OUT/<pair>/nbest) and at the end score their average
+                             (OUT/<pair>/averaged; `eval --which averaged`): ESPnet's model
+                             averaging, 5 in ML-SUPERB's recipe (by dev loss there) [0: off]
            --seed S [0]  --no-shuffle
            --device auto|cpu|cuda|emulator  where the step runs: cpu = the f32 reference engine;
                     cuda = the GPU kernels (bf16); emulator = the GPU kernels emulated on the CPU,

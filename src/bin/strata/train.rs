@@ -223,6 +223,7 @@ struct TrainArgs {
     clip: f64,
     eval_every: u64,
     save_every: u64,
+    average_best: usize,
     seed: u64,
     device: String,
     normalize: Option<bool>,
@@ -237,7 +238,7 @@ struct TrainArgs {
 
 /// Flags that take no value (TOML: `key = true`; `shuffle = false` is `--no-shuffle`).
 const SWITCHES: [&str; 3] = ["--resume", "--no-shuffle", "--skip-bad"];
-const VALUED: [&str; 27] = [
+const VALUED: [&str; 28] = [
     "--model",
     "--features",
     "--train",
@@ -257,6 +258,7 @@ const VALUED: [&str; 27] = [
     "--clip",
     "--eval-every",
     "--save-every",
+    "--average-best",
     "--seed",
     "--device",
     "--normalize",
@@ -343,6 +345,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
         clip: 1.0,
         eval_every: 100,
         save_every: 0,
+        average_best: 0,
         seed: 0,
         device: "auto".into(),
         normalize: None,
@@ -398,6 +401,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
             "--clip" => t.clip = num(value()?, a)?,
             "--eval-every" => t.eval_every = num(value()?, a)?,
             "--save-every" => t.save_every = num(value()?, a)?,
+            "--average-best" => t.average_best = num(value()?, a)?,
             "--seed" => t.seed = num(value()?, a)?,
             "--device" => t.device = value()?,
             "--normalize" => t.normalize = parse_normalize(&value()?)?,
@@ -568,10 +572,10 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
             &out,
             &vocab,
             (task_name(t.task), head_name(t.head)),
+            t.average_best,
             normalize,
             &fingerprint,
-            layers,
-            dim,
+            (layers, dim),
         )?;
     }
     std::fs::write(out.join("vocab.txt"), vocab.tokens.join("\n") + "\n")
@@ -588,7 +592,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         "steps": t.steps, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup,
         "optimizer": t.optimizer, "weight_decay": optimizer.weight_decay,
         "batch_seconds": t.batch_seconds, "crop_seconds": t.crop_seconds, "accum": t.accum,
-        "clip": t.clip, "seed": t.seed,
+        "clip": t.clip, "seed": t.seed, "average_best": t.average_best,
         "shuffle": t.shuffle, "device": t.device, "commit": strata::GIT_COMMIT,
     });
     std::fs::write(
@@ -624,6 +628,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     cfg.accum = t.accum;
     cfg.eval_every = t.eval_every;
     cfg.save_every = t.save_every;
+    cfg.average_best = t.average_best;
     cfg.seed = t.seed;
     cfg.shuffle = t.shuffle;
     cfg.resume = t.resume;
@@ -656,6 +661,17 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
             format!("{:.2}% ({best_step})", shown(r.best_error_rate))
         );
     }
+    // The n-best average (ESPnet's model averaging), scored on dev after the last step.
+    for r in &results {
+        if let Some((rate, steps)) = &r.averaged {
+            println!(
+                "{} averaged over steps {steps:?} (OUT/{}/averaged): {metric} {:.2}%",
+                r.name,
+                r.name,
+                shown(*rate)
+            );
+        }
+    }
     // Which layers the weighted sums chose: what a layer-wise analysis starts from.
     for r in results {
         for (first, weights) in r.layer_weights.iter().flatten() {
@@ -687,10 +703,10 @@ fn check_resumable(
     out: &Path,
     vocab: &Vocab,
     (task, head): (&str, &str),
+    average_best: usize,
     normalize: bool,
     upstream: &str,
-    layers: usize,
-    dim: usize,
+    (layers, dim): (usize, usize),
 ) -> Result<(), String> {
     let vocab_path = out.join("vocab.txt");
     let recorded = std::fs::read_to_string(&vocab_path).map_err(|e| {
@@ -736,6 +752,15 @@ fn check_resumable(
             ));
         }
     }
+    // The kept n-best snapshots go on only under the same --average-best (train checks the
+    // checkpoints too; this refuses before run.json is rewritten).
+    let kept = run["average_best"].as_u64().unwrap_or(0);
+    if kept != average_best as u64 {
+        return Err(format!(
+            "{}: the run being resumed kept its {kept} best evaluations (--average-best {kept}), this one asks for {average_best}: resume with --average-best {kept}",
+            run_path.display()
+        ));
+    }
     Ok(())
 }
 
@@ -776,8 +801,10 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
             "--hyp" => hyp = Some(PathBuf::from(value()?)),
             "--which" => {
                 which = value()?;
-                if which != "best" && which != "latest" {
-                    return Err(format!("--which takes best or latest, got '{which}'"));
+                if !["best", "latest", "averaged"].contains(&which.as_str()) {
+                    return Err(format!(
+                        "--which takes best, latest or averaged (a run with --average-best), got '{which}'"
+                    ));
                 }
             }
             "--task" => task = Some(parse_task(&value()?)?),
