@@ -190,6 +190,12 @@ fn nbest_dir(pair_dir: &Path, step: u64) -> PathBuf {
 /// The element-wise mean (in f64) of the parameters saved in `snapshots`, as a copy of `pair`'s
 /// store (names and shapes checked by the checkpoint loader).
 fn averaged_store(pair: &Pair, snapshots: &[PathBuf]) -> Result<crate::autograd::ParamStore> {
+    if snapshots.is_empty() {
+        return Err(Error::Config(format!(
+            "'{}': no n-best snapshot to average (no evaluation was kept)",
+            pair.name
+        )));
+    }
     let mut sums: Vec<Vec<f64>> = pair
         .store
         .iter()
