@@ -898,15 +898,18 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         "1",
         "--average-best",
         "2",
+        "--average-by",
+        "loss",
     ]));
     assert!(
-        ok && log.contains("dev error") && log.contains("ws averaged over steps [1, 2]"),
+        ok && log.contains("dev error") && log.contains("ws averaged over steps ["),
         "{log}"
     );
     let recorded: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
     assert_eq!(recorded["head"], "mlsuperb");
     assert_eq!(recorded["average_best"], 2);
+    assert_eq!(recorded["average_by"], "loss");
     // eval builds the head the run recorded (a SUPERB head would not find its parameters).
     let eval = |which: &str| {
         strata(&[
@@ -960,7 +963,10 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         "{log}"
     );
     let (ok, log) = run(args(&["--head", "mlsuperb", "--steps", "3", "--resume"]));
-    assert!(!ok && log.contains("resume with --average-best 2"), "{log}");
+    assert!(
+        !ok && log.contains("resume with --average-best 2 --average-by loss"),
+        "{log}"
+    );
     let recorded: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
     assert_eq!(
@@ -974,6 +980,8 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         "3",
         "--average-best",
         "2",
+        "--average-by",
+        "loss",
         "--resume",
     ]));
     assert!(ok && log.contains("ws averaged over steps"), "{log}");

@@ -661,3 +661,61 @@ fn the_mlsuperb_head_on_the_device_follows_the_cpu() {
         }
     }
 }
+
+#[test]
+fn dev_losses_are_the_training_loss_per_utterance_on_both_paths() {
+    use strata::models::mlsuperb_head::{mlsuperb_frames, MlSuperbHeadConfig};
+    use strata::train::side_by_side::{CtcHead, PairSpec};
+    let (layers, dim, phones) = (5, 24, 6);
+    let data = long_batches((layers, dim, phones), 12, |u, t| {
+        let keep = (mlsuperb_frames(t).unwrap() / 2).min(u.phones.len());
+        u.phones[..keep].to_vec()
+    });
+    let (stack, batch, targets) = &data[0];
+    let mut spec = PairSpec::new("ws", InterfaceConfig::weighted_sum(layers, dim));
+    let quiet = MlSuperbHeadConfig {
+        preencoder_dim: 16,
+        width: 16,
+        heads: 2,
+        ffn: 32,
+        dropout: 0.0,
+        attention_dropout: 0.0,
+        specaug: None,
+        ..MlSuperbHeadConfig::default()
+    };
+    for head in [CtcHead::Superb, CtcHead::MlSuperb(quiet)] {
+        spec.ctc_head = head;
+        let new_pair = || {
+            Pair::from_spec(
+                &spec,
+                HeadKind::Ctc { vocab: phones + 1 },
+                AdamConfig::adamw(1e-3),
+                None,
+                3,
+            )
+            .unwrap()
+        };
+        // Without dropout and SpecAugment the training loss of a batch is the mean of its
+        // utterances' dev losses (PR: each over its target length; ML-SUPERB: sum / utterances).
+        let mut cpu = new_pair();
+        let (hyps, losses) = cpu.decode_scored(stack, batch, Some(targets)).unwrap();
+        let losses = losses.expect("a CTC head scores its targets");
+        assert_eq!(hyps, cpu.decode(stack, batch).unwrap());
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        let train = cpu.accumulate(stack, batch, targets, 1.0).unwrap() as f64;
+        assert!(
+            (mean - train).abs() <= 1e-5 * train,
+            "{head:?}: {mean} vs {train}"
+        );
+        for be in backends() {
+            let dev = DevicePair::from_pair(&be, &new_pair()).unwrap();
+            let x = upload_stack(&be, stack).unwrap();
+            let (_, on_device) = dev.decode_scored_on(&be, &x, batch, Some(targets)).unwrap();
+            for (g, w) in on_device.unwrap().iter().zip(&losses) {
+                assert!((g - w).abs() <= 1e-2 * w, "{head:?}: {g} vs {w}");
+            }
+        }
+        // Nothing to score without targets.
+        assert!(cpu.decode_scored(stack, batch, None).unwrap().1.is_none());
+    }
+}

@@ -887,7 +887,7 @@ fn ws_large_with_the_ml_superb_head_widens_its_transformer_to_the_hconv_pairs_si
 
 #[test]
 fn the_n_best_evaluations_are_kept_averaged_scored_and_survive_a_resume() {
-    use strata::train::run::{evaluate_checkpoint, TrainDevice};
+    use strata::train::run::{evaluate_checkpoint, AverageBy, TrainDevice};
     let root = scratch("nbest");
     let upstream = fixture();
     let src = StackSource::Upstream(&upstream, false);
@@ -988,6 +988,36 @@ fn the_n_best_evaluations_are_kept_averaged_scored_and_survive_a_resume() {
         assert_eq!(scored, rate, "{}", r.name);
         assert!(log.contains(&format!("\"averaged_dev_error_rate\":{rate}")));
     }
+    // Ranked by the dev loss (logged at each evaluation of a CTC task) instead.
+    let by_loss = root.join("by-loss");
+    let mut c = cfg(&by_loss, 6, false);
+    c.average_by = AverageBy::Loss;
+    let ranked = train(&src, &src, load("train"), load("dev"), &vocab, &c).unwrap();
+    let log = std::fs::read_to_string(by_loss.join("log.jsonl")).unwrap();
+    for r in &ranked {
+        let mut evals: Vec<(f64, u64)> = (log.lines())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["pair"] == r.name.as_str() && e["dev_loss"].is_number())
+            .map(|e| (e["dev_loss"].as_f64().unwrap(), e["step"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(evals.len(), 6, "a dev loss at every evaluation");
+        evals.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+        let want: Vec<u64> = evals[..2].iter().map(|e| e.1).collect();
+        assert_eq!(r.averaged.as_ref().unwrap().1, want, "{}", r.name);
+    }
+    // The loss criterion is for CTC tasks.
+    let mut c = cfg(&root.join("classify"), 2, false);
+    (c.task, c.average_by) = (Task::Classification, AverageBy::Loss);
+    let classes =
+        |d: &str| load_kaldi_dir(&root.join(d), Task::Classification, OnBad::Fail).unwrap();
+    let labels = Vocab::from_dataset(&classes("train"), false);
+    let err = train(&src, &src, classes("train"), classes("dev"), &labels, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--average-by loss is for the CTC tasks"),
+        "{err}"
+    );
     // Stopped after 3 steps and resumed to 6: the same snapshots and the same average.
     let resumed = root.join("resumed");
     train(

@@ -44,7 +44,9 @@ use crate::optim::AdamConfig;
 use crate::rng::Rng;
 use crate::runtime::{Backend, Buf};
 use crate::tensor::Tensor;
-use crate::train::side_by_side::{class_labels, decode_outputs, micro_seed, Head, HeadKind, Pair};
+use crate::train::side_by_side::{
+    class_labels, ctc_utterance_losses, decode_outputs, micro_seed, Head, HeadKind, Pair, Scored,
+};
 use half::bf16;
 
 /// Whether the device step has been seen to follow the CPU path on a real GPU (scripts/gpu_check.sh,
@@ -1018,13 +1020,33 @@ impl DevicePair {
         x0: &Buf<bf16>,
         batch: &PackedBatch,
     ) -> Result<Vec<Vec<usize>>> {
+        Ok(self.decode_scored_on(be, x0, batch, None)?.0)
+    }
+
+    /// [`Self::decode_on`] and, for a CTC head given `targets`, each utterance's loss as
+    /// [`Pair::decode_scored`] (from the log-probabilities that come down for the decoding).
+    pub fn decode_scored_on(
+        &self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+        targets: Option<&[Vec<usize>]>,
+    ) -> Result<Scored> {
         self.check_stack(x0, batch.total_frames())?;
         let mut tape = DeviceTape::no_grad(be);
         let (mut out, out_batch) = self.forward(&mut tape, x0, batch, None, None)?;
         if let HeadKind::Ctc { .. } = self.head {
             out = tape.log_softmax(out)?;
         }
-        decode_outputs(self.head, &be.download(tape.f32_value(out)?)?, &out_batch)
+        let lp = be.download(tape.f32_value(out)?)?;
+        let losses = match (self.head, targets) {
+            (HeadKind::Ctc { vocab }, Some(t)) => {
+                let per_label = !matches!(self.head_params, DeviceHead::MlSuperb(_));
+                Some(ctc_utterance_losses(&lp, vocab, &out_batch, t, per_label)?)
+            }
+            _ => None,
+        };
+        Ok((decode_outputs(self.head, &lp, &out_batch)?, losses))
     }
 
     /// The speaker head's embedding of each utterance of the bf16 stack `x0` (what verification

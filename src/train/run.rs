@@ -66,11 +66,30 @@ pub struct TrainConfig {
     /// (s3prl's SV loader: 8 s); the window is a function of the seed, the micro-batch and the
     /// utterance, so a resumed run crops alike. Needs the upstream run on each batch.
     pub crop_samples: Option<usize>,
-    /// Keep the parameters of the evaluations with the N lowest dev error rates
-    /// (`OUT/<pair>/nbest/step-<S>`) and, at the end, write their average (`OUT/<pair>/averaged`)
+    /// Keep the parameters of the evaluations with the N lowest dev error rates (or dev losses:
+    /// `average_by`) (`OUT/<pair>/nbest/step-<S>`) and, at the end, write their average (`OUT/<pair>/averaged`)
     /// and score it on dev: ESPnet's `keep_nbest_models` + model averaging (ML-SUPERB's recipe
     /// averages 5). 0: off.
     pub average_best: usize,
+    /// What "best" means for `average_best`: the dev error rate, or the dev loss (ESPnet's
+    /// `best_model_criterion` in ML-SUPERB's recipe; CTC tasks).
+    pub average_by: AverageBy,
+}
+
+/// The criterion of [`TrainConfig::average_best`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AverageBy {
+    Error,
+    Loss,
+}
+
+impl AverageBy {
+    pub fn name(self) -> &'static str {
+        match self {
+            AverageBy::Error => "error",
+            AverageBy::Loss => "loss",
+        }
+    }
 }
 
 /// Where the training step runs.
@@ -113,6 +132,7 @@ impl TrainConfig {
             device: TrainDevice::Cpu,
             crop_samples: None,
             average_best: 0,
+            average_by: AverageBy::Error,
         }
     }
 
@@ -161,10 +181,10 @@ pub struct EvalResult {
 fn resume_state(
     best: f64,
     best_step: Option<u64>,
-    (nbest, n): (&[(f64, u64)], usize),
+    (nbest, n): (&[(f64, u64)], (usize, AverageBy)),
     order: &serde_json::Value,
 ) -> serde_json::Value {
-    json!({"best": best, "best_step": best_step, "nbest": nbest, "average_best": n, "order": order})
+    json!({"best": best, "best_step": best_step, "nbest": nbest, "average_best": n.0, "average_by": n.1.name(), "order": order})
 }
 
 /// Enters (rate, step) into the `n` lowest dev error rates `list` (ascending; on a tie the earlier
@@ -237,6 +257,7 @@ fn log_line(out: &Path, v: serde_json::Value) -> Result<()> {
     writeln!(f, "{v}").map_err(err)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     source: &StackSource,
     pairs: &[Pair],
@@ -245,8 +266,10 @@ fn evaluate(
     dev: &Dataset,
     dev_labels: &[Vec<usize>],
     batch_samples: usize,
-) -> Result<Vec<f64>> {
+    with_loss: bool,
+) -> Result<Vec<(f64, Option<f64>)>> {
     let mut rates = vec![ErrorRate::default(); pairs.len()];
+    let mut losses = vec![(0f64, 0usize); pairs.len()];
     let mut embeddings = vec![vec![Vec::new(); dev.utterances.len()]; pairs.len()];
     decode_all(
         source,
@@ -255,15 +278,25 @@ fn evaluate(
         backend,
         dev,
         batch_samples,
+        with_loss.then_some(dev_labels),
         |k, i, out| match out {
-            Decoded::Tokens(hyp) => rates[k].add(hyp, &dev_labels[i]),
+            Decoded::Tokens(hyp, loss) => {
+                rates[k].add(hyp, &dev_labels[i]);
+                if let Some(l) = loss {
+                    losses[k].0 += l;
+                    losses[k].1 += 1;
+                }
+            }
             Decoded::Embedding(e) => embeddings[k][i] = e.to_vec(),
         },
     )?;
-    (pairs.iter().zip(&rates).zip(&embeddings))
-        .map(|((p, rate), emb)| match p.head_kind() {
-            HeadKind::Speaker { .. } => Ok(verification_scores(dev, emb)?.0),
-            _ => Ok(rate.rate()),
+    (pairs.iter().zip(&rates).zip(&embeddings).zip(&losses))
+        .map(|(((p, rate), emb), &(sum, n))| {
+            let loss = (n > 0).then(|| sum / n as f64);
+            match p.head_kind() {
+                HeadKind::Speaker { .. } => Ok((verification_scores(dev, emb)?.0, None)),
+                _ => Ok((rate.rate(), loss)),
+            }
         })
         .collect()
 }
@@ -271,7 +304,8 @@ fn evaluate(
 /// What a pair makes of an utterance for scoring: a hypothesis (token ids, or a one-element
 /// class list) or a speaker embedding.
 enum Decoded<'a> {
-    Tokens(&'a [usize]),
+    /// The hypothesis and, when targets were given to a CTC head, the utterance's loss.
+    Tokens(&'a [usize], Option<f64>),
     Embedding(&'a [f32]),
 }
 
@@ -293,6 +327,8 @@ fn verification_scores(data: &Dataset, embeddings: &[Vec<f32>]) -> Result<(f64, 
 
 /// Decodes every utterance of `data` with every pair (on the device where the pair is there),
 /// reading or computing each batch's hidden states once; `visit(pair, utterance, hypothesis)`.
+/// With `targets` (one per utterance of `data`), CTC heads also give each utterance's loss.
+#[allow(clippy::too_many_arguments)]
 fn decode_all(
     source: &StackSource,
     pairs: &[Pair],
@@ -300,6 +336,7 @@ fn decode_all(
     backend: Option<&Backend>,
     data: &Dataset,
     batch_samples: usize,
+    targets: Option<&[Vec<usize>]>,
     mut visit: impl FnMut(usize, usize, Decoded),
 ) -> Result<()> {
     let samples: Vec<usize> = data.utterances.iter().map(|u| u.samples).collect();
@@ -317,12 +354,15 @@ fn decode_all(
                 }
                 continue;
             }
-            let hyps = match (d, backend, &x) {
-                (Some(d), Some(be), Some(x)) => d.decode_on(be, x, &batch)?,
-                _ => p.decode(&stack, &batch)?,
+            let batch_targets: Option<Vec<Vec<usize>>> =
+                targets.map(|t| b.iter().map(|&i| t[i].clone()).collect());
+            let t = batch_targets.as_deref();
+            let (hyps, losses) = match (d, backend, &x) {
+                (Some(d), Some(be), Some(x)) => d.decode_scored_on(be, x, &batch, t)?,
+                _ => p.decode_scored(&stack, &batch, t)?,
             };
-            for (hyp, &i) in hyps.iter().zip(&b) {
-                visit(k, i, Decoded::Tokens(hyp));
+            for (j, (hyp, &i)) in hyps.iter().zip(&b).enumerate() {
+                visit(k, i, Decoded::Tokens(hyp, losses.as_ref().map(|l| l[j])));
             }
         }
     }
@@ -772,6 +812,17 @@ pub fn train(
             eprintln!("{note}");
         }
     }
+    // The dev loss (CTC tasks) needs every dev reference token in the vocabulary.
+    let ctc_task = matches!(cfg.task, Task::Units | Task::Characters);
+    let dev_loss =
+        ctc_task && (dev_labels.iter().flatten()).all(|&t| (1..vocab.len()).contains(&t));
+    if cfg.average_best > 0 && cfg.average_by == AverageBy::Loss && !dev_loss {
+        return Err(Error::Config(if ctc_task {
+            "--average-by loss needs the dev loss, and the dev set has reference tokens outside the vocabulary (see the note above): use --average-by error, or a vocabulary that covers them (--vocab)".into()
+        } else {
+            "--average-by loss is for the CTC tasks (units, chars): use --average-by error".into()
+        }));
+    }
     if train.utterances.is_empty() || dev.utterances.is_empty() {
         return Err(Error::value(
             "dataset",
@@ -860,11 +911,13 @@ pub fn train(
             // The n-best list goes on as it was kept (checkpoints from before --average-best have
             // none: 0).
             let was = extra["average_best"].as_u64().unwrap_or(0) as usize;
-            if was != cfg.average_best {
+            let by = extra["average_by"].as_str().unwrap_or("error");
+            if was != cfg.average_best || (was > 0 && by != cfg.average_by.name()) {
                 return Err(Error::Config(format!(
-                    "{}: the run being resumed kept its {was} best evaluations (--average-best {was}), this one asks for {}: resume with --average-best {was}",
+                    "{}: the run being resumed kept its {was} best evaluations by dev {by} (--average-best {was} --average-by {by}), this one asks for {} by {}: resume with --average-best {was} --average-by {by}",
                     dir.display(),
-                    cfg.average_best
+                    cfg.average_best,
+                    cfg.average_by.name()
                 )));
             }
             for e in extra["nbest"].as_array().into_iter().flatten() {
@@ -1034,12 +1087,17 @@ pub fn train(
                     &cfg.out.join(&p.name).join("latest"),
                     &p.store,
                     &p.optimizer,
-                    &resume_state(best[i], best_step[i], (&nbest[i], cfg.average_best), &order),
+                    &resume_state(
+                        best[i],
+                        best_step[i],
+                        (&nbest[i], (cfg.average_best, cfg.average_by)),
+                        &order,
+                    ),
                 )?;
             }
             continue;
         }
-        let rates = evaluate(
+        let scores = evaluate(
             dev_src,
             &pairs,
             &on_device,
@@ -1047,11 +1105,15 @@ pub fn train(
             &dev,
             &dev_labels,
             cfg.batch_samples,
+            dev_loss,
         )?;
         last.clear();
-        for (i, (p, &rate)) in pairs.iter().zip(&rates).enumerate() {
+        for (i, (p, &(rate, loss))) in pairs.iter().zip(&scores).enumerate() {
             let (best, best_step) = (&mut best[i], &mut best_step[i]);
             let mut entry = json!({"step": done, "pair": p.name, "dev_error_rate": rate});
+            if let Some(l) = loss {
+                entry["dev_loss"] = json!(l);
+            }
             if cfg.task == Task::Classification {
                 entry["dev_accuracy"] = json!(1.0 - rate);
             }
@@ -1080,20 +1142,29 @@ pub fn train(
             }
             // A snapshot enters the n best before `latest` lists it, and one pushed out is removed
             // after: a crash in between leaves a spare folder, never a listed one missing.
-            let (entered, out) = enter_nbest(&mut nbest[i], cfg.average_best, rate, done);
+            let criterion = match (cfg.average_by, loss) {
+                (AverageBy::Loss, Some(l)) => l,
+                _ => rate,
+            };
+            let (entered, out) = enter_nbest(&mut nbest[i], cfg.average_best, criterion, done);
             if entered {
                 checkpoint::save(
                     &nbest_dir(&dir, done),
                     &p.store,
                     &p.optimizer,
-                    &json!({"dev_error_rate": rate, "step": done}),
+                    &json!({"dev_error_rate": rate, "dev_loss": loss, "step": done}),
                 )?;
             }
             checkpoint::save(
                 &dir.join("latest"),
                 &p.store,
                 &p.optimizer,
-                &resume_state(*best, *best_step, (&nbest[i], cfg.average_best), &order),
+                &resume_state(
+                    *best,
+                    *best_step,
+                    (&nbest[i], (cfg.average_best, cfg.average_by)),
+                    &order,
+                ),
             )?;
             if let Some(step) = out {
                 remove_snapshot(&nbest_dir(&dir, step))?;
@@ -1177,7 +1248,7 @@ fn average_and_score(
             _ => Ok(None),
         })
         .collect::<Result<_>>()?;
-    let rates = evaluate(
+    let scores = evaluate(
         dev_src,
         pairs,
         &on_device,
@@ -1185,11 +1256,12 @@ fn average_and_score(
         dev,
         dev_labels,
         cfg.batch_samples,
+        false,
     );
     for (p, store) in pairs.iter_mut().zip(trained) {
         p.store = store;
     }
-    for ((r, rate), kept) in last.iter_mut().zip(rates?).zip(steps) {
+    for ((r, (rate, _)), kept) in last.iter_mut().zip(scores?).zip(steps) {
         log_line(
             &cfg.out,
             json!({"step": r.step, "pair": r.name, "averaged_dev_error_rate": rate, "averaged_steps": kept}),
@@ -1284,8 +1356,9 @@ pub fn evaluate_checkpoints(
         backend.as_ref(),
         data,
         batch_samples,
+        None,
         |k, i, out| match out {
-            Decoded::Tokens(hyp) => {
+            Decoded::Tokens(hyp, _) => {
                 rates[k].add(hyp, &labels[i]);
                 let u = &data.utterances[i];
                 outs[k].push(Hypothesis {

@@ -388,9 +388,28 @@ impl Pair {
 
     /// Greedy CTC hypotheses (token ids) or the predicted class (a one-element list) per utterance.
     pub fn decode(&self, stack: &Tensor, batch: &PackedBatch) -> Result<Vec<Vec<usize>>> {
+        Ok(self.decode_scored(stack, batch, None)?.0)
+    }
+
+    /// [`Self::decode`] and, for a CTC head given the references' `targets`, each utterance's
+    /// loss as training counts it ([`ctc_utterance_losses`]).
+    pub fn decode_scored(
+        &self,
+        stack: &Tensor,
+        batch: &PackedBatch,
+        targets: Option<&[Vec<usize>]>,
+    ) -> Result<Scored> {
         let mut tape = Tape::no_grad();
         let (out, out_batch) = self.outputs(&mut tape, stack, batch, None, None)?;
-        decode_outputs(self.head_kind(), &tape.value(out).to_vec(), &out_batch)
+        let lp = tape.value(out).to_vec();
+        let losses = match (self.head_kind(), targets) {
+            (HeadKind::Ctc { vocab }, Some(t)) => {
+                let per_label = matches!(self.head, Head::Pr(_));
+                Some(ctc_utterance_losses(&lp, vocab, &out_batch, t, per_label)?)
+            }
+            _ => None,
+        };
+        Ok((decode_outputs(self.head_kind(), &lp, &out_batch)?, losses))
     }
 
     /// The speaker head's embedding of each utterance (what verification trials are scored
@@ -432,6 +451,52 @@ impl Pair {
     pub fn interface_params(&self) -> usize {
         self.store.num_scalars_under("interface.")
     }
+}
+
+/// Hypotheses per utterance, and each utterance's loss where one was asked for.
+pub type Scored = (Vec<Vec<usize>>, Option<Vec<f64>>);
+
+/// Each utterance's CTC loss (blank 0, zero_infinity) from log-probabilities [frames, v] packed as
+/// `batch`, as training counts it: over the target length (min 1) for the PR head (`per_label`:
+/// PyTorch's 'mean'), whole for the ML-SUPERB head (ESPnet's sum / utterances). Their mean over a
+/// set is its loss.
+pub fn ctc_utterance_losses(
+    log_probs: &[f32],
+    v: usize,
+    batch: &PackedBatch,
+    targets: &[Vec<usize>],
+    per_label: bool,
+) -> Result<Vec<f64>> {
+    if targets.len() != batch.num_utterances() || log_probs.len() != batch.total_frames() * v {
+        return Err(Error::shape(
+            "ctc_utterance_losses",
+            format!(
+                "{} targets and {} x {v} log-probabilities",
+                batch.num_utterances(),
+                batch.total_frames()
+            ),
+            format!("{} targets and {} values", targets.len(), log_probs.len()),
+        ));
+    }
+    (0..batch.num_utterances())
+        .map(|u| {
+            let (a, b) = (batch.offsets()[u], batch.offsets()[u + 1]);
+            let target = &targets[u];
+            if let Some(&bad) = target.iter().find(|&&c| c == 0 || c >= v) {
+                return Err(Error::value(
+                    "ctc target",
+                    format!("utterance {u} has label {bad}; labels must be in 1..{v}"),
+                ));
+            }
+            let (nll, _) = crate::ops::ctc::utterance(&log_probs[a * v..b * v], v, target, 0);
+            let nll = if nll.is_infinite() { 0.0 } else { nll as f64 };
+            Ok(if per_label {
+                nll / target.len().max(1) as f64
+            } else {
+                nll
+            })
+        })
+        .collect()
 }
 
 /// The seed of the training masks (dropout, SpecAugment) of micro-batch `micro` of step `steps` of

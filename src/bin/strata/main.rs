@@ -68,7 +68,9 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
            --average-best N  keep the parameters of the N evaluations of lowest dev error
                              (OUT/<pair>/nbest) and at the end score their average
                              (OUT/<pair>/averaged; `eval --which averaged`): ESPnet's model
-                             averaging, 5 in ML-SUPERB's recipe (by dev loss there) [0: off]
+                             averaging (ML-SUPERB's recipe: 5 by dev loss) [0: off]
+           --average-by error|loss  what ranks the evaluations: the dev error rate, or the dev loss
+                                    (CTC tasks; logged as dev_loss at each evaluation) [error]
            --seed S [0]  --no-shuffle
            --device auto|cpu|cuda|emulator  where the step runs: cpu = the f32 reference engine;
                     cuda = the GPU kernels (bf16); emulator = the GPU kernels emulated on the CPU,

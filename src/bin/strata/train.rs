@@ -7,7 +7,7 @@ use strata::models::upstream::Upstream;
 use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{Dataset, OnBad, Task, Vocab};
 use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
-use strata::train::run::{TrainConfig, TrainDevice};
+use strata::train::run::{AverageBy, TrainConfig, TrainDevice};
 use strata::train::side_by_side::{CtcHead, HeadWidth, PairSpec};
 
 /// The interfaces a name selects (also the pair's folder name): the paper's set, with the
@@ -224,6 +224,7 @@ struct TrainArgs {
     eval_every: u64,
     save_every: u64,
     average_best: usize,
+    average_by: AverageBy,
     seed: u64,
     device: String,
     normalize: Option<bool>,
@@ -238,7 +239,7 @@ struct TrainArgs {
 
 /// Flags that take no value (TOML: `key = true`; `shuffle = false` is `--no-shuffle`).
 const SWITCHES: [&str; 3] = ["--resume", "--no-shuffle", "--skip-bad"];
-const VALUED: [&str; 28] = [
+const VALUED: [&str; 29] = [
     "--model",
     "--features",
     "--train",
@@ -259,6 +260,7 @@ const VALUED: [&str; 28] = [
     "--eval-every",
     "--save-every",
     "--average-best",
+    "--average-by",
     "--seed",
     "--device",
     "--normalize",
@@ -346,6 +348,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
         eval_every: 100,
         save_every: 0,
         average_best: 0,
+        average_by: AverageBy::Error,
         seed: 0,
         device: "auto".into(),
         normalize: None,
@@ -402,6 +405,17 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
             "--eval-every" => t.eval_every = num(value()?, a)?,
             "--save-every" => t.save_every = num(value()?, a)?,
             "--average-best" => t.average_best = num(value()?, a)?,
+            "--average-by" => {
+                t.average_by = match value()?.as_str() {
+                    "error" => AverageBy::Error,
+                    "loss" => AverageBy::Loss,
+                    other => {
+                        return Err(format!(
+                        "--average-by takes error or loss (the dev loss: CTC tasks), got '{other}'"
+                    ))
+                    }
+                }
+            }
             "--seed" => t.seed = num(value()?, a)?,
             "--device" => t.device = value()?,
             "--normalize" => t.normalize = parse_normalize(&value()?)?,
@@ -572,7 +586,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
             &out,
             &vocab,
             (task_name(t.task), head_name(t.head)),
-            t.average_best,
+            (t.average_best, t.average_by),
             normalize,
             &fingerprint,
             (layers, dim),
@@ -592,7 +606,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         "steps": t.steps, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup,
         "optimizer": t.optimizer, "weight_decay": optimizer.weight_decay,
         "batch_seconds": t.batch_seconds, "crop_seconds": t.crop_seconds, "accum": t.accum,
-        "clip": t.clip, "seed": t.seed, "average_best": t.average_best,
+        "clip": t.clip, "seed": t.seed, "average_best": t.average_best, "average_by": t.average_by.name(),
         "shuffle": t.shuffle, "device": t.device, "commit": strata::GIT_COMMIT,
     });
     std::fs::write(
@@ -629,6 +643,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     cfg.eval_every = t.eval_every;
     cfg.save_every = t.save_every;
     cfg.average_best = t.average_best;
+    cfg.average_by = t.average_by;
     cfg.seed = t.seed;
     cfg.shuffle = t.shuffle;
     cfg.resume = t.resume;
@@ -703,7 +718,7 @@ fn check_resumable(
     out: &Path,
     vocab: &Vocab,
     (task, head): (&str, &str),
-    average_best: usize,
+    average_best: (usize, AverageBy),
     normalize: bool,
     upstream: &str,
     (layers, dim): (usize, usize),
@@ -755,10 +770,13 @@ fn check_resumable(
     // The kept n-best snapshots go on only under the same --average-best (train checks the
     // checkpoints too; this refuses before run.json is rewritten).
     let kept = run["average_best"].as_u64().unwrap_or(0);
-    if kept != average_best as u64 {
+    let by = run["average_by"].as_str().unwrap_or("error");
+    if kept != average_best.0 as u64 || (kept > 0 && by != average_best.1.name()) {
         return Err(format!(
-            "{}: the run being resumed kept its {kept} best evaluations (--average-best {kept}), this one asks for {average_best}: resume with --average-best {kept}",
-            run_path.display()
+            "{}: the run being resumed kept its {kept} best evaluations by dev {by} (--average-best {kept} --average-by {by}), this one asks for {} by {}: resume with --average-best {kept} --average-by {by}",
+            run_path.display(),
+            average_best.0,
+            average_best.1.name()
         ));
     }
     Ok(())
