@@ -1,6 +1,6 @@
 //! Training curves as a PNG, drawn from a run's `log.jsonl`: the training loss of each pair (a
-//! moving average over ~1% of the run, raw points when short) and its dev error rate (PER / CER, or
-//! 1 - accuracy), one colour per pair, with axis ranges and a legend in a small built-in bitmap
+//! moving average over ~1% of the run, raw points when short) with its dev loss where logged (CTC
+//! tasks), and its dev error rate (PER / CER, or 1 - accuracy), one colour per pair, with axis ranges and a legend in a small built-in bitmap
 //! font (no font files, no plotting library: the `png` crate only encodes).
 
 use crate::error::{Error, Result};
@@ -233,6 +233,7 @@ pub fn write_curves(out: &Path) -> Result<()> {
     })?;
     let mut loss: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut dev: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut dev_loss: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut accuracy = false;
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -243,6 +244,9 @@ pub fn write_curves(out: &Path) -> Result<()> {
         };
         if let Some(l) = v["loss"].as_f64() {
             loss.entry(pair.to_string()).or_default().push((step, l));
+        }
+        if let Some(l) = v["dev_loss"].as_f64() {
+            dev_loss.entry(format!("{pair} dev")).or_default().push((step, l));
         }
         if let Some(a) = v["dev_accuracy"].as_f64() {
             accuracy = true;
@@ -257,17 +261,23 @@ pub fn write_curves(out: &Path) -> Result<()> {
     }
     let steps = loss.values().map(Vec::len).max().unwrap_or(0);
     let win = (steps / 100).max(1);
+    // The dev losses (CTC tasks) beside the training losses they are the dev set's share of.
+    let with_dev = !dev_loss.is_empty();
     let loss: Vec<(String, Vec<(f64, f64)>)> = loss
         .into_iter()
         .map(|(k, v)| (k, smooth(&v, win)))
+        .chain(dev_loss)
         .collect();
     let dev: Vec<(String, Vec<(f64, f64)>)> = dev.into_iter().collect();
     let mut cv = Canvas::new();
-    let title = if win > 1 {
+    let mut title = if win > 1 {
         format!("training loss (moving average of {win} steps)")
     } else {
         "training loss".to_string()
     };
+    if with_dev {
+        title.push_str(" and dev loss");
+    }
     panel(&mut cv, (90.0, 40.0, 780.0, 240.0), &title, &loss);
     let dev_title = if accuracy {
         "dev accuracy (%)"
