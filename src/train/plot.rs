@@ -246,7 +246,10 @@ pub fn write_curves(out: &Path) -> Result<()> {
             loss.entry(pair.to_string()).or_default().push((step, l));
         }
         if let Some(l) = v["dev_loss"].as_f64() {
-            dev_loss.entry(format!("{pair} dev")).or_default().push((step, l));
+            dev_loss
+                .entry(format!("{pair} dev"))
+                .or_default()
+                .push((step, l));
         }
         if let Some(a) = v["dev_accuracy"].as_f64() {
             accuracy = true;

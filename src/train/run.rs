@@ -66,10 +66,10 @@ pub struct TrainConfig {
     /// (s3prl's SV loader: 8 s); the window is a function of the seed, the micro-batch and the
     /// utterance, so a resumed run crops alike. Needs the upstream run on each batch.
     pub crop_samples: Option<usize>,
-    /// Keep the parameters of the evaluations with the N lowest dev error rates (or dev losses:
-    /// `average_by`) (`OUT/<pair>/nbest/step-<S>`) and, at the end, write their average (`OUT/<pair>/averaged`)
-    /// and score it on dev: ESPnet's `keep_nbest_models` + model averaging (ML-SUPERB's recipe
-    /// averages 5). 0: off.
+    /// Keep the parameters of the evaluations with the N lowest dev error rates (or dev losses,
+    /// `average_by`) in `OUT/<pair>/nbest/step-<S>` and, at the end, write their average to
+    /// `OUT/<pair>/averaged` and score it on dev: ESPnet's `keep_nbest_models` + model averaging
+    /// (ML-SUPERB's recipe averages 5). 0: off.
     pub average_best: usize,
     /// What "best" means for `average_best`: the dev error rate, or the dev loss (ESPnet's
     /// `best_model_criterion` in ML-SUPERB's recipe; CTC tasks).
@@ -177,18 +177,25 @@ pub struct EvalResult {
 }
 
 /// The state a pair's `latest` checkpoint carries for a resume: its best dev error rate and step,
-/// the n-best list ((dev error rate, step), lowest first) and its length, and the data order.
+/// the n-best list ((criterion value, step), lowest first) with its settings, and the data order.
 fn resume_state(
     best: f64,
     best_step: Option<u64>,
-    (nbest, n): (&[(f64, u64)], (usize, AverageBy)),
+    (nbest, (n, by)): (&[(f64, u64)], (usize, AverageBy)),
     order: &serde_json::Value,
 ) -> serde_json::Value {
-    json!({"best": best, "best_step": best_step, "nbest": nbest, "average_best": n.0, "average_by": n.1.name(), "order": order})
+    json!({
+        "best": best,
+        "best_step": best_step,
+        "nbest": nbest,
+        "average_best": n,
+        "average_by": by.name(),
+        "order": order,
+    })
 }
 
-/// Enters (rate, step) into the `n` lowest dev error rates `list` (ascending; on a tie the earlier
-/// step stays ahead, and a full list takes only a strictly lower rate). Returns whether it
+/// Enters (value, step) into `list`, the `n` lowest values so far (ascending; on a tie the earlier
+/// step stays ahead, and a full list takes only a strictly lower value). Returns whether it
 /// entered and the step it pushed out.
 fn enter_nbest(list: &mut Vec<(f64, u64)>, n: usize, rate: f64, step: u64) -> (bool, Option<u64>) {
     if n == 0 || (list.len() >= n && list.last().is_some_and(|&(worst, _)| rate >= worst)) {
