@@ -655,6 +655,7 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
             ),
         ));
         c.device = device;
+        c.average_best = 2;
         c
     };
     let run = |out: &Path, steps: u64, resume: bool, device: TrainDevice| {
@@ -735,6 +736,37 @@ fn the_device_step_trains_resumes_bit_for_bit_and_follows_the_cpu_run() {
             spec.name
         );
         assert!(eval(TrainDevice::Cpu).0.is_finite());
+        // The n-best average was scored on the emulated device as its checkpoint scores there.
+        let (averaged, steps) = results[i].averaged.clone().unwrap();
+        assert_eq!(steps.len(), 2);
+        let (rate, _) = strata::train::run::evaluate_checkpoint(
+            &src,
+            &dev.join(&spec.name).join("averaged"),
+            spec,
+            Task::Units,
+            &vocab,
+            load("dev"),
+            16000 * 2,
+            TrainDevice::Emulator,
+        )
+        .unwrap();
+        assert_eq!(rate, averaged, "{}", spec.name);
+    }
+    // The dev losses of the device run follow the CPU run's.
+    let dev_losses = |out: &Path| -> Vec<f64> {
+        (std::fs::read_to_string(out.join("log.jsonl"))
+            .unwrap()
+            .lines())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_loss"].as_f64())
+        .collect()
+    };
+    let (a, b) = (dev_losses(&cpu), dev_losses(&dev));
+    assert_eq!(a.len(), 6, "3 pairs x 2 evaluations");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 2e-2 * x,
+            "dev loss {x} (CPU) vs {y} (device)"
+        );
     }
     std::fs::remove_dir_all(&root).ok();
 }
