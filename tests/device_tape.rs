@@ -261,6 +261,30 @@ fn refuses_misuse_on(be: &Backend) {
     tape.backward(loss, 1.0).unwrap();
     let e = tape.backward(loss, 1.0).err().expect("twice").to_string();
     assert!(e.contains("already"), "{e}");
+    // The ML-SUPERB head's SpecAugment ops take taps and masks made for x's shape only.
+    let batch = strata::PackedBatch::from_lengths(&[ROWS]).unwrap();
+    let mut tape = DeviceTape::new(be);
+    let x32 = tape
+        .input(&xb, &[ROWS, D])
+        .and_then(|v| tape.to_f32(v))
+        .unwrap();
+    // The identity on 5 frames, for a 6-frame x.
+    let taps: Vec<_> = (0..ROWS - 1)
+        .map(|f| [(f, 1.0), (f, 0.0), (f, 0.0), (f, 0.0)])
+        .collect();
+    let warp = strata::ops::device::DeviceTimeWarp::upload(be, &taps, ROWS - 1).unwrap();
+    let e = err(tape.time_warp(x32, warp));
+    assert!(
+        e.contains("time_warp") && e.contains(&format!("{} frames", ROWS - 1)),
+        "{e}"
+    );
+    let spans = vec![strata::models::mlsuperb_head::MaskedSpans::default()];
+    let mask = strata::ops::device::DeviceSpecMask::upload(be, &spans, &batch, D / 2).unwrap();
+    let e = err(tape.spec_mask(x32, mask));
+    assert!(
+        e.contains("spec_mask") && e.contains(&format!("[{ROWS}, {D}]")),
+        "{e}"
+    );
 
     // A no-grad tape computes values and refuses backward.
     let mut tape = DeviceTape::no_grad(be);

@@ -45,15 +45,32 @@ impl<'a> DeviceTape<'a> {
     pub fn time_warp(&mut self, x: DVar, warp: DeviceTimeWarp) -> Result<DVar> {
         const OP: &str = "time_warp";
         let (rows, c) = self.rows_width(OP, x)?;
+        let (out_rows, in_rows) = warp.rows();
+        if in_rows != rows {
+            return Err(shape_error(
+                OP,
+                format!("taps over {in_rows} frames"),
+                format!("{rows} frames"),
+            ));
+        }
         let xf = self.f32_of(OP, x)?;
         let y = Rc::new(warp.forward(self.be, &xf, c)?);
-        Ok(self.push_f32(y, &[rows, c], x, OP, move |be, dy| warp.backward(be, dy, c)))
+        Ok(self.push_f32(y, &[out_rows, c], x, OP, move |be, dy| {
+            warp.backward(be, dy, c)
+        }))
     }
 
     /// SpecAugment's masks applied to fp32 x [frames, c]; the backward masks the gradient.
     pub fn spec_mask(&mut self, x: DVar, mask: DeviceSpecMask) -> Result<DVar> {
         const OP: &str = "spec_mask";
         let (rows, c) = self.rows_width(OP, x)?;
+        if mask.shape() != (rows, c) {
+            return Err(shape_error(
+                OP,
+                format!("a mask of x's shape [{rows}, {c}]"),
+                format!("{:?}", mask.shape()),
+            ));
+        }
         let xf = self.f32_of(OP, x)?;
         let y = Rc::new(mask.apply(self.be, &xf)?);
         Ok(self.push_f32(y, &[rows, c], x, OP, move |be, dy| mask.apply(be, dy)))

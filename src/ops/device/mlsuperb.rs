@@ -218,6 +218,11 @@ impl DeviceTimeWarp {
         })
     }
 
+    /// (output rows, input rows).
+    pub fn rows(&self) -> (usize, usize) {
+        (self.forward.rows, self.backward.rows)
+    }
+
     /// y = warp(x), fp32 [frames, c].
     pub fn forward(&self, be: &Backend, x: &Buf<f32>, c: usize) -> Result<Buf<f32>> {
         self.forward.apply(be, x, self.backward.rows, c)
@@ -283,6 +288,11 @@ impl DeviceSpecMask {
             rows: batch.total_frames(),
             c,
         })
+    }
+
+    /// The [frames, c] it masks.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.c)
     }
 
     /// x * mask, fp32 [frames, c].
