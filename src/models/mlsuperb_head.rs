@@ -89,6 +89,59 @@ impl Default for MlSuperbHeadConfig {
 const CONV_KERNEL: usize = 3;
 const CONV1_STRIDE: usize = 2;
 
+impl MlSuperbHeadConfig {
+    /// The dropout on the attention probabilities of a training forward (`seed` Some), none in
+    /// evaluation or at p = 0.
+    pub fn attention_dropout_with(&self, seed: Option<u64>) -> Option<ProbDropout> {
+        seed.filter(|_| self.attention_dropout > 0.0)
+            .map(|seed| ProbDropout {
+                p: self.attention_dropout,
+                seed,
+            })
+    }
+}
+
+/// The seeds of one training forward's random sites, drawn from the micro-batch's seed in one
+/// fixed order: the CPU head and the device step both take theirs from here, so they draw the
+/// same dropout and SpecAugment masks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrainingSeeds {
+    pub warp: u64,
+    pub mask: u64,
+    /// The dropout after the positional encoding.
+    pub positions: u64,
+    /// Per block: attention probabilities, attention output, FFN hidden, FFN output.
+    pub blocks: Vec<[u64; 4]>,
+}
+
+impl TrainingSeeds {
+    pub fn draw(seed: u64, blocks: usize) -> Self {
+        let mut rng = Rng::new(seed);
+        let (warp, mask, positions) = (rng.next_u64(), rng.next_u64(), rng.next_u64());
+        let blocks = (0..blocks)
+            .map(|_| {
+                [
+                    rng.next_u64(),
+                    rng.next_u64(),
+                    rng.next_u64(),
+                    rng.next_u64(),
+                ]
+            })
+            .collect();
+        TrainingSeeds {
+            warp,
+            mask,
+            positions,
+            blocks,
+        }
+    }
+
+    /// Block `i`'s four seeds, or none in evaluation.
+    pub fn block(seeds: Option<&Self>, i: usize) -> [Option<u64>; 4] {
+        seeds.map_or([None; 4], |s| s.blocks[i].map(Some))
+    }
+}
+
 /// Head output frames for `frames` input frames (None: too short for the two convolutions).
 pub fn mlsuperb_frames(frames: usize) -> Option<usize> {
     let after1 = frames.checked_sub(CONV_KERNEL)? / CONV1_STRIDE + 1;
@@ -315,18 +368,14 @@ impl MlSuperbHead {
     ) -> Result<(Var, PackedBatch)> {
         let c = &self.config;
         check_lengths(batch)?;
-        // One seed per random site, drawn in a fixed order.
-        let mut seeds = train.map(Rng::new);
-        let mut next_seed = || seeds.as_mut().map(Rng::next_u64);
+        let seeds = train.map(|seed| TrainingSeeds::draw(seed, self.blocks.len()));
         let mut x = x;
-        if let (Some(spec), Some(warp_seed), Some(mask_seed)) =
-            (&c.specaug, next_seed(), next_seed())
-        {
+        if let (Some(spec), Some(seeds)) = (&c.specaug, &seeds) {
             if spec.time_warp_window > 0 {
-                x = tape.time_mix(x, time_warp(spec.time_warp_window, batch, warp_seed))?;
+                x = tape.time_mix(x, time_warp(spec.time_warp_window, batch, seeds.warp))?;
             }
             let d = tape.shape(x)[1];
-            let mask = specaug_mask(spec, batch, d, mask_seed)?;
+            let mask = specaug_mask(spec, batch, d, seeds.mask)?;
             x = tape.mul_const(x, &mask)?;
         }
         let x = tape.utterance_center(x, batch)?;
@@ -356,28 +405,24 @@ impl MlSuperbHead {
             Some(seed) if p > 0.0 => tape.dropout(v, p, seed),
             _ => Ok(v),
         };
-        x = dropout(tape, x, c.dropout, next_seed())?;
-        for blk in &self.blocks {
+        x = dropout(tape, x, c.dropout, seeds.as_ref().map(|s| s.positions))?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let [attn, attn_out, ffn, ffn_out] = TrainingSeeds::block(seeds.as_ref(), i);
             let y = blk.norm1.forward(tape, store, x)?;
             let q = blk.linear_q.forward(tape, store, y)?;
             let k = blk.linear_k.forward(tape, store, y)?;
             let v = blk.linear_v.forward(tape, store, y)?;
-            let attn_drop = next_seed()
-                .filter(|_| c.attention_dropout > 0.0)
-                .map(|seed| ProbDropout {
-                    p: c.attention_dropout,
-                    seed,
-                });
+            let attn_drop = c.attention_dropout_with(attn);
             let a = tape.packed_self_attention((q, k, v), &b2, c.heads, attn_drop)?;
             let a = blk.linear_out.forward(tape, store, a)?;
-            let a = dropout(tape, a, c.dropout, next_seed())?;
+            let a = dropout(tape, a, c.dropout, attn_out)?;
             x = tape.add(x, a)?;
             let y = blk.norm2.forward(tape, store, x)?;
             let f = blk.w_1.forward(tape, store, y)?;
             let f = tape.relu(f)?;
-            let f = dropout(tape, f, c.dropout, next_seed())?;
+            let f = dropout(tape, f, c.dropout, ffn)?;
             let f = blk.w_2.forward(tape, store, f)?;
-            let f = dropout(tape, f, c.dropout, next_seed())?;
+            let f = dropout(tape, f, c.dropout, ffn_out)?;
             x = tape.add(x, f)?;
         }
         let x = self.after_norm.forward(tape, store, x)?;

@@ -33,15 +33,13 @@ use crate::error::{Error, Result};
 use crate::models::interface::{
     group_sizes, hconv_plan_for, ClsActivation, HConvPlan, InterfaceKind,
 };
-use crate::models::mlsuperb_head::{self, MlSuperbHeadConfig};
-use crate::ops::attention::ProbDropout;
+use crate::models::mlsuperb_head::{self, MlSuperbHeadConfig, TrainingSeeds};
 use crate::ops::conv2d::PatchGeom;
 use crate::ops::ctc::Reduction;
 use crate::ops::device;
 use crate::ops::device::{DeviceSpecMask, DeviceTimeWarp};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
-use crate::rng::Rng;
 use crate::runtime::{Backend, Buf};
 use crate::tensor::Tensor;
 use crate::train::side_by_side::{
@@ -710,19 +708,15 @@ impl DevicePair {
         let c = &h.config;
         mlsuperb_head::check_lengths(batch)?;
         let be = tape.backend();
-        let mut seeds = train.map(Rng::new);
-        let mut next_seed = || seeds.as_mut().map(Rng::next_u64);
+        let seeds = train.map(|seed| TrainingSeeds::draw(seed, h.blocks.len()));
         let mut x = tape.to_f32(feats)?;
-        // As the CPU head: two seeds drawn whether or not SpecAugment is on.
-        if let (Some(spec), Some(warp_seed), Some(mask_seed)) =
-            (&c.specaug, next_seed(), next_seed())
-        {
+        if let (Some(spec), Some(seeds)) = (&c.specaug, &seeds) {
             let (n, d) = (batch.total_frames(), tape.shape(x)[1]);
             if spec.time_warp_window > 0 {
-                let taps = mlsuperb_head::time_warp(spec.time_warp_window, batch, warp_seed);
+                let taps = mlsuperb_head::time_warp(spec.time_warp_window, batch, seeds.warp);
                 x = tape.time_warp(x, DeviceTimeWarp::upload(be, &taps, n)?)?;
             }
-            let spans = mlsuperb_head::specaug_spans(spec, batch, d, mask_seed);
+            let spans = mlsuperb_head::specaug_spans(spec, batch, d, seeds.mask);
             x = tape.spec_mask(x, DeviceSpecMask::upload(be, &spans, batch, d)?)?;
         }
         let x = tape.utterance_center(x, batch)?;
@@ -747,32 +741,28 @@ impl DevicePair {
             Some(seed) if p > 0.0 => tape.dropout(v, p, seed),
             _ => Ok(v),
         };
-        x = dropout(tape, x, c.dropout, next_seed())?;
-        for blk in &h.blocks {
+        x = dropout(tape, x, c.dropout, seeds.as_ref().map(|s| s.positions))?;
+        for (i, blk) in h.blocks.iter().enumerate() {
+            let [attn, attn_out, ffn, ffn_out] = TrainingSeeds::block(seeds.as_ref(), i);
             let y = self.layer_norm(tape, x, blk.norm1, EPS)?;
             let y = tape.to_bf16(y)?;
             let q = self.linear(tape, y, blk.q, true)?;
             let k = self.linear(tape, y, blk.k, true)?;
             let v = self.linear(tape, y, blk.v, true)?;
-            let attn_drop = next_seed()
-                .filter(|_| c.attention_dropout > 0.0)
-                .map(|seed| ProbDropout {
-                    p: c.attention_dropout,
-                    seed,
-                });
+            let attn_drop = c.attention_dropout_with(attn);
             let a = tape.packed_self_attention((q, k, v), &b2, c.heads, attn_drop)?;
             let a = tape.to_bf16(a)?;
             let a = self.linear(tape, a, blk.out, true)?;
-            let a = dropout(tape, a, c.dropout, next_seed())?;
+            let a = dropout(tape, a, c.dropout, attn_out)?;
             x = tape.add(x, a)?;
             let y = self.layer_norm(tape, x, blk.norm2, EPS)?;
             let y = tape.to_bf16(y)?;
             let f = self.linear(tape, y, blk.w_1, true)?;
             let f = tape.activation(f, false)?;
-            let f = dropout(tape, f, c.dropout, next_seed())?;
+            let f = dropout(tape, f, c.dropout, ffn)?;
             let f = tape.to_bf16(f)?;
             let f = self.linear(tape, f, blk.w_2, true)?;
-            let f = dropout(tape, f, c.dropout, next_seed())?;
+            let f = dropout(tape, f, c.dropout, ffn_out)?;
             x = tape.add(x, f)?;
         }
         let x = self.layer_norm(tape, x, h.after_norm, EPS)?;

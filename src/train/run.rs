@@ -350,6 +350,8 @@ fn decode_all(
     for b in length_buckets(&samples, batch_samples, None) {
         let (stack, batch) = source.stack(data, &b)?;
         let x = device_stack(backend, on_device, &stack)?;
+        let batch_targets: Option<Vec<Vec<usize>>> =
+            targets.map(|t| b.iter().map(|&i| t[i].clone()).collect());
         for (k, (p, d)) in pairs.iter().zip(on_device).enumerate() {
             if let HeadKind::Speaker { .. } = p.head_kind() {
                 let embeddings = match (d, backend, &x) {
@@ -361,8 +363,6 @@ fn decode_all(
                 }
                 continue;
             }
-            let batch_targets: Option<Vec<Vec<usize>>> =
-                targets.map(|t| b.iter().map(|&i| t[i].clone()).collect());
             let t = batch_targets.as_deref();
             let (hyps, losses) = match (d, backend, &x) {
                 (Some(d), Some(be), Some(x)) => d.decode_scored_on(be, x, &batch, t)?,
