@@ -423,3 +423,21 @@ fn ml_superb_head_ops() {
         dot(&r, &ops::conv2d::patches_forward(x, &offsets, &g).0)
     });
 }
+
+#[test]
+fn lstm_through_time() {
+    // Utterances of 3, 5, 1 and 5 frames (unsorted, a tie, a single frame), both directions: the
+    // gradients of the gate pre-activations and of W_hh through the whole recurrence.
+    let offsets = [0usize, 3, 8, 9, 14];
+    let hidden = 3;
+    let pre = rand_vec(14 * 4 * hidden, 51);
+    let w_hh = rand_vec(4 * hidden * hidden, 52);
+    let r = rand_vec(14 * hidden, 53);
+    for reverse in [false, true] {
+        let f = |pre: &[f64], w: &[f64]| ops::lstm::forward(pre, w, &offsets, hidden, reverse).0;
+        let (h, saved) = ops::lstm::forward(&pre, &w_hh, &offsets, hidden, reverse);
+        let (dpre, dw) = ops::lstm::backward(&r, &h, &saved, &w_hh, &offsets, hidden, reverse);
+        check("lstm d pre", &pre, &dpre, |p| dot(&r, &f(p, &w_hh)));
+        check("lstm d w_hh", &w_hh, &dw, |w| dot(&r, &f(&pre, w)));
+    }
+}

@@ -725,6 +725,77 @@ impl Tape {
         })
     }
 
+    /// One direction of an LSTM layer over each utterance of a packed batch (`ops::lstm`): x
+    /// [frames, in] and PyTorch's `weight_ih` [4H, in], `weight_hh` [4H, H], `bias_ih`, `bias_hh`
+    /// [4H] -> h [frames, H]; `reverse` reads each utterance from its last frame.
+    pub fn lstm(
+        &mut self,
+        x: Var,
+        (w_ih, w_hh, b_ih, b_hh): (Var, Var, Var, Var),
+        batch: &PackedBatch,
+        reverse: bool,
+    ) -> Result<Var> {
+        let (xs, ws) = (self.shape(x).to_vec(), self.shape(w_ih).to_vec());
+        if ws.len() != 2 || ws[0] % 4 != 0 || ws[0] == 0 || ws[1] == 0 {
+            return Err(Error::shape(
+                "lstm weight_ih",
+                "[4 * hidden, input] with hidden, input >= 1",
+                format!("{ws:?}"),
+            ));
+        }
+        let (h4, in_f) = (ws[0], ws[1]);
+        let hidden = h4 / 4;
+        if xs != [batch.total_frames(), in_f] {
+            return Err(Error::shape(
+                "lstm input",
+                format!("[{} frames, {in_f}]", batch.total_frames()),
+                format!("{xs:?}"),
+            ));
+        }
+        check_shape("lstm weight_hh", self.shape(w_hh), &[h4, hidden])?;
+        check_shape("lstm bias_ih", self.shape(b_ih), &[h4])?;
+        check_shape("lstm bias_hh", self.shape(b_hh), &[h4])?;
+        let frames = xs[0];
+        let offsets = batch.offsets().to_vec();
+        let (xt, wit, wht) = (self.shared(x), self.shared(w_ih), self.shared(w_hh));
+        let bias: Vec<f32> = (self.value(b_ih).data().iter())
+            .zip(self.value(b_hh).data())
+            .map(|(a, b)| a + b)
+            .collect();
+        let pre = ops::linear::forward(xt.data(), frames, in_f, wit.data(), h4, Some(&bias));
+        let (h, saved) = ops::lstm::forward(&pre, wht.data(), &offsets, hidden, reverse);
+        drop(pre);
+        let ht = crate::tensor::Tensor::from_vec(h.clone(), &[frames, hidden])?;
+        self.push(
+            h,
+            &[frames, hidden],
+            &[x, w_ih, w_hh, b_ih, b_hh],
+            move || {
+                Box::new(move |g, need| {
+                    let (dpre, dw_hh) = ops::lstm::backward(
+                        g,
+                        ht.data(),
+                        &saved,
+                        wht.data(),
+                        &offsets,
+                        hidden,
+                        reverse,
+                    );
+                    let (dx, dw_ih, db) = ops::linear::backward(
+                        xt.data(),
+                        frames,
+                        in_f,
+                        wit.data(),
+                        h4,
+                        &dpre,
+                        need[0],
+                    );
+                    vec![dx, Some(dw_ih), Some(dw_hh), Some(db.clone()), Some(db)]
+                })
+            },
+        )
+    }
+
     /// Frames mixed by fixed taps (`ops::resample`: SpecAugment's time warp): x [frames, c] ->
     /// [taps.len(), c], output frame j = sum of w * x[frame] over its taps.
     pub fn time_mix(&mut self, x: Var, taps: Vec<ops::resample::Taps>) -> Result<Var> {

@@ -1,5 +1,6 @@
 //! The mission's trainable modules: interfaces (hidden-state stack -> features) and downstream heads.
 
+pub mod asr_head;
 pub mod head;
 pub mod interface;
 pub mod mlsuperb_head;

@@ -16,6 +16,7 @@ pub mod layer_conv;
 pub mod layer_sum;
 pub mod layernorm;
 pub mod linear;
+pub mod lstm;
 pub mod pooling;
 pub mod resample;
 pub mod shape;
@@ -67,6 +68,7 @@ pub trait Real:
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn erf(self) -> Self;
+    fn tanh(self) -> Self;
     fn max(self, o: Self) -> Self;
     fn is_finite(self) -> bool;
     /// In-place GELU over a slice (f32: vectorized with runtime CPU dispatch).
@@ -142,6 +144,10 @@ macro_rules! impl_real {
             #[inline]
             fn erf(self) -> Self {
                 $erf(self)
+            }
+            #[inline]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
             }
             #[inline]
             fn max(self, o: Self) -> Self {

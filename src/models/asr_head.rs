@@ -1,0 +1,195 @@
+//! SUPERB's ASR head (s3prl `downstream/asr`, its default `RNNs` model): the interface's features
+//! -> Linear(D', 1024) (the expert's projector, no activation) -> 2 bidirectional LSTM layers of
+//! 1024 units per direction, each followed by dropout 0.2 -> Linear(2048, V) -> CTC over
+//! characters (blank 0, PyTorch's 'mean' reduction, zero_infinity), trained with Adam at 1e-4.
+//! Each utterance of a packed batch is its own sequence, as s3prl's `pack_padded_sequence`.
+//!
+//! Parameter names follow s3prl's module tree (`projector`, `rnns.{i}.layer.weight_ih_l0`,
+//! `..._reverse`, `linear`), so weights map one to one onto a PyTorch state dict.
+
+use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::batch::PackedBatch;
+use crate::error::{Error, Result};
+use crate::models::nn::Linear;
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// The head's sizes; the default is s3prl's ASR config.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AsrHeadConfig {
+    /// The projector's output (s3prl `project_dim`).
+    pub project_dim: usize,
+    /// LSTM units per direction.
+    pub hidden: usize,
+    /// Bidirectional LSTM layers.
+    pub layers: usize,
+    /// Dropout after each LSTM layer while training.
+    pub dropout: f64,
+}
+
+impl Default for AsrHeadConfig {
+    fn default() -> Self {
+        AsrHeadConfig {
+            project_dim: 1024,
+            hidden: 1024,
+            layers: 2,
+            dropout: 0.2,
+        }
+    }
+}
+
+impl AsrHeadConfig {
+    fn check(&self) -> Result<()> {
+        if self.project_dim == 0
+            || self.hidden == 0
+            || self.layers == 0
+            || !(0.0..1.0).contains(&self.dropout)
+        {
+            return Err(Error::Config(format!(
+                "ASR head {self:?}: the sizes must be at least 1 and the dropout in [0, 1)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One direction of one LSTM layer: PyTorch's `weight_ih_l0[_reverse]` [4H, in], `weight_hh_l0`
+/// [4H, H], `bias_ih_l0`, `bias_hh_l0` [4H].
+#[derive(Clone, Debug)]
+pub struct LstmDirection {
+    pub weight_ih: ParamId,
+    pub weight_hh: ParamId,
+    pub bias_ih: ParamId,
+    pub bias_hh: ParamId,
+    pub reverse: bool,
+}
+
+impl LstmDirection {
+    /// PyTorch's initialisation: every tensor ~ U(±1/sqrt(H)).
+    fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        input: usize,
+        hidden: usize,
+        reverse: bool,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let suffix = if reverse { "_reverse" } else { "" };
+        let mut add = |name: &str, shape: &[usize]| {
+            let n = shape.iter().product();
+            store.add(
+                &format!("{prefix}{name}_l0{suffix}"),
+                Tensor::from_vec(rng.uniform_vec(n, bound), shape)?,
+            )
+        };
+        Ok(LstmDirection {
+            weight_ih: add("weight_ih", &[4 * hidden, input])?,
+            weight_hh: add("weight_hh", &[4 * hidden, hidden])?,
+            bias_ih: add("bias_ih", &[4 * hidden])?,
+            bias_hh: add("bias_hh", &[4 * hidden])?,
+            reverse,
+        })
+    }
+
+    fn forward(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        x: Var,
+        batch: &PackedBatch,
+    ) -> Result<Var> {
+        let weights = (
+            tape.param(store, self.weight_ih),
+            tape.param(store, self.weight_hh),
+            tape.param(store, self.bias_ih),
+            tape.param(store, self.bias_hh),
+        );
+        tape.lstm(x, weights, batch, self.reverse)
+    }
+}
+
+pub struct AsrHead {
+    pub config: AsrHeadConfig,
+    pub projector: Linear,
+    /// Per layer, its forward and reverse direction.
+    pub rnns: Vec<[LstmDirection; 2]>,
+    pub linear: Linear,
+}
+
+impl AsrHead {
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        in_dim: usize,
+        config: AsrHeadConfig,
+        vocab: usize,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        config.check()?;
+        let projector = Linear::new(
+            store,
+            &format!("{prefix}projector"),
+            in_dim,
+            config.project_dim,
+            true,
+            rng,
+        )?;
+        let mut rnns = Vec::new();
+        let mut input = config.project_dim;
+        for i in 0..config.layers {
+            let p = format!("{prefix}rnns.{i}.layer.");
+            let forward = LstmDirection::new(store, &p, input, config.hidden, false, rng)?;
+            let reverse = LstmDirection::new(store, &p, input, config.hidden, true, rng)?;
+            rnns.push([forward, reverse]);
+            input = 2 * config.hidden;
+        }
+        let linear = Linear::new(store, &format!("{prefix}linear"), input, vocab, true, rng)?;
+        Ok(AsrHead {
+            config,
+            projector,
+            rnns,
+            linear,
+        })
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.linear.out_features
+    }
+
+    /// Trainable scalars of the head on `in_dim` features.
+    pub fn num_params(in_dim: usize, config: &AsrHeadConfig, vocab: usize) -> usize {
+        let h = config.hidden;
+        let lstm = |input: usize| 2 * (4 * h * (input + h) + 8 * h);
+        let layers: usize = (0..config.layers)
+            .map(|i| lstm(if i == 0 { config.project_dim } else { 2 * h }))
+            .sum();
+        (in_dim + 1) * config.project_dim + layers + (2 * h + 1) * vocab
+    }
+
+    /// features [frames, D'] of a packed batch -> logits [frames, V]. `train`: the seed of the
+    /// dropout masks of a training forward (None: evaluation, no dropout).
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        x: Var,
+        batch: &PackedBatch,
+        train: Option<u64>,
+    ) -> Result<Var> {
+        let mut h = self.projector.forward(tape, store, x)?;
+        let mut masks = train.map(|seed| Rng::new(seed ^ 0x6173_725f_6865_6164));
+        for [forward, reverse] in &self.rnns {
+            let f = forward.forward(tape, store, h, batch)?;
+            let r = reverse.forward(tape, store, h, batch)?;
+            h = tape.concat_cols(&[f, r])?;
+            if let Some(rng) = masks.as_mut() {
+                let seed = rng.next_u64();
+                if self.config.dropout > 0.0 {
+                    h = tape.dropout(h, self.config.dropout, seed)?;
+                }
+            }
+        }
+        self.linear.forward(tape, store, h)
+    }
+}
