@@ -176,7 +176,7 @@ fn main() -> std::process::ExitCode {
     if only.as_deref() == Some("precompile") {
         return precompile();
     }
-    let run = |section: &str| only.as_deref().map_or(true, |o| o == section);
+    let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let be = Backend::cuda().unwrap_or_else(|why| panic!("gpu_bench needs a GPU: {why}"));
     let Backend::Cuda(rt) = &be else {
         unreachable!()

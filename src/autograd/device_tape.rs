@@ -824,7 +824,7 @@ impl<'a> DeviceTape<'a> {
         let ok = [q, k_cls, v_cls].iter().all(|&t| self.shape(t) == [1, d])
             && [k, v].iter().all(|&t| self.shape(t) == [rows, d])
             && l > 0
-            && rows % l == 0;
+            && rows.is_multiple_of(l);
         if !ok {
             return Err(shape_error(
                 OP,

@@ -687,7 +687,11 @@ impl Tape {
         dropout: Option<ops::attention::ProbDropout>,
     ) -> Result<Var> {
         let qs = self.shape(q).to_vec();
-        if qs.len() != 2 || qs[0] != batch.total_frames() || heads == 0 || qs[1] % heads != 0 {
+        if qs.len() != 2
+            || qs[0] != batch.total_frames()
+            || heads == 0
+            || !qs[1].is_multiple_of(heads)
+        {
             return Err(Error::shape(
                 "packed_self_attention",
                 format!(

@@ -210,7 +210,7 @@ impl MlSuperbHead {
         rng: &mut Rng,
     ) -> Result<Self> {
         let c = config;
-        if c.heads == 0 || c.width % c.heads != 0 {
+        if c.heads == 0 || !c.width.is_multiple_of(c.heads) {
             return Err(Error::Config(format!(
                 "ML-SUPERB head: width {} is not divisible into {} attention heads",
                 c.width, c.heads
@@ -306,7 +306,7 @@ impl MlSuperbHead {
     /// add to a store), without building it; None for a configuration `new` refuses.
     pub fn num_params(in_dim: usize, c: &MlSuperbHeadConfig, vocab: usize) -> Option<usize> {
         let freq2 = mlsuperb_frames(c.preencoder_dim)?;
-        if c.heads == 0 || c.width % c.heads != 0 {
+        if c.heads == 0 || !c.width.is_multiple_of(c.heads) {
             return None;
         }
         let (w, k2) = (c.width, CONV_KERNEL * CONV_KERNEL);

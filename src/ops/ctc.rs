@@ -47,7 +47,13 @@ fn lse3<R: Real>(a: R, b: R, c: R) -> R {
 pub fn utterance<R: Real>(lp: &[R], v: usize, target: &[usize], blank: usize) -> (R, Vec<R>) {
     let t_len = lp.len() / v;
     let s_len = 2 * target.len() + 1;
-    let ext = |s: usize| if s % 2 == 0 { blank } else { target[s / 2] };
+    let ext = |s: usize| {
+        if s.is_multiple_of(2) {
+            blank
+        } else {
+            target[s / 2]
+        }
+    };
     // A skip from s-2 to s is allowed onto a label that differs from the label two back.
     let can_skip = |s: usize| s >= 2 && s % 2 == 1 && ext(s) != ext(s - 2);
     let ninf = R::NEG_INFINITY;

@@ -112,7 +112,8 @@ impl Cols {
 
     fn check(&self, kernel: &str, what: &str, s: &LayerSumShape, buf_len: usize) -> Result<()> {
         // The vectorized paths move 8 bf16 / 4 fp32 at a time when d % 8 == 0: keep them aligned.
-        let aligned = s.d % 8 != 0 || (self.stride % 8 == 0 && self.offset % 8 == 0);
+        let aligned = !s.d.is_multiple_of(8)
+            || (self.stride.is_multiple_of(8) && self.offset.is_multiple_of(8));
         if self.offset + s.d > self.stride || !aligned || buf_len != s.n * self.stride {
             return Err(Error::shape(
                 format!("{kernel} {what}"),
@@ -273,7 +274,7 @@ pub fn layer_sum_backward_into(
         )?;
     } else {
         // Shared memory stages one dout row on the vectorised path (see the kernel).
-        let smem = if s.d % 8 == 0 && s.d <= 4096 {
+        let smem = if s.d.is_multiple_of(8) && s.d <= 4096 {
             (s.d * 4) as u32
         } else {
             0
@@ -300,7 +301,7 @@ fn layer_sum_dw_block(s: LayerSumShape) -> Option<(u32, u32)> {
     static WARP_KERNEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let forced = *WARP_KERNEL
         .get_or_init(|| std::env::var("STRATA_LAYER_SUM_BWD").is_ok_and(|v| v == "warp"));
-    if s.d % 8 != 0 || forced {
+    if !s.d.is_multiple_of(8) || forced {
         return None;
     }
     let chunks = s.d / 8;
@@ -636,7 +637,7 @@ fn conv_forward(
         flatten: flatten as i32,
     };
     // Every real stack (D a multiple of 8) takes the vectorized kernel; others the general one.
-    if g.c_in % 8 == 0 {
+    if g.c_in.is_multiple_of(8) {
         let grid = (
             g.c_out.div_ceil(128) as u32,
             (n * l_out).div_ceil(128) as u32,
@@ -813,7 +814,7 @@ fn conv_backward(
         split: 1,
         relu: saved.relu_out.is_some() as i32,
     };
-    if g.c_in % 8 == 0 && g.c_out % 8 == 0 {
+    if g.c_in.is_multiple_of(8) && g.c_out.is_multiple_of(8) {
         // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre.
         let total = n * l_out * g.c_out;
         let dpre = be.output::<bf16>(total)?;
@@ -1455,7 +1456,7 @@ pub fn select_layer(
         d: d as i32,
         layer: idx as i32,
     };
-    let per_row = if d % 8 == 0 { d / 8 } else { d };
+    let per_row = if d.is_multiple_of(8) { d / 8 } else { d };
     be.launch(
         K,
         ((n * per_row).div_ceil(256).min(65535) as u32, 1, 1),
@@ -1581,7 +1582,7 @@ impl ClsAttnShape {
     fn check(&self, kernel: &str) -> Result<()> {
         if self.n == 0
             || self.heads == 0
-            || self.d % self.heads != 0
+            || !self.d.is_multiple_of(self.heads)
             || self.l + 1 > 96
             || self.n * self.l * self.d > i32::MAX as usize
         {
@@ -1943,7 +1944,7 @@ pub fn rows_gather(be: &Backend, x: &Buf<bf16>, idx: &Buf<i32>, c: usize) -> Res
     const K: &str = "rows_gather";
     let rows = idx.len();
     rows_check(K, rows, c)?;
-    if x.len() % c != 0 {
+    if !x.len().is_multiple_of(c) {
         return Err(Error::shape(
             K,
             format!("x [frames, {c}]"),
@@ -1976,7 +1977,7 @@ pub fn rows_gather_sum(
     const K: &str = "rows_gather_sum";
     rows_check(K, frames, c)?;
     need(be, K, "inv", inv, frames * context)?;
-    if dy.len() % c != 0 {
+    if !dy.len().is_multiple_of(c) {
         return Err(Error::shape(
             K,
             format!("dy [rows, {c}]"),

@@ -460,7 +460,7 @@ fn truncate_log(out: &Path, step: u64) -> Result<()> {
             serde_json::from_str::<serde_json::Value>(l)
                 .ok()
                 .and_then(|v| v["step"].as_u64())
-                .map_or(true, |s| s <= step)
+                .is_none_or(|s| s <= step)
         })
         .map(|l| format!("{l}\n"))
         .collect();

@@ -51,7 +51,7 @@ fn interface_named(name: &str, layers: usize, dim: usize) -> Result<InterfaceCon
         "concat" => InterfaceKind::ConcatProj { out_dim: dim },
         "single" => InterfaceKind::SingleLayer { layer: -1 },
         "cls" => InterfaceKind::ClsPool {
-            heads: if dim % 8 == 0 { 8 } else { 1 },
+            heads: if dim.is_multiple_of(8) { 8 } else { 1 },
             ffn_dim: 4 * dim,
             activation: ClsActivation::Gelu,
         },

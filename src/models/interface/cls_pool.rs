@@ -53,7 +53,7 @@ impl ClsPool {
             return Err(Error::Config("ClsPool::new needs a ClsPool config".into()));
         };
         let d = cfg.dim;
-        if heads == 0 || d % heads != 0 {
+        if heads == 0 || !d.is_multiple_of(heads) {
             return Err(Error::Config(format!(
                 "CLS pooling: D = {d} is not divisible by {heads} heads"
             )));

@@ -232,7 +232,7 @@ impl UpstreamConfig {
             max_bucket_distance: f.usize("max_bucket_distance", 800)?,
         };
         let c = &cfg;
-        if c.hidden_size == 0 || c.num_heads == 0 || c.hidden_size % c.num_heads != 0 {
+        if c.hidden_size == 0 || c.num_heads == 0 || !c.hidden_size.is_multiple_of(c.num_heads) {
             return Err(err(
                 path,
                 format!(
@@ -242,7 +242,7 @@ impl UpstreamConfig {
             ));
         }
         if c.pos_conv_groups == 0
-            || c.hidden_size % c.pos_conv_groups != 0
+            || !c.hidden_size.is_multiple_of(c.pos_conv_groups)
             || c.pos_conv_kernel == 0
         {
             return Err(err(path, format!(

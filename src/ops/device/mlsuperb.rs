@@ -107,7 +107,7 @@ pub fn conv2d_patches(
     let n = out.total_frames() * out_freq * g.patch_width();
     let patches = be.output::<bf16>(n)?;
     (p.x, p.patches) = (be.ptr(x), be.ptr(&patches));
-    let vec = if g.channels % 8 == 0 { 8 } else { 1 };
+    let vec = if g.channels.is_multiple_of(8) { 8 } else { 1 };
     launch_elementwise(be, K, n / vec, &p)?;
     Ok((patches, out))
 }
