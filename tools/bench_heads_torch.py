@@ -4,8 +4,10 @@ one padded batch of equal lengths (so no padding): the SUPERB SV head (s3prl's s
 connector, XVector with F.unfold TDNNs, statistics pooling, UtteranceExtractor, AMSoftmaxLoss),
 8 utterances x 200 frames, 1,211 speakers; and the ML-SUPERB head (ESPnet's UtteranceMVN,
 linear preencoder, Conv2dSubsampling2, 2 pre-LN transformer blocks, after_norm, ctc_lo, CTC sum /
-batch; no dropout or SpecAugment, as the Rust bench), 8 utterances x 250 frames, 100 characters.
-Same thread count as the Rust bench:
+batch; no dropout or SpecAugment, as the Rust bench), 8 utterances x 250 frames, 100 characters;
+and the SUPERB ASR head (s3prl's downstream/asr: projector to 1024, 2 bidirectional nn.LSTM
+layers of 1024 over pack_padded_sequence, linear, CTC mean; no dropout, as the Rust bench),
+8 utterances x 150 frames, 31 characters. Same thread count as the Rust bench:
 
     .venv/bin/python tools/bench_heads_torch.py --threads 2
 """
@@ -90,6 +92,25 @@ class MlSuperbHead(nn.Module):
         return loss / b
 
 
+class AsrHead(nn.Module):
+    def __init__(self, dim, vocab, project=1024, hidden=1024, layers=2):
+        super().__init__()
+        self.projector = nn.Linear(dim, project)
+        self.rnns = nn.ModuleList(
+            nn.LSTM(project if i == 0 else 2 * hidden, hidden, bidirectional=True, batch_first=True)
+            for i in range(layers)
+        )
+        self.linear = nn.Linear(2 * hidden, vocab)
+
+    def forward(self, x, lengths, targets, target_lengths):  # x (B, T, D)
+        h = self.projector(x)
+        for rnn in self.rnns:
+            packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+            h, _ = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0], batch_first=True)
+        lp = F.log_softmax(self.linear(h), dim=-1)
+        return F.ctc_loss(lp.transpose(0, 1), targets, lengths, target_lengths, zero_infinity=True)
+
+
 def timed(step, seconds):
     for _ in range(2):
         step()
@@ -130,6 +151,19 @@ def main():
 
     dt = timed(ml_step, args.seconds)
     print(f"ML-SUPERB head 8 x 250 frames  {dt * 1e3:9.2f} ms  {2000 / dt:12.0f} frames/s")
+
+    asr = AsrHead(768, 31)
+    x = torch.randn(8, 150, 768)
+    lengths = torch.full((8,), 150, dtype=torch.long)
+    targets = torch.tensor([[1 + (u * 7 + i * 13) % 30 for i in range(40)] for u in range(8)])
+    target_lengths = torch.full((8,), 40, dtype=torch.long)
+
+    def asr_step():
+        asr.zero_grad()
+        asr(x, lengths, targets, target_lengths).backward()
+
+    dt = timed(asr_step, args.seconds)
+    print(f"ASR head 8 x 150 frames        {dt * 1e3:9.2f} ms  {1200 / dt:12.0f} frames/s")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,182 @@ pub fn gemm_strided<R: Real>(
     }
 }
 
+/// Lanes of the few-rows product's partial sums: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// The R x J dot products of rows of `a` with rows of `b` (each `k` long), as LANES partial sums
+/// added in a fixed order: the same bits on every CPU and thread count.
+#[inline(always)]
+fn dots<const R: usize, const J: usize>(a: [&[f32]; R], b: [&[f32]; J], k: usize) -> [[f32; J]; R] {
+    let body = k - k % LANES;
+    let mut acc = [[[0f32; LANES]; J]; R];
+    for p in (0..body).step_by(LANES) {
+        let av: [&[f32; LANES]; R] =
+            std::array::from_fn(|r| a[r][p..p + LANES].try_into().expect("LANES"));
+        let bv: [&[f32; LANES]; J] =
+            std::array::from_fn(|j| b[j][p..p + LANES].try_into().expect("LANES"));
+        for r in 0..R {
+            for j in 0..J {
+                for l in 0..LANES {
+                    acc[r][j][l] = av[r][l].mul_add(bv[j][l], acc[r][j][l]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; J]; R];
+    for r in 0..R {
+        for j in 0..J {
+            let mut s = acc[r][j].iter().fold(0f32, |x, &y| x + y);
+            for q in body..k {
+                s = a[r][q].mul_add(b[j][q], s);
+            }
+            out[r][j] = s;
+        }
+    }
+    out
+}
+
+/// [`dots`] with AVX-512 registers: the same fused multiply-adds in the same order, so the same
+/// bits (the compiler vectorizes `dots`'s R x J accumulators only 4 lanes wide).
+///
+/// # Safety
+/// The CPU must have AVX-512F, and every row of `a` and `b` must hold at least `k` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_avx512<const R: usize, const J: usize>(
+    a: [&[f32]; R],
+    b: [&[f32]; J],
+    k: usize,
+) -> [[f32; J]; R] {
+    use std::arch::x86_64::*;
+    let body = k - k % LANES;
+    let mut acc = [[_mm512_setzero_ps(); J]; R];
+    for p in (0..body).step_by(LANES) {
+        // SAFETY: p + LANES <= k <= every row's length (the caller's contract).
+        let av: [__m512; R] =
+            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(a[r].as_ptr().add(p)) });
+        let bv: [__m512; J] =
+            std::array::from_fn(|j| unsafe { _mm512_loadu_ps(b[j].as_ptr().add(p)) });
+        for r in 0..R {
+            for j in 0..J {
+                acc[r][j] = _mm512_fmadd_ps(av[r], bv[j], acc[r][j]);
+            }
+        }
+    }
+    let mut out = [[0f32; J]; R];
+    for r in 0..R {
+        for j in 0..J {
+            let mut lanes = [0f32; LANES];
+            // SAFETY: `lanes` holds LANES floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r][j]) };
+            let mut s = lanes.iter().fold(0f32, |x, &y| x + y);
+            for q in body..k {
+                s = a[r][q].mul_add(b[j][q], s);
+            }
+            out[r][j] = s;
+        }
+    }
+    out
+}
+
+/// [`dots`] on the widest registers the CPU has.
+#[inline(always)]
+fn dots_fast<const R: usize, const J: usize>(
+    a: [&[f32]; R],
+    b: [&[f32]; J],
+    k: usize,
+) -> [[f32; J]; R] {
+    assert!(a.iter().all(|r| r.len() >= k) && b.iter().all(|r| r.len() >= k));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked just above) and the rows hold k values (asserted).
+        return unsafe { dots_avx512(a, b, k) };
+    }
+    dots(a, b, k)
+}
+
+/// `out[j * m + r] = a[r] · b_rows[j]` for the rows of one block of b, in tiles of up to 4 rows
+/// of a by 4 of b (16 accumulators: each loaded vector feeds 4 products).
+fn few_rows_block(m: usize, k: usize, a: &[f32], b_rows: &[f32], out: &mut [f32]) {
+    let jn = b_rows.len() / k;
+    let mut j = 0;
+    while j < jn {
+        let jw = if j + 4 <= jn { 4 } else { 1 };
+        let mut r = 0;
+        while r < m {
+            let rw = match m - r {
+                4.. => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            let at = (m, k, a, b_rows, r, j);
+            match (rw, jw) {
+                (4, 4) => tile::<4, 4>(at, out),
+                (2, 4) => tile::<2, 4>(at, out),
+                (1, 4) => tile::<1, 4>(at, out),
+                (4, _) => tile::<4, 1>(at, out),
+                (2, _) => tile::<2, 1>(at, out),
+                _ => tile::<1, 1>(at, out),
+            }
+            r += rw;
+        }
+        j += jw;
+    }
+}
+
+/// One R x J tile of [`few_rows_block`]: rows r.. of a against rows j.. of the block.
+#[inline(always)]
+fn tile<const R: usize, const J: usize>(
+    (m, k, a, b_rows, r, j): (usize, usize, &[f32], &[f32], usize, usize),
+    out: &mut [f32],
+) {
+    let d = dots_fast::<R, J>(
+        std::array::from_fn(|i| &a[(r + i) * k..(r + i + 1) * k]),
+        std::array::from_fn(|q| &b_rows[(j + q) * k..(j + q + 1) * k]),
+        k,
+    );
+    for (i, row) in d.iter().enumerate() {
+        for (q, v) in row.iter().enumerate() {
+            out[(j + q) * m + r + i] = *v;
+        }
+    }
+}
+
+/// `c[m,n] = a[m,k] · b[n,k]^T` for a few rows m (a recurrence's step, one row per sequence):
+/// dot products that read each row of `b` once, split over threads by blocks of b's rows. The
+/// `gemm` crate repacks all of `b` on every call, which at m = 8 and a 4096 x 1024 `b` cost
+/// three times the arithmetic. Deterministic (the sums' order does not depend on the threads).
+pub fn gemm_nt_few_rows(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    use rayon::prelude::*;
+    assert_eq!(a.len(), m * k, "gemm_nt_few_rows: a is not {m}x{k}");
+    assert_eq!(b.len(), n * k, "gemm_nt_few_rows: b is not {n}x{k}");
+    assert_eq!(c.len(), m * n, "gemm_nt_few_rows: c is not {m}x{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    // Blocks of b's rows: about 256 KB of b each (the L2's share), at least 4 rows.
+    let rows = ((1 << 16) / k).clamp(4, n.max(4)) / 4 * 4;
+    let blocks: Vec<Vec<f32>> = b
+        .par_chunks(rows * k)
+        .map(|block| {
+            let mut out = vec![0f32; block.len() / k * m];
+            few_rows_block(m, k, a, block, &mut out);
+            out
+        })
+        .collect();
+    for (bi, out) in blocks.iter().enumerate() {
+        for (jj, col) in out.chunks_exact(m).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                c[r * n + bi * rows + jj] = *v;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +329,48 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn few_rows_product_matches_naive_at_every_tile_edge() {
+        // Every tile shape (rows of a: 4, 2, 1; rows of b: 4, 1), k around the vector width,
+        // and at k = 1024 several blocks of b's rows (64 each) with a partial last one.
+        for (k, ns) in [(1, 9), (15, 13), (16, 6), (17, 7), (37, 11), (1024, 203)] {
+            for m in 1..=9 {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                let b: Vec<f32> = (0..ns * k)
+                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                    .collect();
+                let mut c = vec![f32::NAN; m * ns];
+                gemm_nt_few_rows(m, k, ns, &a, &b, &mut c);
+                let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                let want = naive(m, k, ns, &wide(&a), Trans::N, &wide(&b), Trans::T);
+                let scale = want.iter().fold(1f64, |s, v| s.max(v.abs()));
+                for (i, (x, y)) in c.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*x as f64 - y).abs() <= 1e-6 * scale * (k as f64).sqrt(),
+                        "m {m} k {k} n {ns} [{i}]: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn few_rows_dots_give_the_same_bits_on_every_path() {
+        let k = 100;
+        let rows: Vec<Vec<f32>> = (0..8)
+            .map(|r| {
+                (0..k)
+                    .map(|i| ((i * 7 + r * 13) % 29) as f32 * 0.1 - 1.3)
+                    .collect()
+            })
+            .collect();
+        let a: [&[f32]; 4] = std::array::from_fn(|i| rows[i].as_slice());
+        let b: [&[f32]; 4] = std::array::from_fn(|i| rows[4 + i].as_slice());
+        assert_eq!(dots_fast::<4, 4>(a, b, k), dots::<4, 4>(a, b, k));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! The recurrence runs all utterances in step: at step t the utterances longer than t, the
 //! longest first, so the ones still running are a prefix and each step's W_hh product is one
-//! GEMM over them. The backward is backpropagation through time over the same schedule; W_hh's
+//! product over them (a few rows: `Real::gemm_nt_rows`). The backward is backpropagation through time over the same schedule; W_hh's
 //! gradient is one GEMM at the end over every frame's gate gradient and previous state.
 
 use super::gemm::{gemm, Trans};
@@ -103,17 +103,7 @@ pub fn forward<R: Real>(
         if t == 0 {
             rec.iter_mut().for_each(|v| *v = R::ZERO);
         } else {
-            gemm(
-                m,
-                hidden,
-                h4,
-                &hs[..m * hidden],
-                Trans::N,
-                w_hh,
-                Trans::T,
-                R::ZERO,
-                rec,
-            );
+            R::gemm_nt_rows(m, hidden, h4, &hs[..m * hidden], w_hh, rec);
         }
         for k in 0..m {
             let row = sched.row(k, t);
@@ -165,6 +155,13 @@ pub fn backward<R: Real>(
     let mut dhs = vec![R::ZERO; n * hidden];
     let mut dcs = vec![R::ZERO; n * hidden];
     let mut dz_step = vec![R::ZERO; n * h4];
+    // W_hh^T [H, 4H]: each step's dh = dz W_hh reads it row by row.
+    let mut w_hh_t = vec![R::ZERO; h4 * hidden];
+    for (p, row) in w_hh.chunks_exact(hidden).enumerate() {
+        for (q, &v) in row.iter().enumerate() {
+            w_hh_t[q * h4 + p] = v;
+        }
+    }
     for t in (0..sched.steps()).rev() {
         let m = sched.running(t);
         for k in 0..m {
@@ -197,15 +194,12 @@ pub fn backward<R: Real>(
             dpre[row * h4..(row + 1) * h4].copy_from_slice(dz);
         }
         if t > 0 {
-            gemm(
+            R::gemm_nt_rows(
                 m,
                 h4,
                 hidden,
                 &dz_step[..m * h4],
-                Trans::N,
-                w_hh,
-                Trans::N,
-                R::ZERO,
+                &w_hh_t,
                 &mut dhs[..m * hidden],
             );
         }
