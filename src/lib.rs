@@ -7,7 +7,8 @@
 //! - [`ops`]: each op's readable CPU reference, forward and backward, generic over f32/f64.
 //! - [`autograd`]: a minimal tape and parameter store; [`optim`]: Adam/AdamW, grad clipping.
 //! - [`models`]: the interfaces (WS, HConv, Concat+Proj, GroupWS, single layer, CLS pooling),
-//!   the SUPERB heads, and the upstream encoders; losses (CTC, cross-entropy) are tape ops.
+//!   the SUPERB heads (PR, ASR, utterance classifier, SV), the ML-SUPERB head, and the upstream
+//!   encoders; losses (CTC, cross-entropy) are tape ops.
 //! - [`train`]: metrics, the synthetic demo corpus, the side-by-side trainer; `src/bin/strata.rs`.
 
 // Docs write tensor shapes in brackets ([frames, L, D]); they are not intra-doc links.

@@ -994,8 +994,109 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
     assert!(!ok && log.contains("for --task units or chars"), "{log}");
     let (ok, log) = run(args(&["--head", "espnet"]));
     assert!(
-        !ok && log.contains("--head takes superb or mlsuperb"),
+        !ok && log.contains("--head takes superb (SUPERB PR's head), mlsuperb"),
         "{log}"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_asr_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
+    let dir = scratch("asr");
+    transcribed_tones(
+        &dir,
+        &[("train", 6), ("dev", 2)],
+        9000,
+        700,
+        &["ab c", "ca", "b a"],
+    );
+    let model = format!(
+        "{}/tests/fixtures/upstream/hubert_group_postln",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (t, d, o) = (dir.join("train"), dir.join("dev"), dir.join("run"));
+    let args = |extra: &[&str]| -> Vec<String> {
+        let base = [
+            "train",
+            "--model",
+            &model,
+            "--train",
+            t.to_str().unwrap(),
+            "--dev",
+            d.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+            "--task",
+            "chars",
+            "--batch-seconds",
+            "2",
+            "--interfaces",
+            "ws,hconv",
+            "--optimizer",
+            "adam",
+        ];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |a: Vec<String>| strata(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, log) = run(args(&[
+        "--head",
+        "asr-16",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+    ]));
+    assert!(ok && log.contains("dev error"), "{log}");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
+    assert_eq!(recorded["head"], "asr-16");
+    // eval builds the head the run recorded, at its width.
+    let (ok, log) = strata(&[
+        "eval",
+        "--model",
+        &model,
+        "--run",
+        o.to_str().unwrap(),
+        "--pair",
+        "all",
+        "--data",
+        d.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && log.contains("hconv (best) on") && log.contains("CER"),
+        "{log}"
+    );
+    // A resume must keep the head, its width included; with it, the run goes on.
+    let (ok, log) = run(args(&["--head", "asr", "--steps", "3", "--resume"]));
+    assert!(
+        !ok && log.contains("head = \"asr-16\", this one \"asr\""),
+        "{log}"
+    );
+    let (ok, log) = run(args(&["--head", "asr-16", "--steps", "3", "--resume"]));
+    assert!(ok && log.contains("step 3/3"), "{log}");
+    // The device step has no LSTM kernels: asked for, it says so; ws-large is not defined for
+    // this head; widths are numbers.
+    let fresh = |extra: &[&str]| {
+        run(args(extra)
+            .into_iter()
+            .map(|a| a.replace("/run", "/other"))
+            .collect())
+    };
+    let (ok, log) = fresh(&["--head", "asr-16", "--steps", "1", "--device", "emulator"]);
+    assert!(
+        !ok && log.contains("no device kernels yet; use --device cpu"),
+        "{log}"
+    );
+    let (ok, log) = fresh(&[
+        "--head",
+        "asr-16",
+        "--steps",
+        "1",
+        "--interfaces",
+        "ws-large",
+    ]);
+    assert!(!ok && log.contains("not the ASR head"), "{log}");
+    let (ok, log) = fresh(&["--head", "asr-0"]);
+    assert!(!ok && log.contains("asr-N takes N >= 1"), "{log}");
     std::fs::remove_dir_all(&dir).ok();
 }

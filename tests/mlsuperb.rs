@@ -2,7 +2,7 @@
 //! behaviour (SpecAugment and dropout drawn from a seed).
 
 mod common;
-use common::{check_vs_torch, split_targets, Fixture};
+use common::{check_vs_torch, spelled, split_targets, Fixture};
 use strata::models::mlsuperb_head::{MlSuperbHead, MlSuperbHeadConfig};
 use strata::rng::Rng;
 use strata::{PackedBatch, ParamStore, Reduction, Tape, Tensor};
@@ -161,38 +161,6 @@ fn time_warp_is_pytorchs_bicubic_interpolation_of_each_side_of_the_center() {
             1e-6,
         );
     }
-}
-
-/// Utterances whose frames spell their transcript: each token held for 8-12 frames of its own
-/// random vector plus noise, stacked as 2 identical layers of 16 features.
-fn spelled(n: usize, rng: &mut Rng, codes: &[Vec<f32>]) -> (Tensor, PackedBatch, Vec<Vec<usize>>) {
-    let (mut data, mut lengths, mut targets) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..n {
-        let mut target: Vec<usize> = Vec::new();
-        while target.len() < 4 + rng.below(3) {
-            let t = 1 + rng.below(codes.len() - 1);
-            if target.last() != Some(&t) {
-                target.push(t);
-            }
-        }
-        let mut frames = 0;
-        for &t in &target {
-            for _ in 0..8 + rng.below(5) {
-                let f: Vec<f32> = codes[t].iter().map(|c| c + 0.3 * rng.normal()).collect();
-                data.extend_from_slice(&f);
-                data.extend_from_slice(&f);
-                frames += 1;
-            }
-        }
-        lengths.push(frames);
-        targets.push(target);
-    }
-    let total = lengths.iter().sum::<usize>();
-    (
-        Tensor::from_vec(data, &[total, 2, 16]).unwrap(),
-        PackedBatch::from_lengths(&lengths).unwrap(),
-        targets,
-    )
 }
 
 #[test]

@@ -845,6 +845,40 @@ fn the_ml_superb_head_trains_resumes_bit_for_bit_and_refuses_utterances_it_canno
 }
 
 #[test]
+fn the_asr_head_trains_and_resumes_bit_for_bit() {
+    use strata::models::asr_head::AsrHeadConfig;
+    let root = scratch("asr");
+    let upstream = fixture();
+    let src = StackSource::Upstream(&upstream, false);
+    let load = |d: &str| load_kaldi_dir(&root.join(d), Task::Units, OnBad::Fail).unwrap();
+    let vocab = Vocab::from_dataset(&load("train"), true);
+    let run = |out: &Path, steps: u64, resume: bool| {
+        let mut c = config(out, steps, resume);
+        for p in &mut c.interfaces {
+            p.ctc_head = CtcHead::Asr(AsrHeadConfig {
+                project_dim: 24,
+                hidden: 16,
+                ..AsrHeadConfig::default()
+            });
+        }
+        train(&src, &src, load("train"), load("dev"), &vocab, &c).unwrap()
+    };
+    let straight = root.join("straight");
+    let result = run(&straight, 6, false);
+    assert!(result.iter().all(|r| r.error_rate.is_finite()));
+    let resumed = root.join("resumed");
+    run(&resumed, 3, false);
+    run(&resumed, 6, true);
+    let (a, b) = (losses(&straight), losses(&resumed));
+    assert_eq!(a.len(), 12, "6 steps of 2 pairs");
+    assert_eq!(
+        a, b,
+        "the dropout masks follow the step: a resumed run logs the same losses"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
 fn a_transcript_longer_than_its_frames_stops_the_superb_head_before_the_first_step() {
     let root = scratch("toolong");
     // 6000 samples: 18 frames at 50 Hz, and 20 phones.

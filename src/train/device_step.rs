@@ -522,7 +522,11 @@ impl DevicePair {
                     ctc_lo: lin(&mut add, "head.ctc_lo")?,
                 }))
             }
-            _ => DeviceHead::TwoLayer {
+            Head::Asr(_) => return Err(refuse(
+                "the ASR head's bidirectional LSTMs have no device kernels yet; use --device cpu"
+                    .into(),
+            )),
+            Head::Pr(_) | Head::Classifier(_) => DeviceHead::TwoLayer {
                 proj: lin(&mut add, "head.proj")?,
                 out: lin(&mut add, "head.out")?,
             },

@@ -568,7 +568,7 @@ fn ctc_head_frames(specs: &[PairSpec], frames: usize) -> Option<usize> {
     specs
         .iter()
         .map(|s| match s.ctc_head {
-            CtcHead::Superb => Some(frames),
+            CtcHead::Superb | CtcHead::Asr(_) => Some(frames),
             CtcHead::MlSuperb(_) => mlsuperb_frames(frames),
         })
         .try_fold(usize::MAX, |m, f| f.map(|f| m.min(f)))

@@ -5,13 +5,15 @@
 //! A pair's head is the SUPERB PR head with CTC (phones / characters) or the utterance classifier
 //! with cross-entropy, 256 wide as in s3prl, or widened to another pair's parameter count (the
 //! paper's "WS + Large DS" baseline, [`HeadWidth::MatchParams`]); or the speaker-verification
-//! x-vector head with AM-softmax, scored by its embeddings. An optimizer step may gather several
+//! x-vector head with AM-softmax, scored by its embeddings. A CTC task may instead train ML-SUPERB's
+//! transformer head or SUPERB ASR's BiLSTM head ([`CtcHead`]). An optimizer step may gather several
 //! micro-batches first (gradient accumulation): each micro-batch's mean loss is scaled by
 //! 1 / micro-batches, as the usual PyTorch loop does.
 
 use crate::autograd::{ParamStore, Tape, Var};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
+use crate::models::asr_head::{AsrHead, AsrHeadConfig};
 use crate::models::head::{
     PrHead, SpeakerHead, SpeakerHeadConfig, UtteranceClassifier, SUPERB_HIDDEN,
 };
@@ -57,6 +59,8 @@ pub enum CtcHead {
     /// ML-SUPERB's transformer CTC model (ESPnet recipe), at half the frame rate
     /// ([`MlSuperbHead`]).
     MlSuperb(MlSuperbHeadConfig),
+    /// SUPERB ASR's projector and bidirectional LSTMs ([`AsrHead`]).
+    Asr(AsrHeadConfig),
 }
 
 /// One pair of a run: its name (also its folder's), its interface and its head's width (and,
@@ -147,6 +151,7 @@ pub enum Head {
     Classifier(UtteranceClassifier),
     Speaker(SpeakerHead),
     MlSuperb(MlSuperbHead),
+    Asr(AsrHead),
 }
 
 pub struct Pair {
@@ -230,21 +235,36 @@ impl Pair {
             }),
             _ => None,
         };
-        let hidden = match ml_superb {
-            Some(_) => SUPERB_HIDDEN,
-            None => head_hidden(&spec.head_width, d, store.num_scalars(), head)?,
+        let asr = match (head, spec.ctc_head) {
+            (HeadKind::Ctc { .. }, CtcHead::Asr(config)) => match &spec.head_width {
+                HeadWidth::Superb => Some(config),
+                HeadWidth::MatchParams(_) => {
+                    return Err(Error::Config(format!(
+                        "'{}': a head matched to another pair's size is defined for the PR, ML-SUPERB and classification heads, not the ASR head",
+                        spec.name
+                    )))
+                }
+            },
+            _ => None,
         };
-        let head = match (head, ml_superb) {
-            (HeadKind::Ctc { vocab }, Some(config)) => Head::MlSuperb(MlSuperbHead::new(
+        let hidden = match (ml_superb, asr) {
+            (None, None) => head_hidden(&spec.head_width, d, store.num_scalars(), head)?,
+            _ => SUPERB_HIDDEN,
+        };
+        let head = match (head, ml_superb, asr) {
+            (HeadKind::Ctc { vocab }, _, Some(config)) => Head::Asr(AsrHead::new(
                 &mut store, "head.", d, config, vocab, &mut rng,
             )?),
-            (HeadKind::Ctc { vocab }, None) => Head::Pr(PrHead::new(
+            (HeadKind::Ctc { vocab }, Some(config), None) => Head::MlSuperb(MlSuperbHead::new(
+                &mut store, "head.", d, config, vocab, &mut rng,
+            )?),
+            (HeadKind::Ctc { vocab }, None, None) => Head::Pr(PrHead::new(
                 &mut store, "head.", d, hidden, vocab, &mut rng,
             )?),
-            (HeadKind::Classify { classes }, _) => Head::Classifier(UtteranceClassifier::new(
+            (HeadKind::Classify { classes }, ..) => Head::Classifier(UtteranceClassifier::new(
                 &mut store, "head.", d, hidden, classes, &mut rng,
             )?),
-            (HeadKind::Speaker { speakers }, _) => Head::Speaker(SpeakerHead::new(
+            (HeadKind::Speaker { speakers }, ..) => Head::Speaker(SpeakerHead::new(
                 &mut store,
                 "head.",
                 d,
@@ -292,6 +312,10 @@ impl Pair {
                 let (logits, b) = h.forward(tape, &self.store, feats, batch, train)?;
                 Ok((tape.log_softmax(logits)?, b))
             }
+            Head::Asr(h) => {
+                let logits = h.forward(tape, &self.store, feats, batch, train)?;
+                same(tape.log_softmax(logits)?)
+            }
             Head::Classifier(h) => same(h.forward(tape, &self.store, feats, batch)?),
             Head::Speaker(h) => same(match speakers {
                 Some(labels) => h.am_logits(tape, &self.store, feats, batch, labels)?,
@@ -321,6 +345,10 @@ impl Pair {
         let loss = match &self.head {
             Head::Pr(_) => {
                 let (out, _) = self.outputs(&mut tape, stack, batch, None, None)?;
+                tape.ctc_loss(out, batch, targets, Reduction::Mean, true)?
+            }
+            Head::Asr(_) => {
+                let (out, _) = self.outputs(&mut tape, stack, batch, None, Some(seed))?;
                 tape.ctc_loss(out, batch, targets, Reduction::Mean, true)?
             }
             Head::MlSuperb(_) => {
@@ -404,7 +432,7 @@ impl Pair {
         let lp = tape.value(out).to_vec();
         let losses = match (self.head_kind(), targets) {
             (HeadKind::Ctc { vocab }, Some(t)) => {
-                let per_label = matches!(self.head, Head::Pr(_));
+                let per_label = !matches!(self.head, Head::MlSuperb(_));
                 Some(ctc_utterance_losses(&lp, vocab, &out_batch, t, per_label)?)
             }
             _ => None,
@@ -438,6 +466,7 @@ impl Pair {
                 vocab: h.out.out_features,
             },
             Head::MlSuperb(h) => HeadKind::Ctc { vocab: h.vocab() },
+            Head::Asr(h) => HeadKind::Ctc { vocab: h.vocab() },
             Head::Classifier(h) => HeadKind::Classify {
                 classes: h.out.out_features,
             },
@@ -457,8 +486,8 @@ impl Pair {
 pub type Scored = (Vec<Vec<usize>>, Option<Vec<f64>>);
 
 /// Each utterance's CTC loss (blank 0, zero_infinity) from log-probabilities [frames, v] packed as
-/// `batch`, as training counts it: over the target length (min 1) for the PR head (`per_label`:
-/// PyTorch's 'mean'), whole for the ML-SUPERB head (ESPnet's sum / utterances). Their mean over a
+/// `batch`, as training counts it: over the target length (min 1) for the PR and ASR heads
+/// (`per_label`: PyTorch's 'mean'), whole for the ML-SUPERB head (ESPnet's sum / utterances). Their mean over a
 /// set is its loss.
 pub fn ctc_utterance_losses(
     log_probs: &[f32],

@@ -198,3 +198,39 @@ pub fn backends() -> Vec<Backend> {
     }
     v
 }
+
+/// Utterances whose frames spell their transcript: each token held for 8-12 frames of its own
+/// random vector plus noise, stacked as 2 identical layers of 16 features.
+pub fn spelled(
+    n: usize,
+    rng: &mut strata::rng::Rng,
+    codes: &[Vec<f32>],
+) -> (Tensor, strata::PackedBatch, Vec<Vec<usize>>) {
+    let (mut data, mut lengths, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let mut target: Vec<usize> = Vec::new();
+        while target.len() < 4 + rng.below(3) {
+            let t = 1 + rng.below(codes.len() - 1);
+            if target.last() != Some(&t) {
+                target.push(t);
+            }
+        }
+        let mut frames = 0;
+        for &t in &target {
+            for _ in 0..8 + rng.below(5) {
+                let f: Vec<f32> = codes[t].iter().map(|c| c + 0.3 * rng.normal()).collect();
+                data.extend_from_slice(&f);
+                data.extend_from_slice(&f);
+                frames += 1;
+            }
+        }
+        lengths.push(frames);
+        targets.push(target);
+    }
+    let total = lengths.iter().sum::<usize>();
+    (
+        Tensor::from_vec(data, &[total, 2, 16]).unwrap(),
+        strata::PackedBatch::from_lengths(&lengths).unwrap(),
+        targets,
+    )
+}

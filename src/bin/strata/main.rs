@@ -43,10 +43,13 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
                                         classifier, or speaker verification (SUPERB SV: x-vector
                                         head, AM-softmax on the training speakers, EER of cosine
                                         scores on the dev trials) [units]
-           --head superb|mlsuperb  the CTC tasks' head: SUPERB PR's two Linear layers, or
+           --head superb|mlsuperb|asr  the CTC tasks' head: SUPERB PR's two Linear layers, or
                                    ML-SUPERB's ESPnet downstream (Conv2d subsampling to half
                                    the frame rate, 2 transformer blocks, CTC summed over the
-                                   batch / its utterances, SpecAugment, dropout 0.1)
+                                   batch / its utterances, SpecAugment, dropout 0.1), or
+                                   SUPERB ASR's (Linear to 1024, 2 bidirectional LSTM layers of
+                                   1024 per direction, dropout 0.2; s3prl trains it with Adam
+                                   at 1e-4: give --optimizer adam --lr 1e-4; CPU only)
                                    [superb]
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3, depth
                               floor(log3 L)), hconv-kKsSdD with any of kernel, stride, depth

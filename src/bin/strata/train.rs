@@ -2,6 +2,7 @@
 
 use super::{model_normalize, parse_normalize, USAGE};
 use std::path::{Path, PathBuf};
+use strata::models::asr_head::AsrHeadConfig;
 use strata::models::interface::InterfaceConfig;
 use strata::models::upstream::Upstream;
 use strata::optim::{AdamConfig, Schedule};
@@ -179,21 +180,38 @@ fn task_name(t: Task) -> &'static str {
     }
 }
 
-/// `--head superb|mlsuperb`.
+/// `--head superb|mlsuperb|asr|asr-N`.
 pub fn parse_head(v: &str) -> Result<CtcHead, String> {
+    let asr_width = |w: &str| match w.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "--head {v}: asr-N takes N >= 1, the projector's and each LSTM direction's width"
+        )),
+    };
     match v {
         "superb" => Ok(CtcHead::Superb),
         "mlsuperb" => Ok(CtcHead::MlSuperb(Default::default())),
+        "asr" => Ok(CtcHead::Asr(Default::default())),
+        _ if v.starts_with("asr-") => {
+            let n = asr_width(&v["asr-".len()..])?;
+            Ok(CtcHead::Asr(AsrHeadConfig {
+                project_dim: n,
+                hidden: n,
+                ..AsrHeadConfig::default()
+            }))
+        }
         other => Err(format!(
-            "--head takes superb or mlsuperb (ML-SUPERB's transformer CTC head), got '{other}'"
+            "--head takes superb (SUPERB PR's head), mlsuperb (ML-SUPERB's transformer CTC head) or asr / asr-N (SUPERB ASR's BiLSTM head, 1024 or N wide), got '{other}'"
         )),
     }
 }
 
-fn head_name(h: CtcHead) -> &'static str {
+fn head_name(h: CtcHead) -> String {
     match h {
-        CtcHead::Superb => "superb",
-        CtcHead::MlSuperb(_) => "mlsuperb",
+        CtcHead::Superb => "superb".into(),
+        CtcHead::MlSuperb(_) => "mlsuperb".into(),
+        CtcHead::Asr(c) if c == AsrHeadConfig::default() => "asr".into(),
+        CtcHead::Asr(c) => format!("asr-{}", c.hidden),
     }
 }
 
@@ -429,7 +447,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
     }
     if t.head != CtcHead::Superb && !is_ctc(t.task) {
         return Err(format!(
-            "--head {}: the ML-SUPERB head is a CTC head, for --task units or chars (this run is --task {})",
+            "--head {}: a CTC head, for --task units or chars (this run is --task {})",
             head_name(t.head),
             task_name(t.task)
         ));
@@ -585,7 +603,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         check_resumable(
             &out,
             &vocab,
-            (task_name(t.task), head_name(t.head)),
+            (task_name(t.task), &head_name(t.head)),
             (t.average_best, t.average_by),
             normalize,
             &fingerprint,
