@@ -73,6 +73,28 @@ pub fn erf_f32(x: f32) -> f32 {
     }
 }
 
+/// Cephes' tanhf: an odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above, +-1 past
+/// |x| = 44 (where exp(2|x|) would overflow: tanh is 1 in f32 from |x| ~ 9). Branch-free.
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let z = x * x;
+    let small =
+        ((((-5.704_988_7e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z
+            - 3.333_328e-1)
+            * z
+            * x
+            + x;
+    // A select, not f32::min: NaN must stay NaN.
+    let clamped = if a > 44.0 { 44.0 } else { a };
+    let large = (1.0 - 2.0 / (exp_core(2.0 * clamped) + 1.0)).copysign(x);
+    if a < 0.625 {
+        small
+    } else {
+        large
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +116,26 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
         assert_eq!(exp_f32(0.0), 1.0);
         assert_eq!(exp_f32(-95.0), 0.0, "denormal results flush to zero");
+    }
+
+    #[test]
+    fn tanh_is_within_three_ulp() {
+        let mut worst = 0f64;
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let want = (x as f64).tanh();
+            let got = tanh_f32(x) as f64;
+            if want != 0.0 {
+                worst = worst.max(((got - want) / want).abs());
+            }
+            x += 0.000_731;
+        }
+        assert!(worst < 3.6e-7, "tanh relative error {worst:.3e}");
+        assert_eq!(tanh_f32(0.0), 0.0);
+        assert_eq!(tanh_f32(1e-30), 1e-30);
+        assert_eq!(tanh_f32(100.0), 1.0);
+        assert_eq!(tanh_f32(f32::NEG_INFINITY), -1.0);
+        assert!(tanh_f32(f32::NAN).is_nan());
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty, $erf:path, $exp:path, { $($extra:item)* }) => {
+    ($t:ty, $erf:path, $exp:path, $tanh:path, { $($extra:item)* }) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -152,7 +152,7 @@ macro_rules! impl_real {
             }
             #[inline]
             fn tanh(self) -> Self {
-                <$t>::tanh(self)
+                $tanh(self)
             }
             #[inline]
             fn max(self, o: Self) -> Self {
@@ -217,21 +217,27 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32, fastmath::erf_f32, fastmath::exp_f32, {
-    fn gelu_slice(x: &mut [f32]) {
-        fastmath::gelu_slice(x)
-    }
-    fn softmax_row(x: &[f32], y: &mut [f32]) {
-        fastmath::softmax_row(x, y)
-    }
-    fn gemm_nt_rows(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-        // Measured on the 2-core VM: 4-8x the gemm crate at m = 8, even at m = 32, behind it
-        // from m = 64 at k = 1024 (gemm's packing of b pays off there).
-        if m <= 32 {
-            gemm::gemm_nt_few_rows(m, k, n, a, b, c)
-        } else {
-            gemm::gemm(m, k, n, a, gemm::Trans::N, b, gemm::Trans::T, 0.0, c)
+impl_real!(
+    f32,
+    fastmath::erf_f32,
+    fastmath::exp_f32,
+    fastmath::tanh_f32,
+    {
+        fn gelu_slice(x: &mut [f32]) {
+            fastmath::gelu_slice(x)
+        }
+        fn softmax_row(x: &[f32], y: &mut [f32]) {
+            fastmath::softmax_row(x, y)
+        }
+        fn gemm_nt_rows(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+            // Measured on the 2-core VM: 4-8x the gemm crate at m = 8, even at m = 32, behind it
+            // from m = 64 at k = 1024 (gemm's packing of b pays off there).
+            if m <= 32 {
+                gemm::gemm_nt_few_rows(m, k, n, a, b, c)
+            } else {
+                gemm::gemm(m, k, n, a, gemm::Trans::N, b, gemm::Trans::T, 0.0, c)
+            }
         }
     }
-});
-impl_real!(f64, libm::erf, f64::exp, {});
+);
+impl_real!(f64, libm::erf, f64::exp, f64::tanh, {});
