@@ -1063,7 +1063,7 @@ fn the_asr_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         d.to_str().unwrap(),
     ]);
     assert!(
-        ok && log.contains("hconv (best) on") && log.contains("CER"),
+        ok && log.contains("hconv (best) on") && log.contains("CER") && log.contains("%, WER "),
         "{log}"
     );
     // A resume must keep the head, its width included; with it, the run goes on.

@@ -60,6 +60,16 @@ impl ErrorRate {
     }
 }
 
+/// The words of a character-token sequence: the runs between word separators (`|`, the chars
+/// task's space), empty runs dropped, as s3prl's WER splits decoded text on whitespace.
+pub fn words_of(chars: &[String], separator: &str) -> Vec<String> {
+    chars
+        .split(|c| c == separator)
+        .filter(|w| !w.is_empty())
+        .map(|w| w.concat())
+        .collect()
+}
+
 /// Cosine similarity of two embeddings (0 when either is all zeros).
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
@@ -114,6 +124,17 @@ pub fn equal_error_rate(scores: &[f64], targets: &[bool]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_split_at_separators_and_skip_empty_runs() {
+        let t = |s: &str| s.chars().map(|c| c.to_string()).collect::<Vec<_>>();
+        assert_eq!(words_of(&t("ab|c"), "|"), ["ab", "c"]);
+        assert_eq!(words_of(&t("|ab||c|"), "|"), ["ab", "c"]);
+        assert!(words_of(&t("||"), "|").is_empty());
+        let mut wer = ErrorRate::default();
+        wer.add(&words_of(&t("the|cat"), "|"), &words_of(&t("the|hat"), "|"));
+        assert_eq!((wer.errors, wer.reference_len), (1, 2));
+    }
 
     #[test]
     fn edit_distance_cases() {

@@ -90,7 +90,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
 
   eval   decodes DATA with a pair trained by `train` (OUT/<pair>/best by default, with
          OUT/vocab.txt and the task and normalization recorded in OUT/run.json), prints its error
-         rate (PER, CER), accuracy or EER (sv, on DATA's trials) and writes every utterance's
+         rate (PER, CER and WER), accuracy or EER (sv, on DATA's trials) and writes every utterance's
          hypothesis, or every trial's score, to --hyp (default OUT/<pair>/hyp-<which>.tsv: id,
          hypothesis, reference). With --features DIR the hidden
          states come from the feature cache DIR/<data stem> (extracted first when --model is given

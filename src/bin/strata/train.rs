@@ -8,6 +8,7 @@ use strata::models::upstream::Upstream;
 use strata::optim::{AdamConfig, Schedule};
 use strata::train::data::{Dataset, OnBad, Task, Vocab};
 use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
+use strata::train::metrics::{words_of, ErrorRate};
 use strata::train::run::{AverageBy, TrainConfig, TrainDevice};
 use strata::train::side_by_side::{CtcHead, HeadWidth, PairSpec};
 
@@ -1009,10 +1010,19 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
             Task::Classification => ("accuracy", 1.0 - rate, "utterances"),
             Task::Speaker => ("EER", rate, "trials"),
         };
+        // Character recognition is also scored by words (SUPERB ASR's metric).
+        let words = (task == Task::Characters).then(|| {
+            let mut wer = ErrorRate::default();
+            for h in &hyps {
+                wer.add(&words_of(&h.hyp, "|"), &words_of(&h.reference, "|"));
+            }
+            format!(", WER {:.2}%", 100.0 * wer.rate())
+        });
         println!(
-            "{name} ({which}) on {}: {metric} {:.2}% over {} {what}; {} in {}",
+            "{name} ({which}) on {}: {metric} {:.2}%{} over {} {what}; {} in {}",
             data.display(),
             100.0 * value,
+            words.unwrap_or_default(),
             hyps.len(),
             if task == Task::Speaker {
                 "scores"
