@@ -1,7 +1,7 @@
 //! criterion benches of the CUDA kernels (WS forward / backward, HConv forward, the whole HConv +
 //! PR-head step, log-softmax, CTC, cross-entropy, LayerNorm, dropout, mean pooling, the step's glue
 //! (casts, GELU, residual add, the bf16 row norm), CLS pooling's attention, the packed
-//! self-attention and the data movement of the ML-SUPERB head, AdamW flat and
+//! self-attention and the data movement of the ML-SUPERB head, the LSTM recurrence, AdamW flat and
 //! multi-tensor) at HuBERT-Base / Large sizes, 32 x 500 frames. GPU only: without one it says so
 //! and measures nothing (the emulator's speed means nothing). The device script's table
 //! (examples/gpu_bench.rs + PyTorch) is the one recorded in RESULTS.md; this is for iterating on a
@@ -398,6 +398,37 @@ fn bench(c: &mut Criterion) {
         let mask = device::DeviceSpecMask::upload(&be, &spans, &batch, d).unwrap();
         group.bench_function("specaug_mask_32x500x768", |b| {
             b.iter_custom(|iters| timed(&be, iters, &mut || drop(mask.apply(&be, &feats).unwrap())))
+        });
+    }
+    // One LSTM direction's recurrence at s3prl's 1024 units, 8 utterances x 150 frames (the CPU
+    // bench's batch, benches/heads.rs): 150 launches forward, a transpose and 150 backward.
+    {
+        let (batch, hidden) = (strata::PackedBatch::from_lengths(&[150; 8]).unwrap(), 1024);
+        let n = batch.total_frames();
+        let sched = device::DeviceLstmSchedule::upload(&be, &batch, false).unwrap();
+        let pre = be.upload(&vec![0.1f32; n * 4 * hidden]).unwrap();
+        let w = be.upload(&vec![0.01f32; 4 * hidden * hidden]).unwrap();
+        let h = be.zeros::<f32>(n * hidden).unwrap();
+        let cols = device::Cols::own(hidden);
+        let states = device::lstm_forward(&be, &pre, &w, &sched, hidden, (&h, cols)).unwrap();
+        // W_hh read once a step (fp32), forward.
+        group.throughput(Throughput::Bytes((150 * 4 * hidden * hidden * 4) as u64));
+        group.bench_function("lstm_forward_8x150x1024", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::lstm_forward(&be, &pre, &w, &sched, hidden, (&h, cols)).unwrap())
+                })
+            })
+        });
+        group.bench_function("lstm_backward_8x150x1024", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(
+                        device::lstm_backward(&be, (&h, cols), &states, &w, &sched, hidden)
+                            .unwrap(),
+                    )
+                })
+            })
         });
     }
     // `normalize` of a Base stack (bf16 row LayerNorm over 16000 x 13 rows of 768) and CLS

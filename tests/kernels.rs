@@ -2510,3 +2510,89 @@ fn mlsuperb_head_kernels_match_the_cpu_references() {
         );
     }
 }
+
+#[test]
+fn lstm_step_kernels_match_the_cpu_reference() {
+    // One direction's recurrence and its backpropagation through time against `ops::lstm`: mixed
+    // lengths (ties, one frame), both directions, H not a multiple of the warp; at real size on a
+    // GPU (s3prl's 1024 units, 8 utterances of 150 frames).
+    use strata::ops::lstm;
+    for be in backends() {
+        let tag = be.name();
+        let big = on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1");
+        let mut cases = vec![(vec![11usize, 7, 1, 11, 4], 6usize), (vec![9, 3], 37)];
+        if big {
+            cases.push((vec![150; 8], 1024));
+        }
+        for (lengths, hidden) in cases {
+            let batch = strata::PackedBatch::from_lengths(&lengths).unwrap();
+            let n = batch.total_frames();
+            let pre: Vec<f32> = randn(n * 4 * hidden, 95);
+            let w_scale = 1.0 / (hidden as f32).sqrt();
+            let w: Vec<f32> = randn(4 * hidden * hidden, 96)
+                .iter()
+                .map(|v| v * w_scale)
+                .collect();
+            let dout = randn(n * hidden, 97);
+            for reverse in [false, true] {
+                let what = format!("{tag} lengths {lengths:?} H {hidden} reverse {reverse}");
+                let (h, saved) = lstm::forward(&pre, &w, batch.offsets(), hidden, reverse);
+                let (dz, _) =
+                    lstm::backward(&dout, &h, &saved, &w, batch.offsets(), hidden, reverse);
+                let sched = device::DeviceLstmSchedule::upload(&be, &batch, reverse).unwrap();
+                let (pre_d, w_d) = (be.upload(&pre).unwrap(), be.upload(&w).unwrap());
+                // The direction's half of a [frames, 2H] output (forward left, reverse right).
+                let cols = device::Cols {
+                    stride: 2 * hidden,
+                    offset: if reverse { hidden } else { 0 },
+                };
+                let half = |wide: &[f32]| -> Vec<f32> {
+                    (wide.chunks(2 * hidden))
+                        .flat_map(|r| r[cols.offset..cols.offset + hidden].to_vec())
+                        .collect()
+                };
+                let h_d = be.upload(&vec![f32::NAN; n * 2 * hidden]).unwrap();
+                let states =
+                    device::lstm_forward(&be, &pre_d, &w_d, &sched, hidden, (&h_d, cols)).unwrap();
+                let got = |b: &strata::runtime::Buf<f32>| be.download(b).unwrap();
+                common::assert_close(&format!("{what}: h"), &half(&got(&h_d)), &h, 1e-5);
+                common::assert_close(&format!("{what}: c"), &got(&states.c), &saved.cells, 1e-5);
+                common::assert_close(
+                    &format!("{what}: gates"),
+                    &got(&states.gates),
+                    &saved.gates,
+                    1e-5,
+                );
+                // Each row's previous state: W_hh's gradient is dz^T h_prev.
+                let mut h_prev = vec![0f32; n * hidden];
+                for u in 0..lengths.len() {
+                    let (a, b) = (batch.offsets()[u], batch.offsets()[u + 1]);
+                    for r in a..b {
+                        let p = if reverse { r + 1 } else { r.wrapping_sub(1) };
+                        if (a..b).contains(&p) {
+                            h_prev[r * hidden..(r + 1) * hidden]
+                                .copy_from_slice(&h[p * hidden..(p + 1) * hidden]);
+                        }
+                    }
+                }
+                common::assert_close(
+                    &format!("{what}: h_prev"),
+                    &got(&states.h_prev),
+                    &h_prev,
+                    1e-5,
+                );
+                // dout's other half is junk the kernel must not read.
+                let mut wide = vec![f32::NAN; n * 2 * hidden];
+                for (r, row) in wide.chunks_mut(2 * hidden).enumerate() {
+                    row[cols.offset..cols.offset + hidden]
+                        .copy_from_slice(&dout[r * hidden..(r + 1) * hidden]);
+                }
+                let dout_d = be.upload(&wide).unwrap();
+                let dz_d =
+                    device::lstm_backward(&be, (&dout_d, cols), &states, &w_d, &sched, hidden)
+                        .unwrap();
+                common::assert_close(&format!("{what}: dz"), &got(&dz_d), &dz, 1e-5);
+            }
+        }
+    }
+}

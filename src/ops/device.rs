@@ -17,7 +17,9 @@ use crate::runtime::kernels::{
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
+mod lstm;
 mod mlsuperb;
+pub use lstm::{lstm_backward, lstm_forward, DeviceLstmSchedule, LstmStates};
 pub use mlsuperb::{
     conv2d_patches, conv2d_patches_adjoint, scale_add_positions, utterance_center, DeviceSpecMask,
     DeviceTimeWarp,

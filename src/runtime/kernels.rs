@@ -171,6 +171,12 @@ pub const FILES: &[KernelFile] = &[
         arch: None,
     },
     KernelFile {
+        file: "lstm.cu",
+        source: include_str!("../../kernels/lstm.cu"),
+        kernels: &["lstm_step_forward", "lstm_step_backward", "lstm_transpose"],
+        arch: None,
+    },
+    KernelFile {
         file: "selftest.cu",
         source: include_str!("../../kernels/selftest.cu"),
         kernels: &[
@@ -268,6 +274,11 @@ params! {
     RowMixParams { x: u64, y: u64, row_ptr: u64, src: u64, w: u64, rows: i64, c: i32 }
     SpecMaskParams { x: u64, y: u64, row_code: u64, chan_keep: u64, rows: i64, c: i32 }
     PositionsParams { x: u64, y: u64, offsets: u64, rates: u64, rows: i64, utterances: i32, d: i32, scale: f32 }
+    LstmStepParams {
+        pre: u64, w: u64, dout: u64, h: u64, c: u64, gates: u64, h_prev: u64, dz: u64, dc_carry: u64,
+        sched: u64, step: i32, n: i32, running: i32, hidden: i32, h_stride: i32, h_col: i32,
+    }
+    LstmTransposeParams { w: u64, wt: u64, rows: i32, cols: i32 }
     DropoutParams { x: u64, y: u64, n: i64, seed: u64, p: f64, scale: f32 }
     LayerNormFwdParams { x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32 }
     LayerNormBwdParams { x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32 }

@@ -17,3 +17,4 @@
 #include "../../../kernels/speaker.cu"
 #include "../../../kernels/conv2d.cu"
 #include "../../../kernels/mlsuperb.cu"
+#include "../../../kernels/lstm.cu"
