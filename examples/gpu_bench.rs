@@ -529,6 +529,39 @@ fn main() -> std::process::ExitCode {
                 6 * macs
             );
         }
+        // WS (Base) + the SUPERB ASR head (s3prl's sizes, no dropout, as the PyTorch row) on the
+        // same batch: 500 steps of each direction's recurrence, one launch a step. Flops: the
+        // projector, both layers' input and recurrent products, the output Linear; 6 x MACs.
+        {
+            use strata::models::asr_head::AsrHeadConfig;
+            use strata::train::side_by_side::{CtcHead, PairSpec};
+            let (l, d) = (13usize, 768usize);
+            let mut spec = PairSpec::new("asr", InterfaceConfig::weighted_sum(l, d));
+            let c = AsrHeadConfig {
+                dropout: 0.0,
+                ..AsrHeadConfig::default()
+            };
+            spec.ctc_head = CtcHead::Asr(c);
+            let pair = Pair::from_spec(
+                &spec,
+                HeadKind::Ctc { vocab: v },
+                AdamConfig::adamw(1e-3),
+                Some(1.0),
+                0,
+            )
+            .unwrap();
+            let h4 = 4 * c.hidden;
+            let macs = n
+                * (d * c.project_dim
+                    + 2 * h4 * (c.project_dim + c.hidden)
+                    + 2 * h4 * (2 * c.hidden + c.hidden)
+                    + 2 * c.hidden * v);
+            let ms = time_step(&pair, l, d);
+            println!(
+                "{{\"name\": \"step_asr_ws_base\", \"ms\": {ms:.4}, \"flops\": {}}}",
+                6 * macs
+            );
+        }
     }
     if run("adamw") {
         for n in [4_424_832usize + 768 * 256 + 256 * 43, 100_000_000] {

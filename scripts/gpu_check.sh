@@ -121,7 +121,7 @@ if section 60 "the device tape on the GPU vs the CPU tape (multi-use values, par
     STRATA_TEST_CUDA=1 limited .gpu/device_tape_test > "$out/tests-tape.log" 2>&1 || status=1
     summary "$out/tests-tape.log"
 fi
-if section 120 "whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head; the ML-SUPERB head)"; then
+if section 120 "whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head; the ML-SUPERB and ASR heads)"; then
     STRATA_TEST_CUDA=1 limited .gpu/device_step_test --nocapture > "$out/tests-step.log" 2>&1 || status=1
     grep -E " step [ 0-9]+:|worst.* rel" "$out/tests-step.log" | tail -30
     summary "$out/tests-step.log"
@@ -134,7 +134,7 @@ fi
 for tool in memcheck racecheck initcheck; do
     if section 60 "compute-sanitizer $tool (small sizes)"; then
         STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 limited compute-sanitizer --tool $tool --error-exitcode 3 \
-            .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention packed_self mlsuperb_head multi_tensor > "$out/sanitizer-$tool.log" 2>&1 || status=1
+            .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention packed_self mlsuperb_head lstm_step multi_tensor > "$out/sanitizer-$tool.log" 2>&1 || status=1
         tail -4 "$out/sanitizer-$tool.log"
     fi
 done

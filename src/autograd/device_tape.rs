@@ -57,6 +57,7 @@ use crate::ops::layer_conv::ConvGeom;
 use crate::runtime::{Backend, Buf};
 use half::bf16;
 
+mod lstm;
 mod mlsuperb;
 
 /// A handle to a value recorded on a [`DeviceTape`].

@@ -178,18 +178,24 @@ impl AsrHead {
         train: Option<u64>,
     ) -> Result<Var> {
         let mut h = self.projector.forward(tape, store, x)?;
-        let mut masks = train.map(|seed| Rng::new(seed ^ 0x6173_725f_6865_6164));
-        for [forward, reverse] in &self.rnns {
+        let seeds = train.map(|seed| dropout_seeds(seed, self.rnns.len()));
+        for (i, [forward, reverse]) in self.rnns.iter().enumerate() {
             let f = forward.forward(tape, store, h, batch)?;
             let r = reverse.forward(tape, store, h, batch)?;
             h = tape.concat_cols(&[f, r])?;
-            if let Some(rng) = masks.as_mut() {
-                let seed = rng.next_u64();
+            if let Some(seeds) = &seeds {
                 if self.config.dropout > 0.0 {
-                    h = tape.dropout(h, self.config.dropout, seed)?;
+                    h = tape.dropout(h, self.config.dropout, seeds[i])?;
                 }
             }
         }
         self.linear.forward(tape, store, h)
     }
+}
+
+/// The seeds of each LSTM layer's dropout mask in a training forward seeded with `seed` (the CPU
+/// head and the device step draw the same).
+pub fn dropout_seeds(seed: u64, layers: usize) -> Vec<u64> {
+    let mut rng = Rng::new(seed ^ 0x6173_725f_6865_6164);
+    (0..layers).map(|_| rng.next_u64()).collect()
 }

@@ -17,7 +17,9 @@
 //! im2col patches, positions, two pre-LN transformer blocks on the packed self-attention, CTC
 //! summed / utterances) draws its dropout and SpecAugment masks from the seeds the CPU pair's
 //! would (the same micro-batch seed, drawn in the same order; the masks' randomness stays on the
-//! host and goes up as taps, spans and seeds), so both paths train alike.
+//! host and goes up as taps, spans and seeds), so both paths train alike. The SUPERB ASR head runs
+//! its input products on the tensor-core Linear and each bidirectional layer's recurrences on
+//! kernels/lstm.cu (fp32), with the CPU head's dropout masks.
 //!
 //! Parameters live on the device as fp32 master weights in the kernels' layouts (HConv weights
 //! tap-major, Linear weights [out, in]) with bf16 copies that the AdamW kernel refreshes, plus
@@ -30,6 +32,7 @@
 use crate::autograd::{DVar, DeviceParam, DeviceTape};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
+use crate::models::asr_head;
 use crate::models::interface::{
     group_sizes, hconv_plan_for, ClsActivation, HConvPlan, InterfaceKind,
 };
@@ -192,6 +195,41 @@ enum DeviceHead {
     },
     Speaker(SpeakerParams),
     MlSuperb(Box<MlSuperbParams>),
+    Asr(AsrParams),
+}
+
+/// The SUPERB ASR head (see [`crate::models::asr_head::AsrHead`]).
+struct AsrParams {
+    dropout: f64,
+    projector: Lin,
+    /// Per layer, the forward and the reverse direction.
+    layers: Vec<[LstmParams; 2]>,
+    linear: Lin,
+}
+
+/// One LSTM direction: its input Linear (weight_ih, bias_ih), bias_hh and weight_hh.
+#[derive(Clone, Copy)]
+struct LstmParams {
+    input: Lin,
+    bias_hh: usize,
+    weight_hh: usize,
+}
+
+/// The LSTM direction `prefix` + `weight_ih_l0` + `suffix` and its siblings through `add`.
+fn lstm_direction(
+    add: &mut dyn FnMut(&str, Layout) -> Result<usize>,
+    prefix: &str,
+    suffix: &str,
+) -> Result<LstmParams> {
+    let mut named = |what: &str| add(&format!("{prefix}{what}_l0{suffix}"), Layout::Plain);
+    Ok(LstmParams {
+        input: Lin {
+            weight: named("weight_ih")?,
+            bias: named("bias_ih")?,
+        },
+        bias_hh: named("bias_hh")?,
+        weight_hh: named("weight_hh")?,
+    })
 }
 
 /// The ML-SUPERB transformer CTC head (see [`crate::models::mlsuperb_head::MlSuperbHead`]).
@@ -522,10 +560,23 @@ impl DevicePair {
                     ctc_lo: lin(&mut add, "head.ctc_lo")?,
                 }))
             }
-            Head::Asr(_) => return Err(refuse(
-                "the ASR head's bidirectional LSTMs have no device kernels yet; use --device cpu"
-                    .into(),
-            )),
+            Head::Asr(h) => {
+                let projector = lin(&mut add, "head.projector")?;
+                let mut layers = Vec::new();
+                for i in 0..h.rnns.len() {
+                    let p = format!("head.rnns.{i}.layer.");
+                    layers.push([
+                        lstm_direction(&mut add, &p, "")?,
+                        lstm_direction(&mut add, &p, "_reverse")?,
+                    ]);
+                }
+                DeviceHead::Asr(AsrParams {
+                    dropout: h.config.dropout,
+                    projector,
+                    layers,
+                    linear: lin(&mut add, "head.linear")?,
+                })
+            }
             Head::Pr(_) | Head::Classifier(_) => DeviceHead::TwoLayer {
                 proj: lin(&mut add, "head.proj")?,
                 out: lin(&mut add, "head.out")?,
@@ -665,6 +716,7 @@ impl DevicePair {
         let (proj, out) = match &self.head_params {
             DeviceHead::TwoLayer { proj, out } => (*proj, *out),
             DeviceHead::MlSuperb(h) => return self.mlsuperb_forward(tape, h, feats, batch, train),
+            DeviceHead::Asr(h) => return same(self.asr_forward(tape, h, feats, batch, train)?),
             DeviceHead::Speaker(s) => {
                 let e = self.speaker_embed(tape, s, feats, batch)?;
                 let Some(labels) = speakers else {
@@ -695,6 +747,41 @@ impl DevicePair {
                 same(self.linear(tape, pooled, out, true)?)
             }
         }
+    }
+
+    /// The ASR head over the interface's bf16 features [frames, D'] -> fp32 logits [frames, V], as
+    /// the CPU head's forward (the same dropout masks): the projector, per layer both directions'
+    /// input Linear (fp32 out, + bias_hh) and their recurrences, dropout, the output Linear.
+    fn asr_forward<'t>(
+        &'t self,
+        tape: &mut DeviceTape<'t>,
+        h: &AsrParams,
+        feats: DVar,
+        batch: &PackedBatch,
+        train: Option<u64>,
+    ) -> Result<DVar> {
+        let seeds = train.map(|seed| asr_head::dropout_seeds(seed, h.layers.len()));
+        let mut x = self.linear(tape, feats, h.projector, false)?;
+        for (i, [forward, reverse]) in h.layers.iter().enumerate() {
+            let pre = |tape: &mut DeviceTape<'t>, d: &LstmParams| -> Result<DVar> {
+                let z = self.linear(tape, x, d.input, true)?;
+                let b = self.var(tape, d.bias_hh)?;
+                tape.add_row(z, b)
+            };
+            let (pf, pr) = (pre(tape, forward)?, pre(tape, reverse)?);
+            let w = (
+                self.var(tape, forward.weight_hh)?,
+                self.var(tape, reverse.weight_hh)?,
+            );
+            let mut y = tape.bilstm((pf, pr), w, batch)?;
+            if let Some(seeds) = &seeds {
+                if h.dropout > 0.0 {
+                    y = tape.dropout(y, h.dropout, seeds[i])?;
+                }
+            }
+            x = tape.to_bf16(y)?;
+        }
+        self.linear(tape, x, h.linear, true)
     }
 
     /// The ML-SUPERB head over the interface's bf16 features [frames, D'], as the CPU head's
@@ -924,7 +1011,8 @@ impl DevicePair {
                 tape.ctc_loss_reduced(out, &b, targets, Reduction::Sum, per_utterance)?
             }
             (HeadKind::Ctc { .. }, _) => {
-                let (out, _) = this.forward(&mut tape, x0, batch, None, None)?;
+                // The seed draws the ASR head's dropout masks; the PR head has none.
+                let (out, _) = this.forward(&mut tape, x0, batch, None, Some(seed))?;
                 tape.ctc_loss(out, batch, targets)?
             }
             (HeadKind::Classify { .. }, _) => {

@@ -49,7 +49,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
                                    batch / its utterances, SpecAugment, dropout 0.1), or
                                    SUPERB ASR's (Linear to 1024, 2 bidirectional LSTM layers of
                                    1024 per direction, dropout 0.2; s3prl trains it with Adam
-                                   at 1e-4: give --optimizer adam --lr 1e-4; CPU only)
+                                   at 1e-4: give --optimizer adam --lr 1e-4)
                                    [superb]
            --interfaces LIST  comma-separated [ws,hconv]: ws, hconv (kernel 5, stride 3, depth
                               floor(log3 L)), hconv-kKsSdD with any of kernel, stride, depth
