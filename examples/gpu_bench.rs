@@ -98,7 +98,7 @@ fn precompile() -> std::process::ExitCode {
     });
     // The heads' Linear layers in the step benchmark (one layer, kernel 1): the PR head on Base
     // and Large, the ML-SUPERB head's (preencoder, conv2 and embed.out over patches, attention
-    // and FFN, ctc_lo).
+    // and FFN, ctc_lo), the ASR head's (projector, both layers' input products, linear).
     for (c_in, c_out) in [
         (768, 256),
         (1024, 256),
@@ -109,6 +109,10 @@ fn precompile() -> std::process::ExitCode {
         (256, 256),
         (256, 1024),
         (1024, 256),
+        (768, 1024),
+        (1024, 4096),
+        (2048, 4096),
+        (2048, 71),
     ] {
         convs.push(ConvGeom {
             l_in: 1,
