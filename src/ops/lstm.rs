@@ -8,8 +8,9 @@
 //!
 //! The recurrence runs all utterances in step: at step t the utterances longer than t, the
 //! longest first, so the ones still running are a prefix and each step's W_hh product is one
-//! product over them (a few rows: `Real::gemm_nt_rows`). The backward is backpropagation through time over the same schedule; W_hh's
-//! gradient is one GEMM at the end over every frame's gate gradient and previous state.
+//! product over them (a few rows: `Real::gemm_nt_rows`). The backward is backpropagation through
+//! time over the same schedule; W_hh's gradient is one GEMM at the end over every frame's gate
+//! gradient and previous state.
 
 use super::gemm::{gemm, Trans};
 use super::Real;

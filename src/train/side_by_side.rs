@@ -5,10 +5,10 @@
 //! A pair's head is the SUPERB PR head with CTC (phones / characters) or the utterance classifier
 //! with cross-entropy, 256 wide as in s3prl, or widened to another pair's parameter count (the
 //! paper's "WS + Large DS" baseline, [`HeadWidth::MatchParams`]); or the speaker-verification
-//! x-vector head with AM-softmax, scored by its embeddings. A CTC task may instead train ML-SUPERB's
-//! transformer head or SUPERB ASR's BiLSTM head ([`CtcHead`]). An optimizer step may gather several
-//! micro-batches first (gradient accumulation): each micro-batch's mean loss is scaled by
-//! 1 / micro-batches, as the usual PyTorch loop does.
+//! x-vector head with AM-softmax, scored by its embeddings. A CTC task may instead train
+//! ML-SUPERB's transformer head or SUPERB ASR's BiLSTM head ([`CtcHead`]). An optimizer step may
+//! gather several micro-batches first (gradient accumulation): each micro-batch's mean loss is
+//! scaled by 1 / micro-batches, as the usual PyTorch loop does.
 
 use crate::autograd::{ParamStore, Tape, Var};
 use crate::batch::PackedBatch;
@@ -487,8 +487,8 @@ pub type Scored = (Vec<Vec<usize>>, Option<Vec<f64>>);
 
 /// Each utterance's CTC loss (blank 0, zero_infinity) from log-probabilities [frames, v] packed as
 /// `batch`, as training counts it: over the target length (min 1) for the PR and ASR heads
-/// (`per_label`: PyTorch's 'mean'), whole for the ML-SUPERB head (ESPnet's sum / utterances). Their mean over a
-/// set is its loss.
+/// (`per_label`: PyTorch's 'mean'), whole for the ML-SUPERB head (ESPnet's sum / utterances).
+/// Their mean over a set is its loss.
 pub fn ctc_utterance_losses(
     log_probs: &[f32],
     v: usize,
