@@ -129,6 +129,15 @@ fn bad_sizes_are_refused_by_name() {
             dropout: 1.0,
             ..small_config()
         },
+        // A width typed by mistake: refused before any allocation (W_hh alone would take 160 GB).
+        AsrHeadConfig {
+            hidden: 100_000,
+            ..small_config()
+        },
+        AsrHeadConfig {
+            layers: usize::MAX / 2,
+            ..small_config()
+        },
     ] {
         let err = AsrHead::new(&mut store, "head.", 10, bad, 7, &mut Rng::new(0))
             .err()

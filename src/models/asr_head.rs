@@ -14,6 +14,9 @@ use crate::models::nn::Linear;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+/// The most parameters a head may have (f32: 4 GiB).
+const MAX_SCALARS: usize = 1 << 30;
+
 /// The head's sizes; the default is s3prl's ASR config.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AsrHeadConfig {
@@ -127,6 +130,12 @@ impl AsrHead {
         rng: &mut Rng,
     ) -> Result<Self> {
         config.check()?;
+        // A width typed by mistake (asr-100000) would otherwise abort on a failed allocation.
+        if param_count(in_dim, &config, vocab) > MAX_SCALARS as u128 {
+            return Err(Error::Config(format!(
+                "ASR head {config:?} on {in_dim} features: over {MAX_SCALARS} parameters (4 GiB, and twice that for Adam's moments); s3prl's is 1024 wide (about 42M)"
+            )));
+        }
         let projector = Linear::new(
             store,
             &format!("{prefix}projector"),
@@ -159,12 +168,7 @@ impl AsrHead {
 
     /// Trainable scalars of the head on `in_dim` features.
     pub fn num_params(in_dim: usize, config: &AsrHeadConfig, vocab: usize) -> usize {
-        let h = config.hidden;
-        let lstm = |input: usize| 2 * (4 * h * (input + h) + 8 * h);
-        let layers: usize = (0..config.layers)
-            .map(|i| lstm(if i == 0 { config.project_dim } else { 2 * h }))
-            .sum();
-        (in_dim + 1) * config.project_dim + layers + (2 * h + 1) * vocab
+        param_count(in_dim, config, vocab) as usize
     }
 
     /// features [frames, D'] of a packed batch -> logits [frames, V]. `train`: the seed of the
@@ -191,6 +195,15 @@ impl AsrHead {
         }
         self.linear.forward(tape, store, h)
     }
+}
+
+/// [`AsrHead::num_params`] without overflow, for any sizes.
+fn param_count(in_dim: usize, config: &AsrHeadConfig, vocab: usize) -> u128 {
+    let (h, p) = (config.hidden as u128, config.project_dim as u128);
+    let lstm = |input: u128| 2 * (4 * h * (input + h) + 8 * h);
+    // The first layer reads the projector; the others both directions of the one before.
+    let layers = lstm(p) + (config.layers as u128).saturating_sub(1) * lstm(2 * h);
+    (in_dim as u128 + 1) * p + layers + (2 * h + 1) * vocab as u128
 }
 
 /// The seeds of each LSTM layer's dropout mask in a training forward seeded with `seed` (the CPU
