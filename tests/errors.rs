@@ -82,6 +82,16 @@ fn impossible_interface_configs_are_rejected() {
                 out_dim: 8,
             },
         ),
+        // A mistyped kernel: refused by name, not an aborted allocation of its weights.
+        InterfaceConfig::new(
+            25,
+            1024,
+            InterfaceKind::HConv {
+                kernel: 100_000,
+                stride: 3,
+                depth: None,
+            },
+        ),
         InterfaceConfig::new(4, 8, InterfaceKind::SingleLayer { layer: 4 }),
         InterfaceConfig::new(4, 8, InterfaceKind::SingleLayer { layer: -5 }),
         InterfaceConfig::new(

@@ -88,6 +88,15 @@ fn plan(layers: usize, dim: usize, kernel: usize, stride: usize, n: usize) -> Re
     if kernel == 0 {
         return Err(Error::Config("HConv kernel size must be >= 1".into()));
     }
+    // Past this the windows are mostly padding, and a mistyped kernel (k100000) would abort on
+    // its weights' allocation instead of saying so.
+    if n > 0 && kernel > 2 * layers + 1 {
+        return Err(Error::Config(format!(
+            "HConv kernel {kernel} over {layers} layers: a kernel wider than 2 L + 1 = {} reads only padding beyond it; use at most {}",
+            2 * layers + 1,
+            2 * layers + 1
+        )));
+    }
     let pad = kernel / 2;
     let mut convs = Vec::with_capacity(n);
     let mut l = layers;
