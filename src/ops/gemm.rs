@@ -205,6 +205,36 @@ unsafe fn dots_avx512<const R: usize, const J: usize>(
     out
 }
 
+/// [`dots`] compiled for AVX2 + FMA: hardware fused multiply-adds (the baseline build calls
+/// libm's `fmaf` for each), the same bits.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const R: usize, const J: usize>(
+    a: [&[f32]; R],
+    b: [&[f32]; J],
+    k: usize,
+) -> [[f32; J]; R] {
+    dots(a, b, k)
+}
+
+/// Whether this CPU runs the few-rows product on fused multiply-add hardware (AVX-512F, or AVX2
+/// and FMA). Without it `mul_add` is a libm call per element, far slower than the gemm crate.
+pub fn few_rows_is_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            || (std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// [`dots`] on the widest registers the CPU has.
 #[inline(always)]
 fn dots_fast<const R: usize, const J: usize>(
@@ -214,9 +244,16 @@ fn dots_fast<const R: usize, const J: usize>(
 ) -> [[f32; J]; R] {
     assert!(a.iter().all(|r| r.len() >= k) && b.iter().all(|r| r.len() >= k));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked just above) and the rows hold k values (asserted).
-        return unsafe { dots_avx512(a, b, k) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked just above); the rows hold k values (asserted).
+            return unsafe { dots_avx512(a, b, k) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA are present (checked just above).
+            return unsafe { dots_avx2(a, b, k) };
+        }
     }
     dots(a, b, k)
 }
@@ -370,7 +407,14 @@ mod tests {
             .collect();
         let a: [&[f32]; 4] = std::array::from_fn(|i| rows[i].as_slice());
         let b: [&[f32]; 4] = std::array::from_fn(|i| rows[4 + i].as_slice());
-        assert_eq!(dots_fast::<4, 4>(a, b, k), dots::<4, 4>(a, b, k));
+        let want = dots::<4, 4>(a, b, k);
+        assert_eq!(dots_fast::<4, 4>(a, b, k), want);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA are present (checked just above).
+            assert_eq!(unsafe { dots_avx2::<4, 4>(a, b, k) }, want);
+        }
     }
 
     #[test]

@@ -231,8 +231,8 @@ impl_real!(
         }
         fn gemm_nt_rows(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
             // Measured on the 2-core VM: 4-8x the gemm crate at m = 8, even at m = 32, behind it
-            // from m = 64 at k = 1024 (gemm's packing of b pays off there).
-            if m <= 32 {
+            // from m = 64 at k = 1024 (gemm's packing of b pays off there). Only on FMA hardware.
+            if m <= 32 && gemm::few_rows_is_fast() {
                 gemm::gemm_nt_few_rows(m, k, n, a, b, c)
             } else {
                 gemm::gemm(m, k, n, a, gemm::Trans::N, b, gemm::Trans::T, 0.0, c)
