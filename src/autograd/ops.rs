@@ -769,12 +769,10 @@ impl Tape {
         let pre = ops::linear::forward(xt.data(), frames, in_f, wit.data(), h4, Some(&bias));
         let (h, saved) = ops::lstm::forward(&pre, wht.data(), &offsets, hidden, reverse);
         drop(pre);
-        let ht = crate::tensor::Tensor::from_vec(h.clone(), &[frames, hidden])?;
-        self.push(
-            h,
-            &[frames, hidden],
-            &[x, w_ih, w_hh, b_ih, b_hh],
-            move || {
+        // The backward reads h (each step's previous state): the node's own buffer, shared.
+        let ht = crate::tensor::Tensor::from_vec(h, &[frames, hidden])?;
+        Ok(
+            self.push_tensor(ht.clone(), &[x, w_ih, w_hh, b_ih, b_hh], move || {
                 Box::new(move |g, need| {
                     let (dpre, dw_hh) = ops::lstm::backward(
                         g,
@@ -796,7 +794,7 @@ impl Tape {
                     );
                     vec![dx, Some(dw_ih), Some(dw_hh), Some(db.clone()), Some(db)]
                 })
-            },
+            }),
         )
     }
 

@@ -122,7 +122,17 @@ impl Tape {
         inputs: &[Var],
         make_backward: impl FnOnce() -> BackwardFn,
     ) -> Result<Var> {
-        let value = Tensor::from_vec(value, shape)?;
+        Ok(self.push_tensor(Tensor::from_vec(value, shape)?, inputs, make_backward))
+    }
+
+    /// [`Self::push`] of a value already in a tensor, which the backward may hold too (a shared
+    /// buffer, not a copy).
+    pub(crate) fn push_tensor(
+        &mut self,
+        value: Tensor,
+        inputs: &[Var],
+        make_backward: impl FnOnce() -> BackwardFn,
+    ) -> Var {
         let requires_grad =
             self.grad_enabled && inputs.iter().any(|v| self.nodes[v.0].requires_grad);
         let backward = requires_grad.then(make_backward);
@@ -133,7 +143,7 @@ impl Tape {
             param: None,
             requires_grad,
         });
-        Ok(Var(self.nodes.len() - 1))
+        Var(self.nodes.len() - 1)
     }
 
     /// Runs backward from a scalar `loss`, adding parameter gradients into `store` (they accumulate
