@@ -2,7 +2,7 @@
 //! its training-mode dropout.
 
 mod common;
-use common::{assert_close, check_vs_torch, spelled, split_targets, Fixture};
+use common::{assert_close, check_vs_torch, learn_to_spell, spelled, split_targets, Fixture};
 use strata::models::asr_head::{AsrHead, AsrHeadConfig};
 use strata::rng::Rng;
 use strata::{PackedBatch, ParamStore, Reduction, Tape, Tensor};
@@ -162,54 +162,16 @@ fn bad_sizes_are_refused_by_name() {
 
 #[test]
 fn the_head_learns_to_transcribe_features_that_spell_the_tokens() {
-    use strata::models::interface::InterfaceConfig;
-    use strata::optim::AdamConfig;
-    use strata::train::metrics::ErrorRate;
-    use strata::train::side_by_side::{CtcHead, HeadKind, Pair, PairSpec};
-    let mut rng = Rng::new(11);
-    let codes: Vec<Vec<f32>> = (0..6)
-        .map(|_| (0..16).map(|_| rng.normal()).collect())
-        .collect();
-    let mut spec = PairSpec::new("ws", InterfaceConfig::weighted_sum(2, 16));
+    use strata::train::side_by_side::CtcHead;
     // Training as s3prl (dropout 0.2 after each LSTM layer), narrowed to 32 units. CTC's blank
     // plateau lasts some 250 steps here (CER 1.0, then 0.29 at step 315, 0 from step 400 in a
     // run without dropout); 600 steps leave room for other rounding (CPUs without AVX-512).
-    spec.ctc_head = CtcHead::Asr(AsrHeadConfig {
+    let head = CtcHead::Asr(AsrHeadConfig {
         project_dim: 32,
         hidden: 32,
         ..AsrHeadConfig::default()
     });
-    let mut pair = Pair::from_spec(
-        &spec,
-        HeadKind::Ctc { vocab: 6 },
-        AdamConfig::adam(3e-3),
-        Some(5.0),
-        1,
-    )
-    .unwrap();
-    let (test_stack, test_batch, test_targets) = spelled(6, &mut rng, &codes);
-    let cer = |pair: &Pair| {
-        let mut rate = ErrorRate::default();
-        for (hyp, reference) in
-            (pair.decode(&test_stack, &test_batch).unwrap().iter()).zip(&test_targets)
-        {
-            rate.add(hyp, reference);
-        }
-        rate.rate()
-    };
-    let before = cer(&pair);
-    let mut losses = Vec::new();
-    for _ in 0..600 {
-        let (stack, batch, targets) = spelled(8, &mut rng, &codes);
-        losses.push(pair.train_step(&stack, &batch, &targets).unwrap());
-    }
-    let after = cer(&pair);
-    let mean = |l: &[f32]| l.iter().sum::<f32>() / l.len() as f32;
-    eprintln!(
-        "CER {before:.2} -> {after:.2}; loss {:.2} -> {:.2}",
-        mean(&losses[..10]),
-        mean(&losses[590..])
-    );
+    let (before, after) = learn_to_spell(head, 3e-3, 600);
     assert!(
         before > 0.5 && after < 0.2,
         "held-out CER {before} -> {after}"

@@ -852,32 +852,48 @@ fn speaker_verification_trains_on_utt2spk_and_scores_trials() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
-    let dir = scratch("mlsuperb");
-    transcribed_tones(
-        &dir,
-        &[("train", 6), ("dev", 2)],
-        9000,
-        700,
-        &["ab c", "ca", "b a"],
-    );
-    let model = format!(
-        "{}/tests/fixtures/upstream/hubert_group_postln",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let (t, d, o) = (dir.join("train"), dir.join("dev"), dir.join("run"));
-    let args = |extra: &[&str]| -> Vec<String> {
+/// A character-recognition corpus of transcribed tones (6 train, 2 dev utterances) with the tiny
+/// HuBERT fixture, for the CTC heads' CLI tests: `train` into an output folder under it (ws and
+/// hconv pairs, 2 s batches) and the paths around it.
+struct CharsRuns {
+    dir: PathBuf,
+    model: String,
+}
+
+impl CharsRuns {
+    fn new(tag: &str) -> Self {
+        let dir = scratch(tag);
+        transcribed_tones(
+            &dir,
+            &[("train", 6), ("dev", 2)],
+            9000,
+            700,
+            &["ab c", "ca", "b a"],
+        );
+        let model = format!(
+            "{}/tests/fixtures/upstream/hubert_group_postln",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        CharsRuns { dir, model }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_string()
+    }
+
+    /// `strata train` into the folder `out`, with `extra` after the common arguments.
+    fn train(&self, out: &str, extra: &[&str]) -> (bool, String) {
+        let (t, d, o) = (self.path("train"), self.path("dev"), self.path(out));
         let base = [
             "train",
             "--model",
-            &model,
+            &self.model,
             "--train",
-            t.to_str().unwrap(),
+            &t,
             "--dev",
-            d.to_str().unwrap(),
+            &d,
             "--out",
-            o.to_str().unwrap(),
+            &o,
             "--task",
             "chars",
             "--batch-seconds",
@@ -885,11 +901,23 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
             "--interfaces",
             "ws,hconv",
         ];
-        base.iter().chain(extra).map(|s| s.to_string()).collect()
-    };
-    let run = |a: Vec<String>| strata(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        strata(&base.iter().chain(extra).copied().collect::<Vec<_>>())
+    }
+
+    /// The run.json that `train` wrote into `out`.
+    fn recorded(&self, out: &str) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.join(out).join("run.json")).unwrap())
+            .unwrap()
+    }
+}
+
+#[test]
+fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
+    let runs = CharsRuns::new("mlsuperb");
+    let (model, o, d) = (&runs.model, runs.path("run"), runs.path("dev"));
+    let run = |extra: &[&str]| runs.train("run", extra);
     // With ESPnet's model averaging over the 2 best of 2 evaluations.
-    let (ok, log) = run(args(&[
+    let (ok, log) = run(&[
         "--head",
         "mlsuperb",
         "--steps",
@@ -900,32 +928,20 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         "2",
         "--average-by",
         "loss",
-    ]));
+    ]);
     assert!(
         ok && log.contains("dev error") && log.contains("ws averaged over steps ["),
         "{log}"
     );
-    let recorded: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
+    let recorded = runs.recorded("run");
     assert_eq!(recorded["head"], "mlsuperb");
     assert_eq!(recorded["average_best"], 2);
     assert_eq!(recorded["average_by"], "loss");
     // eval builds the head the run recorded (a SUPERB head would not find its parameters).
     let eval = |which: &str| {
         strata(&[
-            "eval",
-            "--model",
-            &model,
-            "--run",
-            o.to_str().unwrap(),
-            "--pair",
-            "all",
-            "--data",
-            d.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--which",
-            which,
+            "eval", "--model", model, "--run", &o, "--pair", "all", "--data", &d, "--device",
+            "cpu", "--which", which,
         ])
     };
     let (ok, log) = eval("best");
@@ -936,7 +952,7 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
     let (ok, log) = eval("averaged");
     assert!(ok && log.contains("hconv (averaged) on"), "{log}");
     // A test utterance too short for the head's convolutions (0.1 s: 4 frames) is named.
-    let short = dir.join("short");
+    let short = runs.dir.join("short");
     std::fs::create_dir_all(&short).unwrap();
     write_wav(&short.join("s.wav"), &[0.1; 1600], 16000, 1);
     std::fs::write(short.join("wav.scp"), "tiny s.wav\n").unwrap();
@@ -944,9 +960,9 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
     let (ok, log) = strata(&[
         "eval",
         "--model",
-        &model,
+        model,
         "--run",
-        o.to_str().unwrap(),
+        &o,
         "--pair",
         "ws",
         "--data",
@@ -957,23 +973,22 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         "{log}"
     );
     // A resume must keep the head and the n-best averaging.
-    let (ok, log) = run(args(&["--steps", "4", "--resume"]));
+    let (ok, log) = run(&["--steps", "4", "--resume"]);
     assert!(
         !ok && log.contains("head = \"mlsuperb\", this one \"superb\""),
         "{log}"
     );
-    let (ok, log) = run(args(&["--head", "mlsuperb", "--steps", "3", "--resume"]));
+    let (ok, log) = run(&["--head", "mlsuperb", "--steps", "3", "--resume"]);
     assert!(
         !ok && log.contains("resume with --average-best 2 --average-by loss"),
         "{log}"
     );
-    let recorded: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
     assert_eq!(
-        recorded["average_best"], 2,
+        runs.recorded("run")["average_best"],
+        2,
         "a refused resume changes nothing"
     );
-    let (ok, log) = run(args(&[
+    let (ok, log) = run(&[
         "--head",
         "mlsuperb",
         "--steps",
@@ -983,122 +998,79 @@ fn the_ml_superb_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
         "--average-by",
         "loss",
         "--resume",
-    ]));
+    ]);
     assert!(ok && log.contains("ws averaged over steps"), "{log}");
     // The head is for CTC tasks and takes known names only. (Its device path: tests/device_step.rs;
     // at the recipe's width one emulated step takes minutes.)
-    let (ok, log) = run(args(&["--head", "mlsuperb", "--task", "classify"])
-        .into_iter()
-        .map(|a| a.replace("/run", "/classify"))
-        .collect());
+    let (ok, log) = runs.train("classify", &["--head", "mlsuperb", "--task", "classify"]);
     assert!(!ok && log.contains("for --task units or chars"), "{log}");
-    let (ok, log) = run(args(&["--head", "espnet"]));
+    let (ok, log) = run(&["--head", "espnet"]);
     assert!(
         !ok && log.contains("--head takes superb (SUPERB PR's head), mlsuperb"),
         "{log}"
     );
-    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&runs.dir).ok();
 }
 
 #[test]
 fn the_asr_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
-    let dir = scratch("asr");
-    transcribed_tones(
-        &dir,
-        &[("train", 6), ("dev", 2)],
-        9000,
-        700,
-        &["ab c", "ca", "b a"],
-    );
-    let model = format!(
-        "{}/tests/fixtures/upstream/hubert_group_postln",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let (t, d, o) = (dir.join("train"), dir.join("dev"), dir.join("run"));
-    let args = |extra: &[&str]| -> Vec<String> {
-        let base = [
-            "train",
-            "--model",
-            &model,
-            "--train",
-            t.to_str().unwrap(),
-            "--dev",
-            d.to_str().unwrap(),
-            "--out",
-            o.to_str().unwrap(),
-            "--task",
-            "chars",
-            "--batch-seconds",
-            "2",
-            "--interfaces",
-            "ws,hconv",
-            "--optimizer",
-            "adam",
-        ];
-        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    let runs = CharsRuns::new("asr");
+    let train = |out: &str, extra: &[&str]| {
+        let args: Vec<&str> = ["--optimizer", "adam"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        runs.train(out, &args)
     };
-    let run = |a: Vec<String>| strata(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let (ok, log) = run(args(&[
-        "--head",
-        "asr-16",
-        "--steps",
-        "2",
-        "--eval-every",
-        "1",
-    ]));
+    let run = |extra: &[&str]| train("run", extra);
+    let (ok, log) = run(&["--head", "asr-16", "--steps", "2", "--eval-every", "1"]);
     assert!(ok && log.contains("dev error"), "{log}");
-    let recorded: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
-    assert_eq!(recorded["head"], "asr-16");
+    assert_eq!(runs.recorded("run")["head"], "asr-16");
     // eval builds the head the run recorded, at its width.
     let (ok, log) = strata(&[
         "eval",
         "--model",
-        &model,
+        &runs.model,
         "--run",
-        o.to_str().unwrap(),
+        &runs.path("run"),
         "--pair",
         "all",
         "--data",
-        d.to_str().unwrap(),
+        &runs.path("dev"),
     ]);
     assert!(
         ok && log.contains("hconv (best) on") && log.contains("CER") && log.contains("%, WER "),
         "{log}"
     );
     // A resume must keep the head, its width included; with it, the run goes on.
-    let (ok, log) = run(args(&["--head", "asr", "--steps", "3", "--resume"]));
+    let (ok, log) = run(&["--head", "asr", "--steps", "3", "--resume"]);
     assert!(
         !ok && log.contains("head = \"asr-16\", this one \"asr\""),
         "{log}"
     );
-    let (ok, log) = run(args(&["--head", "asr-16", "--steps", "3", "--resume"]));
+    let (ok, log) = run(&["--head", "asr-16", "--steps", "3", "--resume"]);
     assert!(ok && log.contains("step 3/3"), "{log}");
     // On the device path (emulated): a step and the final evaluation. ws-large is not defined
     // for this head; widths are numbers.
-    let fresh = |extra: &[&str]| {
-        run(args(extra)
-            .into_iter()
-            .map(|a| a.replace("/run", "/other"))
-            .collect())
-    };
-    let (ok, log) = run(
-        args(&["--head", "asr-16", "--steps", "1", "--device", "emulator"])
-            .into_iter()
-            .map(|a| a.replace("/run", "/emulated"))
-            .collect(),
+    let (ok, log) = train(
+        "emulated",
+        &["--head", "asr-16", "--steps", "1", "--device", "emulator"],
     );
     assert!(ok && log.contains("dev error"), "{log}");
-    let (ok, log) = fresh(&[
-        "--head",
-        "asr-16",
-        "--steps",
-        "1",
-        "--interfaces",
-        "ws-large",
-    ]);
+    let (ok, log) = train(
+        "other",
+        &[
+            "--head",
+            "asr-16",
+            "--steps",
+            "1",
+            "--interfaces",
+            "ws-large",
+        ],
+    );
     assert!(!ok && log.contains("not the ASR head"), "{log}");
-    let (ok, log) = fresh(&["--head", "asr-0"]);
+    let (ok, log) = train("other", &["--head", "asr-0"]);
     assert!(!ok && log.contains("asr-N takes N >= 1"), "{log}");
-    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&runs.dir).ok();
 }

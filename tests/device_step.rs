@@ -573,6 +573,54 @@ fn the_speaker_head_on_the_device_follows_the_cpu() {
     }
 }
 
+/// The device pair of `new_pair()` against the CPU's on `data`: the first batch's loss (within 1%)
+/// and every parameter's gradient (within 10% relative L2; those `zero` names, zero in exact
+/// arithmetic, only roundoff against the others' scale), 3 accumulated steps' losses (within 1%),
+/// and greedy decoding on the device against the CPU's from the same parameters. Returns the
+/// worst loss difference and the worst gradient's relative L2 with its parameter.
+fn follows_the_cpu(
+    be: &Backend,
+    new_pair: &dyn Fn() -> Pair,
+    data: &[Batch],
+    what: &str,
+    zero: impl Fn(&str) -> bool,
+) -> (f32, f64, String) {
+    let (mut c, mut g) = (new_pair(), DevicePair::from_pair(be, &new_pair()).unwrap());
+    let (stack, batch, targets) = &data[0];
+    let want = c.accumulate(stack, batch, targets, 1.0).unwrap();
+    let x = upload_stack(be, stack).unwrap();
+    let got = g.accumulate_on(be, &x, batch, targets, 1.0).unwrap();
+    assert!(rel(got, want) < 1e-2, "first loss {got} vs {want}");
+    let mut worst_grad = (0f64, String::new());
+    for (name, got) in g.gradients(be).unwrap() {
+        let want = c.store.grad(c.store.id(&name).unwrap());
+        let (err, norm) = l2_error(&got, want);
+        if zero(&name) {
+            assert!(norm < 1e-6 && err < 1e-3, "{name}: {err:.3e} {norm:.3e}");
+            continue;
+        }
+        if err / norm > worst_grad.0 {
+            worst_grad = (err / norm, name.clone());
+        }
+        assert!(
+            err <= 0.1 * norm,
+            "{what}: gradient of '{name}' off by {err:.3e} (norm {norm:.3e})"
+        );
+    }
+    let mut cpu = new_pair();
+    let mut dev = DevicePair::from_pair(be, &new_pair()).unwrap();
+    let worst = compare_accumulated(be, &mut cpu, &mut dev, data, 3);
+    assert!(worst < 1e-2, "{}: {what}: worst {worst:.3e}", be.name());
+    let (stack, batch, _) = &data[1];
+    let mut back = new_pair();
+    dev.write_to(be, &mut back).unwrap();
+    let got = dev
+        .decode_on(be, &upload_stack(be, stack).unwrap(), batch)
+        .unwrap();
+    assert_eq!(got, back.decode(stack, batch).unwrap());
+    (worst, worst_grad.0, worst_grad.1)
+}
+
 #[test]
 fn the_mlsuperb_head_on_the_device_follows_the_cpu() {
     use strata::models::mlsuperb_head::{mlsuperb_frames, MlSuperbHeadConfig, SpecAugmentConfig};
@@ -621,46 +669,16 @@ fn the_mlsuperb_head_on_the_device_follows_the_cpu() {
             .unwrap()
         };
         for be in backends() {
-            // First-batch gradients, parameter by parameter.
-            let (mut c, mut g) = (new_pair(), DevicePair::from_pair(&be, &new_pair()).unwrap());
-            let (stack, batch, targets) = &data[0];
-            let want = c.accumulate(stack, batch, targets, 1.0).unwrap();
-            let x = upload_stack(&be, stack).unwrap();
-            let got = g.accumulate_on(&be, &x, batch, targets, 1.0).unwrap();
-            assert!(rel(got, want) < 1e-2, "first loss {got} vs {want}");
-            // Relative L2 per parameter; the attention's key biases have a zero gradient (the
-            // softmax ignores a shift shared by a query's scores): there only roundoff is left,
-            // compared with the scale of the others.
-            let mut worst_grad = 0f64;
-            for (name, got) in g.gradients(&be).unwrap() {
-                let want = c.store.grad(c.store.id(&name).unwrap());
-                let (err, norm) = l2_error(&got, want);
-                if name.ends_with("linear_k.bias") {
-                    assert!(norm < 1e-6 && err < 1e-3, "{name}: {err:.3e} {norm:.3e}");
-                    continue;
-                }
-                worst_grad = worst_grad.max(err / norm);
-                assert!(
-                    err <= 0.1 * norm,
-                    "{kind:?}: gradient of '{name}' off by {err:.3e} (norm {norm:.3e})"
-                );
-            }
-            let mut cpu = new_pair();
-            let mut dev = DevicePair::from_pair(&be, &new_pair()).unwrap();
-            let worst = compare_accumulated(&be, &mut cpu, &mut dev, &data, 3);
+            // The attention's key biases have a zero gradient (the softmax ignores a shift shared
+            // by a query's scores): there only roundoff is left.
+            let (worst, worst_grad, _) =
+                follows_the_cpu(&be, &new_pair, &data, &format!("{kind:?}"), |name| {
+                    name.ends_with("linear_k.bias")
+                });
             eprintln!(
                 "{}: ML-SUPERB head, {kind:?}: worst loss rel {worst:.2e}, worst first-batch gradient rel L2 {worst_grad:.2e}",
                 be.name()
             );
-            assert!(worst < 1e-2, "{}: {kind:?}: worst {worst:.3e}", be.name());
-            // Greedy decoding on the device: the CPU's hypotheses from the device's parameters.
-            let (stack, batch, _) = &data[1];
-            let mut back = new_pair();
-            dev.write_to(&be, &mut back).unwrap();
-            let got = dev
-                .decode_on(&be, &upload_stack(&be, stack).unwrap(), batch)
-                .unwrap();
-            assert_eq!(got, back.decode(stack, batch).unwrap());
         }
     }
 }
@@ -704,41 +722,12 @@ fn the_asr_head_on_the_device_follows_the_cpu() {
             .unwrap()
         };
         for be in backends() {
-            let (mut c, mut g) = (new_pair(), DevicePair::from_pair(&be, &new_pair()).unwrap());
-            let (stack, batch, targets) = &data[0];
-            let want = c.accumulate(stack, batch, targets, 1.0).unwrap();
-            let x = upload_stack(&be, stack).unwrap();
-            let got = g.accumulate_on(&be, &x, batch, targets, 1.0).unwrap();
-            assert!(rel(got, want) < 1e-2, "first loss {got} vs {want}");
-            let mut worst_grad = (0f64, String::new());
-            for (name, got) in g.gradients(&be).unwrap() {
-                let want = c.store.grad(c.store.id(&name).unwrap());
-                let (err, norm) = l2_error(&got, want);
-                if err / norm > worst_grad.0 {
-                    worst_grad = (err / norm, name.clone());
-                }
-                assert!(
-                    err <= 0.1 * norm,
-                    "{kind:?}: gradient of '{name}' off by {err:.3e} (norm {norm:.3e})"
-                );
-            }
-            let mut cpu = new_pair();
-            let mut dev = DevicePair::from_pair(&be, &new_pair()).unwrap();
-            let worst = compare_accumulated(&be, &mut cpu, &mut dev, &data, 3);
+            let (worst, worst_grad, name) =
+                follows_the_cpu(&be, &new_pair, &data, &format!("{kind:?}"), |_| false);
             eprintln!(
-                "{}: ASR head, {kind:?}: worst loss rel {worst:.2e}, worst first-batch gradient rel L2 {:.2e} ({})",
-                be.name(),
-                worst_grad.0,
-                worst_grad.1
+                "{}: ASR head, {kind:?}: worst loss rel {worst:.2e}, worst first-batch gradient rel L2 {worst_grad:.2e} ({name})",
+                be.name()
             );
-            assert!(worst < 1e-2, "{}: {kind:?}: worst {worst:.3e}", be.name());
-            let (stack, batch, _) = &data[1];
-            let mut back = new_pair();
-            dev.write_to(&be, &mut back).unwrap();
-            let got = dev
-                .decode_on(&be, &upload_stack(&be, stack).unwrap(), batch)
-                .unwrap();
-            assert_eq!(got, back.decode(stack, batch).unwrap());
         }
     }
 }

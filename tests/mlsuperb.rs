@@ -2,7 +2,7 @@
 //! behaviour (SpecAugment and dropout drawn from a seed).
 
 mod common;
-use common::{check_vs_torch, spelled, split_targets, Fixture};
+use common::{check_vs_torch, learn_to_spell, split_targets, Fixture};
 use strata::models::mlsuperb_head::{MlSuperbHead, MlSuperbHeadConfig};
 use strata::rng::Rng;
 use strata::{PackedBatch, ParamStore, Reduction, Tape, Tensor};
@@ -165,18 +165,10 @@ fn time_warp_is_pytorchs_bicubic_interpolation_of_each_side_of_the_center() {
 
 #[test]
 fn the_head_learns_to_transcribe_features_that_spell_the_tokens() {
-    use strata::models::interface::InterfaceConfig;
     use strata::models::mlsuperb_head::SpecAugmentConfig;
-    use strata::optim::AdamConfig;
-    use strata::train::metrics::ErrorRate;
-    use strata::train::side_by_side::{CtcHead, HeadKind, Pair, PairSpec};
-    let mut rng = Rng::new(11);
-    let codes: Vec<Vec<f32>> = (0..6)
-        .map(|_| (0..16).map(|_| rng.normal()).collect())
-        .collect();
-    let mut spec = PairSpec::new("ws", InterfaceConfig::weighted_sum(2, 16));
+    use strata::train::side_by_side::CtcHead;
     // Training as the recipe (dropout, time warp, masks), feature masks narrowed to 16 features.
-    spec.ctc_head = CtcHead::MlSuperb(MlSuperbHeadConfig {
+    let head = CtcHead::MlSuperb(MlSuperbHeadConfig {
         width: 32,
         heads: 4,
         ffn: 64,
@@ -186,40 +178,7 @@ fn the_head_learns_to_transcribe_features_that_spell_the_tokens() {
         }),
         ..MlSuperbHeadConfig::default()
     });
-    let mut pair = Pair::from_spec(
-        &spec,
-        HeadKind::Ctc { vocab: 6 },
-        AdamConfig::adam(2e-3),
-        Some(5.0),
-        1,
-    )
-    .unwrap();
-    let (test_stack, test_batch, test_targets) = spelled(6, &mut rng, &codes);
-    let cer = |pair: &Pair| {
-        let mut rate = ErrorRate::default();
-        for (hyp, reference) in pair
-            .decode(&test_stack, &test_batch)
-            .unwrap()
-            .iter()
-            .zip(&test_targets)
-        {
-            rate.add(hyp, reference);
-        }
-        rate.rate()
-    };
-    let before = cer(&pair);
-    let mut losses = Vec::new();
-    for _ in 0..150 {
-        let (stack, batch, targets) = spelled(8, &mut rng, &codes);
-        losses.push(pair.train_step(&stack, &batch, &targets).unwrap());
-    }
-    let after = cer(&pair);
-    let mean = |l: &[f32]| l.iter().sum::<f32>() / l.len() as f32;
-    eprintln!(
-        "CER {before:.2} -> {after:.2}; loss {:.2} -> {:.2}",
-        mean(&losses[..10]),
-        mean(&losses[140..])
-    );
+    let (before, after) = learn_to_spell(head, 2e-3, 150);
     assert!(
         before > 0.5 && after < 0.2,
         "held-out CER {before} -> {after}"
