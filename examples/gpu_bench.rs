@@ -495,30 +495,30 @@ fn main() -> std::process::ExitCode {
             let ms = time_step(&pair, l, d);
             println!("{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"{metric}\": {amount}}}");
         }
+        use strata::models::asr_head::AsrHeadConfig;
+        use strata::models::mlsuperb_head::MlSuperbHeadConfig;
+        use strata::train::side_by_side::{CtcHead, PairSpec};
+        let (l, d) = (13usize, 768usize);
+        // WS (Base) with another CTC head: the step's time and the row.
+        let mut head_row = |name: &str, head: CtcHead, flops: usize| {
+            let mut spec = PairSpec::new(name, InterfaceConfig::weighted_sum(l, d));
+            spec.ctc_head = head;
+            let kind = HeadKind::Ctc { vocab: v };
+            let pair = Pair::from_spec(&spec, kind, AdamConfig::adamw(1e-3), Some(1.0), 0).unwrap();
+            let ms = time_step(&pair, l, d);
+            println!("{{\"name\": \"{name}\", \"ms\": {ms:.4}, \"flops\": {flops}}}");
+        };
         // WS (Base) + the ML-SUPERB head on the same batch, without dropout and SpecAugment (as
         // the PyTorch row, tools/bench_heads_torch.py): 500 -> 249 -> 247 frames per utterance.
         // Flops: its GEMMs and the attention's two products per head, 6 x their MACs (forward,
         // and the two products of each backward).
         {
-            use strata::models::mlsuperb_head::MlSuperbHeadConfig;
-            use strata::train::side_by_side::{CtcHead, PairSpec};
-            let (l, d) = (13usize, 768usize);
-            let mut spec = PairSpec::new("ml", InterfaceConfig::weighted_sum(l, d));
             let c = MlSuperbHeadConfig {
                 dropout: 0.0,
                 attention_dropout: 0.0,
                 specaug: None,
                 ..MlSuperbHeadConfig::default()
             };
-            spec.ctc_head = CtcHead::MlSuperb(c);
-            let pair = Pair::from_spec(
-                &spec,
-                HeadKind::Ctc { vocab: v },
-                AdamConfig::adamw(1e-3),
-                Some(1.0),
-                0,
-            )
-            .unwrap();
             let (w, (t1, t2)) = (c.width, (249usize, 247usize));
             let (n1, n2) = (utts * t1, utts * t2);
             let macs = n * d * 80
@@ -527,44 +527,23 @@ fn main() -> std::process::ExitCode {
                 + n2 * 37 * w * w
                 + c.blocks * (4 * n2 * w * w + 2 * n2 * w * c.ffn + 2 * utts * t2 * t2 * w)
                 + n2 * w * v;
-            let ms = time_step(&pair, l, d);
-            println!(
-                "{{\"name\": \"step_mlsuperb_ws_base\", \"ms\": {ms:.4}, \"flops\": {}}}",
-                6 * macs
-            );
+            head_row("step_mlsuperb_ws_base", CtcHead::MlSuperb(c), 6 * macs);
         }
         // WS (Base) + the SUPERB ASR head (s3prl's sizes, no dropout, as the PyTorch row) on the
         // same batch: 500 steps of each direction's recurrence, one launch a step. Flops: the
         // projector, both layers' input and recurrent products, the output Linear; 6 x MACs.
         {
-            use strata::models::asr_head::AsrHeadConfig;
-            use strata::train::side_by_side::{CtcHead, PairSpec};
-            let (l, d) = (13usize, 768usize);
-            let mut spec = PairSpec::new("asr", InterfaceConfig::weighted_sum(l, d));
             let c = AsrHeadConfig {
                 dropout: 0.0,
                 ..AsrHeadConfig::default()
             };
-            spec.ctc_head = CtcHead::Asr(c);
-            let pair = Pair::from_spec(
-                &spec,
-                HeadKind::Ctc { vocab: v },
-                AdamConfig::adamw(1e-3),
-                Some(1.0),
-                0,
-            )
-            .unwrap();
             let h4 = 4 * c.hidden;
             let macs = n
                 * (d * c.project_dim
                     + 2 * h4 * (c.project_dim + c.hidden)
                     + 2 * h4 * (2 * c.hidden + c.hidden)
                     + 2 * c.hidden * v);
-            let ms = time_step(&pair, l, d);
-            println!(
-                "{{\"name\": \"step_asr_ws_base\", \"ms\": {ms:.4}, \"flops\": {}}}",
-                6 * macs
-            );
+            head_row("step_asr_ws_base", CtcHead::Asr(c), 6 * macs);
         }
     }
     if run("adamw") {

@@ -127,48 +127,34 @@ def main():
 
         print(json.dumps({"name": name, "ms": time_ms(step)}))
         del m, stacked, head, params, opt
-    # WS (Base) + the ML-SUPERB head (tools/bench_heads_torch.py: ESPnet's modules, without
-    # dropout and SpecAugment, as strata's row) on the same batch: bf16 autocast, CTC summed / 32
-    # in fp32, clip, fused AdamW.
-    from bench_heads_torch import MlSuperbHead
-    ws = WeightedSum(13, 768, False).to(dev)
-    ml = MlSuperbHead(768, V).to(dev)
-    stacked = torch.randn(13, 1, N * T, 768, device=dev).to(torch.bfloat16)
-    params = list(ws.parameters()) + list(ml.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    def ws_head_row(name, head, loss_of):
+        """WS (Base) + `head` on the same batch, loss_of(head, features (N, T, 768)): bf16 autocast,
+        clip, fused AdamW."""
+        ws = WeightedSum(13, 768, False).to(dev)
+        head = head.to(dev)
+        stacked = torch.randn(13, 1, N * T, 768, device=dev).to(torch.bfloat16)
+        params = list(ws.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
 
-    def ml_step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = ml(ws(stacked).view(N, T, 768), targets, tl)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        loss.item()
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_of(head, ws(stacked).view(N, T, 768))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            loss.item()
 
-    print(json.dumps({"name": "step_mlsuperb_ws_base", "ms": time_ms(ml_step)}))
-    del ws, ml, stacked, params, opt
-    # WS (Base) + the SUPERB ASR head (tools/bench_heads_torch.py: s3prl's projector, 2 x
-    # bidirectional nn.LSTM(1024) over pack_padded_sequence, i.e. cuDNN, linear, CTC mean; no
-    # dropout, as strata's row): bf16 autocast, clip, fused AdamW.
-    from bench_heads_torch import AsrHead
-    ws = WeightedSum(13, 768, False).to(dev)
-    asr = AsrHead(768, V).to(dev)
-    stacked = torch.randn(13, 1, N * T, 768, device=dev).to(torch.bfloat16)
-    params = list(ws.parameters()) + list(asr.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        print(json.dumps({"name": name, "ms": time_ms(step)}))
 
-    def asr_step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = asr(ws(stacked).view(N, T, 768), il, targets, tl)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        loss.item()
-
-    print(json.dumps({"name": "step_asr_ws_base", "ms": time_ms(asr_step)}))
-    del ws, asr, stacked, params, opt
+    from bench_heads_torch import AsrHead, MlSuperbHead
+    # The ML-SUPERB head (tools/bench_heads_torch.py: ESPnet's modules, without dropout and
+    # SpecAugment, as strata's row): CTC summed / 32 in fp32.
+    ws_head_row("step_mlsuperb_ws_base", MlSuperbHead(768, V), lambda h, x: h(x, targets, tl))
+    # The SUPERB ASR head (tools/bench_heads_torch.py: s3prl's projector, 2 x bidirectional
+    # nn.LSTM(1024) over pack_padded_sequence, i.e. cuDNN, linear, CTC mean; no dropout, as
+    # strata's row).
+    ws_head_row("step_asr_ws_base", AsrHead(768, V), lambda h, x: h(x, il, targets, tl))
     # Fused AdamW over the tensors of an HConv (Base) + PR-head pair (strata: adam_step_multi).
     m = HConv(13, 768).to(dev)
     d_out = m(torch.zeros(13, 1, 2, 768, device=dev)).shape[-1]
