@@ -52,11 +52,11 @@ __device__ __forceinline__ void hc_fwd_store(const HConvFwdParams& p, int64_t ro
 #define HC_TM 64
 #define HC_TN 64
 #define HC_TK 32
-#define HC_PAD 8  // bf16 of padding per shared-memory row (bank spread)
+#define HC_SMEM_PAD 8  // bf16 of padding per shared-memory row (bank spread)
 
 // One staged K step of a 64 x 64 block tile: warp w owns rows 16w..16w+15 and all 64 columns
 // (8 mma n-tiles). as[m][k] holds A (row-major), bs[n][k] holds B transposed.
-__device__ __forceinline__ void hc_tile_mma(const bf16 (*as)[HC_TK + HC_PAD], const bf16 (*bs)[HC_TK + HC_PAD],
+__device__ __forceinline__ void hc_tile_mma(const bf16 (*as)[HC_TK + HC_SMEM_PAD], const bf16 (*bs)[HC_TK + HC_SMEM_PAD],
                                             float (*acc)[4], int warp, int g, int t) {
 #pragma unroll
     for (int ks = 0; ks < HC_TK; ks += 16) {
@@ -80,8 +80,8 @@ __device__ __forceinline__ void hc_tile_mma(const bf16 (*as)[HC_TK + HC_PAD], co
 }
 
 extern "C" __global__ void hconv_conv_forward(const HConvFwdParams p) {
-    __shared__ bf16 as[HC_TM][HC_TK + HC_PAD];
-    __shared__ bf16 bs[HC_TN][HC_TK + HC_PAD];
+    __shared__ bf16 as[HC_TM][HC_TK + HC_SMEM_PAD];
+    __shared__ bf16 bs[HC_TN][HC_TK + HC_SMEM_PAD];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t rows = (int64_t)p.n * p.l_out;
     const int64_t row0 = (int64_t)blockIdx.y * HC_TM;
@@ -479,8 +479,8 @@ __device__ __forceinline__ bf16 hc_dpre(const HConvBwdParams& p, int64_t f, int 
 }
 
 extern "C" __global__ void hconv_conv_backward_data(const HConvBwdParams p) {
-    __shared__ bf16 as[HC_TM][HC_TK + HC_PAD];
-    __shared__ bf16 bs[HC_TN][HC_TK + HC_PAD];
+    __shared__ bf16 as[HC_TM][HC_TK + HC_SMEM_PAD];
+    __shared__ bf16 bs[HC_TN][HC_TK + HC_SMEM_PAD];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t rows = (int64_t)p.n * p.l_in;
     const int64_t row0 = (int64_t)blockIdx.y * HC_TM;
@@ -523,8 +523,8 @@ extern "C" __global__ void hconv_conv_backward_data(const HConvBwdParams p) {
 STRATA_EMU_ENTRY(hconv_conv_backward_data, HConvBwdParams)
 
 extern "C" __global__ void hconv_conv_backward_weight(const HConvBwdParams p) {
-    __shared__ bf16 as[HC_TM][HC_TK + HC_PAD];
-    __shared__ bf16 bs[HC_TN][HC_TK + HC_PAD];
+    __shared__ bf16 as[HC_TM][HC_TK + HC_SMEM_PAD];
+    __shared__ bf16 bs[HC_TN][HC_TK + HC_SMEM_PAD];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t R = (int64_t)p.n * p.l_out;
     const int co0 = blockIdx.y * HC_TM;

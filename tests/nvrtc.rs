@@ -16,7 +16,17 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
     }
     let dir = std::env::temp_dir().join(format!("strata-nvrtc-cache-{}", std::process::id()));
     std::env::set_var("STRATA_KERNEL_CACHE", &dir);
+    // NVRTC's log: warnings fail; ptxas's performance notes (e.g. serialized wgmma) are shown.
     for file in kernels::FILES {
+        let log = cuda::compile_log(file, cuda::arch_of(file), &[]).unwrap();
+        assert!(
+            !log.contains("warning"),
+            "{}: NVRTC warns:\n{log}",
+            file.file
+        );
+        if !log.is_empty() {
+            eprintln!("{} ({}): {log}", file.file, cuda::arch_of(file));
+        }
         let (ptx, hit) = cuda::compile(file, cuda::arch_of(file)).unwrap_or_else(|e| panic!("{e}"));
         assert!(!hit, "{}: fresh cache", file.file);
         for k in file.kernels {
@@ -41,7 +51,8 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
         );
     }
     // Specializations: HConv's vectorized kernels with HuBERT-Base / Large geometry as -D
-    // constants compile, are cached apart from the plain build, and differ from it.
+    // constants compile cleanly (no constant redefined by the source: the kernels' spec check
+    // would trap on every launch), are cached apart from the plain build, and differ from it.
     let hconv = kernels::file_of("hconv_conv_forward_vec").unwrap();
     let (plain, _) = cuda::compile(hconv, cuda::ARCH).unwrap();
     for (l, d) in [(13usize, 768usize), (25, 1024)] {
@@ -50,6 +61,14 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
             .convs
         {
             let defines = strata::ops::device::hconv_defines(&g);
+            for file in kernels::FILES.iter().filter(|f| f.file == "hconv.cu") {
+                let arch = cuda::arch_of(file);
+                let log = cuda::compile_log(file, arch, &defines).unwrap();
+                assert!(
+                    !log.contains("warning"),
+                    "{g:?} ({arch}): NVRTC warns:\n{log}"
+                );
+            }
             let (ptx, hit) = cuda::compile_with(hconv, cuda::ARCH, &defines)
                 .unwrap_or_else(|e| panic!("{g:?}: {e}"));
             assert!(!hit && ptx != plain, "{g:?}: a variant of its own");

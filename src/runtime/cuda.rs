@@ -147,6 +147,8 @@ pub fn compile_cubin_with(
 struct Compiled {
     ptx: String,
     cubin: Vec<u8>,
+    /// NVRTC's messages (warnings) on a successful compile; empty for a clean one.
+    log: String,
 }
 
 /// One kernel variant's pair of disk cache entries, `<stem>-<key>.ptx` (text between a header
@@ -248,6 +250,32 @@ impl<'a> CacheEntry<'a> {
     }
 }
 
+/// NVRTC's log of a fresh compile of `file` for `arch` with `defines` (no cache; empty when the
+/// compile is clean): warnings, and ptxas's notes. Our kernels compile without warnings, which the
+/// tests enforce (one was a `-D` specialization constant quietly redefined by the source).
+pub fn compile_log(
+    file: &KernelFile,
+    arch: &'static str,
+    defines: Defines,
+) -> Result<String, String> {
+    let entry = CacheEntry::new(file, arch, defines)?;
+    nvrtc_compile(&entry.src, arch, &entry.opts).map(|c| c.log)
+}
+
+/// NVRTC's log of `prog`, empty when there is none.
+///
+/// # Safety
+/// `prog` is a live NVRTC program.
+unsafe fn program_log(prog: cudarc::nvrtc::sys::nvrtcProgram) -> String {
+    match cudarc::nvrtc::result::get_program_log(prog) {
+        Ok(log) if !log.is_empty() => std::ffi::CStr::from_ptr(log.as_ptr())
+            .to_string_lossy()
+            .trim()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
 /// One NVRTC compile of `src` for the real architecture `arch`, returning its PTX and cubin.
 fn nvrtc_compile(src: &str, arch: &str, opts: &[String]) -> Result<Compiled, String> {
     use cudarc::nvrtc::{result, sys};
@@ -259,15 +287,7 @@ fn nvrtc_compile(src: &str, arch: &str, opts: &[String]) -> Result<Compiled, Str
     // NVRTC are sized by the size queries just before.
     let out = unsafe {
         let out = match result::compile_program(prog, &options) {
-            Err(e) => {
-                let log = match result::get_program_log(prog) {
-                    Ok(log) if !log.is_empty() => std::ffi::CStr::from_ptr(log.as_ptr())
-                        .to_string_lossy()
-                        .into_owned(),
-                    _ => String::new(),
-                };
-                Err(format!("{e}: {}", log.trim()))
-            }
+            Err(e) => Err(format!("{e}: {}", program_log(prog))),
             Ok(()) => result::get_ptx(prog)
                 .map_err(|e| format!("reading the PTX: {e}"))
                 .and_then(|ptx| {
@@ -282,7 +302,11 @@ fn nvrtc_compile(src: &str, arch: &str, opts: &[String]) -> Result<Compiled, Str
                     sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
                         .result()
                         .map_err(|e| format!("reading the cubin: {e}"))?;
-                    Ok(Compiled { ptx, cubin })
+                    Ok(Compiled {
+                        ptx,
+                        cubin,
+                        log: program_log(prog),
+                    })
                 }),
         };
         let _ = result::destroy_program(prog);
