@@ -1415,11 +1415,22 @@ fn dropout_and_layernorm_kernels_match_the_cpu_references() {
             let (want_dx, want_dp) =
                 strata::ops::layernorm::backward(&x, d, affine.then_some(&w[..]), &want_saved, &dy);
             let got = be.download(&dx).unwrap();
-            assert!(
-                rel_err(&got, &want_dx) < 1e-5,
-                "{tag}: dx {}",
-                rel_err(&got, &want_dx)
-            );
+            // dx = rstd (g - mean(g) - x̂ mean(g x̂)), g = dy (· w): its terms are of size
+            // rstd |g| and cancel (at d = 2 exactly: dx is rounding noise around 0), so the
+            // error is measured against the terms' scale where that is the larger.
+            let terms = (0..rows)
+                .map(|r| {
+                    let row = &x[r * d..(r + 1) * d];
+                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var =
+                        row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                    let g = (0..d).map(|i| (dy[r * d + i] * if affine { w[i] } else { 1.0 }).abs());
+                    g.fold(0f64, |m, v| m.max(v as f64)) / (var + 1e-5).sqrt()
+                })
+                .fold(0f64, f64::max);
+            let scale = want_dx.iter().fold(terms, |m, &v| m.max(v.abs() as f64));
+            let err = max_abs_diff(&got, &want_dx) / scale;
+            assert!(err < 1e-5, "{tag}: dx {err} of the terms' scale {scale}");
             if let Some((wdw, wdb)) = want_dp {
                 let (gdw, gdb) = (be.download(&dw).unwrap(), be.download(&db).unwrap());
                 assert!(
