@@ -44,8 +44,14 @@ if [ "${1:-}" = "--prepare" ]; then
     exit 0
 fi
 
-out=${OUT:-/tmp/strata-gpu}
-mkdir -p "$out"
+# Only a few files come back from the machine: the logs are written to a folder of their own and
+# packed into one archive under $OUT when the script ends, however it ends.
+results=${OUT:-/tmp/strata-gpu}
+out=/tmp/strata-gpu-logs
+rm -rf "$out" && mkdir -p "$out" "$results"
+trap 'tar -czf "$results/gpu-logs.tgz" -C "$out" . 2>/dev/null' EXIT
+# compute-sanitizer lives beside nvcc, which need not be on the PATH.
+export PATH="$PATH:/usr/local/cuda/bin"
 deadline=${STRATA_GPU_DEADLINE:-540}
 # NVRTC: the toolkit's, or the PyPI wheel's that PyTorch ships with.
 nvrtc=$(ls /usr/local/cuda/lib64/libnvrtc.so.13 2>/dev/null || find / -name 'libnvrtc.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)
@@ -89,8 +95,38 @@ summary() {
         tail -5 "$1"
     fi
     grep -E "^test result|^test .*FAILED$" "$1" | tail -20
-    sed -n '/^failures:$/,/^test result/p' "$1" \
+    sed -n '/^failures:$/,/result:/p' "$1" \
         | grep -vE '^ +[0-9]+: |^ +at |^stack backtrace:|^note: .*backtrace' | head -60
+}
+
+# `each_test BIN LOG [--nocapture] [FILTER...]`: BIN's tests (those the FILTERs select), each in a
+# process of its own, so that a kernel fault, which poisons its process's CUDA context, costs its
+# own test only. LOG gets every test's output and one result line at the end, for `summary`.
+# Shares the section's limit; a test cut off by it counts as failed.
+each_test() {
+    local bin=$1 log=$2 extra="" t ok=0 failed=0
+    shift 2
+    if [ "${1:-}" = "--nocapture" ]; then extra=--nocapture; shift; fi
+    local end=$((SECONDS + limit))
+    : > "$log"
+    for t in $("$bin" --list --format terse "$@" 2>/dev/null | sed -n 's/: test$//p'); do
+        limit=$((end - SECONDS))
+        if [ "$limit" -lt 3 ]; then
+            echo "test $t ... FAILED (not run: the section's time is up)" > "$log.one"
+        else
+            limited "$bin" --exact "$t" --test-threads 1 $extra > "$log.one" 2>&1
+        fi
+        if grep -q "^test result: ok. 1 passed" "$log.one"; then
+            ok=$((ok + 1))
+        else
+            failed=$((failed + 1))
+            grep -q "^test result:\|(not run: " "$log.one" || echo "test $t ... FAILED (no result line: cut off or crashed)" >> "$log.one"
+        fi
+        sed -e 's/^test result:/  (one process) result:/' "$log.one" >> "$log"
+    done
+    rm -f "$log.one"
+    echo "test result: $ok passed; $failed failed (each test in a process of its own)" >> "$log"
+    [ "$failed" -eq 0 ]
 }
 
 # The emulator half of the tests ran in CI already: the GPU's minutes go to the GPU.
@@ -99,7 +135,7 @@ if section 60 "NVRTC: every kernel variant the runs below launch, compiled on al
     limited .gpu/gpu_bench precompile 2>&1 | tee "$out/precompile.log" || status=1
 fi
 if section 150 "kernel tests on the GPU at real sizes (mma.sync paths)"; then
-    STRATA_TEST_CUDA=1 limited .gpu/kernels_test --test-threads 1 > "$out/tests.log" 2>&1 || status=1
+    STRATA_TEST_CUDA=1 each_test .gpu/kernels_test "$out/tests.log" || status=1
     summary "$out/tests.log"
 fi
 if section 120 "benchmarks: strata and PyTorch in the same run"; then
@@ -109,22 +145,22 @@ if section 120 "benchmarks: strata and PyTorch in the same run"; then
 fi
 # A process of its own: a faulting wgmma (a wrong descriptor) poisons the CUDA context.
 if section 90 "wgmma on the GPU: the wrapper's self-test, then HConv forward and backward on wgmma"; then
-    STRATA_TEST_CUDA=1 STRATA_TEST_WGMMA=only limited .gpu/kernels_test --test-threads 1 warpgroup hconv > "$out/tests-wgmma.log" 2>&1 || status=1
+    STRATA_TEST_CUDA=1 STRATA_TEST_WGMMA=only each_test .gpu/kernels_test "$out/tests-wgmma.log" warpgroup hconv || status=1
     grep -E "^test " "$out/tests-wgmma.log"
     summary "$out/tests-wgmma.log"
+fi
+if section 60 "the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"; then
+    STRATA_TEST_CUDA=1 each_test .gpu/device_tape_test "$out/tests-tape.log" || status=1
+    summary "$out/tests-tape.log"
+fi
+if section 120 "whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head; the ML-SUPERB and ASR heads)"; then
+    STRATA_TEST_CUDA=1 each_test .gpu/device_step_test "$out/tests-step.log" --nocapture || status=1
+    grep -E " step [ 0-9]+:|worst.* rel" "$out/tests-step.log" | tail -30
+    summary "$out/tests-step.log"
 fi
 if section 60 "HConv and the training steps on the wgmma kernels (STRATA_TENSOR_CORES=wgmma), for comparison"; then
     { STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench step; } 2> "$out/wgmma.err" > "$out/wgmma.jsonl" || status=1
     python3 tools/gpu_table.py "$out/wgmma.jsonl" "$out/torch.jsonl" | tee "$out/table-wgmma.txt"
-fi
-if section 60 "the device tape on the GPU vs the CPU tape (multi-use values, parameter sinks, stack gradients)"; then
-    STRATA_TEST_CUDA=1 limited .gpu/device_tape_test > "$out/tests-tape.log" 2>&1 || status=1
-    summary "$out/tests-tape.log"
-fi
-if section 120 "whole training steps on the GPU vs the CPU path (HConv 20 steps; every interface x head; the ML-SUPERB and ASR heads)"; then
-    STRATA_TEST_CUDA=1 limited .gpu/device_step_test --nocapture > "$out/tests-step.log" 2>&1 || status=1
-    grep -E " step [ 0-9]+:|worst.* rel" "$out/tests-step.log" | tail -30
-    summary "$out/tests-step.log"
 fi
 if section 60 "strata demo on the GPU and on the CPU (same corpus, same init)"; then
     limited .gpu/strata demo --device cuda > "$out/demo-cuda.log" 2>&1 || status=1
