@@ -11,7 +11,8 @@
 // Three families of kernels:
 // - general (any sizes): 4 warps, a 64 x 64 tile of y, K 32 at a time through shared memory
 //   (out-of-range rows, columns and K zero-filled), mma.sync m16n8k16, fp32 accumulation;
-// - vectorized (_vec; c_in, c_out multiples of 8): 128 x 128 tiles, cp.async, ldmatrix, mma.sync;
+// - vectorized (_vec; c_in a multiple of 8, any c_out): 128 x 128 tiles, cp.async, ldmatrix,
+//   mma.sync;
 // - wgmma (_wgmma; the same tiles on Hopper's warpgroup MMA): only in this file's sm_90a build
 //   (STRATA_HAS_WGMMA), which the host compiles beside the sm_90 one.
 // Bias + ReLU (+ flatten) fused into every forward's epilogue.
@@ -576,11 +577,16 @@ extern "C" __global__ void hconv_conv_backward_weight(const HConvBwdParams p) {
 STRATA_EMU_ENTRY(hconv_conv_backward_weight, HConvBwdParams)
 
 // ---------------------------------------------------------------------------------------------
-// The vectorized backward, for c_in % 8 == 0 and c_out % 8 == 0. First the ReLU mask (and the
-// un-flatten of the last conv) in one elementwise pass, dpre = y > 0 ? dy : 0 as [n, l_out, c_out];
-// then both GEMMs stream 16-byte chunks with cp.async like the vectorized forward. Operands whose
+// The vectorized backward, for c_in % 8 == 0. First the ReLU mask (and the un-flatten of the last
+// conv) in one elementwise pass, dpre = y > 0 ? dy : 0 as [n, l_out, hc_pitch(c_out)]; then both
+// GEMMs stream 16-byte chunks with cp.async like the vectorized forward. Operands whose
 // natural layout is [k][m] or [k][n] (W for dx; dpre and the im2col rows for dW) are staged as they
 // lie and read with ldmatrix.trans.
+// dpre's row pitch: c_out rounded up to 8 channels, so that every 16-byte chunk of a row is aligned
+// and within one tap of dx's K = (kw, co) for any c_out (HConv's D / 3 channels, 341 for a
+// 1024-wide stack, or a Linear layer's classes). The pad channels hold zeros.
+__device__ __forceinline__ int hc_pitch(int c_out) { return (c_out + 7) & ~7; }
+
 struct HConvMaskParams {
     const bf16* y;
     const bf16* dy;
@@ -589,14 +595,17 @@ struct HConvMaskParams {
 };
 
 extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
-    const int64_t total = (int64_t)p.n * p.l_out * p.c_out;
+    const int pitch = hc_pitch(p.c_out);
+    const int64_t total = (int64_t)p.n * p.l_out * pitch;
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        const int co = (int)(e % p.c_out);
-        const int64_t fl = e / p.c_out;
-        const int64_t at = p.flatten ? (fl / p.l_out * p.c_out + co) * p.l_out + fl % p.l_out : e;
-        bf16 v = p.dy[at];
-        if (p.relu) {
-            if (!hc_relu_passes(p.y[at])) v.bits = 0;
+        const int co = (int)(e % pitch);
+        const int64_t fl = e / pitch;
+        bf16 v;
+        v.bits = 0;
+        if (co < p.c_out) {
+            const int64_t at = p.flatten ? (fl / p.l_out * p.c_out + co) * p.l_out + fl % p.l_out : fl * p.c_out + co;
+            v = p.dy[at];
+            if (p.relu && !hc_relu_passes(p.y[at])) v.bits = 0;
         }
         p.dpre[e] = v;
     }
@@ -625,19 +634,20 @@ struct HcDataRows {
     // dpre's chunk (8 output channels from co) for row j at K index k = (kw, co): the output
     // position lo with lo * stride - pad + kw = li, where there is one.
     __device__ __forceinline__ const bf16* src(const HConvBwdParams& p, int j, int k, int kw, int co, int K, int l_out,
-                                               int c_out, int stride, int pad, bool* valid) const {
+                                               int pitch, int stride, int pad, bool* valid) const {
         const int num = li[j] + pad - kw;
         const int lo = num / stride;
         *valid = ok[j] && k < K && num >= 0 && num % stride == 0 && lo < l_out;
-        return *valid ? p.dy + (frame[j] * l_out + lo) * c_out + co : p.dy;
+        return *valid ? p.dy + (frame[j] * l_out + lo) * pitch + co : p.dy;
     }
 };
 
-// dx's B: W's chunk (8 input channels from ci) at K index kb = (kw, co).
+// dx's B: W's chunk (8 input channels from ci) at K index kb = (kw, co), co < pitch; the pad
+// channels' rows (co >= c_out) are zeros.
 __device__ __forceinline__ const bf16* hc_w_chunk(const HConvBwdParams& p, int kb, int ci, int K, int KW, int c_in,
-                                                  int c_out, bool* valid) {
-    const int kw = kb / c_out, co = kb - kw * c_out;
-    *valid = kb < K && ci < c_in;
+                                                  int c_out, int pitch, bool* valid) {
+    const int kw = kb / pitch, co = kb - kw * pitch;
+    *valid = kb < K && ci < c_in && co < c_out;
     return *valid ? p.w + (int64_t)co * KW + kw * c_in + ci : p.w;
 }
 
@@ -684,20 +694,21 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
     const int64_t rows = (int64_t)p.n * l_in;
     const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
-    const int K = kernel * c_out, KW = kernel * c_in;
+    const int pitch = hc_pitch(c_out);
+    const int K = kernel * pitch, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
     const HcDataRows a_rows(rows, row0, l_in);
     auto stage = [&](int buf, int64_t step) {
         const int k0 = (int)step * HV_BK, k = k0 + kc;
-        const int kw = k / c_out, co = k - kw * c_out;
+        const int kw = k / pitch, co = k - kw * pitch;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             bool va, vb;
-            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, c_out, stride, pad, &va);
+            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, pitch, stride, pad, &va);
             cp_async16(&as[buf][tid / 4 + 64 * j][kc], a, va);
             // W as [k][ci]: k-row c / 16, 8 channels at 8 (c % 16).
             const int c = tid + 256 * j, krow = c / 16;
-            const bf16* b = hc_w_chunk(p, k0 + krow, col0 + (c % 16) * 8, K, KW, c_in, c_out, &vb);
+            const bf16* b = hc_w_chunk(p, k0 + krow, col0 + (c % 16) * 8, K, KW, c_in, c_out, pitch, &vb);
             cp_async16(&bt[buf][krow][(c % 16) * 8], b, vb);
         }
         cp_async_commit();
@@ -737,7 +748,7 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
     const int64_t R = (int64_t)p.n * l_out;
     const int co0 = blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
-    const int KW = kernel * c_in;
+    const int KW = kernel * c_in, pitch = hc_pitch(c_out);
     const bool bias_block = blockIdx.x == 0;
     const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
     const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
@@ -748,7 +759,7 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
             const int64_t r = r0 + krow;
             const int co = co0 + off;
             const bool va = r < r_end && co < c_out;
-            cp_async16(&at[buf][krow][off], va ? p.dy + r * c_out + co : p.dy, va);
+            cp_async16(&at[buf][krow][off], va ? p.dy + r * pitch + co : p.dy, va);
             bool vb;
             const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + off, KW, l_in, c_in, l_out, stride, pad, &vb);
             cp_async16(&bt[buf][krow][off], src, vb);
@@ -801,19 +812,20 @@ extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p
     const int64_t rows = (int64_t)p.n * l_in;
     const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
-    const int K = kernel * c_out, KW = kernel * c_in;
+    const int pitch = hc_pitch(c_out);
+    const int K = kernel * pitch, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
     const HcDataRows a_rows(rows, row0, l_in);
     auto stage = [&](int buf, int64_t step) {
         const int k0 = (int)step * HV_BK, k = k0 + kc;
-        const int kw = k / c_out, co = k - kw * c_out;
+        const int kw = k / pitch, co = k - kw * pitch;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             bool va, vb;
-            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, c_out, stride, pad, &va);
+            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, pitch, stride, pad, &va);
             cp_async16(&as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)], a, va);
             const int c = tid + 256 * j, kr = hw_mn_k(c), n8 = hw_mn_rows(c);
-            const bf16* b = hc_w_chunk(p, k0 + kr, col0 + n8, K, KW, c_in, c_out, &vb);
+            const bf16* b = hc_w_chunk(p, k0 + kr, col0 + n8, K, KW, c_in, c_out, pitch, &vb);
             cp_async16(&bs[buf][hw_mn_offset(n8, kr)], b, vb);
         }
         cp_async_commit();
@@ -846,7 +858,7 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
     const int64_t R = (int64_t)p.n * l_out;
     const int co0 = blockIdx.y * HV_BM;
     const int col0 = blockIdx.x * HV_BN;
-    const int KW = kernel * c_in;
+    const int KW = kernel * c_in, pitch = hc_pitch(c_out);
     const bool bias_block = blockIdx.x == 0;
     const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
     const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
@@ -859,7 +871,7 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
             const int at = hw_mn_offset(m8, kr);
             const int co = co0 + m8;
             const bool va = r < r_end && co < c_out;
-            cp_async16(&as[buf][at], va ? p.dy + r * c_out + co : p.dy, va);
+            cp_async16(&as[buf][at], va ? p.dy + r * pitch + co : p.dy, va);
             bool vb;
             const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + m8, KW, l_in, c_in, l_out, stride, pad, &vb);
             cp_async16(&bs[buf][at], src, vb);

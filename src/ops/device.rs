@@ -772,7 +772,7 @@ fn conv_backward(
     let l_out = g.l_out();
     let big = (n * g.l_in).div_ceil(64) > 65535
         || g.c_out.div_ceil(64) > 65535
-        || (g.kernel * g.c_in.max(g.c_out)) > i32::MAX as usize;
+        || (g.kernel * g.c_in.max(g.c_out.next_multiple_of(8))) > i32::MAX as usize;
     if big {
         return Err(Error::shape(
             KD,
@@ -816,9 +816,11 @@ fn conv_backward(
         split: 1,
         relu: saved.relu_out.is_some() as i32,
     };
-    if g.c_in.is_multiple_of(8) && g.c_out.is_multiple_of(8) {
-        // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre.
-        let total = n * l_out * g.c_out;
+    if g.c_in.is_multiple_of(8) {
+        // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre, whose rows
+        // are padded to 8 channels (kernels/hconv.cu's hc_pitch: HConv's D / 3 channels, a
+        // Linear layer's classes).
+        let total = n * l_out * g.c_out.next_multiple_of(8);
         let dpre = be.output::<bf16>(total)?;
         let mp = HConvMaskParams {
             y: p.y,
