@@ -230,14 +230,22 @@ fn main() -> std::process::ExitCode {
         for (name, l, d) in [("base", 13usize, 768usize), ("large", 25, 1024)] {
             let n = 32 * 500;
             let plan = strata::models::interface::hconv_plan(l, d, 5, 3).unwrap();
-            let x = be.upload(&vec![bf16::from_f32(0.5); n * l * d]).unwrap();
+            // Random data, as PyTorch's side draws (tensor cores can run faster on constants).
+            let mut rng = strata::rng::Rng::new(17);
+            let random_bf16 = |rng: &mut strata::rng::Rng, len: usize, scale: f32| -> Vec<bf16> {
+                (0..len)
+                    .map(|_| bf16::from_f32(scale * rng.normal()))
+                    .collect()
+            };
+            let x = be.upload(&random_bf16(&mut rng, n * l * d, 1.0)).unwrap();
             let mut layers = Vec::new();
             let (macs, dx_macs) = hconv_macs(&plan);
             for g in &plan.convs {
-                let w = vec![0.01f32; g.c_out * g.c_in * g.kernel];
+                let bound = 1.0 / ((g.c_in * g.kernel) as f64).sqrt();
+                let w = rng.uniform_vec(g.c_out * g.c_in * g.kernel, bound);
                 layers.push((
                     be.upload(&device::hconv_weight_for_kernel(&w, g)).unwrap(),
-                    be.upload(&vec![0.0f32; g.c_out]).unwrap(),
+                    be.upload(&rng.uniform_vec(g.c_out, bound)).unwrap(),
                 ));
             }
             let t = time_ms(&be, &mut flush, || {
@@ -281,7 +289,7 @@ fn main() -> std::process::ExitCode {
                 })
                 .collect();
             let dout = be
-                .upload(&vec![bf16::from_f32(0.01); n * plan.output_dim()])
+                .upload(&random_bf16(&mut rng, n * plan.output_dim(), 0.01))
                 .unwrap();
             let t = time_ms(&be, &mut flush, || {
                 let mut acts = Vec::new();
@@ -325,6 +333,40 @@ fn main() -> std::process::ExitCode {
                 "{{\"name\": \"hconv_{name}_fwd_bwd\", \"ms\": {t:.4}, \"flops\": {}}}",
                 2 * (2 * macs + dx_macs) * n
             );
+            // The backward conv by conv, dW + db alone and with dx: which launch the time goes to.
+            let mut acts: Vec<Buf<bf16>> = Vec::new();
+            for (i, g) in plan.convs.iter().enumerate() {
+                let input = if i == 0 { &x } else { &acts[i - 1] };
+                let last = i + 1 == plan.convs.len();
+                let h =
+                    device::hconv_conv_forward(&be, input, n, g, &layers[i].0, &layers[i].1, last)
+                        .unwrap();
+                acts.push(h);
+            }
+            for (i, g) in plan.convs.iter().enumerate() {
+                let saved = device::HConvSaved {
+                    x: if i == 0 { &x } else { &acts[i - 1] },
+                    y: &acts[i],
+                    w: &layers[i].0,
+                    flatten: i + 1 == plan.convs.len(),
+                };
+                let dy = be
+                    .upload(&random_bf16(&mut rng, n * g.l_out() * g.c_out, 0.01))
+                    .unwrap();
+                let conv_macs = n * g.l_out() * g.c_out * g.c_in * g.kernel;
+                for want_dx in [false, true] {
+                    let t = time_ms(&be, &mut flush, || {
+                        let grads = (&grads[i].0, &grads[i].1);
+                        device::hconv_conv_backward(&be, &saved, n, g, &dy, grads, want_dx)
+                            .unwrap();
+                    });
+                    println!(
+                        "{{\"name\": \"hconv_{name}_bwd_conv{i}_{}\", \"ms\": {t:.4}, \"flops\": {}}}",
+                        if want_dx { "dw_dx" } else { "dw" },
+                        2 * conv_macs * (1 + want_dx as usize)
+                    );
+                }
+            }
         }
     }
     // CTC loss + gradient (one call: upload of the targets, the kernel, the per-utterance losses
