@@ -832,6 +832,7 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
                 "{} {path:?} n={n} L={l} D={d} k={kernel} s={stride}",
                 be.name()
             );
+            let started = std::time::Instant::now();
             let plan = hconv_plan(l, d, kernel, stride).unwrap();
             // The naive bf16 reference is a scalar loop: only where it takes seconds at most.
             let with_naive = n * l * d * d * kernel < 2_000_000_000;
@@ -958,6 +959,8 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
                 dy_host = got_dx;
                 dy = dx;
             }
+            // Seen on the GPU script's log (--nocapture), where a slow case would otherwise hide.
+            eprintln!("{tag}: {:.1} s", started.elapsed().as_secs_f64());
         }
     }
 }
