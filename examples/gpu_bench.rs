@@ -41,6 +41,22 @@ fn time_ms(be: &Backend, flush: &mut CudaSlice<f32>, mut f: impl FnMut()) -> f64
     times[times.len() / 2]
 }
 
+/// A profile's kernels, the largest first, with their share of the summed kernel time, against the
+/// step's timed median (the difference: launch gaps, copies and host work).
+fn print_profile(label: &str, timed_ms: f64, kernels: &[strata::runtime::cuda::KernelTime]) {
+    let total: f64 = kernels.iter().map(|k| k.ms).sum();
+    eprintln!("profile {label}: kernels {total:.3} ms of GPU time in one step; the step's timed median {timed_ms:.3} ms");
+    for k in kernels.iter().take(15) {
+        eprintln!(
+            "  {:<36} {:>5} launches {:>9.3} ms {:>5.1}%",
+            k.kernel,
+            k.launches,
+            k.ms,
+            100.0 * k.ms / total.max(1e-12)
+        );
+    }
+}
+
 /// Multiply-adds of HConv's convs per frame: (all convs, the convs after the first). Forward costs
 /// the first; a frozen-upstream backward costs the first again (dW) plus the second (dx).
 fn hconv_macs(plan: &strata::models::interface::HConvPlan) -> (usize, usize) {
@@ -513,16 +529,23 @@ fn main() -> std::process::ExitCode {
             ),
             ("step_cls_base", l, d, (cls, ("flops", cls_flops))),
         ];
-        // One step's time for `pair` over an [n, l, d] stack.
+        // One step's time for `pair` over an [n, l, d] stack; with STRATA_PROFILE=1 also one more
+        // step's GPU time per kernel, on stderr.
         let mut time_step = |pair: &Pair, l: usize, d: usize| {
             let mut dev = strata::train::device_step::DevicePair::from_pair(&be, pair).unwrap();
             let x: Vec<bf16> = (0..n * l * d)
                 .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.1))
                 .collect();
             let x0 = be.upload(&x).unwrap();
-            time_ms(&be, &mut flush, || {
+            let ms = time_ms(&be, &mut flush, || {
                 dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
-            })
+            });
+            if std::env::var("STRATA_PROFILE").is_ok_and(|v| v == "1") {
+                rt.profile_start();
+                dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
+                print_profile(&pair.name, ms, &rt.profile_take().unwrap());
+            }
+            ms
         };
         for (name, l, d, (kind, (metric, amount))) in rows {
             let pair = Pair::new(

@@ -15,7 +15,7 @@
 # section costs its own result, not the ones after it, and the script always ends with its
 # summary. Every log is kept under $OUT.
 #
-# When its device-step tests and the demo on cuda agree with the CPU, set
+# When its kernel tests, device-step tests and the demo on cuda agree with the CPU, set
 # strata::train::device_step::VERIFIED_ON_GPU so that `--device auto` uses the GPU. When the wgmma
 # self-test and the wgmma HConv test pass (kernel tests) and its table beats mma.sync's, set
 # strata::ops::device::WGMMA_VERIFIED_ON_GPU.
@@ -164,6 +164,10 @@ if section 120 "whole training steps on the GPU vs the CPU path (HConv 20 steps;
     STRATA_TEST_CUDA=1 each_test .gpu/device_step_test "$out/tests-step.log" || status=1
     grep -E " step [ 0-9]+:|worst.* rel" "$out/tests-step.log" | tail -30
     summary "$out/tests-step.log"
+fi
+if section 60 "per-kernel GPU time of one training step of each row (STRATA_PROFILE=1 gpu_bench step)"; then
+    STRATA_PROFILE=1 limited .gpu/gpu_bench step > /dev/null 2> "$out/profile-steps.txt" || status=1
+    grep -A6 "^profile" "$out/profile-steps.txt"
 fi
 if section 60 "HConv and the training steps on the wgmma kernels (STRATA_TENSOR_CORES=wgmma), for comparison"; then
     { STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench step; } 2> "$out/wgmma.err" > "$out/wgmma.jsonl" || status=1

@@ -2610,3 +2610,41 @@ fn lstm_step_kernels_match_the_cpu_reference() {
         }
     }
 }
+
+/// A profile (CudaRuntime::profile_start / profile_take, what `STRATA_PROFILE=1 gpu_bench step`
+/// prints) counts each kernel's launches and gives each a GPU time; GPU only.
+#[test]
+fn a_profile_counts_each_kernels_launches() {
+    for be in backends() {
+        let Backend::Cuda(rt) = &be else { continue };
+        let x = be.upload(&randn(1 << 20, 5)).unwrap();
+        rt.profile_start();
+        for seed in 0..3 {
+            device::dropout(&be, &x, 0.1, seed).unwrap();
+        }
+        let layers = LayerSumShape {
+            n: 1024,
+            l: 4,
+            d: 256,
+            first: 0,
+            k: 4,
+            normalize: false,
+        };
+        let stack = be.upload(&to_bf16(&randn(1024 * 4 * 256, 6))).unwrap();
+        let w = be.upload(&[0.1f32, 0.2, 0.3, 0.4]).unwrap();
+        device::layer_sum_forward(&be, &stack, &w, layers).unwrap();
+        let profile = rt.profile_take().unwrap();
+        let launches = |k: &str| profile.iter().find(|t| t.kernel == k).map(|t| t.launches);
+        assert_eq!(launches("dropout_apply"), Some(3), "{profile:?}");
+        assert_eq!(launches("layer_sum_forward"), Some(1), "{profile:?}");
+        assert!(
+            profile.iter().all(|t| t.ms > 0.0 && t.ms.is_finite()),
+            "{profile:?}"
+        );
+        assert!(
+            profile.windows(2).all(|p| p[0].ms >= p[1].ms),
+            "largest first"
+        );
+        assert!(rt.profile_take().unwrap().is_empty(), "the profile ended");
+    }
+}

@@ -9,7 +9,9 @@
 //! corrupt or stale entry is recompiled, never trusted.
 
 use super::kernels::{self, KernelFile};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,20 @@ pub struct CudaRuntime {
     pub device_name: String,
     /// The GPU's compute capability: kernels compiled for exactly it load as machine code.
     capability: (i32, i32),
+    /// Each launch's kernel and start / end events while a profile is taken
+    /// ([`CudaRuntime::profile_start`] .. [`CudaRuntime::profile_take`]).
+    profile: Mutex<Option<Vec<TimedLaunch>>>,
+}
+
+/// A profiled launch: the kernel and the events recorded before and after it.
+type TimedLaunch = (&'static str, CudaEvent, CudaEvent);
+
+/// One kernel's share of a profile: its launches and their summed GPU time.
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    pub kernel: &'static str,
+    pub launches: usize,
+    pub ms: f64,
 }
 
 /// The compute capability a real target names: "sm_90" and "sm_90a" are (9, 0).
@@ -361,6 +377,7 @@ impl CudaRuntime {
             ctx,
             stream,
             functions: Mutex::new(HashMap::new()),
+            profile: Mutex::new(None),
             device_name,
             capability,
         })
@@ -440,12 +457,66 @@ impl CudaRuntime {
         };
         let mut b = self.stream.launch_builder(&f);
         b.arg(params);
+        let mut profile = self
+            .profile
+            .lock()
+            .map_err(|_| "profile lock poisoned".to_string())?;
+        let event = || {
+            let e = self
+                .ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| format!("profiling {kernel}: {e}"))?;
+            e.record(&self.stream)
+                .map_err(|e| format!("profiling {kernel}: {e}"))?;
+            Ok::<_, String>(e)
+        };
+        let start = profile.is_some().then(event).transpose()?;
         // SAFETY: `params` mirrors the kernel's parameter struct (KernelParams) and its pointers
         // are live device allocations of the sizes the kernel reads (the typed wrappers' contract).
         unsafe { b.launch(cfg) }.map_err(|e| {
             format!("launch of {kernel} (grid {grid:?}, block {block:?}) failed: {e}")
         })?;
+        if let (Some(list), Some(start)) = (profile.as_mut(), start) {
+            list.push((kernel, start, event()?));
+        }
         Ok(())
+    }
+
+    /// Starts timing every launch on the GPU (an event pair around each; for profiles, not for
+    /// timed runs: the events cost launch time).
+    pub fn profile_start(&self) {
+        if let Ok(mut p) = self.profile.lock() {
+            *p = Some(Vec::new());
+        }
+    }
+
+    /// Ends the profile: per kernel, its launches and summed GPU time, the largest first.
+    pub fn profile_take(&self) -> Result<Vec<KernelTime>, String> {
+        let taken = self
+            .profile
+            .lock()
+            .map_err(|_| "profile lock poisoned".to_string())?
+            .take()
+            .unwrap_or_default();
+        let mut by_kernel: Vec<KernelTime> = Vec::new();
+        for (kernel, start, end) in taken {
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(|e| format!("profile of {kernel}: {e}"))? as f64;
+            match by_kernel.iter_mut().find(|k| k.kernel == kernel) {
+                Some(k) => {
+                    k.launches += 1;
+                    k.ms += ms;
+                }
+                None => by_kernel.push(KernelTime {
+                    kernel,
+                    launches: 1,
+                    ms,
+                }),
+            }
+        }
+        by_kernel.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(by_kernel)
     }
 }
 
