@@ -615,40 +615,71 @@ STRATA_EMU_ENTRY(hconv_relu_mask, HConvMaskParams)
 // Operand sources shared by the vectorized backward kernels (mma.sync and wgmma), each a 16-byte
 // chunk and whether it exists (a missing one is copied as zeros).
 
-// dx's A rows: thread tid stages rows tid / 4 and tid / 4 + 64 of the tile, (frame, li) each.
+// dx by phase. Input position li receives gradient only from the taps kw with
+// kw = (li + pad) mod stride (mod stride): with kernel 5, stride 3 two taps of five, or one. So the
+// rows (frame, li) are grouped by their phase ph = (li + pad) % stride, each block's 128 rows of
+// one phase (blockIdx.y runs through the phases' tiles in order), and its K runs over that phase's
+// taps kw = ph + stride * j only: a third of the MACs of every tap against every row, whose
+// other products were zeros. Phase ph holds li = li0, li0 + stride, ... (`count` of them) of
+// every frame.
+struct HcDxPhase {
+    int ph, li0, count, taps;
+    int64_t row0;  // the block's first row among the phase's n * count
+};
+
+__device__ __forceinline__ HcDxPhase hc_dx_phase(int64_t n, int l_in, int kernel, int stride, int pad) {
+    int64_t tile = blockIdx.y;
+    for (int ph = 0; ph < stride; ++ph) {
+        const int li0 = ((ph - pad) % stride + stride) % stride;
+        const int count = li0 < l_in ? (l_in - li0 + stride - 1) / stride : 0;
+        const int64_t tiles = (n * count + HV_BM - 1) / HV_BM;
+        if (tile < tiles) return {ph, li0, count, ph < kernel ? (kernel - ph + stride - 1) / stride : 0, tile * HV_BM};
+        tile -= tiles;
+    }
+    return {0, 0, 0, 0, 0};  // past the last tile: no rows
+}
+
+// Row r of a phase as the stack row f * l_in + li, or -1 past the phase's rows.
+__device__ __forceinline__ int64_t hc_dx_row(const HcDxPhase& q, int64_t n, int64_t r, int l_in, int stride) {
+    if (q.count == 0 || r >= n * q.count) return -1;
+    const int64_t f = r / q.count;
+    return f * l_in + q.li0 + stride * (int)(r - f * q.count);
+}
+
+// dx's A rows: thread tid stages rows tid / 4 and tid / 4 + 64 of the block's phase tile.
 struct HcDataRows {
     int64_t frame[2];
     int li[2];
     bool ok[2];
 
-    __device__ __forceinline__ HcDataRows(int64_t rows, int64_t row0, int l_in) {
+    __device__ __forceinline__ HcDataRows(const HcDxPhase& q, int64_t n, int l_in, int stride) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int64_t r = row0 + threadIdx.x / 4 + 64 * j;
-            ok[j] = r < rows;
-            frame[j] = ok[j] ? r / l_in : 0;
-            li[j] = ok[j] ? (int)(r % l_in) : 0;
+            const int64_t row = hc_dx_row(q, n, q.row0 + threadIdx.x / 4 + 64 * j, l_in, stride);
+            ok[j] = row >= 0;
+            frame[j] = ok[j] ? row / l_in : 0;
+            li[j] = ok[j] ? (int)(row % l_in) : 0;
         }
     }
 
-    // dpre's chunk (8 output channels from co) for row j at K index k = (kw, co): the output
+    // dpre's chunk (8 output channels from co) for row j at tap kw (one of the phase's): the output
     // position lo with lo * stride - pad + kw = li, where there is one.
-    __device__ __forceinline__ const bf16* src(const HConvBwdParams& p, int j, int k, int kw, int co, int K, int l_out,
+    __device__ __forceinline__ const bf16* src(const HConvBwdParams& p, int j, bool in_k, int kw, int co, int l_out,
                                                int pitch, int stride, int pad, bool* valid) const {
         const int num = li[j] + pad - kw;
         const int lo = num / stride;
-        *valid = ok[j] && k < K && num >= 0 && num % stride == 0 && lo < l_out;
+        *valid = ok[j] && in_k && num >= 0 && lo < l_out;
         return *valid ? p.dy + (frame[j] * l_out + lo) * pitch + co : p.dy;
     }
 };
 
-// dx's B: W's chunk (8 input channels from ci) at K index kb = (kw, co), co < pitch; the pad
-// channels' rows (co >= c_out) are zeros.
-__device__ __forceinline__ const bf16* hc_w_chunk(const HConvBwdParams& p, int kb, int ci, int K, int KW, int c_in,
-                                                  int c_out, int pitch, bool* valid) {
-    const int kw = kb / pitch, co = kb - kw * pitch;
+// dx's B: W's chunk (8 input channels from ci) at the phase's K index kb = (j, co), tap
+// kw = ph + stride * j, co < pitch; the pad channels' rows (co >= c_out) are zeros.
+__device__ __forceinline__ const bf16* hc_w_chunk(const HConvBwdParams& p, const HcDxPhase& q, int kb, int ci, int K,
+                                                  int KW, int c_in, int c_out, int pitch, int stride, bool* valid) {
+    const int j = kb / pitch, co = kb - j * pitch;
     *valid = kb < K && ci < c_in && co < c_out;
-    return *valid ? p.w + (int64_t)co * KW + kw * c_in + ci : p.w;
+    return *valid ? p.w + (int64_t)co * KW + (q.ph + stride * j) * c_in + ci : p.w;
 }
 
 // dW's B: the im2col chunk at row r = (frame, lo), column k = (kw, ci) (8 channels from ci).
@@ -684,31 +715,31 @@ __device__ __forceinline__ void hc_db_store(const HConvBwdParams& p, int co0, fl
         p.db[co] += v;
 }
 
-// dx (dy = dpre here; y and flatten unused): rows (f, li), cols ci, K = (kw, co).
+// dx (dy = dpre here; y and flatten unused): rows (f, li) of one phase, cols ci, K = the phase's
+// (kw, co) (HcDxPhase).
 extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) {
     HC_GEOMETRY
     __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
     __align__(16) __shared__ bf16 bt[2][HV_BK][HV_LDT];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
-    const int64_t rows = (int64_t)p.n * l_in;
-    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const HcDxPhase q = hc_dx_phase(p.n, l_in, kernel, stride, pad);
     const int col0 = blockIdx.x * HV_BN;
     const int pitch = hc_pitch(c_out);
-    const int K = kernel * pitch, KW = kernel * c_in;
+    const int K = q.taps * pitch, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    const HcDataRows a_rows(rows, row0, l_in);
+    const HcDataRows a_rows(q, p.n, l_in, stride);
     auto stage = [&](int buf, int64_t step) {
         const int k0 = (int)step * HV_BK, k = k0 + kc;
-        const int kw = k / pitch, co = k - kw * pitch;
+        const int jt = k / pitch, co = k - jt * pitch, kw = q.ph + stride * jt;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             bool va, vb;
-            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, pitch, stride, pad, &va);
+            const bf16* a = a_rows.src(p, j, k < K, kw, co, l_out, pitch, stride, pad, &va);
             cp_async16(&as[buf][tid / 4 + 64 * j][kc], a, va);
             // W as [k][ci]: k-row c / 16, 8 channels at 8 (c % 16).
             const int c = tid + 256 * j, krow = c / 16;
-            const bf16* b = hc_w_chunk(p, k0 + krow, col0 + (c % 16) * 8, K, KW, c_in, c_out, pitch, &vb);
+            const bf16* b = hc_w_chunk(p, q, k0 + krow, col0 + (c % 16) * 8, K, KW, c_in, c_out, pitch, stride, &vb);
             cp_async16(&bt[buf][krow][(c % 16) * 8], b, vb);
         }
         cp_async_commit();
@@ -729,9 +760,9 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
         for (int nj = 0; nj < 4; ++nj) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
+                const int64_t row = hc_dx_row(q, p.n, q.row0 + wm * 64 + mi * 16 + g + 8 * (r / 2), l_in, stride);
                 const int ci = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (row < rows && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[mi][nj][r]);
+                if (row >= 0 && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[mi][nj][r]);
             }
         }
     }
@@ -802,30 +833,30 @@ STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)
 // pipeline; the operands the mma.sync kernels read with ldmatrix.trans are MN-major here (the
 // wgmma transpose flags), staged as hw_mn_offset lays them out.
 
-// dx (dy = dpre): rows (f, li), cols ci, K = (kw, co). A: the gathered dpre rows, K-major; B: W as
+// dx (dy = dpre): rows (f, li) of one phase, cols ci, K = the phase's (kw, co) (HcDxPhase). A: the
+// gathered dpre rows, K-major; B: W as
 // [k][ci], MN-major.
 extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p) {
     HC_GEOMETRY
     __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
     __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
-    const int64_t rows = (int64_t)p.n * l_in;
-    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const HcDxPhase q = hc_dx_phase(p.n, l_in, kernel, stride, pad);
     const int col0 = blockIdx.x * HV_BN;
     const int pitch = hc_pitch(c_out);
-    const int K = kernel * pitch, KW = kernel * c_in;
+    const int K = q.taps * pitch, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    const HcDataRows a_rows(rows, row0, l_in);
+    const HcDataRows a_rows(q, p.n, l_in, stride);
     auto stage = [&](int buf, int64_t step) {
         const int k0 = (int)step * HV_BK, k = k0 + kc;
-        const int kw = k / pitch, co = k - kw * pitch;
+        const int jt = k / pitch, co = k - jt * pitch, kw = q.ph + stride * jt;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             bool va, vb;
-            const bf16* a = a_rows.src(p, j, k, kw, co, K, l_out, pitch, stride, pad, &va);
+            const bf16* a = a_rows.src(p, j, k < K, kw, co, l_out, pitch, stride, pad, &va);
             cp_async16(&as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)], a, va);
             const int c = tid + 256 * j, kr = hw_mn_k(c), n8 = hw_mn_rows(c);
-            const bf16* b = hc_w_chunk(p, k0 + kr, col0 + n8, K, KW, c_in, c_out, pitch, &vb);
+            const bf16* b = hc_w_chunk(p, q, k0 + kr, col0 + n8, K, KW, c_in, c_out, pitch, stride, &vb);
             cp_async16(&bs[buf][hw_mn_offset(n8, kr)], b, vb);
         }
         cp_async_commit();
@@ -839,9 +870,9 @@ extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p
         for (int j = 0; j < 8; ++j) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int64_t row = row0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
+                const int64_t row = hc_dx_row(q, p.n, q.row0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2), l_in, stride);
                 const int ci = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
-                if (row < rows && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[h][4 * j + r]);
+                if (row >= 0 && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[h][4 * j + r]);
             }
         }
     }

@@ -692,6 +692,22 @@ pub fn weight_grad_split(rows: usize, g: &ConvGeom) -> (usize, usize) {
     (rows.div_ceil(per.max(1)).max(1), per.max(32))
 }
 
+/// The vectorized dx kernels' row tiles: the input positions li of each phase
+/// (li + pad) % stride, for every frame, in tiles of 128 rows (kernels/hconv.cu's hc_dx_phase).
+pub fn dx_phase_tiles(n: usize, g: &ConvGeom) -> usize {
+    (0..g.stride)
+        .map(|ph| {
+            let li0 = (ph + g.stride - g.pad % g.stride) % g.stride;
+            let count = if li0 < g.l_in {
+                (g.l_in - li0).div_ceil(g.stride)
+            } else {
+                0
+            };
+            (n * count).div_ceil(128)
+        })
+        .sum()
+}
+
 /// Buffers of one conv's forward, for its backward.
 pub struct HConvSaved<'a> {
     /// The conv's input x [n, l_in, c_in] and its (post-ReLU) output y, flattened when `flatten`.
@@ -882,11 +898,8 @@ fn conv_backward(
             }
         }
         if dx.is_some() {
-            let grid_d = (
-                g.c_in.div_ceil(128) as u32,
-                (n * g.l_in).div_ceil(128) as u32,
-                1,
-            );
+            // Row tiles by phase (kernels/hconv.cu's HcDxPhase): each phase's rows in tiles of 128.
+            let grid_d = (g.c_in.div_ceil(128) as u32, dx_phase_tiles(n, g) as u32, 1);
             let d = hconv_defines(g);
             be.launch_specialized(data_kernel, &d, grid_d, (256, 1, 1), 0, &pv)?;
         }
