@@ -615,13 +615,13 @@ STRATA_EMU_ENTRY(hconv_relu_mask, HConvMaskParams)
 // Operand sources shared by the vectorized backward kernels (mma.sync and wgmma), each a 16-byte
 // chunk and whether it exists (a missing one is copied as zeros).
 
-// dx by phase. Input position li receives gradient only from the taps kw with
-// kw = (li + pad) mod stride (mod stride): with kernel 5, stride 3 two taps of five, or one. So the
-// rows (frame, li) are grouped by their phase ph = (li + pad) % stride, each block's 128 rows of
-// one phase (blockIdx.y runs through the phases' tiles in order), and its K runs over that phase's
-// taps kw = ph + stride * j only: a third of the MACs of every tap against every row, whose
-// other products were zeros. Phase ph holds li = li0, li0 + stride, ... (`count` of them) of
-// every frame.
+// dx by phase. Input position li receives gradient only from the taps kw = li + pad (mod stride)
+// (those put it at an output position lo * stride): with kernel 5, stride 3 two taps of five, or
+// one. So the rows (frame, li) are grouped by their phase ph = (li + pad) % stride, each block's
+// 128 rows of one phase (blockIdx.y runs through the phases' tiles in order), and its K runs over
+// that phase's taps kw = ph + stride * j only: a third of the MACs of every tap against every
+// row, whose other products were zeros. Phase ph holds li = li0, li0 + stride, ... (`count` of
+// them) of every frame.
 struct HcDxPhase {
     int ph, li0, count, taps;
     int64_t row0;  // the block's first row among the phase's n * count
@@ -834,8 +834,7 @@ STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)
 // wgmma transpose flags), staged as hw_mn_offset lays them out.
 
 // dx (dy = dpre): rows (f, li) of one phase, cols ci, K = the phase's (kw, co) (HcDxPhase). A: the
-// gathered dpre rows, K-major; B: W as
-// [k][ci], MN-major.
+// gathered dpre rows, K-major; B: W as [k][ci], MN-major.
 extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p) {
     HC_GEOMETRY
     __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
