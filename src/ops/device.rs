@@ -681,13 +681,21 @@ pub fn hconv_weight_grad_to_torch(dw: &[f32], g: &ConvGeom) -> Vec<f32> {
 }
 
 /// How the vectorized weight-gradient kernel splits its reduction over `rows` (frames x output
-/// positions): enough chunks to give ~2 blocks per SM of an H100 (132 SMs) when the dW tiles alone
-/// are fewer, each chunk at least 64 steps of 32 rows, at most 8. A function of the shape only, so
-/// the result is bitwise the same on every GPU. Returns (chunks, rows per chunk, a multiple of 32).
+/// positions): into the number of chunks (at most 8, each at least 64 steps of 32 rows) whose
+/// blocks, dW tiles x chunks, fill the waves of an H100 / H200 (132 SMs, 2 blocks each) best: the
+/// fewest waves per unit of work, ceil(tiles x chunks / 264) / chunks, the smaller split on a tie.
+/// HConv-Large's first conv has 320 tiles: unsplit, 1.2 waves of work take 2 waves of time; in 4
+/// chunks, 5 waves of a quarter each. A function of the shape only, so the result is bitwise the
+/// same on every GPU. Returns (chunks, rows per chunk, a multiple of 32).
 pub fn weight_grad_split(rows: usize, g: &ConvGeom) -> (usize, usize) {
+    const SLOTS: usize = 2 * 132;
     let tiles = g.c_out.div_ceil(128) * (g.kernel * g.c_in).div_ceil(128);
-    let want = (2 * 132usize).div_ceil(tiles);
-    let split = want.min(8).min(rows / (32 * 64)).max(1);
+    let most = 8.min(rows / (32 * 64)).max(1);
+    // Waves per chunk as the fraction waves / split, compared exactly: a / b < c / d <=> a d < c b.
+    let waves = |split: usize| (tiles * split).div_ceil(SLOTS);
+    let split = (1..=most)
+        .min_by(|&a, &b| (waves(a) * b).cmp(&(waves(b) * a)))
+        .unwrap_or(1);
     let per = rows.div_ceil(split).div_ceil(32) * 32;
     (rows.div_ceil(per.max(1)).max(1), per.max(32))
 }
@@ -1570,9 +1578,12 @@ mod tests {
             stride: 3,
             pad: 2,
         };
-        // HuBERT-Base at 32 x 500 frames: 180 and 90 dW tiles -> 2 and 3 chunks.
-        assert_eq!(weight_grad_split(16000 * 5, &g(13, 768, 768)).0, 2);
-        assert_eq!(weight_grad_split(16000 * 2, &g(5, 768, 384)).0, 3);
+        // HuBERT-Base at 32 x 500 frames: 180 and 90 dW tiles -> 7 chunks (5 waves of a seventh:
+        // 0.71, where 2 chunks took 2 waves of a half: 1.0) and 8 (3 waves of an eighth).
+        assert_eq!(weight_grad_split(16000 * 5, &g(13, 768, 768)).0, 7);
+        assert_eq!(weight_grad_split(16000 * 2, &g(5, 768, 384)).0, 8);
+        // HuBERT-Large's first conv: 320 tiles -> 4 chunks (1.25 waves of time, unsplit 2).
+        assert_eq!(weight_grad_split(16000 * 9, &g(25, 1024, 1024)).0, 4);
         // Few rows: no split.
         assert_eq!(weight_grad_split(15, &g(13, 768, 768)), (1, 32));
         for rows in [1usize, 31, 4096, 5000, 80_000, 123_457] {
