@@ -7,13 +7,14 @@
 #   scripts/gpu_check.sh --prepare          # here: builds the binaries into .gpu/
 #   scripts/gpu_check.sh                    # there: runs everything (each section prints its start time)
 #
-# The device session's minutes are few (one call, ~10 minutes). First every kernel variant is
-# compiled on all cores at once (PTX and machine code, into the disk cache the later processes
-# load from). Then sections run most valuable first (correctness at real sizes, the issue
-# targets' table, wgmma, the training steps, the sanitizers, the comparisons), each under its own
-# time limit and all under one deadline (STRATA_GPU_DEADLINE seconds, default 540), so a slow
-# section costs its own result, not the ones after it, and the script always ends with its
-# summary. Every log is kept under $OUT.
+# The device session's minutes are few (15 in all, one call of ~10 minutes). First every kernel
+# variant is compiled on all cores at once (PTX and machine code, into the disk cache the later
+# processes load from). Then sections run most valuable first (correctness at real sizes, the
+# issue targets' table, memcheck and racecheck, wgmma, the training steps and their per-kernel
+# profile, the comparisons, initcheck), each under its own time limit and all under one deadline
+# (STRATA_GPU_DEADLINE seconds, default 540), so a slow section costs its own result, not the ones
+# after it, and the script always ends with its summary. Its logs come back packed in one archive,
+# $OUT/gpu-logs.tgz. The second H200 run (2026-11-27) took the whole 550 s.
 #
 # When its kernel tests, device-step tests and the demo on cuda agree with the CPU, set
 # strata::train::device_step::VERIFIED_ON_GPU so that `--device auto` uses the GPU. When the wgmma
@@ -137,6 +138,18 @@ each_test() {
     [ "$failed" -eq 0 ]
 }
 
+# `sanitize TOOL`: compute-sanitizer TOOL over the kernel tests at small sizes, both tensor-core
+# paths, the HConv backward test apart (it took the whole 60 s under memcheck and racecheck in the
+# second H200 run, cutting off the tests after it; the last section runs it).
+sanitize() {
+    if section 60 "compute-sanitizer $1 (small sizes)"; then
+        STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 limited compute-sanitizer --tool "$1" --error-exitcode 3 \
+            .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention packed_self mlsuperb_head lstm_step multi_tensor \
+            --skip hconv_backward > "$out/sanitizer-$1.log" 2>&1 || status=1
+        tail -4 "$out/sanitizer-$1.log"
+    fi
+}
+
 # The emulator half of the tests ran in CI already: the GPU's minutes go to the GPU.
 export STRATA_TEST_EMULATOR=0
 if section 60 "NVRTC: every kernel variant the runs below launch, compiled on all cores into the cache"; then
@@ -151,6 +164,9 @@ if section 120 "benchmarks: strata and PyTorch in the same run"; then
     limited python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" 2> "$out/torch.err" || { status=1; tail -5 "$out/torch.err"; }
     python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
 fi
+# The sanitizers the issue asks for, before the sections that compare variants.
+sanitize memcheck
+sanitize racecheck
 # A process of its own: a faulting wgmma (a wrong descriptor) poisons the CUDA context.
 if section 90 "wgmma on the GPU: the wrapper's self-test, then HConv forward and backward on wgmma"; then
     STRATA_TEST_CUDA=1 STRATA_TEST_WGMMA=only each_test .gpu/kernels_test "$out/tests-wgmma.log" warpgroup hconv || status=1
@@ -178,16 +194,8 @@ if section 60 "strata demo on the GPU and on the CPU (same corpus, same init)"; 
     limited .gpu/strata demo --device cpu > "$out/demo-cpu.log" 2>&1 || status=1
     grep -hE "training on|step  *1000|^WS|^HConv " "$out/demo-cuda.log" "$out/demo-cpu.log" | tee "$out/demo.txt"
 fi
-for tool in memcheck racecheck initcheck; do
-    if section 60 "compute-sanitizer $tool (small sizes)"; then
-        STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 limited compute-sanitizer --tool $tool --error-exitcode 3 \
-            .gpu/kernels_test --test-threads 1 emulator_collectives tensor_core warpgroup ldmatrix layer_sum hconv ctc cast_row_norm cls_attention packed_self mlsuperb_head lstm_step multi_tensor \
-            --skip hconv_backward > "$out/sanitizer-$tool.log" 2>&1 || status=1
-        tail -4 "$out/sanitizer-$tool.log"
-    fi
-done
-# Apart, after the others: it took the whole 60 s under memcheck and racecheck in the second H200
-# run, cutting off the tests after it.
+sanitize initcheck
+# The HConv backward test under memcheck, apart (see `sanitize`).
 if section 90 "compute-sanitizer memcheck on the HConv backward test (small sizes, both tensor-core paths)"; then
     STRATA_TEST_CUDA=1 STRATA_TEST_SMALL=1 STRATA_TEST_WGMMA=1 limited compute-sanitizer --tool memcheck --error-exitcode 3 \
         .gpu/kernels_test --test-threads 1 --nocapture hconv_backward > "$out/sanitizer-hconv-backward.log" 2>&1 || status=1
