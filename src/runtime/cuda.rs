@@ -14,6 +14,7 @@ use cudarc::driver::{
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const ARCH: &str = "sm_90";
@@ -34,6 +35,9 @@ pub struct CudaRuntime {
     /// Each launch's kernel and start / end events while a profile is taken
     /// ([`CudaRuntime::profile_start`] .. [`CudaRuntime::profile_take`]).
     profile: Mutex<Option<Vec<TimedLaunch>>>,
+    /// Whether a profile is being taken: read on every launch, so that an unprofiled launch (all
+    /// but a profile run's) takes no lock for it.
+    profiling: AtomicBool,
 }
 
 /// A profiled launch: the kernel and the events recorded before and after it.
@@ -378,6 +382,7 @@ impl CudaRuntime {
             stream,
             functions: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
+            profiling: AtomicBool::new(false),
             device_name,
             capability,
         })
@@ -457,6 +462,17 @@ impl CudaRuntime {
         };
         let mut b = self.stream.launch_builder(&f);
         b.arg(params);
+        let mut launch = || {
+            // SAFETY: `params` mirrors the kernel's parameter struct (KernelParams) and its
+            // pointers are live device allocations of the sizes the kernel reads (the typed
+            // wrappers' contract).
+            unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| {
+                format!("launch of {kernel} (grid {grid:?}, block {block:?}) failed: {e}")
+            })
+        };
+        if !self.profiling.load(Ordering::Relaxed) {
+            return launch();
+        }
         let mut profile = self
             .profile
             .lock()
@@ -471,11 +487,7 @@ impl CudaRuntime {
             Ok::<_, String>(e)
         };
         let start = profile.is_some().then(event).transpose()?;
-        // SAFETY: `params` mirrors the kernel's parameter struct (KernelParams) and its pointers
-        // are live device allocations of the sizes the kernel reads (the typed wrappers' contract).
-        unsafe { b.launch(cfg) }.map_err(|e| {
-            format!("launch of {kernel} (grid {grid:?}, block {block:?}) failed: {e}")
-        })?;
+        launch()?;
         if let (Some(list), Some(start)) = (profile.as_mut(), start) {
             list.push((kernel, start, event()?));
         }
@@ -487,6 +499,7 @@ impl CudaRuntime {
     pub fn profile_start(&self) {
         if let Ok(mut p) = self.profile.lock() {
             *p = Some(Vec::new());
+            self.profiling.store(true, Ordering::Relaxed);
         }
     }
 
@@ -498,6 +511,7 @@ impl CudaRuntime {
             .map_err(|_| "profile lock poisoned".to_string())?
             .take()
             .unwrap_or_default();
+        self.profiling.store(false, Ordering::Relaxed);
         let mut by_kernel: Vec<KernelTime> = Vec::new();
         for (kernel, start, end) in taken {
             let ms = start
