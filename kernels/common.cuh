@@ -215,6 +215,22 @@ __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool vali
                  "r"(valid ? 16 : 0));
 #endif
 }
+// Whether the launch gave the kernel the `bytes` of dynamic shared memory its layout needs (the
+// host computes the size apart from the kernel): if not, the GPU traps (the launch fails) and the
+// emulator fails the launch with both sizes; the kernel returns at once.
+__device__ __forceinline__ bool dynamic_smem_holds(uint32_t bytes) {
+#ifdef STRATA_EMULATOR
+    if (strata_emu::dynamic_smem_size() >= bytes) return true;
+    strata_emu::fault_dynamic_smem(bytes);
+    return false;
+#else
+    uint32_t have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < bytes) __trap();
+    return true;
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #ifndef STRATA_EMULATOR
     asm volatile("cp.async.commit_group;\n" ::);

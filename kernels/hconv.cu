@@ -11,8 +11,8 @@
 // Three families of kernels:
 // - general (any sizes): 4 warps, a 64 x 64 tile of y, K 32 at a time through shared memory
 //   (out-of-range rows, columns and K zero-filled), mma.sync m16n8k16, fp32 accumulation;
-// - vectorized (_vec; c_in a multiple of 8, any c_out): 128 x 128 tiles, cp.async, ldmatrix,
-//   mma.sync;
+// - vectorized (_vec; c_in a multiple of 8, any c_out): 128 x 128 tiles, cp.async in a
+//   HV_STAGES-deep pipeline (dynamic shared memory), ldmatrix, mma.sync;
 // - wgmma (_wgmma; the same tiles on Hopper's warpgroup MMA): only in this file's sm_90a build
 //   (STRATA_HAS_WGMMA), which the host compiles beside the sm_90 one.
 // Bias + ReLU (+ flatten) fused into every forward's epilogue.
@@ -154,7 +154,8 @@ STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
 // ---------------------------------------------------------------------------------------------
 // The vectorized forward, for c_in % 8 == 0 (every real stack: 768, 1024, ...): a 16-byte chunk of
 // 8 channels never straddles a tap, so both operands stream global -> shared with cp.async (zero
-// fill for padding and ragged edges), double-buffered, and fragments come from ldmatrix.
+// fill for padding and ragged edges), HV_STAGES - 1 steps ahead of the math, and fragments come
+// from ldmatrix.
 // Block: 8 warps, a 128 x 128 tile of y, BK = 32; warp w computes rows 64 (w % 2).. and columns
 // 32 (w / 2)..: 4 x 4 mma tiles, 64 fp32 accumulators per thread.
 #define HV_BM 128
@@ -162,6 +163,19 @@ STRATA_EMU_ENTRY(hconv_conv_forward, HConvFwdParams)
 #define HV_BK 32
 #define HV_LD (HV_BK + 8)   // pitch of [m or n][k] tiles in bf16: 80 bytes, conflict-free ldmatrix rows
 #define HV_LDT (HV_BN + 8)  // pitch of [k][m or n] tiles: 272 bytes, conflict-free ldmatrix rows
+// Staged buffers of each operand (the host's HV_STAGES in src/ops/device.rs sizes the dynamic shared
+// memory: HV_STAGES * (both tiles' bytes); a -D HV_STAGES=n build is sized by the host alike).
+// Four: with 32-deep K slices, a step's math on one SM (two blocks: 512 m16n8k16, at an estimated
+// one a cycle) is ~500-1000 cycles, about one global load's latency under load, so copies issued
+// one step ahead (two stages, as before) leave the tensor cores waiting; three steps ahead cover
+// it. Unmeasured as yet: the device script compares STRATA_HV_STAGES=2.
+#ifndef HV_STAGES
+#define HV_STAGES 4
+#endif
+// The vectorized kernels run 256 threads and are held to 128 registers a thread
+// (__launch_bounds__(256, 2)), so that two blocks share an SM.
+typedef bf16 HvTileMK[HV_BM][HV_LD];   // an operand staged [m or n][k]
+typedef bf16 HvTileKN[HV_BK][HV_LDT];  // an operand staged [k][m or n]
 
 // The vectorized kernels' warp tile: warp (wm, wn) = (warp % 2, warp / 2) of the 128 x 128 block
 // tile owns rows 64 wm.. and columns 32 wn..: 4 x 4 mma tiles of m16n8, per k16 step `ks` of the
@@ -217,25 +231,33 @@ __device__ __forceinline__ void hv_mma(float (*acc)[4][4], const uint32_t (*a)[4
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
 }
-// The double-buffered K loop: stage(buf, step) issues step's cp.async copies into buffer `buf`
-// (and commits them), compute(buf) consumes a staged buffer; one barrier after the wait publishes
-// the copies, one after the compute frees the buffer for the next stage.
+// The multistage K loop: stage(buf, step) issues step's cp.async copies into buffer `buf` (the
+// loop commits them as one group per step, an empty group past the last step, so that the count
+// cp_async_wait relies on holds to the end), compute(buf) consumes a staged buffer. Copies run
+// HV_STAGES - 1 steps ahead. One barrier per step: once past it, step s's copies (each thread
+// waited for its own) are visible to all, and every warp has finished step s - 1's math, so its
+// buffer, (s - 1) % HV_STAGES, is the one the copies for step s + HV_STAGES - 1 may fill.
 template <class Stage, class Compute>
 __device__ __forceinline__ void hv_pipeline(int64_t steps, Stage stage, Compute compute) {
-    if (steps > 0) stage(0, 0);
+#pragma unroll
+    for (int s = 0; s < HV_STAGES - 1; ++s) {
+        if (s < steps) stage(s, s);
+        cp_async_commit();
+    }
     for (int64_t s = 0; s < steps; ++s) {
-        const int buf = (int)(s & 1);
-        if (s + 1 < steps) {
-            stage(buf ^ 1, s + 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_wait<HV_STAGES - 2>();  // groups 0..s done: step s is here
         __syncthreads();
-        compute(buf);
-        __syncthreads();
+        const int64_t ahead = s + HV_STAGES - 1;
+        if (ahead < steps) stage((int)(ahead % HV_STAGES), ahead);
+        cp_async_commit();
+        compute((int)(s % HV_STAGES));
     }
 }
+
+// The vectorized kernels' staged tiles, HV_STAGES of each operand, in dynamic shared memory.
+#define HV_SMEM_FWD (HV_STAGES * 2 * (int)sizeof(HvTileMK))
+#define HV_SMEM_DX (HV_STAGES * (int)(sizeof(HvTileMK) + sizeof(HvTileKN)))
+#define HV_SMEM_DW (HV_STAGES * 2 * (int)sizeof(HvTileKN))
 
 // The vectorized forward kernels' operand staging: thread tid copies 16-byte chunk tid % 4 (8
 // channels, never straddling a tap as c_in % 8 == 0) of tile rows tid / 4 and tid / 4 + 64 of A
@@ -274,10 +296,11 @@ struct HcFwdStage {
     }
 };
 
-extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
+extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_vec(const HConvFwdParams p) {
     HC_GEOMETRY
-    __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
-    __align__(16) __shared__ bf16 bs[2][HV_BN][HV_LD];
+    STRATA_DYNAMIC_SMEM(HvTileMK, as);
+    if (!dynamic_smem_holds(HV_SMEM_FWD)) return;
+    HvTileMK* bs = as + HV_STAGES;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
     const int64_t rows = (int64_t)p.n * l_out;
@@ -292,7 +315,6 @@ extern "C" __global__ void hconv_conv_forward_vec(const HConvFwdParams p) {
 #pragma unroll
         for (int j = 0; j < 2; ++j)
             rows_of.copy(p, j, k, kw, ci, K, l_in, c_in, &as[buf][tid / 4 + 64 * j][kc], &bs[buf][tid / 4 + 64 * j][kc]);
-        cp_async_commit();
     };
     float acc[4][4][4];
     hv_zero(acc);
@@ -717,10 +739,11 @@ __device__ __forceinline__ void hc_db_store(const HConvBwdParams& p, int co0, fl
 
 // dx (dy = dpre here; y and flatten unused): rows (f, li) of one phase, cols ci, K = the phase's
 // (kw, co) (HcDxPhase).
-extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) {
+extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_vec(const HConvBwdParams p) {
     HC_GEOMETRY
-    __align__(16) __shared__ bf16 as[2][HV_BM][HV_LD];
-    __align__(16) __shared__ bf16 bt[2][HV_BK][HV_LDT];
+    STRATA_DYNAMIC_SMEM(HvTileMK, as);
+    if (!dynamic_smem_holds(HV_SMEM_DX)) return;
+    HvTileKN* bt = reinterpret_cast<HvTileKN*>(as + HV_STAGES);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
     const HcDxPhase q = hc_dx_phase(p.n, l_in, kernel, stride, pad);
@@ -742,7 +765,6 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
             const bf16* b = hc_w_chunk(p, q, k0 + krow, col0 + (c % 16) * 8, K, KW, c_in, c_out, pitch, stride, &vb);
             cp_async16(&bt[buf][krow][(c % 16) * 8], b, vb);
         }
-        cp_async_commit();
     };
     float acc[4][4][4];
     hv_zero(acc);
@@ -770,10 +792,11 @@ extern "C" __global__ void hconv_conv_backward_data_vec(const HConvBwdParams p) 
 STRATA_EMU_ENTRY(hconv_conv_backward_data_vec, HConvBwdParams)
 
 // dW and db (dy = dpre here): rows co, cols (kw, ci), K = every (frame, output position).
-extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p) {
+extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_vec(const HConvBwdParams p) {
     HC_GEOMETRY
-    __align__(16) __shared__ bf16 at[2][HV_BK][HV_LDT];
-    __align__(16) __shared__ bf16 bt[2][HV_BK][HV_LDT];
+    STRATA_DYNAMIC_SMEM(HvTileKN, at);
+    if (!dynamic_smem_holds(HV_SMEM_DW)) return;
+    HvTileKN* bt = at + HV_STAGES;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
     const int64_t R = (int64_t)p.n * l_out;
@@ -795,7 +818,6 @@ extern "C" __global__ void hconv_conv_backward_weight_vec(const HConvBwdParams p
             const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + off, KW, l_in, c_in, l_out, stride, pad, &vb);
             cp_async16(&bt[buf][krow][off], src, vb);
         }
-        cp_async_commit();
     };
     float acc[4][4][4];
     hv_zero(acc);

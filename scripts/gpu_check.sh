@@ -205,6 +205,9 @@ fi
 if section 30 "HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"; then
     STRATA_NO_SPECIALIZE=1 limited .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-unspecialized.jsonl"
 fi
+if section 60 "HConv with the mma.sync kernels' pipeline two stages deep (STRATA_HV_STAGES=2; default 4), for comparison"; then
+    STRATA_HV_STAGES=2 limited .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-2-stages.jsonl"
+fi
 if section 30 "the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"; then
     STRATA_LAYER_SUM_BWD=warp limited .gpu/gpu_bench ws 2>/dev/null | grep bwd_dw | tee "$out/ws-warp-backward.jsonl"
 fi

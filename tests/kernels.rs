@@ -428,17 +428,91 @@ fn launch_errors_name_the_kernel_and_sizes() {
     be.launch("layer_sum_forward", (2, 1, 1), (128, 1, 1), 0, &p)
         .unwrap();
     // Launch shapes the GPU refuses are refused here too: grid.y past 65535, a block of more
-    // than 1024 threads, dynamic shared memory past 48 KB (strata never opts in to more).
+    // than 1024 threads, dynamic shared memory past the H100's 227 KB a block (launches past
+    // 48 KB opt in to it).
     for (grid, block, smem, want) in [
         ((1, 65536, 1), (128, 1, 1), 0, "y and z in 1..65535"),
         ((2, 1, 1), (64, 32, 1), 0, "1..1024 threads"),
-        ((2, 1, 1), (128, 1, 1), 48 * 1024 + 4, "at most 49152"),
+        ((2, 1, 1), (128, 1, 1), 227 * 1024 + 4, "at most 232448"),
     ] {
         let err = be
             .launch("layer_sum_forward", grid, block, smem, &p)
             .expect_err(want)
             .to_string();
         assert!(err.contains(want), "{err}");
+    }
+
+    // The vectorized HConv kernels stage their tiles in dynamic shared memory that the host sizes
+    // (device::hv_smem_bytes) apart from the kernels' layouts: a launch with exactly that size
+    // runs, one byte less fails naming the size the kernel needs (on the GPU it traps).
+    use strata::runtime::kernels::{HConvBwdParams, HConvFwdParams};
+    let (xb, wb, yb, db) = (
+        be.zeros::<bf16>(64).unwrap(),
+        be.zeros::<bf16>(64).unwrap(),
+        be.zeros::<bf16>(64).unwrap(),
+        be.zeros::<f32>(64).unwrap(),
+    );
+    let fwd = HConvFwdParams {
+        x: be.ptr(&xb),
+        w: be.ptr(&wb),
+        bias: be.ptr(&db),
+        y: be.ptr(&yb),
+        n: 1,
+        l_in: 1,
+        c_in: 8,
+        c_out: 8,
+        kernel: 1,
+        stride: 1,
+        pad: 0,
+        l_out: 1,
+        flatten: 0,
+        relu: 0,
+        y32: 0,
+    };
+    let bwd = HConvBwdParams {
+        x: be.ptr(&xb),
+        w: be.ptr(&wb),
+        y: 0,
+        dy: be.ptr(&yb),
+        dx: be.ptr(&xb),
+        dw: be.ptr(&db),
+        db: be.ptr(&db),
+        n: 1,
+        l_in: 1,
+        c_in: 8,
+        c_out: 8,
+        kernel: 1,
+        stride: 1,
+        pad: 0,
+        l_out: 1,
+        flatten: 0,
+        partial_dw: 0,
+        partial_db: 0,
+        split_rows: 1,
+        split: 1,
+        relu: 0,
+    };
+    for kernel in [
+        "hconv_conv_forward_vec",
+        "hconv_conv_backward_data_vec",
+        "hconv_conv_backward_weight_vec",
+    ] {
+        let need = device::hv_smem_bytes(kernel, device::HV_STAGES);
+        let launch = |smem| {
+            if kernel == "hconv_conv_forward_vec" {
+                be.launch(kernel, (1, 1, 1), (256, 1, 1), smem, &fwd)
+            } else {
+                be.launch(kernel, (1, 1, 1), (256, 1, 1), smem, &bwd)
+            }
+        };
+        launch(need).unwrap_or_else(|e| panic!("{kernel} with {need} bytes: {e}"));
+        let err = launch(need - 1)
+            .expect_err("too little shared memory must fail the launch")
+            .to_string();
+        assert!(
+            err.contains(kernel) && err.contains(&format!("needs {need} bytes")),
+            "{err}"
+        );
     }
 }
 

@@ -584,6 +584,61 @@ pub fn tensor_core_path() -> TensorCorePath {
     })
 }
 
+/// Staged buffers of each operand in kernels/hconv.cu's vectorized mma.sync kernels (its
+/// `HV_STAGES`): their copies run `HV_STAGES - 1` K steps ahead of the math.
+pub const HV_STAGES: usize = 4;
+
+/// The vectorized mma.sync kernels' pipeline depth: [`HV_STAGES`], or on the GPU
+/// `STRATA_HV_STAGES` (2 to 8, read once; the device script compares depths), compiled in as
+/// `-D HV_STAGES`. The emulator runs its one build's depth.
+fn hv_stages(be: &Backend) -> usize {
+    static STAGES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if !matches!(be, Backend::Cuda(_)) {
+        return HV_STAGES;
+    }
+    *STAGES.get_or_init(|| {
+        std::env::var("STRATA_HV_STAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| (2..=8).contains(n))
+            .unwrap_or(HV_STAGES)
+    })
+}
+
+/// Dynamic shared memory of a vectorized mma.sync kernel at `stages`: per stage its two operand
+/// tiles, [128][32 + 8] bf16 when staged [m or n][k] and [32][128 + 8] when staged [k][m or n]
+/// (kernels/hconv.cu's HvTileMK and HvTileKN; the kernel traps if given less).
+pub fn hv_smem_bytes(kernel: &str, stages: usize) -> u32 {
+    const MK: usize = 128 * 40 * 2;
+    const KN: usize = 32 * 136 * 2;
+    let per_stage = match kernel {
+        "hconv_conv_forward_vec" => 2 * MK,
+        "hconv_conv_backward_data_vec" => MK + KN,
+        "hconv_conv_backward_weight_vec" => 2 * KN,
+        _ => unreachable!("{kernel} is not a vectorized mma.sync kernel"),
+    };
+    (stages * per_stage) as u32
+}
+
+/// A launch of a vectorized mma.sync kernel (256 threads): its pipeline's shared memory, and on
+/// the GPU the `-D` specialization to `spec`'s geometry and any non-default depth.
+fn hv_launch<P: crate::runtime::kernels::KernelParams + cudarc::driver::DeviceRepr>(
+    be: &Backend,
+    kernel: &'static str,
+    spec: Option<&ConvGeom>,
+    grid: (u32, u32, u32),
+    params: &P,
+) -> Result<()> {
+    let stages = hv_stages(be);
+    let mut defines: Vec<(&'static str, i64)> =
+        spec.map(|g| hconv_defines(g).to_vec()).unwrap_or_default();
+    if stages != HV_STAGES {
+        defines.push(("HV_STAGES", stages as i64));
+    }
+    let smem = hv_smem_bytes(kernel, stages);
+    be.launch_specialized(kernel, &defines, grid, (256, 1, 1), smem, params)
+}
+
 /// The layer-axis conv kernels' forward with its options: `relu` after the bias, output in bf16
 /// or (`out_f32`) fp32. Returns the one output buffer it made.
 #[allow(clippy::too_many_arguments)]
@@ -645,12 +700,13 @@ fn conv_forward(
             (n * l_out).div_ceil(128) as u32,
             1,
         );
-        let d = hconv_defines(g);
-        let kernel = match path {
-            TensorCorePath::MmaSync => "hconv_conv_forward_vec",
-            TensorCorePath::Wgmma => "hconv_conv_forward_wgmma",
-        };
-        be.launch_specialized(kernel, &d, grid, (256, 1, 1), 0, &p)?;
+        match path {
+            TensorCorePath::MmaSync => hv_launch(be, "hconv_conv_forward_vec", Some(g), grid, &p)?,
+            TensorCorePath::Wgmma => {
+                let d = hconv_defines(g);
+                be.launch_specialized("hconv_conv_forward_wgmma", &d, grid, (256, 1, 1), 0, &p)?
+            }
+        }
     } else {
         let grid = (
             g.c_out.div_ceil(64) as u32,
@@ -892,7 +948,10 @@ fn conv_backward(
                 "hconv_conv_backward_data_wgmma",
             ),
         };
-        be.launch(weight_kernel, grid_w, (256, 1, 1), 0, &pv)?;
+        match path {
+            TensorCorePath::MmaSync => hv_launch(be, weight_kernel, None, grid_w, &pv)?,
+            TensorCorePath::Wgmma => be.launch(weight_kernel, grid_w, (256, 1, 1), 0, &pv)?,
+        }
         if let Some((pdw, pdb)) = &partial {
             for (part, out, count) in [(pdw, dw, wsize), (pdb, db, g.c_out)] {
                 let rp = SplitReduceParams {
@@ -908,8 +967,13 @@ fn conv_backward(
         if dx.is_some() {
             // Row tiles by phase (kernels/hconv.cu's HcDxPhase): each phase's rows in tiles of 128.
             let grid_d = (g.c_in.div_ceil(128) as u32, dx_phase_tiles(n, g) as u32, 1);
-            let d = hconv_defines(g);
-            be.launch_specialized(data_kernel, &d, grid_d, (256, 1, 1), 0, &pv)?;
+            match path {
+                TensorCorePath::MmaSync => hv_launch(be, data_kernel, Some(g), grid_d, &pv)?,
+                TensorCorePath::Wgmma => {
+                    let d = hconv_defines(g);
+                    be.launch_specialized(data_kernel, &d, grid_d, (256, 1, 1), 0, &pv)?
+                }
+            }
         }
         return Ok(dx);
     }

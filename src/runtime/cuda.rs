@@ -455,6 +455,16 @@ impl CudaRuntime {
         params: &P,
     ) -> Result<(), String> {
         let f = self.function(kernel, defines)?;
+        if smem > 48 * 1024 {
+            // Past 48 KB of dynamic shared memory a kernel must opt in, or its launch fails.
+            use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC_SMEM;
+            f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32)
+                .map_err(|e| {
+                    format!(
+                        "{kernel}: raising its dynamic shared memory to {smem} bytes failed: {e}"
+                    )
+                })?;
+        }
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: block,

@@ -182,8 +182,10 @@ impl Backend {
 
     /// A launch of the kernel compiled with `-D` constants on the GPU (a variant per distinct set,
     /// compiled on first use and disk-cached). The emulator runs its one build, in which the kernel
-    /// reads the same values at run time: kernels use defines only as constants for values their
-    /// parameters also carry (see kernels/hconv.cu). STRATA_NO_SPECIALIZE=1 turns them off.
+    /// reads the same values at run time: kernels use the geometry defines (HC_*) only as constants
+    /// for values their parameters also carry (see kernels/hconv.cu), and STRATA_NO_SPECIALIZE=1
+    /// turns them off. A tuning define (HV_STAGES, a pipeline depth) is a GPU-only variant of the
+    /// build's default, which the emulator runs.
     pub fn launch_specialized<P: kernels::KernelParams + DeviceRepr>(
         &self,
         kernel: &'static str,
@@ -202,15 +204,21 @@ impl Backend {
                 params as *const P as *const std::ffi::c_void,
             ),
             Backend::Cuda(rt) => {
+                // Only the geometry (HC_*) is turned off: other defines (a pipeline depth) size
+                // the launch.
                 let off = std::env::var("STRATA_NO_SPECIALIZE").is_ok_and(|v| v == "1");
-                rt.launch(
-                    kernel,
-                    if off { &[] } else { defines },
-                    grid,
-                    block,
-                    smem,
-                    params,
-                )
+                let kept: Vec<(&'static str, i64)>;
+                let defines = if off {
+                    kept = defines
+                        .iter()
+                        .filter(|(name, _)| !name.starts_with("HC_"))
+                        .copied()
+                        .collect();
+                    &kept[..]
+                } else {
+                    defines
+                };
+                rt.launch(kernel, defines, grid, block, smem, params)
             }
         };
         r.map_err(|e| device_err(format!("{kernel} (grid {grid:?}, block {block:?}): {e}")))

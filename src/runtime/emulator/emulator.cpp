@@ -80,6 +80,7 @@ struct Block {
     std::vector<WarpMma> warp_mma;  // one per warp: the result of the warp's current mma
     std::vector<char> smem_storage;
     char* smem = nullptr;  // 16-byte aligned inside smem_storage
+    unsigned smem_bytes = 0;  // the launch's dynamic shared memory
     ucontext_t scheduler;
     void* scheduler_sp = nullptr;
     int current = 0;
@@ -100,12 +101,14 @@ extern "C" char __stop_strata_static_smem[] __attribute__((weak));
 namespace strata_emu {
 
 static const size_t kStack = 64 * 1024;
+static const unsigned kMaxDynamicSmem = 227 * 1024;
 
 const dim3& thread_idx() { return tl_block->fibers[tl_block->current].tid; }
 const dim3& block_idx() { return tl_block->block_idx; }
 const dim3& block_dim() { return tl_block->block_dim; }
 const dim3& grid_dim() { return tl_block->grid_dim; }
 char* dynamic_smem() { return tl_block->smem; }
+unsigned dynamic_smem_size() { return tl_block->smem_bytes; }
 int lane_id() { return tl_block->fibers[tl_block->current].linear & 31; }
 
 static void wait_in(State s) {
@@ -131,6 +134,17 @@ void fault_misaligned(const char* op, const void* p, unsigned bytes) {
                   "(block (%u,%u,%u), thread (%u,%u,%u))",
                   op, bytes, (unsigned)(reinterpret_cast<uintptr_t>(p) % bytes), bytes, b->block_idx.x,
                   b->block_idx.y, b->block_idx.z, t.x, t.y, t.z);
+    b->fault = msg;
+}
+
+void fault_dynamic_smem(unsigned need) {
+    Block* b = tl_block;
+    if (!b->fault.empty()) return;
+    char msg[200];
+    std::snprintf(msg, sizeof msg,
+                  "the kernel's shared-memory layout needs %u bytes of dynamic shared memory, the launch "
+                  "gave %u (the host's size is out of step with the kernel's)",
+                  need, b->smem_bytes);
     b->fault = msg;
 }
 
@@ -307,10 +321,11 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
                       grid.y, grid.z);
         return 1;
     }
-    // strata never raises a kernel's dynamic shared memory limit (cudaFuncSetAttribute), so the
-    // GPU refuses more than the default 48 KB.
-    if (smem > 48 * 1024) {
-        std::snprintf(err, errlen, "%u bytes of dynamic shared memory: at most 49152 without opting in", smem);
+    // The H100's most per block, which the CUDA runtime opts each launch of more than 48 KB into
+    // (src/runtime/cuda.rs).
+    if (smem > kMaxDynamicSmem) {
+        std::snprintf(err, errlen, "%u bytes of dynamic shared memory: an H100 block has at most %u", smem,
+                      kMaxDynamicSmem);
         return 1;
     }
     Block b;
@@ -324,6 +339,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     b.mma.assign((size_t)threads * 10, 0);
     b.warp_mma.assign((threads + 31) / 32, WarpMma());
     b.smem_storage.assign(smem + 32, 0);
+    b.smem_bytes = smem;
     b.smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.smem_storage.data()) + 15) & ~uintptr_t(15));
     for (int i = 0; i < threads; ++i) {
         b.fibers[i].linear = i;

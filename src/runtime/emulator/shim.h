@@ -27,6 +27,11 @@ int lane_id();
 // One warp-wide mma.sync.m16n8k16 (bf16 x bf16 -> f32) from per-lane fragments (PTX ISA layouts).
 void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const float* c);
 char* dynamic_smem();
+// The launch's dynamic shared memory in bytes (PTX's %dynamic_smem_size).
+unsigned dynamic_smem_size();
+// Records the fault of a kernel whose layout needs `need` bytes of dynamic shared memory, more
+// than the launch gave (on the GPU: a trap).
+void fault_dynamic_smem(unsigned need);
 // Records a fault the GPU would raise: a `bytes`-wide access (`op`) at `p`, off that alignment.
 // The launch then fails with it ("misaligned address", as CUDA reports it), where the emulator's
 // byte copies would have carried on.
@@ -50,6 +55,7 @@ T shfl(T v, int src) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 // Static shared memory: function statics, all in one linker section, so that the emulator can
 // fill every kernel's with NaN bytes at each block's start (blocks and launches run one at a
