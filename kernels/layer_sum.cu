@@ -38,6 +38,7 @@ struct LayerSumBwdParams {
     float* partial;  // [k, blocks]: each block's dp
     float* dx;       // [n, L, D] fp32 or null
     int n, L, D, first, k, normalize, dout_stride;
+    int frames_per_block;  // block b takes frames b * frames_per_block ..
 };
 
 struct LayerSumReduceParams {
@@ -63,10 +64,10 @@ __device__ __forceinline__ void layer_softmax(const float* w, int k, float* p) {
 }
 
 #define STRATA_MAX_LAYERS 64
-// Backward: frames per block. Each block sums its frames' dp in order and writes one partial per
-// layer, so the one-block reduction reads n / 8 values per layer (it read n, strided, before);
-// 8 keeps 2000 blocks of 4 warps at 16000 frames, enough to fill an H100's SMs.
-#define LS_FRAMES_PER_BLOCK 8
+// Backward: each block sums the dp of its run of frames (the host's frames_per_block) in order and
+// writes one partial per layer, so the one-block reduction reads n / frames_per_block values per
+// layer. The warp-per-layer kernel takes 8 frames a block (2000 blocks of 4 warps at 16000
+// frames); the weight-gradient kernel one wave of blocks (see layer_sum_backward_dw).
 
 extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
@@ -130,9 +131,9 @@ extern "C" __global__ void layer_sum_backward(const LayerSumBwdParams a) {
     const bool vec8 = (a.D & 7) == 0 && a.D <= 4096;
     for (int j = threadIdx.x; j < a.k; j += blockDim.x) dp_block[j] = 0.0f;
     layer_softmax(a.w, a.k, p);  // its barrier also publishes dp_block's zeros
-    const int f_stop = (int)(blockIdx.x + 1) * LS_FRAMES_PER_BLOCK;
-    const int f_end = f_stop < a.n ? f_stop : a.n;
-    for (int f = blockIdx.x * LS_FRAMES_PER_BLOCK; f < f_end; ++f) {
+    const int64_t f_stop = (int64_t)(blockIdx.x + 1) * a.frames_per_block;
+    const int f_end = f_stop < a.n ? (int)f_stop : a.n;
+    for (int f = blockIdx.x * a.frames_per_block; f < f_end; ++f) {
         const bf16* frame = a.x + (int64_t)f * a.L * a.D;
         const float* g = a.dout + (int64_t)f * a.dout_stride;
         if (vec8) {
@@ -194,6 +195,10 @@ STRATA_EMU_ENTRY(layer_sum_backward, LayerSumBwdParams)
 // kernel above waits on a reduction per layer and a barrier per frame), and adds each layer's dot
 // product to a register, frames in order. At the end the block sums each layer over its chunks in
 // fixed order (shared memory, k x C floats) into the same layer-major partials: deterministic.
+// The host launches one wave: as many blocks as the GPU holds at once, each with an even share of
+// the frames (2000 blocks of 8 frames were 5.05 waves on an H100 at HuBERT-Base's size, the last
+// nearly empty, and 16 waves at Large's), so that no SM idles through a tail; its partials, and so
+// the sums, depend on the GPU's SM count, not on the run.
 #define LS_DW_LAYERS_PER_THREAD 8
 
 extern "C" __global__ void layer_sum_backward_dw(const LayerSumBwdParams a) {
@@ -205,9 +210,9 @@ extern "C" __global__ void layer_sum_backward_dw(const LayerSumBwdParams a) {
 #pragma unroll
     for (int i = 0; i < LS_DW_LAYERS_PER_THREAD; ++i) acc[i] = 0.0f;
     const int64_t layer_step = (int64_t)groups * a.D;
-    const int f_stop = (int)(blockIdx.x + 1) * LS_FRAMES_PER_BLOCK;
-    const int f_end = f_stop < a.n ? f_stop : a.n;
-    for (int f = blockIdx.x * LS_FRAMES_PER_BLOCK; f < f_end; ++f) {
+    const int64_t f_stop = (int64_t)(blockIdx.x + 1) * a.frames_per_block;
+    const int f_end = f_stop < a.n ? (int)f_stop : a.n;
+    for (int f = blockIdx.x * a.frames_per_block; f < f_end; ++f) {
         const bf16* row = a.x + ((int64_t)f * a.L + a.first + r) * a.D + 8 * c;
         bf16x8 raw[LS_DW_LAYERS_PER_THREAD];
 #pragma unroll

@@ -150,7 +150,7 @@ fn layer_sum_cases(gpu: bool) -> Vec<(usize, usize, usize)> {
         (5, 7, 1024),
         (3, 13, 100),
         (4, 25, 1024),
-        (1000, 13, 96),
+        (1001, 13, 96),
         (21, 25, 40),
     ];
     // STRATA_TEST_SMALL=1 (the sanitizer runs) keeps to the small cases.

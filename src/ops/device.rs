@@ -26,7 +26,7 @@ pub use mlsuperb::{
 };
 
 const LAYER_SUM_BLOCK: u32 = 128;
-/// LS_FRAMES_PER_BLOCK of kernels/layer_sum.cu.
+/// Frames per block of the warp-per-layer WS backward (kernels/layer_sum.cu).
 const LAYER_SUM_FRAMES_PER_BLOCK: usize = 8;
 const MAX_LAYERS: usize = 64;
 /// CTC_THREADS and CTC_GRAD_WARPS of kernels/ctc.cu.
@@ -244,7 +244,29 @@ pub fn layer_sum_backward_into(
         need(be, K, "mean", &st.mean, s.n * s.k)?;
         need(be, K, "rstd", &st.rstd, s.n * s.k)?;
     }
-    let blocks = s.n.div_ceil(LAYER_SUM_FRAMES_PER_BLOCK);
+    let dw_block = if dx.is_none() {
+        layer_sum_dw_block(s)
+    } else {
+        None
+    };
+    // STRATA_LAYER_SUM_FRAMES=n: n frames a block instead (the device script's comparison).
+    static FORCED_FRAMES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED_FRAMES.get_or_init(|| {
+        std::env::var("STRATA_LAYER_SUM_FRAMES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+    });
+    let frames_per_block = match (dw_block, forced) {
+        (Some(_), Some(n)) => n,
+        // One wave of blocks, each with an even share of the frames (kernels/layer_sum.cu).
+        (Some((threads, smem)), None) => {
+            let wave = be.resident_blocks("layer_sum_backward_dw", threads, smem)?;
+            s.n.div_ceil(wave.max(1))
+        }
+        (None, _) => LAYER_SUM_FRAMES_PER_BLOCK,
+    };
+    let blocks = s.n.div_ceil(frames_per_block);
     // Both kernels write every block's partial of every layer.
     let partial = be.output::<f32>(blocks * s.k)?;
     if let Some(dx) = dx {
@@ -265,8 +287,9 @@ pub fn layer_sum_backward_into(
         k: s.k as i32,
         normalize: s.normalize as i32,
         dout_stride: cols.stride as i32,
+        frames_per_block: frames_per_block as i32,
     };
-    if let (None, Some((threads, smem))) = (dx, layer_sum_dw_block(s)) {
+    if let Some((threads, smem)) = dw_block {
         be.launch(
             "layer_sum_backward_dw",
             (blocks as u32, 1, 1),

@@ -32,6 +32,8 @@ pub struct CudaRuntime {
     pub device_name: String,
     /// The GPU's compute capability: kernels compiled for exactly it load as machine code.
     capability: (i32, i32),
+    /// Streaming multiprocessors: with a kernel's occupancy, how many blocks run at once.
+    sm_count: usize,
     /// Each launch's kernel and start / end events while a profile is taken
     /// ([`CudaRuntime::profile_start`] .. [`CudaRuntime::profile_take`]).
     profile: Mutex<Option<Vec<TimedLaunch>>>,
@@ -377,6 +379,11 @@ impl CudaRuntime {
         let stream = ctx.default_stream();
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let capability = ctx.compute_capability().unwrap_or((0, 0));
+        use cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
+        let sm_count = ctx
+            .attribute(SMS)
+            .map_err(|e| format!("reading the GPU's multiprocessor count: {e}"))?
+            .max(1) as usize;
         Ok(CudaRuntime {
             ctx,
             stream,
@@ -385,7 +392,24 @@ impl CudaRuntime {
             profiling: AtomicBool::new(false),
             device_name,
             capability,
+            sm_count,
         })
+    }
+
+    /// How many blocks of `kernel` (its build without defines) fit on the GPU at once at `threads`
+    /// threads and `smem` bytes of dynamic shared memory a block: the SM count times the
+    /// occupancy the driver computes from its registers and shared memory.
+    pub fn resident_blocks(
+        &self,
+        kernel: &'static str,
+        threads: u32,
+        smem: u32,
+    ) -> Result<usize, String> {
+        let f = self.function(kernel, &[])?;
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
+            .map_err(|e| format!("occupancy of {kernel} at {threads} threads: {e}"))?;
+        Ok(self.sm_count * per_sm.max(1) as usize)
     }
 
     fn function(&self, kernel: &'static str, defines: Defines) -> Result<CudaFunction, String> {

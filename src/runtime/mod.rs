@@ -224,6 +224,18 @@ impl Backend {
         r.map_err(|e| device_err(format!("{kernel} (grid {grid:?}, block {block:?}): {e}")))
     }
 
+    /// How many blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) run
+    /// at once: on the GPU its SM count times the kernel's occupancy; the emulator answers an
+    /// H100's 132 SMs at one block each (kernels sized by it then see the GPU's block counts).
+    pub fn resident_blocks(&self, kernel: &'static str, threads: u32, smem: u32) -> Result<usize> {
+        match self {
+            Backend::Emulator => Ok(132),
+            Backend::Cuda(rt) => rt
+                .resident_blocks(kernel, threads, smem)
+                .map_err(device_err),
+        }
+    }
+
     /// Waits for every launched kernel; reports an asynchronous kernel failure.
     pub fn synchronize(&self) -> Result<()> {
         match self {
