@@ -1,5 +1,7 @@
 //! Writes the PTX NVRTC makes of every kernel file (for sm_90, or the file's own target: sm_90a),
-//! and of HConv's HuBERT-Base specializations, into a folder, for ptxas reports:
+//! and of HConv's HuBERT-Base specializations, into a folder, for ptxas reports, with
+//! dynamic_smem.txt: the dynamic shared memory the host gives the kernels that take it by size
+//! (ptxas sees only static shared memory):
 //! `cargo run --release --example dump_ptx -- OUT_DIR` (needs libnvrtc.so.13 on LD_LIBRARY_PATH).
 
 use strata::runtime::{cuda, kernels};
@@ -33,4 +35,17 @@ fn main() {
             println!("{path}");
         }
     }
+    let stages = strata::ops::device::HV_STAGES;
+    let lines: Vec<String> = [
+        "hconv_conv_forward_vec",
+        "hconv_conv_backward_data_vec",
+        "hconv_conv_backward_weight_vec",
+    ]
+    .iter()
+    .map(|k| {
+        let bytes = strata::ops::device::hv_smem_bytes(k, stages);
+        format!("{k}: {bytes} bytes of dynamic shared memory ({stages} pipeline stages)\n")
+    })
+    .collect();
+    std::fs::write(format!("{dir}/dynamic_smem.txt"), lines.concat()).expect("write");
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Registers, spills and shared memory of every kernel for sm_90 (sm_90a for wgmma files), without a GPU: NVRTC makes the PTX,
+# Registers, spills and shared memory (static; then the dynamic sizes the host gives) of every kernel for sm_90 (sm_90a for wgmma files), without a GPU: NVRTC makes the PTX,
 # the PTX assembler from the PyPI wheel nvidia-cuda-nvcc reports on it.
 #   tools/ptxas_report.sh            (installs both wheels under ~/.cache/strata on first use)
 set -euo pipefail
@@ -16,4 +16,6 @@ for ptx in "$out"/*.ptx; do
     "$cache/nvcc-13.0/nvidia/cu13/bin/ptxas" -v -arch="${arch:-sm_90}" -o /dev/null "$ptx" 2>&1 \
         | grep -E "Compiling entry|registers|spill" | sed -e "s|^ptxas info *: ||"
 done
+echo "== dynamic shared memory (sized by the host, per block)"
+cat "$out/dynamic_smem.txt"
 rm -rf "$out"
