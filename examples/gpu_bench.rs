@@ -57,13 +57,26 @@ fn print_profile(label: &str, timed_ms: f64, kernels: &[strata::runtime::cuda::K
     }
 }
 
-/// Multiply-adds of HConv's convs per frame: (all convs, the convs after the first). Forward costs
-/// the first; a frozen-upstream backward costs the first again (dW) plus the second (dx).
+/// Multiply-adds of one conv per frame that touch a layer: the (output position, tap) pairs whose
+/// input position exists, times c_out x c_in. The rest multiply zero padding: the roofline does
+/// not count them (HuBERT-Base's first conv: 21 of its 25 pairs; runs before 2026-12-07 counted
+/// all). The forward kernels skip them (kernels/hconv.cu's HcFwdTile); the dW kernel still
+/// multiplies them.
+fn conv_macs(g: &ConvGeom) -> usize {
+    let pairs = (0..g.l_out())
+        .flat_map(|lo| (0..g.kernel).map(move |kw| (lo * g.stride + kw) as isize - g.pad as isize))
+        .filter(|&li| li >= 0 && (li as usize) < g.l_in)
+        .count();
+    pairs * g.c_out * g.c_in
+}
+
+/// Multiply-adds of HConv's convs per frame ([`conv_macs`]): (all convs, the convs after the first).
+/// Forward costs the first; a frozen-upstream backward costs the first again (dW) plus the second
+/// (dx).
 fn hconv_macs(plan: &strata::models::interface::HConvPlan) -> (usize, usize) {
-    let per = |g: &strata::ops::layer_conv::ConvGeom| g.l_out() * g.c_out * g.c_in * g.kernel;
     (
-        plan.convs.iter().map(per).sum(),
-        plan.convs.iter().skip(1).map(per).sum(),
+        plan.convs.iter().map(conv_macs).sum(),
+        plan.convs.iter().skip(1).map(conv_macs).sum(),
     )
 }
 
@@ -369,7 +382,7 @@ fn main() -> std::process::ExitCode {
                 let dy = be
                     .upload(&random_bf16(&mut rng, n * g.l_out() * g.c_out, 0.01))
                     .unwrap();
-                let conv_macs = n * g.l_out() * g.c_out * g.c_in * g.kernel;
+                let macs = n * conv_macs(g);
                 for want_dx in [false, true] {
                     let t = time_ms(&be, &mut flush, || {
                         let grads = (&grads[i].0, &grads[i].1);
@@ -379,7 +392,7 @@ fn main() -> std::process::ExitCode {
                     println!(
                         "{{\"name\": \"hconv_{name}_bwd_conv{i}_{}\", \"ms\": {t:.4}, \"flops\": {}}}",
                         if want_dx { "dw_dx" } else { "dw" },
-                        2 * conv_macs * (1 + want_dx as usize)
+                        2 * macs * (1 + want_dx as usize)
                     );
                 }
             }

@@ -259,6 +259,46 @@ __device__ __forceinline__ void hv_pipeline(int64_t steps, Stage stage, Compute 
 #define HV_SMEM_DX (HV_STAGES * (int)(sizeof(HvTileMK) + sizeof(HvTileKN)))
 #define HV_SMEM_DW (HV_STAGES * 2 * (int)sizeof(HvTileKN))
 
+// The vectorized forward kernels' block tile: 128 rows of y in position-major order (row r' =
+// lo * n + f: every frame at output position 0, then at 1, ...), and K over only the taps that
+// reach a layer at the tile's positions, [k_begin, k_end): the others read padding, whose products
+// are zeros. At thousands of frames nearly every tile holds one position: HuBERT-Base's first conv
+// then multiplies 21 of its 25 (position, tap) pairs, its second 7 of 10, Large's 41 of 45 and 13
+// of 15. A tile that spans positions takes the union of their taps (rows whose tap misses a layer
+// copy zeros).
+struct HcFwdTile {
+    int64_t r0;  // the first position-major row
+    int k_begin, k_end;
+};
+
+__device__ __forceinline__ HcFwdTile hc_fwd_tile(int64_t n, int l_out, int l_in, int c_in, int kernel, int stride,
+                                                 int pad) {
+    const int64_t r0 = (int64_t)blockIdx.y * HV_BM;
+    const int lo_first = (int)(r0 / n);
+    const int lo_last = (int)((r0 + HV_BM - 1) / n) < l_out - 1 ? (int)((r0 + HV_BM - 1) / n) : l_out - 1;
+    // Tap kw reaches layer lo * stride - pad + kw: from kw0 at the last position, to kw1 at the first.
+    const int kw0 = pad - lo_last * stride > 0 ? pad - lo_last * stride : 0;
+    const int kw1 = l_in + pad - lo_first * stride < kernel ? l_in + pad - lo_first * stride : kernel;
+    return {r0, kw0 * c_in, (kw1 > kw0 ? kw1 : kw0) * c_in};
+}
+
+// The frame and output position of position-major row r (< n * l_out, which the host keeps under
+// 65535 x 64: 32-bit division).
+__device__ __forceinline__ void hc_fwd_frame_pos(int64_t r, int64_t n, int64_t* f, int* lo) {
+    *lo = (int)((uint32_t)r / (uint32_t)n);
+    *f = r - (int64_t)*lo * n;
+}
+
+// y's row (frame-major, f * l_out + lo) of the tile's local row i, or `rows` (none) past the end.
+__device__ __forceinline__ int64_t hc_fwd_row(const HcFwdTile& t, int64_t n, int i, int l_out, int64_t rows) {
+    const int64_t r = t.r0 + i;
+    if (r >= rows) return rows;
+    int64_t f;
+    int lo;
+    hc_fwd_frame_pos(r, n, &f, &lo);
+    return f * l_out + lo;
+}
+
 // The vectorized forward kernels' operand staging: thread tid copies 16-byte chunk tid % 4 (8
 // channels, never straddling a tap as c_in % 8 == 0) of tile rows tid / 4 and tid / 4 + 64 of A
 // (the implicit im2col rows) and B (W's rows). The rows' frame offsets and first layer are fixed
@@ -269,14 +309,15 @@ struct HcFwdStage {
     bool a_ok[2], b_ok[2];
     const bf16* b_src[2];
 
-    __device__ __forceinline__ HcFwdStage(const HConvFwdParams& p, int64_t rows, int64_t row0, int col0, int K, int l_in,
-                                          int c_in, int c_out, int l_out, int stride, int pad) {
+    __device__ __forceinline__ HcFwdStage(const HConvFwdParams& p, const HcFwdTile& tile, int64_t rows, int col0,
+                                          int K, int l_in, int c_in, int c_out, int stride, int pad) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int64_t r = row0 + threadIdx.x / 4 + 64 * j;
+            const int64_t r = tile.r0 + threadIdx.x / 4 + 64 * j;
             a_ok[j] = r < rows;
-            const int64_t f = a_ok[j] ? r / l_out : 0;
-            const int lo = a_ok[j] ? (int)(r % l_out) : 0;
+            int64_t f = 0;
+            int lo = 0;
+            if (a_ok[j]) hc_fwd_frame_pos(r, p.n, &f, &lo);
             a_base[j] = f * l_in * c_in;
             a_li0[j] = lo * stride - pad;
             const int co = col0 + threadIdx.x / 4 + 64 * j;
@@ -285,13 +326,14 @@ struct HcFwdStage {
         }
     }
 
-    // Copies row j's chunk at K index k (tap kw, channel ci) of A to a_dst and of B to b_dst.
-    __device__ __forceinline__ void copy(const HConvFwdParams& p, int j, int k, int kw, int ci, int K, int l_in, int c_in,
-                                         bf16* a_dst, bf16* b_dst) const {
+    // Copies row j's chunk at K index k (tap kw, channel ci) of A to a_dst and of B to b_dst; K
+    // indices from k_end on are zeros.
+    __device__ __forceinline__ void copy(const HConvFwdParams& p, int j, int k, int kw, int ci, int k_end, int l_in,
+                                         int c_in, bf16* a_dst, bf16* b_dst) const {
         const int li = a_li0[j] + kw;
-        const bool va = a_ok[j] && k < K && li >= 0 && li < l_in;
+        const bool va = a_ok[j] && k < k_end && li >= 0 && li < l_in;
         cp_async16(a_dst, va ? p.x + a_base[j] + (int64_t)li * c_in + ci : p.x, va);
-        const bool vb = b_ok[j] && k < K;
+        const bool vb = b_ok[j] && k < k_end;
         cp_async16(b_dst, vb ? b_src[j] + k : p.w, vb);
     }
 };
@@ -304,21 +346,22 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_vec(cons
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
     const int64_t rows = (int64_t)p.n * l_out;
-    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const HcFwdTile tile = hc_fwd_tile(p.n, l_out, l_in, c_in, kernel, stride, pad);
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    const HcFwdStage rows_of(p, rows, row0, col0, K, l_in, c_in, c_out, l_out, stride, pad);
+    const HcFwdStage rows_of(p, tile, rows, col0, K, l_in, c_in, c_out, stride, pad);
     auto stage = [&](int buf, int64_t step) {
-        const int k = (int)step * HV_BK + kc;
+        const int k = tile.k_begin + (int)step * HV_BK + kc;
         const int kw = k / c_in, ci = k - kw * c_in;
 #pragma unroll
         for (int j = 0; j < 2; ++j)
-            rows_of.copy(p, j, k, kw, ci, K, l_in, c_in, &as[buf][tid / 4 + 64 * j][kc], &bs[buf][tid / 4 + 64 * j][kc]);
+            rows_of.copy(p, j, k, kw, ci, tile.k_end, l_in, c_in, &as[buf][tid / 4 + 64 * j][kc],
+                         &bs[buf][tid / 4 + 64 * j][kc]);
     };
     float acc[4][4][4];
     hv_zero(acc);
-    hv_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) {
+    hv_pipeline((tile.k_end - tile.k_begin + HV_BK - 1) / HV_BK, stage, [&](int buf) {
         for (int ks = 0; ks < HV_BK; ks += 16) {
             uint32_t a[4][4], b[4][2];
             hv_load_a_mk(a, as[buf], wm, ks, lane);
@@ -326,15 +369,20 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_vec(cons
             hv_mma(acc, a, b);
         }
     });
+    // This thread's 8 rows of y (each shared by 8 accumulators).
+    int64_t yrow[4][2];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) yrow[mi][h] = hc_fwd_row(tile, p.n, wm * 64 + mi * 16 + g + 8 * h, l_out, rows);
     #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
         #pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int64_t row = row0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int co = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                hc_fwd_store(p, row, co, acc[mi][nj][r], rows, c_out, l_out);
+                hc_fwd_store(p, yrow[mi][r / 2], co, acc[mi][nj][r], rows, c_out, l_out);
             }
         }
     }
@@ -424,33 +472,35 @@ extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
     __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
     const int64_t rows = (int64_t)p.n * l_out;
-    const int64_t row0 = (int64_t)blockIdx.y * HV_BM;
+    const HcFwdTile tile = hc_fwd_tile(p.n, l_out, l_in, c_in, kernel, stride, pad);
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    const HcFwdStage rows_of(p, rows, row0, col0, K, l_in, c_in, c_out, l_out, stride, pad);
+    const HcFwdStage rows_of(p, tile, rows, col0, K, l_in, c_in, c_out, stride, pad);
     auto stage = [&](int buf, int64_t step) {
-        const int k = (int)step * HV_BK + kc;
+        const int k = tile.k_begin + (int)step * HV_BK + kc;
         const int kw = k / c_in, ci = k - kw * c_in;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int at = hw_core_offset(tid / 4 + 64 * j, tid % 4);
-            rows_of.copy(p, j, k, kw, ci, K, l_in, c_in, &as[buf][at], &bs[buf][at]);
+            rows_of.copy(p, j, k, kw, ci, tile.k_end, l_in, c_in, &as[buf][at], &bs[buf][at]);
         }
         cp_async_commit();
     };
     float acc[2][32];
     hw_zero(acc);
-    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg); });
+    hw_pipeline((tile.k_end - tile.k_begin + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg); });
+    // This thread's 2 rows of y.
+    const int64_t yrow[2] = {hc_fwd_row(tile, p.n, wg * 64 + w * 16 + lane / 4, l_out, rows),
+                             hc_fwd_row(tile, p.n, wg * 64 + w * 16 + lane / 4 + 8, l_out, rows)};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int64_t row = row0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
                 const int co = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
-                hc_fwd_store(p, row, co, acc[h][4 * j + r], rows, c_out, l_out);
+                hc_fwd_store(p, yrow[r / 2], co, acc[h][4 * j + r], rows, c_out, l_out);
             }
         }
     }

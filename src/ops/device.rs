@@ -718,6 +718,7 @@ fn conv_forward(
     };
     // Every real stack (D a multiple of 8) takes the vectorized kernel; others the general one.
     if g.c_in.is_multiple_of(8) {
+        // Row tiles of 128 in position-major order (kernels/hconv.cu's HcFwdTile).
         let grid = (
             g.c_out.div_ceil(128) as u32,
             (n * l_out).div_ceil(128) as u32,
