@@ -60,8 +60,8 @@ fn print_profile(label: &str, timed_ms: f64, kernels: &[strata::runtime::cuda::K
 /// Multiply-adds of one conv per frame that touch a layer: the (output position, tap) pairs whose
 /// input position exists, times c_out x c_in. The rest multiply zero padding: the roofline does
 /// not count them (HuBERT-Base's first conv: 21 of its 25 pairs; runs before 2026-12-07 counted
-/// all). The forward kernels skip them (kernels/hconv.cu's HcFwdTile); the dW kernel still
-/// multiplies them.
+/// all). The kernels skip them: the forward's (kernels/hconv.cu's HcFwdTile), dW's (hc_dw_rows,
+/// but for its bias blocks) and dx's (HcDxPhase, in part).
 fn conv_macs(g: &ConvGeom) -> usize {
     let pairs = (0..g.l_out())
         .flat_map(|lo| (0..g.kernel).map(move |kw| (lo * g.stride + kw) as isize - g.pad as isize))
@@ -95,8 +95,8 @@ const PRECOMPILED_STACKS: &[(usize, usize, usize, usize)] = &[
 ];
 
 /// Compiles (PTX and machine code) every kernel file, and hconv.cu's two builds (mma.sync for sm_90, wgmma for sm_90a)
-/// specialized to each conv of [`PRECOMPILED_STACKS`], into the disk cache, on all cores at once.
-/// Each process would otherwise compile the variants it meets one after another, ~5 s apiece for
+/// specialized to each conv of [`PRECOMPILED_STACKS`] (and the mma.sync build at pipeline depth 2
+/// for the script's comparison), into the disk cache, on all cores at once. Each process would otherwise compile the variants it meets one after another, ~5 s apiece for
 /// hconv.cu, out of the GPU machine's few minutes. A variant missing here still compiles on first
 /// use; a cached one is checked, not trusted (crate::runtime::cuda::compile_with).
 fn precompile() -> std::process::ExitCode {
@@ -163,6 +163,20 @@ fn precompile() -> std::process::ExitCode {
             {
                 jobs.push((file, defines));
             }
+        }
+    }
+    // The device script's comparison at pipeline depth 2 (STRATA_HV_STAGES=2, gpu_bench hconv):
+    // the mma.sync build specialized to the Base and Large convs, and unspecialized (dW).
+    let mma = kernels::file_of("hconv_conv_forward_vec").unwrap();
+    jobs.push((mma, vec![("HV_STAGES", 2)]));
+    for (l, d, k, s) in [(13, 768, 5, 3), (25, 1024, 5, 3)] {
+        for g in strata::models::interface::hconv_plan(l, d, k, s)
+            .unwrap()
+            .convs
+        {
+            let mut defines = device::hconv_defines(&g).to_vec();
+            defines.push(("HV_STAGES", 2));
+            jobs.push((mma, defines));
         }
     }
     // Longest sources first, so that no large compile starts last on an otherwise idle machine.

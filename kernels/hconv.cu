@@ -650,7 +650,8 @@ STRATA_EMU_ENTRY(hconv_conv_backward_weight, HConvBwdParams)
 
 // ---------------------------------------------------------------------------------------------
 // The vectorized backward, for c_in % 8 == 0. First the ReLU mask (and the un-flatten of the last
-// conv) in one elementwise pass, dpre = y > 0 ? dy : 0 as [n, l_out, hc_pitch(c_out)]; then both
+// conv) in one elementwise pass, dpre = y > 0 ? dy : 0 as [l_out, n, hc_pitch(c_out)] (rows
+// position-major, as the forward's tiles: every frame at position 0, then 1, ...); then both
 // GEMMs stream 16-byte chunks with cp.async like the vectorized forward. Operands whose
 // natural layout is [k][m] or [k][n] (W for dx; dpre and the im2col rows for dW) are staged as they
 // lie and read with ldmatrix.trans.
@@ -671,11 +672,13 @@ extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
     const int64_t total = (int64_t)p.n * p.l_out * pitch;
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         const int co = (int)(e % pitch);
-        const int64_t fl = e / pitch;
+        const int64_t r = e / pitch;  // position-major: lo * n + f
+        const int lo = (int)(r / p.n);
+        const int64_t f = r - (int64_t)lo * p.n;
         bf16 v;
         v.bits = 0;
         if (co < p.c_out) {
-            const int64_t at = p.flatten ? (fl / p.l_out * p.c_out + co) * p.l_out + fl % p.l_out : fl * p.c_out + co;
+            const int64_t at = p.flatten ? (f * p.c_out + co) * p.l_out + lo : (f * p.l_out + lo) * p.c_out + co;
             v = p.dy[at];
             if (p.relu && !hc_relu_passes(p.y[at])) v.bits = 0;
         }
@@ -741,7 +744,7 @@ struct HcDataRows {
         const int num = li[j] + pad - kw;
         const int lo = num / stride;
         *valid = ok[j] && in_k && num >= 0 && lo < l_out;
-        return *valid ? p.dy + (frame[j] * l_out + lo) * pitch + co : p.dy;
+        return *valid ? p.dy + ((int64_t)lo * p.n + frame[j]) * pitch + co : p.dy;
     }
 };
 
@@ -754,18 +757,44 @@ __device__ __forceinline__ const bf16* hc_w_chunk(const HConvBwdParams& p, const
     return *valid ? p.w + (int64_t)co * KW + (q.ph + stride * j) * c_in + ci : p.w;
 }
 
-// dW's B: the im2col chunk at row r = (frame, lo), column k = (kw, ci) (8 channels from ci).
+// dW's B: the im2col chunk at position-major row r = lo * n + f, column k = (kw, ci) (8 channels
+// from ci). Rows number under 65535 x 64 (the host's limit): 32-bit division.
 __device__ __forceinline__ const bf16* hc_im2col_chunk(const HConvBwdParams& p, int64_t r, int64_t r_end, int k,
                                                        int KW, int l_in, int c_in, int l_out, int stride, int pad,
                                                        bool* valid) {
     *valid = r < r_end && k < KW;
     if (!*valid) return p.x;
-    const int64_t f = r / l_out;
-    const int lo = (int)(r - f * l_out);
+    const int lo = (int)((uint32_t)r / (uint32_t)p.n);
+    const int64_t f = r - (int64_t)lo * p.n;
+    (void)l_out;
     const int kw = k / c_in, ci = k - kw * c_in;
     const int li = lo * stride - pad + kw;
     *valid = li >= 0 && li < l_in;
     return *valid ? p.x + (f * l_in + li) * c_in + ci : p.x;
+}
+
+// A dW block's rows, [*begin, *end): its split chunk of the position-major rows, narrowed (except
+// in bias blocks, whose db needs every row) to the positions at which some tap of its column tile
+// reaches a layer; at the others the tile's im2col chunks are all padding (HuBERT-Base's first
+// conv: 21 of 25 (position, tap) pairs reach one, as in the forward).
+__device__ __forceinline__ void hc_dw_rows(const HConvBwdParams& p, int64_t R, int col0, int KW, int l_in, int c_in,
+                                           int l_out, int stride, int pad, int64_t* begin, int64_t* end) {
+    int64_t b = (int64_t)blockIdx.z * p.split_rows;
+    int64_t e = b + p.split_rows < R ? b + p.split_rows : R;
+    if (blockIdx.x != 0) {
+        const int last = (col0 + HV_BN < KW ? col0 + HV_BN : KW) - 1;
+        const int kw_a = col0 / c_in, kw_b = last / c_in;
+        // Tap kw reaches layer lo * stride - pad + kw in [0, l_in) for lo from ceil((pad - kw) /
+        // stride) to floor((l_in - 1 + pad - kw) / stride): the union over the tile's taps.
+        const int lo_min = pad - kw_b > 0 ? (pad - kw_b + stride - 1) / stride : 0;
+        const int top = l_in - 1 + pad - kw_a;
+        const int lo_max = top < 0 ? -1 : (top / stride < l_out - 1 ? top / stride : l_out - 1);
+        const int64_t from = (int64_t)lo_min * p.n, to = (int64_t)(lo_max + 1) * p.n;
+        if (from > b) b = from;
+        if (to < e) e = to;
+    }
+    *begin = b;
+    *end = e > b ? e : b;
 }
 
 // dW's epilogue for one accumulator: its own split chunk's partial sum, or added into dw.
@@ -841,7 +870,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_ve
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_data_vec, HConvBwdParams)
 
-// dW and db (dy = dpre here): rows co, cols (kw, ci), K = every (frame, output position).
+// dW and db (dy = dpre here): rows co, cols (kw, ci), K = the position-major rows (output position,
+// frame) at which the column tile's taps reach a layer (hc_dw_rows; every row in bias blocks).
 extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_vec(const HConvBwdParams p) {
     HC_GEOMETRY
     STRATA_DYNAMIC_SMEM(HvTileKN, at);
@@ -854,8 +884,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
     const int col0 = blockIdx.x * HV_BN;
     const int KW = kernel * c_in, pitch = hc_pitch(c_out);
     const bool bias_block = blockIdx.x == 0;
-    const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
-    const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
+    int64_t r_begin, r_end;
+    hc_dw_rows(p, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
     auto stage = [&](int buf, int64_t step) {
         const int64_t r0 = r_begin + step * HV_BK;
         for (int j = 0; j < 2; ++j) {
@@ -962,8 +992,8 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
     const int col0 = blockIdx.x * HV_BN;
     const int KW = kernel * c_in, pitch = hc_pitch(c_out);
     const bool bias_block = blockIdx.x == 0;
-    const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
-    const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
+    int64_t r_begin, r_end;
+    hc_dw_rows(p, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
     auto stage = [&](int buf, int64_t step) {
         const int64_t r0 = r_begin + step * HV_BK;
 #pragma unroll
