@@ -760,13 +760,11 @@ __device__ __forceinline__ const bf16* hc_w_chunk(const HConvBwdParams& p, const
 // dW's B: the im2col chunk at position-major row r = lo * n + f, column k = (kw, ci) (8 channels
 // from ci). Rows number under 65535 x 64 (the host's limit): 32-bit division.
 __device__ __forceinline__ const bf16* hc_im2col_chunk(const HConvBwdParams& p, int64_t r, int64_t r_end, int k,
-                                                       int KW, int l_in, int c_in, int l_out, int stride, int pad,
-                                                       bool* valid) {
+                                                       int KW, int l_in, int c_in, int stride, int pad, bool* valid) {
     *valid = r < r_end && k < KW;
     if (!*valid) return p.x;
     const int lo = (int)((uint32_t)r / (uint32_t)p.n);
     const int64_t f = r - (int64_t)lo * p.n;
-    (void)l_out;
     const int kw = k / c_in, ci = k - kw * c_in;
     const int li = lo * stride - pad + kw;
     *valid = li >= 0 && li < l_in;
@@ -895,7 +893,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
             const bool va = r < r_end && co < c_out;
             cp_async16(&at[buf][krow][off], va ? p.dy + r * pitch + co : p.dy, va);
             bool vb;
-            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + off, KW, l_in, c_in, l_out, stride, pad, &vb);
+            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + off, KW, l_in, c_in, stride, pad, &vb);
             cp_async16(&bt[buf][krow][off], src, vb);
         }
     };
@@ -1005,7 +1003,7 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
             const bool va = r < r_end && co < c_out;
             cp_async16(&as[buf][at], va ? p.dy + r * pitch + co : p.dy, va);
             bool vb;
-            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + m8, KW, l_in, c_in, l_out, stride, pad, &vb);
+            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + m8, KW, l_in, c_in, stride, pad, &vb);
             cp_async16(&bs[buf][at], src, vb);
         }
         cp_async_commit();
