@@ -7,6 +7,8 @@
 // concatenation that its projection reads.
 // Forward: one block per frame; optional no-affine LayerNorm of each layer row (eps 1e-5, biased
 // variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
+// With the norm (D % 8 == 0) the frame's rows are first staged in shared memory, so that the
+// statistics and the sum read the stack once between them.
 // Backward: dp[j] = sum_d dout * xhat summed over 8 frames per block, one partial per block and
 // layer, then one block reduces the partials in fixed order and applies the softmax Jacobian:
 // deterministic. The stack gradient (for a trainable upstream) is optional: with it,
@@ -27,6 +29,9 @@ struct LayerSumFwdParams {
     float* mean;  // [n, k] when normalize
     float* rstd;  // [n, k] when normalize
     int n, L, D, first, k, normalize, out_stride;
+    // 1: the frame's k rows are read once into dynamic shared memory (k * D bf16), and the norm's
+    // statistics and the sum read them there (normalize with D % 8 == 0: one read of the stack).
+    int staged;
 };
 
 struct LayerSumBwdParams {
@@ -69,19 +74,54 @@ __device__ __forceinline__ void layer_softmax(const float* w, int k, float* p) {
 // layer. The warp-per-layer kernel takes 8 frames a block (2000 blocks of 4 warps at 16000
 // frames); the weight-gradient kernel one wave of blocks (see layer_sum_backward_dw).
 
+// Mean and rstd (biased variance, eps 1e-5) of a staged row of D bf16 (D % 8 == 0), by one warp:
+// each lane sums its 8-element chunks, then the warp; two passes over shared memory.
+__device__ __forceinline__ void warp_row_stats_staged(const bf16* row, int D, float* mean, float* rstd) {
+    const int lane = threadIdx.x & 31;
+    float s = 0.0f;
+    for (int c = lane; c < D / 8; c += 32) {
+        float v[8];
+        unpack_bf16x8(load_bf16x8(row + 8 * c), v);
+        for (int e = 0; e < 8; ++e) s += v[e];
+    }
+    const float m = warp_sum(s) / (float)D;
+    float q = 0.0f;
+    for (int c = lane; c < D / 8; c += 32) {
+        float v[8];
+        unpack_bf16x8(load_bf16x8(row + 8 * c), v);
+        for (int e = 0; e < 8; ++e) q += (v[e] - m) * (v[e] - m);
+    }
+    *mean = m;
+    *rstd = 1.0f / sqrtf(warp_sum(q) / (float)D + 1e-5f);
+}
+
 extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
     __shared__ float p[STRATA_MAX_LAYERS];
     __shared__ float mu[STRATA_MAX_LAYERS];
     __shared__ float rs[STRATA_MAX_LAYERS];
     const int f = blockIdx.x;
-    layer_softmax(a.w, a.k, p);
     const bf16* frame = a.x + (int64_t)f * a.L * a.D;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const bool vec8 = (a.D & 7) == 0;
+    // Staged: the k rows (contiguous in the frame) copied once with cp.async, all in flight at once;
+    // the barrier in layer_softmax publishes them. `rows` then points at them instead of the stack.
+    STRATA_DYNAMIC_SMEM(bf16, staged);
+    const bf16* rows = frame + (int64_t)a.first * a.D;
+    if (a.staged) {
+        if (!dynamic_smem_holds((uint32_t)(a.k * a.D * 2))) return;
+        for (int c = threadIdx.x; c < a.k * a.D / 8; c += blockDim.x) cp_async16(staged + 8 * c, rows + 8 * c, true);
+        cp_async_commit();
+        cp_async_wait<0>();
+        rows = staged;
+    }
+    layer_softmax(a.w, a.k, p);
     if (a.normalize) {
         for (int j = warp; j < a.k; j += warps) {
             float m, r;
-            warp_row_stats_bf16(frame + (int64_t)(a.first + j) * a.D, a.D, 1e-5f, &m, &r);
+            if (a.staged)
+                warp_row_stats_staged(rows + (int64_t)j * a.D, a.D, &m, &r);
+            else
+                warp_row_stats_bf16(rows + (int64_t)j * a.D, a.D, 1e-5f, &m, &r);
             if (lane == 0) {
                 mu[j] = m;
                 rs[j] = r;
@@ -96,7 +136,7 @@ extern "C" __global__ void layer_sum_forward(const LayerSumFwdParams a) {
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (int j = 0; j < a.k; ++j) {
                 float v[8];
-                unpack_bf16x8(load_bf16x8(frame + (int64_t)(a.first + j) * a.D + 8 * c), v);
+                unpack_bf16x8(load_bf16x8(rows + (int64_t)j * a.D + 8 * c), v);
                 const float pj = p[j];
                 const float m = a.normalize ? mu[j] : 0.0f;
                 const float r = a.normalize ? rs[j] : 1.0f;

@@ -208,6 +208,9 @@ fi
 if section 60 "HConv with the mma.sync kernels' pipeline two stages deep (STRATA_HV_STAGES=2; default 4), for comparison"; then
     STRATA_HV_STAGES=2 limited .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-2-stages.jsonl"
 fi
+if section 30 "the WS forward with the norm reading the stack twice (STRATA_LAYER_SUM_UNSTAGED=1, before its rows were staged), for comparison"; then
+    STRATA_LAYER_SUM_UNSTAGED=1 limited .gpu/gpu_bench ws 2>/dev/null | grep norm_fwd | tee "$out/ws-norm-unstaged.jsonl"
+fi
 if section 30 "the WS weight-gradient backward at 8 frames a block (STRATA_LAYER_SUM_FRAMES=8, before one wave), for comparison"; then
     STRATA_LAYER_SUM_FRAMES=8 limited .gpu/gpu_bench ws 2>/dev/null | grep bwd | tee "$out/ws-8-frames.jsonl"
 fi

@@ -412,6 +412,7 @@ fn launch_errors_name_the_kernel_and_sizes() {
         k: 3,
         normalize: 0,
         out_stride: 8,
+        staged: 0,
     };
     let err = be
         .launch("layer_sum_forward", (2, 1, 1), (128, 1, 1), 0, &p)

@@ -230,7 +230,7 @@ macro_rules! params {
 }
 
 params! {
-    LayerSumFwdParams { x: u64, w: u64, out: u64, mean: u64, rstd: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32, out_stride: i32 }
+    LayerSumFwdParams { x: u64, w: u64, out: u64, mean: u64, rstd: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32, out_stride: i32, staged: i32 }
     LayerSumBwdParams { x: u64, w: u64, dout: u64, mean: u64, rstd: u64, partial: u64, dx: u64, n: i32, l: i32, d: i32, first: i32, k: i32, normalize: i32, dout_stride: i32, frames_per_block: i32 }
     LayerSumReduceParams { partial: u64, w: u64, dw: u64, n: i32, k: i32 }
     AdamParams {
