@@ -10,7 +10,8 @@
 # The device session's minutes are few (15 in all, one call of ~10 minutes). First every kernel
 # variant is compiled on all cores at once (PTX and machine code, into the disk cache the later
 # processes load from). Then sections run most valuable first (correctness at real sizes, the
-# issue targets' table, memcheck and racecheck, wgmma, the training steps and their per-kernel
+# issue targets' table and the variants its unmeasured changes replaced, memcheck and racecheck,
+# wgmma, the training steps and their per-kernel
 # profile, the comparisons, initcheck), each under its own time limit and all under one deadline
 # (STRATA_GPU_DEADLINE seconds, default 540), so a slow section costs its own result, not the ones
 # after it, and the script always ends with its summary. Its logs come back packed in one archive,
@@ -164,6 +165,13 @@ if section 120 "benchmarks: strata and PyTorch in the same run"; then
     limited python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" 2> "$out/torch.err" || { status=1; tail -5 "$out/torch.err"; }
     python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
 fi
+# The variants the last changes replaced, right after the table they are read against (each
+# restores one change: the pipeline depth, the norm's staging, the WS backward's frame split).
+if section 60 "the previous variants of the unmeasured changes (RESULTS.md), against the table above"; then
+    STRATA_HV_STAGES=2 limited .gpu/gpu_bench hconv 2>/dev/null | sed 's/"name": "/"name": "stages2 /' | tee "$out/variants.jsonl"
+    STRATA_LAYER_SUM_UNSTAGED=1 limited .gpu/gpu_bench ws 2>/dev/null | grep norm_fwd | sed 's/"name": "/"name": "unstaged /' | tee -a "$out/variants.jsonl"
+    STRATA_LAYER_SUM_FRAMES=8 limited .gpu/gpu_bench ws 2>/dev/null | grep bwd | sed 's/"name": "/"name": "8frames /' | tee -a "$out/variants.jsonl"
+fi
 # The sanitizers the issue asks for, before the sections that compare variants.
 sanitize memcheck
 sanitize racecheck
@@ -204,15 +212,6 @@ if section 90 "compute-sanitizer memcheck on the HConv backward test (small size
 fi
 if section 30 "HConv without -D specialization (STRATA_NO_SPECIALIZE=1), for comparison"; then
     STRATA_NO_SPECIALIZE=1 limited .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-unspecialized.jsonl"
-fi
-if section 60 "HConv with the mma.sync kernels' pipeline two stages deep (STRATA_HV_STAGES=2; default 4), for comparison"; then
-    STRATA_HV_STAGES=2 limited .gpu/gpu_bench hconv 2>/dev/null | tee "$out/hconv-2-stages.jsonl"
-fi
-if section 30 "the WS forward with the norm reading the stack twice (STRATA_LAYER_SUM_UNSTAGED=1, before its rows were staged), for comparison"; then
-    STRATA_LAYER_SUM_UNSTAGED=1 limited .gpu/gpu_bench ws 2>/dev/null | grep norm_fwd | tee "$out/ws-norm-unstaged.jsonl"
-fi
-if section 30 "the WS weight-gradient backward at 8 frames a block (STRATA_LAYER_SUM_FRAMES=8, before one wave), for comparison"; then
-    STRATA_LAYER_SUM_FRAMES=8 limited .gpu/gpu_bench ws 2>/dev/null | grep bwd | tee "$out/ws-8-frames.jsonl"
 fi
 if section 30 "the WS weight-gradient backward with the warp-per-layer kernel (STRATA_LAYER_SUM_BWD=warp), for comparison"; then
     STRATA_LAYER_SUM_BWD=warp limited .gpu/gpu_bench ws 2>/dev/null | grep bwd_dw | tee "$out/ws-warp-backward.jsonl"
