@@ -199,17 +199,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* row) 
 }
 
 // cp.async: 16 bytes global -> shared without staging in registers; `valid` false writes zeros
-// (src-size 0: nothing is read). The emulator copies at once (its threads never run concurrently,
-// and readers wait at a barrier after cp_async_wait anyway).
+// (src-size 0: nothing is read). The emulator lands each copy only at the cp_async_wait that
+// requires its group, so a pipeline that reads a stage before waiting for it, or waits for too
+// few groups, reads stale shared memory there as it may on the GPU.
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
 #ifdef STRATA_EMULATOR
     // Both addresses aligned to the copy size, even when nothing is read (src-size 0).
     strata_emu_check_aligned(dst, 16, "cp.async shared destination");
     strata_emu_check_aligned(src, 16, "cp.async global source");
-    if (valid)
-        memcpy(dst, src, 16);
-    else
-        memset(dst, 0, 16);
+    strata_emu::cp_async(dst, src, valid);
 #else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 16 : 0));
@@ -232,14 +230,18 @@ __device__ __forceinline__ bool dynamic_smem_holds(uint32_t bytes) {
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef STRATA_EMULATOR
+#ifdef STRATA_EMULATOR
+    strata_emu::cp_async_commit();
+#else
     asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 // Waits until at most `N` committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef STRATA_EMULATOR
+#ifdef STRATA_EMULATOR
+    strata_emu::cp_async_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }

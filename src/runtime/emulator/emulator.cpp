@@ -14,6 +14,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -72,12 +73,26 @@ struct WarpMma {
     float D[16][8];
 };
 
+// One thread's cp.async copies in flight: the source's 16 bytes are read at issue (a kernel's
+// global inputs do not change under it), the shared destination written only when a
+// cp.async.wait_group requires it, as late as the GPU may land it, so that a read before the
+// wait, or a wait that lets too many groups stay in flight, sees the old bytes.
+struct PendingCopy {
+    char* dst;
+    unsigned char bytes[16];
+};
+struct CopyGroups {
+    std::vector<std::vector<PendingCopy>> committed;  // oldest first
+    std::vector<PendingCopy> open;                    // issued since the last commit
+};
+
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<char> stacks;
     std::vector<uint64_t> slots;  // one per thread: the warp-exchange mailbox
     std::vector<uint32_t> mma;    // 10 words per thread: an mma's A (4), B (2) and C (4 floats)
     std::vector<WarpMma> warp_mma;  // one per warp: the result of the warp's current mma
+    std::vector<CopyGroups> copies;  // one per thread: its cp.async groups in flight
     std::vector<char> smem_storage;
     char* smem = nullptr;  // 16-byte aligned inside smem_storage
     unsigned smem_bytes = 0;  // the launch's dynamic shared memory
@@ -123,6 +138,32 @@ static void wait_in(State s) {
 }
 
 void block_barrier() { wait_in(AT_BLOCK_BARRIER); }
+
+void cp_async(void* dst, const void* src, bool valid) {
+    PendingCopy c;
+    c.dst = static_cast<char*>(dst);
+    if (valid)
+        std::memcpy(c.bytes, src, 16);
+    else
+        std::memset(c.bytes, 0, 16);
+    tl_block->copies[tl_block->current].open.push_back(c);
+}
+
+void cp_async_commit() {
+    CopyGroups& g = tl_block->copies[tl_block->current];
+    g.committed.push_back(std::move(g.open));
+    g.open.clear();
+}
+
+void cp_async_wait(int pending) {
+    // PTX: completes every committed group but the newest `pending`; uncommitted copies are not
+    // waited for.
+    CopyGroups& g = tl_block->copies[tl_block->current];
+    while ((int)g.committed.size() > pending) {
+        for (const PendingCopy& c : g.committed.front()) std::memcpy(c.dst, c.bytes, 16);
+        g.committed.erase(g.committed.begin());
+    }
+}
 
 void fault_misaligned(const char* op, const void* p, unsigned bytes) {
     Block* b = tl_block;
@@ -338,6 +379,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     b.slots.assign(threads, 0);
     b.mma.assign((size_t)threads * 10, 0);
     b.warp_mma.assign((threads + 31) / 32, WarpMma());
+    b.copies.assign(threads, CopyGroups());
     b.smem_storage.assign(smem + 32, 0);
     b.smem_bytes = smem;
     b.smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.smem_storage.data()) + 15) & ~uintptr_t(15));
@@ -370,6 +412,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
         // f32 and as bf16), so a read before any write shows in results rather than reading zero
         // or the previous block's values.
         std::memset(b.smem, 0xff, smem);
+        for (CopyGroups& c : b.copies) c = CopyGroups();
         char* static_begin = __start_strata_static_smem;
         char* static_end = __stop_strata_static_smem;
         if (static_begin != nullptr && static_end > static_begin)

@@ -27,6 +27,11 @@ int lane_id();
 // One warp-wide mma.sync.m16n8k16 (bf16 x bf16 -> f32) from per-lane fragments (PTX ISA layouts).
 void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const float* c);
 char* dynamic_smem();
+// cp.async as the GPU may run it: 16 bytes (or zeros) read now, written to shared memory only at
+// the cp.async.wait_group that requires their group (see emulator.cpp's PendingCopy).
+void cp_async(void* dst, const void* src, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending);
 // The launch's dynamic shared memory in bytes (PTX's %dynamic_smem_size).
 unsigned dynamic_smem_size();
 // Records the fault of a kernel whose layout needs `need` bytes of dynamic shared memory, more
