@@ -2147,7 +2147,7 @@ fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
 fn multi_tensor_adam_equals_the_per_tensor_kernel_and_zeroes_gradients() {
     for be in backends() {
         let tag = be.name();
-        let sizes = [1usize, 255, 256, 1000, 70_001];
+        let sizes = [1usize, 255, 256, 1000, 1024, 2049, 70_001];
         for (cfg, scaled) in [
             (AdamConfig::adamw(1e-3), true),
             (AdamConfig::adam(3e-3), false),

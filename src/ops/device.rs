@@ -618,6 +618,9 @@ pub fn tensor_core_path() -> TensorCorePath {
     })
 }
 
+/// Elements per block of adam_step_multi (ADAM_MULTI_CHUNK of kernels/adamw.cu).
+const ADAM_MULTI_CHUNK: usize = 1024;
+
 /// Staged buffers of each operand in kernels/hconv.cu's vectorized mma.sync kernels (its
 /// `HV_STAGES`): their copies run `HV_STAGES - 1` K steps ahead of the math.
 pub const HV_STAGES: usize = 4;
@@ -1941,7 +1944,8 @@ fn activation(
 pub struct AdamTensors {
     table: Buf<AdamTensor>,
     count: usize,
-    max_len: usize,
+    /// adam_step_multi's blocks: every tensor's ceil(n / ADAM_MULTI_CHUNK), at least one.
+    blocks_total: usize,
     /// The squared-sum partials of all the gradients (see [`clip_coefficient_table`]).
     parts_total: usize,
 }
@@ -1977,6 +1981,7 @@ impl AdamTensors {
         }
         let mut rows = Vec::with_capacity(tensors.len());
         let mut parts_total = 0usize;
+        let mut blocks_total = 0usize;
         for (i, &(p, g, m, v, copy)) in tensors.iter().enumerate() {
             let n = p.len();
             let what = |w: &str| format!("tensor {i} {w}");
@@ -1996,13 +2001,20 @@ impl AdamTensors {
                 n: n as i64,
                 parts: sum_squares_parts(n) as i32,
                 part_offset: parts_total as i32,
+                block0: blocks_total as i32,
             });
             parts_total += sum_squares_parts(n);
+            blocks_total += n.div_ceil(ADAM_MULTI_CHUNK).max(1);
+        }
+        if blocks_total > i32::MAX as usize {
+            return Err(Error::Config(format!(
+                "{K}: {blocks_total} blocks of {ADAM_MULTI_CHUNK} elements: at most 2^31 - 1; split the table"
+            )));
         }
         Ok(AdamTensors {
             table: be.upload(&rows)?,
             count: rows.len(),
-            max_len: tensors.iter().map(|t| t.0.len()).max().unwrap_or(0),
+            blocks_total,
             parts_total,
         })
     }
@@ -2022,9 +2034,10 @@ pub fn clip_coefficient_table(
     let p = SumSquaresMultiParams {
         tensors: be.ptr(&tensors.table),
         partial: be.ptr(&partial),
+        count: tensors.count as i32,
     };
-    let max_parts = sum_squares_parts(tensors.max_len) as u32;
-    be.launch(K, (max_parts, tensors.count as u32, 1), (256, 1, 1), 0, &p)?;
+    // One block per partial (kernels/adamw.cu finds each block's tensor in the table).
+    be.launch(K, (tensors.parts_total as u32, 1, 1), (256, 1, 1), 0, &p)?;
     clip_from_partials(be, &partial, tensors.parts_total, max_norm)
 }
 
@@ -2059,8 +2072,7 @@ pub fn adam_step_multi(
         decay: sc.decay,
         decoupled: cfg.decoupled as i32,
     };
-    let blocks = tensors.max_len.div_ceil(256).clamp(1, 4096) as u32;
-    be.launch(K, (blocks, tensors.count as u32, 1), (256, 1, 1), 0, &p)
+    be.launch(K, (tensors.blocks_total as u32, 1, 1), (256, 1, 1), 0, &p)
 }
 
 // ---- The speaker head (kernels/speaker.cu; CPU reference src/ops/speaker.rs) ----

@@ -244,9 +244,9 @@ params! {
         decoupled: i32,
     }
     // One row of adam_step_multi's tensor table (device memory, not a launch parameter).
-    AdamTensor { param: u64, grad: u64, m: u64, v: u64, param_bf16: u64, n: i64, parts: i32, part_offset: i32 }
+    AdamTensor { param: u64, grad: u64, m: u64, v: u64, param_bf16: u64, n: i64, parts: i32, part_offset: i32, block0: i32 }
     SumSquaresParams { x: u64, partial: u64, n: i64 }
-    SumSquaresMultiParams { tensors: u64, partial: u64 }
+    SumSquaresMultiParams { tensors: u64, partial: u64, count: i32 }
     ClipCoefParams { partial: u64, parts: i32, max_norm: f32, norm: u64, coef: u64 }
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
