@@ -950,7 +950,8 @@ fn conv_backward(
             flatten: p.flatten,
             relu: p.relu,
         };
-        let blocks = total.div_ceil(256).min(65535) as u32;
+        // A thread per 8-channel chunk.
+        let blocks = (total / 8).div_ceil(256).min(65535) as u32;
         be.launch("hconv_relu_mask", (blocks, 1, 1), (256, 1, 1), 0, &mp)?;
         let (split, split_rows) = weight_grad_split(n * l_out, g);
         let wsize = g.c_out * g.kernel * g.c_in;
