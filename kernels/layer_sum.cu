@@ -9,8 +9,8 @@
 // variance) computed on the fly, its mean/rstd saved for backward; fp32 accumulation, bf16 out.
 // With the norm (D % 8 == 0) the frame's rows are first staged in shared memory, so that the
 // statistics and the sum read the stack once between them.
-// Backward: dp[j] = sum_d dout * xhat summed over 8 frames per block, one partial per block and
-// layer, then one block reduces the partials in fixed order and applies the softmax Jacobian:
+// Backward: dp[j] = sum_d dout * xhat summed over each block's run of frames, one partial per
+// block and layer, then one block reduces the partials in fixed order and applies the softmax Jacobian:
 // deterministic. The stack gradient (for a trainable upstream) is optional: with it,
 // layer_sum_backward (a warp per layer); without it (a frozen stack) and D % 8 == 0,
 // layer_sum_backward_dw (a thread per 8-column chunk, the forward's access pattern).
