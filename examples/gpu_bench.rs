@@ -96,8 +96,9 @@ const PRECOMPILED_STACKS: &[(usize, usize, usize, usize)] = &[
 
 /// Compiles (PTX and machine code) every kernel file, and hconv.cu's two builds (mma.sync for sm_90, wgmma for sm_90a)
 /// specialized to each conv of [`PRECOMPILED_STACKS`] (and the mma.sync build at pipeline depth 2
-/// for the script's comparison), into the disk cache, on all cores at once. Each process would otherwise compile the variants it meets one after another, ~5 s apiece for
-/// hconv.cu, out of the GPU machine's few minutes. A variant missing here still compiles on first
+/// for the script's comparison), into the disk cache, on all cores at once. Each process would
+/// otherwise compile the variants it meets one after another, ~5 s apiece for hconv.cu, out of the
+/// GPU machine's few minutes. A variant missing here still compiles on first
 /// use; a cached one is checked, not trusted (crate::runtime::cuda::compile_with).
 fn precompile() -> std::process::ExitCode {
     use strata::runtime::{cuda, kernels};
@@ -166,10 +167,11 @@ fn precompile() -> std::process::ExitCode {
         }
     }
     // The device script's comparison at pipeline depth 2 (STRATA_HV_STAGES=2, gpu_bench hconv):
-    // the mma.sync build specialized to the Base and Large convs, and unspecialized (dW).
+    // the mma.sync build specialized to the Base and Large convs (the first two stacks), and
+    // unspecialized (dW).
     let mma = kernels::file_of("hconv_conv_forward_vec").unwrap();
     jobs.push((mma, vec![("HV_STAGES", 2)]));
-    for (l, d, k, s) in [(13, 768, 5, 3), (25, 1024, 5, 3)] {
+    for &(l, d, k, s) in &PRECOMPILED_STACKS[..2] {
         for g in strata::models::interface::hconv_plan(l, d, k, s)
             .unwrap()
             .convs

@@ -73,18 +73,6 @@ struct AdamTensor {
     int block0;
 };
 
-// The index of the table entry whose run of blocks holds `block`: the last i with first(i) <= block
-// (runs in order, the first at 0).
-template <class First>
-__device__ __forceinline__ int table_entry_of(int count, unsigned block, First first) {
-    int lo = 0, hi = count;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if ((unsigned)first(mid) <= block) lo = mid; else hi = mid;
-    }
-    return lo;
-}
-
 struct AdamMultiParams {
     const AdamTensor* tensors;
     int count, zero_grad;
@@ -100,7 +88,7 @@ struct AdamMultiParams {
 #define ADAM_MULTI_CHUNK 1024
 
 extern "C" __global__ void adam_step_multi(const AdamMultiParams a) {
-    const AdamTensor t = a.tensors[table_entry_of(a.count, blockIdx.x, [&](int i) { return a.tensors[i].block0; })];
+    const AdamTensor t = a.tensors[run_holding(a.count, blockIdx.x, [&](int i) { return a.tensors[i].block0; })];
     const float scale = a.grad_scale ? a.grad_scale[0] : 1.0f;
     const int64_t base = (int64_t)(blockIdx.x - t.block0) * ADAM_MULTI_CHUNK;
     for (int k = threadIdx.x; k < ADAM_MULTI_CHUNK; k += blockDim.x) {
@@ -141,7 +129,7 @@ struct SumSquaresMultiParams {
 // sum_squares_partial over that tensor's gradient, bit for bit.
 extern "C" __global__ void sum_squares_multi(const SumSquaresMultiParams a) {
     __shared__ float scratch[32];
-    const AdamTensor t = a.tensors[table_entry_of(a.count, blockIdx.x, [&](int i) { return a.tensors[i].part_offset; })];
+    const AdamTensor t = a.tensors[run_holding(a.count, blockIdx.x, [&](int i) { return a.tensors[i].part_offset; })];
     const int64_t x = (int64_t)blockIdx.x - t.part_offset;
     float s = 0.0f;
     for (int64_t i = x * blockDim.x + threadIdx.x; i < t.n; i += (int64_t)t.parts * blockDim.x) {

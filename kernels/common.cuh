@@ -300,15 +300,22 @@ __device__ __forceinline__ void warp_row_stats_bf16(const bf16* row, int n, floa
     *rstd = 1.0f / sqrtf(warp_sum(q) / (float)n + eps);
 }
 
-// The utterance holding packed row t: the last u with offsets[u] <= t (binary search of the
-// [utterances + 1] offsets, cu_seqlens).
-__device__ __forceinline__ int utterance_of(const int* offsets, int utterances, int64_t t) {
-    int lo = 0, hi = utterances;
+// The last i in [0, count) with start(i) <= x, for runs laid end to end from start(0) <= x (binary
+// search): the utterance of a packed row, the tensor of a block in a table of runs of blocks.
+template <class Start>
+__device__ __forceinline__ int run_holding(int count, int64_t x, Start start) {
+    int lo = 0, hi = count;
     while (hi - lo > 1) {
         const int mid = (lo + hi) / 2;
-        if (offsets[mid] <= t) lo = mid; else hi = mid;
+        if ((int64_t)start(mid) <= x) lo = mid; else hi = mid;
     }
     return lo;
+}
+
+// The utterance holding packed row t: the last u with offsets[u] <= t (of the [utterances + 1]
+// offsets, cu_seqlens).
+__device__ __forceinline__ int utterance_of(const int* offsets, int utterances, int64_t t) {
+    return run_holding(utterances, t, [&](int u) { return offsets[u]; });
 }
 
 // Seeded dropout's keep decision for element i, the CPU's exactly (src/ops/dropout.rs):

@@ -11,10 +11,10 @@
 # variant is compiled on all cores at once (PTX and machine code, into the disk cache the later
 # processes load from). Then sections run most valuable first (correctness at real sizes, the
 # issue targets' table and the variants its unmeasured changes replaced, memcheck and racecheck,
-# wgmma, the training steps and their per-kernel
-# profile, the comparisons, initcheck), each under its own time limit and all under one deadline
-# (STRATA_GPU_DEADLINE seconds, default 540), so a slow section costs its own result, not the ones
-# after it, and the script always ends with its summary. Its logs come back packed in one archive,
+# wgmma, the training steps and their per-kernel profile, the comparisons, initcheck), each
+# under its own time limit and all under one deadline (STRATA_GPU_DEADLINE seconds, default 540),
+# so a slow section costs its own result, not the ones after it, and the script always ends with
+# its summary. Its logs come back packed in one archive,
 # $OUT/gpu-logs.tgz. The second H200 run (2026-11-27) took the whole 550 s.
 #
 # When its kernel tests, device-step tests and the demo on cuda agree with the CPU, set

@@ -657,22 +657,29 @@ pub fn hv_smem_bytes(kernel: &str, stages: usize) -> u32 {
     (stages * per_stage) as u32
 }
 
-/// A launch of a vectorized mma.sync kernel (256 threads): its pipeline's shared memory, and on
-/// the GPU the `-D` specialization to `spec`'s geometry and any non-default depth.
+/// A launch of a vectorized kernel on `path` (256 threads), on the GPU `-D` specialized to `spec`'s
+/// geometry: the mma.sync kernels with their pipeline's dynamic shared memory and any non-default
+/// depth, the wgmma kernels with their static shared memory.
 fn hv_launch<P: crate::runtime::kernels::KernelParams + cudarc::driver::DeviceRepr>(
     be: &Backend,
+    path: TensorCorePath,
     kernel: &'static str,
     spec: Option<&ConvGeom>,
     grid: (u32, u32, u32),
     params: &P,
 ) -> Result<()> {
-    let stages = hv_stages(be);
     let mut defines: Vec<(&'static str, i64)> =
         spec.map(|g| hconv_defines(g).to_vec()).unwrap_or_default();
-    if stages != HV_STAGES {
-        defines.push(("HV_STAGES", stages as i64));
-    }
-    let smem = hv_smem_bytes(kernel, stages);
+    let smem = match path {
+        TensorCorePath::MmaSync => {
+            let stages = hv_stages(be);
+            if stages != HV_STAGES {
+                defines.push(("HV_STAGES", stages as i64));
+            }
+            hv_smem_bytes(kernel, stages)
+        }
+        TensorCorePath::Wgmma => 0,
+    };
     be.launch_specialized(kernel, &defines, grid, (256, 1, 1), smem, params)
 }
 
@@ -738,13 +745,11 @@ fn conv_forward(
             (n * l_out).div_ceil(128) as u32,
             1,
         );
-        match path {
-            TensorCorePath::MmaSync => hv_launch(be, "hconv_conv_forward_vec", Some(g), grid, &p)?,
-            TensorCorePath::Wgmma => {
-                let d = hconv_defines(g);
-                be.launch_specialized("hconv_conv_forward_wgmma", &d, grid, (256, 1, 1), 0, &p)?
-            }
-        }
+        let kernel = match path {
+            TensorCorePath::MmaSync => "hconv_conv_forward_vec",
+            TensorCorePath::Wgmma => "hconv_conv_forward_wgmma",
+        };
+        hv_launch(be, path, kernel, Some(g), grid, &p)?;
     } else {
         let grid = (
             g.c_out.div_ceil(64) as u32,
@@ -987,10 +992,7 @@ fn conv_backward(
                 "hconv_conv_backward_data_wgmma",
             ),
         };
-        match path {
-            TensorCorePath::MmaSync => hv_launch(be, weight_kernel, None, grid_w, &pv)?,
-            TensorCorePath::Wgmma => be.launch(weight_kernel, grid_w, (256, 1, 1), 0, &pv)?,
-        }
+        hv_launch(be, path, weight_kernel, None, grid_w, &pv)?;
         if let Some((pdw, pdb)) = &partial {
             for (part, out, count) in [(pdw, dw, wsize), (pdb, db, g.c_out)] {
                 let rp = SplitReduceParams {
@@ -1006,13 +1008,7 @@ fn conv_backward(
         if dx.is_some() {
             // Row tiles by phase (kernels/hconv.cu's HcDxPhase): each phase's rows in tiles of 128.
             let grid_d = (g.c_in.div_ceil(128) as u32, dx_phase_tiles(n, g) as u32, 1);
-            match path {
-                TensorCorePath::MmaSync => hv_launch(be, data_kernel, Some(g), grid_d, &pv)?,
-                TensorCorePath::Wgmma => {
-                    let d = hconv_defines(g);
-                    be.launch_specialized(data_kernel, &d, grid_d, (256, 1, 1), 0, &pv)?
-                }
-            }
+            hv_launch(be, path, data_kernel, Some(g), grid_d, &pv)?;
         }
         return Ok(dx);
     }
