@@ -559,7 +559,8 @@ fn main() -> std::process::ExitCode {
             ("step_cls_base", l, d, (cls, ("flops", cls_flops))),
         ];
         // One step's time for `pair` over an [n, l, d] stack; with STRATA_PROFILE=1 also one more
-        // step's GPU time per kernel, on stderr.
+        // step's GPU time per kernel and its host-side counts (launches, copies, allocations), on
+        // stderr.
         let mut time_step = |pair: &Pair, l: usize, d: usize| {
             let mut dev = strata::train::device_step::DevicePair::from_pair(&be, pair).unwrap();
             let x: Vec<bf16> = (0..n * l * d)
@@ -571,8 +572,20 @@ fn main() -> std::process::ExitCode {
             });
             if std::env::var("STRATA_PROFILE").is_ok_and(|v| v == "1") {
                 rt.profile_start();
-                dev.train_step_on(&be, &x0, &batch, &targets).unwrap();
+                let (r, traffic) =
+                    strata::runtime::traffic_of(|| dev.train_step_on(&be, &x0, &batch, &targets));
+                r.unwrap();
                 print_profile(&pair.name, ms, &rt.profile_take().unwrap());
+                eprintln!(
+                    "  host side: {} launches, {} uploads ({} B), {} downloads ({} B), {} allocations ({:.1} MB)",
+                    traffic.total_launches(),
+                    traffic.uploads,
+                    traffic.upload_bytes,
+                    traffic.downloads,
+                    traffic.download_bytes,
+                    traffic.allocations,
+                    traffic.allocation_bytes as f64 / 1e6
+                );
             }
             ms
         };

@@ -789,3 +789,140 @@ fn dev_losses_are_the_training_loss_per_utterance_on_both_paths() {
         assert!(cpu.decode_scored(stack, batch, None).unwrap().1.is_none());
     }
 }
+
+/// A training step's host traffic (counted by `strata::runtime::traffic_of`): one download, the
+/// per-utterance losses (per row for the classifier) behind the loss value; no explicit wait; and
+/// uploads that carry only the batch (offsets, targets, and the ML-SUPERB head's time warp and
+/// masks, ~87 bytes a frame): at most 128 bytes per frame and 64 per label, nothing the size of a
+/// parameter. Prints each step's launches (the
+/// launch-overhead floor of a step on the GPU). Seen to fail with the clip's norm read on the host
+/// or a parameter sent up each step.
+#[test]
+fn a_device_step_comes_down_only_for_its_loss() {
+    use strata::models::asr_head::AsrHeadConfig;
+    use strata::models::head::SpeakerHeadConfig;
+    use strata::models::mlsuperb_head::{mlsuperb_frames, MlSuperbHeadConfig};
+    use strata::runtime::traffic_of;
+    use strata::train::side_by_side::{CtcHead, PairSpec};
+    let (layers, dim, phones, classes) = (5, 24, 6, 3);
+    let hconv = InterfaceKind::HConv {
+        kernel: 5,
+        stride: 3,
+        depth: None,
+    };
+    let cfg = |kind: InterfaceKind| InterfaceConfig::new(layers, dim, kind);
+    let ctc = HeadKind::Ctc { vocab: phones + 1 };
+    let classify = HeadKind::Classify { classes };
+    let pair = |spec: &PairSpec, head: HeadKind| {
+        Pair::from_spec(spec, head, AdamConfig::adamw(1e-3), Some(1.0), 3).unwrap()
+    };
+    // (what, pair, whether its targets are phone sequences (CTC) or one class per utterance).
+    let mut cases: Vec<(String, Pair, bool)> = Vec::new();
+    for kind in [
+        InterfaceKind::WeightedSum,
+        InterfaceKind::GroupWs {
+            groups: 2,
+            out_dim: 16,
+        },
+        hconv.clone(),
+        InterfaceKind::ConcatProj { out_dim: 16 },
+        InterfaceKind::SingleLayer { layer: -1 },
+        InterfaceKind::ClsPool {
+            heads: 2,
+            ffn_dim: 32,
+            activation: ClsActivation::Gelu,
+        },
+    ] {
+        for (normalize, head) in [(false, ctc), (true, classify)] {
+            let mut c = cfg(kind.clone());
+            c.normalize = normalize;
+            let name = format!("{kind:?} normalize={normalize} {head:?}");
+            let spec = PairSpec::new("p", c);
+            cases.push((name.clone(), pair(&spec, head), !normalize));
+        }
+    }
+    for (label, head) in [
+        (
+            "ASR head",
+            CtcHead::Asr(AsrHeadConfig {
+                project_dim: 16,
+                hidden: 12,
+                ..AsrHeadConfig::default()
+            }),
+        ),
+        (
+            "ML-SUPERB head",
+            CtcHead::MlSuperb(MlSuperbHeadConfig {
+                preencoder_dim: 16,
+                width: 16,
+                heads: 2,
+                ffn: 32,
+                ..MlSuperbHeadConfig::default()
+            }),
+        ),
+    ] {
+        let mut spec = PairSpec::new("h", cfg(InterfaceKind::WeightedSum));
+        spec.ctc_head = head;
+        cases.push((format!("WeightedSum {label}"), pair(&spec, ctc), true));
+    }
+    let sv = SpeakerHeadConfig {
+        width: 16,
+        agg_width: 24,
+        ..SpeakerHeadConfig::default()
+    };
+    let spec = PairSpec::new("sv", cfg(hconv));
+    cases.push((
+        "HConv speaker head".into(),
+        Pair::with_speaker_head(&spec, classes, sv, AdamConfig::adamw(1e-3), Some(1.0), 3).unwrap(),
+        false,
+    ));
+    // Utterances of at least 16 frames (the speaker head's x-vector and the ML-SUPERB convs need
+    // them); CTC targets within the ML-SUPERB head's output frames.
+    let data = long_batches((layers, dim, phones), 16, |u, t| {
+        let keep = (mlsuperb_frames(t).unwrap() / 2).min(u.phones.len());
+        u.phones[..keep].to_vec()
+    });
+    let (stack, batch, targets) = &data[0];
+    let labels: Vec<Vec<usize>> = targets.iter().map(|t| vec![t[0] % classes]).collect();
+    let label_count: usize = targets.iter().map(Vec::len).sum();
+    let frames = batch.total_frames();
+    for be in backends() {
+        let x = upload_stack(&be, stack).unwrap();
+        for (name, pair, ctc) in &cases {
+            let mut dev = DevicePair::from_pair(&be, pair).unwrap();
+            let targets = if *ctc { targets } else { &labels };
+            let (loss, traffic) = traffic_of(|| dev.train_step_on(&be, &x, batch, targets));
+            let loss = loss.unwrap();
+            assert!(loss.is_finite(), "{name}: loss {loss}");
+            eprintln!(
+                "{}: {name}: {} launches ({} kernels), {} uploads ({} B), {} download ({} B), {} allocations",
+                be.name(),
+                traffic.total_launches(),
+                traffic.launches.len(),
+                traffic.uploads,
+                traffic.upload_bytes,
+                traffic.downloads,
+                traffic.download_bytes,
+                traffic.allocations,
+            );
+            assert_eq!(traffic.downloads, 1, "{name}: {traffic:?}");
+            assert_eq!(
+                traffic.download_bytes,
+                4 * batch.num_utterances(),
+                "{name}: {traffic:?}"
+            );
+            assert_eq!(traffic.synchronizes, 0, "{name}: {traffic:?}");
+            let batch_bytes = 128 * frames + 64 * (label_count + batch.num_utterances());
+            assert!(
+                traffic.upload_bytes <= batch_bytes,
+                "{name}: {} bytes went up in a step; the batch is {frames} frames and {label_count} labels: {traffic:?}",
+                traffic.upload_bytes
+            );
+            assert_eq!(
+                traffic.launches_of("adam_step_multi"),
+                1,
+                "{name}: {traffic:?}"
+            );
+        }
+    }
+}

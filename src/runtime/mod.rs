@@ -12,7 +12,92 @@ pub mod kernels;
 use crate::error::{Error, Result};
 use crate::tensor::Device;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
+
+/// What one piece of work asked of its backend, counted on the calling thread by
+/// [`traffic_of`]: each kernel's launches, the copies between host and device (each a wait for
+/// the device, going down), the buffers allocated and the explicit waits. A training step's
+/// contract (no host round-trip but the loss) is checked on it, and its launch count says how
+/// much of a small step is launch overhead.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Traffic {
+    /// (kernel, launches), in order of first launch.
+    pub launches: Vec<(&'static str, usize)>,
+    pub uploads: usize,
+    pub upload_bytes: usize,
+    pub downloads: usize,
+    pub download_bytes: usize,
+    pub allocations: usize,
+    pub allocation_bytes: usize,
+    pub synchronizes: usize,
+}
+
+impl Traffic {
+    /// Every kernel launch.
+    pub fn total_launches(&self) -> usize {
+        self.launches.iter().map(|(_, n)| n).sum()
+    }
+
+    /// The launches of `kernel`.
+    pub fn launches_of(&self, kernel: &str) -> usize {
+        self.launches
+            .iter()
+            .find(|(k, _)| *k == kernel)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn add(&mut self, other: &Traffic) {
+        for &(k, n) in &other.launches {
+            self.launch(k, n);
+        }
+        self.uploads += other.uploads;
+        self.upload_bytes += other.upload_bytes;
+        self.downloads += other.downloads;
+        self.download_bytes += other.download_bytes;
+        self.allocations += other.allocations;
+        self.allocation_bytes += other.allocation_bytes;
+        self.synchronizes += other.synchronizes;
+    }
+
+    fn launch(&mut self, kernel: &'static str, n: usize) {
+        match self.launches.iter_mut().find(|(k, _)| *k == kernel) {
+            Some((_, count)) => *count += n,
+            None => self.launches.push((kernel, n)),
+        }
+    }
+}
+
+thread_local! {
+    /// The counts of the innermost [`traffic_of`] running on this thread, if any.
+    static TRAFFIC: RefCell<Option<Traffic>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` and returns what it asked of the backends on this thread ([`Traffic`]); launches
+/// and copies from other threads are not counted. Nested calls each see their own work, which the
+/// outer call's counts include.
+pub fn traffic_of<R>(work: impl FnOnce() -> R) -> (R, Traffic) {
+    let outer = TRAFFIC.with(|t| t.borrow_mut().replace(Traffic::default()));
+    let r = work();
+    let mine = TRAFFIC.with(|t| {
+        let mut slot = t.borrow_mut();
+        let mine = slot.take().unwrap_or_default();
+        *slot = outer.map(|mut o| {
+            o.add(&mine);
+            o
+        });
+        mine
+    });
+    (r, mine)
+}
+
+/// Adds to the running [`traffic_of`]'s counts (none running: nothing, one thread-local read).
+fn count(f: impl FnOnce(&mut Traffic)) {
+    TRAFFIC.with(|t| {
+        if let Some(traffic) = t.borrow_mut().as_mut() {
+            f(traffic)
+        }
+    });
+}
 
 /// What a caller asked for (`--device auto|cpu|cuda`) resolved to what exists.
 pub fn resolve(requested: &str) -> std::result::Result<Device, String> {
@@ -96,6 +181,12 @@ impl Backend {
     }
 
     pub fn upload<T: DeviceRepr + Clone>(&self, data: &[T]) -> Result<Buf<T>> {
+        count(|t| {
+            t.uploads += 1;
+            t.upload_bytes += std::mem::size_of_val(data);
+            t.allocations += 1;
+            t.allocation_bytes += std::mem::size_of_val(data);
+        });
         match self {
             Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(data.to_vec()))),
             Backend::Cuda(rt) => rt.stream.clone_htod(data).map(Buf::Cuda).map_err(|e| {
@@ -111,6 +202,10 @@ impl Backend {
         &self,
         n: usize,
     ) -> Result<Buf<T>> {
+        count(|t| {
+            t.allocations += 1;
+            t.allocation_bytes += n * std::mem::size_of::<T>();
+        });
         match self {
             Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(vec![T::default(); n]))),
             Backend::Cuda(rt) => rt.stream.alloc_zeros(n).map(Buf::Cuda).map_err(|e| {
@@ -126,6 +221,10 @@ impl Backend {
     /// bytes (NaN for f32 and bf16) so that a kernel leaving any element unwritten fails its
     /// comparison in `cargo test` instead of passing on zeros.
     pub fn output<T: DeviceRepr + bytemuck::Pod>(&self, n: usize) -> Result<Buf<T>> {
+        count(|t| {
+            t.allocations += 1;
+            t.allocation_bytes += n * std::mem::size_of::<T>();
+        });
         match self {
             Backend::Emulator => {
                 let mut v = vec![T::zeroed(); n];
@@ -145,6 +244,10 @@ impl Backend {
     }
 
     pub fn download<T: DeviceRepr + Clone + Default>(&self, b: &Buf<T>) -> Result<Vec<T>> {
+        count(|t| {
+            t.downloads += 1;
+            t.download_bytes += b.len() * std::mem::size_of::<T>();
+        });
         match (self, b) {
             // SAFETY: no kernel runs concurrently (emulator launches are synchronous).
             (Backend::Emulator, Buf::Host(v)) => Ok(unsafe { (*v.get()).clone() }),
@@ -195,6 +298,7 @@ impl Backend {
         smem: u32,
         params: &P,
     ) -> Result<()> {
+        count(|t| t.launch(kernel, 1));
         let r = match self {
             Backend::Emulator => emulator::launch(
                 kernel,
@@ -238,6 +342,7 @@ impl Backend {
 
     /// Waits for every launched kernel; reports an asynchronous kernel failure.
     pub fn synchronize(&self) -> Result<()> {
+        count(|t| t.synchronizes += 1);
         match self {
             Backend::Emulator => Ok(()),
             Backend::Cuda(rt) => rt
@@ -245,5 +350,38 @@ impl Backend {
                 .synchronize()
                 .map_err(|e| device_err(format!("a kernel failed: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traffic_counts_this_threads_work_and_nests() {
+        let be = Backend::Emulator;
+        let ((), outer) = traffic_of(|| {
+            let b = be.upload(&[1f32, 2.0, 3.0]).unwrap();
+            let ((), inner) = traffic_of(|| {
+                be.download(&b).unwrap();
+                be.zeros::<u16>(5).unwrap();
+                be.synchronize().unwrap();
+            });
+            assert_eq!(
+                (inner.uploads, inner.downloads, inner.download_bytes),
+                (0, 1, 12)
+            );
+            assert_eq!((inner.allocations, inner.allocation_bytes), (1, 10));
+            // Another thread's work is its own.
+            std::thread::scope(|s| {
+                s.spawn(|| Backend::Emulator.upload(&[0u8; 64]).unwrap());
+            });
+        });
+        assert_eq!((outer.uploads, outer.upload_bytes), (1, 12));
+        assert_eq!((outer.downloads, outer.synchronizes), (1, 1));
+        assert_eq!((outer.allocations, outer.allocation_bytes), (2, 22));
+        // Nothing is counted outside traffic_of.
+        be.upload(&[0u8; 8]).unwrap();
+        assert_eq!(traffic_of(|| ()).1, Traffic::default());
     }
 }
