@@ -375,8 +375,9 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // wgmma; wgmma_fence() goes before the first wgmma that touches accumulators other code wrote;
 // after wgmma_commit(), wgmma_wait<N>() waits until at most N groups are in flight, and only then
 // may the accumulators be read or the operand buffers overwritten. The emulator computes each
-// wgmma at once when issued (from the descriptors, by the layout above), so it checks layouts and
-// arithmetic, not that ordering: compute-sanitizer on the GPU does.
+// wgmma (from the descriptors, by the layout above) only at the wgmma_wait that requires it, so it
+// checks layouts, arithmetic and that ordering: a stage refilled before the wait, or an
+// accumulator read before it, gives wrong results. (The proxy fence it does not model.)
 #if defined(STRATA_EMULATOR) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define STRATA_HAS_WGMMA 1
 #ifdef STRATA_EMULATOR
@@ -416,21 +417,36 @@ inline float strata_emu_desc_elem(const wgmma_desc& q, int row, int k, bool mn_m
 }
 #endif
 
+#ifdef STRATA_EMULATOR
+// One thread's share of an m64nNk16 wgmma, run when the emulator's wgmma_wait requires it.
+template <int N, int TRANS_A, int TRANS_B>
+struct StrataEmuWgmma {
+    float* d;
+    wgmma_desc a, b;
+    int scale_d;
+    static void run(const void* args) {
+        const StrataEmuWgmma& op = *static_cast<const StrataEmuWgmma*>(args);
+        const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+        for (int j = 0; j < N / 8; ++j) {
+            for (int r = 0; r < 4; ++r) {
+                const int row = 16 * w + lane / 4 + 8 * (r / 2), col = 8 * j + 2 * (lane % 4) + r % 2;
+                float s = 0.0f;
+                for (int k = 0; k < 16; ++k)
+                    s += strata_emu_desc_elem(op.a, row, k, TRANS_A) * strata_emu_desc_elem(op.b, col, k, TRANS_B);
+                op.d[4 * j + r] = (op.scale_d ? op.d[4 * j + r] : 0.0f) + s;
+            }
+        }
+    }
+};
+#endif
+
 // D[64 x 64] = A[64 x 16] B[16 x 64] + (scale_d ? D : 0), fp32 accumulators d[32] per thread.
 // TRANS_A / TRANS_B: 0 for a K-major operand, 1 for an MN-major one.
 template <int TRANS_A = 0, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, wgmma_desc a, wgmma_desc b, int scale_d) {
 #ifdef STRATA_EMULATOR
-    const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-    for (int j = 0; j < 8; ++j) {
-        for (int r = 0; r < 4; ++r) {
-            const int row = 16 * w + lane / 4 + 8 * (r / 2), col = 8 * j + 2 * (lane % 4) + r % 2;
-            float s = 0.0f;
-            for (int k = 0; k < 16; ++k)
-                s += strata_emu_desc_elem(a, row, k, TRANS_A) * strata_emu_desc_elem(b, col, k, TRANS_B);
-            d[4 * j + r] = (scale_d ? d[4 * j + r] : 0.0f) + s;
-        }
-    }
+    const StrataEmuWgmma<64, TRANS_A, TRANS_B> op{d, a, b, scale_d};
+    strata_emu::wgmma_issue(&StrataEmuWgmma<64, TRANS_A, TRANS_B>::run, &op, sizeof op);
 #else
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -462,13 +478,17 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 __device__ __forceinline__ void wgmma_commit() {
-#ifndef STRATA_EMULATOR
+#ifdef STRATA_EMULATOR
+    strata_emu::wgmma_commit();
+#else
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
-#ifndef STRATA_EMULATOR
+#ifdef STRATA_EMULATOR
+    strata_emu::wgmma_wait(N);
+#else
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }

@@ -74,9 +74,10 @@ struct WarpMma {
 };
 
 // One thread's cp.async copies in flight: the source's 16 bytes are read at issue (a kernel's
-// global inputs do not change under it), the shared destination written only when a
-// cp.async.wait_group requires it, as late as the GPU may land it, so that a read before the
-// wait, or a wait that lets too many groups stay in flight, sees the old bytes.
+// global inputs do not change under it), the shared destination poisoned at issue and written only
+// when a cp.async.wait_group requires it, as late as the GPU may land it, so that any read of it
+// in between (before the wait, or by a wait that lets too many groups stay in flight, or an
+// operation still reading the old contents) sees neither the old nor the new bytes.
 struct PendingCopy {
     char* dst;
     unsigned char bytes[16];
@@ -86,6 +87,20 @@ struct CopyGroups {
     std::vector<PendingCopy> open;                    // issued since the last commit
 };
 
+// One thread's wgmma operations in flight: each runs (reads its shared-memory operands, updates
+// the thread's accumulators) only at the wgmma.wait_group that requires its group, as late as the
+// GPU may finish it, so that an operand stage overwritten before that wait, or an accumulator read
+// before it, gives a wrong result. `run` computes one operation from `args` for the current thread.
+struct PendingWgmma {
+    void (*run)(const void*);
+    alignas(16) unsigned char args[64];
+};
+struct WgmmaGroups {
+    std::vector<std::vector<PendingWgmma>> committed;  // oldest first
+    std::vector<PendingWgmma> open;                    // issued since the last commit
+    bool empty() const { return committed.empty() && open.empty(); }
+};
+
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<char> stacks;
@@ -93,6 +108,7 @@ struct Block {
     std::vector<uint32_t> mma;    // 10 words per thread: an mma's A (4), B (2) and C (4 floats)
     std::vector<WarpMma> warp_mma;  // one per warp: the result of the warp's current mma
     std::vector<CopyGroups> copies;  // one per thread: its cp.async groups in flight
+    std::vector<WgmmaGroups> wgmmas;  // one per thread: its wgmma groups in flight
     std::vector<char> smem_storage;
     char* smem = nullptr;  // 16-byte aligned inside smem_storage
     unsigned smem_bytes = 0;  // the launch's dynamic shared memory
@@ -147,6 +163,10 @@ void cp_async(void* dst, const void* src, bool valid) {
     else
         std::memset(c.bytes, 0, 16);
     tl_block->copies[tl_block->current].open.push_back(c);
+    // Until its wait the destination is undefined (the copy may land at any moment): all ones
+    // (NaN as f32 and bf16), so that a read of it in that window, such as a wgmma still in flight
+    // on the stage being refilled, shows in the results.
+    std::memset(c.dst, 0xff, 16);
 }
 
 void cp_async_commit() {
@@ -163,6 +183,45 @@ void cp_async_wait(int pending) {
         for (const PendingCopy& c : g.committed.front()) std::memcpy(c.dst, c.bytes, 16);
         g.committed.erase(g.committed.begin());
     }
+}
+
+void wgmma_issue(void (*run)(const void*), const void* args, unsigned bytes) {
+    PendingWgmma w;
+    w.run = run;
+    if (bytes > sizeof w.args) {
+        fault_wgmma("an emulated wgmma's arguments exceed the emulator's 64-byte slot");
+        return;
+    }
+    std::memcpy(w.args, args, bytes);
+    tl_block->wgmmas[tl_block->current].open.push_back(w);
+}
+
+void wgmma_commit() {
+    WgmmaGroups& g = tl_block->wgmmas[tl_block->current];
+    g.committed.push_back(std::move(g.open));
+    g.open.clear();
+}
+
+void wgmma_wait(int pending) {
+    // PTX: waits until at most `pending` of the committed groups are unfinished; the oldest finish
+    // first. Uncommitted operations are not waited for.
+    WgmmaGroups& g = tl_block->wgmmas[tl_block->current];
+    while ((int)g.committed.size() > pending) {
+        // The group leaves the list first: an operation's run cannot disturb it.
+        std::vector<PendingWgmma> group = std::move(g.committed.front());
+        g.committed.erase(g.committed.begin());
+        for (const PendingWgmma& w : group) w.run(w.args);
+    }
+}
+
+void fault_wgmma(const char* what) {
+    Block* b = tl_block;
+    if (!b->fault.empty()) return;
+    const dim3& t = b->fibers[b->current].tid;
+    char msg[320];
+    std::snprintf(msg, sizeof msg, "wgmma: %s (block (%u,%u,%u), thread (%u,%u,%u))", what, b->block_idx.x,
+                  b->block_idx.y, b->block_idx.z, t.x, t.y, t.z);
+    b->fault = msg;
 }
 
 void fault_misaligned(const char* op, const void* p, unsigned bytes) {
@@ -260,6 +319,9 @@ void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b, const flo
 static void trampoline() {
     Block* b = tl_block;
     b->body(b->params);
+    // On the GPU, accumulators of a wgmma still in flight at exit are never written back.
+    if (!b->wgmmas[b->current].empty())
+        fault_wgmma("a thread exited with wgmma operations in flight (no wgmma_wait for them)");
     b->fibers[b->current].state = DONE;
 #ifdef STRATA_FAST_SWITCH
     strata_switch(&b->fibers[b->current].sp, b->scheduler_sp);  // never resumed
@@ -380,6 +442,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     b.mma.assign((size_t)threads * 10, 0);
     b.warp_mma.assign((threads + 31) / 32, WarpMma());
     b.copies.assign(threads, CopyGroups());
+    b.wgmmas.assign(threads, WgmmaGroups());
     b.smem_storage.assign(smem + 32, 0);
     b.smem_bytes = smem;
     b.smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.smem_storage.data()) + 15) & ~uintptr_t(15));
@@ -413,6 +476,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
         // or the previous block's values.
         std::memset(b.smem, 0xff, smem);
         for (CopyGroups& c : b.copies) c = CopyGroups();
+        for (WgmmaGroups& w : b.wgmmas) w = WgmmaGroups();
         char* static_begin = __start_strata_static_smem;
         char* static_end = __stop_strata_static_smem;
         if (static_begin != nullptr && static_end > static_begin)

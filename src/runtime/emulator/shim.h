@@ -32,6 +32,13 @@ char* dynamic_smem();
 void cp_async(void* dst, const void* src, bool valid);
 void cp_async_commit();
 void cp_async_wait(int pending);
+// wgmma as the GPU may run it: an operation (`run` over a copy of its `bytes` of arguments, at
+// most 64) runs only at the wgmma.wait_group that requires its group (see emulator.cpp's
+// PendingWgmma); a thread that exits with operations in flight faults the launch.
+void wgmma_issue(void (*run)(const void*), const void* args, unsigned bytes);
+void wgmma_commit();
+void wgmma_wait(int pending);
+void fault_wgmma(const char* what);
 // The launch's dynamic shared memory in bytes (PTX's %dynamic_smem_size).
 unsigned dynamic_smem_size();
 // Records the fault of a kernel whose layout needs `need` bytes of dynamic shared memory, more
