@@ -35,14 +35,17 @@ fn main() {
             println!("{path}");
         }
     }
-    let stages = strata::ops::device::HV_STAGES;
+    use strata::ops::device::{HV_STAGES, HW_STAGES};
     let lines: Vec<String> = [
-        "hconv_conv_forward_vec",
-        "hconv_conv_backward_data_vec",
-        "hconv_conv_backward_weight_vec",
+        ("hconv_conv_forward_vec", HV_STAGES),
+        ("hconv_conv_backward_data_vec", HV_STAGES),
+        ("hconv_conv_backward_weight_vec", HV_STAGES),
+        ("hconv_conv_forward_wgmma", HW_STAGES),
+        ("hconv_conv_backward_data_wgmma", HW_STAGES),
+        ("hconv_conv_backward_weight_wgmma", HW_STAGES),
     ]
     .iter()
-    .map(|k| {
+    .map(|&(k, stages)| {
         let bytes = strata::ops::device::hv_smem_bytes(k, stages);
         format!("{k}: {bytes} bytes of dynamic shared memory ({stages} pipeline stages)\n")
     })

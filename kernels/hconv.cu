@@ -392,12 +392,21 @@ STRATA_EMU_ENTRY(hconv_conv_forward_vec, HConvFwdParams)
 #ifdef STRATA_HAS_WGMMA
 // The vectorized forward on Hopper's warpgroup MMA (this file's sm_90a build; the sm_90 build
 // leaves it out). Same implicit GEMM, staging and epilogue as hconv_conv_forward_vec; the 128 x 128
-// block tile is split between two warpgroups (rows 64 g..), each issuing two m64n64k16 per k16
+// block tile is split between two warpgroups (rows 64 g..), each issuing one m64n128k16 per k16
 // step. Operands are staged by cp.async in the no-swizzle core-matrix layout: per 8-row group its
 // four 16-byte K chunks lie contiguously (descriptor lbo 128 B, sbo 512 B), so a warp's 32 chunks
-// of 8 rows fill 512 contiguous bytes. Three stages, copies issued two steps ahead; each step's
-// wgmmas complete before the next step's barrier, which is what frees a stage for reuse.
-#define HW_STAGES 3
+// of 8 rows fill 512 contiguous bytes. HW_STAGES buffers of both operands in dynamic shared memory
+// (the host's HW_STAGES in src/ops/device.rs sizes it; a -D HW_STAGES=n build likewise): one
+// step's wgmmas stay in flight while the next step's are issued, and the copies run HW_STAGES - 2
+// steps ahead.
+#ifndef HW_STAGES
+#define HW_STAGES 5
+#endif
+#if HW_STAGES < 3
+#error "HW_STAGES: at least 3 (one stage in flight, one issued, one filling)"
+#endif
+typedef bf16 HwTile[HV_BM * HV_BK];  // one staged 128 x 32 operand (HV_BM == HV_BN)
+#define HW_SMEM (HW_STAGES * 2 * (int)sizeof(HwTile))
 // bf16 offset of row r's 16-byte K chunk c in a staged 128 x 32 K-major operand tile.
 __device__ __forceinline__ int hw_core_offset(int r, int c) { return (r >> 3) * 256 + c * 64 + (r & 7) * 8; }
 
@@ -408,23 +417,35 @@ __device__ __forceinline__ void hw_zero(float (*acc)[32]) {
         for (int i = 0; i < 32; ++i) acc[h][i] = 0.0f;
 }
 
-// The three-stage K loop of the wgmma kernels: stage(buf, step) issues step's cp.async copies into
-// buffer `buf` and commits them; compute(buf) issues a staged step's wgmmas and waits for them.
-// Exactly two copy groups go out before the loop and one per step (empty ones included), so
-// cp_async_wait<1> at step s means steps 0..s have landed. The barrier after it publishes step s
-// to the tensor cores and also means every thread has finished step s - 1, whose buffer the copies
-// of step s + 2 then reuse.
+// The K loop of the wgmma kernels: stage(buf, step) issues step's cp.async copies into buffer
+// `buf` (the loop commits them, one group per step, an empty group past the last step, so that the
+// count cp_async_wait relies on holds to the end); compute(buf) issues a staged step's wgmmas,
+// commits them and waits for all but that group (hw_step). At step s, cp_async_wait leaves the
+// HW_STAGES - 3 newest copy groups in flight, so steps 0..s have landed; the barrier after it
+// publishes step s to the tensor cores, and means every thread has come back from step s - 1's
+// wait, which finished its step s - 2 wgmmas: that buffer, (s - 2) % HW_STAGES, is the one the
+// copies for step s + HW_STAGES - 2 refill. Step s - 1's wgmmas may still run meanwhile. After the
+// loop, the last group is waited for and the accumulators `acc` (64 floats) pinned after that wait:
+// without the pin the compiler read them before it (ptxas then serialized every wgmma, warning
+// C7514).
 template <class Stage, class Compute>
-__device__ __forceinline__ void hw_pipeline(int64_t steps, Stage stage, Compute compute) {
-    if (steps > 0) stage(0, 0); else cp_async_commit();
-    if (steps > 1) stage(1, 1); else cp_async_commit();
+__device__ __forceinline__ void hw_pipeline(int64_t steps, float* acc, Stage stage, Compute compute) {
+#pragma unroll
+    for (int s = 0; s < HW_STAGES - 2; ++s) {
+        if (s < steps) stage(s, s);
+        cp_async_commit();
+    }
     for (int64_t s = 0; s < steps; ++s) {
-        cp_async_wait<1>();
+        cp_async_wait<HW_STAGES - 3>();
         fence_proxy_async();
         __syncthreads();
-        if (s + 2 < steps) stage((int)((s + 2) % HW_STAGES), s + 2); else cp_async_commit();
+        const int64_t ahead = s + HW_STAGES - 2;
+        if (ahead < steps) stage((int)(ahead % HW_STAGES), ahead);
+        cp_async_commit();
         compute((int)(s % HW_STAGES));
     }
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc, 64);
 }
 
 // Both staged layouts (K-major: hw_core_offset; MN-major: hw_mn_offset) put a 128 x 32 tile's core
@@ -432,29 +453,26 @@ __device__ __forceinline__ void hw_pipeline(int64_t steps, Stage stage, Compute 
 #define HW_LBO 128
 #define HW_SBO 512
 
-// One staged step of a warpgroup's 64 x 128 tile: per k16, A's rows 64 wg.. against both 64-column
-// halves of B, from the stage's tiles a_tile / b_tile; the descriptors advance two K core matrices
-// per k16. Waits for its wgmmas before returning.
+// One staged step of a warpgroup's 64 x 128 tile: per k16, A's rows 64 wg.. against all 128
+// columns of B (one m64n128k16 into acc, 64 contiguous floats: n8 chunk 8 h + j is acc[h][4 j ..]),
+// from the stage's tiles a_tile / b_tile; the descriptors advance two K core matrices per k16.
+// Returns with this step's wgmmas in flight and the previous step's finished (the pipeline's one
+// group in flight; hw_pipeline waits for the last).
 template <int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void hw_step(float (*acc)[32], const bf16* a_tile, const bf16* b_tile, int wg) {
-    wgmma_fence_operands(acc[0], 32);
-    wgmma_fence_operands(acc[1], 32);
+    wgmma_fence_operands(acc[0], 64);
     wgmma_fence();
     const unsigned char* a = reinterpret_cast<const unsigned char*>(a_tile) + wg * 8 * HW_SBO;
     const unsigned char* b = reinterpret_cast<const unsigned char*>(b_tile);
 #pragma unroll
     for (int ks = 0; ks < HV_BK / 16; ++ks) {
         const wgmma_desc da = make_wgmma_desc(a + ks * 2 * HW_LBO, HW_LBO, HW_SBO);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const wgmma_desc db = make_wgmma_desc(b + h * 8 * HW_SBO + ks * 2 * HW_LBO, HW_LBO, HW_SBO);
-            wgmma_m64n64k16_bf16<TRANS_A, TRANS_B>(acc[h], da, db, 1);
-        }
+        const wgmma_desc db = make_wgmma_desc(b + ks * 2 * HW_LBO, HW_LBO, HW_SBO);
+        wgmma_m64n128k16_bf16<TRANS_A, TRANS_B>(acc[0], da, db, 1);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(acc[0], 32);
-    wgmma_fence_operands(acc[1], 32);
+    wgmma_wait<1>();
+    wgmma_fence_operands(acc[0], 64);
 }
 
 // The MN-major tiles (operands whose rows are contiguous in memory: W for dx, dpre and the im2col
@@ -466,10 +484,11 @@ __device__ __forceinline__ int hw_mn_k(int c) { return (c & 7) + 8 * (c >> 7); }
 __device__ __forceinline__ int hw_mn_rows(int c) { return 8 * ((c >> 3) & 15); }
 __device__ __forceinline__ int hw_mn_offset(int row, int k) { return (row >> 3) * 256 + (k >> 3) * 64 + (k & 7) * 8 + (row & 7); }
 
-extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
+extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_wgmma(const HConvFwdParams p) {
     HC_GEOMETRY
-    __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
-    __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
+    STRATA_DYNAMIC_SMEM(HwTile, as);
+    if (!dynamic_smem_holds(HW_SMEM)) return;
+    HwTile* bs = as + HW_STAGES;
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
     const int64_t rows = (int64_t)p.n * l_out;
     const HcFwdTile tile = hc_fwd_tile(p.n, l_out, l_in, c_in, kernel, stride, pad);
@@ -485,11 +504,11 @@ extern "C" __global__ void hconv_conv_forward_wgmma(const HConvFwdParams p) {
             const int at = hw_core_offset(tid / 4 + 64 * j, tid % 4);
             rows_of.copy(p, j, k, kw, ci, tile.k_end, l_in, c_in, &as[buf][at], &bs[buf][at]);
         }
-        cp_async_commit();
     };
     float acc[2][32];
     hw_zero(acc);
-    hw_pipeline((tile.k_end - tile.k_begin + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg); });
+    hw_pipeline((tile.k_end - tile.k_begin + HV_BK - 1) / HV_BK, acc[0], stage,
+                [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg); });
     // This thread's 2 rows of y.
     const int64_t yrow[2] = {hc_fwd_row(tile, p.n, wg * 64 + w * 16 + lane / 4, l_out, rows),
                              hc_fwd_row(tile, p.n, wg * 64 + w * 16 + lane / 4 + 8, l_out, rows)};
@@ -962,10 +981,11 @@ STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)
 
 // dx (dy = dpre): rows (f, li) of one phase, cols ci, K = the phase's (kw, co) (HcDxPhase). A: the
 // gathered dpre rows, K-major; B: W as [k][ci], MN-major.
-extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p) {
+extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_wgmma(const HConvBwdParams p) {
     HC_GEOMETRY
-    __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
-    __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
+    STRATA_DYNAMIC_SMEM(HwTile, as);
+    if (!dynamic_smem_holds(HW_SMEM)) return;
+    HwTile* bs = as + HW_STAGES;
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
     const HcDxPhase q = hc_dx_phase(p.n, l_in, kernel, stride, pad);
     const int col0 = blockIdx.x * HV_BN;
@@ -985,11 +1005,10 @@ extern "C" __global__ void hconv_conv_backward_data_wgmma(const HConvBwdParams p
             const bf16* b = hc_w_chunk(p, q, k0 + kr, col0 + n8, K, KW, c_in, c_out, pitch, stride, &vb);
             cp_async16(&bs[buf][hw_mn_offset(n8, kr)], b, vb);
         }
-        cp_async_commit();
     };
     float acc[2][32];
     hw_zero(acc);
-    hw_pipeline((K + HV_BK - 1) / HV_BK, stage, [&](int buf) { hw_step<0, 1>(acc, as[buf], bs[buf], wg); });
+    hw_pipeline((K + HV_BK - 1) / HV_BK, acc[0], stage, [&](int buf) { hw_step<0, 1>(acc, as[buf], bs[buf], wg); });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -1007,10 +1026,11 @@ STRATA_EMU_ENTRY(hconv_conv_backward_data_wgmma, HConvBwdParams)
 
 // dW and db (dy = dpre): rows co, cols (kw, ci), K = every (frame, output position) of this
 // block's split chunk. A: dpre as [r][co], MN-major; B: the im2col rows [r][(kw, ci)], MN-major.
-extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams p) {
+extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_wgmma(const HConvBwdParams p) {
     HC_GEOMETRY
-    __align__(128) __shared__ bf16 as[HW_STAGES][HV_BM * HV_BK];
-    __align__(128) __shared__ bf16 bs[HW_STAGES][HV_BN * HV_BK];
+    STRATA_DYNAMIC_SMEM(HwTile, as);
+    if (!dynamic_smem_holds(HW_SMEM)) return;
+    HwTile* bs = as + HW_STAGES;
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
     const int64_t R = (int64_t)p.n * l_out;
     const int co0 = blockIdx.y * HV_BM;
@@ -1033,13 +1053,12 @@ extern "C" __global__ void hconv_conv_backward_weight_wgmma(const HConvBwdParams
             const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + m8, KW, l_in, c_in, stride, pad, &vb);
             cp_async16(&bs[buf][at], src, vb);
         }
-        cp_async_commit();
     };
     float acc[2][32];
     hw_zero(acc);
     float bias_acc = 0.0f;  // thread i < 128 owns db[co0 + i] in bias blocks
     const int64_t steps = r_end > r_begin ? (r_end - r_begin + HV_BK - 1) / HV_BK : 0;
-    hw_pipeline(steps, stage, [&](int buf) {
+    hw_pipeline(steps, acc[0], stage, [&](int buf) {
         if (bias_block && tid < HV_BM) {
             for (int kk = 0; kk < HV_BK; ++kk) bias_acc += bf16_to_float(as[buf][hw_mn_offset(tid, kk)]);
         }

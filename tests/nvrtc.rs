@@ -17,8 +17,9 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
     let dir = std::env::temp_dir().join(format!("strata-nvrtc-cache-{}", std::process::id()));
     std::env::set_var("STRATA_KERNEL_CACHE", &dir);
     // Beside the cache checks (a thread of its own: twice as many compiles), every file and every
-    // specialization below compiled fresh: NVRTC warnings fail; ptxas's performance notes (e.g.
-    // serialized wgmma) are shown.
+    // specialization below compiled fresh: NVRTC warnings fail, and so does ptxas's note that it
+    // serialized a production kernel's wgmmas (its other performance notes, and the self-test's,
+    // are shown).
     std::thread::scope(|scope| {
         scope.spawn(compile_without_warnings);
         cache_checks(&dir);
@@ -26,11 +27,22 @@ fn every_kernel_compiles_for_sm90_and_the_cache_is_checked() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Whether ptxas says it serialized wgmma instructions (notes C7514 to C7520: accumulators read
+/// or a wait injected inside the pipeline, a dependence in a divergent path): a wgmma kernel that
+/// keeps a group in flight then runs as if it waited for each.
+fn serializes_wgmma(file: &kernels::KernelFile, log: &str) -> bool {
+    file.file != "wgmma.cu"
+        && log.lines().any(|l| {
+            l.contains("Potential Performance Loss: wgmma")
+                || l.contains("warpgroup.wait is injected")
+        })
+}
+
 fn compile_without_warnings() {
     for file in kernels::FILES {
         let log = cuda::compile_log(file, cuda::arch_of(file), &[]).unwrap();
         assert!(
-            !log.contains("warning"),
+            !log.contains("warning") && !serializes_wgmma(file, &log),
             "{}: NVRTC warns:\n{log}",
             file.file
         );
@@ -44,7 +56,7 @@ fn compile_without_warnings() {
             let arch = cuda::arch_of(file);
             let log = cuda::compile_log(file, arch, &defines).unwrap();
             assert!(
-                !log.contains("warning"),
+                !log.contains("warning") && !serializes_wgmma(file, &log),
                 "{g:?} ({arch}): NVRTC warns:\n{log}"
             );
         }

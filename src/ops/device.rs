@@ -625,41 +625,71 @@ const ADAM_MULTI_CHUNK: usize = 1024;
 /// `HV_STAGES`): their copies run `HV_STAGES - 1` K steps ahead of the math.
 pub const HV_STAGES: usize = 4;
 
-/// The vectorized mma.sync kernels' pipeline depth: [`HV_STAGES`], or on the GPU
-/// `STRATA_HV_STAGES` (2 to 8, read once; the device script compares depths), compiled in as
-/// `-D HV_STAGES`. The emulator runs its one build's depth.
+/// Staged buffers of each operand in kernels/hconv.cu's wgmma kernels (its `HW_STAGES`): one
+/// step's wgmmas stay in flight, and the copies run `HW_STAGES - 2` steps ahead.
+pub const HW_STAGES: usize = 5;
+
+/// A pipeline depth: `default`, or on the GPU the environment's `var` (read once per variable;
+/// the device script compares depths), from `least` to 8, compiled in as a `-D` define. The
+/// emulator runs its one build's depth. A value that is not a depth in that range is refused with
+/// a note on stderr, once.
+fn pipeline_stages(
+    be: &Backend,
+    cell: &'static std::sync::OnceLock<usize>,
+    var: &str,
+    default: usize,
+    least: usize,
+) -> usize {
+    if !matches!(be, Backend::Cuda(_)) {
+        return default;
+    }
+    *cell.get_or_init(|| match std::env::var(var) {
+        Err(_) => default,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if (least..=8).contains(&n) => n,
+            _ => {
+                eprintln!("strata: {var}={v} is not a pipeline depth from {least} to 8; using {default}");
+                default
+            }
+        },
+    })
+}
+
+/// The vectorized mma.sync kernels' pipeline depth: [`HV_STAGES`], or `STRATA_HV_STAGES` on the
+/// GPU (2 to 8).
 fn hv_stages(be: &Backend) -> usize {
     static STAGES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    if !matches!(be, Backend::Cuda(_)) {
-        return HV_STAGES;
-    }
-    *STAGES.get_or_init(|| {
-        std::env::var("STRATA_HV_STAGES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| (2..=8).contains(n))
-            .unwrap_or(HV_STAGES)
-    })
+    pipeline_stages(be, &STAGES, "STRATA_HV_STAGES", HV_STAGES, 2)
+}
+
+/// The wgmma kernels' pipeline depth: [`HW_STAGES`], or `STRATA_HW_STAGES` on the GPU (3 to 8).
+fn hw_stages(be: &Backend) -> usize {
+    static STAGES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    pipeline_stages(be, &STAGES, "STRATA_HW_STAGES", HW_STAGES, 3)
 }
 
 /// Dynamic shared memory of a vectorized mma.sync kernel at `stages`: per stage its two operand
 /// tiles, [128][32 + 8] bf16 when staged [m or n][k] and [32][128 + 8] when staged [k][m or n]
-/// (kernels/hconv.cu's HvTileMK and HvTileKN; the kernel traps if given less).
+/// (kernels/hconv.cu's HvTileMK and HvTileKN; the kernel traps if given less). A wgmma kernel's:
+/// per stage two 128 x 32 tiles (HwTile).
 pub fn hv_smem_bytes(kernel: &str, stages: usize) -> u32 {
     const MK: usize = 128 * 40 * 2;
     const KN: usize = 32 * 136 * 2;
+    const HW: usize = 128 * 32 * 2;
     let per_stage = match kernel {
         "hconv_conv_forward_vec" => 2 * MK,
         "hconv_conv_backward_data_vec" => MK + KN,
         "hconv_conv_backward_weight_vec" => 2 * KN,
-        _ => unreachable!("{kernel} is not a vectorized mma.sync kernel"),
+        "hconv_conv_forward_wgmma"
+        | "hconv_conv_backward_data_wgmma"
+        | "hconv_conv_backward_weight_wgmma" => 2 * HW,
+        _ => unreachable!("{kernel} is not a vectorized tensor-core kernel"),
     };
     (stages * per_stage) as u32
 }
 
 /// A launch of a vectorized kernel on `path` (256 threads), on the GPU `-D` specialized to `spec`'s
-/// geometry: the mma.sync kernels with their pipeline's dynamic shared memory and any non-default
-/// depth, the wgmma kernels with their static shared memory.
+/// geometry, with its pipeline's dynamic shared memory and any non-default depth.
 fn hv_launch<P: crate::runtime::kernels::KernelParams + cudarc::driver::DeviceRepr>(
     be: &Backend,
     path: TensorCorePath,
@@ -670,16 +700,14 @@ fn hv_launch<P: crate::runtime::kernels::KernelParams + cudarc::driver::DeviceRe
 ) -> Result<()> {
     let mut defines: Vec<(&'static str, i64)> =
         spec.map(|g| hconv_defines(g).to_vec()).unwrap_or_default();
-    let smem = match path {
-        TensorCorePath::MmaSync => {
-            let stages = hv_stages(be);
-            if stages != HV_STAGES {
-                defines.push(("HV_STAGES", stages as i64));
-            }
-            hv_smem_bytes(kernel, stages)
-        }
-        TensorCorePath::Wgmma => 0,
+    let (define, stages, default) = match path {
+        TensorCorePath::MmaSync => ("HV_STAGES", hv_stages(be), HV_STAGES),
+        TensorCorePath::Wgmma => ("HW_STAGES", hw_stages(be), HW_STAGES),
     };
+    if stages != default {
+        defines.push((define, stages as i64));
+    }
+    let smem = hv_smem_bytes(kernel, stages);
     be.launch_specialized(kernel, &defines, grid, (256, 1, 1), smem, params)
 }
 
