@@ -595,28 +595,30 @@ fn wgmma_on_gpu() -> bool {
     std::env::var("STRATA_TEST_WGMMA").is_ok_and(|v| v == "1" || v == "only")
 }
 
-/// The Hopper warpgroup MMA wrapper (kernels/wgmma.cu, sm_90a): one warpgroup's 64 x K by K x 64
-/// product through shared-memory descriptors, K = 16 (one step) and 64 (four accumulating steps),
-/// the operands K-major or MN-major (transposed), staged in different core-matrix arrangements.
+/// The Hopper warpgroup MMA wrapper (kernels/wgmma.cu, sm_90a): one warpgroup's 64 x K by K x N
+/// product through shared-memory descriptors, N = 64 and 128 (the m64n64k16 and m64n128k16
+/// instructions), K = 16 (one step) and 64 (four accumulating steps), the operands K-major or
+/// MN-major (transposed), staged in different core-matrix arrangements.
 /// In the emulator this checks the kernel against the layout common.cuh documents; on an H100 it
 /// checks that layout against the hardware's.
 #[test]
-fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
+fn warpgroup_mma_wrapper_computes_64_by_n_products_from_descriptors() {
     use strata::runtime::kernels::SelftestWgmmaParams;
     for be in backends() {
         if matches!(be, Backend::Cuda(_)) && !wgmma_on_gpu() {
             eprintln!("wgmma on the GPU skipped: STRATA_TEST_WGMMA=1 runs it (in its own process)");
             continue;
         }
-        for (k, mode) in [16usize, 64]
-            .into_iter()
-            .flat_map(|k| (0..3).map(move |m| (k, m)))
-        {
+        for (n, k, mode) in [64usize, 128].into_iter().flat_map(|n| {
+            [16usize, 64]
+                .into_iter()
+                .flat_map(move |k| (0..3).map(move |m| (n, k, m)))
+        }) {
             let a: Vec<f32> = randn(64 * k, 80 + k as u64)
                 .iter()
                 .map(|&v| round_bf16(v))
                 .collect();
-            let bt: Vec<f32> = randn(64 * k, 81 + k as u64)
+            let bt: Vec<f32> = randn(n * k, 81 + k as u64)
                 .iter()
                 .map(|&v| round_bf16(v))
                 .collect();
@@ -624,29 +626,30 @@ fn warpgroup_mma_wrapper_computes_a_64_by_64_product_from_descriptors() {
                 be.upload(&to_bf16(&a)).unwrap(),
                 be.upload(&to_bf16(&bt)).unwrap(),
             );
-            let d = be.output::<f32>(64 * 64).unwrap();
+            let d = be.output::<f32>(64 * n).unwrap();
             let p = SelftestWgmmaParams {
                 a: be.ptr(&ab),
                 bt: be.ptr(&bb),
                 d: be.ptr(&d),
                 k: k as i32,
                 mode,
+                n: n as i32,
             };
             be.launch("selftest_wgmma", (1, 1, 1), (128, 1, 1), 0, &p)
                 .unwrap();
             be.synchronize().unwrap();
             let got = be.download(&d).unwrap();
-            let want = wgmma_product_under(WgmmaReading::Documented, &a, &bt, k, mode);
-            if let Some((i, j)) = (0..64 * 64).map(|e| (e / 64, e % 64)).find(|&(i, j)| {
-                let (g, w) = (got[i * 64 + j] as f64, want[i * 64 + j]);
+            let want = wgmma_product_under(WgmmaReading::Documented, &a, &bt, n, k, mode);
+            if let Some((i, j)) = (0..64 * n).map(|e| (e / n, e % n)).find(|&(i, j)| {
+                let (g, w) = (got[i * n + j] as f64, want[i * n + j]);
                 g.is_nan() || (g - w).abs() > 1e-5 * (1.0 + w.abs())
             }) {
                 panic!(
-                    "{} K = {k}, mode {mode}: D[{i}][{j}] = {}, want {}; {}",
+                    "{} N = {n}, K = {k}, mode {mode}: D[{i}][{j}] = {}, want {}; {}",
                     be.name(),
-                    got[i * 64 + j],
-                    want[i * 64 + j],
-                    wgmma_diagnosis(&got, &a, &bt, k, mode)
+                    got[i * n + j],
+                    want[i * n + j],
+                    wgmma_diagnosis(&got, &a, &bt, n, k, mode)
                 );
             }
         }
@@ -671,6 +674,7 @@ fn wgmma_product_under(
     reading: WgmmaReading,
     a: &[f32],
     bt: &[f32],
+    n: usize,
     k: usize,
     mode: i32,
 ) -> Vec<f64> {
@@ -694,18 +698,26 @@ fn wgmma_product_under(
     let b_geo = if b_mn {
         (128, (k / 8) * 128)
     } else {
-        (8 * 128, 128)
+        ((n / 8) * 128, 128)
     };
-    let stage = |x: &[f32], (lbo, sbo): (usize, usize), mn: bool| {
-        let mut smem = vec![0f64; 64 * 64];
-        for row in 0..64 {
+    // The kernel's arrays: sa 64 x 64, sb 128 x 64 bf16.
+    let stage = |x: &[f32], rows: usize, (lbo, sbo): (usize, usize), mn: bool| {
+        let mut smem = vec![
+            0f64;
+            if std::ptr::eq(x, bt) {
+                128 * 64
+            } else {
+                64 * 64
+            }
+        ];
+        for row in 0..rows {
             for q in 0..k {
                 smem[offset(row, q, lbo, sbo, mn) / 2] = x[row * k + q] as f64;
             }
         }
         smem
     };
-    let (sa, sb) = (stage(a, a_geo, a_mn), stage(bt, b_geo, b_mn));
+    let (sa, sb) = (stage(a, 64, a_geo, a_mn), stage(bt, n, b_geo, b_mn));
     let read = |smem: &[f64], (lbo, sbo): (usize, usize), mn: bool, row: usize, q: usize| {
         // Step q / 16's descriptor starts (q / 16) * 2 K core matrices on, by the documented lbo.
         let start = (q / 16) * 2 * lbo;
@@ -718,10 +730,10 @@ fn wgmma_product_under(
         let at = start + offset(row, q % 16, l, s, mn_interior);
         smem.get(at / 2).copied().unwrap_or(f64::NAN)
     };
-    let mut d = vec![0f64; 64 * 64];
+    let mut d = vec![0f64; 64 * n];
     for i in 0..64 {
-        for j in 0..64 {
-            d[i * 64 + j] = (0..k)
+        for j in 0..n {
+            d[i * n + j] = (0..k)
                 .map(|q| read(&sa, a_geo, a_mn, i, q) * read(&sb, b_geo, b_mn, j, q))
                 .sum();
         }
@@ -730,12 +742,12 @@ fn wgmma_product_under(
 }
 
 /// Which reading the GPU's result matches, so that a failed self-test says how to fix the layout.
-fn wgmma_diagnosis(got: &[f32], a: &[f32], bt: &[f32], k: usize, mode: i32) -> String {
+fn wgmma_diagnosis(got: &[f32], a: &[f32], bt: &[f32], n: usize, k: usize, mode: i32) -> String {
     use WgmmaReading::*;
     let matches: Vec<WgmmaReading> = [Documented, OffsetsSwapped, MnInteriorTransposed, Both]
         .into_iter()
         .filter(|&r| {
-            let d = wgmma_product_under(r, a, bt, k, mode);
+            let d = wgmma_product_under(r, a, bt, n, k, mode);
             got.iter()
                 .zip(&d)
                 .all(|(&g, &w)| (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()))

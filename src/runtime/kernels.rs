@@ -251,7 +251,7 @@ params! {
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
     SelftestLdmatrixParams { tile: u64, out: u64 }
-    SelftestWgmmaParams { a: u64, bt: u64, d: u64, k: i32, mode: i32 }
+    SelftestWgmmaParams { a: u64, bt: u64, d: u64, k: i32, mode: i32, n: i32 }
     HConvFwdParams {
         x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32,
         pad: i32, l_out: i32, flatten: i32, relu: i32, y32: u64,
