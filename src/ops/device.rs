@@ -14,7 +14,7 @@ use crate::runtime::kernels::{
     PackedAttnParams, RowsGatherParams, RowsGatherSumParams, SelectLayerParams, SplitReduceParams,
     StatsPoolParams, SumSquaresMultiParams, SumSquaresParams, WidenParams,
 };
-use crate::runtime::{Backend, Buf};
+use crate::runtime::{knobs, Backend, Buf};
 use half::bf16;
 
 mod lstm;
@@ -175,8 +175,7 @@ pub fn layer_sum_forward_into(
     // 227 KB a block (k x D bf16: 20 KB at HuBERT-Base's size, 50 KB at Large's).
     // STRATA_LAYER_SUM_UNSTAGED=1 reads the rows twice as before (the device script's comparison).
     static UNSTAGED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let unstaged = *UNSTAGED
-        .get_or_init(|| std::env::var("STRATA_LAYER_SUM_UNSTAGED").is_ok_and(|v| v == "1"));
+    let unstaged = *UNSTAGED.get_or_init(|| knobs::flag("STRATA_LAYER_SUM_UNSTAGED", "1"));
     let bytes = s.k * s.d * 2;
     let staged = s.normalize && s.d.is_multiple_of(8) && bytes <= 227 * 1024 && !unstaged;
     let smem = if staged { bytes as u32 } else { 0 };
@@ -262,12 +261,7 @@ pub fn layer_sum_backward_into(
     };
     // STRATA_LAYER_SUM_FRAMES=n: n frames a block instead (the device script's comparison).
     static FORCED_FRAMES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *FORCED_FRAMES.get_or_init(|| {
-        std::env::var("STRATA_LAYER_SUM_FRAMES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n > 0)
-    });
+    let forced = *FORCED_FRAMES.get_or_init(|| knobs::number("STRATA_LAYER_SUM_FRAMES", 1..=65536));
     let frames_per_block = match (dw_block, forced) {
         (Some(_), Some(n)) => n,
         // One wave of blocks, each with an even share of the frames (kernels/layer_sum.cu).
@@ -335,8 +329,7 @@ pub fn layer_sum_backward_into(
 fn layer_sum_dw_block(s: LayerSumShape) -> Option<(u32, u32)> {
     const LAYERS_PER_THREAD: usize = 8; // LS_DW_LAYERS_PER_THREAD of kernels/layer_sum.cu
     static WARP_KERNEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let forced = *WARP_KERNEL
-        .get_or_init(|| std::env::var("STRATA_LAYER_SUM_BWD").is_ok_and(|v| v == "warp"));
+    let forced = *WARP_KERNEL.get_or_init(|| knobs::flag("STRATA_LAYER_SUM_BWD", "warp"));
     if !s.d.is_multiple_of(8) || forced {
         return None;
     }
@@ -610,12 +603,14 @@ pub const WGMMA_VERIFIED_ON_GPU: bool = false;
 pub fn tensor_core_path() -> TensorCorePath {
     // Read once: every conv launch asks.
     static PATH: std::sync::OnceLock<TensorCorePath> = std::sync::OnceLock::new();
-    *PATH.get_or_init(|| match std::env::var("STRATA_TENSOR_CORES").as_deref() {
-        Ok("wgmma") => TensorCorePath::Wgmma,
-        Ok("mma") => TensorCorePath::MmaSync,
-        _ if WGMMA_VERIFIED_ON_GPU => TensorCorePath::Wgmma,
-        _ => TensorCorePath::MmaSync,
-    })
+    *PATH.get_or_init(
+        || match knobs::choice("STRATA_TENSOR_CORES", &["wgmma", "mma"]) {
+            Some("wgmma") => TensorCorePath::Wgmma,
+            Some(_) => TensorCorePath::MmaSync,
+            _ if WGMMA_VERIFIED_ON_GPU => TensorCorePath::Wgmma,
+            _ => TensorCorePath::MmaSync,
+        },
+    )
 }
 
 /// Elements per block of adam_step_multi (ADAM_MULTI_CHUNK of kernels/adamw.cu).
@@ -631,8 +626,7 @@ pub const HW_STAGES: usize = 5;
 
 /// A pipeline depth: `default`, or on the GPU the environment's `var` (read once per variable;
 /// the device script compares depths), from `least` to 8, compiled in as a `-D` define. The
-/// emulator runs its one build's depth. A value that is not a depth in that range is refused with
-/// a note on stderr, once.
+/// emulator runs its one build's depth.
 fn pipeline_stages(
     be: &Backend,
     cell: &'static std::sync::OnceLock<usize>,
@@ -643,16 +637,7 @@ fn pipeline_stages(
     if !matches!(be, Backend::Cuda(_)) {
         return default;
     }
-    *cell.get_or_init(|| match std::env::var(var) {
-        Err(_) => default,
-        Ok(v) => match v.parse::<usize>() {
-            Ok(n) if (least..=8).contains(&n) => n,
-            _ => {
-                eprintln!("strata: {var}={v} is not a pipeline depth from {least} to 8; using {default}");
-                default
-            }
-        },
-    })
+    *cell.get_or_init(|| knobs::number(var, least..=8).unwrap_or(default))
 }
 
 /// The vectorized mma.sync kernels' pipeline depth: [`HV_STAGES`], or `STRATA_HV_STAGES` on the

@@ -8,6 +8,7 @@
 pub mod cuda;
 pub mod emulator;
 pub mod kernels;
+pub mod knobs;
 
 use crate::error::{Error, Result};
 use crate::tensor::Device;
@@ -310,7 +311,8 @@ impl Backend {
             Backend::Cuda(rt) => {
                 // Only the geometry (HC_*) is turned off: other defines (a pipeline depth) size
                 // the launch.
-                let off = std::env::var("STRATA_NO_SPECIALIZE").is_ok_and(|v| v == "1");
+                static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                let off = *OFF.get_or_init(|| knobs::flag("STRATA_NO_SPECIALIZE", "1"));
                 let kept: Vec<(&'static str, i64)>;
                 let defines = if off {
                     kept = defines
