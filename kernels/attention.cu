@@ -138,10 +138,13 @@ STRATA_EMU_ENTRY(cls_attention_backward, ClsAttnParams)
 // src/ops/attention.rs packed_forward / packed_backward (the same probability layout, per
 // utterance [H, T, T] from prob_off[u], and the same dropout index: prob_off[u] + (h T + i) T + j).
 //
-// One block per (frame, head). Forward: the row of scores in the probs buffer (no length limit),
-// block max and sum, then each thread one output feature. Backward in two launches, no atomics:
+// One block of PACKED_ATTN_THREADS per (frame, head). Forward: the row of scores in the probs
+// buffer (no length limit), block max and sum, then the output features, each summed over the
+// row by groups of threads (packed_row_sums). Backward in two launches, no atomics:
 // per query row, dS = P (dP - sum P dP) scale with dP through the dropout, into `ds`, and dQ;
 // then per key row, dK = sum_i dS_ij q_i and dV = sum_i P'_ij dO_i (P' after dropout).
+
+#define PACKED_ATTN_THREADS 128  // the host's PACKED_ATTN_BLOCK
 
 struct PackedAttnParams {
     const float* q;         // [frames, H * dh]
@@ -187,6 +190,54 @@ __device__ __forceinline__ PackedBlock packed_block(const PackedAttnParams& a) {
     return b;
 }
 
+// For each feature e < dh: sums term(r, e) (a PairSum: two sums at once) over rows r in [0, T),
+// then calls store(e, sum) once. The block's threads work in groups of dh, group g summing the
+// rows r = g (mod groups), and the groups' partial sums are added in group order (deterministic;
+// `partial`: shared scratch of blockDim.x PairSum). A head of dh = 32 in a block of 128 had three
+// quarters of the threads idle through these length-T sums, one feature a thread. Contains a
+// barrier: every thread of the block calls it.
+struct PairSum {
+    float x, y;
+};
+__device__ __forceinline__ PairSum pair_sum(float x, float y) { return PairSum{x, y}; }
+
+template <class Term, class Store>
+__device__ __forceinline__ void packed_row_sums(int T, int dh, PairSum* partial, Term term, Store store) {
+    const int tid = threadIdx.x;
+    const int groups = dh <= (int)blockDim.x ? (int)blockDim.x / dh : 1;
+    if (groups == 1) {
+        for (int e = tid; e < dh; e += blockDim.x) {
+            PairSum acc = pair_sum(0.0f, 0.0f);
+            for (int r = 0; r < T; ++r) {
+                const PairSum t = term(r, e);
+                acc.x += t.x;
+                acc.y += t.y;
+            }
+            store(e, acc);
+        }
+        return;
+    }
+    const int g = tid / dh, e = tid % dh;
+    if (g < groups) {
+        PairSum acc = pair_sum(0.0f, 0.0f);
+        for (int r = g; r < T; r += groups) {
+            const PairSum t = term(r, e);
+            acc.x += t.x;
+            acc.y += t.y;
+        }
+        partial[tid] = acc;
+    }
+    __syncthreads();
+    if (tid < dh) {
+        PairSum sum = pair_sum(0.0f, 0.0f);
+        for (int q = 0; q < groups; ++q) {
+            sum.x += partial[q * dh + tid].x;
+            sum.y += partial[q * dh + tid].y;
+        }
+        store(tid, sum);
+    }
+}
+
 // Probability element `index` after dropout.
 __device__ __forceinline__ float packed_drop(const PackedAttnParams& a, float pj, long long index) {
     if (!a.dropout) return pj;
@@ -219,13 +270,12 @@ extern "C" __global__ void packed_attention_forward(const PackedAttnParams a) {
     const float inv = 1.0f / block_sum(sum, scratch);
     for (int j = threadIdx.x; j < T; j += blockDim.x) row[j] *= inv;
     __syncthreads();
-    for (int e = threadIdx.x; e < a.dh; e += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < T; ++j) {
-            acc += packed_drop(a, row[j], base + j) * a.v[(int64_t)(s0 + j) * W + h * a.dh + e];
-        }
-        a.out[(int64_t)f * W + h * a.dh + e] = acc;
-    }
+    __shared__ PairSum partial[PACKED_ATTN_THREADS];
+    const float* vh = a.v + (int64_t)s0 * W + h * a.dh;
+    packed_row_sums(
+        T, a.dh, partial,
+        [&](int j, int e) { return pair_sum(packed_drop(a, row[j], base + j) * vh[(int64_t)j * W + e], 0.0f); },
+        [&](int e, PairSum sum) { a.out[(int64_t)f * W + h * a.dh + e] = sum.x; });
 }
 STRATA_EMU_ENTRY(packed_attention_forward, PackedAttnParams)
 
@@ -249,11 +299,11 @@ extern "C" __global__ void packed_attention_backward_query(const PackedAttnParam
     dot = block_sum(dot, scratch);
     for (int j = threadIdx.x; j < T; j += blockDim.x) dsr[j] = p[j] * (dsr[j] - dot) * a.scale;
     __syncthreads();
-    for (int e = threadIdx.x; e < a.dh; e += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < T; ++j) acc += dsr[j] * a.k[(int64_t)(s0 + j) * W + h * a.dh + e];
-        a.dq[(int64_t)f * W + h * a.dh + e] = acc;
-    }
+    __shared__ PairSum partial[PACKED_ATTN_THREADS];
+    const float* kh = a.k + (int64_t)s0 * W + h * a.dh;
+    packed_row_sums(
+        T, a.dh, partial, [&](int j, int e) { return pair_sum(dsr[j] * kh[(int64_t)j * W + e], 0.0f); },
+        [&](int e, PairSum sum) { a.dq[(int64_t)f * W + h * a.dh + e] = sum.x; });
 }
 STRATA_EMU_ENTRY(packed_attention_backward_query, PackedAttnParams)
 
@@ -261,16 +311,17 @@ extern "C" __global__ void packed_attention_backward_key(const PackedAttnParams 
     const PackedBlock pb = packed_block(a);
     const int f = pb.f, h = pb.h, W = pb.W, s0 = pb.s0, T = pb.T, j = pb.t;
     const long long head = pb.head;
-    for (int e = threadIdx.x; e < a.dh; e += blockDim.x) {
-        float dk = 0.0f, dv = 0.0f;
-        for (int i = 0; i < T; ++i) {
+    __shared__ PairSum partial[PACKED_ATTN_THREADS];
+    packed_row_sums(
+        T, a.dh, partial,
+        [&](int i, int e) {
             const long long at = head + (long long)i * T + j;
             const int64_t row = (int64_t)(s0 + i) * W + h * a.dh + e;
-            dk += a.ds[at] * a.q[row];
-            dv += packed_drop(a, a.probs[at], at) * a.dout[row];
-        }
-        a.dk[(int64_t)f * W + h * a.dh + e] = dk;
-        a.dv[(int64_t)f * W + h * a.dh + e] = dv;
-    }
+            return pair_sum(a.ds[at] * a.q[row], packed_drop(a, a.probs[at], at) * a.dout[row]);
+        },
+        [&](int e, PairSum sum) {
+            a.dk[(int64_t)f * W + h * a.dh + e] = sum.x;
+            a.dv[(int64_t)f * W + h * a.dh + e] = sum.y;
+        });
 }
 STRATA_EMU_ENTRY(packed_attention_backward_key, PackedAttnParams)

@@ -2411,7 +2411,15 @@ fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
     use strata::ops::attention::{packed_backward, packed_forward, ProbDropout};
     for be in backends() {
         let tag = be.name();
-        let mut cases = vec![(vec![1usize, 5, 37], 2usize, 8usize), (vec![20, 3], 4, 5)];
+        // Head sizes: 8 and 5 (16 and 25 thread groups share each sum over the rows, some with
+        // no row), 32 (4 groups, as ML-SUPERB's heads), 130 (more than the block: one feature a
+        // thread, strided).
+        let mut cases = vec![
+            (vec![1usize, 5, 37], 2usize, 8usize),
+            (vec![20, 3], 4, 5),
+            (vec![70, 9], 2, 32),
+            (vec![30, 7], 1, 130),
+        ];
         if on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
             cases.push((vec![250; 8], 8, 32));
         }
