@@ -2,16 +2,20 @@
 // one launch per time step (CPU reference: src/ops/lstm.rs; gates in PyTorch's order i, f, g, o).
 // The host's schedule `sched` [(steps + 1) * n] holds, for step t and the k-th running utterance
 // (longest first), the packed row it reads at that step; -1 where it has ended (the extra last
-// step is all -1). Every step's work, one warp per (utterance k, unit j):
-// h (and, backward, its gradient) may be a column block of a wider matrix: the two directions
-// write their halves of the layer's [frames, 2H] output in place.
-// - lstm_step_forward: z = pre[row] + W_hh h[prev] (four length-H dot products over the lanes),
-//   then the gates, c = f c[prev] + i g, h = o tanh(c); writes h, c, the activated gates and the
-//   previous state h[prev] (zero at the first step), which W_hh's gradient reads.
-// - lstm_step_backward: dh = dout[row] + W_hh^T dz[next] (a length-4H dot product with row j of
-//   W_hh^T), dc = dc_carry[next] + dh o (1 - tanh^2 c); writes dz[row] (the gate pre-activations'
-//   gradient) and dc_carry[row] = dc f. Rows of different steps never overlap, so a step reads
-//   the one after it while writing its own.
+// step is all -1). h (and, backward, its gradient) may be a column block of a wider matrix: the
+// two directions write their halves of the layer's [frames, 2H] output in place.
+// - lstm_step_forward: z = pre[row] + W_hh h[prev], then the gates, c = f c[prev] + i g,
+//   h = o tanh(c); writes h, c, the activated gates and the previous state h[prev] (zero at the
+//   first step), which W_hh's gradient reads.
+// - lstm_step_backward: dh = dout[row] + W_hh^T dz[next], dc = dc_carry[next] + dh o (1 - tanh^2
+//   c); writes dz[row] (the gate pre-activations' gradient) and dc_carry[row] = dc f. Rows of
+//   different steps never overlap, so a step reads the one after it while writing its own.
+// Each step's products are a small GEMM over the running utterances (s3prl's 32 x 1024 by
+// 1024 x 4096 forward), tiled: a block owns LSTM_JT units for LSTM_UT utterances and streams W's
+// rows of those units and the utterances' states through shared memory in chunks of LSTM_QC, so
+// that W is read from L2 once per step and tile, and each thread keeps several sums in registers
+// (forward: 2 utterances x 4 gates of one unit; backward: 2 utterances of one unit). A warp per
+// (utterance, unit), as before, re-read W's rows from L1 for every utterance.
 // fp32 throughout (the recurrence compounds rounding); W_hh's gradient is the tensor-core Linear's
 // weight gradient of dz against the previous states, after the last step.
 #ifndef STRATA_COMMON_INCLUDED
@@ -34,73 +38,142 @@ struct LstmStepParams {
 
 __device__ __forceinline__ float lstm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-extern "C" __global__ void lstm_step_forward(const LstmStepParams p) {
-    const int lane = threadIdx.x & 31;
-    const int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (warp >= (int64_t)p.running * p.hidden) return;
-    // Consecutive warps share the unit j (and so W's rows, hot in L1) across the utterances k.
-    const int k = (int)(warp % p.running), j = (int)(warp / p.running), H = p.hidden;
-    const int row = p.sched[(int64_t)p.step * p.n + k];
-    const int prev = p.step > 0 ? p.sched[(int64_t)(p.step - 1) * p.n + k] : -1;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (prev >= 0) {
-        const float* hp = p.h + (int64_t)prev * p.h_stride + p.h_col;
-        for (int q = lane; q < H; q += 32) {
-            const float hv = hp[q];
-#pragma unroll
-            for (int g = 0; g < 4; ++g) acc[g] += p.w[((int64_t)g * H + j) * H + q] * hv;
-        }
-#pragma unroll
-        for (int g = 0; g < 4; ++g) acc[g] = warp_sum(acc[g]);
+// The step kernels' tiles (the host's LSTM_UNITS_PER_BLOCK and LSTM_UTTERANCES_PER_BLOCK): 128
+// threads, thread t on unit t % LSTM_JT and utterances 2 (t / LSTM_JT) + {0, 1} of the block's.
+#define LSTM_THREADS 128
+#define LSTM_JT 8
+#define LSTM_UT 32
+#define LSTM_QC 64
+#define LSTM_PITCH (LSTM_QC + 4)  // floats: rows stay 16-byte aligned for the float4 reads
+
+// Fills rows[r][0 .. LSTM_QC) (r < count) with src(r, c0 + q), zeros from `limit` on; coalesced:
+// consecutive threads take consecutive q.
+template <class Src>
+__device__ __forceinline__ void lstm_stage(float (*rows)[LSTM_PITCH], int count, int c0, int limit, Src src) {
+    for (int e = threadIdx.x; e < count * LSTM_QC; e += LSTM_THREADS) {
+        const int r = e / LSTM_QC, q = e % LSTM_QC;
+        rows[r][q] = c0 + q < limit ? src(r, c0 + q) : 0.0f;
     }
-    if (lane != 0) return;
-    const float* z = p.pre + (int64_t)row * 4 * H;
-    const float i = lstm_sigmoid(z[j] + acc[0]);
-    const float f = lstm_sigmoid(z[H + j] + acc[1]);
-    const float g = tanhf(z[2 * H + j] + acc[2]);
-    const float o = lstm_sigmoid(z[3 * H + j] + acc[3]);
-    const float c_prev = prev >= 0 ? p.c[(int64_t)prev * H + j] : 0.0f;
-    const float cv = f * c_prev + i * g;
-    p.c[(int64_t)row * H + j] = cv;
-    p.h[(int64_t)row * p.h_stride + p.h_col + j] = o * tanhf(cv);
-    p.h_prev[(int64_t)row * H + j] = prev >= 0 ? p.h[(int64_t)prev * p.h_stride + p.h_col + j] : 0.0f;
-    float* gs = p.gates + (int64_t)row * 4 * H;
-    gs[j] = i;
-    gs[H + j] = f;
-    gs[2 * H + j] = g;
-    gs[3 * H + j] = o;
+}
+
+__device__ __forceinline__ float lstm_dot4(float acc, float4_t a, float4_t b) {
+    acc += a.x * b.x;
+    acc += a.y * b.y;
+    acc += a.z * b.z;
+    return acc + a.w * b.w;
+}
+
+extern "C" __global__ void lstm_step_forward(const LstmStepParams p) {
+    __align__(16) __shared__ float ws[4 * LSTM_JT][LSTM_PITCH];  // row g * LSTM_JT + jj: W's row g H + j
+    __align__(16) __shared__ float hs[LSTM_UT][LSTM_PITCH];      // the utterances' previous h
+    __shared__ int prev_row[LSTM_UT];
+    const int tid = threadIdx.x, H = p.hidden;
+    const int j0 = blockIdx.x * LSTM_JT, k0 = blockIdx.y * LSTM_UT;
+    if (tid < LSTM_UT) {
+        const int k = k0 + tid;
+        prev_row[tid] = p.step > 0 && k < p.running ? p.sched[(int64_t)(p.step - 1) * p.n + k] : -1;
+    }
+    __syncthreads();
+    const int jj = tid % LSTM_JT, u0 = 2 * (tid / LSTM_JT);
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int c0 = 0; c0 < H; c0 += LSTM_QC) {
+        lstm_stage(ws, 4 * LSTM_JT, c0, H, [&](int r, int q) {
+            const int j = j0 + r % LSTM_JT;
+            return j < H ? p.w[((int64_t)(r / LSTM_JT) * H + j) * H + q] : 0.0f;
+        });
+        lstm_stage(hs, LSTM_UT, c0, H, [&](int r, int q) {
+            const int pr = prev_row[r];
+            return pr >= 0 ? p.h[(int64_t)pr * p.h_stride + p.h_col + q] : 0.0f;
+        });
+        __syncthreads();
+#pragma unroll 4
+        for (int q = 0; q < LSTM_QC; q += 4) {
+            const float4_t h0 = load_float4(&hs[u0][q]), h1 = load_float4(&hs[u0 + 1][q]);
+#pragma unroll
+            for (int g = 0; g < 4; ++g) {
+                const float4_t w = load_float4(&ws[g * LSTM_JT + jj][q]);
+                acc[0][g] = lstm_dot4(acc[0][g], w, h0);
+                acc[1][g] = lstm_dot4(acc[1][g], w, h1);
+            }
+        }
+        __syncthreads();
+    }
+    const int j = j0 + jj;
+    if (j >= H) return;
+    for (int u = 0; u < 2; ++u) {
+        const int k = k0 + u0 + u;
+        if (k >= p.running) return;
+        const int row = p.sched[(int64_t)p.step * p.n + k], prev = prev_row[u0 + u];
+        const float* z = p.pre + (int64_t)row * 4 * H;
+        const float i = lstm_sigmoid(z[j] + acc[u][0]);
+        const float f = lstm_sigmoid(z[H + j] + acc[u][1]);
+        const float g = tanhf(z[2 * H + j] + acc[u][2]);
+        const float o = lstm_sigmoid(z[3 * H + j] + acc[u][3]);
+        const float c_prev = prev >= 0 ? p.c[(int64_t)prev * H + j] : 0.0f;
+        const float cv = f * c_prev + i * g;
+        p.c[(int64_t)row * H + j] = cv;
+        p.h[(int64_t)row * p.h_stride + p.h_col + j] = o * tanhf(cv);
+        p.h_prev[(int64_t)row * H + j] = prev >= 0 ? p.h[(int64_t)prev * p.h_stride + p.h_col + j] : 0.0f;
+        float* gs = p.gates + (int64_t)row * 4 * H;
+        gs[j] = i;
+        gs[H + j] = f;
+        gs[2 * H + j] = g;
+        gs[3 * H + j] = o;
+    }
 }
 STRATA_EMU_ENTRY(lstm_step_forward, LstmStepParams)
 
 extern "C" __global__ void lstm_step_backward(const LstmStepParams p) {
-    const int lane = threadIdx.x & 31;
-    const int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (warp >= (int64_t)p.running * p.hidden) return;
-    // Consecutive warps share the unit j (and so W's rows, hot in L1) across the utterances k.
-    const int k = (int)(warp % p.running), j = (int)(warp / p.running), H = p.hidden;
-    const int row = p.sched[(int64_t)p.step * p.n + k];
-    const int next = p.sched[(int64_t)(p.step + 1) * p.n + k];
-    const int prev = p.step > 0 ? p.sched[(int64_t)(p.step - 1) * p.n + k] : -1;
-    float dh_rec = 0.0f;
-    if (next >= 0) {
-        const float* dzn = p.dz + (int64_t)next * 4 * H;
-        const float* wt = p.w + (int64_t)j * 4 * H;
-        for (int q = lane; q < 4 * H; q += 32) dh_rec += dzn[q] * wt[q];
-        dh_rec = warp_sum(dh_rec);
+    __align__(16) __shared__ float ws[LSTM_JT][LSTM_PITCH];  // W_hh^T's rows j: [4H] each
+    __align__(16) __shared__ float ds[LSTM_UT][LSTM_PITCH];  // the utterances' next dz
+    __shared__ int next_row[LSTM_UT];
+    const int tid = threadIdx.x, H = p.hidden;
+    const int j0 = blockIdx.x * LSTM_JT, k0 = blockIdx.y * LSTM_UT;
+    if (tid < LSTM_UT) {
+        const int k = k0 + tid;
+        next_row[tid] = k < p.running ? p.sched[(int64_t)(p.step + 1) * p.n + k] : -1;
     }
-    if (lane != 0) return;
-    const float* gs = p.gates + (int64_t)row * 4 * H;
-    const float i = gs[j], f = gs[H + j], g = gs[2 * H + j], o = gs[3 * H + j];
-    const float tc = tanhf(p.c[(int64_t)row * H + j]);
-    const float c_prev = prev >= 0 ? p.c[(int64_t)prev * H + j] : 0.0f;
-    const float dh = p.dout[(int64_t)row * p.h_stride + p.h_col + j] + dh_rec;
-    const float dc = (next >= 0 ? p.dc_carry[(int64_t)next * H + j] : 0.0f) + dh * o * (1.0f - tc * tc);
-    p.dc_carry[(int64_t)row * H + j] = dc * f;
-    float* d = p.dz + (int64_t)row * 4 * H;
-    d[j] = dc * g * i * (1.0f - i);
-    d[H + j] = dc * c_prev * f * (1.0f - f);
-    d[2 * H + j] = dc * i * (1.0f - g * g);
-    d[3 * H + j] = dh * tc * o * (1.0f - o);
+    __syncthreads();
+    const int jj = tid % LSTM_JT, u0 = 2 * (tid / LSTM_JT);
+    float acc[2] = {0.0f, 0.0f};
+    for (int c0 = 0; c0 < 4 * H; c0 += LSTM_QC) {
+        lstm_stage(ws, LSTM_JT, c0, 4 * H, [&](int r, int q) {
+            const int j = j0 + r;
+            return j < H ? p.w[(int64_t)j * 4 * H + q] : 0.0f;
+        });
+        lstm_stage(ds, LSTM_UT, c0, 4 * H, [&](int r, int q) {
+            const int nr = next_row[r];
+            return nr >= 0 ? p.dz[(int64_t)nr * 4 * H + q] : 0.0f;
+        });
+        __syncthreads();
+#pragma unroll 4
+        for (int q = 0; q < LSTM_QC; q += 4) {
+            const float4_t w = load_float4(&ws[jj][q]);
+            acc[0] = lstm_dot4(acc[0], w, load_float4(&ds[u0][q]));
+            acc[1] = lstm_dot4(acc[1], w, load_float4(&ds[u0 + 1][q]));
+        }
+        __syncthreads();
+    }
+    const int j = j0 + jj;
+    if (j >= H) return;
+    for (int u = 0; u < 2; ++u) {
+        const int k = k0 + u0 + u;
+        if (k >= p.running) return;
+        const int row = p.sched[(int64_t)p.step * p.n + k], next = next_row[u0 + u];
+        const int prev = p.step > 0 ? p.sched[(int64_t)(p.step - 1) * p.n + k] : -1;
+        const float* gs = p.gates + (int64_t)row * 4 * H;
+        const float i = gs[j], f = gs[H + j], g = gs[2 * H + j], o = gs[3 * H + j];
+        const float tc = tanhf(p.c[(int64_t)row * H + j]);
+        const float c_prev = prev >= 0 ? p.c[(int64_t)prev * H + j] : 0.0f;
+        const float dh = p.dout[(int64_t)row * p.h_stride + p.h_col + j] + acc[u];
+        const float dc = (next >= 0 ? p.dc_carry[(int64_t)next * H + j] : 0.0f) + dh * o * (1.0f - tc * tc);
+        p.dc_carry[(int64_t)row * H + j] = dc * f;
+        float* d = p.dz + (int64_t)row * 4 * H;
+        d[j] = dc * g * i * (1.0f - i);
+        d[H + j] = dc * c_prev * f * (1.0f - f);
+        d[2 * H + j] = dc * i * (1.0f - g * g);
+        d[3 * H + j] = dh * tc * o * (1.0f - o);
+    }
 }
 STRATA_EMU_ENTRY(lstm_step_backward, LstmStepParams)
 

@@ -2623,13 +2623,19 @@ fn mlsuperb_head_kernels_match_the_cpu_references() {
 #[test]
 fn lstm_step_kernels_match_the_cpu_reference() {
     // One direction's recurrence and its backpropagation through time against `ops::lstm`: mixed
-    // lengths (ties, one frame), both directions, H not a multiple of the warp; at real size on a
-    // GPU (s3prl's 1024 units, 8 utterances of 150 frames).
+    // lengths (ties, one frame), both directions, H not a multiple of the warp; 35 utterances (two
+    // blocks of them) with H = 70 (units past the last tile of 8, a partial chunk of 64, and 4H
+    // one too); at real size on a GPU (s3prl's 1024 units, 8 utterances of 150 frames).
     use strata::ops::lstm;
     for be in backends() {
         let tag = be.name();
         let big = on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1");
-        let mut cases = vec![(vec![11usize, 7, 1, 11, 4], 6usize), (vec![9, 3], 37)];
+        let many: Vec<usize> = (0..35).map(|i| 1 + (i * 7) % 6).collect();
+        let mut cases = vec![
+            (vec![11usize, 7, 1, 11, 4], 6usize),
+            (vec![9, 3], 37),
+            (many, 70),
+        ];
         if big {
             cases.push((vec![150; 8], 1024));
         }

@@ -7,8 +7,11 @@ use crate::error::{Error, Result};
 use crate::runtime::kernels::{LstmStepParams, LstmTransposeParams};
 use crate::runtime::{Backend, Buf};
 
-/// Warps per block of the step kernels (a warp per utterance and unit).
-const WARPS_PER_BLOCK: usize = 4;
+/// The step kernels' tile (kernels/lstm.cu's LSTM_JT, LSTM_UT, LSTM_THREADS): a block per 8 units
+/// of 32 running utterances, 128 threads.
+const LSTM_UNITS_PER_BLOCK: usize = 8;
+const LSTM_UTTERANCES_PER_BLOCK: usize = 32;
+const LSTM_THREADS: u32 = 128;
 
 /// Which packed row each running utterance reads at each step, on the device: utterances longest
 /// first (ties by position, as `ops::lstm`), -1 once ended, one extra all -1 step at the end.
@@ -77,15 +80,12 @@ impl DeviceLstmSchedule {
     }
 
     fn launch(&self, be: &Backend, kernel: &'static str, p: &LstmStepParams) -> Result<()> {
-        let warps = p.running as usize * p.hidden as usize;
-        let blocks = warps.div_ceil(WARPS_PER_BLOCK) as u32;
-        be.launch(
-            kernel,
-            (blocks, 1, 1),
-            (32 * WARPS_PER_BLOCK as u32, 1, 1),
-            0,
-            p,
-        )
+        let grid = (
+            (p.hidden as usize).div_ceil(LSTM_UNITS_PER_BLOCK) as u32,
+            (p.running as usize).div_ceil(LSTM_UTTERANCES_PER_BLOCK) as u32,
+            1,
+        );
+        be.launch(kernel, grid, (LSTM_THREADS, 1, 1), 0, p)
     }
 }
 
