@@ -536,7 +536,8 @@ STRATA_EMU_ENTRY(hconv_conv_forward_wgmma, HConvFwdParams)
 //                    K = (kw, co), an implicit GEMM with the gather in A.
 //   dw[co, kw, ci] += sum_{f, lo} dpre[f, lo, co] * x[f, lo*stride - pad + kw, ci]:  rows co,
 //                    cols (kw, ci), K = every (frame, output position). Each block owns its dw tile
-//                    and runs the whole reduction itself: deterministic, no atomics.
+//                    for its chunk of the rows (grid.z; one chunk, or partials that
+//                    hconv_split_reduce adds in chunk order): deterministic, no atomics.
 //   db[co]        += sum_{f, lo} dpre[f, lo, co], summed in order by the blocks of the first
 //                    column tile from the dpre tiles they stage anyway.
 struct HConvBwdParams {
@@ -548,9 +549,9 @@ struct HConvBwdParams {
     float* dw;
     float* db;
     int n, l_in, c_in, c_out, kernel, stride, pad, l_out, flatten;
-    // Vectorized weight kernel only: the reduction over rows split into `split` chunks of
-    // `split_rows` (grid.z); with split > 1 each chunk writes its own partial sums, which
-    // hconv_split_reduce then adds in chunk order (deterministic, no atomics).
+    // The weight kernels' reduction over rows split into `split` chunks of `split_rows` (grid.z);
+    // with split > 1 each chunk writes its own partial sums, which hconv_split_reduce then adds
+    // in chunk order (deterministic, no atomics).
     float* partial_dw;
     float* partial_db;
     int64_t split_rows;
@@ -629,13 +630,16 @@ extern "C" __global__ void hconv_conv_backward_weight(const HConvBwdParams p) {
     float bias_acc = 0.0f;  // thread i < 64 owns db[co0 + i] in bias blocks
     bf16 zero;
     zero.bits = 0;
-    for (int64_t r0 = 0; r0 < R; r0 += HC_TK) {
+    // This block's chunk of the rows (grid.z splits the reduction, as the vectorized kernel's).
+    const int64_t r_begin = (int64_t)blockIdx.z * p.split_rows;
+    const int64_t r_end = r_begin + p.split_rows < R ? r_begin + p.split_rows : R;
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += HC_TK) {
         for (int e = threadIdx.x; e < HC_TM * HC_TK; e += blockDim.x) {
             const int i = e / HC_TK, kk = e % HC_TK;
             const int64_t r = r0 + kk;
             const int co = co0 + i;
             bf16 a = zero, b = zero;
-            if (r < R) {
+            if (r < r_end) {
                 const int64_t f = r / p.l_out;
                 const int lo = (int)(r % p.l_out);
                 if (co < p.c_out) a = hc_dpre(p, f, lo, co);
@@ -656,14 +660,25 @@ extern "C" __global__ void hconv_conv_backward_weight(const HConvBwdParams p) {
         hc_tile_mma(as, bs, acc, warp, g, t);
         __syncthreads();
     }
+    // With a split, each chunk writes its partial sums, which hconv_split_reduce adds in order.
     for (int j = 0; j < 8; ++j) {
         for (int r = 0; r < 4; ++r) {
             const int co = co0 + warp * 16 + g + 8 * (r / 2);
             const int k = col0 + 8 * j + 2 * t + (r % 2);
-            if (co < p.c_out && k < K) p.dw[(int64_t)co * K + k] += acc[j][r];
+            if (co >= p.c_out || k >= K) continue;
+            if (p.split > 1)
+                p.partial_dw[((int64_t)blockIdx.z * p.c_out + co) * K + k] = acc[j][r];
+            else
+                p.dw[(int64_t)co * K + k] += acc[j][r];
         }
     }
-    if (bias_block && threadIdx.x < HC_TM && co0 + (int)threadIdx.x < p.c_out) p.db[co0 + threadIdx.x] += bias_acc;
+    const int co = co0 + (int)threadIdx.x;
+    if (bias_block && threadIdx.x < HC_TM && co < p.c_out) {
+        if (p.split > 1)
+            p.partial_db[(int64_t)blockIdx.z * p.c_out + co] = bias_acc;
+        else
+            p.db[co] += bias_acc;
+    }
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight, HConvBwdParams)
 

@@ -1546,11 +1546,14 @@ fn dropout_and_layernorm_kernels_match_the_cpu_references() {
 #[test]
 fn linear_and_cast_on_the_device_match_the_cpu_reference() {
     for be in backends() {
+        // 9 inputs: the general kernels (in_f % 8 != 0), at 9000 rows with the weight gradient's
+        // reduction split in 4 chunks.
         for (rows, in_f, out_f) in [
             (1usize, 24usize, 3usize),
             (5, 768, 256),
             (300, 256, 71),
             (1000, 64, 40),
+            (9000, 9, 20),
         ] {
             let tag = format!("{} linear {rows} x {in_f} -> {out_f}", be.name());
             let mut rng = Rng::new((rows + in_f + out_f) as u64);

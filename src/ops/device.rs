@@ -812,6 +812,65 @@ pub fn weight_grad_split(rows: usize, g: &ConvGeom) -> (usize, usize) {
     (rows.div_ceil(per.max(1)).max(1), per.max(32))
 }
 
+/// How the general (64 x 64 tile) weight-gradient kernel splits its reduction over `rows`: into
+/// enough chunks for about four blocks per SM of an H100 (its blocks are small), each at least 64
+/// steps of 32 rows, at most 64 chunks and 16M floats of partial sums. Its few tiles (a Linear
+/// over 9-wide im2col patches, the ML-SUPERB head's first conv: 4) had each reduced some 300,000
+/// rows alone. A function of the shape only (bitwise the same on every GPU). Returns (chunks, rows
+/// per chunk, a multiple of 32).
+pub fn general_weight_grad_split(rows: usize, g: &ConvGeom) -> (usize, usize) {
+    const BLOCKS: usize = 4 * 132;
+    let tiles = g.c_out.div_ceil(64) * (g.kernel * g.c_in).div_ceil(64);
+    let wsize = g.c_out * g.kernel * g.c_in;
+    let most = (rows / (32 * 64))
+        .min(64)
+        .min((16 << 20) / wsize.max(1))
+        .max(1);
+    let split = BLOCKS.div_ceil(tiles).clamp(1, most);
+    let per = rows.div_ceil(split).div_ceil(32) * 32;
+    (rows.div_ceil(per.max(1)).max(1), per.max(32))
+}
+
+/// Zeroed partial sums of a split weight-gradient reduction (dW, db), or None for one chunk.
+fn split_partials(
+    be: &Backend,
+    split: usize,
+    wsize: usize,
+    c_out: usize,
+) -> Result<Option<(Buf<f32>, Buf<f32>)>> {
+    if split <= 1 {
+        return Ok(None);
+    }
+    Ok(Some((
+        be.zeros::<f32>(split * wsize)?,
+        be.zeros::<f32>(split * c_out)?,
+    )))
+}
+
+/// Adds a split reduction's partial sums into (dw, db), chunk by chunk in order.
+fn reduce_split(
+    be: &Backend,
+    partial: Option<&(Buf<f32>, Buf<f32>)>,
+    (dw, db): (&Buf<f32>, &Buf<f32>),
+    (wsize, c_out): (usize, usize),
+    split: usize,
+) -> Result<()> {
+    let Some((pdw, pdb)) = partial else {
+        return Ok(());
+    };
+    for (part, out, count) in [(pdw, dw, wsize), (pdb, db, c_out)] {
+        let rp = SplitReduceParams {
+            partial: be.ptr(part),
+            out: be.ptr(out),
+            count: count as i64,
+            split: split as i32,
+        };
+        let blocks = count.div_ceil(256).min(4096) as u32;
+        be.launch("hconv_split_reduce", (blocks, 1, 1), (256, 1, 1), 0, &rp)?;
+    }
+    Ok(())
+}
+
 /// The vectorized dx kernels' row tiles: the input positions li of each phase
 /// (li + pad) % stride, for every frame, in tiles of 128 rows (kernels/hconv.cu's hc_dx_phase).
 pub fn dx_phase_tiles(n: usize, g: &ConvGeom) -> usize {
@@ -973,14 +1032,7 @@ fn conv_backward(
         be.launch("hconv_relu_mask", (blocks, 1, 1), (256, 1, 1), 0, &mp)?;
         let (split, split_rows) = weight_grad_split(n * l_out, g);
         let wsize = g.c_out * g.kernel * g.c_in;
-        let partial = if split > 1 {
-            Some((
-                be.zeros::<f32>(split * wsize)?,
-                be.zeros::<f32>(split * g.c_out)?,
-            ))
-        } else {
-            None
-        };
+        let partial = split_partials(be, split, wsize, g.c_out)?;
         let pv = HConvBwdParams {
             dy: be.ptr(&dpre),
             flatten: 0,
@@ -1006,18 +1058,7 @@ fn conv_backward(
             ),
         };
         hv_launch(be, path, weight_kernel, None, grid_w, &pv)?;
-        if let Some((pdw, pdb)) = &partial {
-            for (part, out, count) in [(pdw, dw, wsize), (pdb, db, g.c_out)] {
-                let rp = SplitReduceParams {
-                    partial: be.ptr(part),
-                    out: be.ptr(out),
-                    count: count as i64,
-                    split: split as i32,
-                };
-                let blocks = count.div_ceil(256).min(4096) as u32;
-                be.launch("hconv_split_reduce", (blocks, 1, 1), (256, 1, 1), 0, &rp)?;
-            }
-        }
+        reduce_split(be, partial.as_ref(), (dw, db), (wsize, g.c_out), split)?;
         if dx.is_some() {
             // Row tiles by phase (kernels/hconv.cu's HcDxPhase): each phase's rows in tiles of 128.
             let grid_d = (g.c_in.div_ceil(128) as u32, dx_phase_tiles(n, g) as u32, 1);
@@ -1025,12 +1066,23 @@ fn conv_backward(
         }
         return Ok(dx);
     }
+    let (split, split_rows) = general_weight_grad_split(n * l_out, g);
+    let wsize = g.c_out * g.kernel * g.c_in;
+    let partial = split_partials(be, split, wsize, g.c_out)?;
+    let pg = HConvBwdParams {
+        partial_dw: partial.as_ref().map_or(0, |b| be.ptr(&b.0)),
+        partial_db: partial.as_ref().map_or(0, |b| be.ptr(&b.1)),
+        split_rows: split_rows as i64,
+        split: split as i32,
+        ..p
+    };
     let grid_w = (
         (g.kernel * g.c_in).div_ceil(64) as u32,
         g.c_out.div_ceil(64) as u32,
-        1,
+        split as u32,
     );
-    be.launch(KW, grid_w, (128, 1, 1), 0, &p)?;
+    be.launch(KW, grid_w, (128, 1, 1), 0, &pg)?;
+    reduce_split(be, partial.as_ref(), (dw, db), (wsize, g.c_out), split)?;
     if dx.is_some() {
         let grid_d = (
             g.c_in.div_ceil(64) as u32,
@@ -1698,6 +1750,30 @@ mod tests {
         assert_eq!(weight_grad_split(16000 * 9, &g(25, 1024, 1024)).0, 4);
         // Few rows: no split.
         assert_eq!(weight_grad_split(15, &g(13, 768, 768)), (1, 32));
+        // The general kernel: the ML-SUPERB head's first conv as a Linear over 9-wide patches
+        // (32 x 249 x 39 rows, 4 tiles) -> 64 chunks; few rows, or a wide weight, fewer.
+        let linear = |c_in, c_out| ConvGeom {
+            l_in: 1,
+            c_in,
+            c_out,
+            kernel: 1,
+            stride: 1,
+            pad: 0,
+        };
+        assert_eq!(
+            general_weight_grad_split(32 * 249 * 39, &linear(9, 256)).0,
+            64
+        );
+        assert_eq!(general_weight_grad_split(9000, &linear(9, 20)).0, 4);
+        assert_eq!(general_weight_grad_split(100, &linear(9, 20)).0, 1);
+        assert_eq!(general_weight_grad_split(1 << 20, &linear(4001, 4001)).0, 1);
+        for rows in [1usize, 31, 4096, 9000, 310_752] {
+            for geom in [linear(9, 256), g(13, 100, 100), linear(4001, 3)] {
+                let (split, per) = general_weight_grad_split(rows, &geom);
+                assert!(per % 32 == 0 && split * per >= rows && (split - 1) * per < rows);
+                assert!((1..=64).contains(&split));
+            }
+        }
         for rows in [1usize, 31, 4096, 5000, 80_000, 123_457] {
             for geom in [g(13, 768, 768), g(4, 24, 24), g(25, 1024, 1024)] {
                 let (split, per) = weight_grad_split(rows, &geom);
