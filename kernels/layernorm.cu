@@ -3,7 +3,8 @@
 // Forward: one block per row, two-pass mean / variance in fp32, mean and rstd saved.
 // Backward: one block per row for dx (rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w);
 // the affine gradients sum dy * xhat and dy over rows: each block adds its rows in order into its
-// own partial row, then layernorm_param_reduce adds the partials in block order. Deterministic.
+// own partial row, then layernorm_param_reduce adds the partials (8 warps a column block, each a
+// residue class of the partials, in a fixed order). Deterministic.
 // layernorm_rows_bf16: s3prl's `normalize` of a frozen hidden-state stack (no affine, eps 1e-5),
 // bf16 in and out, one warp per row; no backward (nothing upstream of it trains).
 #ifndef STRATA_COMMON_INCLUDED
@@ -98,16 +99,33 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
 }
 STRATA_EMU_ENTRY(layernorm_backward, LayerNormBwdParams)
 
+// A block of 8 warps per 32 columns: lane = column, warp w sums the partials w, w + 8, ... in
+// order, then the warps' sums are added in warp order (deterministic). One thread per column had
+// walked all rows / 8 partials alone, one block for d = 256: latency-bound (the ML-SUPERB head's
+// five LayerNorms over 7,904 rows, 988 partials each).
+#define LN_REDUCE_WARPS 8
 extern "C" __global__ void layernorm_param_reduce(const LayerNormReduceParams p) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.d; i += gridDim.x * blockDim.x) {
-        float sw = 0.0f, sb = 0.0f;
-        for (int k = 0; k < p.blocks; ++k) {
+    __shared__ float sums[LN_REDUCE_WARPS][2][32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int i = blockIdx.x * 32 + lane;
+    float sw = 0.0f, sb = 0.0f;
+    if (i < p.d) {
+        for (int k = w; k < p.blocks; k += LN_REDUCE_WARPS) {
             sw += p.partial[(int64_t)k * 2 * p.d + i];
             sb += p.partial[(int64_t)k * 2 * p.d + p.d + i];
         }
-        p.dw[i] += sw;
-        p.db[i] += sb;
     }
+    sums[w][0][lane] = sw;
+    sums[w][1][lane] = sb;
+    __syncthreads();
+    if (w != 0 || i >= p.d) return;
+    float tw = 0.0f, tb = 0.0f;
+    for (int q = 0; q < LN_REDUCE_WARPS; ++q) {
+        tw += sums[q][0][lane];
+        tb += sums[q][1][lane];
+    }
+    p.dw[i] += tw;
+    p.db[i] += tb;
 }
 STRATA_EMU_ENTRY(layernorm_param_reduce, LayerNormReduceParams)
 

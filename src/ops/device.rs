@@ -1531,9 +1531,10 @@ pub fn layernorm_backward(
             blocks: blocks as i32,
             d: d as i32,
         };
+        // 8 warps per 32 columns (LN_REDUCE_WARPS of kernels/layernorm.cu).
         be.launch(
             "layernorm_param_reduce",
-            (d.div_ceil(256) as u32, 1, 1),
+            (d.div_ceil(32) as u32, 1, 1),
             (256, 1, 1),
             0,
             &r,
