@@ -2148,10 +2148,15 @@ fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
         let out = be.upload(&vrow).unwrap();
         device::col_sum_accumulate(&be, &be.upload(&a).unwrap(), rows, c, &out).unwrap();
         let got = be.download(&out).unwrap();
+        // Bit for bit the documented order: 16 sums over the rows r = w (mod 16), then in order.
         for col in 0..c {
             let mut s = 0f32;
-            for r in 0..rows {
-                s += a[r * c + col];
+            for w in 0..16 {
+                let mut part = 0f32;
+                for r in (w..rows).step_by(16) {
+                    part += a[r * c + col];
+                }
+                s += part;
             }
             assert_eq!(got[col], vrow[col] + s, "{tag}: col_sum column {col}");
         }

@@ -1965,7 +1965,8 @@ pub fn add_rows(
     Ok(y)
 }
 
-/// out [c] += the sum of x's rows [rows, c], in row order (deterministic).
+/// out [c] += the sum of x's rows [rows, c] in a fixed order (deterministic): per column, 16
+/// partial sums over the rows r = w (mod 16), each in row order, then added for w = 0, 1, ...
 pub fn col_sum_accumulate(
     be: &Backend,
     x: &Buf<f32>,
@@ -1983,7 +1984,8 @@ pub fn col_sum_accumulate(
         rows: rows as i64,
         c: c as i32,
     };
-    be.launch(K, (c.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0, &p)
+    // 16 warps per 32 columns (COL_SUM_WARPS of kernels/elementwise.cu).
+    be.launch(K, (c.div_ceil(32) as u32, 1, 1), (512, 1, 1), 0, &p)
 }
 
 /// ReLU or exact GELU of fp32 x.
