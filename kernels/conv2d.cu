@@ -6,7 +6,8 @@
 //
 // Forward: a gather, 16-byte copies when c % 8 == 0 (a patch row is then k * k whole 8-vectors).
 // Adjoint: each input element gathers the patch entries that copied it (at most ceil(k / s)^2), in
-// the order of their patch rows, as the CPU adds them: deterministic, no atomics.
+// the order of their patch rows, as the CPU adds them: deterministic, no atomics. 8 channels a
+// thread when c % 8 == 0.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif
@@ -43,16 +44,23 @@ extern "C" __global__ void conv2d_patches(const PatchParams p) {
 }
 STRATA_EMU_ENTRY(conv2d_patches, PatchParams)
 
+// With c % 8 == 0 a thread takes 8 consecutive channels of one (frame, feature): one index
+// decomposition and 16-byte loads for all 8 (the per-element integer work had bound this pass);
+// each channel's sum keeps its order.
 extern "C" __global__ void conv2d_patches_adjoint(const PatchParams p) {
+    const int vec = (p.c & 7) == 0 ? 8 : 1;
     const int64_t width = (int64_t)p.k * p.k * p.c;
-    const int64_t total = (int64_t)p.frames * p.freq * p.c;
+    const int cv = p.c / vec;  // channel groups of a (frame, feature)
+    const int64_t total = (int64_t)p.frames * p.freq * cv;
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t frame = e / ((int64_t)p.freq * p.c);
-        const int f = (int)(e / p.c % p.freq), ch = (int)(e % p.c);
+        const int64_t cell = e / cv;  // frame * freq + f
+        const int ch = (int)(e - cell * cv) * vec;
+        const int64_t frame = cell / p.freq;
+        const int f = (int)(cell - frame * p.freq);
         const int u = utterance_of(p.in_offsets, p.utterances, frame);
         const int t = (int)(frame - p.in_offsets[u]);
         const int out_len = p.out_offsets[u + 1] - p.out_offsets[u];
-        float acc = 0.0f;
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         // Descending offsets visit the patch rows in ascending order.
         for (int dt = p.k - 1; dt >= 0; --dt) {
             const int tt = t - dt;
@@ -62,10 +70,21 @@ extern "C" __global__ void conv2d_patches_adjoint(const PatchParams p) {
                 const int ff = f - df;
                 if (ff < 0 || ff % p.stride != 0 || ff / p.stride >= p.out_freq) continue;
                 const int64_t row = out_frame * p.out_freq + ff / p.stride;
-                acc += bf16_to_float(p.dpatches[row * width + ((int64_t)dt * p.k + df) * p.c + ch]);
+                const bf16* src = p.dpatches + row * width + ((int64_t)dt * p.k + df) * p.c + ch;
+                if (vec == 8) {
+                    const bf16x8 v = load_bf16x8(src);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        acc[2 * i] += strata_bits_float(v.w[i] << 16);
+                        acc[2 * i + 1] += strata_bits_float(v.w[i] & 0xffff0000u);
+                    }
+                } else {
+                    acc[0] += bf16_to_float(*src);
+                }
             }
         }
-        p.dx[e] = acc;
+        float* dst = p.dx + cell * p.c + ch;
+        for (int i = 0; i < vec; ++i) dst[i] = acc[i];
     }
 }
 STRATA_EMU_ENTRY(conv2d_patches_adjoint, PatchParams)

@@ -2567,11 +2567,12 @@ fn mlsuperb_head_kernels_match_the_cpu_references() {
             );
         }
         // The convolutions' patches: Conv2dSubsampling2's two (1 channel at stride 2; channels
-        // in 16-byte vectors at stride 1) and an odd channel count.
+        // in 16-byte vectors at stride 1), an odd channel count, and 8 channels at stride 2.
         let mut convs = vec![
             (vec![7usize, 12, 9], 11usize, 1usize, 2usize),
             (vec![5, 9], 6, 16, 1),
             (vec![4, 6], 5, 3, 1),
+            (vec![6, 9], 7, 8, 2),
         ];
         if big {
             convs.push((vec![249; 32], 80, 1, 2));

@@ -133,7 +133,9 @@ pub fn conv2d_patches_adjoint(
     let n = batch.total_frames() * g.freq * g.channels;
     let dx = be.output::<f32>(n)?;
     (p.dpatches, p.dx) = (be.ptr(dpatches), be.ptr(&dx));
-    launch_elementwise(be, K, n, &p)?;
+    // A thread per 8 channels where they come 16 bytes at a time (kernels/conv2d.cu).
+    let vec = if g.channels.is_multiple_of(8) { 8 } else { 1 };
+    launch_elementwise(be, K, n / vec, &p)?;
     Ok(dx)
 }
 
