@@ -586,6 +586,15 @@ fn main() -> std::process::ExitCode {
                     traffic.allocations,
                     traffic.allocation_bytes as f64 / 1e6
                 );
+                // The memory pool after these steps (each ends waiting for the loss): what it
+                // holds, and its release threshold (u64::MAX: keep everything). Near the step's
+                // allocations: freed buffers are reused; near zero: each step maps them again.
+                if let Some((held, threshold)) = rt.pool_state() {
+                    eprintln!(
+                        "  memory pool: {:.1} MB held, release threshold {threshold}",
+                        held as f64 / 1e6
+                    );
+                }
             }
             ms
         };

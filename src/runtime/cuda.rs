@@ -528,6 +528,50 @@ impl CudaRuntime {
         Ok(())
     }
 
+    /// The device's default memory pool (where every buffer comes from): (bytes it holds from the
+    /// driver now, its release threshold), or None where it cannot be read. Holding steady across
+    /// steps means freed buffers are reused; falling back after each wait for the device would
+    /// mean the pool gives memory back and every step maps it again.
+    pub fn pool_state(&self) -> Option<(u64, u64)> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().ok()?;
+        let device = self.ctx.cu_device();
+        std::panic::catch_unwind(|| {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let (mut reserved, mut threshold) = (0u64, 0u64);
+            // SAFETY: the context is current on this thread; the out-pointers are valid u64s, as
+            // these two attributes take.
+            unsafe {
+                if sys::cuDeviceGetDefaultMemPool(&mut pool, device) != sys::CUresult::CUDA_SUCCESS
+                {
+                    return None;
+                }
+                for (attr, out) in [
+                    (
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                        &mut reserved,
+                    ),
+                    (
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                        &mut threshold,
+                    ),
+                ] {
+                    let r = sys::cuMemPoolGetAttribute(
+                        pool,
+                        attr,
+                        out as *mut u64 as *mut std::ffi::c_void,
+                    );
+                    if r != sys::CUresult::CUDA_SUCCESS {
+                        return None;
+                    }
+                }
+            }
+            Some((reserved, threshold))
+        })
+        .ok()
+        .flatten()
+    }
+
     /// Starts timing every launch on the GPU (an event pair around each; for profiles, not for
     /// timed runs: the events cost launch time).
     pub fn profile_start(&self) {
