@@ -353,14 +353,21 @@ fn keep_freed_memory(ctx: &CudaContext) {
         let mut threshold: u64 = u64::MAX;
         // SAFETY: the context is current on this thread; the out-pointer and the attribute value
         // (a u64, as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD takes) are valid for the calls.
-        unsafe {
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, device) == sys::CUresult::CUDA_SUCCESS {
-                let _ = sys::cuMemPoolSetAttribute(
+        let r = unsafe {
+            match sys::cuDeviceGetDefaultMemPool(&mut pool, device) {
+                sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
                     pool,
                     sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
                     &mut threshold as *mut u64 as *mut std::ffi::c_void,
-                );
+                ),
+                other => other,
             }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            eprintln!(
+                "strata: the GPU's memory pool keeps no freed memory ({r:?}): each step's buffers \
+                 may be mapped again after every wait for the device"
+            );
         }
     });
 }
