@@ -220,7 +220,8 @@ fn precompile() -> std::process::ExitCode {
 }
 
 fn main() -> std::process::ExitCode {
-    // `gpu_bench [ws|hconv|losses|mlsuperb|step|adamw]` runs one section; no argument runs them all.
+    // `gpu_bench [ws|hconv|losses|mlsuperb|heads|step|adamw]` runs one section; no argument runs
+    // them all.
     let only = std::env::args().nth(1);
     if only.as_deref() == Some("precompile") {
         return precompile();
@@ -737,5 +738,100 @@ fn main() -> std::process::ExitCode {
         );
     }
     be.synchronize().unwrap();
+    // Last, so that a failure here costs no other row. The heads' kernels changed on 2026-12-07
+    // without a GPU (RESULTS.md), each on its own at the step's size: the general weight gradient
+    // of a Linear over 9-wide patches (the ML-SUPERB head's first conv, split over rows),
+    // LayerNorm's backward with its affine reduce (the ML-SUPERB head's width), CLS pooling's
+    // column sum, the packed self-attention, and one direction of the ASR head's LSTM layer (500
+    // steps forward, then backward).
+    if run("heads") {
+        let rows = 32 * 249 * 39;
+        let (in_f, out_f) = (9usize, 256usize);
+        let x = be.upload(&vec![bf16::from_f32(0.5); rows * in_f]).unwrap();
+        let w = be
+            .upload(&vec![bf16::from_f32(0.01); out_f * in_f])
+            .unwrap();
+        let dy = be.upload(&vec![bf16::from_f32(0.1); rows * out_f]).unwrap();
+        let (dw, db) = (
+            be.zeros::<f32>(out_f * in_f).unwrap(),
+            be.zeros::<f32>(out_f).unwrap(),
+        );
+        let ms = time_ms(&be, &mut flush, || {
+            device::linear_backward(&be, &x, rows, in_f, out_f, &w, &dy, (&dw, &db), true).unwrap();
+        });
+        println!(
+            "{{\"name\": \"linear_9_to_256_backward_{rows}\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            2 * rows * (in_f + out_f) * 2
+        );
+        let (rows, d) = (32 * 247, 256usize);
+        let xs = be.upload(&vec![0.5f32; rows * d]).unwrap();
+        let (lw, lb) = (
+            be.upload(&vec![1.0f32; d]).unwrap(),
+            be.zeros::<f32>(d).unwrap(),
+        );
+        let (_, saved) =
+            device::layernorm_forward(&be, &xs, rows, d, Some((&lw, &lb)), 1e-5).unwrap();
+        let (gw, gb) = (be.zeros::<f32>(d).unwrap(), be.zeros::<f32>(d).unwrap());
+        let ms = time_ms(&be, &mut flush, || {
+            device::layernorm_backward(&be, &xs, rows, d, Some(&lw), &saved, &xs, Some((&gw, &gb)))
+                .unwrap();
+        });
+        println!(
+            "{{\"name\": \"layernorm_backward_{rows}x{d}\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            3 * rows * d * 4
+        );
+        let (rows, c) = (16000usize, 768usize);
+        let xs = be.upload(&vec![0.5f32; rows * c]).unwrap();
+        let out = be.zeros::<f32>(c).unwrap();
+        let ms = time_ms(&be, &mut flush, || {
+            device::col_sum_accumulate(&be, &xs, rows, c, &out).unwrap();
+        });
+        println!(
+            "{{\"name\": \"col_sum_{rows}x{c}\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            rows * c * 4
+        );
+        let batch = strata::PackedBatch::from_lengths(&vec![247; 32]).unwrap();
+        let (heads, dh) = (8usize, 32usize);
+        let n = batch.total_frames() * heads * dh;
+        let q = be.upload(&vec![0.1f32; n]).unwrap();
+        let attn = device::PackedAttn {
+            q: &q,
+            k: &q,
+            v: &q,
+            batch: &batch,
+            heads,
+            head_dim: dh,
+            dropout: None,
+        };
+        // Scores and the weighted sums, forward and the backward's two passes: 6 products.
+        let flops = 6 * 2 * 32 * heads * 247 * 247 * dh;
+        let ms = time_ms(&be, &mut flush, || {
+            let (_, probs) = attn.forward(&be).unwrap();
+            attn.backward(&be, &probs, &q).unwrap();
+        });
+        println!(
+            "{{\"name\": \"packed_attention_fwd_bwd_32x247_8x32\", \"ms\": {ms:.4}, \"flops\": {flops}}}"
+        );
+        let batch = strata::PackedBatch::from_lengths(&vec![500; 32]).unwrap();
+        let (frames, hidden) = (batch.total_frames(), 1024usize);
+        let pre = be.upload(&vec![0.01f32; frames * 4 * hidden]).unwrap();
+        let w_hh = be.upload(&vec![0.001f32; 4 * hidden * hidden]).unwrap();
+        let h = be.zeros::<f32>(frames * hidden).unwrap();
+        let cols = device::Cols {
+            stride: hidden,
+            offset: 0,
+        };
+        let sched = device::DeviceLstmSchedule::upload(&be, &batch, false).unwrap();
+        // The recurrent products, forward and backward: 2 x 2 x frames x 4H x H.
+        let flops = 4 * frames * 4 * hidden * hidden;
+        let ms = time_ms(&be, &mut flush, || {
+            let states =
+                device::lstm_forward(&be, &pre, &w_hh, &sched, hidden, (&h, cols)).unwrap();
+            device::lstm_backward(&be, (&h, cols), &states, &w_hh, &sched, hidden).unwrap();
+        });
+        println!(
+            "{{\"name\": \"lstm_direction_fwd_bwd_32x500x1024\", \"ms\": {ms:.4}, \"flops\": {flops}}}"
+        );
+    }
     std::process::ExitCode::SUCCESS
 }
