@@ -1753,14 +1753,7 @@ mod tests {
         assert_eq!(weight_grad_split(15, &g(13, 768, 768)), (1, 32));
         // The general kernel: the ML-SUPERB head's first conv as a Linear over 9-wide patches
         // (32 x 249 x 39 rows, 4 tiles) -> 64 chunks; few rows, or a wide weight, fewer.
-        let linear = |c_in, c_out| ConvGeom {
-            l_in: 1,
-            c_in,
-            c_out,
-            kernel: 1,
-            stride: 1,
-            pad: 0,
-        };
+        let linear = linear_geom;
         assert_eq!(
             general_weight_grad_split(32 * 249 * 39, &linear(9, 256)).0,
             64
