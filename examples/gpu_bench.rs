@@ -742,8 +742,8 @@ fn main() -> std::process::ExitCode {
     // without a GPU (RESULTS.md), each on its own at the step's size: the general weight gradient
     // of a Linear over 9-wide patches (the ML-SUPERB head's first conv, split over rows),
     // LayerNorm's backward with its affine reduce (the ML-SUPERB head's width), CLS pooling's
-    // column sum, the packed self-attention, and one direction of the ASR head's LSTM layer (500
-    // steps forward, then backward).
+    // column sum, the packed self-attention, and one bidirectional LSTM layer of the ASR head
+    // (both directions stepped together, 500 steps forward, then backward).
     if run("heads") {
         let rows = 32 * 249 * 39;
         let (in_f, out_f) = (9usize, 256usize);
@@ -816,21 +816,41 @@ fn main() -> std::process::ExitCode {
         let (frames, hidden) = (batch.total_frames(), 1024usize);
         let pre = be.upload(&vec![0.01f32; frames * 4 * hidden]).unwrap();
         let w_hh = be.upload(&vec![0.001f32; 4 * hidden * hidden]).unwrap();
-        let h = be.zeros::<f32>(frames * hidden).unwrap();
-        let cols = device::Cols {
-            stride: hidden,
-            offset: 0,
-        };
-        let sched = device::DeviceLstmSchedule::upload(&be, &batch, false).unwrap();
-        // The recurrent products, forward and backward: 2 x 2 x frames x 4H x H.
-        let flops = 4 * frames * 4 * hidden * hidden;
+        let h = be.zeros::<f32>(frames * 2 * hidden).unwrap();
+        let scheds = [false, true]
+            .map(|reverse| device::DeviceLstmSchedule::upload(&be, &batch, reverse).unwrap());
+        let dirs: Vec<device::LstmDirection> = scheds
+            .iter()
+            .enumerate()
+            .map(|(d, sched)| device::LstmDirection {
+                pre: &pre,
+                w_hh: &w_hh,
+                sched,
+                cols: device::Cols {
+                    stride: 2 * hidden,
+                    offset: d * hidden,
+                },
+            })
+            .collect();
+        // The recurrent products of both directions, forward and backward: 2 x 2 x 2 x frames x
+        // 4H x H.
+        let flops = 8 * frames * 4 * hidden * hidden;
         let ms = time_ms(&be, &mut flush, || {
-            let states =
-                device::lstm_forward(&be, &pre, &w_hh, &sched, hidden, (&h, cols)).unwrap();
-            device::lstm_backward(&be, (&h, cols), &states, &w_hh, &sched, hidden).unwrap();
+            let states = device::lstm_forward_directions(&be, &dirs, hidden, &h).unwrap();
+            let back: Vec<device::LstmBackDirection> = dirs
+                .iter()
+                .zip(&states)
+                .map(|(d, states)| device::LstmBackDirection {
+                    w_hh: d.w_hh,
+                    sched: d.sched,
+                    cols: d.cols,
+                    states,
+                })
+                .collect();
+            device::lstm_backward_directions(&be, &h, &back, hidden).unwrap();
         });
         println!(
-            "{{\"name\": \"lstm_direction_fwd_bwd_32x500x1024\", \"ms\": {ms:.4}, \"flops\": {flops}}}"
+            "{{\"name\": \"lstm_layer_fwd_bwd_32x500x1024\", \"ms\": {ms:.4}, \"flops\": {flops}}}"
         );
     }
     std::process::ExitCode::SUCCESS

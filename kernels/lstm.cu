@@ -1,5 +1,6 @@
-// strata/kernels/lstm.cu: one direction of an LSTM layer over the utterances of a packed batch,
-// one launch per time step (CPU reference: src/ops/lstm.rs; gates in PyTorch's order i, f, g, o).
+// strata/kernels/lstm.cu: an LSTM layer's recurrence over the utterances of a packed batch, one
+// launch per time step, both directions of a bidirectional layer in the same launch (CPU
+// reference: src/ops/lstm.rs, a direction at a time; gates in PyTorch's order i, f, g, o).
 // The host's schedule `sched` [(steps + 1) * n] holds, for step t and the k-th running utterance
 // (longest first), the packed row it reads at that step; -1 where it has ended (the extra last
 // step is all -1). h (and, backward, its gradient) may be a column block of a wider matrix: the
@@ -36,6 +37,13 @@ struct LstmStepParams {
     int step, n, running, hidden, h_stride, h_col;
 };
 
+// The directions a launch steps together, blockIdx.z picking one: both of a bidirectional layer
+// (independent recurrences over the same schedule of running utterances: one launch per step
+// instead of two, and twice the blocks), or one (grid.z = 1).
+struct LstmPairParams {
+    LstmStepParams dir[2];
+};
+
 __device__ __forceinline__ float lstm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // The step kernels' tiles (the host's LSTM_UNITS_PER_BLOCK and LSTM_UTTERANCES_PER_BLOCK): 128
@@ -63,7 +71,8 @@ __device__ __forceinline__ float lstm_dot4(float acc, float4_t a, float4_t b) {
     return acc + a.w * b.w;
 }
 
-extern "C" __global__ void lstm_step_forward(const LstmStepParams p) {
+extern "C" __global__ void lstm_step_forward(const LstmPairParams pair) {
+    const LstmStepParams& p = pair.dir[blockIdx.z];
     __align__(16) __shared__ float ws[4 * LSTM_JT][LSTM_PITCH];  // row g * LSTM_JT + jj: W's row g H + j
     __align__(16) __shared__ float hs[LSTM_UT][LSTM_PITCH];      // the utterances' previous h
     __shared__ int prev_row[LSTM_UT];
@@ -121,9 +130,10 @@ extern "C" __global__ void lstm_step_forward(const LstmStepParams p) {
         gs[3 * H + j] = o;
     }
 }
-STRATA_EMU_ENTRY(lstm_step_forward, LstmStepParams)
+STRATA_EMU_ENTRY(lstm_step_forward, LstmPairParams)
 
-extern "C" __global__ void lstm_step_backward(const LstmStepParams p) {
+extern "C" __global__ void lstm_step_backward(const LstmPairParams pair) {
+    const LstmStepParams& p = pair.dir[blockIdx.z];
     __align__(16) __shared__ float ws[LSTM_JT][LSTM_PITCH];  // W_hh^T's rows j: [4H] each
     __align__(16) __shared__ float ds[LSTM_UT][LSTM_PITCH];  // the utterances' next dz
     __shared__ int next_row[LSTM_UT];
@@ -175,7 +185,7 @@ extern "C" __global__ void lstm_step_backward(const LstmStepParams p) {
         d[3 * H + j] = dh * tc * o * (1.0f - o);
     }
 }
-STRATA_EMU_ENTRY(lstm_step_backward, LstmStepParams)
+STRATA_EMU_ENTRY(lstm_step_backward, LstmPairParams)
 
 // wt [cols, rows] = w [rows, cols]^T: W_hh^T for the backward's dot products, once per backward.
 struct LstmTransposeParams {

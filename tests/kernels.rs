@@ -2720,6 +2720,79 @@ fn lstm_step_kernels_match_the_cpu_reference() {
                         .unwrap();
                 common::assert_close(&format!("{what}: dz"), &got(&dz_d), &dz, 1e-5);
             }
+            // Both directions stepped in one launch a step (as the bidirectional layer runs them),
+            // each with its own inputs and W_hh: bit for bit the directions run alone.
+            let inputs = [(95u64, 96u64, false), (195, 196, true)].map(|(sp, sw, reverse)| {
+                let w: Vec<f32> = randn(4 * hidden * hidden, sw)
+                    .iter()
+                    .map(|v| v / (hidden as f32).sqrt())
+                    .collect();
+                (
+                    be.upload(&randn(n * 4 * hidden, sp)).unwrap(),
+                    be.upload(&w).unwrap(),
+                    device::DeviceLstmSchedule::upload(&be, &batch, reverse).unwrap(),
+                    device::Cols {
+                        stride: 2 * hidden,
+                        offset: if reverse { hidden } else { 0 },
+                    },
+                )
+            });
+            let dout_d = be.upload(&randn(n * 2 * hidden, 98)).unwrap();
+            let got = |b: &strata::runtime::Buf<f32>| be.download(b).unwrap();
+            let h_alone = be.upload(&vec![f32::NAN; n * 2 * hidden]).unwrap();
+            let alone: Vec<_> = inputs
+                .iter()
+                .map(|(pre, w, sched, cols)| {
+                    let st = device::lstm_forward(&be, pre, w, sched, hidden, (&h_alone, *cols))
+                        .unwrap();
+                    let dz = device::lstm_backward(&be, (&dout_d, *cols), &st, w, sched, hidden)
+                        .unwrap();
+                    (got(&st.c), got(&st.gates), got(&st.h_prev), got(&dz))
+                })
+                .collect();
+            let h_pair = be.upload(&vec![f32::NAN; n * 2 * hidden]).unwrap();
+            let dirs: Vec<device::LstmDirection> = inputs
+                .iter()
+                .map(|(pre, w_hh, sched, cols)| device::LstmDirection {
+                    pre,
+                    w_hh,
+                    sched,
+                    cols: *cols,
+                })
+                .collect();
+            let states = device::lstm_forward_directions(&be, &dirs, hidden, &h_pair).unwrap();
+            let back: Vec<device::LstmBackDirection> = inputs
+                .iter()
+                .zip(&states)
+                .map(
+                    |((_, w_hh, sched, cols), states)| device::LstmBackDirection {
+                        w_hh,
+                        sched,
+                        cols: *cols,
+                        states,
+                    },
+                )
+                .collect();
+            let dzs = device::lstm_backward_directions(&be, &dout_d, &back, hidden).unwrap();
+            let tag = format!("{tag} lengths {lengths:?} H {hidden}: both directions at once");
+            assert!(
+                got(&h_pair)
+                    .iter()
+                    .zip(got(&h_alone))
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{tag}: h"
+            );
+            for (d, (st, dz)) in states.iter().zip(&dzs).enumerate() {
+                let want = &alone[d];
+                assert!(
+                    got(&st.c) == want.0 && got(&st.gates) == want.1,
+                    "{tag}: c, gates of {d}"
+                );
+                assert!(
+                    got(&st.h_prev) == want.2 && got(dz) == want.3,
+                    "{tag}: h_prev, dz of {d}"
+                );
+            }
         }
     }
 }

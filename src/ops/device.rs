@@ -19,7 +19,10 @@ use half::bf16;
 
 mod lstm;
 mod mlsuperb;
-pub use lstm::{lstm_backward, lstm_forward, DeviceLstmSchedule, LstmStates};
+pub use lstm::{
+    lstm_backward, lstm_backward_directions, lstm_forward, lstm_forward_directions,
+    DeviceLstmSchedule, LstmBackDirection, LstmDirection, LstmStates,
+};
 pub use mlsuperb::{
     conv2d_patches, conv2d_patches_adjoint, scale_add_positions, utterance_center, DeviceSpecMask,
     DeviceTimeWarp,

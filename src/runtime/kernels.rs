@@ -278,6 +278,8 @@ params! {
         pre: u64, w: u64, dout: u64, h: u64, c: u64, gates: u64, h_prev: u64, dz: u64, dc_carry: u64,
         sched: u64, step: i32, n: i32, running: i32, hidden: i32, h_stride: i32, h_col: i32,
     }
+    // Both directions of a bidirectional layer in one launch (grid.z = directions).
+    LstmPairParams { dir: [LstmStepParams; 2] }
     LstmTransposeParams { w: u64, wt: u64, rows: i32, cols: i32 }
     DropoutParams { x: u64, y: u64, n: i64, seed: u64, p: f64, scale: f32 }
     LayerNormFwdParams { x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32 }

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use super::{shape_error, DVar, DeviceTape, Grad, Held, Value};
 use crate::batch::PackedBatch;
 use crate::error::Result;
-use crate::ops::device::{self, Cols, DeviceLstmSchedule};
+use crate::ops::device::{self, Cols, DeviceLstmSchedule, LstmBackDirection, LstmDirection};
 
 impl<'a> DeviceTape<'a> {
     /// Both directions' recurrences of one bidirectional LSTM layer: fp32 gate pre-activations
@@ -44,21 +44,38 @@ impl<'a> DeviceTape<'a> {
         }
         let be = self.be;
         let h = be.output::<f32>(frames * 2 * hidden)?;
+        // Per direction: (pre, W_hh fp32 and bf16, schedule, its columns of h).
         let mut dirs = Vec::new();
         for (d, (p, w)) in [(pre.0, w_hh.0), (pre.1, w_hh.1)].into_iter().enumerate() {
-            let (pf, wf, wb) = (
-                self.f32_of(OP, p)?,
-                self.f32_of(OP, w)?,
-                self.bf16_of(OP, w)?,
-            );
-            let sched = DeviceLstmSchedule::upload(be, batch, d == 1)?;
             let cols = Cols {
                 stride: 2 * hidden,
                 offset: d * hidden,
             };
-            let states = device::lstm_forward(be, &pf, &wf, &sched, hidden, (&h, cols))?;
-            dirs.push((wf, wb, sched, cols, states));
+            dirs.push((
+                self.f32_of(OP, p)?,
+                self.f32_of(OP, w)?,
+                self.bf16_of(OP, w)?,
+                DeviceLstmSchedule::upload(be, batch, d == 1)?,
+                cols,
+            ));
         }
+        // Both directions stepped together: one launch a step.
+        let steps: Vec<LstmDirection> = dirs
+            .iter()
+            .map(|(pf, wf, _, sched, cols)| LstmDirection {
+                pre: pf,
+                w_hh: wf,
+                sched,
+                cols: *cols,
+            })
+            .collect();
+        let states = device::lstm_forward_directions(be, &steps, hidden, &h)?;
+        drop(steps);
+        let dirs: Vec<_> = dirs
+            .into_iter()
+            .zip(states)
+            .map(|((_, wf, wb, sched, cols), st)| (wf, wb, sched, cols, st))
+            .collect();
         Ok(self.push(
             Value::F32(Held::Own(Rc::new(h))),
             &[frames, 2 * hidden],
@@ -67,9 +84,17 @@ impl<'a> DeviceTape<'a> {
                 Box::new(move |be, g, need| {
                     let dout = g.to_f32(be, OP)?;
                     let mut grads = vec![None; 4];
-                    for (d, (wf, wb, sched, cols, states)) in dirs.iter().enumerate() {
-                        let dz =
-                            device::lstm_backward(be, (&dout, *cols), states, wf, sched, hidden)?;
+                    let back: Vec<LstmBackDirection> = dirs
+                        .iter()
+                        .map(|(wf, _, sched, cols, states)| LstmBackDirection {
+                            w_hh: wf,
+                            sched,
+                            cols: *cols,
+                            states,
+                        })
+                        .collect();
+                    let dzs = device::lstm_backward_directions(be, &dout, &back, hidden)?;
+                    for (d, ((_, wb, _, _, states), dz)) in dirs.iter().zip(dzs).enumerate() {
                         // W_hh's gradient: dz^T h_prev, as the tensor-core Linear's weight
                         // gradient (bf16 operands, fp32 accumulation, like every Linear's).
                         if need[2 + d].any() {

@@ -1,10 +1,11 @@
-//! Launchers for one direction of an LSTM layer over a packed batch (kernels/lstm.cu; CPU reference
-//! `ops::lstm`): one launch per time step, over the utterances still running at that step.
+//! Launchers for an LSTM layer's recurrence over a packed batch (kernels/lstm.cu; CPU reference
+//! `ops::lstm`): one launch per time step, over the utterances still running at that step, for
+//! one direction or both of a bidirectional layer at once.
 
 use super::{launch_elementwise, need, Cols};
 use crate::batch::PackedBatch;
 use crate::error::{Error, Result};
-use crate::runtime::kernels::{LstmStepParams, LstmTransposeParams};
+use crate::runtime::kernels::{LstmPairParams, LstmStepParams, LstmTransposeParams};
 use crate::runtime::{Backend, Buf};
 
 /// The step kernels' tile (kernels/lstm.cu's LSTM_JT, LSTM_UT, LSTM_THREADS): a block per 8 units
@@ -78,15 +79,57 @@ impl DeviceLstmSchedule {
             h_col: h.offset as i32,
         }
     }
+}
 
-    fn launch(&self, be: &Backend, kernel: &'static str, p: &LstmStepParams) -> Result<()> {
-        let grid = (
-            (p.hidden as usize).div_ceil(LSTM_UNITS_PER_BLOCK) as u32,
-            (p.running as usize).div_ceil(LSTM_UTTERANCES_PER_BLOCK) as u32,
-            1,
-        );
-        be.launch(kernel, grid, (LSTM_THREADS, 1, 1), 0, p)
+/// One launch of a step kernel over the directions' parameters (one or two, the same step of the
+/// same batch): grid.z picks the direction.
+fn launch_step(be: &Backend, kernel: &'static str, dirs: &[LstmStepParams]) -> Result<()> {
+    let p = dirs[0];
+    let pair = LstmPairParams {
+        dir: [p, *dirs.last().unwrap_or(&p)],
+    };
+    let grid = (
+        (p.hidden as usize).div_ceil(LSTM_UNITS_PER_BLOCK) as u32,
+        (p.running as usize).div_ceil(LSTM_UTTERANCES_PER_BLOCK) as u32,
+        dirs.len() as u32,
+    );
+    be.launch(kernel, grid, (LSTM_THREADS, 1, 1), 0, &pair)
+}
+
+/// One direction of a layer: its gate pre-activations `pre` [frames, 4H] (x W_ih^T + both biases),
+/// its W_hh [4H, H], its schedule, and where its h goes (`cols` of the layer's output).
+#[derive(Clone, Copy)]
+pub struct LstmDirection<'a> {
+    pub pre: &'a Buf<f32>,
+    pub w_hh: &'a Buf<f32>,
+    pub sched: &'a DeviceLstmSchedule,
+    pub cols: Cols,
+}
+
+/// One direction's backward: its W_hh, schedule, `cols` (where its h went, and its gradient is in
+/// `dout`) and its forward's states.
+#[derive(Clone, Copy)]
+pub struct LstmBackDirection<'a> {
+    pub w_hh: &'a Buf<f32>,
+    pub sched: &'a DeviceLstmSchedule,
+    pub cols: Cols,
+    pub states: &'a LstmStates,
+}
+
+/// The directions stepped together: one or two over the same batch (the same steps, the same
+/// utterances running at each), given by their schedules.
+fn check_directions(k: &str, scheds: &[&DeviceLstmSchedule]) -> Result<()> {
+    let same = scheds
+        .windows(2)
+        .all(|d| d[0].running == d[1].running && d[0].n == d[1].n && d[0].frames == d[1].frames);
+    if scheds.is_empty() || scheds.len() > 2 || !same {
+        return Err(Error::shape(
+            k,
+            "one or two directions over the same batch",
+            format!("{} directions", scheds.len()),
+        ));
     }
+    Ok(())
 }
 
 /// Checks that a direction's h (or its gradient) fits at `cols`: columns offset..offset + H of
@@ -126,27 +169,53 @@ pub fn lstm_forward(
     hidden: usize,
     (h, cols): (&Buf<f32>, Cols),
 ) -> Result<LstmStates> {
-    const K: &str = "lstm_step_forward";
-    let frames = sched.frames;
-    need(be, K, "pre", pre, frames * 4 * hidden)?;
-    need(be, K, "w_hh", w_hh, 4 * hidden * hidden)?;
-    check_cols(be, (K, "h"), (h, cols), frames, hidden)?;
-    let out = LstmStates {
-        c: be.output::<f32>(frames * hidden)?,
-        gates: be.output::<f32>(frames * 4 * hidden)?,
-        h_prev: be.output::<f32>(frames * hidden)?,
+    let dir = LstmDirection {
+        pre,
+        w_hh,
+        sched,
+        cols,
     };
-    for step in 0..sched.running.len() {
-        let p = LstmStepParams {
-            pre: be.ptr(pre),
-            w: be.ptr(w_hh),
-            h: be.ptr(h),
-            c: be.ptr(&out.c),
-            gates: be.ptr(&out.gates),
-            h_prev: be.ptr(&out.h_prev),
-            ..sched.params(be, step, hidden, &cols)
-        };
-        sched.launch(be, K, &p)?;
+    let mut states = lstm_forward_directions(be, &[dir], hidden, h)?;
+    Ok(states.remove(0))
+}
+
+/// [`lstm_forward`] of one or both directions of a layer, stepped together (one launch a step),
+/// each writing its h into `h` at its `cols`.
+pub fn lstm_forward_directions(
+    be: &Backend,
+    dirs: &[LstmDirection],
+    hidden: usize,
+    h: &Buf<f32>,
+) -> Result<Vec<LstmStates>> {
+    const K: &str = "lstm_step_forward";
+    check_directions(K, &dirs.iter().map(|d| d.sched).collect::<Vec<_>>())?;
+    let frames = dirs[0].sched.frames;
+    let mut out = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        need(be, K, "pre", d.pre, frames * 4 * hidden)?;
+        need(be, K, "w_hh", d.w_hh, 4 * hidden * hidden)?;
+        check_cols(be, (K, "h"), (h, d.cols), frames, hidden)?;
+        out.push(LstmStates {
+            c: be.output::<f32>(frames * hidden)?,
+            gates: be.output::<f32>(frames * 4 * hidden)?,
+            h_prev: be.output::<f32>(frames * hidden)?,
+        });
+    }
+    for step in 0..dirs[0].sched.running.len() {
+        let params: Vec<LstmStepParams> = dirs
+            .iter()
+            .zip(&out)
+            .map(|(d, o)| LstmStepParams {
+                pre: be.ptr(d.pre),
+                w: be.ptr(d.w_hh),
+                h: be.ptr(h),
+                c: be.ptr(&o.c),
+                gates: be.ptr(&o.gates),
+                h_prev: be.ptr(&o.h_prev),
+                ..d.sched.params(be, step, hidden, &d.cols)
+            })
+            .collect();
+        launch_step(be, K, &params)?;
     }
     Ok(out)
 }
@@ -162,31 +231,61 @@ pub fn lstm_backward(
     sched: &DeviceLstmSchedule,
     hidden: usize,
 ) -> Result<Buf<f32>> {
-    const K: &str = "lstm_step_backward";
-    let frames = sched.frames;
-    check_cols(be, (K, "dout"), (dout, cols), frames, hidden)?;
-    need(be, K, "w_hh", w_hh, 4 * hidden * hidden)?;
-    let w_hh_t = be.output::<f32>(4 * hidden * hidden)?;
-    let t = LstmTransposeParams {
-        w: be.ptr(w_hh),
-        wt: be.ptr(&w_hh_t),
-        rows: (4 * hidden) as i32,
-        cols: hidden as i32,
+    let dir = LstmBackDirection {
+        w_hh,
+        sched,
+        cols,
+        states,
     };
-    launch_elementwise(be, "lstm_transpose", 4 * hidden * hidden, &t)?;
-    let dz = be.output::<f32>(frames * 4 * hidden)?;
-    let dc_carry = be.output::<f32>(frames * hidden)?;
-    for step in (0..sched.running.len()).rev() {
-        let p = LstmStepParams {
-            w: be.ptr(&w_hh_t),
-            dout: be.ptr(dout),
-            c: be.ptr(&states.c),
-            gates: be.ptr(&states.gates),
-            dz: be.ptr(&dz),
-            dc_carry: be.ptr(&dc_carry),
-            ..sched.params(be, step, hidden, &cols)
+    let mut dz = lstm_backward_directions(be, dout, &[dir], hidden)?;
+    Ok(dz.remove(0))
+}
+
+/// [`lstm_backward`] of one or both directions of a layer (each with its forward's states),
+/// stepped together (one launch a step); `dout` holds each direction's gradient at its `cols`.
+pub fn lstm_backward_directions(
+    be: &Backend,
+    dout: &Buf<f32>,
+    dirs: &[LstmBackDirection],
+    hidden: usize,
+) -> Result<Vec<Buf<f32>>> {
+    const K: &str = "lstm_step_backward";
+    check_directions(K, &dirs.iter().map(|d| d.sched).collect::<Vec<_>>())?;
+    let frames = dirs[0].sched.frames;
+    // Per direction: W_hh^T, dz, dc_carry.
+    let mut bufs = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        check_cols(be, (K, "dout"), (dout, d.cols), frames, hidden)?;
+        need(be, K, "w_hh", d.w_hh, 4 * hidden * hidden)?;
+        let w_hh_t = be.output::<f32>(4 * hidden * hidden)?;
+        let t = LstmTransposeParams {
+            w: be.ptr(d.w_hh),
+            wt: be.ptr(&w_hh_t),
+            rows: (4 * hidden) as i32,
+            cols: hidden as i32,
         };
-        sched.launch(be, K, &p)?;
+        launch_elementwise(be, "lstm_transpose", 4 * hidden * hidden, &t)?;
+        bufs.push((
+            w_hh_t,
+            be.output::<f32>(frames * 4 * hidden)?,
+            be.output::<f32>(frames * hidden)?,
+        ));
     }
-    Ok(dz)
+    for step in (0..dirs[0].sched.running.len()).rev() {
+        let params: Vec<LstmStepParams> = dirs
+            .iter()
+            .zip(&bufs)
+            .map(|(d, (w_hh_t, dz, dc_carry))| LstmStepParams {
+                w: be.ptr(w_hh_t),
+                dout: be.ptr(dout),
+                c: be.ptr(&d.states.c),
+                gates: be.ptr(&d.states.gates),
+                dz: be.ptr(dz),
+                dc_carry: be.ptr(dc_carry),
+                ..d.sched.params(be, step, hidden, &d.cols)
+            })
+            .collect();
+        launch_step(be, K, &params)?;
+    }
+    Ok(bufs.into_iter().map(|(_, dz, _)| dz).collect())
 }
