@@ -1,7 +1,7 @@
 // strata/kernels/pooling.cu: mean over each utterance's frames of a packed batch (the utterance
 // classifier's pooling), forward and backward; and each frame minus its utterance's mean (the
 // ML-SUPERB head's UtteranceMVN, its own adjoint). CPU reference: src/ops/pooling.rs.
-// Forward: block u, threads over channels, frames summed in order (deterministic), times
+// Forward: block (u, 32 channels), 8 warps over the frames in a fixed order (deterministic), times
 // 1 / frames. Backward: every frame of utterance u gets dy[u] / frames (grid-stride over frames).
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
@@ -14,14 +14,30 @@ struct MeanPoolParams {
     int utterances, frames, c;
 };
 
-extern "C" __global__ void mean_pool_forward(const MeanPoolParams p) {
-    const int u = blockIdx.x, s = p.offsets[u], e = p.offsets[u + 1];
-    const float inv = 1.0f / (float)(e - s);
-    for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
-        float acc = 0.0f;
-        for (int t = s; t < e; ++t) acc += p.in[(int64_t)t * p.c + ch];
-        p.out[(int64_t)u * p.c + ch] = acc * inv;
+// The sums over an utterance's frames: block (utterance, 32 channels) of POOL_WARPS warps, lane =
+// channel, warp w summing frames s + w, s + w + 8, ... in order, the warps' sums then added in warp
+// order (deterministic). One thread per channel had walked all the frames alone, in one block per
+// utterance (32 blocks for a batch of 32).
+#define POOL_WARPS 8
+__device__ __forceinline__ float pool_column_sum(const float* x, int s, int e, int c, int ch, float (*sums)[32]) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    float acc = 0.0f;
+    if (ch < c) {
+        for (int t = s + w; t < e; t += POOL_WARPS) acc += x[(int64_t)t * c + ch];
     }
+    sums[w][lane] = acc;
+    __syncthreads();
+    float total = 0.0f;
+    for (int q = 0; q < POOL_WARPS; ++q) total += sums[q][lane];
+    return total;
+}
+
+extern "C" __global__ void mean_pool_forward(const MeanPoolParams p) {
+    __shared__ float sums[POOL_WARPS][32];
+    const int u = blockIdx.x, s = p.offsets[u], e = p.offsets[u + 1];
+    const int ch = blockIdx.y * 32 + (threadIdx.x & 31);
+    const float total = pool_column_sum(p.in, s, e, p.c, ch, sums);
+    if (threadIdx.x < 32 && ch < p.c) p.out[(int64_t)u * p.c + ch] = total * (1.0f / (float)(e - s));
 }
 STRATA_EMU_ENTRY(mean_pool_forward, MeanPoolParams)
 
@@ -34,9 +50,9 @@ extern "C" __global__ void mean_pool_backward(const MeanPoolParams p) {
 }
 STRATA_EMU_ENTRY(mean_pool_backward, MeanPoolParams)
 
-// y = x - mean of x's utterance, per channel: block (u, channel chunk), a thread per channel,
-// frames summed in order and scaled by 1 / frames as the CPU's mean (deterministic). The map is
-// self-adjoint, so the backward is this kernel on dy.
+// y = x - mean of x's utterance, per channel: block (u, 32 channels), the frames summed as the
+// mean pool's and scaled by 1 / frames as the CPU's mean (deterministic), then each warp writes its
+// frames. The map is self-adjoint, so the backward is this kernel on dy.
 struct CenterParams {
     const float* x;      // [frames, c]
     float* y;            // [frames, c]
@@ -45,12 +61,11 @@ struct CenterParams {
 };
 
 extern "C" __global__ void utterance_center(const CenterParams p) {
-    const int u = blockIdx.x, ch = blockIdx.y * blockDim.x + threadIdx.x;
-    if (ch >= p.c) return;
+    __shared__ float sums[POOL_WARPS][32];
+    const int u = blockIdx.x, ch = blockIdx.y * 32 + (threadIdx.x & 31), w = threadIdx.x >> 5;
     const int s = p.offsets[u], e = p.offsets[u + 1];
-    float acc = 0.0f;
-    for (int t = s; t < e; ++t) acc += p.x[(int64_t)t * p.c + ch];
-    const float mean = acc * (1.0f / (float)(e - s));
-    for (int t = s; t < e; ++t) p.y[(int64_t)t * p.c + ch] = p.x[(int64_t)t * p.c + ch] - mean;
+    const float mean = pool_column_sum(p.x, s, e, p.c, ch, sums) * (1.0f / (float)(e - s));
+    if (ch >= p.c) return;
+    for (int t = s + w; t < e; t += POOL_WARPS) p.y[(int64_t)t * p.c + ch] = p.x[(int64_t)t * p.c + ch] - mean;
 }
 STRATA_EMU_ENTRY(utterance_center, CenterParams)

@@ -1415,6 +1415,7 @@ fn log_softmax_and_mean_pool_kernels_match_the_cpu_references() {
                 rel_err(&dx, &want)
             );
         }
+        // 40 and 3 channels: partial blocks of 32; 300 frames over the 8 warps.
         for (lens, c) in [
             (vec![1usize], 3usize),
             (vec![5, 1, 17], 256),
@@ -2507,7 +2508,12 @@ fn mlsuperb_head_kernels_match_the_cpu_references() {
         let tag = be.name();
         let big = on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1");
         // Frame-level ops: centering, time warp, masks, positions.
-        let mut cases = vec![(vec![30usize, 8, 17], 24usize), (vec![12], 7)];
+        // 40 channels: two blocks of 32 in the centering.
+        let mut cases = vec![
+            (vec![30usize, 8, 17], 24usize),
+            (vec![12], 7),
+            (vec![9, 4], 40),
+        ];
         if big {
             cases.push((vec![500; 32], 768));
         }

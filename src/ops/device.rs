@@ -1345,6 +1345,18 @@ pub fn log_softmax_backward(
     Ok(dx)
 }
 
+/// The channel blocks of the pooling kernels that take 32 channels a block along grid.y.
+pub(crate) fn pool_channel_blocks(kernel: &str, c: usize) -> Result<u32> {
+    if c.div_ceil(32) > 65535 {
+        return Err(Error::shape(
+            kernel,
+            "at most 65535 x 32 channels",
+            format!("{c}"),
+        ));
+    }
+    Ok(c.div_ceil(32) as u32)
+}
+
 fn pool_params(
     be: &Backend,
     kernel: &str,
@@ -1376,7 +1388,9 @@ pub fn mean_pool_forward(
         frames: frames as i32,
         c: c as i32,
     };
-    be.launch(K, (u as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    // A block of 8 warps per utterance and 32 channels (kernels/pooling.cu).
+    let blocks = pool_channel_blocks(K, c)?;
+    be.launch(K, (u as u32, blocks, 1), (256, 1, 1), 0, &p)?;
     Ok(y)
 }
 

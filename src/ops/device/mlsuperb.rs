@@ -35,7 +35,9 @@ pub fn utterance_center(
         utterances: u as i32,
         c: c as i32,
     };
-    be.launch(K, (u as u32, c.div_ceil(128) as u32, 1), (128, 1, 1), 0, &p)?;
+    // A block of 8 warps per utterance and 32 channels (kernels/pooling.cu).
+    let blocks = super::pool_channel_blocks(K, c)?;
+    be.launch(K, (u as u32, blocks, 1), (256, 1, 1), 0, &p)?;
     Ok(y)
 }
 
