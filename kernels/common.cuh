@@ -253,6 +253,28 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Per-column sums over a run of rows, for a block of FRAME_SUM_WARPS (8) warps owning 32 columns:
+// lane = column, warp w sums f(t) over t = s + w, s + w + 8, ... < e in order, then the warps' sums
+// are added in warp order (deterministic) and returned to every thread of the lane's column.
+// `valid`: whether the lane's column exists (else f is not called); `sums`: shared [8][32] floats.
+// Contains barriers: every thread of the block calls it. One thread per column over every row
+// (a block per utterance) had left pooling kernels latency-bound.
+#define FRAME_SUM_WARPS 8
+template <class F>
+__device__ __forceinline__ float frames_column_sum(int s, int e, bool valid, F f, float (*sums)[32]) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    float acc = 0.0f;
+    if (valid) {
+        for (int t = s + w; t < e; t += FRAME_SUM_WARPS) acc += f(t);
+    }
+    __syncthreads();  // a previous call's sums have been read
+    sums[w][lane] = acc;
+    __syncthreads();
+    float total = 0.0f;
+    for (int q = 0; q < FRAME_SUM_WARPS; ++q) total += sums[q][lane];
+    return total;
+}
+
 // Sum over the block, returned to every thread. `scratch` holds >= 32 floats of shared memory and
 // may be reused right after the call. Fixed reduction order: deterministic.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

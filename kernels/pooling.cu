@@ -14,29 +14,13 @@ struct MeanPoolParams {
     int utterances, frames, c;
 };
 
-// The sums over an utterance's frames: block (utterance, 32 channels) of POOL_WARPS warps, lane =
-// channel, warp w summing frames s + w, s + w + 8, ... in order, the warps' sums then added in warp
-// order (deterministic). One thread per channel had walked all the frames alone, in one block per
-// utterance (32 blocks for a batch of 32).
-#define POOL_WARPS 8
-__device__ __forceinline__ float pool_column_sum(const float* x, int s, int e, int c, int ch, float (*sums)[32]) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    float acc = 0.0f;
-    if (ch < c) {
-        for (int t = s + w; t < e; t += POOL_WARPS) acc += x[(int64_t)t * c + ch];
-    }
-    sums[w][lane] = acc;
-    __syncthreads();
-    float total = 0.0f;
-    for (int q = 0; q < POOL_WARPS; ++q) total += sums[q][lane];
-    return total;
-}
-
+// Block (utterance, 32 channels) of FRAME_SUM_WARPS warps (common.cuh's frames_column_sum).
 extern "C" __global__ void mean_pool_forward(const MeanPoolParams p) {
-    __shared__ float sums[POOL_WARPS][32];
+    __shared__ float sums[FRAME_SUM_WARPS][32];
     const int u = blockIdx.x, s = p.offsets[u], e = p.offsets[u + 1];
     const int ch = blockIdx.y * 32 + (threadIdx.x & 31);
-    const float total = pool_column_sum(p.in, s, e, p.c, ch, sums);
+    const float total =
+        frames_column_sum(s, e, ch < p.c, [&](int t) { return p.in[(int64_t)t * p.c + ch]; }, sums);
     if (threadIdx.x < 32 && ch < p.c) p.out[(int64_t)u * p.c + ch] = total * (1.0f / (float)(e - s));
 }
 STRATA_EMU_ENTRY(mean_pool_forward, MeanPoolParams)
@@ -61,11 +45,13 @@ struct CenterParams {
 };
 
 extern "C" __global__ void utterance_center(const CenterParams p) {
-    __shared__ float sums[POOL_WARPS][32];
+    __shared__ float sums[FRAME_SUM_WARPS][32];
     const int u = blockIdx.x, ch = blockIdx.y * 32 + (threadIdx.x & 31), w = threadIdx.x >> 5;
     const int s = p.offsets[u], e = p.offsets[u + 1];
-    const float mean = pool_column_sum(p.x, s, e, p.c, ch, sums) * (1.0f / (float)(e - s));
+    const float sum =
+        frames_column_sum(s, e, ch < p.c, [&](int t) { return p.x[(int64_t)t * p.c + ch]; }, sums);
+    const float mean = sum * (1.0f / (float)(e - s));
     if (ch >= p.c) return;
-    for (int t = s + w; t < e; t += POOL_WARPS) p.y[(int64_t)t * p.c + ch] = p.x[(int64_t)t * p.c + ch] - mean;
+    for (int t = s + w; t < e; t += FRAME_SUM_WARPS) p.y[(int64_t)t * p.c + ch] = p.x[(int64_t)t * p.c + ch] - mean;
 }
 STRATA_EMU_ENTRY(utterance_center, CenterParams)

@@ -5,8 +5,8 @@
 // - rows_gather_sum: its backward without atomics, dx[f] = sum_j dy[inv[f * context + j]]
 //   (inv -1 = no window uses that slot), the sources summed in a fixed order: deterministic.
 // - stats_pool_forward / _backward: each utterance's mean and unbiased std (torch.std; its
-//   gradient 0 where the std is 0, as torch), a block per utterance, threads over channels,
-//   frames summed in order.
+//   gradient 0 where the std is 0, as torch), a block per utterance and 32 channels, 8 warps over
+//   the frames in a fixed order (deterministic).
 // - l2_normalize_forward / _backward: F.normalize of each row, a block per row.
 // - am_margin: AM-softmax's logits s (cos - m [j = label]); its backward is s * dy.
 #ifndef STRATA_COMMON_INCLUDED
@@ -61,38 +61,40 @@ struct StatsPoolParams {
     int utterances, c;
 };
 
+// Block (utterance, 32 channels) of FRAME_SUM_WARPS warps (common.cuh's frames_column_sum): the
+// mean, then the squared deviations from it.
 extern "C" __global__ void stats_pool_forward(const StatsPoolParams p) {
+    __shared__ float sums[FRAME_SUM_WARPS][32];
     const int u = blockIdx.x, s = p.offsets[u], e = p.offsets[u + 1];
+    const int ch = blockIdx.y * 32 + (threadIdx.x & 31);
+    const bool valid = ch < p.c;
     const float n = (float)(e - s);
-    for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
-        float sum = 0.0f;
-        for (int t = s; t < e; ++t) sum += p.x[(int64_t)t * p.c + ch];
-        const float mean = sum / n;
-        float sq = 0.0f;
-        for (int t = s; t < e; ++t) {
-            const float d = p.x[(int64_t)t * p.c + ch] - mean;
-            sq += d * d;
-        }
-        float* y = p.out + (int64_t)u * 2 * p.c;
-        y[ch] = mean;
-        y[p.c + ch] = sqrtf(sq / (n - 1.0f));
-    }
+    const float mean = frames_column_sum(s, e, valid, [&](int t) { return p.x[(int64_t)t * p.c + ch]; }, sums) / n;
+    const float sq = frames_column_sum(s, e, valid, [&](int t) {
+        const float d = p.x[(int64_t)t * p.c + ch] - mean;
+        return d * d;
+    }, sums);
+    if (threadIdx.x >= 32 || !valid) return;
+    float* y = p.out + (int64_t)u * 2 * p.c;
+    y[ch] = mean;
+    y[p.c + ch] = sqrtf(sq / (n - 1.0f));
 }
 STRATA_EMU_ENTRY(stats_pool_forward, StatsPoolParams)
 
+// Block (utterance, 32 channels), each warp writing a residue class of the frames.
 extern "C" __global__ void stats_pool_backward(const StatsPoolParams p) {
     const int u = blockIdx.x, s = p.offsets[u], e = p.offsets[u + 1];
+    const int ch = blockIdx.y * 32 + (threadIdx.x & 31), w = threadIdx.x >> 5;
+    if (ch >= p.c) return;
     const float n = (float)(e - s);
     const float* y = p.y + (int64_t)u * 2 * p.c;
     const float* dy = p.dy + (int64_t)u * 2 * p.c;
-    for (int ch = threadIdx.x; ch < p.c; ch += blockDim.x) {
-        const float mean = y[ch], std = y[p.c + ch];
-        // torch's std backward is 0 where the std is 0 (a channel constant over the utterance).
-        const float a = dy[ch] / n, b = std != 0.0f ? dy[p.c + ch] / ((n - 1.0f) * std) : 0.0f;
-        for (int t = s; t < e; ++t) {
-            const int64_t i = (int64_t)t * p.c + ch;
-            p.out[i] = a + b * (p.x[i] - mean);
-        }
+    const float mean = y[ch], std = y[p.c + ch];
+    // torch's std backward is 0 where the std is 0 (a channel constant over the utterance).
+    const float a = dy[ch] / n, b = std != 0.0f ? dy[p.c + ch] / ((n - 1.0f) * std) : 0.0f;
+    for (int t = s + w; t < e; t += FRAME_SUM_WARPS) {
+        const int64_t i = (int64_t)t * p.c + ch;
+        p.out[i] = a + b * (p.x[i] - mean);
     }
 }
 STRATA_EMU_ENTRY(stats_pool_backward, StatsPoolParams)

@@ -2282,7 +2282,14 @@ pub fn stats_pool_forward(
         utterances: u as i32,
         c: c as i32,
     };
-    be.launch(K, (u as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    // A block of 8 warps per utterance and 32 channels (kernels/speaker.cu).
+    be.launch(
+        K,
+        (u as u32, pool_channel_blocks(K, c)?, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )?;
     Ok(y)
 }
 
@@ -2310,7 +2317,14 @@ pub fn stats_pool_backward(
         utterances: u as i32,
         c: c as i32,
     };
-    be.launch(K, (u as u32, 1, 1), (256, 1, 1), 0, &p)?;
+    // A block of 8 warps per utterance and 32 channels (kernels/speaker.cu).
+    be.launch(
+        K,
+        (u as u32, pool_channel_blocks(K, c)?, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )?;
     Ok(dx)
 }
 
