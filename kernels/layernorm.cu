@@ -99,33 +99,20 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
 }
 STRATA_EMU_ENTRY(layernorm_backward, LayerNormBwdParams)
 
-// A block of 8 warps per 32 columns: lane = column, warp w sums the partials w, w + 8, ... in
-// order, then the warps' sums are added in warp order (deterministic). One thread per column had
-// walked all rows / 8 partials alone, one block for d = 256: latency-bound (the ML-SUPERB head's
-// five LayerNorms over 7,904 rows, 988 partials each).
-#define LN_REDUCE_WARPS 8
+// A block of 8 warps per 32 columns (common.cuh's frames_column_sum over the partial rows): lane =
+// column, warp w sums the partials w, w + 8, ... in order, the warps' sums then in warp order
+// (deterministic). One thread per column had walked all rows / 8 partials alone, one block for
+// d = 256: latency-bound (the ML-SUPERB head's five LayerNorms over 7,904 rows, 988 partials each).
 extern "C" __global__ void layernorm_param_reduce(const LayerNormReduceParams p) {
-    __shared__ float sums[LN_REDUCE_WARPS][2][32];
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int i = blockIdx.x * 32 + lane;
-    float sw = 0.0f, sb = 0.0f;
-    if (i < p.d) {
-        for (int k = w; k < p.blocks; k += LN_REDUCE_WARPS) {
-            sw += p.partial[(int64_t)k * 2 * p.d + i];
-            sb += p.partial[(int64_t)k * 2 * p.d + p.d + i];
-        }
-    }
-    sums[w][0][lane] = sw;
-    sums[w][1][lane] = sb;
-    __syncthreads();
-    if (w != 0 || i >= p.d) return;
-    float tw = 0.0f, tb = 0.0f;
-    for (int q = 0; q < LN_REDUCE_WARPS; ++q) {
-        tw += sums[q][0][lane];
-        tb += sums[q][1][lane];
-    }
-    p.dw[i] += tw;
-    p.db[i] += tb;
+    __shared__ float sums[FRAME_SUM_WARPS][32];
+    const int i = blockIdx.x * 32 + (threadIdx.x & 31);
+    const bool valid = i < p.d;
+    const float sw = frames_column_sum(0, p.blocks, valid, [&](int k) { return p.partial[(int64_t)k * 2 * p.d + i]; }, sums);
+    const float sb =
+        frames_column_sum(0, p.blocks, valid, [&](int k) { return p.partial[(int64_t)k * 2 * p.d + p.d + i]; }, sums);
+    if (threadIdx.x >= 32 || !valid) return;
+    p.dw[i] += sw;
+    p.db[i] += sb;
 }
 STRATA_EMU_ENTRY(layernorm_param_reduce, LayerNormReduceParams)
 

@@ -1548,7 +1548,7 @@ pub fn layernorm_backward(
             blocks: blocks as i32,
             d: d as i32,
         };
-        // 8 warps per 32 columns (LN_REDUCE_WARPS of kernels/layernorm.cu).
+        // 8 warps per 32 columns (FRAME_SUM_WARPS of kernels/common.cuh).
         be.launch(
             "layernorm_param_reduce",
             (d.div_ceil(32) as u32, 1, 1),

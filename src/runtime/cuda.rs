@@ -34,6 +34,9 @@ pub struct CudaRuntime {
     capability: (i32, i32),
     /// Streaming multiprocessors: with a kernel's occupancy, how many blocks run at once.
     sm_count: usize,
+    /// [`CudaRuntime::resident_blocks`]'s answers by (kernel, threads, shared memory): a function
+    /// of those only, asked at every WS backward.
+    resident: Mutex<Vec<(LaunchShape, usize)>>,
     /// Each launch's kernel and start / end events while a profile is taken
     /// ([`CudaRuntime::profile_start`] .. [`CudaRuntime::profile_take`]).
     profile: Mutex<Option<Vec<TimedLaunch>>>,
@@ -41,6 +44,9 @@ pub struct CudaRuntime {
     /// but a profile run's) takes no lock for it.
     profiling: AtomicBool,
 }
+
+/// A kernel at a block size: (kernel, threads, bytes of dynamic shared memory).
+type LaunchShape = (&'static str, u32, u32);
 
 /// A profiled launch: the kernel and the events recorded before and after it.
 type TimedLaunch = (&'static str, CudaEvent, CudaEvent);
@@ -400,6 +406,7 @@ impl CudaRuntime {
             device_name,
             capability,
             sm_count,
+            resident: Mutex::new(Vec::new()),
         })
     }
 
@@ -412,11 +419,20 @@ impl CudaRuntime {
         threads: u32,
         smem: u32,
     ) -> Result<usize, String> {
+        let key = (kernel, threads, smem);
+        let poisoned = |_| "occupancy cache lock poisoned".to_string();
+        let known = self.resident.lock().map_err(poisoned)?;
+        if let Some(&(_, n)) = known.iter().find(|(k, _)| *k == key) {
+            return Ok(n);
+        }
+        drop(known);
         let f = self.function(kernel, &[])?;
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
             .map_err(|e| format!("occupancy of {kernel} at {threads} threads: {e}"))?;
-        Ok(self.sm_count * per_sm.max(1) as usize)
+        let n = self.sm_count * per_sm.max(1) as usize;
+        self.resident.lock().map_err(poisoned)?.push((key, n));
+        Ok(n)
     }
 
     fn function(&self, kernel: &'static str, defines: Defines) -> Result<CudaFunction, String> {

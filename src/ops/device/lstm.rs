@@ -81,19 +81,21 @@ impl DeviceLstmSchedule {
     }
 }
 
-/// One launch of a step kernel over the directions' parameters (one or two, the same step of the
-/// same batch): grid.z picks the direction.
-fn launch_step(be: &Backend, kernel: &'static str, dirs: &[LstmStepParams]) -> Result<()> {
-    let p = dirs[0];
-    let pair = LstmPairParams {
-        dir: [p, *dirs.last().unwrap_or(&p)],
-    };
+/// One launch of a step kernel over `count` directions' parameters (1 or 2, the same step of the
+/// same batch, the first `count` of `pair`): grid.z picks the direction.
+fn launch_step(
+    be: &Backend,
+    kernel: &'static str,
+    pair: &LstmPairParams,
+    count: usize,
+) -> Result<()> {
+    let p = pair.dir[0];
     let grid = (
         (p.hidden as usize).div_ceil(LSTM_UNITS_PER_BLOCK) as u32,
         (p.running as usize).div_ceil(LSTM_UTTERANCES_PER_BLOCK) as u32,
-        dirs.len() as u32,
+        count as u32,
     );
-    be.launch(kernel, grid, (LSTM_THREADS, 1, 1), 0, &pair)
+    be.launch(kernel, grid, (LSTM_THREADS, 1, 1), 0, pair)
 }
 
 /// One direction of a layer: its gate pre-activations `pre` [frames, 4H] (x W_ih^T + both biases),
@@ -202,10 +204,11 @@ pub fn lstm_forward_directions(
         });
     }
     for step in 0..dirs[0].sched.running.len() {
-        let params: Vec<LstmStepParams> = dirs
-            .iter()
-            .zip(&out)
-            .map(|(d, o)| LstmStepParams {
+        let mut pair = LstmPairParams {
+            dir: [dirs[0].sched.params(be, step, hidden, &dirs[0].cols); 2],
+        };
+        for (slot, (d, o)) in pair.dir.iter_mut().zip(dirs.iter().zip(&out)) {
+            *slot = LstmStepParams {
                 pre: be.ptr(d.pre),
                 w: be.ptr(d.w_hh),
                 h: be.ptr(h),
@@ -213,9 +216,9 @@ pub fn lstm_forward_directions(
                 gates: be.ptr(&o.gates),
                 h_prev: be.ptr(&o.h_prev),
                 ..d.sched.params(be, step, hidden, &d.cols)
-            })
-            .collect();
-        launch_step(be, K, &params)?;
+            };
+        }
+        launch_step(be, K, &pair, dirs.len())?;
     }
     Ok(out)
 }
@@ -272,10 +275,11 @@ pub fn lstm_backward_directions(
         ));
     }
     for step in (0..dirs[0].sched.running.len()).rev() {
-        let params: Vec<LstmStepParams> = dirs
-            .iter()
-            .zip(&bufs)
-            .map(|(d, (w_hh_t, dz, dc_carry))| LstmStepParams {
+        let mut pair = LstmPairParams {
+            dir: [dirs[0].sched.params(be, step, hidden, &dirs[0].cols); 2],
+        };
+        for (slot, (d, (w_hh_t, dz, dc_carry))) in pair.dir.iter_mut().zip(dirs.iter().zip(&bufs)) {
+            *slot = LstmStepParams {
                 w: be.ptr(w_hh_t),
                 dout: be.ptr(dout),
                 c: be.ptr(&d.states.c),
@@ -283,9 +287,9 @@ pub fn lstm_backward_directions(
                 dz: be.ptr(dz),
                 dc_carry: be.ptr(dc_carry),
                 ..d.sched.params(be, step, hidden, &d.cols)
-            })
-            .collect();
-        launch_step(be, K, &params)?;
+            };
+        }
+        launch_step(be, K, &pair, dirs.len())?;
     }
     Ok(bufs.into_iter().map(|(_, dz, _)| dz).collect())
 }

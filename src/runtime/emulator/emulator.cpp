@@ -82,10 +82,30 @@ struct PendingCopy {
     char* dst;
     unsigned char bytes[16];
 };
-struct CopyGroups {
-    std::vector<std::vector<PendingCopy>> committed;  // oldest first
-    std::vector<PendingCopy> open;                    // issued since the last commit
+
+// One thread's asynchronous operations (cp.async copies, wgmmas) in commit groups: `wait`
+// finishes every committed group but the newest `pending`, oldest first, as PTX's wait_group does;
+// uncommitted operations are not waited for.
+template <class Op>
+struct AsyncGroups {
+    std::vector<std::vector<Op>> committed;  // oldest first
+    std::vector<Op> open;                    // issued since the last commit
+    bool empty() const { return committed.empty() && open.empty(); }
+    void commit() {
+        committed.push_back(std::move(open));
+        open.clear();
+    }
+    template <class Finish>
+    void wait(int pending, Finish finish) {
+        while ((int)committed.size() > pending) {
+            // The group leaves the list first: finishing an operation cannot disturb it.
+            std::vector<Op> group = std::move(committed.front());
+            committed.erase(committed.begin());
+            for (const Op& op : group) finish(op);
+        }
+    }
 };
+using CopyGroups = AsyncGroups<PendingCopy>;
 
 // One thread's wgmma operations in flight: each runs (reads its shared-memory operands, updates
 // the thread's accumulators) only at the wgmma.wait_group that requires its group, as late as the
@@ -95,11 +115,7 @@ struct PendingWgmma {
     void (*run)(const void*);
     alignas(16) unsigned char args[64];
 };
-struct WgmmaGroups {
-    std::vector<std::vector<PendingWgmma>> committed;  // oldest first
-    std::vector<PendingWgmma> open;                    // issued since the last commit
-    bool empty() const { return committed.empty() && open.empty(); }
-};
+using WgmmaGroups = AsyncGroups<PendingWgmma>;
 
 struct Block {
     std::vector<Fiber> fibers;
@@ -169,20 +185,10 @@ void cp_async(void* dst, const void* src, bool valid) {
     std::memset(c.dst, 0xff, 16);
 }
 
-void cp_async_commit() {
-    CopyGroups& g = tl_block->copies[tl_block->current];
-    g.committed.push_back(std::move(g.open));
-    g.open.clear();
-}
+void cp_async_commit() { tl_block->copies[tl_block->current].commit(); }
 
 void cp_async_wait(int pending) {
-    // PTX: completes every committed group but the newest `pending`; uncommitted copies are not
-    // waited for.
-    CopyGroups& g = tl_block->copies[tl_block->current];
-    while ((int)g.committed.size() > pending) {
-        for (const PendingCopy& c : g.committed.front()) std::memcpy(c.dst, c.bytes, 16);
-        g.committed.erase(g.committed.begin());
-    }
+    tl_block->copies[tl_block->current].wait(pending, [](const PendingCopy& c) { std::memcpy(c.dst, c.bytes, 16); });
 }
 
 void wgmma_issue(void (*run)(const void*), const void* args, unsigned bytes) {
@@ -196,22 +202,10 @@ void wgmma_issue(void (*run)(const void*), const void* args, unsigned bytes) {
     tl_block->wgmmas[tl_block->current].open.push_back(w);
 }
 
-void wgmma_commit() {
-    WgmmaGroups& g = tl_block->wgmmas[tl_block->current];
-    g.committed.push_back(std::move(g.open));
-    g.open.clear();
-}
+void wgmma_commit() { tl_block->wgmmas[tl_block->current].commit(); }
 
 void wgmma_wait(int pending) {
-    // PTX: waits until at most `pending` of the committed groups are unfinished; the oldest finish
-    // first. Uncommitted operations are not waited for.
-    WgmmaGroups& g = tl_block->wgmmas[tl_block->current];
-    while ((int)g.committed.size() > pending) {
-        // The group leaves the list first: an operation's run cannot disturb it.
-        std::vector<PendingWgmma> group = std::move(g.committed.front());
-        g.committed.erase(g.committed.begin());
-        for (const PendingWgmma& w : group) w.run(w.args);
-    }
+    tl_block->wgmmas[tl_block->current].wait(pending, [](const PendingWgmma& w) { w.run(w.args); });
 }
 
 void fault_wgmma(const char* what) {
