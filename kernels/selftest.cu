@@ -6,6 +6,8 @@
 // `selftest_unordered` is deliberately racy too (a missing barrier, blocks reading each other's
 // writes): also emulator only, to show that such races change results there rather than passing
 // by luck of the order in which the emulator runs threads and blocks.
+// `selftest_serial` gives the emulator's launch timing (crate::runtime::emulated_profile_of) work
+// of a known shape.
 #ifndef STRATA_COMMON_INCLUDED
 #include "common.cuh"
 #endif
@@ -109,3 +111,34 @@ extern "C" __global__ void selftest_ldmatrix(const SelftestLdmatrixParams s) {
     for (int j = 0; j < 4; ++j) s.out[128 + 4 * lane + j] = r[j];
 }
 STRATA_EMU_ENTRY(selftest_ldmatrix, SelftestLdmatrixParams)
+
+struct SelftestSerialParams {
+    float* out;
+    int n;
+    int mode;
+};
+
+// A dependent chain of `n` multiply-adds (nothing can run it in parallel or skip it).
+__device__ __forceinline__ float selftest_chain(int n, float seed) {
+    float acc = seed;
+    for (int i = 0; i < n; ++i) acc = acc * 0.999f + 1.0f;
+    return acc;
+}
+
+// Work of a known shape for the emulator's timing, out[thread] = its chains' result. mode 0:
+// thread 0 runs n steps, the others none (critical path = all the work); 1: every thread runs
+// n / blockDim.x (critical path = one thread's share); 2: thread 0 runs n / 2, a barrier, then the
+// last thread n / 2 (two phases, one after the other: critical path = all the work again).
+extern "C" __global__ void selftest_serial(const SelftestSerialParams a) {
+    const int t = threadIdx.x, last = blockDim.x - 1;
+    float acc = 0.0f;
+    if (a.mode == 0 && t == 0) acc = selftest_chain(a.n, 1.0f);
+    if (a.mode == 1) acc = selftest_chain(a.n / blockDim.x, (float)t);
+    if (a.mode == 2) {
+        if (t == 0) acc = selftest_chain(a.n / 2, 1.0f);
+        __syncthreads();
+        if (t == last) acc += selftest_chain(a.n / 2, 2.0f);
+    }
+    a.out[blockIdx.x * blockDim.x + t] = acc;
+}
+STRATA_EMU_ENTRY(selftest_serial, SelftestSerialParams)

@@ -2840,3 +2840,57 @@ fn a_profile_counts_each_kernels_launches() {
         assert!(rt.profile_take().unwrap().is_empty(), "the profile ended");
     }
 }
+
+/// The emulator's launch timing (what examples/emu_profile.rs prints) on work of known shapes
+/// (kernels/selftest.cu's selftest_serial): one thread's chain is all of a launch's critical path;
+/// a chain shared by 256 threads is a 256th of it; two chains one after the other across a barrier
+/// add up, though each ran in another thread. Ratios, with wide margins: CPU time varies.
+#[test]
+fn the_emulators_timing_finds_work_that_runs_in_few_threads() {
+    let be = Backend::Emulator;
+    let (n, threads) = (4_000_000i32, 256u32);
+    let out = be.zeros::<f32>(threads as usize).unwrap();
+    let share = |mode: i32| {
+        let p = strata::runtime::kernels::SelftestSerialParams {
+            out: be.ptr(&out),
+            n,
+            mode,
+        };
+        let (r, profile) = strata::runtime::emulated_profile_of(|| {
+            be.launch("selftest_serial", (1, 1, 1), (threads, 1, 1), 0, &p)
+        });
+        r.unwrap();
+        assert_eq!(profile.len(), 1, "{profile:?}");
+        let k = &profile[0];
+        assert_eq!((k.kernel, k.launches, k.blocks), ("selftest_serial", 1, 1));
+        assert!(k.work_ms > 0.0 && k.critical_ms <= k.work_ms, "{k:?}");
+        let v = be.download(&out).unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "the chains ran");
+        k.critical_ms / k.work_ms
+    };
+    let one_thread = share(0);
+    assert!(
+        one_thread > 0.8,
+        "one thread's chain: {one_thread:.3} of the work"
+    );
+    let spread = share(1);
+    assert!(spread < 0.1, "a chain spread over 256 threads: {spread:.3}");
+    let phases = share(2);
+    assert!(phases > 0.8, "two chains across a barrier: {phases:.3}");
+    // Outside a profile nothing is timed; a profile inside another keeps its own launches.
+    let (((), inner), outer) = strata::runtime::emulated_profile_of(|| {
+        let p = strata::runtime::kernels::SelftestSerialParams {
+            out: be.ptr(&out),
+            n: 1000,
+            mode: 1,
+        };
+        be.launch("selftest_serial", (2, 1, 1), (32, 1, 1), 0, &p)
+            .unwrap();
+        strata::runtime::emulated_profile_of(|| {
+            be.launch("selftest_serial", (3, 1, 1), (32, 1, 1), 0, &p)
+                .unwrap();
+        })
+    });
+    assert_eq!((outer.len(), outer[0].blocks), (1, 2), "{outer:?}");
+    assert_eq!((inner.len(), inner[0].blocks), (1, 3), "{inner:?}");
+}

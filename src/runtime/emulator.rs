@@ -4,7 +4,9 @@
 //! fails a launch where the GPU would fault or refuse (misaligned 16-byte accesses, launch shapes
 //! and shared memory past CUDA's limits; see kernels/README.md). Threads and blocks run in orders
 //! that vary, so a race on a missing barrier or across blocks changes results. What it cannot
-//! show: races that need true concurrency, memory-model bugs, speed.
+//! show: races that need true concurrency, memory-model bugs, speed. What it can time
+//! ([`emulated_profile_of`]): each launch's CPU work and its blocks' critical paths, which show a
+//! kernel whose work runs in a few threads (a latency floor on any GPU), not how fast it runs.
 
 use std::ffi::{c_char, c_void};
 
@@ -100,13 +102,53 @@ entries!(
     strata_emu_selftest_divergent_barrier,
     strata_emu_selftest_unordered,
     strata_emu_selftest_ldmatrix,
+    strata_emu_selftest_serial,
     strata_emu_selftest_wgmma,
 );
+
+extern "C" {
+    fn strata_emu_set_timing(on: i32);
+    fn strata_emu_last_timing(work_ns: *mut u64, critical_ns: *mut u64);
+}
+
+/// One kernel's launches in an [`emulated_profile_of`], timed on the CPU by the emulator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmulatedKernel {
+    pub kernel: &'static str,
+    pub launches: usize,
+    /// Blocks over all its launches.
+    pub blocks: u64,
+    /// CPU time of all its threads' code, summed (the emulator runs them one after another).
+    pub work_ms: f64,
+    /// Its launches' critical paths, summed: a launch's is its longest block's, in which a warp
+    /// takes as long as its slowest lane, warps run side by side between barriers and the phases
+    /// between barriers one after another. Host CPU time, but a thread's serial chain of work runs
+    /// no faster on a GPU thread: a kernel whose critical path is a large part of its work runs in
+    /// a handful of threads, however many the GPU has. (The emulated tensor-core instructions are
+    /// computed by one lane in software: their kernels' paths say little.)
+    pub critical_ms: f64,
+}
+
+thread_local! {
+    /// The launches of the innermost [`emulated_profile_of`] running on this thread, if any.
+    static PROFILE: std::cell::RefCell<Option<Vec<EmulatedKernel>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `work` with every emulator launch it makes on this thread timed: per kernel, in order of
+/// first launch, its launches, blocks, CPU work and critical path ([`EmulatedKernel`]). A profile
+/// inside another counts its launches for itself only.
+pub fn emulated_profile_of<R>(work: impl FnOnce() -> R) -> (R, Vec<EmulatedKernel>) {
+    let outer = PROFILE.with(|p| p.borrow_mut().replace(Vec::new()));
+    let r = work();
+    let mine = PROFILE.with(|p| std::mem::replace(&mut *p.borrow_mut(), outer));
+    (r, mine.unwrap_or_default())
+}
 
 /// Runs `kernel` to completion. `params` must be the kernel's parameter struct, its pointers valid
 /// host pointers covering everything the kernel touches.
 pub(crate) fn launch(
-    kernel: &str,
+    kernel: &'static str,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
     smem: u32,
@@ -119,6 +161,9 @@ pub(crate) fn launch(
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut err = [0 as c_char; 512];
+    let timed = PROFILE.with(|p| p.borrow().is_some());
+    // SAFETY: sets a flag of this thread's launches.
+    unsafe { strata_emu_set_timing(timed as i32) };
     // SAFETY: the entry runs the kernel body on `params` (the caller's contract) and writes at most
     // errlen bytes of message.
     let rc = unsafe {
@@ -135,6 +180,33 @@ pub(crate) fn launch(
             err.len() as u32,
         )
     };
+    if timed && rc == 0 {
+        let (mut work, mut critical) = (0u64, 0u64);
+        // SAFETY: two valid out-pointers; the figures are this thread's last launch's.
+        unsafe { strata_emu_last_timing(&mut work, &mut critical) };
+        let blocks = grid.0 as u64 * grid.1 as u64 * grid.2 as u64;
+        PROFILE.with(|p| {
+            let mut p = p.borrow_mut();
+            let list = p.as_mut().expect("checked above: a profile is running");
+            let entry = match list.iter().position(|k| k.kernel == kernel) {
+                Some(i) => &mut list[i],
+                None => {
+                    list.push(EmulatedKernel {
+                        kernel,
+                        launches: 0,
+                        blocks: 0,
+                        work_ms: 0.0,
+                        critical_ms: 0.0,
+                    });
+                    list.last_mut().expect("just pushed")
+                }
+            };
+            entry.launches += 1;
+            entry.blocks += blocks;
+            entry.work_ms += work as f64 * 1e-6;
+            entry.critical_ms += critical as f64 * 1e-6;
+        });
+    }
     if rc == 0 {
         Ok(())
     } else {

@@ -185,6 +185,7 @@ pub const FILES: &[KernelFile] = &[
             "selftest_divergent_barrier",
             "selftest_unordered",
             "selftest_ldmatrix",
+            "selftest_serial",
         ],
         arch: None,
     },
@@ -251,6 +252,7 @@ params! {
     SelftestParams { input: u64, out: u64, n: i32 }
     SelftestMmaParams { a: u64, bt: u64, c: u64, d: u64 }
     SelftestLdmatrixParams { tile: u64, out: u64 }
+    SelftestSerialParams { out: u64, n: i32, mode: i32 }
     SelftestWgmmaParams { a: u64, bt: u64, d: u64, k: i32, mode: i32, n: i32 }
     HConvFwdParams {
         x: u64, w: u64, bias: u64, y: u64, n: i32, l_in: i32, c_in: i32, c_out: i32, kernel: i32, stride: i32,

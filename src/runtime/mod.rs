@@ -10,6 +10,8 @@ pub mod emulator;
 pub mod kernels;
 pub mod knobs;
 
+pub use emulator::{emulated_profile_of, EmulatedKernel};
+
 use crate::error::{Error, Result};
 use crate::tensor::Device;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};

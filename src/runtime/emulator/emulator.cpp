@@ -10,8 +10,13 @@
 // the same launch writes) fails here rather than passing by luck of the emulator's order, the
 // sweeps over a block's threads alternate between ascending and descending order, starting the
 // other way in every other block, and the blocks run in a scrambled (deterministic) order.
+#include <time.h>
 #include <ucontext.h>
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#endif
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -135,9 +140,40 @@ struct Block {
     Body body = nullptr;
     const void* params = nullptr;
     std::string fault;  // the block's first fault (fault_misaligned), empty if none
+    // Timing (strata_emu_set_timing): CPU time of every fiber run of the launch, and its longest
+    // block's critical path (see run_block).
+    uint64_t work_ticks = 0, critical_ticks = 0;
 };
 
 thread_local Block* tl_block = nullptr;
+// Whether this thread's launches time their fibers, and the last launch's figures.
+thread_local bool tl_timing = false;
+thread_local uint64_t tl_last_work_ns = 0, tl_last_critical_ns = 0;
+
+// Timing reads a clock once per fiber run (on x86-64 the time-stamp counter, ~10 ns; the vDSO's
+// clock_gettime, ~25 ns, took half of a timed emulation's time): wall time, so a fiber run the OS
+// preempted counts the pause; profiles repeat and keep each kernel's least.
+static uint64_t wall_ns() {
+    timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+#if defined(__x86_64__)
+static uint64_t ticks() { return __rdtsc(); }
+// Nanoseconds per tick, measured once against the monotonic clock over 5 ms.
+static double ns_per_tick() {
+    static const double rate = [] {
+        const uint64_t w0 = wall_ns(), t0 = ticks();
+        while (wall_ns() - w0 < 5000000) {
+        }
+        return (double)(wall_ns() - w0) / (double)(ticks() - t0);
+    }();
+    return rate;
+}
+#else
+static uint64_t ticks() { return wall_ns(); }
+static double ns_per_tick() { return 1.0; }
+#endif
 
 }  // namespace strata_emu
 
@@ -359,7 +395,20 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
         makecontext(&f.ctx, trampoline, 0);
 #endif
     }
+    // With timing on, the block's critical path: the lanes of a warp run in step (a warp's time in
+    // a sweep is its slowest lane's run), warps run side by side between block barriers (a phase
+    // lasts as long as its slowest warp's summed sweeps), phases one after another.
+    const bool timing = tl_timing;
+    const int warps = (n + 31) / 32;
+    std::vector<uint64_t> warp_sweep(timing ? warps : 0), warp_phase(timing ? warps : 0);
+    uint64_t critical = 0, mark = 0;
+    auto end_phase = [&] {
+        if (!timing) return;
+        critical += *std::max_element(warp_phase.begin(), warp_phase.end());
+        std::fill(warp_phase.begin(), warp_phase.end(), 0);
+    };
     for (bool descending = descending_first;; descending = !descending) {
+        if (timing) mark = ticks();  // the releases between sweeps are the scheduler's own time
         for (int k = 0; k < n; ++k) {
             const int i = descending ? n - 1 - k : k;
             if (b.fibers[i].state == READY) {
@@ -369,6 +418,19 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
 #else
                 swapcontext(&b.scheduler, &b.fibers[i].ctx);
 #endif
+                if (timing) {
+                    // Since the previous run ended: this run and the scheduler's few steps to it.
+                    const uint64_t now = ticks(), ran = now - mark;
+                    mark = now;
+                    b.work_ticks += ran;
+                    warp_sweep[i / 32] = std::max(warp_sweep[i / 32], ran);
+                }
+            }
+        }
+        if (timing) {
+            for (int w = 0; w < warps; ++w) {
+                warp_phase[w] += warp_sweep[w];
+                warp_sweep[w] = 0;
             }
         }
         int live = 0, at_barrier = 0;
@@ -390,12 +452,17 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
             if (b.fibers[i].state != DONE) ++live;
             if (b.fibers[i].state == AT_BLOCK_BARRIER) ++at_barrier;
         }
-        if (live == 0) return true;
+        if (live == 0) {
+            end_phase();
+            b.critical_ticks = std::max(b.critical_ticks, critical);
+            return true;
+        }
         if (released) continue;
         if (at_barrier == live) {
             for (int i = 0; i < n; ++i) {
                 if (b.fibers[i].state == AT_BLOCK_BARRIER) b.fibers[i].state = READY;
             }
+            end_phase();
             continue;
         }
         std::snprintf(err, errlen,
@@ -484,7 +551,19 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
         }
     }
     tl_block = saved;
+    if (tl_timing) {
+        tl_last_work_ns = (uint64_t)(b.work_ticks * ns_per_tick());
+        tl_last_critical_ns = (uint64_t)(b.critical_ticks * ns_per_tick());
+    }
     return rc;
 }
 
 }  // namespace strata_emu
+
+// Timing of this thread's launches, for crate::runtime::emulated_profile_of: on or off, and the
+// last launch's CPU time over all its fibers and its longest block's critical path (run_block).
+extern "C" void strata_emu_set_timing(int on) { strata_emu::tl_timing = on != 0; }
+extern "C" void strata_emu_last_timing(uint64_t* work_ns, uint64_t* critical_ns) {
+    *work_ns = strata_emu::tl_last_work_ns;
+    *critical_ns = strata_emu::tl_last_critical_ns;
+}
