@@ -1,8 +1,9 @@
 //! Where a device training step's kernels run in few threads, found without a GPU: one step of
 //! each benchmark row of `gpu_bench step` (an interface + head pair on a bf16 stack, CTC, backward,
 //! clip, AdamW) in the kernel emulator, with each launch timed (strata::runtime::emulated_profile_of).
-//! Per kernel: launches, blocks, the CPU time of all its threads' code, and its critical path (the
-//! longest block's chain of work, warps side by side between barriers). A critical path that is a
+//! Per kernel: launches, blocks, the CPU time of all its threads' code, and its critical path (a
+//! block's chain of work, warps side by side between barriers: the longest block's, and the median
+//! block's, which a preempted run does not move). A critical path that is a
 //! large part of a kernel's work means that work runs in a handful of threads: no GPU runs a chain
 //! of dependent steps faster than a CPU core does, so the critical path is a rough floor on that
 //! kernel's GPU time. CPU times, not GPU times: the emulated tensor-core instructions, computed in
@@ -123,31 +124,35 @@ fn main() -> strata::Result<()> {
             for (k, again) in kernels.iter_mut().zip(step) {
                 k.work_ms = k.work_ms.min(again.work_ms);
                 k.critical_ms = k.critical_ms.min(again.critical_ms);
+                k.median_critical_ms = k.median_critical_ms.min(again.median_critical_ms);
             }
         }
         let wall = started.elapsed().as_secs_f64() * 1e3 / 2.0;
-        kernels.sort_by(|a, b| b.critical_ms.total_cmp(&a.critical_ms));
-        let (work, critical): (f64, f64) = kernels
-            .iter()
-            .fold((0.0, 0.0), |(w, c), k| (w + k.work_ms, c + k.critical_ms));
+        kernels.sort_by(|a, b| b.median_critical_ms.total_cmp(&a.median_critical_ms));
+        let (work, critical, median): (f64, f64, f64) =
+            kernels.iter().fold((0.0, 0.0, 0.0), |(w, c, m), k| {
+                (w + k.work_ms, c + k.critical_ms, m + k.median_critical_ms)
+            });
         println!(
-            "{row}: {utts} x {t} frames, {} launches; emulated {wall:.0} ms a step, kernel work {work:.1} ms, \
-             critical paths {critical:.2} ms",
+            "{row}: {utts} x {t} frames, {} launches; emulated {wall:.0} ms a step, kernel work \
+             {work:.1} ms, critical paths {critical:.2} ms (longest blocks), {median:.2} ms \
+             (median blocks)",
             kernels.iter().map(|k| k.launches).sum::<usize>()
         );
         println!(
-            "  {:<34} {:>8} {:>8} {:>11} {:>12} {:>9}",
-            "kernel", "launches", "blocks", "work ms", "critical ms", "crit/work"
+            "  {:<34} {:>8} {:>8} {:>10} {:>12} {:>12} {:>10}",
+            "kernel", "launches", "blocks", "work ms", "longest ms", "median ms", "med/work"
         );
         for k in &kernels {
             println!(
-                "  {:<34} {:>8} {:>8} {:>11.2} {:>12.3} {:>9.4}",
+                "  {:<34} {:>8} {:>8} {:>10.2} {:>12.3} {:>12.3} {:>10.4}",
                 k.kernel,
                 k.launches,
                 k.blocks,
                 k.work_ms,
                 k.critical_ms,
-                k.critical_ms / k.work_ms.max(1e-12)
+                k.median_critical_ms,
+                k.median_critical_ms / k.work_ms.max(1e-12)
             );
         }
     }

@@ -142,13 +142,14 @@ struct Block {
     std::string fault;  // the block's first fault (fault_misaligned), empty if none
     // Timing (strata_emu_set_timing): CPU time of every fiber run of the launch, and its longest
     // block's critical path (see run_block).
-    uint64_t work_ticks = 0, critical_ticks = 0;
+    uint64_t work_ticks = 0;
+    std::vector<uint64_t> block_critical;  // each block's critical path, in the order they ran
 };
 
 thread_local Block* tl_block = nullptr;
 // Whether this thread's launches time their fibers, and the last launch's figures.
 thread_local bool tl_timing = false;
-thread_local uint64_t tl_last_work_ns = 0, tl_last_critical_ns = 0;
+thread_local uint64_t tl_last_work_ns = 0, tl_last_critical_ns = 0, tl_last_median_ns = 0;
 
 // Timing reads a clock once per fiber run (on x86-64 the time-stamp counter, ~10 ns; the vDSO's
 // clock_gettime, ~25 ns, took half of a timed emulation's time): wall time, so a fiber run the OS
@@ -454,7 +455,7 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
         }
         if (live == 0) {
             end_phase();
-            b.critical_ticks = std::max(b.critical_ticks, critical);
+            if (timing) b.block_critical.push_back(critical);
             return true;
         }
         if (released) continue;
@@ -551,9 +552,13 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
         }
     }
     tl_block = saved;
-    if (tl_timing) {
-        tl_last_work_ns = (uint64_t)(b.work_ticks * ns_per_tick());
-        tl_last_critical_ns = (uint64_t)(b.critical_ticks * ns_per_tick());
+    if (tl_timing && !b.block_critical.empty()) {
+        std::vector<uint64_t>& c = b.block_critical;
+        const double scale = ns_per_tick();
+        tl_last_work_ns = (uint64_t)(b.work_ticks * scale);
+        tl_last_critical_ns = (uint64_t)(*std::max_element(c.begin(), c.end()) * scale);
+        std::nth_element(c.begin(), c.begin() + c.size() / 2, c.end());
+        tl_last_median_ns = (uint64_t)(c[c.size() / 2] * scale);
     }
     return rc;
 }
@@ -561,9 +566,11 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
 }  // namespace strata_emu
 
 // Timing of this thread's launches, for crate::runtime::emulated_profile_of: on or off, and the
-// last launch's CPU time over all its fibers and its longest block's critical path (run_block).
+// last launch's CPU time over all its fibers, its longest block's critical path (run_block) and
+// its median block's.
 extern "C" void strata_emu_set_timing(int on) { strata_emu::tl_timing = on != 0; }
-extern "C" void strata_emu_last_timing(uint64_t* work_ns, uint64_t* critical_ns) {
+extern "C" void strata_emu_last_timing(uint64_t* work_ns, uint64_t* critical_ns, uint64_t* median_ns) {
     *work_ns = strata_emu::tl_last_work_ns;
     *critical_ns = strata_emu::tl_last_critical_ns;
+    *median_ns = strata_emu::tl_last_median_ns;
 }
