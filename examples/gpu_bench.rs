@@ -573,8 +573,10 @@ fn main() -> std::process::ExitCode {
             });
             if std::env::var("STRATA_PROFILE").is_ok_and(|v| v == "1") {
                 rt.profile_start();
+                let started = std::time::Instant::now();
                 let (r, traffic) =
                     strata::runtime::traffic_of(|| dev.train_step_on(&be, &x0, &batch, &targets));
+                let wall = started.elapsed().as_secs_f64() * 1e3;
                 r.unwrap();
                 print_profile(&pair.name, ms, &rt.profile_take().unwrap());
                 eprintln!(
@@ -586,6 +588,23 @@ fn main() -> std::process::ExitCode {
                     traffic.download_bytes,
                     traffic.allocations,
                     traffic.allocation_bytes as f64 / 1e6
+                );
+                // Where the host's time went (this profiled step: its launches also record
+                // events). The GPU idles while the host prepares what comes next: a step whose
+                // timed median is near its host time, less the wait inside the loss download, is
+                // host-bound.
+                let h = traffic.host;
+                let ms_of = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                eprintln!(
+                    "  host time {wall:.3} ms: launching {:.3}, uploads {:.3}, allocations {:.3}, \
+                     downloads (waiting for the GPU) {:.3}, synchronizes {:.3}, the rest (strata's \
+                     host code) {:.3}",
+                    ms_of(h.launch),
+                    ms_of(h.upload),
+                    ms_of(h.allocate),
+                    ms_of(h.download),
+                    ms_of(h.synchronize),
+                    wall - ms_of(h.total())
                 );
                 // The memory pool after these steps (each ends waiting for the loss): what it
                 // holds, and its release threshold (u64::MAX: keep everything). Near the step's

@@ -192,6 +192,8 @@ fi
 if section 60 "per-kernel GPU time of one training step of each row (STRATA_PROFILE=1 gpu_bench step)"; then
     STRATA_PROFILE=1 limited .gpu/gpu_bench step > /dev/null 2> "$out/profile-steps.txt" || status=1
     grep -A6 "^profile" "$out/profile-steps.txt"
+    # Each row's host side: where the ~5 ms that steps spent beyond their kernels (H200 run 2) go.
+    grep -E "^profile|^  (host time|host side|memory pool)" "$out/profile-steps.txt"
 fi
 if section 60 "HConv and the training steps on the wgmma kernels (STRATA_TENSOR_CORES=wgmma), for comparison"; then
     { STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench step; } 2> "$out/wgmma.err" > "$out/wgmma.jsonl" || status=1

@@ -33,6 +33,37 @@ pub struct Traffic {
     pub allocations: usize,
     pub allocation_bytes: usize,
     pub synchronizes: usize,
+    /// The host's wall time inside those calls.
+    pub host: HostTime,
+}
+
+/// Host wall time spent inside the backend's calls, by kind ([`Traffic::host`]). On the GPU a
+/// launch's is the driver's enqueueing (the kernel runs later) and a download's includes waiting
+/// for the device to finish the work queued before it; in the emulator a launch's is the kernel's
+/// whole run. A step whose GPU time is near its host time less the downloads' is host-bound: the
+/// GPU waits for launches.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HostTime {
+    pub launch: std::time::Duration,
+    /// Copies up, with their allocations.
+    pub upload: std::time::Duration,
+    pub allocate: std::time::Duration,
+    pub download: std::time::Duration,
+    pub synchronize: std::time::Duration,
+}
+
+impl HostTime {
+    pub fn total(&self) -> std::time::Duration {
+        self.launch + self.upload + self.allocate + self.download + self.synchronize
+    }
+
+    fn add(&mut self, other: &HostTime) {
+        self.launch += other.launch;
+        self.upload += other.upload;
+        self.allocate += other.allocate;
+        self.download += other.download;
+        self.synchronize += other.synchronize;
+    }
 }
 
 impl Traffic {
@@ -60,6 +91,7 @@ impl Traffic {
         self.allocations += other.allocations;
         self.allocation_bytes += other.allocation_bytes;
         self.synchronizes += other.synchronizes;
+        self.host.add(&other.host);
     }
 
     fn launch(&mut self, kernel: &'static str, n: usize) {
@@ -100,6 +132,20 @@ fn count(f: impl FnOnce(&mut Traffic)) {
             f(traffic)
         }
     });
+}
+
+/// Runs `call` and, while a [`traffic_of`] runs on this thread, adds its wall time to the
+/// [`HostTime`] field `kind` picks.
+fn timed<R>(kind: fn(&mut HostTime) -> &mut std::time::Duration, call: impl FnOnce() -> R) -> R {
+    let start = TRAFFIC
+        .with(|t| t.borrow().is_some())
+        .then(std::time::Instant::now);
+    let r = call();
+    if let Some(start) = start {
+        let took = start.elapsed();
+        count(|t| *kind(&mut t.host) += took);
+    }
+    r
 }
 
 /// What a caller asked for (`--device auto|cpu|cuda`) resolved to what exists.
@@ -190,15 +236,18 @@ impl Backend {
             t.allocations += 1;
             t.allocation_bytes += std::mem::size_of_val(data);
         });
-        match self {
-            Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(data.to_vec()))),
-            Backend::Cuda(rt) => rt.stream.clone_htod(data).map(Buf::Cuda).map_err(|e| {
-                device_err(format!(
-                    "copying {} elements to the GPU failed (out of memory?): {e}",
-                    data.len()
-                ))
-            }),
-        }
+        timed(
+            |h| &mut h.upload,
+            || match self {
+                Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(data.to_vec()))),
+                Backend::Cuda(rt) => rt.stream.clone_htod(data).map(Buf::Cuda).map_err(|e| {
+                    device_err(format!(
+                        "copying {} elements to the GPU failed (out of memory?): {e}",
+                        data.len()
+                    ))
+                }),
+            },
+        )
     }
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
@@ -209,14 +258,17 @@ impl Backend {
             t.allocations += 1;
             t.allocation_bytes += n * std::mem::size_of::<T>();
         });
-        match self {
-            Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(vec![T::default(); n]))),
-            Backend::Cuda(rt) => rt.stream.alloc_zeros(n).map(Buf::Cuda).map_err(|e| {
-                device_err(format!(
-                    "allocating {n} elements on the GPU failed (out of memory?): {e}"
-                ))
-            }),
-        }
+        timed(
+            |h| &mut h.allocate,
+            || match self {
+                Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(vec![T::default(); n]))),
+                Backend::Cuda(rt) => rt.stream.alloc_zeros(n).map(Buf::Cuda).map_err(|e| {
+                    device_err(format!(
+                        "allocating {n} elements on the GPU failed (out of memory?): {e}"
+                    ))
+                }),
+            },
+        )
     }
 
     /// A buffer of `n` elements that a kernel writes in full: on the GPU left uninitialised (no
@@ -228,22 +280,27 @@ impl Backend {
             t.allocations += 1;
             t.allocation_bytes += n * std::mem::size_of::<T>();
         });
-        match self {
-            Backend::Emulator => {
-                let mut v = vec![T::zeroed(); n];
-                bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(0xFF);
-                Ok(Buf::Host(UnsafeCell::new(v)))
-            }
-            // SAFETY: the contents are unset until the kernel writes them; T is Pod, so
-            // whatever the memory holds is a valid (if meaningless) value.
-            Backend::Cuda(rt) => unsafe { rt.stream.alloc::<T>(n) }
-                .map(Buf::Cuda)
-                .map_err(|e| {
-                    device_err(format!(
-                        "allocating {n} elements on the GPU failed (out of memory?): {e}"
-                    ))
-                }),
-        }
+        timed(
+            |h| &mut h.allocate,
+            || match self {
+                Backend::Emulator => {
+                    let mut v = vec![T::zeroed(); n];
+                    bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(0xFF);
+                    Ok(Buf::Host(UnsafeCell::new(v)))
+                }
+                // SAFETY: the contents are unset until the kernel writes them; T is Pod, so
+                // whatever the memory holds is a valid (if meaningless) value.
+                Backend::Cuda(rt) => {
+                    unsafe { rt.stream.alloc::<T>(n) }
+                        .map(Buf::Cuda)
+                        .map_err(|e| {
+                            device_err(format!(
+                                "allocating {n} elements on the GPU failed (out of memory?): {e}"
+                            ))
+                        })
+                }
+            },
+        )
     }
 
     pub fn download<T: DeviceRepr + Clone + Default>(&self, b: &Buf<T>) -> Result<Vec<T>> {
@@ -251,12 +308,15 @@ impl Backend {
             t.downloads += 1;
             t.download_bytes += b.len() * std::mem::size_of::<T>();
         });
-        match (self, b) {
-            // SAFETY: no kernel runs concurrently (emulator launches are synchronous).
-            (Backend::Emulator, Buf::Host(v)) => Ok(unsafe { (*v.get()).clone() }),
-            (Backend::Cuda(rt), Buf::Cuda(s)) => rt.stream.clone_dtoh(s).map_err(device_err),
-            _ => Err(device_err("buffer belongs to another backend")),
-        }
+        timed(
+            |h| &mut h.download,
+            || match (self, b) {
+                // SAFETY: no kernel runs concurrently (emulator launches are synchronous).
+                (Backend::Emulator, Buf::Host(v)) => Ok(unsafe { (*v.get()).clone() }),
+                (Backend::Cuda(rt), Buf::Cuda(s)) => rt.stream.clone_dtoh(s).map_err(device_err),
+                _ => Err(device_err("buffer belongs to another backend")),
+            },
+        )
     }
 
     /// The address a kernel parameter struct carries for `b`.
@@ -302,33 +362,36 @@ impl Backend {
         params: &P,
     ) -> Result<()> {
         count(|t| t.launch(kernel, 1));
-        let r = match self {
-            Backend::Emulator => emulator::launch(
-                kernel,
-                grid,
-                block,
-                smem,
-                params as *const P as *const std::ffi::c_void,
-            ),
-            Backend::Cuda(rt) => {
-                // Only the geometry (HC_*) is turned off: other defines (a pipeline depth) size
-                // the launch.
-                static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                let off = *OFF.get_or_init(|| knobs::flag("STRATA_NO_SPECIALIZE", "1"));
-                let kept: Vec<(&'static str, i64)>;
-                let defines = if off {
-                    kept = defines
-                        .iter()
-                        .filter(|(name, _)| !name.starts_with("HC_"))
-                        .copied()
-                        .collect();
-                    &kept[..]
-                } else {
-                    defines
-                };
-                rt.launch(kernel, defines, grid, block, smem, params)
-            }
-        };
+        let r = timed(
+            |h| &mut h.launch,
+            || match self {
+                Backend::Emulator => emulator::launch(
+                    kernel,
+                    grid,
+                    block,
+                    smem,
+                    params as *const P as *const std::ffi::c_void,
+                ),
+                Backend::Cuda(rt) => {
+                    // Only the geometry (HC_*) is turned off: other defines (a pipeline depth) size
+                    // the launch.
+                    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                    let off = *OFF.get_or_init(|| knobs::flag("STRATA_NO_SPECIALIZE", "1"));
+                    let kept: Vec<(&'static str, i64)>;
+                    let defines = if off {
+                        kept = defines
+                            .iter()
+                            .filter(|(name, _)| !name.starts_with("HC_"))
+                            .copied()
+                            .collect();
+                        &kept[..]
+                    } else {
+                        defines
+                    };
+                    rt.launch(kernel, defines, grid, block, smem, params)
+                }
+            },
+        );
         r.map_err(|e| device_err(format!("{kernel} (grid {grid:?}, block {block:?}): {e}")))
     }
 
@@ -347,13 +410,16 @@ impl Backend {
     /// Waits for every launched kernel; reports an asynchronous kernel failure.
     pub fn synchronize(&self) -> Result<()> {
         count(|t| t.synchronizes += 1);
-        match self {
-            Backend::Emulator => Ok(()),
-            Backend::Cuda(rt) => rt
-                .stream
-                .synchronize()
-                .map_err(|e| device_err(format!("a kernel failed: {e}"))),
-        }
+        timed(
+            |h| &mut h.synchronize,
+            || match self {
+                Backend::Emulator => Ok(()),
+                Backend::Cuda(rt) => rt
+                    .stream
+                    .synchronize()
+                    .map_err(|e| device_err(format!("a kernel failed: {e}"))),
+            },
+        )
     }
 }
 
@@ -363,6 +429,7 @@ mod tests {
 
     #[test]
     fn traffic_counts_this_threads_work_and_nests() {
+        use std::time::Duration;
         let be = Backend::Emulator;
         let ((), outer) = traffic_of(|| {
             let b = be.upload(&[1f32, 2.0, 3.0]).unwrap();
@@ -376,6 +443,11 @@ mod tests {
                 (0, 1, 12)
             );
             assert_eq!((inner.allocations, inner.allocation_bytes), (1, 10));
+            assert!(inner.host.download > Duration::ZERO && inner.host.allocate > Duration::ZERO);
+            assert_eq!(
+                (inner.host.launch, inner.host.upload),
+                (Duration::ZERO, Duration::ZERO)
+            );
             // Another thread's work is its own.
             std::thread::scope(|s| {
                 s.spawn(|| Backend::Emulator.upload(&[0u8; 64]).unwrap());
@@ -384,6 +456,23 @@ mod tests {
         assert_eq!((outer.uploads, outer.upload_bytes), (1, 12));
         assert_eq!((outer.downloads, outer.synchronizes), (1, 1));
         assert_eq!((outer.allocations, outer.allocation_bytes), (2, 22));
+        // The outer work's time includes the inner's, and a launch's is the emulated kernel's run.
+        assert!(outer.host.upload > Duration::ZERO && outer.host.download > Duration::ZERO);
+        assert!(outer.host.total() > outer.host.upload);
+        let out = be.zeros::<f32>(64).unwrap();
+        let p = kernels::SelftestSerialParams {
+            out: be.ptr(&out),
+            n: 100_000,
+            mode: 0,
+        };
+        let (r, ran) = traffic_of(|| be.launch("selftest_serial", (2, 1, 1), (32, 1, 1), 0, &p));
+        r.unwrap();
+        assert!(
+            ran.host.launch >= Duration::from_micros(50),
+            "{:?}",
+            ran.host
+        );
+        assert_eq!(ran.host.total(), ran.host.launch);
         // Nothing is counted outside traffic_of.
         be.upload(&[0u8; 8]).unwrap();
         assert_eq!(traffic_of(|| ()).1, Traffic::default());
