@@ -3,7 +3,10 @@
 //! clip, AdamW) in the kernel emulator, with each launch timed (strata::runtime::emulated_profile_of).
 //! Per kernel: launches, blocks, the CPU time of all its threads' code, and its critical path (a
 //! block's chain of work, warps side by side between barriers: the longest block's, and the median
-//! block's, which a preempted run does not move). A critical path that is a
+//! block's, which a preempted run does not move), and the barrier phases a block goes through (a
+//! count: each phase is at least a barrier's latency on a GPU, and a memory round trip when it
+//! loads what the one before stored; the emulator's time per thread grows with a block's size,
+//! the phases do not). A critical path that is a
 //! large part of a kernel's work means that work runs in a handful of threads: no GPU runs a chain
 //! of dependent steps faster than a CPU core does, so the critical path is a rough floor on that
 //! kernel's GPU time. CPU times, not GPU times: the emulated tensor-core instructions, computed in
@@ -140,19 +143,27 @@ fn main() -> strata::Result<()> {
             kernels.iter().map(|k| k.launches).sum::<usize>()
         );
         println!(
-            "  {:<34} {:>8} {:>8} {:>10} {:>12} {:>12} {:>10}",
-            "kernel", "launches", "blocks", "work ms", "longest ms", "median ms", "med/work"
+            "  {:<34} {:>8} {:>8} {:>10} {:>12} {:>12} {:>10} {:>8}",
+            "kernel",
+            "launches",
+            "blocks",
+            "work ms",
+            "longest ms",
+            "median ms",
+            "med/work",
+            "phases"
         );
         for k in &kernels {
             println!(
-                "  {:<34} {:>8} {:>8} {:>10.2} {:>12.3} {:>12.3} {:>10.4}",
+                "  {:<34} {:>8} {:>8} {:>10.2} {:>12.3} {:>12.3} {:>10.4} {:>8}",
                 k.kernel,
                 k.launches,
                 k.blocks,
                 k.work_ms,
                 k.critical_ms,
                 k.median_critical_ms,
-                k.median_critical_ms / k.work_ms.max(1e-12)
+                k.median_critical_ms / k.work_ms.max(1e-12),
+                k.phases
             );
         }
     }

@@ -37,6 +37,8 @@ fn the_emulators_timing_finds_work_that_runs_in_few_threads() {
                 && k.critical_ms <= k.work_ms,
             "{k:?}"
         );
+        // One phase, two across mode 2's barrier.
+        assert_eq!(k.phases, if mode == 2 { 2 } else { 1 }, "{k:?}");
         let v = be.download(&out).unwrap();
         assert!(v.iter().all(|x| x.is_finite()), "the chains ran");
         k.median_critical_ms

@@ -108,7 +108,12 @@ entries!(
 
 extern "C" {
     fn strata_emu_set_timing(on: i32);
-    fn strata_emu_last_timing(work_ns: *mut u64, critical_ns: *mut u64, median_ns: *mut u64);
+    fn strata_emu_last_timing(
+        work_ns: *mut u64,
+        critical_ns: *mut u64,
+        median_ns: *mut u64,
+        phases: *mut u64,
+    );
 }
 
 /// One kernel's launches in an [`emulated_profile_of`], timed on the CPU by the emulator.
@@ -132,6 +137,11 @@ pub struct EmulatedKernel {
     /// The launches' median blocks' critical paths, summed: unmoved by a pause in a few blocks.
     /// Near `critical_ms` when the blocks are alike.
     pub median_critical_ms: f64,
+    /// Its launches' most barrier phases in a block (one more than the block's __syncthreads
+    /// passed), summed: the steps a block cannot overlap, each at least a barrier's latency on a
+    /// GPU and a memory round trip where the phase loads what the one before stored. Counted, not
+    /// timed: unmoved by the host's noise or the emulator's cost per thread.
+    pub phases: u64,
 }
 
 thread_local! {
@@ -186,9 +196,9 @@ pub(crate) fn launch(
         )
     };
     if timed && rc == 0 {
-        let (mut work, mut critical, mut median) = (0u64, 0u64, 0u64);
+        let (mut work, mut critical, mut median, mut phases) = (0u64, 0u64, 0u64, 0u64);
         // SAFETY: valid out-pointers; the figures are this thread's last launch's.
-        unsafe { strata_emu_last_timing(&mut work, &mut critical, &mut median) };
+        unsafe { strata_emu_last_timing(&mut work, &mut critical, &mut median, &mut phases) };
         let blocks = grid.0 as u64 * grid.1 as u64 * grid.2 as u64;
         PROFILE.with(|p| {
             let mut p = p.borrow_mut();
@@ -203,6 +213,7 @@ pub(crate) fn launch(
                         work_ms: 0.0,
                         critical_ms: 0.0,
                         median_critical_ms: 0.0,
+                        phases: 0,
                     });
                     list.last_mut().expect("just pushed")
                 }
@@ -212,6 +223,7 @@ pub(crate) fn launch(
             entry.work_ms += work as f64 * 1e-6;
             entry.critical_ms += critical as f64 * 1e-6;
             entry.median_critical_ms += median as f64 * 1e-6;
+            entry.phases += phases;
         });
     }
     if rc == 0 {

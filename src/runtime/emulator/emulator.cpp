@@ -10,6 +10,9 @@
 // the same launch writes) fails here rather than passing by luck of the emulator's order, the
 // sweeps over a block's threads alternate between ascending and descending order, starting the
 // other way in every other block, and the blocks run in a scrambled (deterministic) order.
+//
+// On request (strata_emu_set_timing) the scheduler times each fiber run, for each block's critical
+// path (run_block): crate::runtime::emulated_profile_of, examples/emu_profile.rs.
 #include <time.h>
 #include <ucontext.h>
 #if defined(__x86_64__)
@@ -140,16 +143,17 @@ struct Block {
     Body body = nullptr;
     const void* params = nullptr;
     std::string fault;  // the block's first fault (fault_misaligned), empty if none
-    // Timing (strata_emu_set_timing): CPU time of every fiber run of the launch, and its longest
-    // block's critical path (see run_block).
+    // Timing (strata_emu_set_timing): the time of every fiber run of the launch, summed, and each
+    // block's critical path (run_block).
     uint64_t work_ticks = 0;
     std::vector<uint64_t> block_critical;  // each block's critical path, in the order they ran
+    uint64_t most_phases = 0;               // the most barrier phases of a block (one + barriers)
 };
 
 thread_local Block* tl_block = nullptr;
 // Whether this thread's launches time their fibers, and the last launch's figures.
 thread_local bool tl_timing = false;
-thread_local uint64_t tl_last_work_ns = 0, tl_last_critical_ns = 0, tl_last_median_ns = 0;
+thread_local uint64_t tl_last_work_ns = 0, tl_last_critical_ns = 0, tl_last_median_ns = 0, tl_last_phases = 0;
 
 // Timing reads a clock once per fiber run (on x86-64 the time-stamp counter, ~10 ns; the vDSO's
 // clock_gettime, ~25 ns, took half of a timed emulation's time): wall time, so a fiber run the OS
@@ -402,8 +406,9 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
     const bool timing = tl_timing;
     const int warps = (n + 31) / 32;
     std::vector<uint64_t> warp_sweep(timing ? warps : 0), warp_phase(timing ? warps : 0);
-    uint64_t critical = 0, mark = 0;
+    uint64_t critical = 0, mark = 0, phases = 0;
     auto end_phase = [&] {
+        ++phases;
         if (!timing) return;
         critical += *std::max_element(warp_phase.begin(), warp_phase.end());
         std::fill(warp_phase.begin(), warp_phase.end(), 0);
@@ -456,6 +461,7 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
         if (live == 0) {
             end_phase();
             if (timing) b.block_critical.push_back(critical);
+            b.most_phases = std::max(b.most_phases, phases);
             return true;
         }
         if (released) continue;
@@ -559,6 +565,7 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
         tl_last_critical_ns = (uint64_t)(*std::max_element(c.begin(), c.end()) * scale);
         std::nth_element(c.begin(), c.begin() + c.size() / 2, c.end());
         tl_last_median_ns = (uint64_t)(c[c.size() / 2] * scale);
+        tl_last_phases = b.most_phases;
     }
     return rc;
 }
@@ -566,11 +573,13 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
 }  // namespace strata_emu
 
 // Timing of this thread's launches, for crate::runtime::emulated_profile_of: on or off, and the
-// last launch's CPU time over all its fibers, its longest block's critical path (run_block) and
-// its median block's.
+// last launch's CPU time over all its fibers, its longest block's critical path (run_block), its
+// median block's, and the most barrier phases a block went through.
 extern "C" void strata_emu_set_timing(int on) { strata_emu::tl_timing = on != 0; }
-extern "C" void strata_emu_last_timing(uint64_t* work_ns, uint64_t* critical_ns, uint64_t* median_ns) {
+extern "C" void strata_emu_last_timing(uint64_t* work_ns, uint64_t* critical_ns, uint64_t* median_ns,
+                                       uint64_t* phases) {
     *work_ns = strata_emu::tl_last_work_ns;
     *critical_ns = strata_emu::tl_last_critical_ns;
     *median_ns = strata_emu::tl_last_median_ns;
+    *phases = strata_emu::tl_last_phases;
 }
