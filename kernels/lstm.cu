@@ -17,6 +17,11 @@
 // that W is read from L2 once per step and tile, and each thread keeps several sums in registers
 // (forward: 2 utterances x 4 gates of one unit; backward: 2 utterances of one unit). A warp per
 // (utterance, unit), as before, re-read W's rows from L1 for every utterance.
+// The sums' length (H forward, 4H backward) is split between groups of LSTM_GROUP threads, each
+// streaming its own part through its own buffers, the first group adding the others' sums in
+// group order (deterministic): a step is a chain of chunks, each a wait for memory and two
+// barriers, and one group over 4H = 4096 ran 64 of them in a row (the emulator's critical path,
+// examples/emu_profile.rs: ~42 us a backward step on a CPU core at H = 1024, 3x the forward's).
 // fp32 throughout (the recurrence compounds rounding); W_hh's gradient is the tensor-core Linear's
 // weight gradient of dz against the previous states, after the last step.
 #ifndef STRATA_COMMON_INCLUDED
@@ -46,22 +51,31 @@ struct LstmPairParams {
 
 __device__ __forceinline__ float lstm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// The step kernels' tiles (the host's LSTM_UNITS_PER_BLOCK and LSTM_UTTERANCES_PER_BLOCK): 128
-// threads, thread t on unit t % LSTM_JT and utterances 2 (t / LSTM_JT) + {0, 1} of the block's.
-#define LSTM_THREADS 128
+// The step kernels' tiles (the host's LSTM_UNITS_PER_BLOCK, LSTM_UTTERANCES_PER_BLOCK, and its
+// threads per block, LSTM_GROUP x the split): thread t of a group on unit t % LSTM_JT and
+// utterances 2 (t / LSTM_JT) + {0, 1} of the block's.
+#define LSTM_GROUP 128
+#define LSTM_SPLIT_FWD 2  // groups over H
+#define LSTM_SPLIT_BWD 4  // groups over 4H
 #define LSTM_JT 8
 #define LSTM_UT 32
 #define LSTM_QC 64
 #define LSTM_PITCH (LSTM_QC + 4)  // floats: rows stay 16-byte aligned for the float4 reads
 
 // Fills rows[r][0 .. LSTM_QC) (r < count) with src(r, c0 + q), zeros from `limit` on; coalesced:
-// consecutive threads take consecutive q.
+// consecutive threads of the group (t, its thread's index in it) take consecutive q.
 template <class Src>
-__device__ __forceinline__ void lstm_stage(float (*rows)[LSTM_PITCH], int count, int c0, int limit, Src src) {
-    for (int e = threadIdx.x; e < count * LSTM_QC; e += LSTM_THREADS) {
+__device__ __forceinline__ void lstm_stage(float (*rows)[LSTM_PITCH], int count, int c0, int limit, int t, Src src) {
+    for (int e = t; e < count * LSTM_QC; e += LSTM_GROUP) {
         const int r = e / LSTM_QC, q = e % LSTM_QC;
         rows[r][q] = c0 + q < limit ? src(r, c0 + q) : 0.0f;
     }
+}
+
+// Each group's part of a sum of length k split between `groups`: a multiple of LSTM_QC, group g
+// taking [g span, min((g + 1) span, k)) (the last ones may be short or empty: zero-filled).
+__device__ __forceinline__ int lstm_span(int k, int groups) {
+    return (k + groups * LSTM_QC - 1) / (groups * LSTM_QC) * LSTM_QC;
 }
 
 __device__ __forceinline__ float lstm_dot4(float acc, float4_t a, float4_t b) {
@@ -73,39 +87,51 @@ __device__ __forceinline__ float lstm_dot4(float acc, float4_t a, float4_t b) {
 
 extern "C" __global__ void lstm_step_forward(const LstmPairParams pair) {
     const LstmStepParams& p = pair.dir[blockIdx.z];
-    __align__(16) __shared__ float ws[4 * LSTM_JT][LSTM_PITCH];  // row g * LSTM_JT + jj: W's row g H + j
-    __align__(16) __shared__ float hs[LSTM_UT][LSTM_PITCH];      // the utterances' previous h
+    // Group s's rows g * LSTM_JT + jj: W's row g H + j; the utterances' previous h.
+    __align__(16) __shared__ float ws[LSTM_SPLIT_FWD][4 * LSTM_JT][LSTM_PITCH];
+    __align__(16) __shared__ float hs[LSTM_SPLIT_FWD][LSTM_UT][LSTM_PITCH];
+    __shared__ float sums[LSTM_SPLIT_FWD - 1][8][LSTM_GROUP];  // the other groups' sums
     __shared__ int prev_row[LSTM_UT];
     const int tid = threadIdx.x, H = p.hidden;
+    const int group = tid / LSTM_GROUP, t = tid % LSTM_GROUP;
     const int j0 = blockIdx.x * LSTM_JT, k0 = blockIdx.y * LSTM_UT;
     if (tid < LSTM_UT) {
         const int k = k0 + tid;
         prev_row[tid] = p.step > 0 && k < p.running ? p.sched[(int64_t)(p.step - 1) * p.n + k] : -1;
     }
     __syncthreads();
-    const int jj = tid % LSTM_JT, u0 = 2 * (tid / LSTM_JT);
+    const int jj = t % LSTM_JT, u0 = 2 * (t / LSTM_JT);
+    const int span = lstm_span(H, LSTM_SPLIT_FWD), begin = group * span, end = begin + span < H ? begin + span : H;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    for (int c0 = 0; c0 < H; c0 += LSTM_QC) {
-        lstm_stage(ws, 4 * LSTM_JT, c0, H, [&](int r, int q) {
+    for (int c0 = begin; c0 < begin + span; c0 += LSTM_QC) {
+        lstm_stage(ws[group], 4 * LSTM_JT, c0, end, t, [&](int r, int q) {
             const int j = j0 + r % LSTM_JT;
             return j < H ? p.w[((int64_t)(r / LSTM_JT) * H + j) * H + q] : 0.0f;
         });
-        lstm_stage(hs, LSTM_UT, c0, H, [&](int r, int q) {
+        lstm_stage(hs[group], LSTM_UT, c0, end, t, [&](int r, int q) {
             const int pr = prev_row[r];
             return pr >= 0 ? p.h[(int64_t)pr * p.h_stride + p.h_col + q] : 0.0f;
         });
         __syncthreads();
 #pragma unroll 4
         for (int q = 0; q < LSTM_QC; q += 4) {
-            const float4_t h0 = load_float4(&hs[u0][q]), h1 = load_float4(&hs[u0 + 1][q]);
+            const float4_t h0 = load_float4(&hs[group][u0][q]), h1 = load_float4(&hs[group][u0 + 1][q]);
 #pragma unroll
             for (int g = 0; g < 4; ++g) {
-                const float4_t w = load_float4(&ws[g * LSTM_JT + jj][q]);
+                const float4_t w = load_float4(&ws[group][g * LSTM_JT + jj][q]);
                 acc[0][g] = lstm_dot4(acc[0][g], w, h0);
                 acc[1][g] = lstm_dot4(acc[1][g], w, h1);
             }
         }
         __syncthreads();
+    }
+    if (group > 0) {
+        for (int v = 0; v < 8; ++v) sums[group - 1][v][t] = acc[v / 4][v % 4];
+    }
+    __syncthreads();
+    if (group > 0) return;
+    for (int s = 0; s < LSTM_SPLIT_FWD - 1; ++s) {
+        for (int v = 0; v < 8; ++v) acc[v / 4][v % 4] += sums[s][v][t];
     }
     const int j = j0 + jj;
     if (j >= H) return;
@@ -134,35 +160,49 @@ STRATA_EMU_ENTRY(lstm_step_forward, LstmPairParams)
 
 extern "C" __global__ void lstm_step_backward(const LstmPairParams pair) {
     const LstmStepParams& p = pair.dir[blockIdx.z];
-    __align__(16) __shared__ float ws[LSTM_JT][LSTM_PITCH];  // W_hh^T's rows j: [4H] each
-    __align__(16) __shared__ float ds[LSTM_UT][LSTM_PITCH];  // the utterances' next dz
+    // Group s's W_hh^T rows j ([4H] each) and the utterances' next dz, over its part of 4H.
+    __align__(16) __shared__ float ws[LSTM_SPLIT_BWD][LSTM_JT][LSTM_PITCH];
+    __align__(16) __shared__ float ds[LSTM_SPLIT_BWD][LSTM_UT][LSTM_PITCH];
+    __shared__ float sums[LSTM_SPLIT_BWD - 1][2][LSTM_GROUP];  // the other groups' sums
     __shared__ int next_row[LSTM_UT];
     const int tid = threadIdx.x, H = p.hidden;
+    const int group = tid / LSTM_GROUP, t = tid % LSTM_GROUP;
     const int j0 = blockIdx.x * LSTM_JT, k0 = blockIdx.y * LSTM_UT;
     if (tid < LSTM_UT) {
         const int k = k0 + tid;
         next_row[tid] = k < p.running ? p.sched[(int64_t)(p.step + 1) * p.n + k] : -1;
     }
     __syncthreads();
-    const int jj = tid % LSTM_JT, u0 = 2 * (tid / LSTM_JT);
+    const int jj = t % LSTM_JT, u0 = 2 * (t / LSTM_JT);
+    const int span = lstm_span(4 * H, LSTM_SPLIT_BWD), begin = group * span, end = begin + span < 4 * H ? begin + span : 4 * H;
     float acc[2] = {0.0f, 0.0f};
-    for (int c0 = 0; c0 < 4 * H; c0 += LSTM_QC) {
-        lstm_stage(ws, LSTM_JT, c0, 4 * H, [&](int r, int q) {
+    for (int c0 = begin; c0 < begin + span; c0 += LSTM_QC) {
+        lstm_stage(ws[group], LSTM_JT, c0, end, t, [&](int r, int q) {
             const int j = j0 + r;
             return j < H ? p.w[(int64_t)j * 4 * H + q] : 0.0f;
         });
-        lstm_stage(ds, LSTM_UT, c0, 4 * H, [&](int r, int q) {
+        lstm_stage(ds[group], LSTM_UT, c0, end, t, [&](int r, int q) {
             const int nr = next_row[r];
             return nr >= 0 ? p.dz[(int64_t)nr * 4 * H + q] : 0.0f;
         });
         __syncthreads();
 #pragma unroll 4
         for (int q = 0; q < LSTM_QC; q += 4) {
-            const float4_t w = load_float4(&ws[jj][q]);
-            acc[0] = lstm_dot4(acc[0], w, load_float4(&ds[u0][q]));
-            acc[1] = lstm_dot4(acc[1], w, load_float4(&ds[u0 + 1][q]));
+            const float4_t w = load_float4(&ws[group][jj][q]);
+            acc[0] = lstm_dot4(acc[0], w, load_float4(&ds[group][u0][q]));
+            acc[1] = lstm_dot4(acc[1], w, load_float4(&ds[group][u0 + 1][q]));
         }
         __syncthreads();
+    }
+    if (group > 0) {
+        sums[group - 1][0][t] = acc[0];
+        sums[group - 1][1][t] = acc[1];
+    }
+    __syncthreads();
+    if (group > 0) return;
+    for (int s = 0; s < LSTM_SPLIT_BWD - 1; ++s) {
+        acc[0] += sums[s][0][t];
+        acc[1] += sums[s][1][t];
     }
     const int j = j0 + jj;
     if (j >= H) return;

@@ -8,11 +8,14 @@ use crate::error::{Error, Result};
 use crate::runtime::kernels::{LstmPairParams, LstmStepParams, LstmTransposeParams};
 use crate::runtime::{Backend, Buf};
 
-/// The step kernels' tile (kernels/lstm.cu's LSTM_JT, LSTM_UT, LSTM_THREADS): a block per 8 units
-/// of 32 running utterances, 128 threads.
+/// The step kernels' tile (kernels/lstm.cu's LSTM_JT, LSTM_UT): a block per 8 units of 32
+/// running utterances, in groups of 128 threads (LSTM_GROUP) that split the sums' length, 2
+/// forward and 4 backward (LSTM_SPLIT_FWD, LSTM_SPLIT_BWD).
 const LSTM_UNITS_PER_BLOCK: usize = 8;
 const LSTM_UTTERANCES_PER_BLOCK: usize = 32;
-const LSTM_THREADS: u32 = 128;
+const LSTM_GROUP: u32 = 128;
+const FORWARD_THREADS: u32 = 2 * LSTM_GROUP;
+const BACKWARD_THREADS: u32 = 4 * LSTM_GROUP;
 
 /// Which packed row each running utterance reads at each step, on the device: utterances longest
 /// first (ties by position, as `ops::lstm`), -1 once ended, one extra all -1 step at the end.
@@ -81,11 +84,12 @@ impl DeviceLstmSchedule {
     }
 }
 
-/// One launch of a step kernel over `count` directions' parameters (1 or 2, the same step of the
-/// same batch, the first `count` of `pair`): grid.z picks the direction.
+/// One launch of a step kernel (blocks of `threads`) over `count` directions' parameters (1 or 2,
+/// the same step of the same batch, the first `count` of `pair`): grid.z picks the direction.
 fn launch_step(
     be: &Backend,
     kernel: &'static str,
+    threads: u32,
     pair: &LstmPairParams,
     count: usize,
 ) -> Result<()> {
@@ -95,7 +99,7 @@ fn launch_step(
         (p.running as usize).div_ceil(LSTM_UTTERANCES_PER_BLOCK) as u32,
         count as u32,
     );
-    be.launch(kernel, grid, (LSTM_THREADS, 1, 1), 0, pair)
+    be.launch(kernel, grid, (threads, 1, 1), 0, pair)
 }
 
 /// One direction of a layer: its gate pre-activations `pre` [frames, 4H] (x W_ih^T + both biases),
@@ -190,6 +194,7 @@ pub fn lstm_forward_directions(
     h: &Buf<f32>,
 ) -> Result<Vec<LstmStates>> {
     const K: &str = "lstm_step_forward";
+    const THREADS: u32 = FORWARD_THREADS;
     check_directions(K, &dirs.iter().map(|d| d.sched).collect::<Vec<_>>())?;
     let frames = dirs[0].sched.frames;
     let mut out = Vec::with_capacity(dirs.len());
@@ -218,7 +223,7 @@ pub fn lstm_forward_directions(
                 ..d.sched.params(be, step, hidden, &d.cols)
             };
         }
-        launch_step(be, K, &pair, dirs.len())?;
+        launch_step(be, K, THREADS, &pair, dirs.len())?;
     }
     Ok(out)
 }
@@ -253,6 +258,7 @@ pub fn lstm_backward_directions(
     hidden: usize,
 ) -> Result<Vec<Buf<f32>>> {
     const K: &str = "lstm_step_backward";
+    const THREADS: u32 = BACKWARD_THREADS;
     check_directions(K, &dirs.iter().map(|d| d.sched).collect::<Vec<_>>())?;
     let frames = dirs[0].sched.frames;
     // Per direction: W_hh^T, dz, dc_carry.
@@ -289,7 +295,7 @@ pub fn lstm_backward_directions(
                 ..d.sched.params(be, step, hidden, &d.cols)
             };
         }
-        launch_step(be, K, &pair, dirs.len())?;
+        launch_step(be, K, THREADS, &pair, dirs.len())?;
     }
     Ok(bufs.into_iter().map(|(_, dz, _)| dz).collect())
 }
