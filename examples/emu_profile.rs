@@ -28,7 +28,17 @@ use strata::runtime::{emulated_profile_of, Backend};
 use strata::train::device_step::DevicePair;
 use strata::train::side_by_side::{CtcHead, HeadKind, Pair, PairSpec};
 
-fn main() -> strata::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("emu_profile: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> strata::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let number = |i: usize, default: usize| -> strata::Result<usize> {
         match args.get(i) {
