@@ -104,23 +104,29 @@ extern "C" __global__ void lstm_step_forward(const LstmPairParams pair) {
     const int span = lstm_span(H, LSTM_SPLIT_FWD), begin = group * span, end = begin + span < H ? begin + span : H;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     for (int c0 = begin; c0 < begin + span; c0 += LSTM_QC) {
-        lstm_stage(ws[group], 4 * LSTM_JT, c0, end, t, [&](int r, int q) {
-            const int j = j0 + r % LSTM_JT;
-            return j < H ? p.w[((int64_t)(r / LSTM_JT) * H + j) * H + q] : 0.0f;
-        });
-        lstm_stage(hs[group], LSTM_UT, c0, end, t, [&](int r, int q) {
-            const int pr = prev_row[r];
-            return pr >= 0 ? p.h[(int64_t)pr * p.h_stride + p.h_col + q] : 0.0f;
-        });
+        // A group past the sum's end (small H) only keeps the block's barriers.
+        const bool active = c0 < end;
+        if (active) {
+            lstm_stage(ws[group], 4 * LSTM_JT, c0, end, t, [&](int r, int q) {
+                const int j = j0 + r % LSTM_JT;
+                return j < H ? p.w[((int64_t)(r / LSTM_JT) * H + j) * H + q] : 0.0f;
+            });
+            lstm_stage(hs[group], LSTM_UT, c0, end, t, [&](int r, int q) {
+                const int pr = prev_row[r];
+                return pr >= 0 ? p.h[(int64_t)pr * p.h_stride + p.h_col + q] : 0.0f;
+            });
+        }
         __syncthreads();
+        if (active) {
 #pragma unroll 4
-        for (int q = 0; q < LSTM_QC; q += 4) {
-            const float4_t h0 = load_float4(&hs[group][u0][q]), h1 = load_float4(&hs[group][u0 + 1][q]);
+            for (int q = 0; q < LSTM_QC; q += 4) {
+                const float4_t h0 = load_float4(&hs[group][u0][q]), h1 = load_float4(&hs[group][u0 + 1][q]);
 #pragma unroll
-            for (int g = 0; g < 4; ++g) {
-                const float4_t w = load_float4(&ws[group][g * LSTM_JT + jj][q]);
-                acc[0][g] = lstm_dot4(acc[0][g], w, h0);
-                acc[1][g] = lstm_dot4(acc[1][g], w, h1);
+                for (int g = 0; g < 4; ++g) {
+                    const float4_t w = load_float4(&ws[group][g * LSTM_JT + jj][q]);
+                    acc[0][g] = lstm_dot4(acc[0][g], w, h0);
+                    acc[1][g] = lstm_dot4(acc[1][g], w, h1);
+                }
             }
         }
         __syncthreads();
@@ -177,20 +183,26 @@ extern "C" __global__ void lstm_step_backward(const LstmPairParams pair) {
     const int span = lstm_span(4 * H, LSTM_SPLIT_BWD), begin = group * span, end = begin + span < 4 * H ? begin + span : 4 * H;
     float acc[2] = {0.0f, 0.0f};
     for (int c0 = begin; c0 < begin + span; c0 += LSTM_QC) {
-        lstm_stage(ws[group], LSTM_JT, c0, end, t, [&](int r, int q) {
-            const int j = j0 + r;
-            return j < H ? p.w[(int64_t)j * 4 * H + q] : 0.0f;
-        });
-        lstm_stage(ds[group], LSTM_UT, c0, end, t, [&](int r, int q) {
-            const int nr = next_row[r];
-            return nr >= 0 ? p.dz[(int64_t)nr * 4 * H + q] : 0.0f;
-        });
+        // A group past the sum's end (small H) only keeps the block's barriers.
+        const bool active = c0 < end;
+        if (active) {
+            lstm_stage(ws[group], LSTM_JT, c0, end, t, [&](int r, int q) {
+                const int j = j0 + r;
+                return j < H ? p.w[(int64_t)j * 4 * H + q] : 0.0f;
+            });
+            lstm_stage(ds[group], LSTM_UT, c0, end, t, [&](int r, int q) {
+                const int nr = next_row[r];
+                return nr >= 0 ? p.dz[(int64_t)nr * 4 * H + q] : 0.0f;
+            });
+        }
         __syncthreads();
+        if (active) {
 #pragma unroll 4
-        for (int q = 0; q < LSTM_QC; q += 4) {
-            const float4_t w = load_float4(&ws[group][jj][q]);
-            acc[0] = lstm_dot4(acc[0], w, load_float4(&ds[group][u0][q]));
-            acc[1] = lstm_dot4(acc[1], w, load_float4(&ds[group][u0 + 1][q]));
+            for (int q = 0; q < LSTM_QC; q += 4) {
+                const float4_t w = load_float4(&ws[group][jj][q]);
+                acc[0] = lstm_dot4(acc[0], w, load_float4(&ds[group][u0][q]));
+                acc[1] = lstm_dot4(acc[1], w, load_float4(&ds[group][u0 + 1][q]));
+            }
         }
         __syncthreads();
     }
