@@ -127,7 +127,7 @@ using WgmmaGroups = AsyncGroups<PendingWgmma>;
 
 struct Block {
     std::vector<Fiber> fibers;
-    std::vector<char> stacks;
+    char* stacks = nullptr;  // kStack bytes per thread (fiber_stacks)
     std::vector<uint64_t> slots;  // one per thread: the warp-exchange mailbox
     std::vector<uint32_t> mma;    // 10 words per thread: an mma's A (4), B (2) and C (4 floats)
     std::vector<WarpMma> warp_mma;  // one per warp: the result of the warp's current mma
@@ -391,10 +391,10 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
         Fiber& f = b.fibers[i];
         f.state = READY;
 #ifdef STRATA_FAST_SWITCH
-        f.sp = initial_stack(b.stacks.data() + (size_t)i * kStack, kStack);
+        f.sp = initial_stack(b.stacks + (size_t)i * kStack, kStack);
 #else
         getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = b.stacks.data() + (size_t)i * kStack;
+        f.ctx.uc_stack.ss_sp = b.stacks + (size_t)i * kStack;
         f.ctx.uc_stack.ss_size = kStack;
         f.ctx.uc_link = &b.scheduler;
         makecontext(&f.ctx, trampoline, 0);
@@ -480,6 +480,34 @@ static bool run_block(Block& b, bool descending_first, char* err, unsigned errle
     }
 }
 
+// The fibers' stacks, kept from launch to launch on each thread (freed when it exits): a launch of
+// 512 threads needs 32 MB, and a fresh zero-filled allocation per launch took most of an emulated
+// LSTM step (page faults and the fill: system time). Stacks need no zeroing. A launch inside a
+// launch (none today) would take a buffer of its own.
+thread_local std::vector<char> tl_stacks;
+thread_local bool tl_stacks_in_use = false;
+struct FiberStacks {
+    char* base;
+    bool owned;
+    explicit FiberStacks(size_t bytes) : owned(tl_stacks_in_use) {
+        if (owned) {
+            base = new char[bytes];
+            return;
+        }
+        tl_stacks_in_use = true;
+        if (tl_stacks.size() < bytes) tl_stacks.resize(bytes);
+        base = tl_stacks.data();
+    }
+    ~FiberStacks() {
+        if (owned)
+            delete[] base;
+        else
+            tl_stacks_in_use = false;
+    }
+    FiberStacks(const FiberStacks&) = delete;
+    FiberStacks& operator=(const FiberStacks&) = delete;
+};
+
 int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, char* err, unsigned errlen) {
     const long threads = (long)block.x * block.y * block.z;
     if (threads <= 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64) {
@@ -505,7 +533,8 @@ int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, 
     b.block_dim = block;
     b.grid_dim = grid;
     b.fibers.resize(threads);
-    b.stacks.resize((size_t)threads * kStack);
+    FiberStacks stacks((size_t)threads * kStack);
+    b.stacks = stacks.base;
     b.slots.assign(threads, 0);
     b.mma.assign((size_t)threads * 10, 0);
     b.warp_mma.assign((threads + 31) / 32, WarpMma());
