@@ -72,10 +72,18 @@ __device__ __forceinline__ void lstm_stage(float (*rows)[LSTM_PITCH], int count,
     }
 }
 
-// Each group's part of a sum of length k split between `groups`: a multiple of LSTM_QC, group g
-// taking [g span, min((g + 1) span, k)) (the last ones may be short or empty: zero-filled).
-__device__ __forceinline__ int lstm_span(int k, int groups) {
-    return (k + groups * LSTM_QC - 1) / (groups * LSTM_QC) * LSTM_QC;
+// Group `group`'s part of a sum of length k split between `groups`: columns [begin, end), its
+// chunks running from begin over `span` (a multiple of LSTM_QC; the last groups' parts may be
+// short or empty: zero-filled past end).
+struct LstmPart {
+    int begin, span, end;
+};
+__device__ __forceinline__ LstmPart lstm_part(int k, int groups, int group) {
+    LstmPart r;
+    r.span = (k + groups * LSTM_QC - 1) / (groups * LSTM_QC) * LSTM_QC;
+    r.begin = group * r.span;
+    r.end = r.begin + r.span < k ? r.begin + r.span : k;
+    return r;
 }
 
 __device__ __forceinline__ float lstm_dot4(float acc, float4_t a, float4_t b) {
@@ -101,17 +109,17 @@ extern "C" __global__ void lstm_step_forward(const LstmPairParams pair) {
     }
     __syncthreads();
     const int jj = t % LSTM_JT, u0 = 2 * (t / LSTM_JT);
-    const int span = lstm_span(H, LSTM_SPLIT_FWD), begin = group * span, end = begin + span < H ? begin + span : H;
+    const LstmPart part = lstm_part(H, LSTM_SPLIT_FWD, group);
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    for (int c0 = begin; c0 < begin + span; c0 += LSTM_QC) {
+    for (int c0 = part.begin; c0 < part.begin + part.span; c0 += LSTM_QC) {
         // A group past the sum's end (small H) only keeps the block's barriers.
-        const bool active = c0 < end;
+        const bool active = c0 < part.end;
         if (active) {
-            lstm_stage(ws[group], 4 * LSTM_JT, c0, end, t, [&](int r, int q) {
+            lstm_stage(ws[group], 4 * LSTM_JT, c0, part.end, t, [&](int r, int q) {
                 const int j = j0 + r % LSTM_JT;
                 return j < H ? p.w[((int64_t)(r / LSTM_JT) * H + j) * H + q] : 0.0f;
             });
-            lstm_stage(hs[group], LSTM_UT, c0, end, t, [&](int r, int q) {
+            lstm_stage(hs[group], LSTM_UT, c0, part.end, t, [&](int r, int q) {
                 const int pr = prev_row[r];
                 return pr >= 0 ? p.h[(int64_t)pr * p.h_stride + p.h_col + q] : 0.0f;
             });
@@ -180,17 +188,17 @@ extern "C" __global__ void lstm_step_backward(const LstmPairParams pair) {
     }
     __syncthreads();
     const int jj = t % LSTM_JT, u0 = 2 * (t / LSTM_JT);
-    const int span = lstm_span(4 * H, LSTM_SPLIT_BWD), begin = group * span, end = begin + span < 4 * H ? begin + span : 4 * H;
+    const LstmPart part = lstm_part(4 * H, LSTM_SPLIT_BWD, group);
     float acc[2] = {0.0f, 0.0f};
-    for (int c0 = begin; c0 < begin + span; c0 += LSTM_QC) {
+    for (int c0 = part.begin; c0 < part.begin + part.span; c0 += LSTM_QC) {
         // A group past the sum's end (small H) only keeps the block's barriers.
-        const bool active = c0 < end;
+        const bool active = c0 < part.end;
         if (active) {
-            lstm_stage(ws[group], LSTM_JT, c0, end, t, [&](int r, int q) {
+            lstm_stage(ws[group], LSTM_JT, c0, part.end, t, [&](int r, int q) {
                 const int j = j0 + r;
                 return j < H ? p.w[(int64_t)j * 4 * H + q] : 0.0f;
             });
-            lstm_stage(ds[group], LSTM_UT, c0, end, t, [&](int r, int q) {
+            lstm_stage(ds[group], LSTM_UT, c0, part.end, t, [&](int r, int q) {
                 const int nr = next_row[r];
                 return nr >= 0 ? p.dz[(int64_t)nr * 4 * H + q] : 0.0f;
             });

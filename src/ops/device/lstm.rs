@@ -194,7 +194,6 @@ pub fn lstm_forward_directions(
     h: &Buf<f32>,
 ) -> Result<Vec<LstmStates>> {
     const K: &str = "lstm_step_forward";
-    const THREADS: u32 = FORWARD_THREADS;
     check_directions(K, &dirs.iter().map(|d| d.sched).collect::<Vec<_>>())?;
     let frames = dirs[0].sched.frames;
     let mut out = Vec::with_capacity(dirs.len());
@@ -223,7 +222,7 @@ pub fn lstm_forward_directions(
                 ..d.sched.params(be, step, hidden, &d.cols)
             };
         }
-        launch_step(be, K, THREADS, &pair, dirs.len())?;
+        launch_step(be, K, FORWARD_THREADS, &pair, dirs.len())?;
     }
     Ok(out)
 }
@@ -258,7 +257,6 @@ pub fn lstm_backward_directions(
     hidden: usize,
 ) -> Result<Vec<Buf<f32>>> {
     const K: &str = "lstm_step_backward";
-    const THREADS: u32 = BACKWARD_THREADS;
     check_directions(K, &dirs.iter().map(|d| d.sched).collect::<Vec<_>>())?;
     let frames = dirs[0].sched.frames;
     // Per direction: W_hh^T, dz, dc_carry.
@@ -295,7 +293,7 @@ pub fn lstm_backward_directions(
                 ..d.sched.params(be, step, hidden, &d.cols)
             };
         }
-        launch_step(be, K, THREADS, &pair, dirs.len())?;
+        launch_step(be, K, BACKWARD_THREADS, &pair, dirs.len())?;
     }
     Ok(bufs.into_iter().map(|(_, dz, _)| dz).collect())
 }
