@@ -822,15 +822,21 @@ fn main() -> std::process::ExitCode {
             head_dim: dh,
             dropout: None,
         };
-        // Scores and the weighted sums, forward and the backward's two passes: 6 products.
+        // Scores and the weighted sums, forward and the backward's two passes: 6 products. The
+        // tiled kernels (the default since 2026-12-07) and the per-row ones they replaced.
         let flops = 6 * 2 * 32 * heads * 247 * 247 * dh;
-        let ms = time_ms(&be, &mut flush, || {
-            let (_, probs) = attn.forward(&be).unwrap();
-            attn.backward(&be, &probs, &q).unwrap();
-        });
-        println!(
-            "{{\"name\": \"packed_attention_fwd_bwd_32x247_8x32\", \"ms\": {ms:.4}, \"flops\": {flops}}}"
-        );
+        for (kernels, name) in [
+            (device::PackedAttnKernels::Tiled, "packed_attention"),
+            (device::PackedAttnKernels::Rows, "packed_attention_rows"),
+        ] {
+            let ms = time_ms(&be, &mut flush, || {
+                let (_, probs) = attn.forward_on(&be, kernels).unwrap();
+                attn.backward_on(&be, &probs, &q, kernels).unwrap();
+            });
+            println!(
+                "{{\"name\": \"{name}_fwd_bwd_32x247_8x32\", \"ms\": {ms:.4}, \"flops\": {flops}}}"
+            );
+        }
         let batch = strata::PackedBatch::from_lengths(&vec![500; 32]).unwrap();
         let (frames, hidden) = (batch.total_frames(), 1024usize);
         let pre = be.upload(&vec![0.01f32; frames * 4 * hidden]).unwrap();

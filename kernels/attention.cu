@@ -1,5 +1,6 @@
 // strata/kernels/attention.cu: CLS pooling's attention (first), and the packed self-attention of
-// the ML-SUPERB head (at the end of the file).
+// the ML-SUPERB head (after it: a block per (frame, head), then the tiled kernels the host runs
+// by default, a block per 16 rows of an (utterance, head)).
 //
 // CLS pooling's attention, fused: per frame, ONE query (the CLS
 // token's, the same for every frame: a learned vector through the same LayerNorm and projection)
@@ -325,3 +326,234 @@ extern "C" __global__ void packed_attention_backward_key(const PackedAttnParams 
         });
 }
 STRATA_EMU_ENTRY(packed_attention_backward_key, PackedAttnParams)
+
+// ---------------------------------------------------------------------------------------------
+// The packed self-attention, tiled. The kernels above run a block per (frame, head), each reading
+// its utterance's whole K and V for one query: at ML-SUPERB's size (32 x 247 frames, 8 heads of
+// 32) that is ~4 GB through L1 / L2 per launch for 1 GFLOP of products. Here a block owns a tile
+// of PT_TILE rows of one (utterance, head): query rows in forward and backward_query, key rows in
+// backward_key, and streams the rows it reads (K, V; or Q, dO with their dS, P columns) through
+// shared memory chunk by chunk, each read once per tile. Same math and outputs as above (probs
+// and ds in the same [heads, T, T] layout, the same dropout indices); every sum runs in row order
+// in one thread: deterministic. Heads up to PT_MAX_DH wide (the host takes the per-row kernels
+// for wider ones). Grid (utterances, heads, tiles of the longest utterance); blocks of
+// PACKED_ATTN_THREADS; a tile past its utterance's end returns at once.
+
+#define PT_TILE 16
+#define PT_MAX_DH 128
+#define PT_SMEM 10240  // floats of staging: 40 KB
+#define PT_OUTS (PT_TILE * PT_MAX_DH / PACKED_ATTN_THREADS)  // outputs a thread may own
+
+// CUDA's min(int, int) is not in the emulator's host build.
+__device__ __forceinline__ int pt_min(int x, int y) { return x < y ? x : y; }
+
+struct PackedTile {
+    int s0, T, h, r0, n;  // the utterance's first frame and length, the head, the tile's first row, its rows
+    long long head;       // where head h's [T, T] probabilities start
+};
+
+__device__ __forceinline__ bool packed_tile(const PackedAttnParams& a, PackedTile& t) {
+    const int u = blockIdx.x;
+    t.h = blockIdx.y;
+    t.s0 = a.offsets[u];
+    t.T = a.offsets[u + 1] - t.s0;
+    t.r0 = blockIdx.z * PT_TILE;
+    t.n = pt_min(PT_TILE, t.T - t.r0);
+    t.head = a.prob_off[u] + (long long)t.h * t.T * t.T;
+    return t.n > 0;
+}
+
+// Rows r0 .. r0 + n of head h's features in src [frames, H * dh] into dst [n][dh + 1] (the
+// padding keeps threads reading different rows on different banks).
+__device__ __forceinline__ void pt_stage_rows(float* dst, const float* src, int r0, int n, int H, int h, int dh) {
+    for (int x = threadIdx.x; x < n * dh; x += blockDim.x) {
+        const int r = x / dh, e = x - r * dh;
+        dst[r * (dh + 1) + e] = src[(int64_t)(r0 + r) * H * dh + h * dh + e];
+    }
+}
+
+// For each (i < n, j < m): f(i, j, a_i . b_j) with a [n][dh + 1] and b [m][dh + 1] in shared memory.
+template <class F>
+__device__ __forceinline__ void pt_row_dots(const float* a, const float* b, int n, int m, int dh, F f) {
+    for (int x = threadIdx.x; x < n * m; x += blockDim.x) {
+        const int i = x / m, j = x - i * m;
+        const float* ai = a + i * (dh + 1);
+        const float* bj = b + j * (dh + 1);
+        float dot = 0.0f;
+        for (int e = 0; e < dh; ++e) dot += ai[e] * bj[e];
+        f(i, j, dot);
+    }
+}
+
+// acc[o] += sum_j w[i][j] b[j][e] over j < m for the thread's outputs (i, e) = x / dh, x % dh with
+// x = threadIdx.x + o * blockDim.x < n * dh; w [n][ldw] and b [m][dh + 1] in shared memory.
+__device__ __forceinline__ void pt_weighted_rows(float (&acc)[PT_OUTS], const float* w, int ldw, const float* b, int n, int m, int dh) {
+#pragma unroll
+    for (int o = 0; o < PT_OUTS; ++o) {
+        const int x = threadIdx.x + o * blockDim.x;
+        if (x < n * dh) {
+            const int i = x / dh, e = x - i * dh;
+            float s = acc[o];
+            for (int j = 0; j < m; ++j) s += w[i * ldw + j] * b[j * (dh + 1) + e];
+            acc[o] = s;
+        }
+    }
+}
+
+// out[(r0 + i) * H * dh + h * dh + e] = acc for the thread's outputs (as pt_weighted_rows).
+__device__ __forceinline__ void pt_store_rows(float* out, const float (&acc)[PT_OUTS], int r0, int n, int H, int h, int dh) {
+#pragma unroll
+    for (int o = 0; o < PT_OUTS; ++o) {
+        const int x = threadIdx.x + o * blockDim.x;
+        if (x < n * dh) {
+            const int i = x / dh, e = x - i * dh;
+            out[(int64_t)(r0 + i) * H * dh + h * dh + e] = acc[o];
+        }
+    }
+}
+
+extern "C" __global__ void packed_attention_tiled_forward(const PackedAttnParams a) {
+    __shared__ float sm[PT_SMEM];
+    PackedTile t;
+    if (!packed_tile(a, t)) return;
+    const int dh = a.dh, ld = dh + 1, T = t.T, n = t.n;
+    // The tile's queries, then a chunk of kc key (later value) rows and the chunk's probabilities.
+    const int kc = (PT_SMEM - PT_TILE * ld) / (PT_TILE + ld);
+    float* qs = sm;
+    float* rows = qs + PT_TILE * ld;
+    float* ps = rows + kc * ld;
+    const long long first = t.head + (long long)t.r0 * T;  // the tile's rows of probabilities
+    float* probs = a.probs + first;
+    pt_stage_rows(qs, a.q, t.s0 + t.r0, n, a.H, t.h, dh);
+    for (int j0 = 0; j0 < T; j0 += kc) {
+        const int m = pt_min(kc, T - j0);
+        __syncthreads();  // qs is staged; the previous chunk's dots are done
+        pt_stage_rows(rows, a.k, t.s0 + j0, m, a.H, t.h, dh);
+        __syncthreads();
+        pt_row_dots(qs, rows, n, m, dh, [&](int i, int j, float dot) { probs[(long long)i * T + j0 + j] = dot * a.scale; });
+    }
+    __syncthreads();
+    // Softmax of each row, a warp a row.
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int i = threadIdx.x >> 5; i < n; i += warps) {
+        float* r = probs + (long long)i * T;
+        float m = strata_bits_float(0xff800000u);
+        for (int j = lane; j < T; j += 32) m = fmaxf(m, r[j]);
+        m = warp_max(m);
+        float sum = 0.0f;
+        for (int j = lane; j < T; j += 32) {
+            const float ex = expf(r[j] - m);
+            r[j] = ex;
+            sum += ex;
+        }
+        const float inv = 1.0f / warp_sum(sum);
+        for (int j = lane; j < T; j += 32) r[j] *= inv;
+    }
+    // out = P' V, P' the probabilities after dropout.
+    float acc[PT_OUTS];
+#pragma unroll
+    for (int o = 0; o < PT_OUTS; ++o) acc[o] = 0.0f;
+    for (int j0 = 0; j0 < T; j0 += kc) {
+        const int m = pt_min(kc, T - j0);
+        __syncthreads();  // the rows are normalized; the previous chunk's sums are done
+        pt_stage_rows(rows, a.v, t.s0 + j0, m, a.H, t.h, dh);
+        for (int x = threadIdx.x; x < n * m; x += blockDim.x) {
+            const int i = x / m, j = x - i * m;
+            const long long at = (long long)i * T + j0 + j;
+            ps[i * kc + j] = packed_drop(a, probs[at], first + at);
+        }
+        __syncthreads();
+        pt_weighted_rows(acc, ps, kc, rows, n, m, dh);
+    }
+    pt_store_rows(a.out, acc, t.s0 + t.r0, n, a.H, t.h, dh);
+}
+STRATA_EMU_ENTRY(packed_attention_tiled_forward, PackedAttnParams)
+
+extern "C" __global__ void packed_attention_tiled_backward_query(const PackedAttnParams a) {
+    __shared__ float sm[PT_SMEM];
+    PackedTile t;
+    if (!packed_tile(a, t)) return;
+    const int dh = a.dh, ld = dh + 1, T = t.T, n = t.n;
+    const int kc = (PT_SMEM - PT_TILE * ld) / (PT_TILE + ld);
+    float* dos = sm;
+    float* rows = dos + PT_TILE * ld;
+    float* ss = rows + kc * ld;
+    const long long first = t.head + (long long)t.r0 * T;
+    const float* p = a.probs + first;
+    float* ds = a.ds + first;
+    pt_stage_rows(dos, a.dout, t.s0 + t.r0, n, a.H, t.h, dh);
+    // dP = dO V^T through the dropout, into ds.
+    for (int j0 = 0; j0 < T; j0 += kc) {
+        const int m = pt_min(kc, T - j0);
+        __syncthreads();
+        pt_stage_rows(rows, a.v, t.s0 + j0, m, a.H, t.h, dh);
+        __syncthreads();
+        pt_row_dots(dos, rows, n, m, dh, [&](int i, int j, float dot) {
+            const long long at = (long long)i * T + j0 + j;
+            ds[at] = packed_drop(a, dot, first + at);
+        });
+    }
+    __syncthreads();
+    // dS = P (dP - sum_j P dP) scale, a warp a row.
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int i = threadIdx.x >> 5; i < n; i += warps) {
+        const float* pr = p + (long long)i * T;
+        float* dr = ds + (long long)i * T;
+        float dot = 0.0f;
+        for (int j = lane; j < T; j += 32) dot += pr[j] * dr[j];
+        dot = warp_sum(dot);
+        for (int j = lane; j < T; j += 32) dr[j] = pr[j] * (dr[j] - dot) * a.scale;
+    }
+    // dQ = dS K.
+    float acc[PT_OUTS];
+#pragma unroll
+    for (int o = 0; o < PT_OUTS; ++o) acc[o] = 0.0f;
+    for (int j0 = 0; j0 < T; j0 += kc) {
+        const int m = pt_min(kc, T - j0);
+        __syncthreads();
+        pt_stage_rows(rows, a.k, t.s0 + j0, m, a.H, t.h, dh);
+        for (int x = threadIdx.x; x < n * m; x += blockDim.x) {
+            const int i = x / m, j = x - i * m;
+            ss[i * kc + j] = ds[(long long)i * T + j0 + j];
+        }
+        __syncthreads();
+        pt_weighted_rows(acc, ss, kc, rows, n, m, dh);
+    }
+    pt_store_rows(a.dq, acc, t.s0 + t.r0, n, a.H, t.h, dh);
+}
+STRATA_EMU_ENTRY(packed_attention_tiled_backward_query, PackedAttnParams)
+
+// dK_j = sum_i dS_ij q_i and dV_j = sum_i P'_ij dO_i for the tile's key rows j, the query rows i
+// in chunks of qc: their q and dO rows, and the tile's columns of dS and P'.
+extern "C" __global__ void packed_attention_tiled_backward_key(const PackedAttnParams a) {
+    __shared__ float sm[PT_SMEM];
+    PackedTile t;
+    if (!packed_tile(a, t)) return;
+    const int dh = a.dh, ld = dh + 1, T = t.T, n = t.n;
+    const int qc = PT_SMEM / (2 * ld + 2 * PT_TILE);
+    float* qs = sm;
+    float* dos = qs + qc * ld;
+    float* ss = dos + qc * ld;
+    float* ps = ss + qc * PT_TILE;
+    float dk[PT_OUTS], dv[PT_OUTS];
+#pragma unroll
+    for (int o = 0; o < PT_OUTS; ++o) dk[o] = dv[o] = 0.0f;
+    for (int i0 = 0; i0 < T; i0 += qc) {
+        const int m = pt_min(qc, T - i0);
+        __syncthreads();
+        pt_stage_rows(qs, a.q, t.s0 + i0, m, a.H, t.h, dh);
+        pt_stage_rows(dos, a.dout, t.s0 + i0, m, a.H, t.h, dh);
+        for (int x = threadIdx.x; x < m * n; x += blockDim.x) {
+            const int i = x / n, j = x - i * n;
+            const long long at = t.head + (long long)(i0 + i) * T + t.r0 + j;
+            ss[j * qc + i] = a.ds[at];
+            ps[j * qc + i] = packed_drop(a, a.probs[at], at);
+        }
+        __syncthreads();
+        pt_weighted_rows(dk, ss, qc, qs, n, m, dh);
+        pt_weighted_rows(dv, ps, qc, dos, n, m, dh);
+    }
+    pt_store_rows(a.dk, dk, t.s0 + t.r0, n, a.H, t.h, dh);
+    pt_store_rows(a.dv, dv, t.s0 + t.r0, n, a.H, t.h, dh);
+}
+STRATA_EMU_ENTRY(packed_attention_tiled_backward_key, PackedAttnParams)

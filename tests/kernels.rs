@@ -2420,16 +2420,20 @@ fn speaker_head_kernels_match_the_cpu_references() {
 
 #[test]
 fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
+    use device::PackedAttnKernels;
     use strata::ops::attention::{packed_backward, packed_forward, ProbDropout};
     for be in backends() {
         let tag = be.name();
         // Head sizes: 8 and 5 (16 and 25 thread groups share each sum over the rows, some with
         // no row), 32 (4 groups, as ML-SUPERB's heads), 130 (more than the block: one feature a
-        // thread, strided).
+        // thread, strided; past the tiled kernels' 128). The tiled kernels stage 56 key rows
+        // (35 query rows in backward_key) a chunk at 128 wide: 70 frames take two chunks and a
+        // partial tile of 6 rows.
         let mut cases = vec![
             (vec![1usize, 5, 37], 2usize, 8usize),
             (vec![20, 3], 4, 5),
             (vec![70, 9], 2, 32),
+            (vec![70, 17], 1, 128),
             (vec![30, 7], 1, 130),
         ];
         if on_gpu() && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
@@ -2439,7 +2443,11 @@ fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
             let batch = strata::PackedBatch::from_lengths(&lengths).unwrap();
             let n = batch.total_frames() * heads * dh;
             let (q, k, v, dout) = (randn(n, 61), randn(n, 62), randn(n, 63), randn(n, 64));
-            for dropout in [None, Some(ProbDropout { p: 0.25, seed: 77 })] {
+            let kernels = [PackedAttnKernels::Rows, PackedAttnKernels::Tiled];
+            for (dropout, kernels) in [None, Some(ProbDropout { p: 0.25, seed: 77 })]
+                .into_iter()
+                .flat_map(|d| kernels.map(|k| (d, k)))
+            {
                 let bufs = [&q, &k, &v, &dout].map(|x| be.upload(x).unwrap());
                 let attn = device::PackedAttn {
                     q: &bufs[0],
@@ -2450,8 +2458,15 @@ fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
                     head_dim: dh,
                     dropout,
                 };
-                let (out, probs) = attn.forward(&be).unwrap();
-                let (dq, dk, dv) = attn.backward(&be, &probs, &bufs[3]).unwrap();
+                if kernels == PackedAttnKernels::Tiled && !attn.tiles_fit() {
+                    assert!(dh > 128, "the tiled kernels take heads up to 128 wide");
+                    let err = attn.forward_on(&be, kernels).err().unwrap().to_string();
+                    assert!(err.contains("packed_attention_tiled_forward"), "{err}");
+                    assert_eq!(attn.default_kernels(), PackedAttnKernels::Rows);
+                    continue;
+                }
+                let (out, probs) = attn.forward_on(&be, kernels).unwrap();
+                let (dq, dk, dv) = attn.backward_on(&be, &probs, &bufs[3], kernels).unwrap();
                 let offsets = batch.offsets();
                 let (want_out, want_probs) =
                     packed_forward((&q, &k, &v), offsets, heads, dh, dropout);
@@ -2464,7 +2479,8 @@ fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
                     dh,
                     dropout,
                 );
-                let what = format!("{tag} {lengths:?} x {heads} heads, dropout {dropout:?}");
+                let what =
+                    format!("{tag} {kernels:?} {lengths:?} x {heads} heads, dropout {dropout:?}");
                 for (name, got, want) in [
                     ("out", &out, &want_out),
                     ("probs", &probs, &want_probs),
@@ -2493,7 +2509,11 @@ fn packed_self_attention_matches_the_cpu_reference_with_and_without_dropout() {
         .err()
         .unwrap()
         .to_string();
-        assert!(err.contains("packed_attention_forward"), "{err}");
+        // The kernel (tiled here, per-row under STRATA_PACKED_ATTN=rows) and the input.
+        assert!(
+            err.contains("packed_attention_") && err.contains("forward q"),
+            "{err}"
+        );
     }
 }
 

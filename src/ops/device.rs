@@ -2431,10 +2431,45 @@ pub struct PackedAttn<'a> {
 }
 
 const PACKED_ATTN_BLOCK: u32 = 128;
+/// kernels/attention.cu's PT_TILE and PT_MAX_DH.
+const PACKED_ATTN_TILE: usize = 16;
+const PACKED_ATTN_TILED_MAX_DH: usize = 128;
+
+/// Which packed self-attention kernels run: a block per (frame, head), each reading its
+/// utterance's K and V rows for one query; or a block per tile of 16 rows of an (utterance,
+/// head), those rows staged once per tile (heads up to 128 wide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackedAttnKernels {
+    Rows,
+    Tiled,
+}
+
+impl PackedAttnKernels {
+    /// (forward, backward over queries, backward over keys).
+    fn names(self) -> [&'static str; 3] {
+        match self {
+            PackedAttnKernels::Rows => [
+                "packed_attention_forward",
+                "packed_attention_backward_query",
+                "packed_attention_backward_key",
+            ],
+            PackedAttnKernels::Tiled => [
+                "packed_attention_tiled_forward",
+                "packed_attention_tiled_backward_query",
+                "packed_attention_tiled_backward_key",
+            ],
+        }
+    }
+}
 
 impl PackedAttn<'_> {
     /// Checks the shapes; returns (offsets, probability offsets, probabilities' length).
-    fn prepare(&self, be: &Backend, k: &str) -> Result<(Buf<i32>, Buf<i64>, usize)> {
+    fn prepare(
+        &self,
+        be: &Backend,
+        k: &str,
+        kernels: PackedAttnKernels,
+    ) -> Result<(Buf<i32>, Buf<i64>, usize)> {
         let (frames, w) = (self.batch.total_frames(), self.heads * self.head_dim);
         if self.heads == 0 || self.head_dim == 0 {
             return Err(Error::shape(
@@ -2444,6 +2479,21 @@ impl PackedAttn<'_> {
             ));
         }
         rows_check(k, frames * self.heads, w)?;
+        if kernels == PackedAttnKernels::Tiled && !self.tiles_fit() {
+            return Err(Error::shape(
+                k,
+                format!(
+                    "heads at most {PACKED_ATTN_TILED_MAX_DH} wide and at most 65,535 heads and \
+                     tiles of {PACKED_ATTN_TILE} rows (else the per-row kernels)"
+                ),
+                format!(
+                    "{} heads of {}, the longest utterance {} frames",
+                    self.heads,
+                    self.head_dim,
+                    self.longest()
+                ),
+            ));
+        }
         let (offsets, _, _) = pool_params(be, k, self.batch, w)?;
         for (what, b) in [("q", self.q), ("k", self.k), ("v", self.v)] {
             need(be, k, what, b, frames * w)?;
@@ -2492,20 +2542,63 @@ impl PackedAttn<'_> {
         }
     }
 
-    fn grid(&self) -> (u32, u32, u32) {
-        ((self.batch.total_frames() * self.heads) as u32, 1, 1)
+    /// The kernels [`Self::forward`] and [`Self::backward`] run: the tiled ones where they take
+    /// the head width and the grid fits, unless STRATA_PACKED_ATTN=rows asks for the per-row
+    /// kernels (the device script's comparison).
+    pub fn default_kernels(&self) -> PackedAttnKernels {
+        static ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let forced = *ROWS.get_or_init(|| knobs::flag("STRATA_PACKED_ATTN", "rows"));
+        if forced || !self.tiles_fit() {
+            PackedAttnKernels::Rows
+        } else {
+            PackedAttnKernels::Tiled
+        }
+    }
+
+    fn longest(&self) -> usize {
+        self.batch.lengths().into_iter().max().unwrap_or(0)
+    }
+
+    /// Whether the tiled kernels take these shapes: heads up to PT_MAX_DH wide, and a grid
+    /// (utterances, heads, tiles) within CUDA's limits.
+    pub fn tiles_fit(&self) -> bool {
+        let tiles = self.longest().div_ceil(PACKED_ATTN_TILE);
+        self.head_dim <= PACKED_ATTN_TILED_MAX_DH
+            && self.heads <= 65_535
+            && tiles <= 65_535
+            && self.batch.num_utterances() <= i32::MAX as usize
+    }
+
+    fn grid(&self, kernels: PackedAttnKernels) -> (u32, u32, u32) {
+        match kernels {
+            PackedAttnKernels::Rows => ((self.batch.total_frames() * self.heads) as u32, 1, 1),
+            PackedAttnKernels::Tiled => (
+                self.batch.num_utterances() as u32,
+                self.heads as u32,
+                self.longest().div_ceil(PACKED_ATTN_TILE).max(1) as u32,
+            ),
+        }
     }
 
     /// (out fp32 [frames, heads * head_dim], probabilities before dropout, per utterance
     /// [heads, t, t]).
     pub fn forward(&self, be: &Backend) -> Result<(Buf<f32>, Buf<f32>)> {
-        const K: &str = "packed_attention_forward";
-        let (offsets, prob_off, total) = self.prepare(be, K)?;
+        self.forward_on(be, self.default_kernels())
+    }
+
+    /// [`Self::forward`] on the given kernels.
+    pub fn forward_on(
+        &self,
+        be: &Backend,
+        kernels: PackedAttnKernels,
+    ) -> Result<(Buf<f32>, Buf<f32>)> {
+        let k = kernels.names()[0];
+        let (offsets, prob_off, total) = self.prepare(be, k, kernels)?;
         let out = be.output::<f32>(self.q.len())?;
         let probs = be.output::<f32>(total)?;
         let mut p = self.params(be, &offsets, &prob_off);
         (p.out, p.probs) = (be.ptr(&out), be.ptr(&probs));
-        be.launch(K, self.grid(), (PACKED_ATTN_BLOCK, 1, 1), 0, &p)?;
+        be.launch(k, self.grid(kernels), (PACKED_ATTN_BLOCK, 1, 1), 0, &p)?;
         Ok((out, probs))
     }
 
@@ -2516,10 +2609,22 @@ impl PackedAttn<'_> {
         probs: &Buf<f32>,
         dout: &Buf<f32>,
     ) -> Result<(Buf<f32>, Buf<f32>, Buf<f32>)> {
-        const Q: &str = "packed_attention_backward_query";
-        let (offsets, prob_off, total) = self.prepare(be, Q)?;
-        need(be, Q, "probs", probs, total)?;
-        need(be, Q, "dout", dout, self.q.len())?;
+        self.backward_on(be, probs, dout, self.default_kernels())
+    }
+
+    /// [`Self::backward`] on the given kernels (either kernels' probabilities: the layout is
+    /// the same).
+    pub fn backward_on(
+        &self,
+        be: &Backend,
+        probs: &Buf<f32>,
+        dout: &Buf<f32>,
+        kernels: PackedAttnKernels,
+    ) -> Result<(Buf<f32>, Buf<f32>, Buf<f32>)> {
+        let [_, by_query, by_key] = kernels.names();
+        let (offsets, prob_off, total) = self.prepare(be, by_query, kernels)?;
+        need(be, by_query, "probs", probs, total)?;
+        need(be, by_query, "dout", dout, self.q.len())?;
         let ds = be.output::<f32>(total)?;
         let n = self.q.len();
         let (dq, dk, dv) = (
@@ -2530,14 +2635,9 @@ impl PackedAttn<'_> {
         let mut p = self.params(be, &offsets, &prob_off);
         (p.probs, p.dout, p.ds) = (be.ptr(probs), be.ptr(dout), be.ptr(&ds));
         (p.dq, p.dk, p.dv) = (be.ptr(&dq), be.ptr(&dk), be.ptr(&dv));
-        be.launch(Q, self.grid(), (PACKED_ATTN_BLOCK, 1, 1), 0, &p)?;
-        be.launch(
-            "packed_attention_backward_key",
-            self.grid(),
-            (PACKED_ATTN_BLOCK, 1, 1),
-            0,
-            &p,
-        )?;
+        let (grid, block) = (self.grid(kernels), (PACKED_ATTN_BLOCK, 1, 1));
+        be.launch(by_query, grid, block, 0, &p)?;
+        be.launch(by_key, grid, block, 0, &p)?;
         Ok((dq, dk, dv))
     }
 }
