@@ -19,8 +19,11 @@ pub enum Error {
     Unsupported(String),
     /// A file or checkpoint problem: `path` plus what went wrong.
     Io { path: String, detail: String },
-    /// A GPU / kernel failure (out of memory, compile error, launch error), naming the kernel.
+    /// A GPU / kernel failure (compile error, launch error), naming the kernel.
     Device(String),
+    /// A buffer the device (or the emulator's host memory) could not provide: its size, where,
+    /// the memory left; what to make smaller is the caller's to say.
+    Allocation(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -62,7 +65,7 @@ impl fmt::Display for Error {
             Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
             Error::Unsupported(msg) => write!(f, "unsupported: {msg}"),
             Error::Io { path, detail } => write!(f, "{path}: {detail}"),
-            Error::Device(msg) => write!(f, "device error: {msg}"),
+            Error::Device(msg) | Error::Allocation(msg) => write!(f, "device error: {msg}"),
         }
     }
 }

@@ -551,6 +551,15 @@ impl CudaRuntime {
         Ok(())
     }
 
+    /// (free, total) bytes of the GPU's memory, for the message of an allocation that failed;
+    /// None where the driver cannot say.
+    pub fn memory_info(&self) -> Option<(usize, usize)> {
+        self.ctx.bind_to_thread().ok()?;
+        std::panic::catch_unwind(|| cudarc::driver::result::mem_get_info().ok())
+            .ok()
+            .flatten()
+    }
+
     /// The device's default memory pool (where every buffer comes from): (bytes it holds from the
     /// driver now, its release threshold), or None where it cannot be read. Holding steady across
     /// steps means freed buffers are reused; falling back after each wait for the device would

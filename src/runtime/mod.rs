@@ -216,6 +216,55 @@ fn device_err(e: impl std::fmt::Display) -> Error {
     Error::Device(e.to_string())
 }
 
+/// Bytes as a person reads them: "512 B", "9.4 MB", "1.26 GB".
+pub fn readable_bytes(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1_000_000_000 => format!("{:.2} GB", b as f64 / 1e9),
+        b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        b if b >= 1_000 => format!("{:.1} kB", b as f64 / 1e3),
+        b => format!("{b} B"),
+    }
+}
+
+/// A buffer of `n` elements of T that could not be had, with its size, where, the memory the
+/// GPU has left, and what to do.
+fn allocation_err<T>(be: &Backend, n: usize, why: impl std::fmt::Display) -> Error {
+    let size = match n.checked_mul(std::mem::size_of::<T>()) {
+        Some(b) => readable_bytes(b),
+        None => "more bytes than an address space holds".into(),
+    };
+    let ty = std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("?");
+    let place = match be {
+        Backend::Emulator => "in the kernel emulator's host memory".to_string(),
+        Backend::Cuda(rt) => match rt.memory_info() {
+            Some((free, total)) => format!(
+                "on {} ({} free of {})",
+                rt.device_name,
+                readable_bytes(free),
+                readable_bytes(total)
+            ),
+            None => format!("on {}", rt.device_name),
+        },
+    };
+    Error::Allocation(format!(
+        "allocating {n} {ty} ({size}) {place} failed: {why}; a smaller batch (fewer or shorter \
+         utterances) needs less"
+    ))
+}
+
+/// The emulator's buffers: `n` copies of `fill`, or an error where the host cannot hold them
+/// (an allocation that fails would otherwise abort the process).
+fn host_vec<T: Clone>(be: &Backend, n: usize, fill: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|e| allocation_err::<T>(be, n, e))?;
+    v.resize(n, fill);
+    Ok(v)
+}
+
 impl Backend {
     /// The first GPU, or the reason there is none.
     pub fn cuda() -> std::result::Result<Self, String> {
@@ -239,13 +288,18 @@ impl Backend {
         timed(
             |h| &mut h.upload,
             || match self {
-                Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(data.to_vec()))),
-                Backend::Cuda(rt) => rt.stream.clone_htod(data).map(Buf::Cuda).map_err(|e| {
-                    device_err(format!(
-                        "copying {} elements to the GPU failed (out of memory?): {e}",
-                        data.len()
-                    ))
-                }),
+                Backend::Emulator => {
+                    let mut v = Vec::new();
+                    v.try_reserve_exact(data.len())
+                        .map_err(|e| allocation_err::<T>(self, data.len(), e))?;
+                    v.extend_from_slice(data);
+                    Ok(Buf::Host(UnsafeCell::new(v)))
+                }
+                Backend::Cuda(rt) => rt
+                    .stream
+                    .clone_htod(data)
+                    .map(Buf::Cuda)
+                    .map_err(|e| allocation_err::<T>(self, data.len(), e)),
             },
         )
     }
@@ -261,12 +315,14 @@ impl Backend {
         timed(
             |h| &mut h.allocate,
             || match self {
-                Backend::Emulator => Ok(Buf::Host(UnsafeCell::new(vec![T::default(); n]))),
-                Backend::Cuda(rt) => rt.stream.alloc_zeros(n).map(Buf::Cuda).map_err(|e| {
-                    device_err(format!(
-                        "allocating {n} elements on the GPU failed (out of memory?): {e}"
-                    ))
-                }),
+                Backend::Emulator => {
+                    Ok(Buf::Host(UnsafeCell::new(host_vec(self, n, T::default())?)))
+                }
+                Backend::Cuda(rt) => rt
+                    .stream
+                    .alloc_zeros(n)
+                    .map(Buf::Cuda)
+                    .map_err(|e| allocation_err::<T>(self, n, e)),
             },
         )
     }
@@ -284,21 +340,15 @@ impl Backend {
             |h| &mut h.allocate,
             || match self {
                 Backend::Emulator => {
-                    let mut v = vec![T::zeroed(); n];
+                    let mut v = host_vec(self, n, T::zeroed())?;
                     bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(0xFF);
                     Ok(Buf::Host(UnsafeCell::new(v)))
                 }
                 // SAFETY: the contents are unset until the kernel writes them; T is Pod, so
                 // whatever the memory holds is a valid (if meaningless) value.
-                Backend::Cuda(rt) => {
-                    unsafe { rt.stream.alloc::<T>(n) }
-                        .map(Buf::Cuda)
-                        .map_err(|e| {
-                            device_err(format!(
-                                "allocating {n} elements on the GPU failed (out of memory?): {e}"
-                            ))
-                        })
-                }
+                Backend::Cuda(rt) => unsafe { rt.stream.alloc::<T>(n) }
+                    .map(Buf::Cuda)
+                    .map_err(|e| allocation_err::<T>(self, n, e)),
             },
         )
     }
@@ -426,6 +476,29 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // An allocation the host cannot make is an error naming its size and the fix, where the
+    // emulator's `vec!` used to abort the whole process.
+    #[test]
+    fn an_allocation_too_large_is_an_error_not_an_abort() {
+        let be = Backend::Emulator;
+        let n = usize::MAX / 2;
+        let errors = [
+            be.output::<f32>(n).err().map(|e| e.to_string()),
+            be.zeros::<u16>(n).err().map(|e| e.to_string()),
+        ];
+        assert!(matches!(be.output::<f32>(n), Err(Error::Allocation(_))));
+        for e in errors {
+            let e = e.expect("refused");
+            assert!(e.contains(&format!("allocating {n} ")), "{e}");
+            assert!(e.contains("kernel emulator"), "{e}");
+            assert!(e.contains("smaller batch"), "{e}");
+        }
+        assert!(be.output::<f32>(3).is_ok());
+        assert_eq!(readable_bytes(1_264_000_000), "1.26 GB");
+        assert_eq!(readable_bytes(9_437_184), "9.4 MB");
+        assert_eq!(readable_bytes(512), "512 B");
+    }
 
     #[test]
     fn traffic_counts_this_threads_work_and_nests() {

@@ -988,10 +988,42 @@ impl DevicePair {
         tape.add(h, f)
     }
 
+    /// What a device failure (out of memory, a launch that failed) inside `what` on `batch`
+    /// becomes: the same error with the pair, the work and the batch's sizes, so that a user
+    /// knows which run and which batch; other errors name their tensor already.
+    fn device_context(&self, what: &str, batch: &PackedBatch) -> impl Fn(Error) -> Error {
+        let context = format!(
+            "'{}' {what} on {} utterances ({} frames of a {} x {} stack)",
+            self.name,
+            batch.num_utterances(),
+            batch.total_frames(),
+            self.layers,
+            self.dim
+        );
+        move |e| match e {
+            Error::Device(why) => Error::Device(format!("{context}: {why}")),
+            Error::Allocation(why) => Error::Allocation(format!("{context}: {why}")),
+            other => other,
+        }
+    }
+
     /// Adds the gradients of one micro-batch's mean loss times `scale` (1 / micro-batches when
     /// accumulating) to the parameters' gradients; returns that (unscaled) loss. `x0`: the bf16
     /// stack [frames, L, D] on the device; `targets` as [`Pair::accumulate`].
     pub fn accumulate_on(
+        &mut self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+        targets: &[Vec<usize>],
+        scale: f32,
+    ) -> Result<f32> {
+        let context = self.device_context(&format!("training step {}", self.steps + 1), batch);
+        self.accumulate_micro_batch(be, x0, batch, targets, scale)
+            .map_err(context)
+    }
+
+    fn accumulate_micro_batch(
         &mut self,
         be: &Backend,
         x0: &Buf<bf16>,
@@ -1045,6 +1077,17 @@ impl DevicePair {
     /// Adam step at learning rate `lr` (refreshing the bf16 copies, clearing the gradients) in
     /// one launch.
     pub fn apply(&mut self, be: &Backend, lr: f64) -> Result<()> {
+        let (name, step) = (self.name.clone(), self.steps + 1);
+        self.optimizer_step(be, lr).map_err(|e| match e {
+            Error::Device(why) => Error::Device(format!("'{name}' optimizer step {step}: {why}")),
+            Error::Allocation(why) => {
+                Error::Allocation(format!("'{name}' optimizer step {step}: {why}"))
+            }
+            other => other,
+        })
+    }
+
+    fn optimizer_step(&mut self, be: &Backend, lr: f64) -> Result<()> {
         let scale = match self.clip {
             Some(max_norm) => {
                 Some(device::clip_coefficient_table(be, &self.adam, max_norm as f32)?.1)
@@ -1115,6 +1158,17 @@ impl DevicePair {
         batch: &PackedBatch,
         targets: Option<&[Vec<usize>]>,
     ) -> Result<Scored> {
+        let context = self.device_context("evaluation", batch);
+        self.decode_scored(be, x0, batch, targets).map_err(context)
+    }
+
+    fn decode_scored(
+        &self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+        targets: Option<&[Vec<usize>]>,
+    ) -> Result<Scored> {
         self.check_stack(x0, batch.total_frames())?;
         let mut tape = DeviceTape::no_grad(be);
         let (mut out, out_batch) = self.forward(&mut tape, x0, batch, None, None)?;
@@ -1146,11 +1200,60 @@ impl DevicePair {
                 self.name
             )));
         }
+        let context = self.device_context("embedding", batch);
+        self.embedding(be, x0, batch).map_err(context)
+    }
+
+    fn embedding(
+        &self,
+        be: &Backend,
+        x0: &Buf<bf16>,
+        batch: &PackedBatch,
+    ) -> Result<Vec<Vec<f32>>> {
         self.check_stack(x0, batch.total_frames())?;
         let mut tape = DeviceTape::no_grad(be);
         let (out, _) = self.forward(&mut tape, x0, batch, None, None)?;
         let width = tape.shape(out)[1];
         let values = be.download(tape.f32_value(out)?)?;
         Ok(values.chunks(width).map(<[f32]>::to_vec).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::interface::InterfaceConfig;
+
+    // A device failure inside a step says which pair, which step and how big a batch; errors
+    // that name their tensor already pass unchanged.
+    #[test]
+    fn device_failures_name_the_pair_the_work_and_the_batch() {
+        let be = Backend::Emulator;
+        let pair = Pair::new(
+            "ws",
+            &InterfaceConfig::weighted_sum(3, 8),
+            HeadKind::Ctc { vocab: 5 },
+            AdamConfig::adamw(1e-3),
+            None,
+            0,
+        )
+        .unwrap();
+        let dev = DevicePair::from_pair(&be, &pair).unwrap();
+        let batch = PackedBatch::from_lengths(&[3, 4]).unwrap();
+        let context = dev.device_context("training step 1", &batch);
+        let e = context(Error::Allocation("allocating 9 f32 (36 B) failed".into()));
+        assert!(matches!(e, Error::Allocation(_)), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("'ws' training step 1 on 2 utterances (7 frames of a 3 x 8 stack): allocating 9 f32"),
+            "{e}"
+        );
+        let e = context(Error::Device("launch of k failed".into())).to_string();
+        assert!(
+            e.contains("(7 frames of a 3 x 8 stack): launch of k"),
+            "{e}"
+        );
+        let shape = Error::shape("stack", "[7, 3, 8]", "[7, 2, 8]");
+        assert_eq!(context(shape.clone()), shape);
     }
 }

@@ -672,7 +672,15 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
     cfg.progress = true;
     cfg.device = device;
     let results = strata::train::run::train(&train_src, &dev_src, train, dev, &vocab, &cfg)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            // The options that size a micro-batch. A resumed run must keep its own, so the fix
+            // is a new run.
+            strata::Error::Allocation(_) => format!(
+                "{e}\n(a micro-batch must fit the device: start a new run with a lower \
+                 --batch-seconds or --crop-seconds, and --accum N to keep N times that per step)"
+            ),
+            other => other.to_string(),
+        })?;
     let (metric, accuracy) = match t.task {
         Task::Speaker => ("dev EER", false),
         _ if ctc => ("dev error", false),
