@@ -517,6 +517,38 @@ fn launch_errors_name_the_kernel_and_sizes() {
     }
 }
 
+// More memory than the backend has is an allocation error with the sizes, and the backend works
+// on afterwards (on the GPU: the failed cuMemAllocAsync leaves the context usable). The
+// emulator's request overflows the address space (a real 4 TB reserve could be granted by an
+// overcommitting kernel and then filled); the GPU's is 4 TB.
+#[test]
+fn allocations_beyond_the_backend_are_errors_and_the_backend_goes_on() {
+    for be in backends() {
+        let n = match be {
+            Backend::Emulator => usize::MAX / 8,
+            Backend::Cuda(_) => 1 << 40,
+        };
+        let tag = be.name();
+        let err = be.output::<f32>(n).expect_err("refused");
+        assert!(matches!(err, strata::Error::Allocation(_)), "{tag}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("allocating {n} f32")) && text.contains("smaller batch"),
+            "{tag}: {text}"
+        );
+        if let Backend::Cuda(_) = be {
+            assert!(
+                text.contains("free of"),
+                "{tag}: the GPU's memory left: {text}"
+            );
+        }
+        assert!(be.zeros::<bf16>(n).is_err(), "{tag}");
+        let x = be.upload(&[1.0f32, -2.0, 3.0]).unwrap();
+        let y = device::activation_forward(&be, &x, false).unwrap();
+        assert_eq!(be.download(&y).unwrap(), vec![1.0, 0.0, 3.0], "{tag}");
+    }
+}
+
 #[test]
 fn the_cuda_probe_never_panics_and_auto_falls_back_to_the_cpu() {
     use strata::runtime::resolve;
