@@ -30,7 +30,7 @@ struct LayerNormBwdParams {
     const float* dy;
     const float* mean;
     const float* rstd;
-    float* dx;
+    float* dx;       // [rows, d], or null: only the affine parameters' gradients
     float* partial;  // [blocks, 2 d]: sum dy * xhat, sum dy over the block's rows (affine only)
     int rows, d;
 };
@@ -75,7 +75,7 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
     for (int r = blockIdx.x * LN_ROWS_PER_BLOCK; r < r_end; ++r) {
         const float* x = p.x + (int64_t)r * p.d;
         const float* g = p.dy + (int64_t)r * p.d;
-        float* dx = p.dx + (int64_t)r * p.d;
+        float* dx = p.dx ? p.dx + (int64_t)r * p.d : 0;
         const float m = p.mean[r], rs = p.rstd[r];
         float sg = 0.0f, sgx = 0.0f;
         for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
@@ -88,6 +88,9 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
                 part[p.d + i] += g[i];
             }
         }
+        // No dx (an input that needs no gradient, e.g. the frozen stack CLS pooling normalizes):
+        // only the parameters' partials. p.dx is the same for every thread: no divergent barrier.
+        if (!p.dx) continue;
         const float mg = block_sum(sg, red) / (float)p.d;
         const float mgx = block_sum(sgx, red) / (float)p.d;
         for (int i = threadIdx.x; i < p.d; i += blockDim.x) {

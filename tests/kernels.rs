@@ -1569,6 +1569,33 @@ fn dropout_and_layernorm_kernels_match_the_cpu_references() {
                     "{tag}: dbias {}",
                     rel_err(&gdb, &wdb)
                 );
+                // Without dx (an input that needs no gradient): the same parameter gradients,
+                // added again, and no dx.
+                let none = device::layernorm_backward_with(
+                    &be,
+                    &xb,
+                    rows,
+                    d,
+                    Some(&wb),
+                    &saved,
+                    &dyb,
+                    Some((&dw, &db)),
+                    false,
+                )
+                .unwrap();
+                assert!(none.is_none(), "{tag}");
+                let (twice_w, twice_b) = (be.download(&dw).unwrap(), be.download(&db).unwrap());
+                for (t, o) in twice_w.iter().chain(&twice_b).zip(gdw.iter().chain(&gdb)) {
+                    assert_eq!(*t, 2.0 * o, "{tag}: parameter gradients without dx");
+                }
+            } else {
+                let err = device::layernorm_backward_with(
+                    &be, &xb, rows, d, None, &saved, &dyb, None, false,
+                )
+                .err()
+                .unwrap()
+                .to_string();
+                assert!(err.contains("nothing to compute"), "{tag}: {err}");
             }
         }
     }

@@ -785,17 +785,23 @@ impl<'a> DeviceTape<'a> {
                         Some(_) => Some((need[1].sink(be, d)?, need[2].sink(be, d)?)),
                         None => None,
                     };
-                    let dx = device::layernorm_backward(
-                        be,
-                        &xf,
-                        rows,
-                        d,
-                        aff.as_ref().map(|(w, _)| &**w),
-                        &saved,
-                        &dy,
-                        sinks.as_ref().map(|(w, b)| (w.buf(), b.buf())),
-                    )?;
-                    let mut grads = vec![need[0].any().then(|| Grad::f32(dx))];
+                    // The frozen stack's rows (CLS pooling) take no dx: only the affine
+                    // parameters' gradients are computed then.
+                    let dx = match (need[0].any(), &sinks) {
+                        (false, None) => None,
+                        (need_dx, _) => device::layernorm_backward_with(
+                            be,
+                            &xf,
+                            rows,
+                            d,
+                            aff.as_ref().map(|(w, _)| &**w),
+                            &saved,
+                            &dy,
+                            sinks.as_ref().map(|(w, b)| (w.buf(), b.buf())),
+                            need_dx,
+                        )?,
+                    };
+                    let mut grads = vec![dx.map(Grad::f32)];
                     if let Some((w, b)) = sinks {
                         grads.extend([w.into_grad(), b.into_grad()]);
                     }
