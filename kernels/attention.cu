@@ -412,6 +412,38 @@ __device__ __forceinline__ void pt_store_rows(float* out, const float (&acc)[PT_
     }
 }
 
+// f(i, j, a_i . src_j) for the tile's rows i (staged in `tile` [PT_TILE][dh + 1]) and every row j
+// < T of the utterance's head in src, staged kc at a time in `rows`. Starts with a barrier (the
+// tile is staged; `rows` is free), ends without one.
+template <class F>
+__device__ __forceinline__ void pt_dots_pass(const float* tile, float* rows, int kc, const float* src, const PackedTile& t, int H, int dh, F f) {
+    for (int j0 = 0; j0 < t.T; j0 += kc) {
+        const int m = pt_min(kc, t.T - j0);
+        __syncthreads();
+        pt_stage_rows(rows, src, t.s0 + j0, m, H, t.h, dh);
+        __syncthreads();
+        pt_row_dots(tile, rows, t.n, m, dh, [&](int i, int j, float dot) { f(i, j0 + j, dot); });
+    }
+}
+
+// acc (the thread's outputs, as pt_weighted_rows) += sum_j w(i, j) src_j over every row j < T of
+// the utterance's head in src, staged kc at a time in `rows`, the weights in `ws` [PT_TILE][kc].
+// Starts with a barrier (what w reads is written; `rows` and `ws` are free).
+template <class W>
+__device__ __forceinline__ void pt_weighted_pass(float (&acc)[PT_OUTS], float* rows, float* ws, int kc, const float* src, const PackedTile& t, int H, int dh, W w) {
+    for (int j0 = 0; j0 < t.T; j0 += kc) {
+        const int m = pt_min(kc, t.T - j0);
+        __syncthreads();
+        pt_stage_rows(rows, src, t.s0 + j0, m, H, t.h, dh);
+        for (int x = threadIdx.x; x < t.n * m; x += blockDim.x) {
+            const int i = x / m, j = x - i * m;
+            ws[i * kc + j] = w(i, j0 + j);
+        }
+        __syncthreads();
+        pt_weighted_rows(acc, ws, kc, rows, t.n, m, dh);
+    }
+}
+
 extern "C" __global__ void packed_attention_tiled_forward(const PackedAttnParams a) {
     __shared__ float sm[PT_SMEM];
     PackedTile t;
@@ -425,13 +457,7 @@ extern "C" __global__ void packed_attention_tiled_forward(const PackedAttnParams
     const long long first = t.head + (long long)t.r0 * T;  // the tile's rows of probabilities
     float* probs = a.probs + first;
     pt_stage_rows(qs, a.q, t.s0 + t.r0, n, a.H, t.h, dh);
-    for (int j0 = 0; j0 < T; j0 += kc) {
-        const int m = pt_min(kc, T - j0);
-        __syncthreads();  // qs is staged; the previous chunk's dots are done
-        pt_stage_rows(rows, a.k, t.s0 + j0, m, a.H, t.h, dh);
-        __syncthreads();
-        pt_row_dots(qs, rows, n, m, dh, [&](int i, int j, float dot) { probs[(long long)i * T + j0 + j] = dot * a.scale; });
-    }
+    pt_dots_pass(qs, rows, kc, a.k, t, a.H, dh, [&](int i, int j, float dot) { probs[(long long)i * T + j] = dot * a.scale; });
     __syncthreads();
     // Softmax of each row, a warp a row.
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -453,18 +479,10 @@ extern "C" __global__ void packed_attention_tiled_forward(const PackedAttnParams
     float acc[PT_OUTS];
 #pragma unroll
     for (int o = 0; o < PT_OUTS; ++o) acc[o] = 0.0f;
-    for (int j0 = 0; j0 < T; j0 += kc) {
-        const int m = pt_min(kc, T - j0);
-        __syncthreads();  // the rows are normalized; the previous chunk's sums are done
-        pt_stage_rows(rows, a.v, t.s0 + j0, m, a.H, t.h, dh);
-        for (int x = threadIdx.x; x < n * m; x += blockDim.x) {
-            const int i = x / m, j = x - i * m;
-            const long long at = (long long)i * T + j0 + j;
-            ps[i * kc + j] = packed_drop(a, probs[at], first + at);
-        }
-        __syncthreads();
-        pt_weighted_rows(acc, ps, kc, rows, n, m, dh);
-    }
+    pt_weighted_pass(acc, rows, ps, kc, a.v, t, a.H, dh, [&](int i, int j) {
+        const long long at = (long long)i * T + j;
+        return packed_drop(a, probs[at], first + at);
+    });
     pt_store_rows(a.out, acc, t.s0 + t.r0, n, a.H, t.h, dh);
 }
 STRATA_EMU_ENTRY(packed_attention_tiled_forward, PackedAttnParams)
@@ -483,16 +501,10 @@ extern "C" __global__ void packed_attention_tiled_backward_query(const PackedAtt
     float* ds = a.ds + first;
     pt_stage_rows(dos, a.dout, t.s0 + t.r0, n, a.H, t.h, dh);
     // dP = dO V^T through the dropout, into ds.
-    for (int j0 = 0; j0 < T; j0 += kc) {
-        const int m = pt_min(kc, T - j0);
-        __syncthreads();
-        pt_stage_rows(rows, a.v, t.s0 + j0, m, a.H, t.h, dh);
-        __syncthreads();
-        pt_row_dots(dos, rows, n, m, dh, [&](int i, int j, float dot) {
-            const long long at = (long long)i * T + j0 + j;
-            ds[at] = packed_drop(a, dot, first + at);
-        });
-    }
+    pt_dots_pass(dos, rows, kc, a.v, t, a.H, dh, [&](int i, int j, float dot) {
+        const long long at = (long long)i * T + j;
+        ds[at] = packed_drop(a, dot, first + at);
+    });
     __syncthreads();
     // dS = P (dP - sum_j P dP) scale, a warp a row.
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -508,17 +520,7 @@ extern "C" __global__ void packed_attention_tiled_backward_query(const PackedAtt
     float acc[PT_OUTS];
 #pragma unroll
     for (int o = 0; o < PT_OUTS; ++o) acc[o] = 0.0f;
-    for (int j0 = 0; j0 < T; j0 += kc) {
-        const int m = pt_min(kc, T - j0);
-        __syncthreads();
-        pt_stage_rows(rows, a.k, t.s0 + j0, m, a.H, t.h, dh);
-        for (int x = threadIdx.x; x < n * m; x += blockDim.x) {
-            const int i = x / m, j = x - i * m;
-            ss[i * kc + j] = ds[(long long)i * T + j0 + j];
-        }
-        __syncthreads();
-        pt_weighted_rows(acc, ss, kc, rows, n, m, dh);
-    }
+    pt_weighted_pass(acc, rows, ss, kc, a.k, t, a.H, dh, [&](int i, int j) { return ds[(long long)i * T + j]; });
     pt_store_rows(a.dq, acc, t.s0 + t.r0, n, a.H, t.h, dh);
 }
 STRATA_EMU_ENTRY(packed_attention_tiled_backward_query, PackedAttnParams)
