@@ -1658,9 +1658,10 @@ fn linear_and_cast_on_the_device_match_the_cpu_reference() {
             );
             let y32 = device::linear_forward(&be, &xb, rows, in_f, out_f, &wb, &bb, true)
                 .unwrap()
-                .into_f32();
-            let got = be.download(&y32.unwrap()).unwrap();
-            for (k, (&a, &r)) in got.iter().zip(&want_y).enumerate() {
+                .into_f32()
+                .unwrap();
+            let y32 = be.download(&y32).unwrap();
+            for (k, (&a, &r)) in y32.iter().zip(&want_y).enumerate() {
                 assert!(
                     (a as f64 - r).abs() <= 1e-5 * scale(&want_y),
                     "{tag}: y32[{k}] = {a}, want {r}"
@@ -1711,6 +1712,62 @@ fn linear_and_cast_on_the_device_match_the_cpu_reference() {
                     "{tag}: dx[{k}] = {a}, want {r}"
                 );
             }
+            // Linear + ReLU with its epilogue in bf16: exactly the fp32 Linear's output through
+            // ReLU, rounded; its backward exactly the Linear's backward from dy masked by y > 0.
+            let got = be
+                .download(
+                    &device::linear_relu_forward(&be, &xb, rows, in_f, out_f, &wb, &bb).unwrap(),
+                )
+                .unwrap();
+            let want: Vec<bf16> = y32.iter().map(|&v| bf16::from_f32(v.max(0.0))).collect();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{tag}: linear_relu_forward"
+            );
+            assert!(
+                want.iter().any(|v| v.to_f32() == 0.0) && want.iter().any(|v| v.to_f32() > 0.0)
+            );
+            let yb = be.upload(&got).unwrap();
+            let masked: Vec<bf16> = to_bf16(&dy)
+                .iter()
+                .zip(&got)
+                .map(|(&d, y)| if y.to_f32() > 0.0 { d } else { bf16::ZERO })
+                .collect();
+            let grads = |relu: bool| {
+                let (dw, db) = (
+                    be.zeros::<f32>(out_f * in_f).unwrap(),
+                    be.zeros::<f32>(out_f).unwrap(),
+                );
+                let dx = if relu {
+                    device::linear_relu_backward(
+                        &be,
+                        &xb,
+                        &yb,
+                        rows,
+                        in_f,
+                        out_f,
+                        &wb,
+                        &dyb,
+                        (&dw, &db),
+                        true,
+                    )
+                } else {
+                    let dm = be.upload(&masked).unwrap();
+                    device::linear_backward(&be, &xb, rows, in_f, out_f, &wb, &dm, (&dw, &db), true)
+                }
+                .unwrap()
+                .unwrap();
+                let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits() as u32).collect::<Vec<_>>();
+                let fbits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                (
+                    fbits(be.download(&dw).unwrap()),
+                    fbits(be.download(&db).unwrap()),
+                    bits(be.download(&dx).unwrap()),
+                )
+            };
+            assert!(grads(true) == grads(false), "{tag}: linear_relu_backward");
         }
         let v: Vec<f32> = randn(1000, 13)
             .iter()

@@ -670,6 +670,46 @@ impl<'a> DeviceTape<'a> {
         }))
     }
 
+    /// relu(x W^T + b) in bf16 [rows, out], the ReLU and the rounding fused into the GEMM
+    /// (`linear` to fp32, `activation` and `to_bf16` give the same values in three passes over an
+    /// fp32 [rows, out]); its backward masks dy by the output.
+    pub fn linear_relu(&mut self, x: DVar, w: DVar, b: DVar) -> Result<DVar> {
+        const OP: &str = "linear_relu";
+        let (rows, in_f, out_f) = self.linear_dims(OP, x, w, b)?;
+        let (xb, wb, bf) = (
+            self.bf16_of(OP, x)?,
+            self.bf16_of(OP, w)?,
+            self.f32_of(OP, b)?,
+        );
+        let y = Rc::new(device::linear_relu_forward(
+            self.be, &xb, rows, in_f, out_f, &wb, &bf,
+        )?);
+        let saved_y = Rc::clone(&y);
+        let mut shape = self.shape(x).to_vec();
+        *shape.last_mut().expect("checked 2-D") = out_f;
+        Ok(
+            self.push(Value::Bf16(Held::Own(y)), &shape, &[x, w, b], move || {
+                Box::new(move |be, g, need| {
+                    let dy = g.to_bf16(be, OP)?;
+                    let (dw, db) = (need[1].sink(be, out_f * in_f)?, need[2].sink(be, out_f)?);
+                    let dx = device::linear_relu_backward(
+                        be,
+                        &xb,
+                        &saved_y,
+                        rows,
+                        in_f,
+                        out_f,
+                        &wb,
+                        &dy,
+                        (dw.buf(), db.buf()),
+                        need[0].any(),
+                    )?;
+                    Ok(vec![dx.map(Grad::bf16), dw.into_grad(), db.into_grad()])
+                })
+            }),
+        )
+    }
+
     /// One HConv conv + bias + ReLU over the layer axis: x bf16 [n, l_in, c_in], w tap-major
     /// [c_out, kernel * c_in], b [c_out] -> bf16 [n, l_out, c_out], or channel-major flattened
     /// [n, c_out * l_out] when `flatten` (the last conv).

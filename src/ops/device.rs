@@ -1738,6 +1738,71 @@ pub fn linear_forward(
     )
 }
 
+/// relu(x W^T + b) in bf16, the ReLU and the rounding in the GEMM's epilogue: what Linear (fp32
+/// out), ReLU and a cast to bf16 compute in three passes over an fp32 [rows, out_f] (the same
+/// values: ReLU and rounding to bf16 commute, and a positive float never rounds to a bf16 zero).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_relu_forward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    w: &Buf<bf16>,
+    b: &Buf<f32>,
+) -> Result<Buf<bf16>> {
+    match conv_forward(
+        be,
+        tensor_core_path(),
+        x,
+        rows,
+        &linear_geom(in_f, out_f),
+        w,
+        b,
+        false,
+        true,
+        false,
+    )? {
+        LayerOut::Bf16(y) => Ok(y),
+        LayerOut::F32(_) => Err(Error::Config(
+            "linear_relu_forward: the epilogue wrote fp32".into(),
+        )),
+    }
+}
+
+/// Backward of [`linear_relu_forward`] from dy (bf16 [rows, out_f]) through the ReLU's mask (its
+/// output `y` > 0): ADDS dW and db to `grads`, returns dx (bf16 [rows, in_f]) when `want_dx`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_relu_backward(
+    be: &Backend,
+    x: &Buf<bf16>,
+    y: &Buf<bf16>,
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    w: &Buf<bf16>,
+    dy: &Buf<bf16>,
+    grads: (&Buf<f32>, &Buf<f32>),
+    want_dx: bool,
+) -> Result<Option<Buf<bf16>>> {
+    let inputs = ConvBwdInputs {
+        x,
+        relu_out: Some(y),
+        w,
+        flatten: false,
+    };
+    conv_backward(
+        be,
+        tensor_core_path(),
+        &inputs,
+        rows,
+        &linear_geom(in_f, out_f),
+        dy,
+        grads,
+        want_dx,
+    )
+}
+
 /// Backward of [`linear_forward`] from dy (bf16 [rows, out_f]): ADDS dW [out_f, in_f] and db to
 /// `grads` (deterministic), returns dx (bf16 [rows, in_f]) when `want_dx`.
 #[allow(clippy::too_many_arguments)]

@@ -688,6 +688,11 @@ impl DevicePair {
         tape.linear(x, w, b, out_f32)
     }
 
+    fn linear_relu<'t>(&'t self, tape: &mut DeviceTape<'t>, x: DVar, l: Lin) -> Result<DVar> {
+        let (w, b) = (self.var(tape, l.weight)?, self.var(tape, l.bias)?);
+        tape.linear_relu(x, w, b)
+    }
+
     fn layer_norm<'t>(
         &'t self,
         tape: &mut DeviceTape<'t>,
@@ -816,15 +821,13 @@ impl DevicePair {
         let x = self.linear(tape, x, h.preencoder, false)?;
         // Conv2dSubsampling2: each convolution a Linear over im2col patches, then ReLU.
         let (g1, g2) = h.geoms;
+        // Their ReLU and the rounding to bf16 in the GEMM's epilogue (at 32 x 500 frames the two
+        // convs' outputs are 0.3 GB each in fp32).
         let (p1, b1) = tape.conv2d_patches(x, batch, g1)?;
-        let y = self.linear(tape, p1, h.conv1, true)?;
-        let y = tape.activation(y, false)?;
-        let y = tape.to_bf16(y)?;
+        let y = self.linear_relu(tape, p1, h.conv1)?;
         let y = tape.reshape(y, &[b1.total_frames(), g2.freq * g2.channels])?;
         let (p2, b2) = tape.conv2d_patches(y, &b1, g2)?;
-        let y = self.linear(tape, p2, h.conv2, true)?;
-        let y = tape.activation(y, false)?;
-        let y = tape.to_bf16(y)?;
+        let y = self.linear_relu(tape, p2, h.conv2)?;
         let rows = tape.shape(y)[0];
         let y = tape.reshape(y, &[b2.total_frames(), rows / b2.total_frames() * c.width])?;
         let y = self.linear(tape, y, h.embed_out, true)?;
@@ -875,12 +878,13 @@ impl DevicePair {
         let mut b = batch.clone();
         for (i, &(layer, context, dilation)) in s.tdnn.iter().enumerate() {
             let (window, next) = tape.time_context(h, &b, context, dilation)?;
-            let z = self.linear(tape, window, layer, true)?;
-            let a = tape.activation(z, false)?;
+            // The last layer's output stays fp32 for the statistics; the others go on in bf16,
+            // their ReLU and rounding in the GEMM's epilogue.
             h = if i + 1 == s.tdnn.len() {
-                a
+                let z = self.linear(tape, window, layer, true)?;
+                tape.activation(z, false)?
             } else {
-                tape.to_bf16(a)?
+                self.linear_relu(tape, window, layer)?
             };
             b = next;
         }
