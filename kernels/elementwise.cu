@@ -1,6 +1,7 @@
 // strata/kernels/elementwise.cu: small fp32 glue of the device step, each with a plain CPU
 // equivalent (src/ops/activation.rs for the activations):
 // - add_rows: y[r, c] = a[r, c] (+ b[r, c]) (+ v[c]): residual adds and a broadcast row.
+// - add_grads: y = a + b, each fp32 or bf16: two uses' gradients of one value.
 // - col_sum_accumulate: out[c] += sum over rows r of x[r, c] in a fixed order (16 warps each a
 //   residue class of the rows, then in warp order: deterministic): a parameter's gradient from
 //   per-row contributions (CLS pooling's shared token).
@@ -29,6 +30,29 @@ extern "C" __global__ void add_rows(const AddRowsParams p) {
     }
 }
 STRATA_EMU_ENTRY(add_rows, AddRowsParams)
+
+// add_grads: y = a + b in fp32, each of a and b fp32 or bf16 (widened exactly): where the device
+// tape sums a value's gradients from two uses (CLS pooling's normalized stack feeds its K and V
+// projections, whose bf16 dx are 208,000 x 768 each at 32 x 500 frames). Two casts and an fp32
+// add read and wrote three times as much.
+struct AddGradsParams {
+    const void* a;  // [n] fp32, or bf16 when a_bf16
+    const void* b;
+    float* y;       // [n]
+    int64_t n;
+    int a_bf16, b_bf16;
+};
+
+__device__ __forceinline__ float add_grads_load(const void* x, int is_bf16, int64_t i) {
+    return is_bf16 ? bf16_to_float(((const bf16*)x)[i]) : ((const float*)x)[i];
+}
+
+extern "C" __global__ void add_grads(const AddGradsParams p) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (int64_t)gridDim.x * blockDim.x) {
+        p.y[i] = add_grads_load(p.a, p.a_bf16, i) + add_grads_load(p.b, p.b_bf16, i);
+    }
+}
+STRATA_EMU_ENTRY(add_grads, AddGradsParams)
 
 struct ColSumParams {
     const float* x;  // [rows, c]

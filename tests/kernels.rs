@@ -2262,6 +2262,50 @@ fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
                 .all(|(i, &v)| v == a[i] + b[i] + vrow[i % c]),
             "{tag}: add_rows"
         );
+        // Two uses' gradients summed in fp32, each fp32 or bf16 (widened exactly).
+        {
+            use device::GradBuf;
+            let (a16, b16) = (to_bf16(&a), to_bf16(&b));
+            let (fa, fb) = (be.upload(&a).unwrap(), be.upload(&b).unwrap());
+            let (ha, hb) = (be.upload(&a16).unwrap(), be.upload(&b16).unwrap());
+            for (ga, gb, wa, wb) in [
+                (GradBuf::F32(&fa), GradBuf::F32(&fb), a.clone(), b.clone()),
+                (
+                    GradBuf::Bf16(&ha),
+                    GradBuf::F32(&fb),
+                    a16.iter().map(|v| v.to_f32()).collect(),
+                    b.clone(),
+                ),
+                (
+                    GradBuf::F32(&fa),
+                    GradBuf::Bf16(&hb),
+                    a.clone(),
+                    b16.iter().map(|v| v.to_f32()).collect(),
+                ),
+                (
+                    GradBuf::Bf16(&ha),
+                    GradBuf::Bf16(&hb),
+                    a16.iter().map(|v| v.to_f32()).collect(),
+                    b16.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(),
+                ),
+            ] {
+                let got = be
+                    .download(&device::add_grads(&be, ga, gb).unwrap())
+                    .unwrap();
+                assert!(
+                    got.iter()
+                        .zip(wa.iter().zip(&wb))
+                        .all(|(g, (x, y))| *g == x + y),
+                    "{tag}: add_grads"
+                );
+            }
+            let short = be.upload(&a[..10]).unwrap();
+            let err = device::add_grads(&be, GradBuf::F32(&short), GradBuf::Bf16(&hb))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("add_grads b"), "{tag}: {err}");
+        }
         let out = be.upload(&vrow).unwrap();
         device::col_sum_accumulate(&be, &be.upload(&a).unwrap(), rows, c, &out).unwrap();
         let got = be.download(&out).unwrap();

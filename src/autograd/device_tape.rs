@@ -175,6 +175,17 @@ impl Grad {
         }
     }
 
+    /// The buffer, for a kernel that reads either dtype.
+    fn as_buf(&self, op: &str) -> Result<device::GradBuf<'_>> {
+        match self {
+            Grad::F32(b) => Ok(device::GradBuf::F32(b)),
+            Grad::Bf16(b) => Ok(device::GradBuf::Bf16(b)),
+            Grad::Scalar(_) => Err(Error::Config(format!(
+                "{op}: a loss seed reached a tensor op's backward"
+            ))),
+        }
+    }
+
     /// The gradient as fp32 values on the host (tests, gradient checks).
     pub fn download(&self, be: &Backend) -> Result<Vec<f32>> {
         match self {
@@ -1297,10 +1308,11 @@ impl<'a> DeviceTape<'a> {
                     Need::Grad => {
                         grads[v.0] = Some(match grads[v.0].take() {
                             None => gi,
-                            Some(acc) => {
-                                let (a, b) = (acc.to_f32(be, "sum")?, gi.to_f32(be, "sum")?);
-                                Grad::f32(device::add_rows(be, &a, Some(&b), None, 1, a.len())?)
-                            }
+                            Some(acc) => Grad::f32(device::add_grads(
+                                be,
+                                acc.as_buf("sum")?,
+                                gi.as_buf("sum")?,
+                            )?),
                         });
                     }
                 }

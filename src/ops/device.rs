@@ -6,9 +6,9 @@ use crate::error::{Error, Result};
 use crate::ops::layer_conv::ConvGeom;
 use crate::optim::AdamConfig;
 use crate::runtime::kernels::{
-    ActivationParams, AdamMultiParams, AdamParams, AdamTensor, AddRowsParams, AmMarginParams,
-    CastParams, ClipCoefParams, ClsAttnParams, ColSumParams, CrossEntropyParams, CtcParams,
-    DropoutParams, HConvBwdParams, HConvFwdParams, HConvMaskParams, L2NormalizeParams,
+    ActivationParams, AdamMultiParams, AdamParams, AdamTensor, AddGradsParams, AddRowsParams,
+    AmMarginParams, CastParams, ClipCoefParams, ClsAttnParams, ColSumParams, CrossEntropyParams,
+    CtcParams, DropoutParams, HConvBwdParams, HConvFwdParams, HConvMaskParams, L2NormalizeParams,
     LayerNormBwdParams, LayerNormFwdParams, LayerNormReduceParams, LayerNormRowsParams,
     LayerSumBwdParams, LayerSumFwdParams, LayerSumReduceParams, LogSoftmaxParams, MeanPoolParams,
     PackedAttnParams, RowsGatherParams, RowsGatherSumParams, SelectLayerParams, SplitReduceParams,
@@ -2061,6 +2061,54 @@ pub fn add_rows(
         c: c as i32,
     };
     launch_elementwise(be, K, rows * c, &p)?;
+    Ok(y)
+}
+
+/// A gradient on the device as [`add_grads`] reads it: fp32 or bf16.
+#[derive(Clone, Copy)]
+pub enum GradBuf<'a> {
+    F32(&'a Buf<f32>),
+    Bf16(&'a Buf<bf16>),
+}
+
+impl GradBuf<'_> {
+    fn len(&self) -> usize {
+        match self {
+            GradBuf::F32(b) => b.len(),
+            GradBuf::Bf16(b) => b.len(),
+        }
+    }
+
+    fn parts(&self, be: &Backend) -> (u64, i32) {
+        match self {
+            GradBuf::F32(b) => (be.ptr(*b), 0),
+            GradBuf::Bf16(b) => (be.ptr(*b), 1),
+        }
+    }
+}
+
+/// a + b in fp32 (kernels/elementwise.cu), each fp32 or bf16: what `cast_to_f32` of each and
+/// [`add_rows`] give, in one pass.
+pub fn add_grads(be: &Backend, a: GradBuf, b: GradBuf) -> Result<Buf<f32>> {
+    const K: &str = "add_grads";
+    let n = a.len();
+    for (what, g) in [("a", a), ("b", b)] {
+        match g {
+            GradBuf::F32(x) => need(be, K, what, x, n)?,
+            GradBuf::Bf16(x) => need(be, K, what, x, n)?,
+        }
+    }
+    let y = be.output::<f32>(n)?;
+    let ((pa, a_bf16), (pb, b_bf16)) = (a.parts(be), b.parts(be));
+    let p = AddGradsParams {
+        a: pa,
+        b: pb,
+        y: be.ptr(&y),
+        n: n as i64,
+        a_bf16,
+        b_bf16,
+    };
+    launch_elementwise(be, K, n, &p)?;
     Ok(y)
 }
 

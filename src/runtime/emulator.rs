@@ -86,6 +86,7 @@ entries!(
     strata_emu_packed_attention_tiled_backward_query,
     strata_emu_packed_attention_tiled_backward_key,
     strata_emu_add_rows,
+    strata_emu_add_grads,
     strata_emu_col_sum_accumulate,
     strata_emu_activation_forward,
     strata_emu_activation_backward,

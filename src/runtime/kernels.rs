@@ -135,6 +135,7 @@ pub const FILES: &[KernelFile] = &[
         source: include_str!("../../kernels/elementwise.cu"),
         kernels: &[
             "add_rows",
+            "add_grads",
             "col_sum_accumulate",
             "activation_forward",
             "activation_backward",
@@ -303,6 +304,7 @@ params! {
         keep_scale: f32, seed: u64, p: f64,
     }
     AddRowsParams { a: u64, b: u64, v: u64, y: u64, rows: i64, c: i32 }
+    AddGradsParams { a: u64, b: u64, y: u64, n: i64, a_bf16: i32, b_bf16: i32 }
     ColSumParams { x: u64, out: u64, rows: i64, c: i32 }
     ActivationParams { x: u64, dy: u64, y: u64, n: i64, gelu: i32 }
     RowsGatherParams { x: u64, idx: u64, y: u64, rows: i32, c: i32 }
