@@ -1,6 +1,7 @@
 // strata/kernels/layernorm.cu: LayerNorm over the last dimension (biased variance, eps inside the
 // square root), optional affine weight / bias. CPU reference: src/ops/layernorm.rs.
-// Forward: one block per row, two-pass mean / variance in fp32, mean and rstd saved.
+// Forward: one block per row, two-pass mean / variance in fp32, mean and rstd saved; x and y fp32
+// or bf16.
 // Backward: one block per row for dx (rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w);
 // the affine gradients sum dy * xhat and dy over rows: each block adds its rows in order into its
 // own partial row, then layernorm_param_reduce adds the partials (8 warps a column block, each a
@@ -13,19 +14,28 @@
 
 #define LN_ROWS_PER_BLOCK 8
 
+// x and y each fp32 or bf16 (x_bf16, y_bf16): CLS pooling normalizes the bf16 stack's rows
+// straight into the bf16 its projections read, where a cast to fp32 before and one to bf16 after
+// moved five times the bytes. The math is fp32 either way (a bf16 x widened exactly, y rounded
+// once at the store): the same values as those casts around an fp32 LayerNorm.
 struct LayerNormFwdParams {
-    const float* x;
+    const void* x;   // [rows, d]
     const float* w;  // [d] or null
     const float* b;  // [d] or null
-    float* y;
-    float* mean;  // [rows]
-    float* rstd;  // [rows]
+    void* y;         // [rows, d]
+    float* mean;     // [rows]
+    float* rstd;     // [rows]
     int rows, d;
     float eps;
+    int x_bf16, y_bf16;
 };
 
+__device__ __forceinline__ float ln_load(const void* x, int is_bf16, int64_t i) {
+    return is_bf16 ? bf16_to_float(((const bf16*)x)[i]) : ((const float*)x)[i];
+}
+
 struct LayerNormBwdParams {
-    const float* x;
+    const void* x;   // [rows, d], fp32 or bf16 (x_bf16)
     const float* w;  // [d] or null (no affine)
     const float* dy;
     const float* mean;
@@ -33,6 +43,7 @@ struct LayerNormBwdParams {
     float* dx;       // [rows, d], or null: only the affine parameters' gradients
     float* partial;  // [blocks, 2 d]: sum dy * xhat, sum dy over the block's rows (affine only)
     int rows, d;
+    int x_bf16;
 };
 
 struct LayerNormReduceParams {
@@ -44,17 +55,24 @@ struct LayerNormReduceParams {
 
 extern "C" __global__ void layernorm_forward(const LayerNormFwdParams p) {
     __shared__ float red[32];
-    const float* x = p.x + (int64_t)blockIdx.x * p.d;
-    float* y = p.y + (int64_t)blockIdx.x * p.d;
+    const int64_t row = (int64_t)blockIdx.x * p.d;
     float s = 0.0f;
-    for (int i = threadIdx.x; i < p.d; i += blockDim.x) s += x[i];
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) s += ln_load(p.x, p.x_bf16, row + i);
     const float m = block_sum(s, red) / (float)p.d;
     float v = 0.0f;
-    for (int i = threadIdx.x; i < p.d; i += blockDim.x) v += (x[i] - m) * (x[i] - m);
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
+        const float c = ln_load(p.x, p.x_bf16, row + i) - m;
+        v += c * c;
+    }
     const float rs = 1.0f / sqrtf(block_sum(v, red) / (float)p.d + p.eps);
     for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-        const float xh = (x[i] - m) * rs;
-        y[i] = p.w ? xh * p.w[i] + p.b[i] : xh;
+        const float xh = (ln_load(p.x, p.x_bf16, row + i) - m) * rs;
+        const float y = p.w ? xh * p.w[i] + p.b[i] : xh;
+        if (p.y_bf16) {
+            ((bf16*)p.y)[row + i] = float_to_bf16(y);
+        } else {
+            ((float*)p.y)[row + i] = y;
+        }
     }
     if (threadIdx.x == 0) {
         p.mean[blockIdx.x] = m;
@@ -73,13 +91,13 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
         for (int i = threadIdx.x; i < p.d; i += blockDim.x) part[i] = part[p.d + i] = 0.0f;
     }
     for (int r = blockIdx.x * LN_ROWS_PER_BLOCK; r < r_end; ++r) {
-        const float* x = p.x + (int64_t)r * p.d;
-        const float* g = p.dy + (int64_t)r * p.d;
-        float* dx = p.dx ? p.dx + (int64_t)r * p.d : 0;
+        const int64_t row = (int64_t)r * p.d;
+        const float* g = p.dy + row;
+        float* dx = p.dx ? p.dx + row : 0;
         const float m = p.mean[r], rs = p.rstd[r];
         float sg = 0.0f, sgx = 0.0f;
         for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-            const float xh = (x[i] - m) * rs;
+            const float xh = (ln_load(p.x, p.x_bf16, row + i) - m) * rs;
             const float gi = p.w ? g[i] * p.w[i] : g[i];
             sg += gi;
             sgx += gi * xh;
@@ -94,7 +112,7 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
         const float mg = block_sum(sg, red) / (float)p.d;
         const float mgx = block_sum(sgx, red) / (float)p.d;
         for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-            const float xh = (x[i] - m) * rs;
+            const float xh = (ln_load(p.x, p.x_bf16, row + i) - m) * rs;
             const float gi = p.w ? g[i] * p.w[i] : g[i];
             dx[i] = rs * (gi - mg - xh * mgx);
         }

@@ -235,14 +235,15 @@ fn refuses_misuse_on(be: &Backend) {
         e.contains("'b'") && e.contains(&format!("{D} elements")),
         "{e}"
     );
-    // Dtypes: the Linear reads bf16, LayerNorm fp32.
+    // Dtypes: the Linear reads bf16, log-softmax fp32 (LayerNorm either).
     let xv = tape.input(&xb, &[ROWS, D]).unwrap();
     let (wv, bv) = (tape.param(&w).unwrap(), tape.param(&b).unwrap());
     let h = tape.linear(xv, wv, bv, true).unwrap();
     let e = err(tape.linear(h, wv, bv, true));
     assert!(e.contains("linear") && e.contains("bf16"), "{e}");
-    let e = err(tape.layer_norm(xv, None, 1e-5));
-    assert!(e.contains("layer_norm") && e.contains("fp32"), "{e}");
+    let e = err(tape.log_softmax(xv));
+    assert!(e.contains("log_softmax") && e.contains("fp32"), "{e}");
+    assert!(tape.layer_norm(xv, None, 1e-5).is_ok());
     // Shapes that do not chain, named with both.
     let e = err(tape.linear(xv, bv, wv, true));
     assert!(

@@ -1526,6 +1526,52 @@ fn dropout_and_layernorm_kernels_match_the_cpu_references() {
                 "{tag}: forward {}",
                 rel_err(&got, &want_y)
             );
+            // bf16 rows in, bf16 out: bit for bit the casts around the fp32 LayerNorm; and the
+            // backward reading the bf16 rows as the fp32 one reads their widened copy.
+            let x16 = be.upload(&to_bf16(&x)).unwrap();
+            let x16_wide = device::cast_to_f32(&be, &x16).unwrap();
+            let aff = affine.then_some((&wb, &bb));
+            let (y_wide, saved_wide) =
+                device::layernorm_forward(&be, &x16_wide, rows, d, aff, 1e-5).unwrap();
+            let want16 = be
+                .download(&device::cast_to_bf16(&be, &y_wide).unwrap())
+                .unwrap();
+            let (y16, saved16) = device::layernorm_forward_any(
+                &be,
+                device::AnyBuf::Bf16(&x16),
+                rows,
+                d,
+                aff,
+                1e-5,
+                true,
+            )
+            .unwrap();
+            let device::LayerOut::Bf16(y16) = y16 else {
+                panic!("{tag}: bf16 out asked for")
+            };
+            let got16 = be.download(&y16).unwrap();
+            assert!(
+                got16
+                    .iter()
+                    .zip(&want16)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{tag}: bf16 in and out"
+            );
+            assert_eq!(
+                be.download(&saved16.rstd).unwrap(),
+                be.download(&saved_wide.rstd).unwrap(),
+                "{tag}"
+            );
+            let dx_of = |x: device::AnyBuf| {
+                device::layernorm_backward_with(&be, x, rows, d, None, &saved16, &dyb, None, true)
+                    .unwrap()
+                    .map(|dx| be.download(&dx).unwrap())
+            };
+            assert_eq!(
+                dx_of(device::AnyBuf::Bf16(&x16)),
+                dx_of(device::AnyBuf::F32(&x16_wide)),
+                "{tag}: backward from bf16 rows"
+            );
             let (dw, db) = (be.zeros::<f32>(d).unwrap(), be.zeros::<f32>(d).unwrap());
             let dx = device::layernorm_backward(
                 &be,
@@ -1573,7 +1619,7 @@ fn dropout_and_layernorm_kernels_match_the_cpu_references() {
                 // added again, and no dx.
                 let none = device::layernorm_backward_with(
                     &be,
-                    &xb,
+                    device::AnyBuf::F32(&xb),
                     rows,
                     d,
                     Some(&wb),
@@ -1590,7 +1636,15 @@ fn dropout_and_layernorm_kernels_match_the_cpu_references() {
                 }
             } else {
                 let err = device::layernorm_backward_with(
-                    &be, &xb, rows, d, None, &saved, &dyb, None, false,
+                    &be,
+                    device::AnyBuf::F32(&xb),
+                    rows,
+                    d,
+                    None,
+                    &saved,
+                    &dyb,
+                    None,
+                    false,
                 )
                 .err()
                 .unwrap()
@@ -2264,27 +2318,27 @@ fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
         );
         // Two uses' gradients summed in fp32, each fp32 or bf16 (widened exactly).
         {
-            use device::GradBuf;
+            use device::AnyBuf;
             let (a16, b16) = (to_bf16(&a), to_bf16(&b));
             let (fa, fb) = (be.upload(&a).unwrap(), be.upload(&b).unwrap());
             let (ha, hb) = (be.upload(&a16).unwrap(), be.upload(&b16).unwrap());
             for (ga, gb, wa, wb) in [
-                (GradBuf::F32(&fa), GradBuf::F32(&fb), a.clone(), b.clone()),
+                (AnyBuf::F32(&fa), AnyBuf::F32(&fb), a.clone(), b.clone()),
                 (
-                    GradBuf::Bf16(&ha),
-                    GradBuf::F32(&fb),
+                    AnyBuf::Bf16(&ha),
+                    AnyBuf::F32(&fb),
                     a16.iter().map(|v| v.to_f32()).collect(),
                     b.clone(),
                 ),
                 (
-                    GradBuf::F32(&fa),
-                    GradBuf::Bf16(&hb),
+                    AnyBuf::F32(&fa),
+                    AnyBuf::Bf16(&hb),
                     a.clone(),
                     b16.iter().map(|v| v.to_f32()).collect(),
                 ),
                 (
-                    GradBuf::Bf16(&ha),
-                    GradBuf::Bf16(&hb),
+                    AnyBuf::Bf16(&ha),
+                    AnyBuf::Bf16(&hb),
                     a16.iter().map(|v| v.to_f32()).collect(),
                     b16.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(),
                 ),
@@ -2300,7 +2354,7 @@ fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
                 );
             }
             let short = be.upload(&a[..10]).unwrap();
-            let err = device::add_grads(&be, GradBuf::F32(&short), GradBuf::Bf16(&hb))
+            let err = device::add_grads(&be, AnyBuf::F32(&short), AnyBuf::Bf16(&hb))
                 .err()
                 .unwrap()
                 .to_string();

@@ -90,6 +90,21 @@ impl<T> Deref for Held<'_, T> {
     }
 }
 
+/// An op's input held in the dtype it came in, for kernels that read either.
+enum HeldIn<'a> {
+    F32(Held<'a, f32>),
+    Bf16(Held<'a, bf16>),
+}
+
+impl HeldIn<'_> {
+    fn buf(&self) -> device::AnyBuf<'_> {
+        match self {
+            HeldIn::F32(b) => device::AnyBuf::F32(b),
+            HeldIn::Bf16(b) => device::AnyBuf::Bf16(b),
+        }
+    }
+}
+
 /// A trainable parameter's device buffers: fp32 master values, their bf16 copy (what the
 /// tensor-core kernels read; the optimizer refreshes it) and the fp32 gradient its ops add into,
 /// with its shape in the kernels' layout.
@@ -176,10 +191,10 @@ impl Grad {
     }
 
     /// The buffer, for a kernel that reads either dtype.
-    fn as_buf(&self, op: &str) -> Result<device::GradBuf<'_>> {
+    fn as_buf(&self, op: &str) -> Result<device::AnyBuf<'_>> {
         match self {
-            Grad::F32(b) => Ok(device::GradBuf::F32(b)),
-            Grad::Bf16(b) => Ok(device::GradBuf::Bf16(b)),
+            Grad::F32(b) => Ok(device::AnyBuf::F32(b)),
+            Grad::Bf16(b) => Ok(device::AnyBuf::Bf16(b)),
             Grad::Scalar(_) => Err(Error::Config(format!(
                 "{op}: a loss seed reached a tensor op's backward"
             ))),
@@ -797,6 +812,19 @@ impl<'a> DeviceTape<'a> {
 
     /// LayerNorm over the last dimension of fp32 x, with an optional affine (weight, bias [d]).
     pub fn layer_norm(&mut self, x: DVar, affine: Option<(DVar, DVar)>, eps: f64) -> Result<DVar> {
+        self.layer_norm_to(x, affine, eps, false)
+    }
+
+    /// [`Self::layer_norm`] of fp32 or bf16 x (read as it is, no cast), its output in bf16 when
+    /// `out_bf16` (rounded once at the store): CLS pooling normalizes the bf16 stack's rows straight
+    /// into the bf16 its projections read. The same values as casts around the fp32 LayerNorm.
+    pub fn layer_norm_to(
+        &mut self,
+        x: DVar,
+        affine: Option<(DVar, DVar)>,
+        eps: f64,
+        out_bf16: bool,
+    ) -> Result<DVar> {
         const OP: &str = "layer_norm";
         let shape = self.shape(x).to_vec();
         let d = *shape.last().unwrap_or(&0);
@@ -810,56 +838,59 @@ impl<'a> DeviceTape<'a> {
             }
         }
         let rows = rows_of(&shape);
-        let xf = self.f32_of(OP, x)?;
+        let xin = match &self.nodes[x.0].value {
+            Value::Bf16(b) => HeldIn::Bf16(b.clone()),
+            _ => HeldIn::F32(self.f32_of(OP, x)?),
+        };
         let aff = match affine {
             Some((w, b)) => Some((self.f32_of(OP, w)?, self.f32_of(OP, b)?)),
             None => None,
         };
-        let (y, saved) = device::layernorm_forward(
+        let (y, saved) = device::layernorm_forward_any(
             self.be,
-            &xf,
+            xin.buf(),
             rows,
             d,
             aff.as_ref().map(|(w, b)| (&**w, &**b)),
             eps,
+            out_bf16,
         )?;
+        let value = match y {
+            device::LayerOut::F32(y) => Value::F32(Held::Own(Rc::new(y))),
+            device::LayerOut::Bf16(y) => Value::Bf16(Held::Own(Rc::new(y))),
+        };
         let mut inputs = vec![x];
         inputs.extend(affine.iter().flat_map(|&(w, b)| [w, b]));
-        Ok(self.push(
-            Value::F32(Held::Own(Rc::new(y))),
-            &shape,
-            &inputs,
-            move || {
-                Box::new(move |be, g, need| {
-                    let dy = g.to_f32(be, OP)?;
-                    let sinks = match &aff {
-                        Some(_) => Some((need[1].sink(be, d)?, need[2].sink(be, d)?)),
-                        None => None,
-                    };
-                    // The frozen stack's rows (CLS pooling) take no dx: only the affine
-                    // parameters' gradients are computed then.
-                    let dx = match (need[0].any(), &sinks) {
-                        (false, None) => None,
-                        (need_dx, _) => device::layernorm_backward_with(
-                            be,
-                            &xf,
-                            rows,
-                            d,
-                            aff.as_ref().map(|(w, _)| &**w),
-                            &saved,
-                            &dy,
-                            sinks.as_ref().map(|(w, b)| (w.buf(), b.buf())),
-                            need_dx,
-                        )?,
-                    };
-                    let mut grads = vec![dx.map(Grad::f32)];
-                    if let Some((w, b)) = sinks {
-                        grads.extend([w.into_grad(), b.into_grad()]);
-                    }
-                    Ok(grads)
-                })
-            },
-        ))
+        Ok(self.push(value, &shape, &inputs, move || {
+            Box::new(move |be, g, need| {
+                let dy = g.to_f32(be, OP)?;
+                let sinks = match &aff {
+                    Some(_) => Some((need[1].sink(be, d)?, need[2].sink(be, d)?)),
+                    None => None,
+                };
+                // The frozen stack's rows (CLS pooling) take no dx: only the affine
+                // parameters' gradients are computed then.
+                let dx = match (need[0].any(), &sinks) {
+                    (false, None) => None,
+                    (need_dx, _) => device::layernorm_backward_with(
+                        be,
+                        xin.buf(),
+                        rows,
+                        d,
+                        aff.as_ref().map(|(w, _)| &**w),
+                        &saved,
+                        &dy,
+                        sinks.as_ref().map(|(w, b)| (w.buf(), b.buf())),
+                        need_dx,
+                    )?,
+                };
+                let mut grads = vec![dx.map(Grad::f32)];
+                if let Some((w, b)) = sinks {
+                    grads.extend([w.into_grad(), b.into_grad()]);
+                }
+                Ok(grads)
+            })
+        }))
     }
 
     /// The attention of CLS pooling's one query, shared by every frame, over each frame's CLS

@@ -1466,28 +1466,58 @@ pub fn layernorm_forward(
     affine: Option<(&Buf<f32>, &Buf<f32>)>,
     eps: f64,
 ) -> Result<(Buf<f32>, LayerNormSavedBufs)> {
+    match layernorm_forward_any(be, AnyBuf::F32(x), rows, d, affine, eps, false)? {
+        (LayerOut::F32(y), saved) => Ok((y, saved)),
+        (LayerOut::Bf16(_), _) => Err(Error::Config(
+            "layernorm_forward: asked for fp32, wrote bf16".into(),
+        )),
+    }
+}
+
+/// [`layernorm_forward`] of fp32 or bf16 rows, into bf16 with `out_bf16`: the same fp32 math,
+/// the input widened exactly and the output rounded once (what casts around the fp32 LayerNorm
+/// give, in one pass).
+pub fn layernorm_forward_any(
+    be: &Backend,
+    x: AnyBuf,
+    rows: usize,
+    d: usize,
+    affine: Option<(&Buf<f32>, &Buf<f32>)>,
+    eps: f64,
+    out_bf16: bool,
+) -> Result<(LayerOut, LayerNormSavedBufs)> {
     const K: &str = "layernorm_forward";
     rows_check(K, rows, d)?;
-    need(be, K, "x", x, rows * d)?;
+    x.need(be, K, "x", rows * d)?;
     if let Some((w, b)) = affine {
         need(be, K, "weight", w, d)?;
         need(be, K, "bias", b, d)?;
     }
-    let y = be.output::<f32>(rows * d)?;
+    let y = if out_bf16 {
+        LayerOut::Bf16(be.output::<bf16>(rows * d)?)
+    } else {
+        LayerOut::F32(be.output::<f32>(rows * d)?)
+    };
     let saved = LayerNormSavedBufs {
         mean: be.output::<f32>(rows)?,
         rstd: be.output::<f32>(rows)?,
     };
+    let (px, x_bf16) = x.parts(be);
     let p = LayerNormFwdParams {
-        x: be.ptr(x),
+        x: px,
         w: affine.map_or(0, |a| be.ptr(a.0)),
         b: affine.map_or(0, |a| be.ptr(a.1)),
-        y: be.ptr(&y),
+        y: match &y {
+            LayerOut::F32(y) => be.ptr(y),
+            LayerOut::Bf16(y) => be.ptr(y),
+        },
         mean: be.ptr(&saved.mean),
         rstd: be.ptr(&saved.rstd),
         rows: rows as i32,
         d: d as i32,
         eps: eps as f32,
+        x_bf16,
+        y_bf16: out_bf16 as i32,
     };
     be.launch(K, (rows as u32, 1, 1), (256, 1, 1), 0, &p)?;
     Ok((y, saved))
@@ -1505,8 +1535,18 @@ pub fn layernorm_backward(
     dy: &Buf<f32>,
     dparams: Option<(&Buf<f32>, &Buf<f32>)>,
 ) -> Result<Buf<f32>> {
-    layernorm_backward_with(be, x, rows, d, weight, saved, dy, dparams, true)?
-        .ok_or_else(|| Error::Config("layernorm_backward: dx was asked for".into()))
+    layernorm_backward_with(
+        be,
+        AnyBuf::F32(x),
+        rows,
+        d,
+        weight,
+        saved,
+        dy,
+        dparams,
+        true,
+    )?
+    .ok_or_else(|| Error::Config("layernorm_backward: dx was asked for".into()))
 }
 
 /// [`layernorm_backward`], dx only if `need_dx`: an input that takes no gradient (the frozen
@@ -1515,7 +1555,7 @@ pub fn layernorm_backward(
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward_with(
     be: &Backend,
-    x: &Buf<f32>,
+    x: AnyBuf,
     rows: usize,
     d: usize,
     weight: Option<&Buf<f32>>,
@@ -1531,7 +1571,7 @@ pub fn layernorm_backward_with(
         )));
     }
     rows_check(K, rows, d)?;
-    need(be, K, "x", x, rows * d)?;
+    x.need(be, K, "x", rows * d)?;
     need(be, K, "dy", dy, rows * d)?;
     need(be, K, "mean", &saved.mean, rows)?;
     need(be, K, "rstd", &saved.rstd, rows)?;
@@ -1552,8 +1592,9 @@ pub fn layernorm_backward_with(
         None => None,
     };
     let dx = need_dx.then(|| be.output::<f32>(rows * d)).transpose()?;
+    let (px, x_bf16) = x.parts(be);
     let p = LayerNormBwdParams {
-        x: be.ptr(x),
+        x: px,
         w: weight.map_or(0, |w| be.ptr(w)),
         dy: be.ptr(dy),
         mean: be.ptr(&saved.mean),
@@ -1562,6 +1603,7 @@ pub fn layernorm_backward_with(
         partial: partial.as_ref().map_or(0, |b| be.ptr(b)),
         rows: rows as i32,
         d: d as i32,
+        x_bf16,
     };
     be.launch(K, (blocks as u32, 1, 1), (256, 1, 1), 0, &p)?;
     if let (Some(part), Some((dw, db))) = (&partial, dparams) {
@@ -2064,40 +2106,44 @@ pub fn add_rows(
     Ok(y)
 }
 
-/// A gradient on the device as [`add_grads`] reads it: fp32 or bf16.
+/// A device buffer that a kernel reads in either dtype, fp32 or bf16 (widened exactly):
+/// [`add_grads`]' gradients, LayerNorm's input.
 #[derive(Clone, Copy)]
-pub enum GradBuf<'a> {
+pub enum AnyBuf<'a> {
     F32(&'a Buf<f32>),
     Bf16(&'a Buf<bf16>),
 }
 
-impl GradBuf<'_> {
+impl AnyBuf<'_> {
     fn len(&self) -> usize {
         match self {
-            GradBuf::F32(b) => b.len(),
-            GradBuf::Bf16(b) => b.len(),
+            AnyBuf::F32(b) => b.len(),
+            AnyBuf::Bf16(b) => b.len(),
+        }
+    }
+
+    /// [`need`] for either dtype.
+    fn need(&self, be: &Backend, kernel: &str, what: &str, want: usize) -> Result<()> {
+        match self {
+            AnyBuf::F32(b) => need(be, kernel, what, b, want),
+            AnyBuf::Bf16(b) => need(be, kernel, what, b, want),
         }
     }
 
     fn parts(&self, be: &Backend) -> (u64, i32) {
         match self {
-            GradBuf::F32(b) => (be.ptr(*b), 0),
-            GradBuf::Bf16(b) => (be.ptr(*b), 1),
+            AnyBuf::F32(b) => (be.ptr(*b), 0),
+            AnyBuf::Bf16(b) => (be.ptr(*b), 1),
         }
     }
 }
 
 /// a + b in fp32 (kernels/elementwise.cu), each fp32 or bf16: what `cast_to_f32` of each and
 /// [`add_rows`] give, in one pass.
-pub fn add_grads(be: &Backend, a: GradBuf, b: GradBuf) -> Result<Buf<f32>> {
+pub fn add_grads(be: &Backend, a: AnyBuf, b: AnyBuf) -> Result<Buf<f32>> {
     const K: &str = "add_grads";
     let n = a.len();
-    for (what, g) in [("a", a), ("b", b)] {
-        match g {
-            GradBuf::F32(x) => need(be, K, what, x, n)?,
-            GradBuf::Bf16(x) => need(be, K, what, x, n)?,
-        }
-    }
+    b.need(be, K, "b", n)?;
     let y = be.output::<f32>(n)?;
     let ((pa, a_bf16), (pb, b_bf16)) = (a.parts(be), b.parts(be));
     let p = AddGradsParams {

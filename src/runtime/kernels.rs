@@ -288,8 +288,14 @@ params! {
     LstmPairParams { dir: [LstmStepParams; 2] }
     LstmTransposeParams { w: u64, wt: u64, rows: i32, cols: i32 }
     DropoutParams { x: u64, y: u64, n: i64, seed: u64, p: f64, scale: f32 }
-    LayerNormFwdParams { x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32 }
-    LayerNormBwdParams { x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32 }
+    LayerNormFwdParams {
+        x: u64, w: u64, b: u64, y: u64, mean: u64, rstd: u64, rows: i32, d: i32, eps: f32,
+        x_bf16: i32, y_bf16: i32,
+    }
+    LayerNormBwdParams {
+        x: u64, w: u64, dy: u64, mean: u64, rstd: u64, dx: u64, partial: u64, rows: i32, d: i32,
+        x_bf16: i32,
+    }
     LayerNormReduceParams { partial: u64, dw: u64, db: u64, blocks: i32, d: i32 }
     CastParams { x: u64, y: u64, n: i64, scale: f32 }
     WidenParams { x: u64, y: u64, n: i64 }
