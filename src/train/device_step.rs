@@ -850,10 +850,17 @@ impl DevicePair {
             let a = dropout(tape, a, c.dropout, attn_out)?;
             x = tape.add(x, a)?;
             let y = self.layer_norm_to_bf16(tape, x, blk.norm2, EPS)?;
-            let f = self.linear(tape, y, blk.w_1, true)?;
-            let f = tape.activation(f, false)?;
-            let f = dropout(tape, f, c.dropout, ffn)?;
-            let f = tape.to_bf16(f)?;
+            // Without dropout between them (evaluation, or p = 0) the ReLU and the cast go into
+            // the GEMM's epilogue; dropout applies to the fp32 activation, as on the CPU.
+            let f = match (ffn, c.dropout > 0.0) {
+                (Some(_), true) => {
+                    let f = self.linear(tape, y, blk.w_1, true)?;
+                    let f = tape.activation(f, false)?;
+                    let f = dropout(tape, f, c.dropout, ffn)?;
+                    tape.to_bf16(f)?
+                }
+                _ => self.linear_relu(tape, y, blk.w_1)?,
+            };
             let f = self.linear(tape, f, blk.w_2, true)?;
             let f = dropout(tape, f, c.dropout, ffn_out)?;
             x = tape.add(x, f)?;
