@@ -83,8 +83,15 @@ extern "C" __global__ void conv2d_patches_adjoint(const PatchParams p) {
                 }
             }
         }
+        // Constant indices only: a loop to the run-time `vec` indexed acc dynamically and put it in
+        // local memory (ptxas: a 32-byte stack frame).
         float* dst = p.dx + cell * p.c + ch;
-        for (int i = 0; i < vec; ++i) dst[i] = acc[i];
+        if (vec == 8) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dst[i] = acc[i];
+        } else {
+            dst[0] = acc[0];
+        }
     }
 }
 STRATA_EMU_ENTRY(conv2d_patches_adjoint, PatchParams)
