@@ -108,6 +108,29 @@ __device__ __forceinline__ float4_t load_float4(const float* p) {
 #endif
 }
 
+__device__ __forceinline__ void store_float4(float* p, const float4_t& v) {
+#ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, 16, "store_float4");
+    memcpy(p, &v, sizeof v);
+#else
+    *reinterpret_cast<float4_t*>(p) = v;
+#endif
+}
+
+// Four bf16 in 8 bytes, stored as one vector (callers guarantee 8-byte alignment).
+struct alignas(8) bf16x4 {
+    uint32_t w[2];
+};
+
+__device__ __forceinline__ void store_bf16x4(bf16* p, const bf16x4& v) {
+#ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, 8, "store_bf16x4");
+    memcpy(p, &v, sizeof v);
+#else
+    *reinterpret_cast<bf16x4*>(p) = v;
+#endif
+}
+
 __device__ __forceinline__ void unpack_bf16x8(const bf16x8& v, float* f) {
     for (int i = 0; i < 4; ++i) {
         f[2 * i] = strata_bits_float(v.w[i] << 16);

@@ -393,7 +393,8 @@ pub fn adam_step(
         decay: sc.decay,
         decoupled: cfg.decoupled as i32,
     };
-    let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+    // A thread per 4 elements (kernels/adamw.cu), the grid striding past 4096 blocks.
+    let blocks = n.div_ceil(4 * 256).clamp(1, 4096) as u32;
     be.launch(K, (blocks, 1, 1), (256, 1, 1), 0, &p)
 }
 
