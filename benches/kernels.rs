@@ -333,16 +333,26 @@ fn bench(c: &mut Criterion) {
         };
         let (_, probs) = attn.forward(&be).unwrap();
         group.throughput(Throughput::Elements(2000));
-        group.bench_function("packed_attention_forward_8x250_8x32", |b| {
-            b.iter_custom(|iters| timed(&be, iters, &mut || drop(attn.forward(&be).unwrap())))
-        });
-        group.bench_function("packed_attention_backward_8x250_8x32", |b| {
-            b.iter_custom(|iters| {
-                timed(&be, iters, &mut || {
-                    drop(attn.backward(&be, &probs, &x).unwrap())
+        // The tiled kernels (the default) and the per-row ones they replaced.
+        for (kernels, tag) in [
+            (device::PackedAttnKernels::Tiled, ""),
+            (device::PackedAttnKernels::Rows, "_rows"),
+        ] {
+            group.bench_function(format!("packed_attention{tag}_forward_8x250_8x32"), |b| {
+                b.iter_custom(|iters| {
+                    timed(&be, iters, &mut || {
+                        drop(attn.forward_on(&be, kernels).unwrap())
+                    })
                 })
-            })
-        });
+            });
+            group.bench_function(format!("packed_attention{tag}_backward_8x250_8x32"), |b| {
+                b.iter_custom(|iters| {
+                    timed(&be, iters, &mut || {
+                        drop(attn.backward_on(&be, &probs, &x, kernels).unwrap())
+                    })
+                })
+            });
+        }
     }
     // The ML-SUPERB head's data movement at 32 x 500 frames: the second convolution's im2col
     // patches and their adjoint, centering, SpecAugment's time warp and masks over [16000, 768].
