@@ -90,6 +90,14 @@ impl<T> Deref for Held<'_, T> {
     }
 }
 
+/// What a Linear's GEMM writes: fp32, bf16, or ReLU then bf16.
+#[derive(Clone, Copy)]
+enum Epilogue {
+    F32,
+    Bf16,
+    ReluBf16,
+}
+
 /// An op's input held in the dtype it came in, for kernels that read either.
 enum HeldIn<'a> {
     F32(Held<'a, f32>),
@@ -662,78 +670,73 @@ impl<'a> DeviceTape<'a> {
     /// y = x W^T + b on tensor cores: x bf16 [rows, in], w [out, in] (read as bf16), b [out]
     /// (fp32); y bf16, or fp32 with `out_f32` (logits, and what LayerNorm or a residual reads).
     pub fn linear(&mut self, x: DVar, w: DVar, b: DVar, out_f32: bool) -> Result<DVar> {
-        const OP: &str = "linear";
-        let (rows, in_f, out_f) = self.linear_dims(OP, x, w, b)?;
-        let (xb, wb, bf) = (
-            self.bf16_of(OP, x)?,
-            self.bf16_of(OP, w)?,
-            self.f32_of(OP, b)?,
-        );
-        let y = device::linear_forward(self.be, &xb, rows, in_f, out_f, &wb, &bf, out_f32)?;
-        let value = match y {
-            device::LayerOut::Bf16(y) => Value::Bf16(Held::Own(Rc::new(y))),
-            device::LayerOut::F32(y) => Value::F32(Held::Own(Rc::new(y))),
-        };
-        let mut shape = self.shape(x).to_vec();
-        *shape.last_mut().expect("checked 2-D") = out_f;
-        Ok(self.push(value, &shape, &[x, w, b], move || {
-            Box::new(move |be, g, need| {
-                let dy = g.to_bf16(be, OP)?;
-                let (dw, db) = (need[1].sink(be, out_f * in_f)?, need[2].sink(be, out_f)?);
-                let dx = device::linear_backward(
-                    be,
-                    &xb,
-                    rows,
-                    in_f,
-                    out_f,
-                    &wb,
-                    &dy,
-                    (dw.buf(), db.buf()),
-                    need[0].any(),
-                )?;
-                Ok(vec![dx.map(Grad::bf16), dw.into_grad(), db.into_grad()])
-            })
-        }))
+        self.linear_with(
+            x,
+            w,
+            b,
+            if out_f32 {
+                Epilogue::F32
+            } else {
+                Epilogue::Bf16
+            },
+        )
     }
 
     /// relu(x W^T + b) in bf16 [rows, out], the ReLU and the rounding fused into the GEMM
     /// (`linear` to fp32, `activation` and `to_bf16` give the same values in three passes over an
     /// fp32 [rows, out]); its backward masks dy by the output.
     pub fn linear_relu(&mut self, x: DVar, w: DVar, b: DVar) -> Result<DVar> {
-        const OP: &str = "linear_relu";
-        let (rows, in_f, out_f) = self.linear_dims(OP, x, w, b)?;
+        self.linear_with(x, w, b, Epilogue::ReluBf16)
+    }
+
+    fn linear_with(&mut self, x: DVar, w: DVar, b: DVar, epilogue: Epilogue) -> Result<DVar> {
+        let op = match epilogue {
+            Epilogue::ReluBf16 => "linear_relu",
+            _ => "linear",
+        };
+        let (rows, in_f, out_f) = self.linear_dims(op, x, w, b)?;
         let (xb, wb, bf) = (
-            self.bf16_of(OP, x)?,
-            self.bf16_of(OP, w)?,
-            self.f32_of(OP, b)?,
+            self.bf16_of(op, x)?,
+            self.bf16_of(op, w)?,
+            self.f32_of(op, b)?,
         );
-        let y = Rc::new(device::linear_relu_forward(
-            self.be, &xb, rows, in_f, out_f, &wb, &bf,
-        )?);
-        let saved_y = Rc::clone(&y);
+        // The ReLU's output, kept for its mask in backward.
+        let mut relu_out = None;
+        let value = match epilogue {
+            Epilogue::ReluBf16 => {
+                let y = Rc::new(device::linear_relu_forward(
+                    self.be, &xb, rows, in_f, out_f, &wb, &bf,
+                )?);
+                relu_out = Some(Rc::clone(&y));
+                Value::Bf16(Held::Own(y))
+            }
+            Epilogue::F32 | Epilogue::Bf16 => {
+                let out_f32 = matches!(epilogue, Epilogue::F32);
+                match device::linear_forward(self.be, &xb, rows, in_f, out_f, &wb, &bf, out_f32)? {
+                    device::LayerOut::Bf16(y) => Value::Bf16(Held::Own(Rc::new(y))),
+                    device::LayerOut::F32(y) => Value::F32(Held::Own(Rc::new(y))),
+                }
+            }
+        };
         let mut shape = self.shape(x).to_vec();
         *shape.last_mut().expect("checked 2-D") = out_f;
-        Ok(
-            self.push(Value::Bf16(Held::Own(y)), &shape, &[x, w, b], move || {
-                Box::new(move |be, g, need| {
-                    let dy = g.to_bf16(be, OP)?;
-                    let (dw, db) = (need[1].sink(be, out_f * in_f)?, need[2].sink(be, out_f)?);
-                    let dx = device::linear_relu_backward(
-                        be,
-                        &xb,
-                        &saved_y,
-                        rows,
-                        in_f,
-                        out_f,
-                        &wb,
-                        &dy,
-                        (dw.buf(), db.buf()),
-                        need[0].any(),
-                    )?;
-                    Ok(vec![dx.map(Grad::bf16), dw.into_grad(), db.into_grad()])
-                })
-            }),
-        )
+        Ok(self.push(value, &shape, &[x, w, b], move || {
+            Box::new(move |be, g, need| {
+                let dy = g.to_bf16(be, op)?;
+                let (dw, db) = (need[1].sink(be, out_f * in_f)?, need[2].sink(be, out_f)?);
+                let grads = (dw.buf(), db.buf());
+                let want_dx = need[0].any();
+                let dx = match &relu_out {
+                    Some(y) => device::linear_relu_backward(
+                        be, &xb, y, rows, in_f, out_f, &wb, &dy, grads, want_dx,
+                    )?,
+                    None => device::linear_backward(
+                        be, &xb, rows, in_f, out_f, &wb, &dy, grads, want_dx,
+                    )?,
+                };
+                Ok(vec![dx.map(Grad::bf16), dw.into_grad(), db.into_grad()])
+            })
+        }))
     }
 
     /// One HConv conv + bias + ReLU over the layer axis: x bf16 [n, l_in, c_in], w tap-major

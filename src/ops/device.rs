@@ -1828,22 +1828,8 @@ pub fn linear_relu_backward(
     grads: (&Buf<f32>, &Buf<f32>),
     want_dx: bool,
 ) -> Result<Option<Buf<bf16>>> {
-    let inputs = ConvBwdInputs {
-        x,
-        relu_out: Some(y),
-        w,
-        flatten: false,
-    };
-    conv_backward(
-        be,
-        tensor_core_path(),
-        &inputs,
-        rows,
-        &linear_geom(in_f, out_f),
-        dy,
-        grads,
-        want_dx,
-    )
+    let shape = (rows, in_f, out_f);
+    linear_backward_masked(be, x, Some(y), shape, w, dy, grads, want_dx)
 }
 
 /// Backward of [`linear_forward`] from dy (bf16 [rows, out_f]): ADDS dW [out_f, in_f] and db to
@@ -1860,9 +1846,26 @@ pub fn linear_backward(
     grads: (&Buf<f32>, &Buf<f32>),
     want_dx: bool,
 ) -> Result<Option<Buf<bf16>>> {
+    let shape = (rows, in_f, out_f);
+    linear_backward_masked(be, x, None, shape, w, dy, grads, want_dx)
+}
+
+/// [`linear_backward`], dy first masked by `relu_out` > 0 where given; `shape`: (rows, in_f,
+/// out_f).
+#[allow(clippy::too_many_arguments)]
+fn linear_backward_masked(
+    be: &Backend,
+    x: &Buf<bf16>,
+    relu_out: Option<&Buf<bf16>>,
+    (rows, in_f, out_f): (usize, usize, usize),
+    w: &Buf<bf16>,
+    dy: &Buf<bf16>,
+    grads: (&Buf<f32>, &Buf<f32>),
+    want_dx: bool,
+) -> Result<Option<Buf<bf16>>> {
     let inputs = ConvBwdInputs {
         x,
-        relu_out: None,
+        relu_out,
         w,
         flatten: false,
     };
