@@ -65,12 +65,7 @@ __device__ __forceinline__ void adam_group(const AdamConsts& c, float* param, fl
         store_float4(m_ + i, m);
         store_float4(v_ + i, v);
         if (zero_grad) store_float4(grad + i, float4_t{0.0f, 0.0f, 0.0f, 0.0f});
-        if (copy) {
-            bf16x4 b;
-            b.w[0] = (uint32_t)float_to_bf16(p.x).bits | ((uint32_t)float_to_bf16(p.y).bits << 16);
-            b.w[1] = (uint32_t)float_to_bf16(p.z).bits | ((uint32_t)float_to_bf16(p.w).bits << 16);
-            store_bf16x4(copy + i, b);
-        }
+        if (copy) store_bf16x4(copy + i, pack_bf16x4(p));
         return;
     }
     for (int k = 0; k < count; ++k) {

@@ -122,6 +122,30 @@ struct alignas(8) bf16x4 {
     uint32_t w[2];
 };
 
+__device__ __forceinline__ bf16x4 load_bf16x4(const bf16* p) {
+#ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, 8, "load_bf16x4");
+    bf16x4 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
+    return *reinterpret_cast<const bf16x4*>(p);
+#endif
+}
+
+// The four floats of a bf16x4 (exact), and four floats rounded into one (nearest even).
+__device__ __forceinline__ float4_t unpack_bf16x4(const bf16x4& v) {
+    return float4_t{strata_bits_float(v.w[0] << 16), strata_bits_float(v.w[0] & 0xffff0000u),
+                    strata_bits_float(v.w[1] << 16), strata_bits_float(v.w[1] & 0xffff0000u)};
+}
+
+__device__ __forceinline__ bf16x4 pack_bf16x4(const float4_t& f) {
+    bf16x4 b;
+    b.w[0] = (uint32_t)float_to_bf16(f.x).bits | ((uint32_t)float_to_bf16(f.y).bits << 16);
+    b.w[1] = (uint32_t)float_to_bf16(f.z).bits | ((uint32_t)float_to_bf16(f.w).bits << 16);
+    return b;
+}
+
 __device__ __forceinline__ void store_bf16x4(bf16* p, const bf16x4& v) {
 #ifdef STRATA_EMULATOR
     strata_emu_check_aligned(p, 8, "store_bf16x4");

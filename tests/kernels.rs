@@ -1940,22 +1940,29 @@ fn single_layer_and_concat_proj_on_the_device_match_the_cpu_interfaces() {
 fn cast_row_norm_and_column_slice_layer_sums_match_their_references() {
     for be in backends() {
         let tag = be.name();
-        let v = to_bf16(&randn(3000, 21));
+        // Lengths that are not multiples of 4: the kernels' tails (they take 4 values a thread).
+        let v = to_bf16(&randn(3001, 21));
         let got = be
             .download(&device::cast_to_f32(&be, &be.upload(&v).unwrap()).unwrap())
             .unwrap();
-        assert!(got
-            .iter()
-            .zip(&v)
-            .all(|(a, b)| a.to_bits() == b.to_f32().to_bits()));
-        let x = randn(2000, 22);
+        assert!(
+            got.len() == v.len()
+                && got
+                    .iter()
+                    .zip(&v)
+                    .all(|(a, b)| a.to_bits() == b.to_f32().to_bits()),
+            "{tag}: widening cast"
+        );
+        let x = randn(2003, 22);
         let got = be
             .download(&device::cast_to_bf16_scaled(&be, &be.upload(&x).unwrap(), 0.25).unwrap())
             .unwrap();
         assert!(
-            got.iter()
-                .zip(&x)
-                .all(|(a, &b)| a.to_bits() == bf16::from_f32(0.25 * b).to_bits()),
+            got.len() == x.len()
+                && got
+                    .iter()
+                    .zip(&x)
+                    .all(|(a, &b)| a.to_bits() == bf16::from_f32(0.25 * b).to_bits()),
             "{tag}: scaled cast"
         );
         for (rows, d) in [(1usize, 8usize), (7 * 13, 768), (50, 100)] {
@@ -2362,6 +2369,17 @@ fn cls_attention_and_elementwise_kernels_match_the_cpu_references() {
                     "{tag}: add_grads"
                 );
             }
+            // A length that is not a multiple of 4: the kernel's tail.
+            let odd = |v: &[f32]| be.upload(&v[..4999]).unwrap();
+            let got = be
+                .download(
+                    &device::add_grads(&be, AnyBuf::F32(&odd(&a)), AnyBuf::F32(&odd(&b))).unwrap(),
+                )
+                .unwrap();
+            assert!(
+                got.iter().enumerate().all(|(i, g)| *g == a[i] + b[i]) && got.len() == 4999,
+                "{tag}: add_grads, 4999 values"
+            );
             let short = be.upload(&a[..10]).unwrap();
             let err = device::add_grads(&be, AnyBuf::F32(&short), AnyBuf::Bf16(&hb))
                 .err()

@@ -1644,7 +1644,8 @@ pub fn cast_to_bf16_scaled(be: &Backend, x: &Buf<f32>, scale: f32) -> Result<Buf
         n: n as i64,
         scale,
     };
-    launch_elementwise(be, K, n, &p)?;
+    // A thread per 4 values (kernels/convert.cu).
+    launch_elementwise(be, K, n.div_ceil(4), &p)?;
     Ok(y)
 }
 
@@ -1659,11 +1660,12 @@ pub fn cast_to_f32(be: &Backend, x: &Buf<bf16>) -> Result<Buf<f32>> {
         y: be.ptr(&y),
         n: n as i64,
     };
-    launch_elementwise(be, K, n, &p)?;
+    launch_elementwise(be, K, n.div_ceil(4), &p)?;
     Ok(y)
 }
 
-/// A grid-stride elementwise kernel over `n` values (256-thread blocks); nothing to do for 0.
+/// A grid-stride elementwise kernel of `n` threads' work (256-thread blocks, at most 65535 of them:
+/// the kernel strides past); nothing to do for 0.
 fn launch_elementwise<P: crate::runtime::kernels::KernelParams + cudarc::driver::DeviceRepr>(
     be: &Backend,
     kernel: &'static str,
@@ -2158,7 +2160,8 @@ pub fn add_grads(be: &Backend, a: AnyBuf, b: AnyBuf) -> Result<Buf<f32>> {
         a_bf16,
         b_bf16,
     };
-    launch_elementwise(be, K, n, &p)?;
+    // A thread per 4 values (kernels/elementwise.cu).
+    launch_elementwise(be, K, n.div_ceil(4), &p)?;
     Ok(y)
 }
 
