@@ -146,6 +146,16 @@ __device__ __forceinline__ bf16x4 pack_bf16x4(const float4_t& f) {
     return b;
 }
 
+// Element i of a buffer that is fp32, or bf16 when is_bf16 (widened exactly); and the four from
+// i, a multiple of 4 (16-byte fp32 or 8-byte bf16 loads). For kernels that read either dtype.
+__device__ __forceinline__ float load_f32_or_bf16(const void* x, int is_bf16, int64_t i) {
+    return is_bf16 ? bf16_to_float(((const bf16*)x)[i]) : ((const float*)x)[i];
+}
+
+__device__ __forceinline__ float4_t load4_f32_or_bf16(const void* x, int is_bf16, int64_t i) {
+    return is_bf16 ? unpack_bf16x4(load_bf16x4((const bf16*)x + i)) : load_float4((const float*)x + i);
+}
+
 __device__ __forceinline__ void store_bf16x4(bf16* p, const bf16x4& v) {
 #ifdef STRATA_EMULATOR
     strata_emu_check_aligned(p, 8, "store_bf16x4");

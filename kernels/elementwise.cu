@@ -43,23 +43,14 @@ struct AddGradsParams {
     int a_bf16, b_bf16;
 };
 
-__device__ __forceinline__ float add_grads_load(const void* x, int is_bf16, int64_t i) {
-    return is_bf16 ? bf16_to_float(((const bf16*)x)[i]) : ((const float*)x)[i];
-}
-
-// Four values from i (a multiple of 4: 16-byte fp32 or 8-byte bf16 loads, aligned).
-__device__ __forceinline__ float4_t add_grads_load4(const void* x, int is_bf16, int64_t i) {
-    return is_bf16 ? unpack_bf16x4(load_bf16x4((const bf16*)x + i)) : load_float4((const float*)x + i);
-}
-
 // 4 values a thread, the last n % 4 one by one.
 extern "C" __global__ void add_grads(const AddGradsParams p) {
     for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4; i < p.n; i += (int64_t)gridDim.x * blockDim.x * 4) {
         if (i + 4 <= p.n) {
-            const float4_t a = add_grads_load4(p.a, p.a_bf16, i), b = add_grads_load4(p.b, p.b_bf16, i);
+            const float4_t a = load4_f32_or_bf16(p.a, p.a_bf16, i), b = load4_f32_or_bf16(p.b, p.b_bf16, i);
             store_float4(p.y + i, float4_t{a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w});
         } else {
-            for (int64_t k = i; k < p.n; ++k) p.y[k] = add_grads_load(p.a, p.a_bf16, k) + add_grads_load(p.b, p.b_bf16, k);
+            for (int64_t k = i; k < p.n; ++k) p.y[k] = load_f32_or_bf16(p.a, p.a_bf16, k) + load_f32_or_bf16(p.b, p.b_bf16, k);
         }
     }
 }

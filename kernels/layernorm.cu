@@ -30,10 +30,6 @@ struct LayerNormFwdParams {
     int x_bf16, y_bf16;
 };
 
-__device__ __forceinline__ float ln_load(const void* x, int is_bf16, int64_t i) {
-    return is_bf16 ? bf16_to_float(((const bf16*)x)[i]) : ((const float*)x)[i];
-}
-
 struct LayerNormBwdParams {
     const void* x;   // [rows, d], fp32 or bf16 (x_bf16)
     const float* w;  // [d] or null (no affine)
@@ -57,16 +53,16 @@ extern "C" __global__ void layernorm_forward(const LayerNormFwdParams p) {
     __shared__ float red[32];
     const int64_t row = (int64_t)blockIdx.x * p.d;
     float s = 0.0f;
-    for (int i = threadIdx.x; i < p.d; i += blockDim.x) s += ln_load(p.x, p.x_bf16, row + i);
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) s += load_f32_or_bf16(p.x, p.x_bf16, row + i);
     const float m = block_sum(s, red) / (float)p.d;
     float v = 0.0f;
     for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-        const float c = ln_load(p.x, p.x_bf16, row + i) - m;
+        const float c = load_f32_or_bf16(p.x, p.x_bf16, row + i) - m;
         v += c * c;
     }
     const float rs = 1.0f / sqrtf(block_sum(v, red) / (float)p.d + p.eps);
     for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-        const float xh = (ln_load(p.x, p.x_bf16, row + i) - m) * rs;
+        const float xh = (load_f32_or_bf16(p.x, p.x_bf16, row + i) - m) * rs;
         const float y = p.w ? xh * p.w[i] + p.b[i] : xh;
         if (p.y_bf16) {
             ((bf16*)p.y)[row + i] = float_to_bf16(y);
@@ -97,7 +93,7 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
         const float m = p.mean[r], rs = p.rstd[r];
         float sg = 0.0f, sgx = 0.0f;
         for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-            const float xh = (ln_load(p.x, p.x_bf16, row + i) - m) * rs;
+            const float xh = (load_f32_or_bf16(p.x, p.x_bf16, row + i) - m) * rs;
             const float gi = p.w ? g[i] * p.w[i] : g[i];
             sg += gi;
             sgx += gi * xh;
@@ -112,7 +108,7 @@ extern "C" __global__ void layernorm_backward(const LayerNormBwdParams p) {
         const float mg = block_sum(sg, red) / (float)p.d;
         const float mgx = block_sum(sgx, red) / (float)p.d;
         for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-            const float xh = (ln_load(p.x, p.x_bf16, row + i) - m) * rs;
+            const float xh = (load_f32_or_bf16(p.x, p.x_bf16, row + i) - m) * rs;
             const float gi = p.w ? g[i] * p.w[i] : g[i];
             dx[i] = rs * (gi - mg - xh * mgx);
         }

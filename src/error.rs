@@ -46,6 +46,16 @@ impl Error {
             detail: detail.into(),
         }
     }
+
+    /// A device or allocation failure with `context` (which run, which work) put in front; other
+    /// errors, which name their tensor already, unchanged.
+    pub fn in_device_context(self, context: &str) -> Self {
+        match self {
+            Error::Device(why) => Error::Device(format!("{context}: {why}")),
+            Error::Allocation(why) => Error::Allocation(format!("{context}: {why}")),
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for Error {

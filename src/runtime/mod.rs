@@ -255,12 +255,18 @@ fn allocation_err<T>(be: &Backend, n: usize, why: impl std::fmt::Display) -> Err
     ))
 }
 
-/// The emulator's buffers: `n` copies of `fill`, or an error where the host cannot hold them
-/// (an allocation that fails would otherwise abort the process).
-fn host_vec<T: Clone>(be: &Backend, n: usize, fill: T) -> Result<Vec<T>> {
+/// An empty host vector with room for the emulator's buffer of `n` elements, or an error where the
+/// host cannot hold them (an allocation that fails would otherwise abort the process).
+fn host_room<T>(be: &Backend, n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n)
         .map_err(|e| allocation_err::<T>(be, n, e))?;
+    Ok(v)
+}
+
+/// The emulator's buffers: `n` copies of `fill` ([`host_room`]).
+fn host_vec<T: Clone>(be: &Backend, n: usize, fill: T) -> Result<Vec<T>> {
+    let mut v = host_room(be, n)?;
     v.resize(n, fill);
     Ok(v)
 }
@@ -289,9 +295,7 @@ impl Backend {
             |h| &mut h.upload,
             || match self {
                 Backend::Emulator => {
-                    let mut v = Vec::new();
-                    v.try_reserve_exact(data.len())
-                        .map_err(|e| allocation_err::<T>(self, data.len(), e))?;
+                    let mut v = host_room(self, data.len())?;
                     v.extend_from_slice(data);
                     Ok(Buf::Host(UnsafeCell::new(v)))
                 }

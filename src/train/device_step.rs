@@ -1010,11 +1010,7 @@ impl DevicePair {
             self.layers,
             self.dim
         );
-        move |e| match e {
-            Error::Device(why) => Error::Device(format!("{context}: {why}")),
-            Error::Allocation(why) => Error::Allocation(format!("{context}: {why}")),
-            other => other,
-        }
+        move |e: Error| e.in_device_context(&context)
     }
 
     /// Adds the gradients of one micro-batch's mean loss times `scale` (1 / micro-batches when
@@ -1087,14 +1083,9 @@ impl DevicePair {
     /// Adam step at learning rate `lr` (refreshing the bf16 copies, clearing the gradients) in
     /// one launch.
     pub fn apply(&mut self, be: &Backend, lr: f64) -> Result<()> {
-        let (name, step) = (self.name.clone(), self.steps + 1);
-        self.optimizer_step(be, lr).map_err(|e| match e {
-            Error::Device(why) => Error::Device(format!("'{name}' optimizer step {step}: {why}")),
-            Error::Allocation(why) => {
-                Error::Allocation(format!("'{name}' optimizer step {step}: {why}"))
-            }
-            other => other,
-        })
+        let context = format!("'{}' optimizer step {}", self.name, self.steps + 1);
+        self.optimizer_step(be, lr)
+            .map_err(|e| e.in_device_context(&context))
     }
 
     fn optimizer_step(&mut self, be: &Backend, lr: f64) -> Result<()> {
