@@ -245,6 +245,26 @@ fn bench(c: &mut Criterion) {
                 })
             })
         });
+        // Two uses' bf16 gradients summed into fp32 (the device tape's add_grads), and LayerNorm
+        // from bf16 rows into bf16 (CLS pooling's over the stack's rows).
+        group.throughput(Throughput::Bytes((rows * d * 8) as u64));
+        group.bench_function("add_grads_bf16_16000x768", |b| {
+            let g = device::AnyBuf::Bf16(&feats16);
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    drop(device::add_grads(&be, g, g).unwrap())
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((rows * d * 4) as u64));
+        group.bench_function("layernorm_bf16_16000x768", |b| {
+            b.iter_custom(|iters| {
+                timed(&be, iters, &mut || {
+                    let x = device::AnyBuf::Bf16(&feats16);
+                    drop(device::layernorm_forward_any(&be, x, rows, d, None, 1e-5, true).unwrap())
+                })
+            })
+        });
         // The speaker head's own kernels (kernels/speaker.cu) on the same 32 x 500 frames of 768:
         // a TDNN's 5-frame windows, statistics pooling, row L2 normalization, the margin.
         let (idx, inv, _) = device::speaker_window_index(&batch, 5, 1).unwrap();

@@ -799,6 +799,31 @@ fn main() -> std::process::ExitCode {
             "{{\"name\": \"layernorm_backward_{rows}x{d}\", \"ms\": {ms:.4}, \"bytes\": {}}}",
             3 * rows * d * 4
         );
+        // CLS pooling's rows (32 x 500 frames of 13 layers of 768): LayerNorm from bf16 into bf16
+        // (read + write 2 bytes each), and its K and V projections' bf16 gradients summed into
+        // fp32 (read 2 + 2, write 4).
+        let (rows, d) = (16000 * 13, 768usize);
+        let x16 = be.upload(&vec![bf16::from_f32(0.5); rows * d]).unwrap();
+        let x = device::AnyBuf::Bf16(&x16);
+        let (lw, lb) = (
+            be.upload(&vec![1.0f32; d]).unwrap(),
+            be.zeros::<f32>(d).unwrap(),
+        );
+        let ms = time_ms(&be, &mut flush, || {
+            device::layernorm_forward_any(&be, x, rows, d, Some((&lw, &lb)), 1e-5, true).unwrap();
+        });
+        println!(
+            "{{\"name\": \"layernorm_bf16_{rows}x{d}\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            4 * rows * d
+        );
+        let ms = time_ms(&be, &mut flush, || {
+            device::add_grads(&be, x, x).unwrap();
+        });
+        println!(
+            "{{\"name\": \"add_grads_bf16_{rows}x{d}\", \"ms\": {ms:.4}, \"bytes\": {}}}",
+            8 * rows * d
+        );
+        drop(x16);
         let (rows, c) = (16000usize, 768usize);
         let xs = be.upload(&vec![0.5f32; rows * c]).unwrap();
         let out = be.zeros::<f32>(c).unwrap();
