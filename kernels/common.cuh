@@ -486,6 +486,20 @@ __device__ __forceinline__ wgmma_desc make_wgmma_desc(const void* smem, uint32_t
 #endif
 }
 
+// The descriptor of the operand `bytes` (a multiple of 16) further on in shared memory: one add
+// to the start-address field, where make_wgmma_desc converts an address (a K loop's per-step
+// descriptors from one made before it). The field must not carry: the operand stays in the first
+// 256 KB, as make_wgmma_desc requires.
+__device__ __forceinline__ wgmma_desc wgmma_desc_advance(wgmma_desc d, uint32_t bytes) {
+#ifdef STRATA_EMULATOR
+    if (bytes % 16 != 0) strata_emu::fault_misaligned("wgmma descriptor advance", reinterpret_cast<const void*>(uintptr_t(bytes)), 16);
+    d.start += bytes;
+    return d;
+#else
+    return d + (bytes >> 4);
+#endif
+}
+
 #ifdef STRATA_EMULATOR
 inline float strata_emu_desc_elem(const wgmma_desc& q, int row, int k, bool mn_major) {
     const unsigned char* p = q.start + (row / 8) * q.sbo + (k / 8) * q.lbo +

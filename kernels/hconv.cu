@@ -231,26 +231,31 @@ __device__ __forceinline__ void hv_mma(float (*acc)[4][4], const uint32_t (*a)[4
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
 }
-// The multistage K loop: stage(buf, step) issues step's cp.async copies into buffer `buf` (the
-// loop commits them as one group per step, an empty group past the last step, so that the count
-// cp_async_wait relies on holds to the end), compute(buf) consumes a staged buffer. Copies run
-// HV_STAGES - 1 steps ahead. One barrier per step: once past it, step s's copies (each thread
-// waited for its own) are visible to all, and every warp has finished step s - 1's math, so its
-// buffer, (s - 1) % HV_STAGES, is the one the copies for step s + HV_STAGES - 1 may fill.
+// The multistage K loop: stage(buf) issues the next step's cp.async copies into buffer `buf` (the
+// stagers below keep their own position in K and advance one step a call, so that a step costs no
+// divisions; the loop commits the copies as one group per step, an empty group past the last step,
+// so that the count cp_async_wait relies on holds to the end), compute(buf) consumes a staged
+// buffer. Copies run HV_STAGES - 1 steps ahead. One barrier per step: once past it, step s's copies
+// (each thread waited for its own) are visible to all, and every warp has finished step s - 1's
+// math, so its buffer, (s - 1) % HV_STAGES, is the one the copies for step s + HV_STAGES - 1 may
+// fill. Buffer indices rotate by comparison (a 64-bit step counter's `% HV_STAGES` had cost a
+// multiply-high sequence a step).
 template <class Stage, class Compute>
-__device__ __forceinline__ void hv_pipeline(int64_t steps, Stage stage, Compute compute) {
+__device__ __forceinline__ void hv_pipeline(int steps, Stage stage, Compute compute) {
 #pragma unroll
     for (int s = 0; s < HV_STAGES - 1; ++s) {
-        if (s < steps) stage(s, s);
+        if (s < steps) stage(s);
         cp_async_commit();
     }
-    for (int64_t s = 0; s < steps; ++s) {
+    int read = 0, write = HV_STAGES - 1;
+    for (int s = 0; s < steps; ++s) {
         cp_async_wait<HV_STAGES - 2>();  // groups 0..s done: step s is here
         __syncthreads();
-        const int64_t ahead = s + HV_STAGES - 1;
-        if (ahead < steps) stage((int)(ahead % HV_STAGES), ahead);
+        if (s + HV_STAGES - 1 < steps) stage(write);
         cp_async_commit();
-        compute((int)(s % HV_STAGES));
+        compute(read);
+        read = read + 1 == HV_STAGES ? 0 : read + 1;
+        write = write + 1 == HV_STAGES ? 0 : write + 1;
     }
 }
 
@@ -301,41 +306,44 @@ __device__ __forceinline__ int64_t hc_fwd_row(const HcFwdTile& t, int64_t n, int
 
 // The vectorized forward kernels' operand staging: thread tid copies 16-byte chunk tid % 4 (8
 // channels, never straddling a tap as c_in % 8 == 0) of tile rows tid / 4 and tid / 4 + 64 of A
-// (the implicit im2col rows) and B (W's rows). The rows' frame offsets and first layer are fixed
-// for the whole K loop; out-of-range rows, channels and taps copy zeros.
+// (the implicit im2col rows) and B (W's rows), at its K index k (tap kw = k / c_in, channel ci),
+// which advances HV_BK a step. A row's chunk lies at x[f, first + kw, ci] (first = lo * stride -
+// pad, the layer of tap 0), that is at a fixed offset plus k; it exists for the K indices whose
+// layer does, [a_klo, a_khi) (cut at the tile's k_end). So a step costs an add and two compares a
+// chunk, no division. Chunks outside those ranges copy zeros.
 struct HcFwdStage {
-    int64_t a_base[2];
-    int a_li0[2];
-    bool a_ok[2], b_ok[2];
-    const bf16* b_src[2];
+    int64_t a_off[2], b_off[2];  // element offsets of the rows' chunks at K index 0
+    int a_klo[2], a_khi[2], b_khi[2];
+    int k;  // this thread's K index at the next step
 
     __device__ __forceinline__ HcFwdStage(const HConvFwdParams& p, const HcFwdTile& tile, int64_t rows, int col0,
-                                          int K, int l_in, int c_in, int c_out, int stride, int pad) {
+                                          int K, int l_in, int c_in, int c_out, int kernel, int stride, int pad) {
+        k = tile.k_begin + (threadIdx.x % 4) * 8;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int64_t r = tile.r0 + threadIdx.x / 4 + 64 * j;
-            a_ok[j] = r < rows;
             int64_t f = 0;
             int lo = 0;
-            if (a_ok[j]) hc_fwd_frame_pos(r, p.n, &f, &lo);
-            a_base[j] = f * l_in * c_in;
-            a_li0[j] = lo * stride - pad;
+            if (r < rows) hc_fwd_frame_pos(r, p.n, &f, &lo);
+            const int first = lo * stride - pad;
+            a_off[j] = (f * l_in + first) * c_in;
+            const int kw_lo = first < 0 ? -first : 0, kw_hi = l_in - first < kernel ? l_in - first : kernel;
+            a_klo[j] = kw_lo * c_in;
+            a_khi[j] = r < rows ? (kw_hi * c_in < tile.k_end ? kw_hi * c_in : tile.k_end) : 0;
             const int co = col0 + threadIdx.x / 4 + 64 * j;
-            b_ok[j] = co < c_out;
-            b_src[j] = p.w + (int64_t)(b_ok[j] ? co : 0) * K;
+            b_off[j] = (int64_t)(co < c_out ? co : 0) * K;
+            b_khi[j] = co < c_out ? tile.k_end : 0;
         }
     }
 
-    // Copies row j's chunk at K index k (tap kw, channel ci) of A to a_dst and of B to b_dst; K
-    // indices from k_end on are zeros.
-    __device__ __forceinline__ void copy(const HConvFwdParams& p, int j, int k, int kw, int ci, int k_end, int l_in,
-                                         int c_in, bf16* a_dst, bf16* b_dst) const {
-        const int li = a_li0[j] + kw;
-        const bool va = a_ok[j] && k < k_end && li >= 0 && li < l_in;
-        cp_async16(a_dst, va ? p.x + a_base[j] + (int64_t)li * c_in + ci : p.x, va);
-        const bool vb = b_ok[j] && k < k_end;
-        cp_async16(b_dst, vb ? b_src[j] + k : p.w, vb);
+    // Copies row j's chunks at the current K index: A's to a_dst, B's to b_dst.
+    __device__ __forceinline__ void copy(const HConvFwdParams& p, int j, bf16* a_dst, bf16* b_dst) const {
+        const bool va = k >= a_klo[j] && k < a_khi[j];
+        cp_async16(a_dst, va ? p.x + a_off[j] + k : p.x, va);
+        const bool vb = k < b_khi[j];
+        cp_async16(b_dst, vb ? p.w + b_off[j] + k : p.w, vb);
     }
+    __device__ __forceinline__ void advance() { k += HV_BK; }
 };
 
 extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_vec(const HConvFwdParams p) {
@@ -350,14 +358,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_vec(cons
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    const HcFwdStage rows_of(p, tile, rows, col0, K, l_in, c_in, c_out, stride, pad);
-    auto stage = [&](int buf, int64_t step) {
-        const int k = tile.k_begin + (int)step * HV_BK + kc;
-        const int kw = k / c_in, ci = k - kw * c_in;
+    HcFwdStage rows_of(p, tile, rows, col0, K, l_in, c_in, c_out, kernel, stride, pad);
+    auto stage = [&](int buf) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-            rows_of.copy(p, j, k, kw, ci, tile.k_end, l_in, c_in, &as[buf][tid / 4 + 64 * j][kc],
-                         &bs[buf][tid / 4 + 64 * j][kc]);
+        for (int j = 0; j < 2; ++j) rows_of.copy(p, j, &as[buf][tid / 4 + 64 * j][kc], &bs[buf][tid / 4 + 64 * j][kc]);
+        rows_of.advance();
     };
     float acc[4][4][4];
     hv_zero(acc);
@@ -417,32 +422,34 @@ __device__ __forceinline__ void hw_zero(float (*acc)[32]) {
         for (int i = 0; i < 32; ++i) acc[h][i] = 0.0f;
 }
 
-// The K loop of the wgmma kernels: stage(buf, step) issues step's cp.async copies into buffer
-// `buf` (the loop commits them, one group per step, an empty group past the last step, so that the
-// count cp_async_wait relies on holds to the end); compute(buf) issues a staged step's wgmmas,
-// commits them and waits for all but that group (hw_step). At step s, cp_async_wait leaves the
-// HW_STAGES - 3 newest copy groups in flight, so steps 0..s have landed; the barrier after it
-// publishes step s to the tensor cores, and means every thread has come back from step s - 1's
-// wait, which finished its step s - 2 wgmmas: that buffer, (s - 2) % HW_STAGES, is the one the
-// copies for step s + HW_STAGES - 2 refill. Step s - 1's wgmmas may still run meanwhile. After the
-// loop, the last group is waited for and the accumulators `acc` (64 floats) pinned after that wait:
-// without the pin the compiler read them before it (ptxas then serialized every wgmma, warning
-// C7514).
+// The K loop of the wgmma kernels: stage(buf) issues the next step's cp.async copies into buffer
+// `buf` (as in hv_pipeline, the stager advances itself; the loop commits the copies, one group per
+// step, an empty group past the last step, so that the count cp_async_wait relies on holds to the
+// end); compute(buf) issues a staged step's wgmmas, commits them and waits for all but that group
+// (hw_step). At step s, cp_async_wait leaves the HW_STAGES - 3 newest copy groups in flight, so
+// steps 0..s have landed; the barrier after it publishes step s to the tensor cores, and means
+// every thread has come back from step s - 1's wait, which finished its step s - 2 wgmmas: that
+// buffer, (s - 2) % HW_STAGES, is the one the copies for step s + HW_STAGES - 2 refill. Step
+// s - 1's wgmmas may still run meanwhile. After the loop, the last group is waited for and the
+// accumulators `acc` (64 floats) pinned after that wait: without the pin the compiler read them
+// before it (ptxas then serialized every wgmma, warning C7514).
 template <class Stage, class Compute>
-__device__ __forceinline__ void hw_pipeline(int64_t steps, float* acc, Stage stage, Compute compute) {
+__device__ __forceinline__ void hw_pipeline(int steps, float* acc, Stage stage, Compute compute) {
 #pragma unroll
     for (int s = 0; s < HW_STAGES - 2; ++s) {
-        if (s < steps) stage(s, s);
+        if (s < steps) stage(s);
         cp_async_commit();
     }
-    for (int64_t s = 0; s < steps; ++s) {
+    int read = 0, write = HW_STAGES - 2;
+    for (int s = 0; s < steps; ++s) {
         cp_async_wait<HW_STAGES - 3>();
         fence_proxy_async();
         __syncthreads();
-        const int64_t ahead = s + HW_STAGES - 2;
-        if (ahead < steps) stage((int)(ahead % HW_STAGES), ahead);
+        if (s + HW_STAGES - 2 < steps) stage(write);
         cp_async_commit();
-        compute((int)(s % HW_STAGES));
+        compute(read);
+        read = read + 1 == HW_STAGES ? 0 : read + 1;
+        write = write + 1 == HW_STAGES ? 0 : write + 1;
     }
     wgmma_wait<0>();
     wgmma_fence_operands(acc, 64);
@@ -455,25 +462,33 @@ __device__ __forceinline__ void hw_pipeline(int64_t steps, float* acc, Stage sta
 
 // One staged step of a warpgroup's 64 x 128 tile: per k16, A's rows 64 wg.. against all 128
 // columns of B (one m64n128k16 into acc, 64 contiguous floats: n8 chunk 8 h + j is acc[h][4 j ..]),
-// from the stage's tiles a_tile / b_tile; the descriptors advance two K core matrices per k16.
-// Returns with this step's wgmmas in flight and the previous step's finished (the pipeline's one
-// group in flight; hw_pipeline waits for the last).
+// from the stage's tiles, whose descriptors `da` (A's, at the warpgroup's rows) and `db` hw_descs
+// makes; they advance two K core matrices per k16. Returns with this step's wgmmas in flight and
+// the previous step's finished (the pipeline's one group in flight; hw_pipeline waits for the
+// last).
 template <int TRANS_A, int TRANS_B>
-__device__ __forceinline__ void hw_step(float (*acc)[32], const bf16* a_tile, const bf16* b_tile, int wg) {
+__device__ __forceinline__ void hw_step(float (*acc)[32], wgmma_desc da, wgmma_desc db) {
     wgmma_fence_operands(acc[0], 64);
     wgmma_fence();
-    const unsigned char* a = reinterpret_cast<const unsigned char*>(a_tile) + wg * 8 * HW_SBO;
-    const unsigned char* b = reinterpret_cast<const unsigned char*>(b_tile);
 #pragma unroll
-    for (int ks = 0; ks < HV_BK / 16; ++ks) {
-        const wgmma_desc da = make_wgmma_desc(a + ks * 2 * HW_LBO, HW_LBO, HW_SBO);
-        const wgmma_desc db = make_wgmma_desc(b + ks * 2 * HW_LBO, HW_LBO, HW_SBO);
-        wgmma_m64n128k16_bf16<TRANS_A, TRANS_B>(acc[0], da, db, 1);
-    }
+    for (int ks = 0; ks < HV_BK / 16; ++ks)
+        wgmma_m64n128k16_bf16<TRANS_A, TRANS_B>(acc[0], wgmma_desc_advance(da, ks * 2 * HW_LBO),
+                                                wgmma_desc_advance(db, ks * 2 * HW_LBO), 1);
     wgmma_commit();
     wgmma_wait<1>();
     wgmma_fence_operands(acc[0], 64);
 }
+
+// The descriptors of stage `buf`'s tiles for hw_step, from those of stage 0 (made once, before the
+// K loop: a descriptor made from an address costs a window conversion and masks a step).
+struct HwDescs {
+    wgmma_desc a0, b0;
+    __device__ __forceinline__ HwDescs(const HwTile* as, const HwTile* bs, int wg)
+        : a0(make_wgmma_desc(reinterpret_cast<const unsigned char*>(as[0]) + wg * 8 * HW_SBO, HW_LBO, HW_SBO)),
+          b0(make_wgmma_desc(bs[0], HW_LBO, HW_SBO)) {}
+    __device__ __forceinline__ wgmma_desc a(int buf) const { return wgmma_desc_advance(a0, buf * (int)sizeof(HwTile)); }
+    __device__ __forceinline__ wgmma_desc b(int buf) const { return wgmma_desc_advance(b0, buf * (int)sizeof(HwTile)); }
+};
 
 // The MN-major tiles (operands whose rows are contiguous in memory: W for dx, dpre and the im2col
 // rows for dW), 128 rows (m or n) x 32 k: core matrix (row group, k group) at row_group * 512 +
@@ -494,21 +509,20 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_wgmma(co
     const HcFwdTile tile = hc_fwd_tile(p.n, l_out, l_in, c_in, kernel, stride, pad);
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_in;
-    const int kc = (tid % 4) * 8;
-    const HcFwdStage rows_of(p, tile, rows, col0, K, l_in, c_in, c_out, stride, pad);
-    auto stage = [&](int buf, int64_t step) {
-        const int k = tile.k_begin + (int)step * HV_BK + kc;
-        const int kw = k / c_in, ci = k - kw * c_in;
+    HcFwdStage rows_of(p, tile, rows, col0, K, l_in, c_in, c_out, kernel, stride, pad);
+    auto stage = [&](int buf) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int at = hw_core_offset(tid / 4 + 64 * j, tid % 4);
-            rows_of.copy(p, j, k, kw, ci, tile.k_end, l_in, c_in, &as[buf][at], &bs[buf][at]);
+            rows_of.copy(p, j, &as[buf][at], &bs[buf][at]);
         }
+        rows_of.advance();
     };
     float acc[2][32];
     hw_zero(acc);
+    const HwDescs descs(as, bs, wg);
     hw_pipeline((tile.k_end - tile.k_begin + HV_BK - 1) / HV_BK, acc[0], stage,
-                [&](int buf) { hw_step<0, 0>(acc, as[buf], bs[buf], wg); });
+                [&](int buf) { hw_step<0, 0>(acc, descs.a(buf), descs.b(buf)); });
     // This thread's 2 rows of y.
     const int64_t yrow[2] = {hc_fwd_row(tile, p.n, wg * 64 + w * 16 + lane / 4, l_out, rows),
                              hc_fwd_row(tile, p.n, wg * 64 + w * 16 + lane / 4 + 8, l_out, rows)};
@@ -782,55 +796,144 @@ __device__ __forceinline__ int64_t hc_dx_row(const HcDxPhase& q, int64_t n, int6
     return f * l_in + q.li0 + stride * (int)(r - f * q.count);
 }
 
-// dx's A rows: thread tid stages rows tid / 4 and tid / 4 + 64 of the block's phase tile.
-struct HcDataRows {
-    int64_t frame[2];
-    int li[2];
-    bool ok[2];
+// The dx kernels' operand staging. A phase's K index k is tap kw = ph + stride * jt at output
+// channel co < pitch, k = jt * pitch + co. A: thread tid stages rows tid / 4 and tid / 4 + 64 of
+// the block's phase tile (frame f, layer li) at its K index (chunk tid % 4 of the step): dpre's
+// chunk at the output position lo with lo * stride - pad + kw = li, which for the phase's taps is
+// (li + pad - ph) / stride - jt, where 0 <= lo < l_out. B: W's chunk (8 input channels from ci) at
+// two K rows, b_row and b_row + 16 of the step, at (jt, co); the pad channels (co >= c_out) and K
+// past the phase's taps copy zeros. Each K index advances HV_BK a step with its chunk's offset:
+// co moves on, and where it passes pitch (once every pitch / HV_BK steps) jt does, so that a step
+// costs adds and compares, no division.
+struct HcDxStage {
+    int64_t a_off[2], b_off[2];  // element offsets in dpre and W of the chunks
+    int lo[2];                   // A's rows' output positions at the current tap
+    bool a_ok[2], b_col;
+    int ka, ka_co;                       // A's K index and its channel
+    int kb[2], kb_co[2];                 // B's K rows and their channels
 
-    __device__ __forceinline__ HcDataRows(const HcDxPhase& q, int64_t n, int l_in, int stride) {
+    __device__ __forceinline__ HcDxStage(const HcDxPhase& q, int64_t n, int l_in, int KW, int c_in, int stride,
+                                         int pad, int pitch, int b_row, int b_col_, int col0) {
+        ka = (threadIdx.x % 4) * 8;
+        const int ka_jt = ka / pitch;  // 0 but for c_out under HV_BK
+        ka_co = ka - ka_jt * pitch;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int64_t row = hc_dx_row(q, n, q.row0 + threadIdx.x / 4 + 64 * j, l_in, stride);
-            ok[j] = row >= 0;
-            frame[j] = ok[j] ? row / l_in : 0;
-            li[j] = ok[j] ? (int)(row % l_in) : 0;
+            a_ok[j] = row >= 0;
+            const int64_t f = a_ok[j] ? row / l_in : 0;
+            const int li = a_ok[j] ? (int)(row % l_in) : 0;
+            lo[j] = (li + pad - q.ph) / stride - ka_jt;
+            a_off[j] = ((int64_t)lo[j] * n + f) * pitch + ka_co;
+            kb[j] = b_row + 16 * j;
+            const int jt = kb[j] / pitch;
+            kb_co[j] = kb[j] - jt * pitch;
+            b_off[j] = (int64_t)kb_co[j] * KW + (q.ph + stride * jt) * c_in + col0 + b_col_;
         }
+        b_col = col0 + b_col_ < c_in;
     }
 
-    // dpre's chunk (8 output channels from co) for row j at tap kw (one of the phase's): the output
-    // position lo with lo * stride - pad + kw = li, where there is one.
-    __device__ __forceinline__ const bf16* src(const HConvBwdParams& p, int j, bool in_k, int kw, int co, int l_out,
-                                               int pitch, int stride, int pad, bool* valid) const {
-        const int num = li[j] + pad - kw;
-        const int lo = num / stride;
-        *valid = ok[j] && in_k && num >= 0 && lo < l_out;
-        return *valid ? p.dy + ((int64_t)lo * p.n + frame[j]) * pitch + co : p.dy;
+    __device__ __forceinline__ void copy(const HConvBwdParams& p, int j, int K, int l_out, int c_out, bf16* a_dst,
+                                         bf16* b_dst) const {
+        const bool va = a_ok[j] && ka < K && lo[j] >= 0 && lo[j] < l_out;
+        cp_async16(a_dst, va ? p.dy + a_off[j] : p.dy, va);
+        const bool vb = kb[j] < K && b_col && kb_co[j] < c_out;
+        cp_async16(b_dst, vb ? p.w + b_off[j] : p.w, vb);
+    }
+
+    __device__ __forceinline__ void next_tap_a(int64_t n, int pitch) {
+        ka_co -= pitch;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            --lo[j];
+            a_off[j] -= (n + 1) * pitch;
+        }
+    }
+    __device__ __forceinline__ void next_tap_b(int j, int KW, int c_in, int pitch, int stride) {
+        kb_co[j] -= pitch;
+        b_off[j] += (int64_t)stride * c_in - (int64_t)pitch * KW;
+    }
+
+    __device__ __forceinline__ void advance(int64_t n, int KW, int c_in, int pitch, int stride) {
+        ka += HV_BK;
+        ka_co += HV_BK;
+        a_off[0] += HV_BK;
+        a_off[1] += HV_BK;
+        // `if`s, not a `while`: the specialized builds, whose pitch is a constant of at least HV_BK,
+        // then need no loop (and its convergence barrier) at all.
+        if (ka_co >= pitch) next_tap_a(n, pitch);
+        if (HV_BK > pitch)
+            while (ka_co >= pitch) next_tap_a(n, pitch);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            kb[j] += HV_BK;
+            kb_co[j] += HV_BK;
+            b_off[j] += (int64_t)HV_BK * KW;
+            if (kb_co[j] >= pitch) next_tap_b(j, KW, c_in, pitch, stride);
+            if (HV_BK > pitch)
+                while (kb_co[j] >= pitch) next_tap_b(j, KW, c_in, pitch, stride);
+        }
     }
 };
 
-// dx's B: W's chunk (8 input channels from ci) at the phase's K index kb = (j, co), tap
-// kw = ph + stride * j, co < pitch; the pad channels' rows (co >= c_out) are zeros.
-__device__ __forceinline__ const bf16* hc_w_chunk(const HConvBwdParams& p, const HcDxPhase& q, int kb, int ci, int K,
-                                                  int KW, int c_in, int c_out, int pitch, int stride, bool* valid) {
-    const int j = kb / pitch, co = kb - j * pitch;
-    *valid = kb < K && ci < c_in && co < c_out;
-    return *valid ? p.w + (int64_t)co * KW + (q.ph + stride * j) * c_in + ci : p.w;
-}
+// The dW kernels' operand staging. Thread tid copies, each step, the chunks of two K rows
+// (position-major rows r = lo * n + f of dpre and of the im2col matrix: `row0` and row0 + 16 of the
+// step's HV_BK) at one column (8 channels): A's dpre[r, co0 + col ..] and B's im2col chunk at
+// column k = col0 + col, that is tap kw = k / c_in, channel ci, found once. A step moves each row
+// HV_BK rows on: dpre's offset by HV_BK rows, the im2col chunk's by HV_BK frames, and where the
+// frame passes the batch's last (once every n / HV_BK steps) to the next position's first frame,
+// whose layer li moves by stride. So a step costs adds and compares, no division (the 32-bit
+// division by the frame count, which is no compile-time constant, had cost each chunk ~20
+// instructions a step), and no multiplication but the offsets' constants'.
+struct HcDwStage {
+    int64_t a_off[2], b_off[2];  // element offsets in dpre and x of the rows' chunks
+    int r[2], f[2], li[2];
+    bool a_col, b_col;  // the column exists in dpre (co < c_out) / in the im2col matrix (k < KW)
 
-// dW's B: the im2col chunk at position-major row r = lo * n + f, column k = (kw, ci) (8 channels
-// from ci). Rows number under 65535 x 64 (the host's limit): 32-bit division.
-__device__ __forceinline__ const bf16* hc_im2col_chunk(const HConvBwdParams& p, int64_t r, int64_t r_end, int k,
-                                                       int KW, int l_in, int c_in, int stride, int pad, bool* valid) {
-    *valid = r < r_end && k < KW;
-    if (!*valid) return p.x;
-    const int lo = (int)((uint32_t)r / (uint32_t)p.n);
-    const int64_t f = r - (int64_t)lo * p.n;
-    const int kw = k / c_in, ci = k - kw * c_in;
-    const int li = lo * stride - pad + kw;
-    *valid = li >= 0 && li < l_in;
-    return *valid ? p.x + (f * l_in + li) * c_in + ci : p.x;
-}
+    __device__ __forceinline__ HcDwStage(const HConvBwdParams& p, int64_t r_begin, int row0, int col, int co0,
+                                         int col0, int KW, int l_in, int c_in, int c_out, int pitch, int stride,
+                                         int pad) {
+        const int co = co0 + col, k = col0 + col;
+        a_col = co < c_out;
+        b_col = k < KW;
+        const int kw = k / c_in, ci = k - kw * c_in;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            r[j] = (int)r_begin + row0 + 16 * j;  // rows number under 65535 x 64
+            const int lo = (int)((uint32_t)r[j] / (uint32_t)p.n);
+            f[j] = r[j] - lo * p.n;
+            li[j] = lo * stride - pad + kw;
+            a_off[j] = (int64_t)r[j] * pitch + co;
+            b_off[j] = ((int64_t)f[j] * l_in + li[j]) * c_in + ci;
+        }
+    }
+
+    // Copies row j's chunks: dpre's to a_dst, the im2col matrix's to b_dst (zeros past r_end, past
+    // the columns, and where the tap reaches no layer).
+    __device__ __forceinline__ void copy(const HConvBwdParams& p, int j, int r_end, int l_in, bf16* a_dst,
+                                         bf16* b_dst) const {
+        const bool in = r[j] < r_end;
+        const bool va = in && a_col;
+        cp_async16(a_dst, va ? p.dy + a_off[j] : p.dy, va);
+        const bool vb = in && b_col && li[j] >= 0 && li[j] < l_in;
+        cp_async16(b_dst, vb ? p.x + b_off[j] : p.x, vb);
+    }
+
+    __device__ __forceinline__ void advance(int n, int l_in, int c_in, int pitch, int stride) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            r[j] += HV_BK;
+            f[j] += HV_BK;
+            a_off[j] += (int64_t)HV_BK * pitch;
+            b_off[j] += (int64_t)HV_BK * l_in * c_in;
+            while (f[j] >= n) {  // once a step at most, but for batches under HV_BK frames
+                f[j] -= n;
+                li[j] += stride;
+                b_off[j] += ((int64_t)stride - (int64_t)n * l_in) * c_in;
+            }
+        }
+    }
+};
 
 // A dW block's rows, [*begin, *end): its split chunk of the position-major rows, narrowed (except
 // in bias blocks, whose db needs every row) to the positions at which some tap of its column tile
@@ -889,20 +992,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_ve
     const int pitch = hc_pitch(c_out);
     const int K = q.taps * pitch, KW = kernel * c_in;
     const int kc = (tid % 4) * 8;
-    const HcDataRows a_rows(q, p.n, l_in, stride);
-    auto stage = [&](int buf, int64_t step) {
-        const int k0 = (int)step * HV_BK, k = k0 + kc;
-        const int jt = k / pitch, co = k - jt * pitch, kw = q.ph + stride * jt;
+    // W as [k][ci]: chunk c = tid + 256 j at k-row c / 16 (tid / 16 + 16 j), 8 channels from
+    // 8 (c % 16).
+    const int krow = tid / 16, b_col = (tid % 16) * 8;
+    HcDxStage rows_of(q, p.n, l_in, KW, c_in, stride, pad, pitch, krow, b_col, col0);
+    auto stage = [&](int buf) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            bool va, vb;
-            const bf16* a = a_rows.src(p, j, k < K, kw, co, l_out, pitch, stride, pad, &va);
-            cp_async16(&as[buf][tid / 4 + 64 * j][kc], a, va);
-            // W as [k][ci]: k-row c / 16, 8 channels at 8 (c % 16).
-            const int c = tid + 256 * j, krow = c / 16;
-            const bf16* b = hc_w_chunk(p, q, k0 + krow, col0 + (c % 16) * 8, K, KW, c_in, c_out, pitch, stride, &vb);
-            cp_async16(&bt[buf][krow][(c % 16) * 8], b, vb);
-        }
+        for (int j = 0; j < 2; ++j)
+            rows_of.copy(p, j, K, l_out, c_out, &as[buf][tid / 4 + 64 * j][kc], &bt[buf][krow + 16 * j][b_col]);
+        rows_of.advance(p.n, KW, c_in, pitch, stride);
     };
     float acc[4][4][4];
     hv_zero(acc);
@@ -945,23 +1043,19 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
     const bool bias_block = blockIdx.x == 0;
     int64_t r_begin, r_end;
     hc_dw_rows(p, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
-    auto stage = [&](int buf, int64_t step) {
-        const int64_t r0 = r_begin + step * HV_BK;
-        for (int j = 0; j < 2; ++j) {
-            const int c = tid + 256 * j, krow = c / 16, off = (c % 16) * 8;
-            const int64_t r = r0 + krow;
-            const int co = co0 + off;
-            const bool va = r < r_end && co < c_out;
-            cp_async16(&at[buf][krow][off], va ? p.dy + r * pitch + co : p.dy, va);
-            bool vb;
-            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + off, KW, l_in, c_in, stride, pad, &vb);
-            cp_async16(&bt[buf][krow][off], src, vb);
-        }
+    // Chunk c = tid + 256 j: K row c / 16 (tid / 16 + 16 j), 8 columns from (c % 16) * 8.
+    const int krow = tid / 16, off = (tid % 16) * 8;
+    HcDwStage rows_of(p, r_begin, krow, off, co0, col0, KW, l_in, c_in, c_out, pitch, stride, pad);
+    auto stage = [&](int buf) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            rows_of.copy(p, j, (int)r_end, l_in, &at[buf][krow + 16 * j][off], &bt[buf][krow + 16 * j][off]);
+        rows_of.advance(p.n, l_in, c_in, pitch, stride);
     };
     float acc[4][4][4];
     hv_zero(acc);
     float bias_acc = 0.0f;  // thread i < 128 owns db[co0 + i] in bias blocks
-    const int64_t steps = r_end > r_begin ? (r_end - r_begin + HV_BK - 1) / HV_BK : 0;
+    const int steps = r_end > r_begin ? (int)((r_end - r_begin + HV_BK - 1) / HV_BK) : 0;
     hv_pipeline(steps, stage, [&](int buf) {
         if (bias_block && tid < HV_BM) {
             for (int kk = 0; kk < HV_BK; ++kk) bias_acc += bf16_to_float(at[buf][kk][tid]);
@@ -1006,24 +1100,21 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_wg
     const int col0 = blockIdx.x * HV_BN;
     const int pitch = hc_pitch(c_out);
     const int K = q.taps * pitch, KW = kernel * c_in;
-    const int kc = (tid % 4) * 8;
-    const HcDataRows a_rows(q, p.n, l_in, stride);
-    auto stage = [&](int buf, int64_t step) {
-        const int k0 = (int)step * HV_BK, k = k0 + kc;
-        const int jt = k / pitch, co = k - jt * pitch, kw = q.ph + stride * jt;
+    // W as [k][ci], MN-major: chunk c = tid + 256 j at k-row hw_mn_k(c) (that of tid, + 16 j), 8
+    // channels from hw_mn_rows(c) (that of tid).
+    const int kr = hw_mn_k(tid), n8 = hw_mn_rows(tid);
+    HcDxStage rows_of(q, p.n, l_in, KW, c_in, stride, pad, pitch, kr, n8, col0);
+    auto stage = [&](int buf) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            bool va, vb;
-            const bf16* a = a_rows.src(p, j, k < K, kw, co, l_out, pitch, stride, pad, &va);
-            cp_async16(&as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)], a, va);
-            const int c = tid + 256 * j, kr = hw_mn_k(c), n8 = hw_mn_rows(c);
-            const bf16* b = hc_w_chunk(p, q, k0 + kr, col0 + n8, K, KW, c_in, c_out, pitch, stride, &vb);
-            cp_async16(&bs[buf][hw_mn_offset(n8, kr)], b, vb);
-        }
+        for (int j = 0; j < 2; ++j)
+            rows_of.copy(p, j, K, l_out, c_out, &as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)],
+                         &bs[buf][hw_mn_offset(n8, kr + 16 * j)]);
+        rows_of.advance(p.n, KW, c_in, pitch, stride);
     };
     float acc[2][32];
     hw_zero(acc);
-    hw_pipeline((K + HV_BK - 1) / HV_BK, acc[0], stage, [&](int buf) { hw_step<0, 1>(acc, as[buf], bs[buf], wg); });
+    const HwDescs descs(as, bs, wg);
+    hw_pipeline((K + HV_BK - 1) / HV_BK, acc[0], stage, [&](int buf) { hw_step<0, 1>(acc, descs.a(buf), descs.b(buf)); });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -1054,30 +1145,28 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
     const bool bias_block = blockIdx.x == 0;
     int64_t r_begin, r_end;
     hc_dw_rows(p, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
-    auto stage = [&](int buf, int64_t step) {
-        const int64_t r0 = r_begin + step * HV_BK;
+    // Chunk c = tid + 256 j: K row hw_mn_k(c) (that of tid, + 16 j), 8 rows of co and of k from
+    // hw_mn_rows(c) (that of tid).
+    const int kr = hw_mn_k(tid), m8 = hw_mn_rows(tid);
+    HcDwStage rows_of(p, r_begin, kr, m8, co0, col0, KW, l_in, c_in, c_out, pitch, stride, pad);
+    auto stage = [&](int buf) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int c = tid + 256 * j, kr = hw_mn_k(c), m8 = hw_mn_rows(c);
-            const int64_t r = r0 + kr;
-            const int at = hw_mn_offset(m8, kr);
-            const int co = co0 + m8;
-            const bool va = r < r_end && co < c_out;
-            cp_async16(&as[buf][at], va ? p.dy + r * pitch + co : p.dy, va);
-            bool vb;
-            const bf16* src = hc_im2col_chunk(p, r, r_end, col0 + m8, KW, l_in, c_in, stride, pad, &vb);
-            cp_async16(&bs[buf][at], src, vb);
+            const int at = hw_mn_offset(m8, kr + 16 * j);
+            rows_of.copy(p, j, (int)r_end, l_in, &as[buf][at], &bs[buf][at]);
         }
+        rows_of.advance(p.n, l_in, c_in, pitch, stride);
     };
     float acc[2][32];
     hw_zero(acc);
     float bias_acc = 0.0f;  // thread i < 128 owns db[co0 + i] in bias blocks
-    const int64_t steps = r_end > r_begin ? (r_end - r_begin + HV_BK - 1) / HV_BK : 0;
+    const int steps = r_end > r_begin ? (int)((r_end - r_begin + HV_BK - 1) / HV_BK) : 0;
+    const HwDescs descs(as, bs, wg);
     hw_pipeline(steps, acc[0], stage, [&](int buf) {
         if (bias_block && tid < HV_BM) {
             for (int kk = 0; kk < HV_BK; ++kk) bias_acc += bf16_to_float(as[buf][hw_mn_offset(tid, kk)]);
         }
-        hw_step<1, 1>(acc, as[buf], bs[buf], wg);
+        hw_step<1, 1>(acc, descs.a(buf), descs.b(buf));
     });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
