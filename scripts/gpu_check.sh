@@ -10,8 +10,8 @@
 # The device session's minutes are few (15 in all, one call of ~10 minutes). First every kernel
 # variant is compiled on all cores at once (PTX and machine code, into the disk cache the later
 # processes load from). Then sections run most valuable first (correctness at real sizes, the
-# issue targets' table and the variants its unmeasured changes replaced, memcheck and racecheck,
-# wgmma, the training steps and their per-kernel profile, the comparisons, initcheck), each
+# issue targets' table with each training step's profile, the variants its unmeasured changes
+# replaced, memcheck and racecheck, wgmma, the training steps, the comparisons, initcheck), each
 # under its own time limit and all under one deadline (STRATA_GPU_DEADLINE seconds, default 540),
 # so a slow section costs its own result, not the ones after it, and the script always ends with
 # its summary. Its logs come back packed in one archive,
@@ -160,10 +160,16 @@ if section 150 "kernel tests on the GPU at real sizes (mma.sync paths)"; then
     STRATA_TEST_CUDA=1 each_test .gpu/kernels_test "$out/tests.log" || status=1
     summary "$out/tests.log"
 fi
-if section 120 "benchmarks: strata and PyTorch in the same run"; then
-    limited .gpu/gpu_bench > "$out/ours.jsonl" 2> "$out/ours.err" || { status=1; tail -5 "$out/ours.err"; }
+# STRATA_PROFILE=1: after each training step's timed runs, one more step with every launch timed
+# (its kernels' GPU time against the timed median) and the host's side of it: where the ~5 ms
+# that steps spent beyond their kernels in H200 run 2 go. The first thing to read in this run, so
+# it comes with the table rather than in a section of its own that the deadline may cut.
+if section 120 "benchmarks: strata and PyTorch in the same run (with each training step's profile)"; then
+    STRATA_PROFILE=1 limited .gpu/gpu_bench > "$out/ours.jsonl" 2> "$out/ours.err" || { status=1; tail -5 "$out/ours.err"; }
     limited python3 tools/gpu_bench_torch.py > "$out/torch.jsonl" 2> "$out/torch.err" || { status=1; tail -5 "$out/torch.err"; }
     python3 tools/gpu_table.py "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.txt"
+    grep -A8 "^profile" "$out/ours.err"
+    grep -E "^profile|^  (host time|host side|memory pool)" "$out/ours.err"
 fi
 # The variants the last changes replaced, right after the table they are read against (each
 # restores one change: the pipeline depth, the norm's staging, the WS backward's frame split).
@@ -188,12 +194,6 @@ if section 120 "whole training steps on the GPU vs the CPU path (HConv 20 steps;
     STRATA_TEST_CUDA=1 each_test .gpu/device_step_test "$out/tests-step.log" || status=1
     grep -E " step [ 0-9]+:|worst.* rel" "$out/tests-step.log" | tail -30
     summary "$out/tests-step.log"
-fi
-if section 60 "per-kernel GPU time of one training step of each row (STRATA_PROFILE=1 gpu_bench step)"; then
-    STRATA_PROFILE=1 limited .gpu/gpu_bench step > /dev/null 2> "$out/profile-steps.txt" || status=1
-    grep -A6 "^profile" "$out/profile-steps.txt"
-    # Each row's host side: where the ~5 ms that steps spent beyond their kernels (H200 run 2) go.
-    grep -E "^profile|^  (host time|host side|memory pool)" "$out/profile-steps.txt"
 fi
 if section 60 "HConv and the training steps on the wgmma kernels (STRATA_TENSOR_CORES=wgmma), for comparison"; then
     { STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench hconv; STRATA_TENSOR_CORES=wgmma limited .gpu/gpu_bench step; } 2> "$out/wgmma.err" > "$out/wgmma.jsonl" || status=1
