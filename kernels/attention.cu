@@ -363,38 +363,53 @@ __device__ __forceinline__ bool packed_tile(const PackedAttnParams& a, PackedTil
     return t.n > 0;
 }
 
-// Rows r0 .. r0 + n of head h's features in src [frames, H * dh] into dst [n][dh + 1] (the
-// padding keeps threads reading different rows on different banks).
-__device__ __forceinline__ void pt_stage_rows(float* dst, const float* src, int r0, int n, int H, int h, int dh) {
-    for (int x = threadIdx.x; x < n * dh; x += blockDim.x) {
-        const int r = x / dh, e = x - r * dh;
-        dst[r * (dh + 1) + e] = src[(int64_t)(r0 + r) * H * dh + h * dh + e];
+// The loops below walk a block's threads over an n x m grid of (i, j) by x = threadIdx.x + k *
+// blockDim.x, i = x / m, j = x % m, with the division done once: each stride moves j by blockDim.x
+// and carries into i (dh and m are run-time values; a division an element had cost about as many
+// instructions as the element's share of the products).
+struct PtGridWalk {
+    int i, j;
+    __device__ __forceinline__ PtGridWalk(int m) : i((int)threadIdx.x / m), j((int)threadIdx.x - i * m) {}
+    __device__ __forceinline__ void next(int m) {
+        j += blockDim.x;
+        while (j >= m) {
+            j -= m;
+            ++i;
+        }
     }
+};
+
+// Rows r0 .. r0 + n of head h's features in src [frames, H * dh] into dst [n][dh + 1] (the
+// padding keeps threads reading different rows on different banks): blockDim.x / dh rows a pass
+// (dh <= PT_MAX_DH <= blockDim.x), a thread per element.
+__device__ __forceinline__ void pt_stage_rows(float* dst, const float* src, int r0, int n, int H, int h, int dh) {
+    const int per_pass = (int)blockDim.x / dh, first = (int)threadIdx.x / dh, e = (int)threadIdx.x - first * dh;
+    if (first >= per_pass) return;
+    for (int r = first; r < n; r += per_pass) dst[r * (dh + 1) + e] = src[(int64_t)(r0 + r) * H * dh + h * dh + e];
 }
 
 // For each (i < n, j < m): f(i, j, a_i . b_j) with a [n][dh + 1] and b [m][dh + 1] in shared memory.
 template <class F>
 __device__ __forceinline__ void pt_row_dots(const float* a, const float* b, int n, int m, int dh, F f) {
-    for (int x = threadIdx.x; x < n * m; x += blockDim.x) {
-        const int i = x / m, j = x - i * m;
-        const float* ai = a + i * (dh + 1);
-        const float* bj = b + j * (dh + 1);
+    PtGridWalk at(m);
+    for (; at.i < n; at.next(m)) {
+        const float* ai = a + at.i * (dh + 1);
+        const float* bj = b + at.j * (dh + 1);
         float dot = 0.0f;
         for (int e = 0; e < dh; ++e) dot += ai[e] * bj[e];
-        f(i, j, dot);
+        f(at.i, at.j, dot);
     }
 }
 
 // acc[o] += sum_j w[i][j] b[j][e] over j < m for the thread's outputs (i, e) = x / dh, x % dh with
-// x = threadIdx.x + o * blockDim.x < n * dh; w [n][ldw] and b [m][dh + 1] in shared memory.
+// x = threadIdx.x + o * blockDim.x < n * dh (walked by PtGridWalk); w [n][ldw] and b [m][dh + 1] in shared memory.
 __device__ __forceinline__ void pt_weighted_rows(float (&acc)[PT_OUTS], const float* w, int ldw, const float* b, int n, int m, int dh) {
+    PtGridWalk at(dh);
 #pragma unroll
-    for (int o = 0; o < PT_OUTS; ++o) {
-        const int x = threadIdx.x + o * blockDim.x;
-        if (x < n * dh) {
-            const int i = x / dh, e = x - i * dh;
+    for (int o = 0; o < PT_OUTS; ++o, at.next(dh)) {
+        if (at.i < n) {
             float s = acc[o];
-            for (int j = 0; j < m; ++j) s += w[i * ldw + j] * b[j * (dh + 1) + e];
+            for (int j = 0; j < m; ++j) s += w[at.i * ldw + j] * b[j * (dh + 1) + at.j];
             acc[o] = s;
         }
     }
@@ -402,14 +417,10 @@ __device__ __forceinline__ void pt_weighted_rows(float (&acc)[PT_OUTS], const fl
 
 // out[(r0 + i) * H * dh + h * dh + e] = acc for the thread's outputs (as pt_weighted_rows).
 __device__ __forceinline__ void pt_store_rows(float* out, const float (&acc)[PT_OUTS], int r0, int n, int H, int h, int dh) {
+    PtGridWalk at(dh);
 #pragma unroll
-    for (int o = 0; o < PT_OUTS; ++o) {
-        const int x = threadIdx.x + o * blockDim.x;
-        if (x < n * dh) {
-            const int i = x / dh, e = x - i * dh;
-            out[(int64_t)(r0 + i) * H * dh + h * dh + e] = acc[o];
-        }
-    }
+    for (int o = 0; o < PT_OUTS; ++o, at.next(dh))
+        if (at.i < n) out[(int64_t)(r0 + at.i) * H * dh + h * dh + at.j] = acc[o];
 }
 
 // f(i, j, a_i . src_j) for the tile's rows i (staged in `tile` [PT_TILE][dh + 1]) and every row j
@@ -435,10 +446,7 @@ __device__ __forceinline__ void pt_weighted_pass(float (&acc)[PT_OUTS], float* r
         const int m = pt_min(kc, t.T - j0);
         __syncthreads();
         pt_stage_rows(rows, src, t.s0 + j0, m, H, t.h, dh);
-        for (int x = threadIdx.x; x < t.n * m; x += blockDim.x) {
-            const int i = x / m, j = x - i * m;
-            ws[i * kc + j] = w(i, j0 + j);
-        }
+        for (PtGridWalk at(m); at.i < t.n; at.next(m)) ws[at.i * kc + at.j] = w(at.i, j0 + at.j);
         __syncthreads();
         pt_weighted_rows(acc, ws, kc, rows, t.n, m, dh);
     }
@@ -545,8 +553,8 @@ extern "C" __global__ void packed_attention_tiled_backward_key(const PackedAttnP
         __syncthreads();
         pt_stage_rows(qs, a.q, t.s0 + i0, m, a.H, t.h, dh);
         pt_stage_rows(dos, a.dout, t.s0 + i0, m, a.H, t.h, dh);
-        for (int x = threadIdx.x; x < m * n; x += blockDim.x) {
-            const int i = x / n, j = x - i * n;
+        for (PtGridWalk at_(n); at_.i < m; at_.next(n)) {
+            const int i = at_.i, j = at_.j;
             const long long at = t.head + (long long)(i0 + i) * T + t.r0 + j;
             ss[j * qc + i] = a.ds[at];
             ps[j * qc + i] = packed_drop(a, a.probs[at], at);
