@@ -715,49 +715,49 @@ struct HConvMaskParams {
     int n, c_out, l_out, flatten, relu;
 };
 
-// One thread per 8-channel chunk of dpre (one 16-byte store), its row's frame and position found
-// once per chunk, the position in 32-bit arithmetic (rows number under 65535 x 64): per element,
-// three 64-bit divisions had made this pass arithmetic-bound. A plain-layout y with c_out % 8 == 0
-// (HConv's inner convs, the Linear layers) is read 16 bytes at a time as well.
+// A warp per row of dpre (frame f at output position lo = blockIdx.y), each lane an 8-channel
+// chunk (one 16-byte store) at a time; the block's 8 warps take 8 frames, blocks stride over the
+// frames. No division anywhere: one a chunk for its row had made this pass arithmetic-bound (three
+// 64-bit ones an element before that). A plain-layout y with c_out % 8 == 0 (HConv's inner convs)
+// is read 16 bytes at a time as well.
 extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
     const int pitch = hc_pitch(p.c_out), chunks = pitch / 8;
-    const int64_t total = (int64_t)p.n * p.l_out * chunks;
+    const int lo = blockIdx.y, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const bool vec = !p.flatten && (p.c_out & 7) == 0 &&
                      (((unsigned long long)p.dy | (unsigned long long)(p.relu ? p.y : p.dy)) & 15) == 0;
-    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t r = e / chunks;  // position-major: lo * n + f
-        const int c8 = (int)(e - r * chunks) * 8;
-        const int lo = (int)((uint32_t)r / (uint32_t)p.n);
-        const int64_t f = r - (int64_t)lo * p.n;
-        bf16x8 out;
-        if (vec) {
-            const int64_t at = (f * p.l_out + lo) * p.c_out + c8;
-            out = load_bf16x8(p.dy + at);
-            if (p.relu) {
-                const bf16x8 y = load_bf16x8(p.y + at);
+    for (int64_t f = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); f < p.n; f += (int64_t)gridDim.x * warps) {
+        for (int c = lane; c < chunks; c += 32) {
+            const int c8 = c * 8;
+            bf16x8 out;
+            if (vec) {
+                const int64_t at = (f * p.l_out + lo) * p.c_out + c8;
+                out = load_bf16x8(p.dy + at);
+                if (p.relu) {
+                    const bf16x8 y = load_bf16x8(p.y + at);
+                    for (int w = 0; w < 4; ++w) {
+                        bf16 lo_half, hi_half;
+                        lo_half.bits = (uint16_t)(y.w[w] & 0xffffu);
+                        hi_half.bits = (uint16_t)(y.w[w] >> 16);
+                        const uint32_t keep = (hc_relu_passes(lo_half) ? 0x0000ffffu : 0u) | (hc_relu_passes(hi_half) ? 0xffff0000u : 0u);
+                        out.w[w] &= keep;
+                    }
+                }
+            } else {
                 for (int w = 0; w < 4; ++w) {
-                    bf16 lo_half, hi_half;
-                    lo_half.bits = (uint16_t)(y.w[w] & 0xffffu);
-                    hi_half.bits = (uint16_t)(y.w[w] >> 16);
-                    const uint32_t keep = (hc_relu_passes(lo_half) ? 0x0000ffffu : 0u) | (hc_relu_passes(hi_half) ? 0xffff0000u : 0u);
-                    out.w[w] &= keep;
+                    uint32_t word = 0;
+                    for (int h = 0; h < 2; ++h) {
+                        const int co = c8 + 2 * w + h;
+                        if (co >= p.c_out) continue;
+                        const int64_t at = p.flatten ? (f * p.c_out + co) * p.l_out + lo : (f * p.l_out + lo) * p.c_out + co;
+                        bf16 v = p.dy[at];
+                        if (p.relu && !hc_relu_passes(p.y[at])) v.bits = 0;
+                        word |= (uint32_t)v.bits << (16 * h);
+                    }
+                    out.w[w] = word;
                 }
             }
-        } else {
-            for (int w = 0; w < 4; ++w) {
-                uint32_t word = 0;
-                for (int h = 0; h < 2; ++h) {
-                    const int co = c8 + 2 * w + h;
-                    if (co >= p.c_out) continue;
-                    const int64_t at = p.flatten ? (f * p.c_out + co) * p.l_out + lo : (f * p.l_out + lo) * p.c_out + co;
-                    bf16 v = p.dy[at];
-                    if (p.relu && !hc_relu_passes(p.y[at])) v.bits = 0;
-                    word |= (uint32_t)v.bits << (16 * h);
-                }
-                out.w[w] = word;
-            }
+            store_bf16x8(p.dpre + ((int64_t)lo * p.n + f) * pitch + c8, out);
         }
-        store_bf16x8(p.dpre + e * 8, out);
     }
 }
 STRATA_EMU_ENTRY(hconv_relu_mask, HConvMaskParams)

@@ -1019,26 +1019,41 @@ fn conv_backward(
         // Vectorized: the ReLU mask (and un-flatten) once, then both GEMMs read dpre, whose rows
         // are padded to 8 channels (kernels/hconv.cu's hc_pitch: HConv's D / 3 channels, a
         // Linear layer's classes).
-        let total = n * l_out * g.c_out.next_multiple_of(8);
-        let dpre = be.output::<bf16>(total)?;
-        let mp = HConvMaskParams {
-            y: p.y,
-            dy: p.dy,
-            dpre: be.ptr(&dpre),
-            n: p.n,
-            c_out: p.c_out,
-            l_out: p.l_out,
-            flatten: p.flatten,
-            relu: p.relu,
+        // A Linear layer's dy (no ReLU, one position, c_out % 8 == 0) is dpre as it lies: the pass
+        // would copy it.
+        let dy_is_dpre =
+            saved.relu_out.is_none() && !saved.flatten && l_out == 1 && g.c_out.is_multiple_of(8);
+        let dpre = if dy_is_dpre {
+            None
+        } else {
+            let total = n * l_out * g.c_out.next_multiple_of(8);
+            let dpre = be.output::<bf16>(total)?;
+            let mp = HConvMaskParams {
+                y: p.y,
+                dy: p.dy,
+                dpre: be.ptr(&dpre),
+                n: p.n,
+                c_out: p.c_out,
+                l_out: p.l_out,
+                flatten: p.flatten,
+                relu: p.relu,
+            };
+            // A warp per row of dpre (8 frames a block) at each output position (grid.y).
+            let blocks = n.div_ceil(8).min(65535) as u32;
+            be.launch(
+                "hconv_relu_mask",
+                (blocks, l_out as u32, 1),
+                (256, 1, 1),
+                0,
+                &mp,
+            )?;
+            Some(dpre)
         };
-        // A thread per 8-channel chunk.
-        let blocks = (total / 8).div_ceil(256).min(65535) as u32;
-        be.launch("hconv_relu_mask", (blocks, 1, 1), (256, 1, 1), 0, &mp)?;
         let (split, split_rows) = weight_grad_split(n * l_out, g);
         let wsize = g.c_out * g.kernel * g.c_in;
         let partial = split_partials(be, split, wsize, g.c_out)?;
         let pv = HConvBwdParams {
-            dy: be.ptr(&dpre),
+            dy: dpre.as_ref().map_or(p.dy, |b| be.ptr(b)),
             flatten: 0,
             partial_dw: partial.as_ref().map_or(0, |b| be.ptr(&b.0)),
             partial_db: partial.as_ref().map_or(0, |b| be.ptr(&b.1)),
