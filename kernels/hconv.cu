@@ -717,9 +717,9 @@ struct HConvMaskParams {
 
 // A warp per row of dpre (frame f at output position lo = blockIdx.y), each lane an 8-channel
 // chunk (one 16-byte store) at a time; the block's 8 warps take 8 frames, blocks stride over the
-// frames. No division anywhere: one a chunk for its row had made this pass arithmetic-bound (three
-// 64-bit ones an element before that). A plain-layout y with c_out % 8 == 0 (HConv's inner convs)
-// is read 16 bytes at a time as well.
+// frames, so that no chunk divides for its row and position. A plain-layout y with c_out % 8 == 0
+// (HConv's inner convs) is read 16 bytes at a time as well. (A Linear layer's dy with
+// c_out % 8 == 0 is dpre as it lies: the host skips this pass.)
 extern "C" __global__ void hconv_relu_mask(const HConvMaskParams p) {
     const int pitch = hc_pitch(p.c_out), chunks = pitch / 8;
     const int lo = blockIdx.y, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
