@@ -200,9 +200,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 #ifdef STRATA_EMULATOR
     return (uint32_t)(uintptr_t)p;
 #else
-    uint32_t a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
+    return (uint32_t)__cvta_generic_to_shared(p);
 #endif
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The K loops of the kernels in a `cuobjdump -sass` listing: for each kernel, each innermost loop
-that holds tensor-core instructions (HMMA: mma.sync; HGMMA: wgmma), its instruction count and the
-kinds that fill it. A CPU-side proxy for a kernel's issue cost per K step: a warp scheduler issues
+that holds tensor-core instructions (HMMA: mma.sync; HGMMA: wgmma), its instruction count per K
+step (a loop the compiler unrolled holds one block barrier per step) and the kinds that fill it. A CPU-side proxy for a kernel's issue cost per K step: a warp scheduler issues
 one instruction a cycle, so a loop's instructions beside its MMAs compete with the MMAs for the
 scheduler (see tools/sass_report.sh).
 
@@ -55,8 +55,12 @@ def main():
             for _, text in ins[s : e + 1]:
                 kinds[opcode(text)] = kinds.get(opcode(text), 0) + 1
             mma = kinds.get("HMMA", 0) + kinds.get("HGMMA", 0)
+            # The pipelines run one block barrier a K step: a loop the compiler unrolled holds several.
+            steps = max(1, kinds.get("BAR", 0))
             top = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:10])
-            print(f"{name}: {e - s + 1} instructions a K step, {mma} MMA ({top})")
+            per = f"{(e - s + 1) / steps:.0f} instructions a K step, {mma // steps} MMA"
+            unrolled = f" (a loop of {steps} steps, {e - s + 1} instructions)" if steps > 1 else ""
+            print(f"{name}: {per}{unrolled} ({top})")
 
 
 if __name__ == "__main__":
