@@ -935,15 +935,41 @@ struct HcDwStage {
     }
 };
 
+// A dW block's tile: column tile x (of (kw, ci)), row tile y (of co), split chunk z. The bias
+// blocks (column tile 0) reduce every row of their chunk (hc_dw_rows) and sum db besides: at
+// HuBERT-Base's first conv about 1.7x the work of the others, by instruction and row counts.
+// Dispatched in launch order among them (one in every gridDim.x), those of the last wave would end
+// most of a wave after the rest (arithmetic, unmeasured). So the launch's first gridDim.y *
+// gridDim.z blocks, by linear index (the order the GPU dispatches them in), take the bias tiles,
+// and the rest the other tiles in their order: the longest work starts first. The same tiles and
+// sums: results are unchanged.
+struct HcDwBlock {
+    int x, y, z;
+    __device__ __forceinline__ HcDwBlock() {
+        const int gx = gridDim.x, gy = gridDim.y, bias = gridDim.y * gridDim.z;
+        int id = blockIdx.x + gx * (blockIdx.y + gy * blockIdx.z);
+        if (id < bias) {
+            x = 0;
+        } else {
+            id -= bias;
+            x = 1 + id % (gx - 1);
+            id /= gx - 1;
+        }
+        y = id % gy;
+        z = id / gy;
+    }
+};
+
 // A dW block's rows, [*begin, *end): its split chunk of the position-major rows, narrowed (except
 // in bias blocks, whose db needs every row) to the positions at which some tap of its column tile
 // reaches a layer; at the others the tile's im2col chunks are all padding (HuBERT-Base's first
 // conv: 21 of 25 (position, tap) pairs reach one, as in the forward).
-__device__ __forceinline__ void hc_dw_rows(const HConvBwdParams& p, int64_t R, int col0, int KW, int l_in, int c_in,
-                                           int l_out, int stride, int pad, int64_t* begin, int64_t* end) {
-    int64_t b = (int64_t)blockIdx.z * p.split_rows;
+__device__ __forceinline__ void hc_dw_rows(const HConvBwdParams& p, const HcDwBlock& blk, int64_t R, int col0, int KW,
+                                           int l_in, int c_in, int l_out, int stride, int pad, int64_t* begin,
+                                           int64_t* end) {
+    int64_t b = (int64_t)blk.z * p.split_rows;
     int64_t e = b + p.split_rows < R ? b + p.split_rows : R;
-    if (blockIdx.x != 0) {
+    if (blk.x != 0) {
         const int last = (col0 + HV_BN < KW ? col0 + HV_BN : KW) - 1;
         const int kw_a = col0 / c_in, kw_b = last / c_in;
         // Tap kw reaches layer lo * stride - pad + kw in [0, l_in) for lo from ceil((pad - kw) /
@@ -960,20 +986,21 @@ __device__ __forceinline__ void hc_dw_rows(const HConvBwdParams& p, int64_t R, i
 }
 
 // dW's epilogue for one accumulator: its own split chunk's partial sum, or added into dw.
-__device__ __forceinline__ void hc_dw_store(const HConvBwdParams& p, int co, int k, float v, int c_out, int KW) {
+__device__ __forceinline__ void hc_dw_store(const HConvBwdParams& p, const HcDwBlock& blk, int co, int k, float v,
+                                            int c_out, int KW) {
     if (co >= c_out || k >= KW) return;
     if (p.split > 1)
-        p.partial_dw[((int64_t)blockIdx.z * c_out + co) * KW + k] = v;
+        p.partial_dw[((int64_t)blk.z * c_out + co) * KW + k] = v;
     else
         p.dw[(int64_t)co * KW + k] += v;
 }
 
-// db's epilogue: thread tid of a bias block (blockIdx.x == 0) owns output channel co0 + tid.
-__device__ __forceinline__ void hc_db_store(const HConvBwdParams& p, int co0, float v, int c_out) {
+// db's epilogue: thread tid of a bias block (column tile 0) owns output channel co0 + tid.
+__device__ __forceinline__ void hc_db_store(const HConvBwdParams& p, const HcDwBlock& blk, int co0, float v, int c_out) {
     const int co = co0 + (int)threadIdx.x;
-    if (blockIdx.x != 0 || threadIdx.x >= HV_BM || co >= c_out) return;
+    if (blk.x != 0 || threadIdx.x >= HV_BM || co >= c_out) return;
     if (p.split > 1)
-        p.partial_db[(int64_t)blockIdx.z * c_out + co] = v;
+        p.partial_db[(int64_t)blk.z * c_out + co] = v;
     else
         p.db[co] += v;
 }
@@ -1037,12 +1064,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm = warp % 2, wn = warp / 2;
     const int64_t R = (int64_t)p.n * l_out;
-    const int co0 = blockIdx.y * HV_BM;
-    const int col0 = blockIdx.x * HV_BN;
+    const HcDwBlock blk;
+    const int co0 = blk.y * HV_BM;
+    const int col0 = blk.x * HV_BN;
     const int KW = kernel * c_in, pitch = hc_pitch(c_out);
-    const bool bias_block = blockIdx.x == 0;
+    const bool bias_block = blk.x == 0;
     int64_t r_begin, r_end;
-    hc_dw_rows(p, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
+    hc_dw_rows(p, blk, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
     // Chunk c = tid + 256 j: K row c / 16 (tid / 16 + 16 j), 8 columns from (c % 16) * 8.
     const int krow = tid / 16, off = (tid % 16) * 8;
     HcDwStage rows_of(p, r_begin, krow, off, co0, col0, KW, l_in, c_in, c_out, pitch, stride, pad);
@@ -1075,11 +1103,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
             for (int r = 0; r < 4; ++r) {
                 const int co = co0 + wm * 64 + mi * 16 + g + 8 * (r / 2);
                 const int k = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                hc_dw_store(p, co, k, acc[mi][nj][r], c_out, KW);
+                hc_dw_store(p, blk, co, k, acc[mi][nj][r], c_out, KW);
             }
         }
     }
-    hc_db_store(p, co0, bias_acc, c_out);
+    hc_db_store(p, blk, co0, bias_acc, c_out);
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight_vec, HConvBwdParams)
 
@@ -1139,12 +1167,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
     HwTile* bs = as + HW_STAGES;
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w = (tid >> 5) & 3;
     const int64_t R = (int64_t)p.n * l_out;
-    const int co0 = blockIdx.y * HV_BM;
-    const int col0 = blockIdx.x * HV_BN;
+    const HcDwBlock blk;
+    const int co0 = blk.y * HV_BM;
+    const int col0 = blk.x * HV_BN;
     const int KW = kernel * c_in, pitch = hc_pitch(c_out);
-    const bool bias_block = blockIdx.x == 0;
+    const bool bias_block = blk.x == 0;
     int64_t r_begin, r_end;
-    hc_dw_rows(p, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
+    hc_dw_rows(p, blk, R, col0, KW, l_in, c_in, l_out, stride, pad, &r_begin, &r_end);
     // Chunk c = tid + 256 j: K row hw_mn_k(c) (that of tid, + 16 j), 8 rows of co and of k from
     // hw_mn_rows(c) (that of tid).
     const int kr = hw_mn_k(tid), m8 = hw_mn_rows(tid);
@@ -1176,11 +1205,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
             for (int r = 0; r < 4; ++r) {
                 const int co = co0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2);
                 const int k = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
-                hc_dw_store(p, co, k, acc[h][4 * j + r], c_out, KW);
+                hc_dw_store(p, blk, co, k, acc[h][4 * j + r], c_out, KW);
             }
         }
     }
-    hc_db_store(p, co0, bias_acc, c_out);
+    hc_db_store(p, blk, co0, bias_acc, c_out);
 }
 STRATA_EMU_ENTRY(hconv_conv_backward_weight_wgmma, HConvBwdParams)
 #endif  // STRATA_HAS_WGMMA
