@@ -2834,12 +2834,17 @@ fn mlsuperb_head_kernels_match_the_cpu_references() {
             );
         }
         // The convolutions' patches: Conv2dSubsampling2's two (1 channel at stride 2; channels
-        // in 16-byte vectors at stride 1), an odd channel count, and 8 channels at stride 2.
+        // in 16-byte vectors at stride 1), an odd channel count, and 8 channels at stride 2; and
+        // patch rows wider than a warp's one pass (32 chunks or elements), whose lanes step on
+        // through the row: 40 channels (360 wide, 120 a time offset: a lane's step crosses two)
+        // and 5 (45 wide, one at a time).
         let mut convs = vec![
             (vec![7usize, 12, 9], 11usize, 1usize, 2usize),
             (vec![5, 9], 6, 16, 1),
             (vec![4, 6], 5, 3, 1),
             (vec![6, 9], 7, 8, 2),
+            (vec![5, 7], 6, 40, 1),
+            (vec![4, 6], 5, 5, 2),
         ];
         if big {
             convs.push((vec![249; 32], 80, 1, 2));

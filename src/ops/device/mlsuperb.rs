@@ -109,8 +109,15 @@ pub fn conv2d_patches(
     let n = out.total_frames() * out_freq * g.patch_width();
     let patches = be.output::<bf16>(n)?;
     (p.x, p.patches) = (be.ptr(x), be.ptr(&patches));
-    let vec = if g.channels.is_multiple_of(8) { 8 } else { 1 };
-    launch_elementwise(be, K, n / vec, &p)?;
+    // A warp per patch row, 8 rows a block (kernels/conv2d.cu).
+    let rows = out.total_frames() * out_freq;
+    be.launch(
+        K,
+        (rows.div_ceil(8).min(65535) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &p,
+    )?;
     Ok((patches, out))
 }
 
