@@ -47,7 +47,7 @@ extern "C" __global__ void conv2d_patches(const PatchParams p) {
             else
                 dst[col] = src[at];
             rest += 32 * vec;
-            while (rest >= span) {  // once every span / (32 vec) rows' steps, or a few at small spans
+            while (rest >= span) {  // once every span / (32 vec) steps; several a step at spans under a pass
                 rest -= span;
                 ++dt;
             }

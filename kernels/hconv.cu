@@ -809,8 +809,8 @@ struct HcDxStage {
     int64_t a_off[2], b_off[2];  // element offsets in dpre and W of the chunks
     int lo[2];                   // A's rows' output positions at the current tap
     bool a_ok[2], b_col;
-    int ka, ka_co;                       // A's K index and its channel
-    int kb[2], kb_co[2];                 // B's K rows and their channels
+    int ka, ka_co;               // A's K index and its channel
+    int kb[2], kb_co[2];         // B's K rows and their channels
 
     __device__ __forceinline__ HcDxStage(const HcDxPhase& q, int64_t n, int l_in, int KW, int c_in, int stride,
                                          int pad, int pitch, int b_row, int b_col_, int col0) {
