@@ -498,6 +498,11 @@ struct HwDescs {
 __device__ __forceinline__ int hw_mn_k(int c) { return (c & 7) + 8 * (c >> 7); }
 __device__ __forceinline__ int hw_mn_rows(int c) { return 8 * ((c >> 3) & 15); }
 __device__ __forceinline__ int hw_mn_offset(int row, int k) { return (row >> 3) * 256 + (k >> 3) * 64 + (k & 7) * 8 + (row & 7); }
+// A thread's two staged chunks lie a fixed distance apart in either layout: rows r and r + 64 of a
+// K-major tile (hw_core_offset: 8 row groups on), K rows k and k + 16 of an MN-major one
+// (hw_mn_offset: 2 K groups on). Offsets found once, before the K loop, as the first plus these.
+#define HW_CORE_ROWS64 (8 * 256)
+#define HW_MN_K16 (2 * 64)
 
 extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_wgmma(const HConvFwdParams p) {
     HC_GEOMETRY
@@ -510,10 +515,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_wgmma(co
     const int col0 = blockIdx.x * HV_BN;
     const int K = kernel * c_in;
     HcFwdStage rows_of(p, tile, rows, col0, K, l_in, c_in, c_out, kernel, stride, pad);
+    const int at0 = hw_core_offset(tid / 4, tid % 4);
     auto stage = [&](int buf) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int at = hw_core_offset(tid / 4 + 64 * j, tid % 4);
+            const int at = at0 + j * HW_CORE_ROWS64;
             rows_of.copy(p, j, &as[buf][at], &bs[buf][at]);
         }
         rows_of.advance();
@@ -1132,11 +1138,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_wg
     // channels from hw_mn_rows(c) (that of tid).
     const int kr = hw_mn_k(tid), n8 = hw_mn_rows(tid);
     HcDxStage rows_of(q, p.n, l_in, KW, c_in, stride, pad, pitch, kr, n8, col0);
+    const int a_at0 = hw_core_offset(tid / 4, tid % 4), b_at0 = hw_mn_offset(n8, kr);
     auto stage = [&](int buf) {
 #pragma unroll
         for (int j = 0; j < 2; ++j)
-            rows_of.copy(p, j, K, l_out, c_out, &as[buf][hw_core_offset(tid / 4 + 64 * j, tid % 4)],
-                         &bs[buf][hw_mn_offset(n8, kr + 16 * j)]);
+            rows_of.copy(p, j, K, l_out, c_out, &as[buf][a_at0 + j * HW_CORE_ROWS64], &bs[buf][b_at0 + j * HW_MN_K16]);
         rows_of.advance(p.n, KW, c_in, pitch, stride);
     };
     float acc[2][32];
@@ -1178,10 +1184,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_weight_
     // hw_mn_rows(c) (that of tid).
     const int kr = hw_mn_k(tid), m8 = hw_mn_rows(tid);
     HcDwStage rows_of(p, r_begin, kr, m8, co0, col0, KW, l_in, c_in, c_out, pitch, stride, pad);
+    const int at0 = hw_mn_offset(m8, kr);
     auto stage = [&](int buf) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int at = hw_mn_offset(m8, kr + 16 * j);
+            const int at = at0 + j * HW_MN_K16;
             rows_of.copy(p, j, (int)r_end, l_in, &as[buf][at], &bs[buf][at]);
         }
         rows_of.advance(p.n, l_in, c_in, pitch, stride);
