@@ -220,8 +220,8 @@ inline uint32_t strata_emu_row_word(const uint32_t* mine, int src, int w) {
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* row) {
 #ifdef STRATA_EMULATOR
     strata_emu_check_aligned(row, 16, "ldmatrix row");
-    uint32_t mine[4];
-    memcpy(mine, row, 16);
+    uint32_t mine[4] = {0, 0, 0, 0};
+    if (strata_emu::shared_in_bounds(row, 16, "ldmatrix row")) memcpy(mine, row, 16);
     const int lane = strata_emu::lane_id();
     for (int j = 0; j < 4; ++j) r[j] = strata_emu_row_word(mine, 8 * j + lane / 4, lane % 4);
 #else
@@ -236,8 +236,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* row) {
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* row) {
 #ifdef STRATA_EMULATOR
     strata_emu_check_aligned(row, 16, "ldmatrix.trans row");
-    uint32_t mine[4];
-    memcpy(mine, row, 16);
+    uint32_t mine[4] = {0, 0, 0, 0};
+    if (strata_emu::shared_in_bounds(row, 16, "ldmatrix.trans row")) memcpy(mine, row, 16);
     const int lane = strata_emu::lane_id();
     const int col = lane / 4;
     for (int j = 0; j < 4; ++j) {
@@ -499,9 +499,18 @@ __device__ __forceinline__ wgmma_desc wgmma_desc_advance(wgmma_desc d, uint32_t 
 }
 
 #ifdef STRATA_EMULATOR
+inline const unsigned char* strata_emu_desc_at(const wgmma_desc& q, int row, int k, bool mn_major) {
+    return q.start + (row / 8) * q.sbo + (k / 8) * q.lbo +
+           (mn_major ? (k % 8) * 16 + (row % 8) * 2 : (row % 8) * 16 + (k % 8) * 2);
+}
+// Whether an operand of `rows` x 16 k through q lies in shared memory: its first and last
+// elements (the layout grows with row and k), else the launch's fault.
+inline bool strata_emu_desc_in_bounds(const wgmma_desc& q, int rows, bool mn_major, const char* op) {
+    return strata_emu::shared_in_bounds(strata_emu_desc_at(q, 0, 0, mn_major), 2, op) &&
+           strata_emu::shared_in_bounds(strata_emu_desc_at(q, rows - 1, 15, mn_major), 2, op);
+}
 inline float strata_emu_desc_elem(const wgmma_desc& q, int row, int k, bool mn_major) {
-    const unsigned char* p = q.start + (row / 8) * q.sbo + (k / 8) * q.lbo +
-                             (mn_major ? (k % 8) * 16 + (row % 8) * 2 : (row % 8) * 16 + (k % 8) * 2);
+    const unsigned char* p = strata_emu_desc_at(q, row, k, mn_major);
     bf16 v;
     memcpy(&v, p, 2);
     return bf16_to_float(v);
@@ -517,6 +526,9 @@ struct StrataEmuWgmma {
     int scale_d;
     static void run(const void* args) {
         const StrataEmuWgmma& op = *static_cast<const StrataEmuWgmma*>(args);
+        if (!strata_emu_desc_in_bounds(op.a, 64, TRANS_A, "wgmma A operand") ||
+            !strata_emu_desc_in_bounds(op.b, N, TRANS_B, "wgmma B operand"))
+            return;
         const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
         for (int j = 0; j < N / 8; ++j) {
             for (int r = 0; r < 4; ++r) {

@@ -6,6 +6,7 @@
 // `selftest_unordered` is deliberately racy too (a missing barrier, blocks reading each other's
 // writes): also emulator only, to show that such races change results there rather than passing
 // by luck of the order in which the emulator runs threads and blocks.
+// `selftest_shared_bounds` faults past the block's shared memory (emulator only, for that case).
 // `selftest_serial` gives the emulator's launch timing (crate::runtime::emulated_profile_of) work
 // of a known shape.
 #ifndef STRATA_COMMON_INCLUDED
@@ -111,6 +112,24 @@ extern "C" __global__ void selftest_ldmatrix(const SelftestLdmatrixParams s) {
     for (int j = 0; j < 4; ++j) s.out[128 + 4 * lane + j] = r[j];
 }
 STRATA_EMU_ENTRY(selftest_ldmatrix, SelftestLdmatrixParams)
+
+// Shared-memory bounds: thread 0 copies 16 bytes of `in` into the block's dynamic shared memory
+// at byte offset n (cp.async), then every lane points ldmatrix at that row, so that lane l < 4
+// holds its word l (of matrix 0), which it writes to out[l] (as bits). Past the launch's dynamic shared memory the emulator
+// fails the launch naming the access, as the GPU raises an illegal address (only the emulator runs
+// that case: on the GPU the error poisons the context).
+extern "C" __global__ void selftest_shared_bounds(const SelftestParams a) {
+    STRATA_DYNAMIC_SMEM(unsigned char, smem);
+    bf16* row = reinterpret_cast<bf16*>(smem + a.n);
+    if (threadIdx.x == 0) cp_async16(row, reinterpret_cast<const bf16*>(a.in), true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t r[4];
+    ldmatrix_x4(r, row);
+    if (threadIdx.x < 4) a.out[threadIdx.x] = strata_bits_float(r[0]);
+}
+STRATA_EMU_ENTRY(selftest_shared_bounds, SelftestParams)
 
 struct SelftestSerialParams {
     float* out;

@@ -1177,6 +1177,56 @@ fn ldmatrix_wrappers_follow_the_ptx_fragment_layout() {
     }
 }
 
+/// cp.async, ldmatrix and wgmma operands past the block's shared memory: the GPU raises an illegal
+/// address; the emulator fails the launch with the access named (it had written host memory past
+/// the allocation, silently or crashing the process: seen with a wrong staging offset in a wgmma
+/// kernel). The GPU runs the in-range case only (its error would poison the context).
+#[test]
+fn shared_memory_accesses_out_of_range_fail_the_launch() {
+    use strata::runtime::kernels::SelftestParams;
+    for be in backends() {
+        let words: Vec<f32> = (0..4).map(|i| f32::from_bits(0x3f80_0000 + i)).collect();
+        let input = be.upload(&words).unwrap();
+        let out = be.zeros::<f32>(4).unwrap();
+        let launch = |offset: i32| {
+            let p = SelftestParams {
+                input: be.ptr(&input),
+                out: be.ptr(&out),
+                n: offset,
+            };
+            be.launch("selftest_shared_bounds", (1, 1, 1), (32, 1, 1), 64, &p)
+        };
+        // The last 16 bytes of 64: in range. Every lane points at the same row, so lanes 0..3
+        // hold its words 0..3: the copied words (bf16 pairs) in order.
+        launch(48).unwrap();
+        be.synchronize().unwrap();
+        let got: Vec<u32> = be
+            .download(&out)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let want: Vec<u32> = words.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want, "{}: the row read back", be.name());
+        if matches!(be, Backend::Cuda(_)) {
+            continue;
+        }
+        let err = launch(64)
+            .expect_err("a copy past the dynamic shared memory must fail the launch")
+            .to_string();
+        assert!(
+            err.contains("selftest_shared_bounds")
+                && err.contains(
+                    "out-of-range shared address: cp.async shared destination of 16 bytes"
+                )
+                && err.contains("offset 64 of the block's 64 bytes"),
+            "{err}"
+        );
+        // And the emulator goes on: the in-range launch runs again.
+        launch(0).unwrap();
+    }
+}
+
 /// CTC on the device (alpha and beta blocks per utterance, then a warp per frame) against the CPU reference (itself checked against
 /// PyTorch): repeated labels, a blank-heavy target, an empty target, an impossible alignment with
 /// and without zero_infinity, mixed lengths, both reductions; fp32, 1e-5 of scale.

@@ -106,6 +106,7 @@ entries!(
     strata_emu_selftest_divergent_barrier,
     strata_emu_selftest_unordered,
     strata_emu_selftest_ldmatrix,
+    strata_emu_selftest_shared_bounds,
     strata_emu_selftest_serial,
     strata_emu_selftest_wgmma,
 );

@@ -189,6 +189,7 @@ pub const FILES: &[KernelFile] = &[
             "selftest_divergent_barrier",
             "selftest_unordered",
             "selftest_ldmatrix",
+            "selftest_shared_bounds",
             "selftest_serial",
         ],
         arch: None,

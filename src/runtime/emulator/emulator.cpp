@@ -213,6 +213,7 @@ static void wait_in(State s) {
 void block_barrier() { wait_in(AT_BLOCK_BARRIER); }
 
 void cp_async(void* dst, const void* src, bool valid) {
+    if (!shared_in_bounds(dst, 16, "cp.async shared destination")) return;
     PendingCopy c;
     c.dst = static_cast<char*>(dst);
     if (valid)
@@ -270,6 +271,25 @@ void fault_misaligned(const char* op, const void* p, unsigned bytes) {
                   op, bytes, (unsigned)(reinterpret_cast<uintptr_t>(p) % bytes), bytes, b->block_idx.x,
                   b->block_idx.y, b->block_idx.z, t.x, t.y, t.z);
     b->fault = msg;
+}
+
+bool shared_in_bounds(const void* p, unsigned bytes, const char* op) {
+    Block* b = tl_block;
+    const char* c = static_cast<const char*>(p);
+    if (c >= b->smem && c + bytes <= b->smem + b->smem_bytes) return true;
+    if (__start_strata_static_smem != nullptr && c >= __start_strata_static_smem &&
+        c + bytes <= __stop_strata_static_smem)
+        return true;
+    if (!b->fault.empty()) return false;
+    const dim3& t = b->fibers[b->current].tid;
+    const long long off = (long long)(c - b->smem);
+    char msg[320];
+    std::snprintf(msg, sizeof msg,
+                  "out-of-range shared address: %s of %u bytes at offset %lld of the block's %u bytes of "
+                  "dynamic shared memory (block (%u,%u,%u), thread (%u,%u,%u))",
+                  op, bytes, off, b->smem_bytes, b->block_idx.x, b->block_idx.y, b->block_idx.z, t.x, t.y, t.z);
+    b->fault = msg;
+    return false;
 }
 
 void fault_dynamic_smem(unsigned need) {

@@ -48,6 +48,11 @@ void fault_dynamic_smem(unsigned need);
 // The launch then fails with it ("misaligned address", as CUDA reports it), where the emulator's
 // byte copies would have carried on.
 void fault_misaligned(const char* op, const void* p, unsigned bytes);
+// Whether `bytes` at `p` lie in the block's shared memory (the launch's dynamic allocation or the
+// `__shared__` statics); if not, records the fault the GPU would raise (an out-of-range shared
+// access) for `op` and returns false, so that the caller skips the access: the emulator's host
+// memory past the allocation would take it silently, or crash the process.
+bool shared_in_bounds(const void* p, unsigned bytes, const char* op);
 typedef void (*Body)(const void*);
 int launch(Body body, dim3 grid, dim3 block, unsigned smem, const void* params, char* err, unsigned errlen);
 
