@@ -50,6 +50,29 @@ __device__ __forceinline__ void hc_fwd_store(const HConvFwdParams& p, int64_t ro
         p.y[at] = float_to_bf16(v);
 }
 
+// Two adjacent accumulators of one row (channels co, co + 1; co even, as the mma and wgmma
+// fragments place them): one 4-byte store of both bf16 values where y is plain bf16 and the pair
+// lies whole in an even-width row (HConv's inner convs, every Linear to bf16 with an even width),
+// else hc_fwd_store each.
+__device__ __forceinline__ void hc_fwd_store2(const HConvFwdParams& p, int64_t row, int co, float acc0, float acc1,
+                                             int64_t rows, int c_out, int l_out) {
+    if (!p.flatten && !p.y32 && (c_out & 1) == 0 && co + 1 < c_out && row < rows) {
+        bf16* at = p.y + row * c_out + co;
+        const bf16 lo = float_to_bf16(hc_epilogue(p, acc0 + p.bias[co]));
+        const bf16 hi = float_to_bf16(hc_epilogue(p, acc1 + p.bias[co + 1]));
+#ifdef STRATA_EMULATOR
+        strata_emu_check_aligned(at, 4, "bf16 pair store");  // as the GPU's 4-byte store needs
+        at[0] = lo;
+        at[1] = hi;
+#else
+        *reinterpret_cast<uint32_t*>(at) = (uint32_t)lo.bits | ((uint32_t)hi.bits << 16);
+#endif
+        return;
+    }
+    hc_fwd_store(p, row, co, acc0, rows, c_out, l_out);
+    hc_fwd_store(p, row, co + 1, acc1, rows, c_out, l_out);
+}
+
 #define HC_TM 64
 #define HC_TN 64
 #define HC_TK 32
@@ -380,15 +403,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_vec(cons
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) yrow[mi][h] = hc_fwd_row(tile, p.n, wm * 64 + mi * 16 + g + 8 * h, l_out, rows);
-    #pragma unroll
+#pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
-        #pragma unroll
+#pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int co = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                hc_fwd_store(p, yrow[mi][r / 2], co, acc[mi][nj][r], rows, c_out, l_out);
-            }
+            const int co = col0 + wn * 32 + nj * 8 + 2 * t;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                hc_fwd_store2(p, yrow[mi][h], co, acc[mi][nj][2 * h], acc[mi][nj][2 * h + 1], rows, c_out, l_out);
         }
     }
 }
@@ -536,11 +558,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_forward_wgmma(co
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
+            const int co = col0 + h * 64 + j * 8 + 2 * (lane % 4);
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int co = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
-                hc_fwd_store(p, yrow[r / 2], co, acc[h][4 * j + r], rows, c_out, l_out);
-            }
+            for (int half = 0; half < 2; ++half)
+                hc_fwd_store2(p, yrow[half], co, acc[h][4 * j + 2 * half], acc[h][4 * j + 2 * half + 1], rows, c_out,
+                              l_out);
         }
     }
 }

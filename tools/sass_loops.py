@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The K loops of the kernels in a `cuobjdump -sass` listing: for each kernel, each innermost loop
 that holds tensor-core instructions (HMMA: mma.sync; HGMMA: wgmma), its instruction count per K
-step (a loop the compiler unrolled holds one block barrier per step) and the kinds that fill it.
+step (the pipelined _vec / _wgmma kernels run one block barrier a step, so a loop the compiler
+unrolled is counted per barrier; the general kernels run two a step) and the kinds that fill it.
 A CPU-side proxy for a kernel's issue cost per K step: a warp scheduler issues one instruction a
 cycle, so a loop's instructions beside its MMAs compete with the MMAs for the scheduler (see
 tools/sass_report.sh).
