@@ -824,6 +824,21 @@ __device__ __forceinline__ int64_t hc_dx_row(const HcDxPhase& q, int64_t n, int6
     return f * l_in + q.li0 + stride * (int)(r - f * q.count);
 }
 
+// dx's epilogue for two adjacent input channels (ci, ci + 1; ci even, as the fragments place them)
+// of stack row `row` (-1: none): one 4-byte bf16 pair, c_in being a multiple of 8 on these paths.
+__device__ __forceinline__ void hc_dx_store2(const HConvBwdParams& p, int64_t row, int ci, float v0, float v1, int c_in) {
+    if (row < 0 || ci >= c_in) return;
+    bf16* at = p.dx + row * c_in + ci;
+    const bf16 lo = float_to_bf16(v0), hi = float_to_bf16(v1);
+#ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(at, 4, "bf16 pair store");  // as the GPU's 4-byte store needs
+    at[0] = lo;
+    at[1] = hi;
+#else
+    *reinterpret_cast<uint32_t*>(at) = (uint32_t)lo.bits | ((uint32_t)hi.bits << 16);
+#endif
+}
+
 // The dx kernels' operand staging. A phase's K index k is tap kw = ph + stride * jt at output
 // channel co < pitch, k = jt * pitch + co. A: thread tid stages rows tid / 4 and tid / 4 + 64 of
 // the block's phase tile (frame f, layer li) at its K index (chunk tid % 4 of the step): dpre's
@@ -1067,16 +1082,16 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_ve
             hv_mma(acc, a, b);
         }
     });
+    // Each of the thread's 8 rows found once (a division by the phase's count), then its channel
+    // pairs stored.
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
-        for (int nj = 0; nj < 4; ++nj) {
+        for (int h = 0; h < 2; ++h) {
+            const int64_t row = hc_dx_row(q, p.n, q.row0 + wm * 64 + mi * 16 + g + 8 * h, l_in, stride);
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int64_t row = hc_dx_row(q, p.n, q.row0 + wm * 64 + mi * 16 + g + 8 * (r / 2), l_in, stride);
-                const int ci = col0 + wn * 32 + nj * 8 + 2 * t + (r % 2);
-                if (row >= 0 && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[mi][nj][r]);
-            }
+            for (int nj = 0; nj < 4; ++nj)
+                hc_dx_store2(p, row, col0 + wn * 32 + nj * 8 + 2 * t, acc[mi][nj][2 * h], acc[mi][nj][2 * h + 1], c_in);
         }
     }
 }
@@ -1171,16 +1186,17 @@ extern "C" __global__ void __launch_bounds__(256, 2) hconv_conv_backward_data_wg
     hw_zero(acc);
     const HwDescs descs(as, bs, wg);
     hw_pipeline((K + HV_BK - 1) / HV_BK, acc[0], stage, [&](int buf) { hw_step<0, 1>(acc, descs.a(buf), descs.b(buf)); });
+    // The thread's 2 rows found once, then its channel pairs stored.
+    const int64_t rows2[2] = {hc_dx_row(q, p.n, q.row0 + wg * 64 + w * 16 + lane / 4, l_in, stride),
+                              hc_dx_row(q, p.n, q.row0 + wg * 64 + w * 16 + lane / 4 + 8, l_in, stride)};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
+            const int ci = col0 + h * 64 + j * 8 + 2 * (lane % 4);
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int64_t row = hc_dx_row(q, p.n, q.row0 + wg * 64 + w * 16 + lane / 4 + 8 * (r / 2), l_in, stride);
-                const int ci = col0 + h * 64 + j * 8 + 2 * (lane % 4) + (r % 2);
-                if (row >= 0 && ci < c_in) p.dx[row * c_in + ci] = float_to_bf16(acc[h][4 * j + r]);
-            }
+            for (int half = 0; half < 2; ++half)
+                hc_dx_store2(p, rows2[half], ci, acc[h][4 * j + 2 * half], acc[h][4 * j + 2 * half + 1], c_in);
         }
     }
 }
