@@ -67,70 +67,61 @@ inline void strata_emu_check_aligned(const void* p, unsigned bytes, const char* 
 }
 #endif
 
+// One vector access of a V (a type aligned to its size) at p, which callers keep aligned to it:
+// the emulator checks that alignment (the GPU faults off it) and copies bytes; `op` names the
+// access in its fault.
+template <class V>
+__device__ __forceinline__ V load_vec(const void* p, const char* op) {
+#ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, sizeof(V), op);
+    V v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
+    (void)op;
+    return *reinterpret_cast<const V*>(p);
+#endif
+}
+
+template <class V>
+__device__ __forceinline__ void store_vec(void* p, const V& v, const char* op) {
+#ifdef STRATA_EMULATOR
+    strata_emu_check_aligned(p, sizeof(V), op);
+    memcpy(p, &v, sizeof v);
+#else
+    (void)op;
+    *reinterpret_cast<V*>(p) = v;
+#endif
+}
+
 // Eight bf16 in 16 bytes: one vector load or store (callers guarantee 16-byte alignment).
 struct alignas(16) bf16x8 {
     uint32_t w[4];
 };
 
-__device__ __forceinline__ bf16x8 load_bf16x8(const bf16* p) {
-#ifdef STRATA_EMULATOR
-    strata_emu_check_aligned(p, 16, "load_bf16x8");
-    bf16x8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-#else
-    return *reinterpret_cast<const bf16x8*>(p);
-#endif
-}
-
-__device__ __forceinline__ void store_bf16x8(bf16* p, const bf16x8& v) {
-#ifdef STRATA_EMULATOR
-    strata_emu_check_aligned(p, 16, "store_bf16x8");
-    memcpy(p, &v, sizeof v);
-#else
-    *reinterpret_cast<bf16x8*>(p) = v;
-#endif
-}
+__device__ __forceinline__ bf16x8 load_bf16x8(const bf16* p) { return load_vec<bf16x8>(p, "load_bf16x8"); }
+__device__ __forceinline__ void store_bf16x8(bf16* p, const bf16x8& v) { store_vec(p, v, "store_bf16x8"); }
 
 // Four floats in 16 bytes (our own type: no toolkit header), loaded as one vector.
 struct alignas(16) float4_t {
     float x, y, z, w;
 };
 
-__device__ __forceinline__ float4_t load_float4(const float* p) {
-#ifdef STRATA_EMULATOR
-    strata_emu_check_aligned(p, 16, "load_float4");
-    float4_t v;
-    memcpy(&v, p, sizeof v);
-    return v;
-#else
-    return *reinterpret_cast<const float4_t*>(p);
-#endif
-}
-
-__device__ __forceinline__ void store_float4(float* p, const float4_t& v) {
-#ifdef STRATA_EMULATOR
-    strata_emu_check_aligned(p, 16, "store_float4");
-    memcpy(p, &v, sizeof v);
-#else
-    *reinterpret_cast<float4_t*>(p) = v;
-#endif
-}
+__device__ __forceinline__ float4_t load_float4(const float* p) { return load_vec<float4_t>(p, "load_float4"); }
+__device__ __forceinline__ void store_float4(float* p, const float4_t& v) { store_vec(p, v, "store_float4"); }
 
 // Four bf16 in 8 bytes, stored as one vector (callers guarantee 8-byte alignment).
 struct alignas(8) bf16x4 {
     uint32_t w[2];
 };
 
-__device__ __forceinline__ bf16x4 load_bf16x4(const bf16* p) {
-#ifdef STRATA_EMULATOR
-    strata_emu_check_aligned(p, 8, "load_bf16x4");
-    bf16x4 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-#else
-    return *reinterpret_cast<const bf16x4*>(p);
-#endif
+__device__ __forceinline__ bf16x4 load_bf16x4(const bf16* p) { return load_vec<bf16x4>(p, "load_bf16x4"); }
+__device__ __forceinline__ void store_bf16x4(bf16* p, const bf16x4& v) { store_vec(p, v, "store_bf16x4"); }
+
+// Two bf16 (lo at p, hi at p + 1) as one 4-byte store (callers guarantee 4-byte alignment): the
+// tensor-core epilogues' adjacent channel pairs.
+__device__ __forceinline__ void store_bf16x2(bf16* p, bf16 lo, bf16 hi) {
+    store_vec(p, (uint32_t)lo.bits | ((uint32_t)hi.bits << 16), "store_bf16x2");
 }
 
 // The four floats of a bf16x4 (exact), and four floats rounded into one (nearest even).
@@ -154,15 +145,6 @@ __device__ __forceinline__ float load_f32_or_bf16(const void* x, int is_bf16, in
 
 __device__ __forceinline__ float4_t load4_f32_or_bf16(const void* x, int is_bf16, int64_t i) {
     return is_bf16 ? unpack_bf16x4(load_bf16x4((const bf16*)x + i)) : load_float4((const float*)x + i);
-}
-
-__device__ __forceinline__ void store_bf16x4(bf16* p, const bf16x4& v) {
-#ifdef STRATA_EMULATOR
-    strata_emu_check_aligned(p, 8, "store_bf16x4");
-    memcpy(p, &v, sizeof v);
-#else
-    *reinterpret_cast<bf16x4*>(p) = v;
-#endif
 }
 
 __device__ __forceinline__ void unpack_bf16x8(const bf16x8& v, float* f) {

@@ -57,16 +57,8 @@ __device__ __forceinline__ void hc_fwd_store(const HConvFwdParams& p, int64_t ro
 __device__ __forceinline__ void hc_fwd_store2(const HConvFwdParams& p, int64_t row, int co, float acc0, float acc1,
                                              int64_t rows, int c_out, int l_out) {
     if (!p.flatten && !p.y32 && (c_out & 1) == 0 && co + 1 < c_out && row < rows) {
-        bf16* at = p.y + row * c_out + co;
-        const bf16 lo = float_to_bf16(hc_epilogue(p, acc0 + p.bias[co]));
-        const bf16 hi = float_to_bf16(hc_epilogue(p, acc1 + p.bias[co + 1]));
-#ifdef STRATA_EMULATOR
-        strata_emu_check_aligned(at, 4, "bf16 pair store");  // as the GPU's 4-byte store needs
-        at[0] = lo;
-        at[1] = hi;
-#else
-        *reinterpret_cast<uint32_t*>(at) = (uint32_t)lo.bits | ((uint32_t)hi.bits << 16);
-#endif
+        store_bf16x2(p.y + row * c_out + co, float_to_bf16(hc_epilogue(p, acc0 + p.bias[co])),
+                     float_to_bf16(hc_epilogue(p, acc1 + p.bias[co + 1])));
         return;
     }
     hc_fwd_store(p, row, co, acc0, rows, c_out, l_out);
@@ -827,16 +819,7 @@ __device__ __forceinline__ int64_t hc_dx_row(const HcDxPhase& q, int64_t n, int6
 // dx's epilogue for two adjacent input channels (ci, ci + 1; ci even, as the fragments place them)
 // of stack row `row` (-1: none): one 4-byte bf16 pair, c_in being a multiple of 8 on these paths.
 __device__ __forceinline__ void hc_dx_store2(const HConvBwdParams& p, int64_t row, int ci, float v0, float v1, int c_in) {
-    if (row < 0 || ci >= c_in) return;
-    bf16* at = p.dx + row * c_in + ci;
-    const bf16 lo = float_to_bf16(v0), hi = float_to_bf16(v1);
-#ifdef STRATA_EMULATOR
-    strata_emu_check_aligned(at, 4, "bf16 pair store");  // as the GPU's 4-byte store needs
-    at[0] = lo;
-    at[1] = hi;
-#else
-    *reinterpret_cast<uint32_t*>(at) = (uint32_t)lo.bits | ((uint32_t)hi.bits << 16);
-#endif
+    if (row >= 0 && ci < c_in) store_bf16x2(p.dx + row * c_in + ci, float_to_bf16(v0), float_to_bf16(v1));
 }
 
 // The dx kernels' operand staging. A phase's K index k is tap kw = ph + stride * jt at output
