@@ -180,7 +180,7 @@ fn layer_axis_convolution() {
     .into_iter()
     .enumerate()
     {
-        // n = 1 takes the zero-copy strided-GEMM forward; n = 3 the chunked im2col one.
+        // n = 1 takes the one-sequence strided-GEMM forward; n = 3 a GEMM per output position.
         for n in [1usize, 3] {
             let seed = 20 + 4 * i as u64 + n as u64;
             let (x, w, b) = (

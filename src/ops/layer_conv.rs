@@ -3,9 +3,10 @@
 //!
 //! Layout: x [n, l_in, c_in] (channels contiguous), weight [c_out, c_in, k] (PyTorch Conv1d),
 //! bias [c_out], y [n, l_out, c_out], zero padding `pad` on both ends, l_out = (l_in + 2*pad - k)/s + 1.
-//! Computed as im2col + GEMM over chunks of frames, so memory stays bounded for any frame count.
+//! Computed without im2col: one GEMM per output position over all frames, reading each frame's
+//! window in place (a contiguous run of layers) and skipping the taps that land in the padding.
 
-use super::gemm::{gemm, Trans};
+use super::gemm::gemm_strided;
 use super::Real;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,31 +28,29 @@ impl ConvGeom {
     }
 }
 
-/// Frames per im2col chunk: ~19k floats per frame at 13x768 keeps a chunk near 20 MB.
-const CHUNK_FRAMES: usize = 256;
-
-/// cols[(f, lo), (k, c)] = x[f, lo*s - pad + k, c], zero outside [0, l_in).
-fn im2col<R: Real>(x: &[R], g: &ConvGeom, f0: usize, nf: usize, cols: &mut Vec<R>) {
-    let (lo_n, win) = (g.l_out(), g.window());
-    cols.clear();
-    cols.resize(nf * lo_n * win, R::ZERO);
-    for f in 0..nf {
-        let frame = &x[(f0 + f) * g.l_in * g.c_in..(f0 + f + 1) * g.l_in * g.c_in];
-        for lo in 0..lo_n {
-            let row = &mut cols[(f * lo_n + lo) * win..(f * lo_n + lo + 1) * win];
-            for k in 0..g.kernel {
-                let li = (lo * g.stride + k) as isize - g.pad as isize;
-                if li >= 0 && (li as usize) < g.l_in {
-                    let li = li as usize;
-                    row[k * g.c_in..(k + 1) * g.c_in]
-                        .copy_from_slice(&frame[li * g.c_in..(li + 1) * g.c_in]);
-                }
-            }
-        }
-    }
+/// The taps of output position `lo` that land on a layer (the rest read zero padding):
+/// `(k0, k1, li0)`, taps k0..k1 reading layers li0..li0 + (k1 - k0), which lie contiguously in a
+/// frame's [l_in, c_in] rows. Empty (k1 <= k0) for a window wholly in the padding.
+fn taps_on_layers(g: &ConvGeom, lo: usize) -> (usize, usize, usize) {
+    let start = lo * g.stride;
+    let k0 = g.pad.saturating_sub(start);
+    let k1 = g.kernel.min((g.l_in + g.pad).saturating_sub(start));
+    (k0, k1, (start + k0).saturating_sub(g.pad))
 }
 
-/// PyTorch's [c_out, c_in, k] weight as a [c_out, (k, c_in)] GEMM operand matching `im2col`.
+/// Zeros on pages already written. The backward's GEMMs read their output before adding to it:
+/// on a fresh allocation's untouched pages that read maps the shared zero page, and the write
+/// after it is a copy-on-write fault whose TLB flush interrupts every thread of the GEMM (~10% of
+/// HConv's CPU backward under `perf`, before this).
+fn written_zeros<R: Real>(len: usize) -> Vec<R> {
+    let mut v = vec![R::ZERO; len];
+    // black_box: the compiler knows the allocation is zeroed and would drop a plain fill.
+    std::hint::black_box(v.as_mut_slice()).fill(R::ZERO);
+    v
+}
+
+/// PyTorch's [c_out, c_in, k] weight as a [c_out, (k, c_in)] GEMM operand: its columns in the
+/// order a window's layers lie in a frame (tap-major), so a run of taps is a run of columns.
 fn weight_as_matrix<R: Real>(w: &[R], g: &ConvGeom) -> Vec<R> {
     let mut m = vec![R::ZERO; g.c_out * g.window()];
     for o in 0..g.c_out {
@@ -68,27 +67,26 @@ pub fn forward<R: Real>(x: &[R], n: usize, w: &[R], b: &[R], g: &ConvGeom) -> Ve
     if n == 1 {
         return forward_single(x, w, b, g);
     }
-    let lo_n = g.l_out();
+    let (lo_n, win) = (g.l_out(), g.window());
     let wm = weight_as_matrix(w, g);
-    let mut y = vec![R::ZERO; n * lo_n * g.c_out];
-    let mut cols = Vec::new();
-    for f0 in (0..n).step_by(CHUNK_FRAMES) {
-        let nf = CHUNK_FRAMES.min(n - f0);
-        im2col(x, g, f0, nf, &mut cols);
-        let yc = &mut y[f0 * lo_n * g.c_out..(f0 + nf) * lo_n * g.c_out];
-        for row in yc.chunks_exact_mut(g.c_out) {
-            row.copy_from_slice(b);
+    let mut y = Vec::with_capacity(n * lo_n * g.c_out);
+    for _ in 0..n * lo_n {
+        y.extend_from_slice(b);
+    }
+    // One GEMM per output position over every frame: its window's layers are one contiguous run
+    // of each frame (row stride l_in * c_in), so no im2col copy, and K spans only the taps that
+    // reach a layer (HuBERT-Base's first conv: 21 of its 25 (position, tap) pairs).
+    for lo in 0..lo_n {
+        let (k0, k1, li0) = taps_on_layers(g, lo);
+        if k1 <= k0 {
+            continue;
         }
-        gemm(
-            nf * lo_n,
-            g.window(),
-            g.c_out,
-            &cols,
-            Trans::N,
-            &wm,
-            Trans::T,
+        gemm_strided(
+            (n, (k1 - k0) * g.c_in, g.c_out),
+            (&x[li0 * g.c_in..], g.l_in * g.c_in, 1),
+            (&wm[k0 * g.c_in..], 1, win),
             R::ONE,
-            yc,
+            (&mut y[lo * g.c_out..], lo_n * g.c_out),
         );
     }
     y
@@ -135,7 +133,10 @@ fn forward_single<R: Real>(x: &[R], w: &[R], b: &[R], g: &ConvGeom) -> Vec<R> {
     y
 }
 
-/// Returns (dx if `need_dx`, dweight [c_out, c_in, k], dbias [c_out]).
+/// Returns (dx if `need_dx`, dweight [c_out, c_in, k], dbias [c_out]), one GEMM per output
+/// position for each (as the forward): dW's columns of the taps that reach a layer take
+/// dy[:, lo]^T · x[:, window]; dx's window rows take dy[:, lo] · W[:, taps] (windows overlap when
+/// the stride is below the kernel: each adds onto what the previous ones left).
 pub fn backward<R: Real>(
     x: &[R],
     n: usize,
@@ -146,57 +147,30 @@ pub fn backward<R: Real>(
 ) -> (Option<Vec<R>>, Vec<R>, Vec<R>) {
     let (lo_n, win) = (g.l_out(), g.window());
     let wm = weight_as_matrix(w, g);
-    let mut dwm = vec![R::ZERO; g.c_out * win];
-    let mut dx = need_dx.then(|| vec![R::ZERO; n * g.l_in * g.c_in]);
-    let mut cols = Vec::new();
-    let mut dcols = Vec::new();
-    for f0 in (0..n).step_by(CHUNK_FRAMES) {
-        let nf = CHUNK_FRAMES.min(n - f0);
-        let rows = nf * lo_n;
-        let dyc = &dy[f0 * lo_n * g.c_out..(f0 + nf) * lo_n * g.c_out];
-        im2col(x, g, f0, nf, &mut cols);
-        gemm(
-            g.c_out,
-            rows,
-            win,
-            dyc,
-            Trans::T,
-            &cols,
-            Trans::N,
+    let mut dwm = written_zeros(g.c_out * win);
+    let mut dx = need_dx.then(|| written_zeros(n * g.l_in * g.c_in));
+    for lo in 0..lo_n {
+        let (k0, k1, li0) = taps_on_layers(g, lo);
+        if k1 <= k0 || n == 0 {
+            continue;
+        }
+        let taps = (k1 - k0) * g.c_in;
+        let dy_at = (&dy[lo * g.c_out..], lo_n * g.c_out);
+        gemm_strided(
+            (g.c_out, n, taps),
+            (dy_at.0, 1, dy_at.1),
+            (&x[li0 * g.c_in..], g.l_in * g.c_in, 1),
             R::ONE,
-            &mut dwm,
+            (&mut dwm[k0 * g.c_in..], win),
         );
         if let Some(dx) = dx.as_mut() {
-            dcols.clear();
-            dcols.resize(rows * win, R::ZERO);
-            gemm(
-                rows,
-                g.c_out,
-                win,
-                dyc,
-                Trans::N,
-                &wm,
-                Trans::N,
-                R::ZERO,
-                &mut dcols,
+            gemm_strided(
+                (n, g.c_out, taps),
+                (dy_at.0, dy_at.1, 1),
+                (&wm[k0 * g.c_in..], win, 1),
+                R::ONE,
+                (&mut dx[li0 * g.c_in..], g.l_in * g.c_in),
             );
-            // col2im: scatter-add every window back onto the layers it read.
-            for f in 0..nf {
-                let dframe = &mut dx[(f0 + f) * g.l_in * g.c_in..(f0 + f + 1) * g.l_in * g.c_in];
-                for lo in 0..lo_n {
-                    let row = &dcols[(f * lo_n + lo) * win..(f * lo_n + lo + 1) * win];
-                    for k in 0..g.kernel {
-                        let li = (lo * g.stride + k) as isize - g.pad as isize;
-                        if li >= 0 && (li as usize) < g.l_in {
-                            let li = li as usize;
-                            let dst = &mut dframe[li * g.c_in..(li + 1) * g.c_in];
-                            for (a, &v) in dst.iter_mut().zip(&row[k * g.c_in..(k + 1) * g.c_in]) {
-                                *a += v;
-                            }
-                        }
-                    }
-                }
-            }
         }
     }
     let mut dw = vec![R::ZERO; w.len()];
