@@ -4,6 +4,7 @@
 //! probabilities). Inputs are already projected; heads are contiguous dh-slices of the feature
 //! axis, as in nn.MultiheadAttention and ESPnet's MultiHeadedAttention.
 
+use super::gemm::zeros_to_accumulate_into;
 use super::Real;
 use rayon::prelude::*;
 
@@ -277,9 +278,9 @@ pub fn backward<R: Real>(
     g: &AttnGeom,
 ) -> (Vec<R>, Vec<R>, Vec<R>) {
     let w = g.width();
-    let mut dq = vec![R::ZERO; n * g.sq * w];
-    let mut dk = vec![R::ZERO; n * g.sk * w];
-    let mut dv = vec![R::ZERO; n * g.sk * w];
+    let mut dq = zeros_to_accumulate_into(n * g.sq * w);
+    let mut dk = zeros_to_accumulate_into(n * g.sk * w);
+    let mut dv = zeros_to_accumulate_into(n * g.sk * w);
     dq.par_chunks_mut(g.sq * w)
         .zip(dk.par_chunks_mut(g.sk * w))
         .zip(dv.par_chunks_mut(g.sk * w))
@@ -355,9 +356,9 @@ pub fn packed_backward<R: Real>(
     let w = heads * head_dim;
     let po = prob_offsets(offsets, heads);
     let (mut dq, mut dk, mut dv) = (
-        vec![R::ZERO; q.len()],
-        vec![R::ZERO; q.len()],
-        vec![R::ZERO; q.len()],
+        zeros_to_accumulate_into(q.len()),
+        zeros_to_accumulate_into(q.len()),
+        zeros_to_accumulate_into(q.len()),
     );
     let lens: Vec<usize> = offsets.windows(2).map(|o| o[1] - o[0]).collect();
     let sizes = || lens.iter().map(|t| t * w);

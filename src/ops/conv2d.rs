@@ -12,7 +12,7 @@
 //! Windows never cross utterances: an utterance of t frames gives (t - k) / stride + 1, as an
 //! unpadded Conv2d.
 
-use super::gemm::gemm_strided;
+use super::gemm::{gemm_strided, zeros_to_accumulate_into};
 use super::Real;
 use rayon::prelude::*;
 
@@ -143,7 +143,7 @@ pub fn shifted_forward<R: Real>(
         // Every feature position of each output frame; the last k - 1 positions of the last
         // frame would read past the utterance, so they are left out.
         let rows = t_out * f - (k - 1);
-        let mut wide = vec![R::ZERO; t_out * f * c_out];
+        let mut wide = zeros_to_accumulate_into(t_out * f * c_out);
         for (dt, df) in (0..k).flat_map(|dt| (0..k).map(move |df| (dt, df))) {
             let first = (offsets[u] + dt) * f + df;
             let tap = (dt * k + df) * c;
@@ -183,8 +183,8 @@ pub fn shifted_backward<R: Real>(
         g.channels,
         g.kernel,
     );
-    let mut dx = need_dx.then(|| vec![R::ZERO; x.len()]);
-    let mut dw = vec![R::ZERO; w.len()];
+    let mut dx = need_dx.then(|| zeros_to_accumulate_into(x.len()));
+    let mut dw = zeros_to_accumulate_into(w.len());
     let mut db = vec![R::ZERO; c_out];
     for row in dy.chunks_exact(c_out) {
         for (a, &v) in db.iter_mut().zip(row) {

@@ -128,6 +128,18 @@ pub fn gemm_strided<R: Real>(
 }
 
 /// Lanes of the few-rows product's partial sums: one AVX-512 register of f32.
+/// Zeros on pages already written, for a buffer that GEMMs (or loops) add into. On a fresh
+/// allocation's untouched pages, a GEMM's read of its output before adding maps the shared zero
+/// page, and the write after it is a copy-on-write fault whose TLB flush interrupts every thread
+/// of the GEMM (`do_wp_page` / `smp_call_function_many_cond` under `perf`: ~10% of HConv's CPU
+/// backward, ~5% of the ML-SUPERB head's). Writing the zeros first costs one pass of stores.
+pub fn zeros_to_accumulate_into<R: Real>(len: usize) -> Vec<R> {
+    let mut v = vec![R::ZERO; len];
+    // black_box: the compiler knows the allocation is zeroed and would drop a plain fill.
+    std::hint::black_box(v.as_mut_slice()).fill(R::ZERO);
+    v
+}
+
 const LANES: usize = 16;
 
 /// The R x J dot products of rows of `a` with rows of `b` (each `k` long), as LANES partial sums

@@ -6,7 +6,7 @@
 //! Computed without im2col: one GEMM per output position over all frames, reading each frame's
 //! window in place (a contiguous run of layers) and skipping the taps that land in the padding.
 
-use super::gemm::gemm_strided;
+use super::gemm::{gemm_strided, zeros_to_accumulate_into};
 use super::Real;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,17 +36,6 @@ fn taps_on_layers(g: &ConvGeom, lo: usize) -> (usize, usize, usize) {
     let k0 = g.pad.saturating_sub(start);
     let k1 = g.kernel.min((g.l_in + g.pad).saturating_sub(start));
     (k0, k1, (start + k0).saturating_sub(g.pad))
-}
-
-/// Zeros on pages already written. The backward's GEMMs read their output before adding to it:
-/// on a fresh allocation's untouched pages that read maps the shared zero page, and the write
-/// after it is a copy-on-write fault whose TLB flush interrupts every thread of the GEMM (~10% of
-/// HConv's CPU backward under `perf`, before this).
-fn written_zeros<R: Real>(len: usize) -> Vec<R> {
-    let mut v = vec![R::ZERO; len];
-    // black_box: the compiler knows the allocation is zeroed and would drop a plain fill.
-    std::hint::black_box(v.as_mut_slice()).fill(R::ZERO);
-    v
 }
 
 /// PyTorch's [c_out, c_in, k] weight as a [c_out, (k, c_in)] GEMM operand: its columns in the
@@ -147,8 +136,8 @@ pub fn backward<R: Real>(
 ) -> (Option<Vec<R>>, Vec<R>, Vec<R>) {
     let (lo_n, win) = (g.l_out(), g.window());
     let wm = weight_as_matrix(w, g);
-    let mut dwm = written_zeros(g.c_out * win);
-    let mut dx = need_dx.then(|| written_zeros(n * g.l_in * g.c_in));
+    let mut dwm = zeros_to_accumulate_into(g.c_out * win);
+    let mut dx = need_dx.then(|| zeros_to_accumulate_into(n * g.l_in * g.c_in));
     for lo in 0..lo_n {
         let (k0, k1, li0) = taps_on_layers(g, lo);
         if k1 <= k0 || n == 0 {
