@@ -441,3 +441,71 @@ fn lstm_through_time() {
         check("lstm d w_hh", &w_hh, &dw, |w| dot(&r, &f(&pre, w)));
     }
 }
+
+#[test]
+fn per_layer_projections_equal_each_layers_linear_side_by_side() {
+    let (n, l, d, k) = (5usize, 4usize, 7usize, 3usize);
+    let (x, w, b, r) = (
+        rand_vec(n * l * d, 90),
+        rand_vec(l * k * d, 91),
+        rand_vec(l * k, 92),
+        rand_vec(n * l * k, 93),
+    );
+    let y = ops::linear::per_layer_forward(&x, (n, l, d), &w, &b, k);
+    // The composition it replaces: each layer copied out, its Linear, the outputs concatenated.
+    let parts: Vec<Vec<f64>> = (0..l)
+        .map(|li| {
+            let xl = ops::shape::select_layer(&x, l, d, li);
+            let (wl, bl) = (&w[li * k * d..(li + 1) * k * d], &b[li * k..(li + 1) * k]);
+            ops::linear::forward(&xl, n, d, wl, k, Some(bl))
+        })
+        .collect();
+    let views: Vec<&[f64]> = parts.iter().map(|p| p.as_slice()).collect();
+    let want = ops::shape::concat_cols(&views, &vec![k; l], n);
+    for (i, (a, e)) in y.iter().zip(&want).enumerate() {
+        assert!((a - e).abs() <= 1e-12, "y[{i}] = {a}, per layer {e}");
+    }
+    let dx = ops::linear::per_layer_backward_input(&r, (n, l, d), &w, k);
+    check("per-layer projections dx", &x, &dx, |x| {
+        dot(&r, &ops::linear::per_layer_forward(x, (n, l, d), &w, &b, k))
+    });
+}
+
+/// The tape's op over [`ops::linear::per_layer_forward`]: the stack's gradient reaches the input.
+#[test]
+fn layer_projections_on_the_tape_pass_the_stack_gradient() {
+    use strata::{ParamStore, Tape, Tensor};
+    let (n, l, d, k) = (3usize, 5usize, 4usize, 2usize);
+    let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    let (x, w, b, r) = (
+        f32s(rand_vec(n * l * d, 94)),
+        f32s(rand_vec(l * k * d, 95)),
+        f32s(rand_vec(l * k, 96)),
+        f32s(rand_vec(n * l * k, 97)),
+    );
+    let mut tape = Tape::new();
+    let xs = tape
+        .input_requiring_grad(Tensor::from_vec(x.clone(), &[n, l, d]).unwrap())
+        .unwrap();
+    let (wt, bt) = (
+        Tensor::from_vec(w.clone(), &[l, k, d]).unwrap(),
+        Tensor::from_vec(b.clone(), &[l, k]).unwrap(),
+    );
+    let y = tape.layer_projections(xs, &wt, &bt).unwrap();
+    assert_eq!(tape.shape(y), &[n, l * k]);
+    let probe = Tensor::from_vec(r.clone(), &[n, l * k]).unwrap();
+    let loss = tape.dot_const(y, &probe).unwrap();
+    let grads = tape.backward(loss, &mut ParamStore::new()).unwrap();
+    let want = ops::linear::per_layer_backward_input(&r, (n, l, d), &w, k);
+    assert_eq!(
+        grads.get(xs).expect("the stack's gradient"),
+        want.as_slice()
+    );
+    // Weights that do not fit the stack are an error naming the op.
+    let bad = Tensor::from_vec(vec![0.0; l * k * (d + 1)], &[l, k, d + 1]).unwrap();
+    let err = tape
+        .layer_projections(xs, &bad, &bt)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer_projections"), "{err}");
+}

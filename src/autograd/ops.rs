@@ -78,6 +78,45 @@ impl Tape {
         })
     }
 
+    /// Each layer of a stack x [n, l, d] through a fixed Linear of its own (w [l, k, d], b [l, k],
+    /// constants: nothing trains them), outputs side by side -> [n, l * k]; the same as
+    /// `select_layer` + `linear` per layer + `concat_cols`, without the copies.
+    pub fn layer_projections(
+        &mut self,
+        x: Var,
+        w: &crate::tensor::Tensor,
+        b: &crate::tensor::Tensor,
+    ) -> Result<Var> {
+        let xs = self.shape(x).to_vec();
+        let ws = w.shape().to_vec();
+        if xs.len() != 3 || ws.len() != 3 || ws[0] != xs[1] || ws[2] != xs[2] {
+            return Err(Error::shape(
+                "layer_projections",
+                format!(
+                    "a stack [n, {}, {}] for weights {ws:?}",
+                    ws.first().unwrap_or(&0),
+                    ws.get(2).unwrap_or(&0)
+                ),
+                format!("{xs:?}"),
+            ));
+        }
+        let (n, l, d, k) = (xs[0], xs[1], xs[2], ws[1]);
+        check_shape("layer_projections bias", b.shape(), &[l, k])?;
+        let xt = self.shared(x);
+        let w = w.to_vec();
+        let y = ops::linear::per_layer_forward(xt.data(), (n, l, d), &w, &b.to_vec(), k);
+        self.push(y, &[n, l * k], &[x], move || {
+            Box::new(move |g, _| {
+                vec![Some(ops::linear::per_layer_backward_input(
+                    g,
+                    (n, l, d),
+                    &w,
+                    k,
+                ))]
+            })
+        })
+    }
+
     pub fn relu(&mut self, x: Var) -> Result<Var> {
         let y = ops::activation::relu_forward(self.value(x).data());
         let shape = self.shape(x).to_vec();

@@ -1,6 +1,6 @@
 //! Linear layer, PyTorch layout: `y[r,o] = sum_i x[r,i] * w[o,i] + b[o]`, weight stored [out, in].
 
-use super::gemm::{gemm, Trans};
+use super::gemm::{gemm, gemm_strided, Trans};
 use super::Real;
 
 /// x: [rows, in_f], w: [out_f, in_f], b: [out_f] -> y: [rows, out_f].
@@ -65,6 +65,55 @@ pub fn backward<R: Real>(
         &mut dw,
     );
     (dx, dw, column_sums(dy, rows, out_f))
+}
+
+/// Each layer of a frame-major stack x [n, l, d] through a Linear of its own, the outputs side by
+/// side: y[:, li * k..(li + 1) * k] = x[:, li, :] W_li^T + b_li, with w [l, k, d] and b [l, k]
+/// -> y [n, l * k]. One GEMM per layer reads the stack in place (row stride l * d) and writes
+/// its column block of y, so no layer is copied out and nothing is concatenated.
+pub fn per_layer_forward<R: Real>(
+    x: &[R],
+    (n, l, d): (usize, usize, usize),
+    w: &[R],
+    b: &[R],
+    k: usize,
+) -> Vec<R> {
+    // b is [l, k]: exactly one output row's biases.
+    let mut y = Vec::with_capacity(n * l * k);
+    for _ in 0..n {
+        y.extend_from_slice(b);
+    }
+    for li in 0..l {
+        gemm_strided(
+            (n, d, k),
+            (&x[li * d..], l * d, 1),
+            (&w[li * k * d..], 1, d),
+            R::ONE,
+            (&mut y[li * k..], l * k),
+        );
+    }
+    y
+}
+
+/// The stack's gradient [n, l, d] of [`per_layer_forward`] (its weights are constants):
+/// dx[:, li, :] = dy[:, li * k..(li + 1) * k] W_li.
+pub fn per_layer_backward_input<R: Real>(
+    dy: &[R],
+    (n, l, d): (usize, usize, usize),
+    w: &[R],
+    k: usize,
+) -> Vec<R> {
+    let mut dx = vec![R::ZERO; n * l * d];
+    for li in 0..l {
+        gemm_strided(
+            (n, k, d),
+            (&dy[li * k..], l * k, 1),
+            (&w[li * k * d..], d, 1),
+            R::ZERO,
+            (&mut dx[li * d..], l * d),
+        );
+    }
+    dx
 }
 
 /// Sum over rows of a [rows, cols] matrix (the bias gradient).

@@ -104,21 +104,15 @@ impl Interface for PcaConcat {
             store.value(self.mean).data(),
             store.value(self.basis).data(),
         );
-        let mut parts = Vec::with_capacity(l);
-        for layer in 0..l {
-            let w = &basis[layer * k * d..(layer + 1) * k * d];
-            let mu = &mean[layer * d..(layer + 1) * d];
-            // (x - mean) W^T = x W^T - W mean: the centering rides in the bias.
-            let bias: Vec<f32> = w
-                .chunks(d)
-                .map(|row| -row.iter().zip(mu).map(|(a, b)| a * b).sum::<f32>())
-                .collect();
-            let w = tape.constant(Tensor::from_vec(w.to_vec(), &[k, d])?)?;
-            let b = tape.constant(Tensor::from_vec(bias, &[k])?)?;
-            let x = tape.select_layer(stack, layer)?;
-            parts.push(tape.linear(x, w, Some(b))?);
-        }
-        tape.concat_cols(&parts)
+        // (x - mean) W^T = x W^T - W mean: the centering rides in the bias.
+        let bias: Vec<f32> = (0..l * k)
+            .map(|row| {
+                let (w, mu) = (&basis[row * d..(row + 1) * d], &mean[(row / k) * d..]);
+                -w.iter().zip(mu).map(|(a, b)| a * b).sum::<f32>()
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, &[l, k])?;
+        tape.layer_projections(stack, store.value(self.basis), &bias)
     }
     fn as_pca(&self) -> Option<&PcaConcat> {
         Some(self)
