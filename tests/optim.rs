@@ -160,3 +160,60 @@ fn no_grad_tape_records_nothing_to_differentiate() {
     assert!(!tape.requires_grad(y));
     assert!(tape.backward(y, &mut store).is_err());
 }
+
+/// The update runs in parallel chunks of a tensor: a tensor of many chunks steps exactly as the
+/// same values cut into tensors of one chunk each, for Adam and AdamW.
+#[test]
+fn adam_steps_a_large_tensor_as_its_pieces_bit_for_bit() {
+    let (n, piece) = (100_003usize, 1_000usize);
+    let mut rng = strata::rng::Rng::new(5);
+    let values: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    let grads: Vec<Vec<f32>> = (0..3)
+        .map(|_| (0..n).map(|_| rng.normal()).collect())
+        .collect();
+    for config in [AdamConfig::adam(1e-2), AdamConfig::adamw(1e-2)] {
+        let config = AdamConfig {
+            weight_decay: 0.1,
+            ..config
+        };
+        let mut whole = ParamStore::new();
+        let id = whole
+            .add("w", Tensor::from_vec(values.clone(), &[n]).unwrap())
+            .unwrap();
+        let mut pieces = ParamStore::new();
+        let ids: Vec<_> = values
+            .chunks(piece)
+            .enumerate()
+            .map(|(i, c)| {
+                let t = Tensor::from_vec(c.to_vec(), &[c.len()]).unwrap();
+                pieces.add(&format!("p{i}"), t).unwrap()
+            })
+            .collect();
+        let (mut opt_whole, mut opt_pieces) = (
+            Adam::new(config, &whole).unwrap(),
+            Adam::new(config, &pieces).unwrap(),
+        );
+        for g in &grads {
+            whole.get_mut(id).grad = g.clone();
+            for (i, &pid) in ids.iter().enumerate() {
+                pieces.get_mut(pid).grad = g[i * piece..((i + 1) * piece).min(n)].to_vec();
+            }
+            opt_whole.step(&mut whole).unwrap();
+            opt_pieces.step(&mut pieces).unwrap();
+        }
+        let got = whole.get(id).value.to_vec();
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&pid| pieces.get(pid).value.to_vec())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{config:?} element {i}: {a} vs {b}"
+            );
+        }
+        assert_ne!(got, values, "the steps moved the values");
+    }
+}

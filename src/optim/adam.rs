@@ -9,6 +9,7 @@
 
 use crate::autograd::ParamStore;
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
@@ -116,10 +117,11 @@ pub struct Adam {
 impl Adam {
     pub fn new(config: AdamConfig, store: &ParamStore) -> Result<Self> {
         config.validate()?;
+        // Written zeros: the first step reads and writes every moment (see the helper).
         let zeros = || {
             store
                 .iter()
-                .map(|p| vec![0.0f32; p.value.numel()])
+                .map(|p| crate::ops::gemm::zeros_to_accumulate_into::<f32>(p.value.numel()))
                 .collect()
         };
         Ok(Adam {
@@ -151,26 +153,35 @@ impl Adam {
                 continue;
             }
             let grad = std::mem::take(&mut p.grad);
-            let mut value = p.value.to_vec();
             let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
-            for j in 0..value.len() {
-                let mut g = grad[j];
-                if s.decay != 1.0 {
-                    value[j] *= s.decay;
-                }
-                if s.weight_decay != 0.0 {
-                    g += s.weight_decay * value[j];
-                }
-                // torch.lerp with weight < 0.5: self + weight * (end - self).
-                m[j] += s.one_minus_beta1 * (g - m[j]);
-                v[j] = v[j] * s.beta2 + s.one_minus_beta2 * g * g;
-                let denom = v[j].sqrt() / s.bc2_sqrt + s.eps;
-                value[j] += -s.step_size * (m[j] / denom);
-            }
-            let shape = p.value.shape().to_vec();
-            p.value = crate::tensor::Tensor::from_vec(value, &shape)?;
+            // In place, elementwise, so chunks run in parallel with the same result bit for bit;
+            // a 42M-parameter head (s3prl's ASR) took ~250 ms a step in one thread with copies.
+            const CHUNK: usize = 1 << 15;
+            (p.value.f32_data_mut().par_chunks_mut(CHUNK))
+                .zip(grad.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((value, grad), m), v)| update(&s, value, grad, m, v));
             p.grad = grad;
         }
         Ok(())
+    }
+}
+
+/// One Adam / AdamW update of a run of parameters with their gradients and moments.
+fn update(s: &AdamScalars, value: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    for j in 0..value.len() {
+        let mut g = grad[j];
+        if s.decay != 1.0 {
+            value[j] *= s.decay;
+        }
+        if s.weight_decay != 0.0 {
+            g += s.weight_decay * value[j];
+        }
+        // torch.lerp with weight < 0.5: self + weight * (end - self).
+        m[j] += s.one_minus_beta1 * (g - m[j]);
+        v[j] = v[j] * s.beta2 + s.one_minus_beta2 * g * g;
+        let denom = v[j].sqrt() / s.bc2_sqrt + s.eps;
+        value[j] += -s.step_size * (m[j] / denom);
     }
 }
