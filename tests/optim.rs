@@ -217,3 +217,37 @@ fn adam_steps_a_large_tensor_as_its_pieces_bit_for_bit() {
         assert_ne!(got, values, "the steps moved the values");
     }
 }
+
+/// The norm of gradients many chunks long (and not a multiple of the summing lanes) against a
+/// plain f64 sum, and the clip scaling each gradient by max_norm / total.
+#[test]
+fn clip_grad_norm_of_long_gradients() {
+    let mut rng = strata::rng::Rng::new(11);
+    let mut store = ParamStore::new();
+    let lens = [200_005usize, 3, 70_001];
+    let grads: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.normal()).collect())
+        .collect();
+    for (i, g) in grads.iter().enumerate() {
+        let id = store
+            .add(&format!("p{i}"), Tensor::zeros(&[g.len()]))
+            .unwrap();
+        store.get_mut(id).grad = g.clone();
+    }
+    let want = grads
+        .iter()
+        .map(|g| {
+            let n = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            (n as f32 as f64).powi(2)
+        })
+        .sum::<f64>()
+        .sqrt();
+    let total = clip_grad_norm(&mut store, 1.0).unwrap();
+    assert!((total - want).abs() <= 1e-6 * want, "{total} vs {want}");
+    let coef = (1.0 / (total + 1e-6)) as f32;
+    for (p, g) in store.iter().zip(&grads) {
+        let scaled: Vec<f32> = g.iter().map(|&x| x * coef).collect();
+        assert_eq!(p.grad, scaled);
+    }
+}
