@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -102,7 +103,7 @@ impl ParamStore {
 
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
-            p.grad.iter_mut().for_each(|g| *g = 0.0);
+            p.grad.par_iter_mut().for_each(|g| *g = 0.0);
         }
     }
 
@@ -121,9 +122,12 @@ impl ParamStore {
     }
 
     pub(crate) fn accumulate_grad(&mut self, id: ParamId, g: &[f32]) {
-        for (a, &b) in self.params[id.0].grad.iter_mut().zip(g) {
-            *a += b;
-        }
+        // Elementwise, so parallel chunks give the same sums (a large head's gradients are tens of
+        // millions of values, added at every backward).
+        const CHUNK: usize = 1 << 15;
+        (self.params[id.0].grad.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
     }
 
     /// Sets every parameter from the tensor named `prefix + name` in safetensors `bytes`.
