@@ -509,3 +509,27 @@ fn layer_projections_on_the_tape_pass_the_stack_gradient() {
         .to_string();
     assert!(err.contains("layer_projections"), "{err}");
 }
+
+/// No frames in, no frames out: the ops that read the stack through per-position or per-layer
+/// views return empty results rather than slicing past empty buffers.
+#[test]
+fn stack_ops_take_zero_frames() {
+    let g = ConvGeom {
+        l_in: 13,
+        c_in: 4,
+        c_out: 3,
+        kernel: 5,
+        stride: 3,
+        pad: 2,
+    };
+    let w = rand_vec(g.c_out * g.c_in * g.kernel, 1);
+    let b = rand_vec(g.c_out, 2);
+    assert!(ops::layer_conv::forward::<f64>(&[], 0, &w, &b, &g).is_empty());
+    let (dx, dw, db) = ops::layer_conv::backward::<f64>(&[], 0, &w, &g, &[], true);
+    assert!(dx.unwrap().is_empty());
+    assert!(dw.iter().chain(&db).all(|&v| v == 0.0));
+    let (l, d, k) = (13usize, 4usize, 2usize);
+    let (pw, pb) = (rand_vec(l * k * d, 3), rand_vec(l * k, 4));
+    assert!(ops::linear::per_layer_forward::<f64>(&[], (0, l, d), &pw, &pb, k).is_empty());
+    assert!(ops::linear::per_layer_backward_input::<f64>(&[], (0, l, d), &pw, k).is_empty());
+}

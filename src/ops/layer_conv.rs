@@ -67,7 +67,8 @@ pub fn forward<R: Real>(x: &[R], n: usize, w: &[R], b: &[R], g: &ConvGeom) -> Ve
     // reach a layer (HuBERT-Base's first conv: 21 of its 25 (position, tap) pairs).
     for lo in 0..lo_n {
         let (k0, k1, li0) = taps_on_layers(g, lo);
-        if k1 <= k0 {
+        // No frames: nothing to slice the views from (they would start past the empty buffers).
+        if k1 <= k0 || n == 0 {
             continue;
         }
         gemm_strided(

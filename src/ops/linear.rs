@@ -83,7 +83,8 @@ pub fn per_layer_forward<R: Real>(
     for _ in 0..n {
         y.extend_from_slice(b);
     }
-    for li in 0..l {
+    // Without frames the layers' views would start past the empty buffers.
+    for li in (0..l).filter(|_| n > 0) {
         gemm_strided(
             (n, d, k),
             (&x[li * d..], l * d, 1),
@@ -104,7 +105,7 @@ pub fn per_layer_backward_input<R: Real>(
     k: usize,
 ) -> Vec<R> {
     let mut dx = vec![R::ZERO; n * l * d];
-    for li in 0..l {
+    for li in (0..l).filter(|_| n > 0) {
         gemm_strided(
             (n, k, d),
             (&dy[li * k..], l * k, 1),
