@@ -1,6 +1,6 @@
 //! Whole CPU training steps (`Pair::train_step`: interface, head, loss, backward, clip, AdamW) on
-//! 8 utterances x 150 frames of a random 13 x 768 stack, CTC over 31 tokens: HConv with the SUPERB
-//! PR head, and WS with s3prl's ASR head (no dropout). Where the time goes is read with `perf`
+//! 8 utterances x 150 frames of a random 13 x 768 stack, CTC over 31 tokens: WS and HConv with the
+//! SUPERB PR head, and WS with s3prl's ASR head (no dropout). Where the time goes is read with `perf`
 //! on the same bench; results go to RESULTS.md.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -47,6 +47,10 @@ fn bench(c: &mut Criterion) {
         ..AsrHeadConfig::default()
     });
     let cases = [
+        (
+            "ws_pr_head",
+            PairSpec::new("ws_pr", InterfaceConfig::weighted_sum(L, D)),
+        ),
         (
             "hconv_pr_head",
             PairSpec::new("hconv_pr", InterfaceConfig::new(L, D, hconv)),

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch CPU counterpart of `cargo bench --bench train_step`: one whole training step
 (zero_grad, interface, head, CTC, backward, clip_grad_norm_ 1.0, AdamW lr 1e-4) on 8 utterances x
-150 frames of a random 13 x 768 stack, 31 tokens, 20 targets per utterance: HConv with the SUPERB
-PR head (Linear(768, 256) -> Linear(256, 31), CTC mean) and the weighted sum with s3prl's ASR head
-(no dropout). Same thread count as the Rust bench:
+150 frames of a random 13 x 768 stack, 31 tokens, 20 targets per utterance: the weighted sum and
+HConv with the SUPERB PR head (Linear(D', 256) -> Linear(256, 31), CTC mean), and the weighted sum
+with s3prl's ASR head (no dropout). Same thread count as the Rust bench:
 
     .venv/bin/python tools/bench_train_step_torch.py --threads 2
 """
@@ -32,21 +32,25 @@ def main():
     target_lengths = torch.full((B,), U, dtype=torch.long)
     print(f"torch {torch.__version__}, {args.threads} threads")
 
-    hconv = HConv(L, D)
-    proj, out = nn.Linear(hconv.transforms[-2].out_channels * 2, 256), nn.Linear(256, V)
-    params = list(hconv.parameters()) + list(proj.parameters()) + list(out.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    for name, interface, width in [
+        ("ws_pr_head", WeightedSum(L, D, normalize=False), D),
+        ("hconv_pr_head", HConv(L, D), None),
+    ]:
+        width = width or interface.transforms[-2].out_channels * 2
+        proj, out = nn.Linear(width, 256), nn.Linear(256, V)
+        params = list(interface.parameters()) + list(proj.parameters()) + list(out.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def hconv_step():
-        opt.zero_grad()
-        lp = F.log_softmax(out(proj(hconv(stack))), -1).transpose(0, 1)
-        loss = F.ctc_loss(lp, targets, lengths, target_lengths, blank=0, zero_infinity=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        def pr_step():
+            opt.zero_grad()
+            lp = F.log_softmax(out(proj(interface(stack))), -1).transpose(0, 1)
+            loss = F.ctc_loss(lp, targets, lengths, target_lengths, blank=0, zero_infinity=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
 
-    dt = timed(hconv_step, args.seconds)
-    print(f"hconv_pr_head  {B} x {T} frames  {dt * 1e3:9.2f} ms  {B * T / dt:9.0f} frames/s")
+        dt = timed(pr_step, args.seconds)
+        print(f"{name:14s} {B} x {T} frames  {dt * 1e3:9.2f} ms  {B * T / dt:9.0f} frames/s")
 
     ws, asr = WeightedSum(L, D, normalize=False), AsrHead(D, V)
     params = list(ws.parameters()) + list(asr.parameters())
