@@ -127,7 +127,6 @@ pub fn gemm_strided<R: Real>(
     }
 }
 
-/// Lanes of the few-rows product's partial sums: one AVX-512 register of f32.
 /// Zeros on pages already written, for a buffer that GEMMs (or loops) add into. On a fresh
 /// allocation's untouched pages, a GEMM's read of its output before adding maps the shared zero
 /// page, and the write after it is a copy-on-write fault whose TLB flush interrupts every thread
@@ -140,6 +139,7 @@ pub fn zeros_to_accumulate_into<R: Real>(len: usize) -> Vec<R> {
     v
 }
 
+/// Lanes of the few-rows product's partial sums: one AVX-512 register of f32.
 const LANES: usize = 16;
 
 /// The R x J dot products of rows of `a` with rows of `b` (each `k` long), as LANES partial sums
