@@ -122,8 +122,8 @@ impl Tensor {
     /// The data as mutable f32, converted to f32 first if stored narrower; copied only when the
     /// buffer is shared with another tensor (copy on write).
     pub(crate) fn f32_data_mut(&mut self) -> &mut [f32] {
-        if !matches!(self.storage, Storage::F32(_)) {
-            self.storage = Storage::F32(Arc::new(self.to_vec()));
+        if self.dtype() != DType::F32 {
+            *self = self.to_dtype(DType::F32);
         }
         match &mut self.storage {
             Storage::F32(v) => Arc::make_mut(v).as_mut_slice(),

@@ -103,14 +103,16 @@ impl Tape {
         let (n, l, d, k) = (xs[0], xs[1], xs[2], ws[1]);
         check_shape("layer_projections bias", b.shape(), &[l, k])?;
         let xt = self.shared(x);
-        let w = w.to_vec();
-        let y = ops::linear::per_layer_forward(xt.data(), (n, l, d), &w, &b.to_vec(), k);
+        // f32 tensors share their buffer (no copy); narrower ones are converted.
+        let w = w.to_dtype(crate::tensor::DType::F32);
+        let b = b.to_dtype(crate::tensor::DType::F32);
+        let y = ops::linear::per_layer_forward(xt.data(), (n, l, d), w.data(), b.data(), k);
         self.push(y, &[n, l * k], &[x], move || {
             Box::new(move |g, _| {
                 vec![Some(ops::linear::per_layer_backward_input(
                     g,
                     (n, l, d),
-                    &w,
+                    w.data(),
                     k,
                 ))]
             })

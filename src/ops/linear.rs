@@ -84,7 +84,10 @@ pub fn per_layer_forward<R: Real>(
         y.extend_from_slice(b);
     }
     // Without frames the layers' views would start past the empty buffers.
-    for li in (0..l).filter(|_| n > 0) {
+    if n == 0 {
+        return y;
+    }
+    for li in 0..l {
         gemm_strided(
             (n, d, k),
             (&x[li * d..], l * d, 1),
@@ -105,7 +108,10 @@ pub fn per_layer_backward_input<R: Real>(
     k: usize,
 ) -> Vec<R> {
     let mut dx = vec![R::ZERO; n * l * d];
-    for li in (0..l).filter(|_| n > 0) {
+    if n == 0 {
+        return dx;
+    }
+    for li in 0..l {
         gemm_strided(
             (n, k, d),
             (&dy[li * k..], l * k, 1),
