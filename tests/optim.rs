@@ -251,3 +251,21 @@ fn clip_grad_norm_of_long_gradients() {
         assert_eq!(p.grad, scaled);
     }
 }
+
+/// A gradient of the wrong length is an error naming the parameter, not a partial step.
+#[test]
+fn adam_rejects_a_gradient_that_does_not_fit_its_parameter() {
+    let mut store = ParamStore::new();
+    let id = store
+        .add("head.w", Tensor::from_vec(vec![0.5; 6], &[2, 3]).unwrap())
+        .unwrap();
+    let mut opt = Adam::new(AdamConfig::adamw(1e-2), &store).unwrap();
+    store.get_mut(id).grad = vec![0.1; 5];
+    let err = opt.step(&mut store).unwrap_err().to_string();
+    assert!(err.contains("head.w") && err.contains("6 values"), "{err}");
+    assert_eq!(
+        store.get(id).value.to_vec(),
+        vec![0.5; 6],
+        "nothing stepped"
+    );
+}

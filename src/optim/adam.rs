@@ -152,6 +152,16 @@ impl Adam {
             if p.frozen {
                 continue;
             }
+            // The chunks below pair values with gradients and moments: lengths that differ would
+            // leave part of the parameter unstepped.
+            let numel = p.value.numel();
+            if p.grad.len() != numel || self.exp_avg[i].len() != numel {
+                return Err(Error::shape(
+                    format!("gradient / moments of parameter '{}'", p.name),
+                    format!("{numel} values"),
+                    format!("{} and {}", p.grad.len(), self.exp_avg[i].len()),
+                ));
+            }
             let grad = std::mem::take(&mut p.grad);
             let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
             // In place, elementwise, so chunks run in parallel with the same result bit for bit;
