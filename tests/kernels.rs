@@ -818,6 +818,8 @@ fn hconv_forward_on_tensor_cores_matches_the_cpu_reference() {
             (3, 7, 40, 3, 2),
             (1, 13, 200, 5, 3),
             (150, 13, 96, 5, 3),
+            // L = 2: kernel 3, stride 2 is one conv to a single position (5 / 3 has depth 0).
+            (5, 2, 768, 3, 2),
         ];
         // STRATA_TEST_SMALL=1 (the sanitizer runs) keeps to the small cases.
         if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
@@ -945,6 +947,8 @@ fn hconv_backward_on_tensor_cores_matches_the_cpu_reference() {
             (2, 25, 1024, 5, 3),
             (3, 7, 40, 3, 2),
             (2500, 4, 24, 3, 2),
+            // L = 2: kernel 3, stride 2 is one conv to a single position (5 / 3 has depth 0).
+            (5, 2, 768, 3, 2),
         ];
         // On the GPU, thousands of frames at real sizes (the CPU references bound how many).
         if gpu && !std::env::var("STRATA_TEST_SMALL").is_ok_and(|v| v == "1") {
