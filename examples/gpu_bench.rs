@@ -41,6 +41,44 @@ fn time_ms(be: &Backend, flush: &mut CudaSlice<f32>, mut f: impl FnMut()) -> f64
     times[times.len() / 2]
 }
 
+/// The CTC row's log-probabilities, utterance-major [n * t, v] (strata's packed frames): the
+/// log-softmax over v of 2 sin(0.37 t + 1.3 c + 0.11 u), in f64, rounded to f32. The same
+/// formula as tools/gpu_bench_torch.py's `bench_log_probs` (there [t, n, v]).
+fn bench_log_probs(n: usize, t: usize, v: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * t * v);
+    for u in 0..n {
+        for f in 0..t {
+            let z: Vec<f64> = (0..v)
+                .map(|c| 2.0 * (0.37 * f as f64 + 1.3 * c as f64 + 0.11 * u as f64).sin())
+                .collect();
+            let m = z.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            out.extend(z.iter().map(|x| (x - lse) as f32));
+        }
+    }
+    out
+}
+
+/// The cross-entropy row's logits [rows, classes]: 3 sin(0.013 r + 0.7 c), as
+/// tools/gpu_bench_torch.py's `bench_logits`.
+fn bench_logits(rows: usize, classes: usize) -> Vec<f32> {
+    (0..rows * classes)
+        .map(|i| {
+            let (r, c) = ((i / classes) as f64, (i % classes) as f64);
+            (3.0 * (0.013 * r + 0.7 * c).sin()) as f32
+        })
+        .collect()
+}
+
+/// A gradient's sum weighted by cos(1.3 i) over its elements in memory order (f64): one number
+/// that moves with any element, compared with PyTorch's for the same layout.
+fn weighted_sum(g: &[f32]) -> f64 {
+    g.iter()
+        .enumerate()
+        .map(|(i, &x)| x as f64 * (1.3 * i as f64).cos())
+        .sum()
+}
+
 /// A profile's kernels, the largest first, with their share of the summed kernel time, against the
 /// step's timed median (the difference: launch gaps, copies and host work).
 fn print_profile(label: &str, timed_ms: f64, kernels: &[strata::runtime::cuda::KernelTime]) {
@@ -416,33 +454,55 @@ fn main() -> std::process::ExitCode {
         }
     }
     // CTC loss + gradient (one call: upload of the targets, the kernel, the per-utterance losses
-    // back to the host): 32 utterances x 500 frames, 71 symbols, 120 labels each.
+    // back to the host): 32 utterances x 500 frames, 71 symbols, 120 labels each. The inputs are
+    // formulas that tools/gpu_bench_torch.py evaluates alike (`bench_log_probs`, `bench_logits`),
+    // so each row also carries the loss and a weighted sum of the gradient, which tools/gpu_table.py
+    // sets against PyTorch's: the values, at real size, on the GPU.
     if run("losses") {
         let (n, t, v, u) = (32usize, 500usize, 71usize, 120usize);
         let batch = strata::PackedBatch::from_lengths(&vec![t; n]).unwrap();
-        let lp = be.upload(&vec![-(v as f32).ln(); n * t * v]).unwrap();
+        let lp_host = bench_log_probs(n, t, v);
+        let lp = be.upload(&lp_host).unwrap();
         let targets: Vec<Vec<usize>> = (0..n)
             .map(|i| (0..u).map(|j| 1 + (i * 7 + j * 13) % (v - 1)).collect())
             .collect();
         let ms = time_ms(&be, &mut flush, || {
             device::ctc_loss(&be, &lp, v, &batch, &targets, strata::Reduction::Mean, true).unwrap();
         });
+        let out =
+            device::ctc_loss(&be, &lp, v, &batch, &targets, strata::Reduction::Mean, true).unwrap();
+        // strata's gradient is the derivative w.r.t. the log-probabilities; PyTorch's ctc_loss
+        // returns the logits' (it assumes a log_softmax before it: src/ops/ctc.rs). Through the
+        // log_softmax: dz = dlp - softmax * sum(dlp), per frame.
+        let mut grad = be.download(&out.grad).unwrap();
+        for (g, l) in grad.chunks_exact_mut(v).zip(lp_host.chunks_exact(v)) {
+            let total: f64 = g.iter().map(|&x| x as f64).sum();
+            for (gi, &li) in g.iter_mut().zip(l) {
+                *gi = (*gi as f64 - (li as f64).exp() * total) as f32;
+            }
+        }
         println!(
-            "{{\"name\": \"ctc_32x500\", \"ms\": {ms:.4}, \"bytes\": {}}}",
-            2 * n * t * v * 4
+            "{{\"name\": \"ctc_32x500\", \"ms\": {ms:.4}, \"bytes\": {}, \"loss\": {:e}, \"grad_sum\": {:e}}}",
+            2 * n * t * v * 4,
+            out.loss,
+            weighted_sum(&grad)
         );
     }
     // Fused softmax cross-entropy + dlogits: 4096 rows x 1251 classes (VoxCeleb1 speakers).
     if run("losses") {
         let (rows, classes) = (4096usize, 1251usize);
-        let logits = be.upload(&vec![0.1f32; rows * classes]).unwrap();
+        let logits = be.upload(&bench_logits(rows, classes)).unwrap();
         let labels: Vec<usize> = (0..rows).map(|i| (i * 31) % classes).collect();
         let ms = time_ms(&be, &mut flush, || {
             device::cross_entropy(&be, &logits, classes, &labels, strata::Reduction::Mean).unwrap();
         });
+        let (loss, grad) =
+            device::cross_entropy(&be, &logits, classes, &labels, strata::Reduction::Mean).unwrap();
+        let grad = be.download(&grad).unwrap();
         println!(
-            "{{\"name\": \"cross_entropy_4096x1251\", \"ms\": {ms:.4}, \"bytes\": {}}}",
-            3 * rows * classes * 4
+            "{{\"name\": \"cross_entropy_4096x1251\", \"ms\": {ms:.4}, \"bytes\": {}, \"loss\": {loss:e}, \"grad_sum\": {:e}}}",
+            3 * rows * classes * 4,
+            weighted_sum(&grad)
         );
     }
     // The ML-SUPERB head's data movement at 32 x 500 frames (strata only: bandwidth against the

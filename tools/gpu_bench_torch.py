@@ -30,6 +30,29 @@ def time_ms(f, reps=20):
     return times[len(times) // 2]
 
 
+def bench_log_probs(n, t, v):
+    """examples/gpu_bench.rs's CTC input, [t, n, v]: log_softmax over v of
+    2 sin(0.37 t + 1.3 c + 0.11 u), in float64, rounded to float32."""
+    f = torch.arange(t, dtype=torch.float64).view(t, 1, 1)
+    u = torch.arange(n, dtype=torch.float64).view(1, n, 1)
+    c = torch.arange(v, dtype=torch.float64).view(1, 1, v)
+    return torch.log_softmax(2.0 * torch.sin(0.37 * f + 1.3 * c + 0.11 * u), -1).float()
+
+
+def bench_logits(rows, classes):
+    """examples/gpu_bench.rs's cross-entropy input: 3 sin(0.013 r + 0.7 c), rounded to float32."""
+    r = torch.arange(rows, dtype=torch.float64).view(rows, 1)
+    c = torch.arange(classes, dtype=torch.float64).view(1, classes)
+    return (3.0 * torch.sin(0.013 * r + 0.7 * c)).float()
+
+
+def weighted_sum(g):
+    """examples/gpu_bench.rs's `weighted_sum`: the elements in (contiguous) memory order, each
+    times cos(1.3 i), summed in float64."""
+    x = g.contiguous().flatten().double()
+    return float((x * torch.cos(1.3 * torch.arange(x.numel(), dtype=torch.float64, device=x.device))).sum())
+
+
 def main():
     dev = "cuda"
     src = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
@@ -73,26 +96,32 @@ def main():
 
         print(json.dumps({"name": f"hconv_{name}_fwd_bwd", "ms": time_ms(fwd_bwd)}))
     N, T, V, U = 32, 500, 71, 120
-    lp = torch.full((T, N, V), -math.log(V), device=dev, requires_grad=True)
+    lp = bench_log_probs(N, T, V).to(dev).requires_grad_()
     targets = torch.tensor([[1 + (i * 7 + j * 13) % (V - 1) for j in range(U)] for i in range(N)], device=dev)
     il, tl = torch.full((N,), T, dtype=torch.long), torch.full((N,), U, dtype=torch.long)
 
     def ctc():
         loss = F.ctc_loss(lp, targets, il, tl, reduction="mean", zero_infinity=True)
-        torch.autograd.grad(loss, lp)
-        loss.item()  # strata's call returns the loss value on the host too
+        (g,) = torch.autograd.grad(loss, lp)
+        return loss.item(), g  # strata's call returns the loss value on the host too
 
-    print(json.dumps({"name": "ctc_32x500", "ms": time_ms(ctc)}))
+    ms = time_ms(ctc)
+    loss, g = ctc()
+    # strata's memory order: utterance-major frames [N, T, V]. PyTorch's gradient here is the
+    # logits' (its ctc_loss assumes a log_softmax before it); examples/gpu_bench.rs converts to it.
+    print(json.dumps({"name": "ctc_32x500", "ms": ms, "loss": loss, "grad_sum": weighted_sum(g.permute(1, 0, 2))}))
     rows, classes = 4096, 1251
-    logits = torch.full((rows, classes), 0.1, device=dev, requires_grad=True)
+    logits = bench_logits(rows, classes).to(dev).requires_grad_()
     labels = torch.tensor([(i * 31) % classes for i in range(rows)], device=dev)
 
     def ce():
         loss = F.cross_entropy(logits, labels)
-        torch.autograd.grad(loss, logits)
-        loss.item()
+        (g,) = torch.autograd.grad(loss, logits)
+        return loss.item(), g
 
-    print(json.dumps({"name": "cross_entropy_4096x1251", "ms": time_ms(ce)}))
+    ms = time_ms(ce)
+    loss, g = ce()
+    print(json.dumps({"name": "cross_entropy_4096x1251", "ms": ms, "loss": loss, "grad_sum": weighted_sum(g)}))
     # A whole interface + PR-head training step (bf16 autocast, CTC in fp32, clip, fused AdamW)
     # on a bf16 stack already on the GPU: 32 utterances x 500 frames, 71 symbols, 120 labels each.
     # HConv on the Base and Large stacks; WS and CLS pooling (8 heads, FFN 3072, GELU) on Base.

@@ -42,6 +42,25 @@ def main():
         sp = f"{torch_ms / ms:7.2f}x" if torch_ms else "     n/a"
         tm = f"{torch_ms:10.4f}" if torch_ms else "       n/a"
         print(f"{name:28s} {ms:10.4f} {tm} {sp} {gbs:8.0f} {100 * gbs * 1e9 / peak:6.0f}%")
+    values(o, {r["name"]: r for r in theirs})
+
+
+# Where a row carries the loss and a weighted sum of its gradient on both sides (the losses, on
+# the same formula inputs), how far apart they are. Limits: the loss to 1e-4 relative (fp32 sums
+# over a batch); the gradient's sum to 1e-2 (it is a small residual of cancelling terms: on the
+# CPU, strata's reference and PyTorch's CTC gave sums 3e-4 apart, a wrong gradient moves it by
+# its own size).
+def values(ours, theirs):
+    shared = [n for n in ours if "loss" in ours[n] and "loss" in theirs.get(n, {})]
+    if not shared:
+        return
+    print(f"values vs PyTorch: {'kernel':28s} {'strata loss':>14s} {'torch loss':>14s} {'rel':>9s} {'grad sum rel':>13s}")
+    for n in shared:
+        a, b = ours[n], theirs[n]
+        rel = abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-30)
+        grel = abs(a["grad_sum"] - b["grad_sum"]) / max(abs(b["grad_sum"]), 1e-30)
+        verdict = "ok" if rel <= 1e-4 and grel <= 1e-2 else "DIFFERS"
+        print(f"values vs PyTorch: {n:28s} {a['loss']:14.7g} {b['loss']:14.7g} {rel:9.1e} {grel:13.1e} {verdict}")
 
 
 if __name__ == "__main__":
