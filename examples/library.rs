@@ -16,7 +16,7 @@ fn main() -> strata::Result<()> {
         Some(dir) => Upstream::load(std::path::Path::new(&dir))?,
         None => Upstream::random(UpstreamConfig::tiny(), 0)?,
     };
-    // Two utterances of 16 kHz mono audio (from strata::audio::read_wav in real use).
+    // Two utterances of 16 kHz mono audio (from strata::audio::read_audio in real use).
     let a: Vec<f32> = (0..24000).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
     let b: Vec<f32> = (0..16000).map(|i| (i as f32 * 0.11).sin() * 0.3).collect();
     // The frozen upstream's every hidden state, packed frame-major: [frames, L, D].

@@ -138,7 +138,7 @@ fn check(
     label: Option<&[String]>,
     min_samples: usize,
 ) -> std::result::Result<usize, String> {
-    let samples = crate::audio::wav_samples(path).map_err(|e| e.to_string())?;
+    let samples = crate::audio::audio_samples(path).map_err(|e| e.to_string())?;
     if samples < 400 {
         return Err(format!(
             "{}: {samples} samples; at least 400 (one 25 ms frame at 16 kHz) are needed",

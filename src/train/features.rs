@@ -38,7 +38,7 @@ pub fn upstream_fingerprint(upstream: &Upstream) -> String {
 
 /// Reads an utterance's audio, normalized when asked.
 pub fn read_wave(path: &Path, normalize: bool) -> Result<Vec<f32>> {
-    let w = crate::audio::read_wav(path)?;
+    let w = crate::audio::read_audio(path)?;
     Ok(if normalize {
         crate::models::upstream::normalize_wave(&w)
     } else {

@@ -1,4 +1,4 @@
-//! `strata extract`: every hidden state of WAV files into one safetensors file, or of a whole data
+//! `strata extract`: every hidden state of audio files (WAV, FLAC) into one safetensors file, or of a whole data
 //! set into a feature cache (`--data`), which `strata train --features` reads.
 
 use super::{model_normalize, parse_normalize, USAGE};
@@ -57,9 +57,13 @@ fn parse_extract(args: &[String]) -> Result<ExtractArgs, String> {
         format!("extract needs --out FEATS.safetensors (or --out DIR with --data)\n\n{USAGE}")
     })?;
     match (&data, wavs.is_empty()) {
-        (None, true) => return Err(format!("extract needs WAV files or --data DATA\n\n{USAGE}")),
+        (None, true) => {
+            return Err(format!(
+                "extract needs audio files (WAV or FLAC) or --data DATA\n\n{USAGE}"
+            ))
+        }
         (Some(_), false) => {
-            return Err("extract takes either WAV files or --data DATA, not both".into())
+            return Err("extract takes either audio files or --data DATA, not both".into())
         }
         _ => {}
     }

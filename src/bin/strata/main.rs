@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--device auto|cpu|cuda|emulator]
-       strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] [--overwrite] A.wav [B.wav ...]
+       strata extract --model DIR --out FEATS.safetensors [--dtype f32|f16] [--normalize auto|on|off] [--overwrite] A.wav|A.flac [B ...]
        strata extract --model DIR --data DATA --out CACHE_DIR [--dtype f32|f16] [--normalize auto|on|off] [--skip-bad] [--overwrite]
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
        strata eval --model DIR|--features DIR --run OUT --pair NAME[,NAME..]|all --data DATA [--which best|latest|averaged] [--hyp FILE]
@@ -24,7 +24,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
          step), --device picks as for train.
 
   extract  runs a Hugging Face HuBERT / wav2vec2 / WavLM model directory (config.json +
-         safetensors) on 16 kHz mono WAV files and writes, for each file, a tensor named by the
+         safetensors) on 16 kHz mono WAV or FLAC files and writes, for each file, a tensor named by the
          file's stem with shape [frames, layers + 1, hidden] (every hidden state, as transformers'
          output_hidden_states). With --data, every utterance of a data set goes into a feature cache
          folder (safetensors shards + index.json) for `train --features`. --normalize auto follows
