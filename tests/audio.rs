@@ -126,4 +126,36 @@ fn a_data_dir_takes_flac_utterances() {
         strata::train::features::read_wave(&ds.utterances[0].path, false).unwrap(),
         read_audio(&fixture("pcm16.wav")).unwrap()
     );
+
+    // Kaldi's and ESPnet's LibriSpeech wav.scp: a flac decode to stdout per utterance, read as
+    // its file (strata runs no commands).
+    let abs = d.join("a.flac").display().to_string();
+    for entry in [
+        "flac -c -d -s a.flac |".to_string(),
+        format!("/usr/bin/flac -cds {abs} |"),
+        "flac --decode --stdout --silent a.flac|".to_string(),
+    ] {
+        std::fs::write(d.join("wav.scp"), format!("a {entry}\nb b.wav\n")).unwrap();
+        let ds = load_kaldi_dir(&d, Task::Units, OnBad::Fail).unwrap();
+        assert_eq!(ds.utterances[0].path, d.join("a.flac"), "{entry}");
+        assert_eq!(ds.utterances[0].samples, 8000, "{entry}");
+    }
+    // Anything else with a pipe is a command: an error naming the utterance (encoding to stdout,
+    // another program, two files, a file that is not FLAC).
+    for entry in [
+        "flac -c a.flac |",
+        "sox a.flac -t wav - |",
+        "flac -c -d a.flac b.flac |",
+        "flac -c -d -s b.wav |",
+        "flac -c -d -s --totally-silent a.flac |",
+    ] {
+        std::fs::write(d.join("wav.scp"), format!("a {entry}\nb b.wav\n")).unwrap();
+        let err = load_kaldi_dir(&d, Task::Units, OnBad::Fail)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("utterance 'a'") && err.contains("runs no commands"),
+            "{entry}: {err}"
+        );
+    }
 }

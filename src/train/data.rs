@@ -227,16 +227,66 @@ pub fn load_audio_only(path: &Path, on_bad: OnBad) -> Result<Dataset> {
     }
 }
 
+/// The audio file of a wav.scp entry. Kaldi's and ESPnet's LibriSpeech recipes write each entry
+/// as a command that decodes the utterance's FLAC to standard output (`flac -c -d -s F.flac |`):
+/// strata reads FLAC itself, so such an entry is read as F.flac. Any other command is an error:
+/// strata runs no commands.
+fn scp_audio_path(dir: &Path, id: &str, entry: &str) -> Result<String> {
+    let Some(command) = entry.strip_suffix('|') else {
+        if entry.is_empty() {
+            return Err(io_err(
+                &dir.join("wav.scp"),
+                format!("utterance '{id}' has no audio path"),
+            ));
+        }
+        return Ok(entry.to_string());
+    };
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let is_flac_program = |w: &str| w == "flac" || w.ends_with("/flac");
+    // Flags that only make flac decode, quietly, to standard output (-c -d -s, combined or not).
+    let decode_flag = |w: &str| {
+        matches!(w, "--stdout" | "--decode" | "--silent" | "--force")
+            || (w.len() > 1
+                && w.starts_with('-')
+                && !w.starts_with("--")
+                && w[1..].chars().all(|c| matches!(c, 'c' | 'd' | 's' | 'f')))
+    };
+    if let Some((first, rest)) = words.split_first() {
+        let files: Vec<&&str> = rest.iter().filter(|w| !w.starts_with('-')).collect();
+        let flags_ok = rest
+            .iter()
+            .filter(|w| w.starts_with('-'))
+            .all(|w| decode_flag(w));
+        let decodes = rest.iter().any(|w| {
+            *w == "--decode" || (w.starts_with('-') && !w.starts_with("--") && w.contains('d'))
+        });
+        if is_flac_program(first) && flags_ok && decodes && files.len() == 1 {
+            let file = files[0];
+            if file.to_ascii_lowercase().ends_with(".flac") {
+                return Ok(file.to_string());
+            }
+        }
+    }
+    Err(io_err(
+        &dir.join("wav.scp"),
+        format!(
+            "utterance '{id}': '{entry}' is a command; strata reads audio files (16 kHz mono WAV or \
+             FLAC) and runs no commands: write the audio to files (an entry `flac -c -d -s F.flac |`, \
+             as Kaldi's and ESPnet's LibriSpeech recipes write, is read as F.flac)"
+        ),
+    ))
+}
+
 fn load_kaldi(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> {
     let scp = id_map(&dir.join("wav.scp"))?;
     let Some(task) = task else {
         let entries = scp
             .into_iter()
             .map(|(id, path)| {
-                let p = resolve(dir, &path);
-                (id, p, Vec::new())
+                let p = resolve(dir, &scp_audio_path(dir, &id, &path)?);
+                Ok((id, p, Vec::new()))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         return build(entries, on_bad, false, 400);
     };
     let label_file = dir.join(match task {
@@ -247,9 +297,7 @@ fn load_kaldi(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> 
     let labels: HashMap<String, String> = id_map(&label_file)?.into_iter().collect();
     let mut entries = Vec::new();
     for (id, path) in scp {
-        if path.ends_with('|') || path.is_empty() {
-            return Err(io_err(&dir.join("wav.scp"), format!("utterance '{id}': '{path}' is not a WAV path (pipes are not supported: write the audio to files)")));
-        }
+        let path = scp_audio_path(dir, &id, &path)?;
         let label = match labels.get(&id) {
             Some(l) => tokens(l, task),
             None => match on_bad {
