@@ -60,7 +60,8 @@ fn check_layout(path: &Path, sample_rate: u32, channels: u32) -> Result<()> {
         return Err(io_error(
             path,
             format!(
-                "sample rate is {sample_rate} Hz; strata needs 16 kHz audio (convert: sox {p} -r 16000 out.{ext})"
+                "sample rate is {sample_rate} Hz; strata needs 16 kHz audio \
+                 (convert: sox {p} -r 16000 out.{ext})"
             ),
         ));
     }

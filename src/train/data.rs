@@ -270,9 +270,10 @@ fn scp_audio_path(dir: &Path, id: &str, entry: &str) -> Result<String> {
     Err(io_err(
         &dir.join("wav.scp"),
         format!(
-            "utterance '{id}': '{entry}' is a command; strata reads audio files (16 kHz mono WAV or \
-             FLAC) and runs no commands: write the audio to files (an entry `flac -c -d -s F.flac |`, \
-             as Kaldi's and ESPnet's LibriSpeech recipes write, is read as F.flac)"
+            "utterance '{id}': '{entry}' is a command; strata reads audio files (16 kHz mono \
+             WAV or FLAC) and runs no commands: write the audio to files (an entry \
+             `flac -c -d -s F.flac |`, as Kaldi's and ESPnet's LibriSpeech recipes write, is \
+             read as F.flac)"
         ),
     ))
 }

@@ -1,5 +1,5 @@
-//! `strata extract`: every hidden state of audio files (WAV, FLAC) into one safetensors file, or of a whole data
-//! set into a feature cache (`--data`), which `strata train --features` reads.
+//! `strata extract`: every hidden state of audio files (WAV, FLAC) into one safetensors file, or
+//! of a whole data set into a feature cache (`--data`), which `strata train --features` reads.
 
 use super::{model_normalize, parse_normalize, USAGE};
 use std::path::PathBuf;
