@@ -1074,3 +1074,97 @@ fn the_asr_head_trains_from_the_cli_and_eval_and_resume_follow_the_run() {
     assert!(!ok && log.contains("asr-N takes N >= 1"), "{log}");
     std::fs::remove_dir_all(&runs.dir).ok();
 }
+
+#[test]
+fn a_lexicon_turns_word_transcripts_into_phones_for_train_and_eval() {
+    let runs = CharsRuns::new("lexicon");
+    // s3prl's G2P: files in order, a word's first pronunciation kept, words upper-cased.
+    let (lex1, lex2) = (runs.dir.join("lex1.txt"), runs.dir.join("lex2.txt"));
+    std::fs::write(&lex1, "AB ae b\nC k iy\n\nCA k ae\nB b iy\nCA WRONG\n").unwrap();
+    std::fs::write(&lex2, "A ey\nB WRONG\nAB WRONG\n").unwrap();
+    let lexicons = format!("{},{}", lex1.display(), lex2.display());
+    let units = [
+        "--task",
+        "units",
+        "--steps",
+        "2",
+        "--lexicon",
+        lexicons.as_str(),
+    ];
+    let (ok, log) = runs.train("run", &units);
+    // The dev references are phones too: none outside the training phones.
+    assert!(
+        ok && log.contains("dev error") && !log.contains("not in the vocabulary"),
+        "{log}"
+    );
+    let vocab = std::fs::read_to_string(runs.dir.join("run/vocab.txt")).unwrap();
+    let mut tokens: Vec<&str> = vocab.lines().skip(1).collect();
+    tokens.sort();
+    assert_eq!(tokens, ["ae", "b", "ey", "iy", "k"], "{vocab}");
+    let recorded = runs.recorded("run");
+    assert_eq!(recorded["lexicon"].as_array().unwrap().len(), 2);
+    // eval maps the references with the lexicon the run recorded.
+    let eval = |extra: &[&str]| {
+        let (r, d) = (runs.path("run"), runs.path("dev"));
+        let base = [
+            "eval",
+            "--model",
+            &runs.model,
+            "--run",
+            &r,
+            "--pair",
+            "ws",
+            "--data",
+            &d,
+        ];
+        strata(&base.iter().chain(extra).copied().collect::<Vec<_>>())
+    };
+    let (ok, log) = eval(&[]);
+    assert!(
+        ok && log.contains("ws (best) on")
+            && log.contains("PER")
+            && !log.contains("not in the vocabulary"),
+        "{log}"
+    );
+    let (ok, log) = eval(&["--lexicon", "/no/such/lexicon.txt"]);
+    assert!(!ok && log.contains("/no/such/lexicon.txt"), "{log}");
+
+    // A word outside the lexicon names its utterance; --skip-bad leaves that utterance out.
+    transcribed_tones(
+        &runs.dir,
+        &[("dev2", 3)],
+        9000,
+        700,
+        &["ab zz c", "ca", "b"],
+    );
+    let d2 = runs.path("dev2");
+    let with_dev2: Vec<&str> = units
+        .iter()
+        .copied()
+        .chain(["--dev", d2.as_str()])
+        .collect();
+    let (ok, log) = runs.train("run2", &with_dev2);
+    assert!(
+        !ok && log.contains("'dev20'") && log.contains("'zz'") && log.contains("lex1.txt"),
+        "{log}"
+    );
+    let skipping: Vec<&str> = with_dev2.iter().copied().chain(["--skip-bad"]).collect();
+    let (ok, log) = runs.train("run3", &skipping);
+    assert!(
+        ok && log.contains("skipped 1 utterances with words outside the lexicon"),
+        "{log}"
+    );
+    // Only word-to-phone tasks take a lexicon; a lexicon line needs phones.
+    let (ok, log) = runs.train("run4", &["--lexicon", lexicons.as_str()]);
+    assert!(
+        !ok && log.contains("for --task units, not --task chars"),
+        "{log}"
+    );
+    std::fs::write(&lex2, "A\n").unwrap();
+    let (ok, log) = runs.train("run5", &units);
+    assert!(
+        !ok && log.contains("lex2.txt") && log.contains("line 1: 'A' has no phones"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&runs.dir).ok();
+}

@@ -302,3 +302,54 @@ fn speaker_dirs_and_verification_trials() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn a_lexicon_maps_words_to_phones_and_names_what_it_lacks() {
+    use strata::train::data::{Dataset, Lexicon, Utterance};
+    let d = scratch("lexicon");
+    write(
+        &d,
+        "a.txt",
+        "HELLO hh ah l ow\nWORLD w er l d\nHELLO WRONG\n",
+    );
+    write(&d, "b.txt", "\nWORLD WRONG\nTHE dh ah\n");
+    let lex = Lexicon::load(&[d.join("a.txt"), d.join("b.txt")]).unwrap();
+    let words = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        lex.phones_of(&words("hello The world")).unwrap().join(" "),
+        "hh ah l ow dh ah w er l d"
+    );
+    let unknown: Vec<String> = (0..7).map(|i| format!("w{i}")).collect();
+    assert_eq!(lex.phones_of(&unknown).unwrap_err(), unknown);
+    let utt = |id: &str, text: &str| Utterance {
+        id: id.into(),
+        path: d.join(format!("{id}.wav")),
+        samples: 16000,
+        label: words(text),
+    };
+    let set = || Dataset {
+        utterances: vec![utt("u1", "hello w0 w1 w2 w3 w4 w5 w6"), utt("u2", "world")],
+        ..Default::default()
+    };
+    let err = lex.apply(&mut set(), OnBad::Fail).unwrap_err().to_string();
+    assert!(
+        err.contains("'u1'") && err.contains("'w0'") && err.contains("and 2 more"),
+        "{err}"
+    );
+    let mut ds = set();
+    lex.apply(&mut ds, OnBad::Skip).unwrap();
+    assert_eq!(ds.utterances.len(), 1);
+    assert_eq!(ds.utterances[0].label.join(" "), "w er l d");
+    assert_eq!(ds.skipped[0].0, "u1");
+    let mut none = Dataset {
+        utterances: vec![utt("u1", "w0")],
+        ..Default::default()
+    };
+    let err = lex.apply(&mut none, OnBad::Skip).unwrap_err().to_string();
+    assert!(err.contains("no utterance whose words"), "{err}");
+    assert!(Lexicon::load(&[d.join("missing.txt")])
+        .unwrap_err()
+        .to_string()
+        .contains("missing.txt"));
+    std::fs::remove_dir_all(&d).ok();
+}

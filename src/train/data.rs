@@ -198,6 +198,116 @@ fn build(
     Ok(ds)
 }
 
+/// A pronunciation lexicon, for phone recognition from word transcripts as s3prl's SUPERB PR
+/// prepares LibriSpeech (its G2P: each line "WORD PHONE PHONE ...", the files read in order, a
+/// word's first pronunciation kept, transcripts upper-cased and looked up word by word; s3prl
+/// ships librispeech-lexicon-200k-g2p.txt and librispeech-lexicon-allothers-g2p.txt).
+#[derive(Clone, Debug, Default)]
+pub struct Lexicon {
+    phones: HashMap<String, Vec<String>>,
+    /// The files, as given (named in errors).
+    pub files: Vec<PathBuf>,
+}
+
+impl Lexicon {
+    /// Reads the files in order; a word's first pronunciation wins. Blank lines are skipped; a
+    /// line with a word but no phones is an error naming the file and line.
+    pub fn load(files: &[PathBuf]) -> Result<Lexicon> {
+        if files.is_empty() {
+            return Err(Error::Config("a lexicon needs at least one file".into()));
+        }
+        let mut phones: HashMap<String, Vec<String>> = HashMap::new();
+        for file in files {
+            for (no, line) in read_lines(file)? {
+                let mut words = line.split_whitespace();
+                let Some(word) = words.next() else { continue };
+                let pron: Vec<String> = words.map(str::to_string).collect();
+                if pron.is_empty() {
+                    return Err(io_err(
+                        file,
+                        format!("line {no}: '{word}' has no phones (a line is WORD PHONE ...)"),
+                    ));
+                }
+                phones.entry(word.to_string()).or_insert(pron);
+            }
+        }
+        Ok(Lexicon {
+            phones,
+            files: files.to_vec(),
+        })
+    }
+
+    /// The phones of a transcript's words (upper-cased, as s3prl looks them up), or the words
+    /// the lexicon lacks.
+    pub fn phones_of(&self, words: &[String]) -> std::result::Result<Vec<String>, Vec<String>> {
+        let mut out = Vec::new();
+        let mut unknown = Vec::new();
+        for w in words {
+            match self.phones.get(&w.to_uppercase()) {
+                Some(p) => out.extend(p.iter().cloned()),
+                None => unknown.push(w.clone()),
+            }
+        }
+        if unknown.is_empty() {
+            Ok(out)
+        } else {
+            Err(unknown)
+        }
+    }
+
+    /// Replaces each utterance's words by their phones. An utterance with a word the lexicon lacks
+    /// is an error naming it and the words, or (`OnBad::Skip`) skipped with that reason.
+    pub fn apply(&self, ds: &mut Dataset, on_bad: OnBad) -> Result<()> {
+        let files: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
+        let mut kept = Vec::with_capacity(ds.utterances.len());
+        for mut u in std::mem::take(&mut ds.utterances) {
+            match self.phones_of(&u.label) {
+                Ok(p) => {
+                    u.label = p;
+                    kept.push(u);
+                }
+                Err(unknown) => {
+                    let shown: Vec<String> =
+                        unknown.iter().take(5).map(|w| format!("'{w}'")).collect();
+                    let more = match unknown.len() {
+                        n if n > 5 => format!(" and {} more", n - 5),
+                        _ => String::new(),
+                    };
+                    let reason = format!(
+                        "{}{more} not in the lexicon ({})",
+                        shown.join(", "),
+                        files.join(", ")
+                    );
+                    match on_bad {
+                        OnBad::Fail => {
+                            return Err(Error::value(
+                                "utterance",
+                                format!(
+                                    "'{}': {reason}: add the words to a lexicon file (or ask to \
+                                     skip bad utterances)",
+                                    u.id
+                                ),
+                            ))
+                        }
+                        OnBad::Skip => ds.skipped.push((u.id, reason)),
+                    }
+                }
+            }
+        }
+        if kept.is_empty() {
+            return Err(Error::value(
+                "dataset",
+                format!(
+                    "no utterance whose words are all in the lexicon ({} skipped)",
+                    ds.skipped.len()
+                ),
+            ));
+        }
+        ds.utterances = kept;
+        Ok(())
+    }
+}
+
 fn resolve(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
@@ -212,7 +322,8 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 }
 
 /// A Kaldi-style directory: `wav.scp` ("id path") and `text` ("id tokens...") for CTC tasks or
-/// `utt2label` ("id class") for classification. Piped wav.scp entries ("cmd |") are not supported.
+/// `utt2label` ("id class") for classification. Of piped wav.scp entries ("cmd |") only a FLAC
+/// decode to stdout is read (as its file: [`scp_audio_path`]).
 pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
     load_kaldi(dir, Some(task), on_bad)
 }

@@ -14,7 +14,7 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
        strata train [--config RUN.toml] --model DIR --train DATA --dev DATA --out DIR [options]
        strata eval --model DIR|--features DIR --run OUT --pair NAME[,NAME..]|all --data DATA [--which best|latest|averaged] [--hyp FILE]
                    [--task units|chars|classify|sv] [--normalize auto|on|off] [--skip-bad]
-                   [--device auto|cpu|cuda|emulator]
+                   [--device auto|cpu|cuda|emulator] [--lexicon FILE[,FILE..]]
 
   demo   makes a deterministic speech-like corpus in memory (16 phone-like units with transcripts),
          runs a tiny random-init HuBERT-shaped upstream (13 states x 64 dims) over it once, trains the
@@ -80,6 +80,10 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
                     slow, for testing; auto = cpu until the device step is verified on a GPU
                     (then cuda when one is usable) [auto]
            --normalize auto|on|off [auto]  --vocab FILE  --skip-bad (count and skip bad utterances)
+           --lexicon FILE[,FILE..]  word transcripts to phones for --task units, as s3prl's PR
+                                    prepares LibriSpeech (lines WORD PHONE PHONE.., the first
+                                    pronunciation of a word kept, words looked up upper-cased;
+                                    eval uses the run's unless given another)
            --features DIR  hidden states from feature caches DIR/<train stem>, DIR/<dev stem>,
                            extracted first (with --model) when missing
            --resume  continue bit for bit from OUT/<pair>/latest

@@ -6,7 +6,7 @@ use strata::models::asr_head::AsrHeadConfig;
 use strata::models::interface::InterfaceConfig;
 use strata::models::upstream::Upstream;
 use strata::optim::{AdamConfig, Schedule};
-use strata::train::data::{Dataset, OnBad, Task, Vocab};
+use strata::train::data::{Dataset, Lexicon, OnBad, Task, Vocab};
 use strata::train::features::{upstream_fingerprint, FeatureCache, StackSource};
 use strata::train::metrics::{words_of, ErrorRate};
 use strata::train::run::{AverageBy, TrainConfig, TrainDevice};
@@ -141,6 +141,47 @@ fn load_data(path: &Path, task: Task, on_bad: OnBad) -> Result<Dataset, String> 
     Ok(ds)
 }
 
+/// `--lexicon a.txt,b.txt`: the files, made absolute (run.json records them for `eval`), read
+/// as s3prl's G2P does. Only phone recognition from word transcripts takes one.
+fn load_lexicon(list: &str, task: Task) -> Result<Lexicon, String> {
+    if task != Task::Units {
+        return Err(format!(
+            "--lexicon maps word transcripts to phones for --task units, not --task {}",
+            task_name(task)
+        ));
+    }
+    let files = list
+        .split(',')
+        .map(|f| {
+            let p = PathBuf::from(f.trim());
+            std::fs::canonicalize(&p)
+                .map_err(|e| format!("--lexicon {}: cannot read it: {e}", p.display()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Lexicon::load(&files).map_err(|e| e.to_string())
+}
+
+/// Word transcripts to phones, saying how many utterances the lexicon could not cover.
+fn apply_lexicon(
+    lex: &Lexicon,
+    ds: &mut Dataset,
+    path: &Path,
+    on_bad: OnBad,
+) -> Result<(), String> {
+    let before = ds.skipped.len();
+    lex.apply(ds, on_bad)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if ds.skipped.len() > before {
+        let (id, why) = &ds.skipped[before];
+        eprintln!(
+            "{}: skipped {} utterances with words outside the lexicon (first: {id} - {why})",
+            path.display(),
+            ds.skipped.len() - before
+        );
+    }
+    Ok(())
+}
+
 /// A set that is scored: for speaker verification a folder with wav.scp and trials, else as
 /// [`load_data`].
 fn load_scored_data(path: &Path, task: Task, on_bad: OnBad) -> Result<Dataset, String> {
@@ -229,6 +270,8 @@ struct TrainArgs {
     dev: Option<PathBuf>,
     out: Option<PathBuf>,
     vocab: Option<PathBuf>,
+    /// Pronunciation lexicon files (`--lexicon a.txt,b.txt`): word transcripts to phones.
+    lexicon: Option<String>,
     task: Task,
     interfaces: String,
     steps: u64,
@@ -258,13 +301,14 @@ struct TrainArgs {
 
 /// Flags that take no value (TOML: `key = true`; `shuffle = false` is `--no-shuffle`).
 const SWITCHES: [&str; 3] = ["--resume", "--no-shuffle", "--skip-bad"];
-const VALUED: [&str; 29] = [
+const VALUED: [&str; 30] = [
     "--model",
     "--features",
     "--train",
     "--dev",
     "--out",
     "--vocab",
+    "--lexicon",
     "--task",
     "--interfaces",
     "--steps",
@@ -353,6 +397,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
         dev: None,
         out: None,
         vocab: None,
+        lexicon: None,
         task: Task::Units,
         interfaces: "ws,hconv".into(),
         steps: 1000,
@@ -400,6 +445,7 @@ fn parse_train(args: &[String]) -> Result<TrainArgs, String> {
             "--dev" => t.dev = Some(PathBuf::from(value()?)),
             "--out" => t.out = Some(PathBuf::from(value()?)),
             "--vocab" => t.vocab = Some(PathBuf::from(value()?)),
+            "--lexicon" => t.lexicon = Some(value()?),
             "--task" => t.task = parse_task(&value()?)?,
             "--interfaces" => t.interfaces = value()?,
             "--steps" => t.steps = num(value()?, a)?,
@@ -552,8 +598,16 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         Some(m) => model_normalize(m, t.normalize)?,
         None => t.normalize.unwrap_or(false),
     };
-    let train = load_data(&train_p, t.task, t.on_bad)?;
-    let dev = load_scored_data(&dev_p, t.task, t.on_bad)?;
+    let mut train = load_data(&train_p, t.task, t.on_bad)?;
+    let mut dev = load_scored_data(&dev_p, t.task, t.on_bad)?;
+    let lexicon = match &t.lexicon {
+        Some(list) => Some(load_lexicon(list, t.task)?),
+        None => None,
+    };
+    if let Some(lex) = &lexicon {
+        apply_lexicon(lex, &mut train, &train_p, t.on_bad)?;
+        apply_lexicon(lex, &mut dev, &dev_p, t.on_bad)?;
+    }
     let ctc = is_ctc(t.task);
     let vocab = match &t.vocab {
         Some(p) => Vocab::from_file(p, ctc).map_err(|e| e.to_string())?,
@@ -619,6 +673,7 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         "interfaces": interfaces.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
         "model": t.model.as_ref().map(|m| m.display().to_string()),
         "normalize": normalize,
+        "lexicon": lexicon.as_ref().map(|l| l.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>()),
         "upstream": fingerprint,
         "layers": layers,
         "dim": dim,
@@ -830,6 +885,7 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     let (mut task, mut which, mut on_bad, mut normalize) =
         (None, "best".to_string(), OnBad::Fail, None);
     let mut device = TrainDevice::Auto;
+    let mut lexicon_flag: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -844,6 +900,7 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
             "--pair" => pair = Some(value()?),
             "--data" => data = Some(PathBuf::from(value()?)),
             "--hyp" => hyp = Some(PathBuf::from(value()?)),
+            "--lexicon" => lexicon_flag = Some(value()?),
             "--which" => {
                 which = value()?;
                 if !["best", "latest", "averaged"].contains(&which.as_str()) {
@@ -901,7 +958,27 @@ pub fn eval_cmd(args: &[String]) -> Result<(), String> {
     };
     let ctc = is_ctc(task);
     let vocab = Vocab::from_file(&run.join("vocab.txt"), ctc).map_err(|e| e.to_string())?;
-    let ds = load_scored_data(&data, task, on_bad)?;
+    let mut ds = load_scored_data(&data, task, on_bad)?;
+    // The run's lexicon (recorded in run.json) maps the references' words to phones, unless
+    // --lexicon names others.
+    let recorded_lexicon: Option<Vec<PathBuf>> = recorded["lexicon"].as_array().map(|a| {
+        a.iter()
+            .filter_map(|f| f.as_str().map(PathBuf::from))
+            .collect()
+    });
+    let lexicon = match (&lexicon_flag, recorded_lexicon) {
+        (Some(list), _) => Some(load_lexicon(list, task)?),
+        (None, Some(files)) if task == Task::Units => Some(Lexicon::load(&files).map_err(|e| {
+            format!(
+                "{e} (the lexicon {} records; --lexicon names another)",
+                run.join("run.json").display()
+            )
+        })?),
+        _ => None,
+    };
+    if let Some(lex) = &lexicon {
+        apply_lexicon(lex, &mut ds, &data, on_bad)?;
+    }
     let cache = match &features {
         Some(root) => Some(cache_for(root, &data, &ds, upstream.as_ref(), normalize)?),
         None => None,
