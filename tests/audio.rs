@@ -159,3 +159,77 @@ fn a_data_dir_takes_flac_utterances() {
         );
     }
 }
+
+#[test]
+fn a_librispeech_folder_as_it_ships_is_a_data_set() {
+    use strata::train::data::{load_audio_only, load_kaldi_dir, OnBad, Task};
+    // root/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt beside SPEAKER-CHAPTER-UTT.flac.
+    let root = scratch("librispeech").join("dev-clean");
+    let chapter = |spk: &str, ch: &str, lines: &[(&str, &str, &str)]| {
+        let d = root.join(spk).join(ch);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut text = String::new();
+        for (utt, words, audio) in lines {
+            std::fs::copy(fixture(audio), d.join(format!("{utt}.flac"))).unwrap();
+            text.push_str(&format!("{utt} {words}\n"));
+        }
+        std::fs::write(d.join(format!("{spk}-{ch}.trans.txt")), text).unwrap();
+    };
+    chapter(
+        "19",
+        "198",
+        &[
+            ("19-198-0001", "THE WORLD", "pcm24.flac"),
+            ("19-198-0000", "HELLO WORLD", "pcm16.flac"),
+        ],
+    );
+    chapter("26", "495", &[("26-495-0000", "IT'S", "pcm16.flac")]);
+    let ds = load_kaldi_dir(&root, Task::Characters, OnBad::Fail).unwrap();
+    let got: Vec<(String, String, usize)> = ds
+        .utterances
+        .iter()
+        .map(|u| (u.id.clone(), u.label.concat(), u.samples))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("19-198-0001".to_string(), "THE|WORLD".to_string(), 8000),
+            ("19-198-0000".to_string(), "HELLO|WORLD".to_string(), 8000),
+            ("26-495-0000".to_string(), "IT'S".to_string(), 8000),
+        ]
+    );
+    let words = load_kaldi_dir(&root, Task::Units, OnBad::Fail).unwrap();
+    assert_eq!(words.utterances[1].label, ["HELLO", "WORLD"]);
+    assert_eq!(
+        load_audio_only(&root, OnBad::Fail)
+            .unwrap()
+            .utterances
+            .len(),
+        3
+    );
+    let err = load_kaldi_dir(&root, Task::Classification, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("LibriSpeech folder"), "{err}");
+    // A transcript line without its audio names the utterance, or is skipped.
+    std::fs::remove_file(root.join("26/495/26-495-0000.flac")).unwrap();
+    let err = load_kaldi_dir(&root, Task::Characters, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'26-495-0000'") && err.contains("cannot open"),
+        "{err}"
+    );
+    let ds = load_kaldi_dir(&root, Task::Characters, OnBad::Skip).unwrap();
+    assert_eq!((ds.utterances.len(), ds.skipped.len()), (2, 1));
+    // Neither layout: the message says what a data folder holds.
+    let empty = scratch("neither");
+    let err = load_kaldi_dir(&empty, Task::Units, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no wav.scp") && err.contains("trans.txt"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(root.parent().unwrap()).ok();
+}

@@ -325,13 +325,88 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 /// `utt2label` ("id class") for classification. Of piped wav.scp entries ("cmd |") only a FLAC
 /// decode to stdout is read (as its file: [`scp_audio_path`]).
 pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
+    if is_librispeech(dir) {
+        return load_librispeech(dir, Some(task), on_bad);
+    }
     load_kaldi(dir, Some(task), on_bad)
+}
+
+/// A folder of LibriSpeech as it ships (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt beside the
+/// utterances' .flac files), not a Kaldi folder: no wav.scp, a transcript file somewhere below.
+fn is_librispeech(dir: &Path) -> bool {
+    !dir.join("wav.scp").exists() && !librispeech_transcripts(dir, 1).is_empty()
+}
+
+/// The `*.trans.txt` files below `dir` in path order (at most `limit`), at most four levels down
+/// (the corpus root, a split, a speaker, a chapter), so that a wrong folder is not walked whole.
+fn librispeech_transcripts(dir: &Path, limit: usize) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths.into_iter().rev() {
+            if p.is_dir() {
+                if depth < 4 {
+                    stack.push((p, depth + 1));
+                }
+            } else if p.to_string_lossy().ends_with(".trans.txt") {
+                found.push(p);
+            }
+        }
+        if found.len() >= limit {
+            break;
+        }
+    }
+    found.sort();
+    found.truncate(limit);
+    found
+}
+
+/// A LibriSpeech folder (a split such as train-clean-100, or the whole corpus): each line
+/// "UTTERANCE WORDS.." of every transcript file, its audio UTTERANCE.flac beside the file. As a
+/// Kaldi folder's `text` for the CTC tasks (and [`Lexicon`] for phones); without a task, the
+/// audio only.
+fn load_librispeech(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> {
+    if let Some(t @ (Task::Classification | Task::Speaker)) = task {
+        return Err(io_err(
+            dir,
+            format!(
+                "is a LibriSpeech folder (transcripts, no wav.scp): it has no labels for {t:?}; \
+                 use a Kaldi folder or a manifest"
+            ),
+        ));
+    }
+    let mut entries = Vec::new();
+    let mut seen = HashSet::new();
+    for file in librispeech_transcripts(dir, usize::MAX) {
+        let folder = file.parent().unwrap_or(dir);
+        for (no, line) in read_lines(&file)? {
+            let line = line.trim();
+            let (id, words) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+            if !seen.insert(id.to_string()) {
+                return Err(io_err(
+                    &file,
+                    format!("line {no}: utterance '{id}' appears twice in the folder"),
+                ));
+            }
+            let label = task.map_or_else(Vec::new, |t| tokens(words, t));
+            entries.push((id.to_string(), folder.join(format!("{id}.flac")), label));
+        }
+    }
+    let min = task.map_or(400, min_samples);
+    build(entries, on_bad, task.is_some(), min)
 }
 
 /// The audio of a data set (Kaldi folder or TSV manifest) without its labels: for feature
 /// extraction, which needs only ids and files.
 pub fn load_audio_only(path: &Path, on_bad: OnBad) -> Result<Dataset> {
-    if path.is_dir() {
+    if path.is_dir() && is_librispeech(path) {
+        load_librispeech(path, None, on_bad)
+    } else if path.is_dir() {
         load_kaldi(path, None, on_bad)
     } else {
         load_manifest(path, None, on_bad)
@@ -390,6 +465,13 @@ fn scp_audio_path(dir: &Path, id: &str, entry: &str) -> Result<String> {
 }
 
 fn load_kaldi(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> {
+    if !dir.join("wav.scp").exists() {
+        return Err(io_err(
+            dir,
+            "has no wav.scp: a data folder is a Kaldi folder (wav.scp and text, utt2label or \
+             utt2spk) or LibriSpeech as it ships (*.trans.txt beside the .flac files)",
+        ));
+    }
     let scp = id_map(&dir.join("wav.scp"))?;
     let Some(task) = task else {
         let entries = scp
