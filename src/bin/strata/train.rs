@@ -598,12 +598,13 @@ pub fn train_cmd(args: &[String]) -> Result<(), String> {
         Some(m) => model_normalize(m, t.normalize)?,
         None => t.normalize.unwrap_or(false),
     };
-    let mut train = load_data(&train_p, t.task, t.on_bad)?;
-    let mut dev = load_scored_data(&dev_p, t.task, t.on_bad)?;
+    // Before the data checks, which take a while on a large corpus.
     let lexicon = match &t.lexicon {
         Some(list) => Some(load_lexicon(list, t.task)?),
         None => None,
     };
+    let mut train = load_data(&train_p, t.task, t.on_bad)?;
+    let mut dev = load_scored_data(&dev_p, t.task, t.on_bad)?;
     if let Some(lex) = &lexicon {
         apply_lexicon(lex, &mut train, &train_p, t.on_bad)?;
         apply_lexicon(lex, &mut dev, &dev_p, t.on_bad)?;
