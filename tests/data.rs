@@ -353,3 +353,80 @@ fn a_lexicon_maps_words_to_phones_and_names_what_it_lacks() {
         .contains("missing.txt"));
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn voxceleb_folders_as_they_ship_train_and_score_speakers() {
+    use strata::train::data::{load_verification_dir, SPEAKER_MIN_SAMPLES};
+    let d = scratch("voxceleb");
+    let n = SPEAKER_MIN_SAMPLES + 100;
+    let utterance = |set: &str, rel: &str| {
+        let file = Path::new(set).join("wav").join(rel);
+        std::fs::create_dir_all(d.join(file.parent().unwrap())).unwrap();
+        wav(&d, file.to_str().unwrap(), n, 16000, 1);
+    };
+    // Training: wav/SPEAKER/VIDEO/UTT.wav; the speaker is the label, the path below wav/ the id.
+    for rel in [
+        "id10002/vidC/00001.wav",
+        "id10001/vidA/00002.wav",
+        "id10001/vidA/00001.wav",
+        "id10001/vidB/00001.wav",
+    ] {
+        utterance("dev", rel);
+    }
+    write(&d.join("dev/wav/id10001/vidA"), "notes.txt", "not audio");
+    for root in [d.join("dev"), d.join("dev/wav")] {
+        let ds = load_kaldi_dir(&root, Task::Speaker, OnBad::Fail).unwrap();
+        let got: Vec<(&str, &str)> = ds
+            .utterances
+            .iter()
+            .map(|u| (u.id.as_str(), u.label[0].as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("id10001/vidA/00001.wav", "id10001"),
+                ("id10001/vidA/00002.wav", "id10001"),
+                ("id10001/vidB/00001.wav", "id10001"),
+                ("id10002/vidC/00001.wav", "id10002"),
+            ]
+        );
+    }
+    // Scoring: a trials list that names files below the folder (VoxCeleb's veri_test2.txt).
+    for rel in [
+        "id10270/v1/00001.wav",
+        "id10270/v2/00002.wav",
+        "id10271/v3/00001.wav",
+    ] {
+        utterance("test", rel);
+    }
+    let t = d.join("test");
+    write(
+        &t,
+        "trials",
+        "1 id10270/v1/00001.wav id10270/v2/00002.wav\n0 id10270/v1/00001.wav id10271/v3/00001.wav\n",
+    );
+    let ds = load_verification_dir(&t, OnBad::Fail).unwrap();
+    assert_eq!(ds.utterances.len(), 3);
+    assert_eq!(
+        ds.trials.iter().map(|t| t.target).collect::<Vec<_>>(),
+        [true, false]
+    );
+    let named = |i: usize| ds.utterances[i].id.as_str();
+    assert_eq!(named(ds.trials[1].b), "id10271/v3/00001.wav");
+    // A trial naming a file that is not there names it (or, skipping, drops the trial).
+    write(
+        &t,
+        "trials",
+        "1 id10270/v1/00001.wav id10270/v2/00002.wav\n0 id10270/v1/00001.wav id10271/v3/00001.wav\n0 id10270/v2/00002.wav id10999/gone/00001.wav\n",
+    );
+    let err = load_verification_dir(&t, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'id10999/gone/00001.wav'") && err.contains("cannot open"),
+        "{err}"
+    );
+    let ds = load_verification_dir(&t, OnBad::Skip).unwrap();
+    assert_eq!(ds.trials.len(), 2);
+    std::fs::remove_dir_all(&d).ok();
+}

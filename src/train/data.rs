@@ -328,7 +328,70 @@ pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> 
     if is_librispeech(dir) {
         return load_librispeech(dir, Some(task), on_bad);
     }
+    if task == Task::Speaker && !dir.join("wav.scp").exists() {
+        if let Some(root) = voxceleb_root(dir) {
+            return load_voxceleb(&root, on_bad);
+        }
+    }
     load_kaldi(dir, Some(task), on_bad)
+}
+
+/// Where a VoxCeleb folder as it ships keeps its speakers (`wav/` below `dir`, or `dir`
+/// itself): the folder holding `idNNNNN` speaker folders; None for other folders.
+fn voxceleb_root(dir: &Path) -> Option<PathBuf> {
+    let is_speaker = |name: &str| {
+        name.len() > 2 && name.starts_with("id") && name[2..].bytes().all(|b| b.is_ascii_digit())
+    };
+    [dir.join("wav"), dir.to_path_buf()]
+        .into_iter()
+        .find(|root| {
+            std::fs::read_dir(root).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().is_dir() && is_speaker(&e.file_name().to_string_lossy()))
+            })
+        })
+}
+
+/// Speaker-labelled training audio from VoxCeleb as it ships: `root/SPEAKER/VIDEO/UTT.wav`, each
+/// utterance's id its path below `root` (as VoxCeleb's trial lists name them), its label the
+/// speaker folder.
+fn load_voxceleb(root: &Path, on_bad: OnBad) -> Result<Dataset> {
+    let sorted = |d: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut entries = Vec::new();
+    for speaker in sorted(root).into_iter().filter(|p| p.is_dir()) {
+        let spk = speaker
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        for video in sorted(&speaker).into_iter().filter(|p| p.is_dir()) {
+            for file in sorted(&video) {
+                let is_audio = file.extension().is_some_and(|e| {
+                    e.eq_ignore_ascii_case("wav") || e.eq_ignore_ascii_case("flac")
+                });
+                if !is_audio {
+                    continue;
+                }
+                let id = file
+                    .strip_prefix(root)
+                    .unwrap_or(&file)
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                entries.push((id, file, vec![spk.clone()]));
+            }
+        }
+    }
+    build(entries, on_bad, true, SPEAKER_MIN_SAMPLES)
 }
 
 /// A folder of LibriSpeech as it ships (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt beside the
@@ -551,7 +614,22 @@ pub fn load_verification_dir(dir: &Path, on_bad: OnBad) -> Result<Dataset> {
         .iter()
         .flat_map(|t| [t.0.as_str(), t.1.as_str()])
         .collect();
-    let scp = id_map(&dir.join("wav.scp"))?;
+    // Without wav.scp, the trials name audio files by their paths below the folder (or its
+    // wav/), as VoxCeleb's lists do ("1 id10270/x6uYqmx31kE/00001.wav id10270/...").
+    let scp = if dir.join("wav.scp").exists() {
+        id_map(&dir.join("wav.scp"))?
+    } else {
+        // Relative to `dir`, as a wav.scp path would be.
+        let below = match voxceleb_root(dir) {
+            Some(root) if root == dir.join("wav") => "wav/",
+            _ => "",
+        };
+        let mut ids: Vec<&str> = named.iter().copied().collect();
+        ids.sort();
+        ids.into_iter()
+            .map(|id| (id.to_string(), format!("{below}{id}")))
+            .collect()
+    };
     let known: HashSet<&str> = scp.iter().map(|(id, _)| id.as_str()).collect();
     // The first unknown id in file order, so the message does not depend on hashing.
     let in_order = pairs.iter().flat_map(|t| [t.0.as_str(), t.1.as_str()]);
