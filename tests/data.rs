@@ -374,6 +374,8 @@ fn voxceleb_folders_as_they_ship_train_and_score_speakers() {
         utterance("dev", rel);
     }
     write(&d.join("dev/wav/id10001/vidA"), "notes.txt", "not audio");
+    let audio = strata::train::data::load_audio_only(&d.join("dev"), OnBad::Fail).unwrap();
+    assert_eq!(audio.utterances[3].id, "id10002/vidC/00001.wav");
     for root in [d.join("dev"), d.join("dev/wav")] {
         let ds = load_kaldi_dir(&root, Task::Speaker, OnBad::Fail).unwrap();
         let got: Vec<(&str, &str)> = ds

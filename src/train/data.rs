@@ -467,8 +467,11 @@ fn load_librispeech(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dat
 /// The audio of a data set (Kaldi folder or TSV manifest) without its labels: for feature
 /// extraction, which needs only ids and files.
 pub fn load_audio_only(path: &Path, on_bad: OnBad) -> Result<Dataset> {
+    let voxceleb = || path.is_dir() && !path.join("wav.scp").exists();
     if path.is_dir() && is_librispeech(path) {
         load_librispeech(path, None, on_bad)
+    } else if let Some(root) = voxceleb().then(|| voxceleb_root(path)).flatten() {
+        load_voxceleb(&root, on_bad)
     } else if path.is_dir() {
         load_kaldi(path, None, on_bad)
     } else {
