@@ -432,3 +432,67 @@ fn voxceleb_folders_as_they_ship_train_and_score_speakers() {
     assert_eq!(ds.trials.len(), 2);
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn fluent_speech_commands_csv_manifests_classify_intents() {
+    use strata::train::data::load_audio_only;
+    // FSC as it ships: data/*.csv, paths relative to the corpus root, pandas' index column.
+    let root = scratch("fsc");
+    std::fs::create_dir_all(root.join("wavs/speakers/s1")).unwrap();
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    for name in ["a", "b", "c"] {
+        wav(
+            &root.join("wavs/speakers/s1"),
+            &format!("{name}.wav"),
+            8000,
+            16000,
+            1,
+        );
+    }
+    let csv = root.join("data/train_data.csv");
+    write(
+        &root.join("data"),
+        "train_data.csv",
+        ",path,speakerId,transcription,action,object,location\n\
+         0,wavs/speakers/s1/a.wav,s1,\"Turn on the lights, \"\"please\"\"\",activate,lights,none\n\
+         1,wavs/speakers/s1/b.wav,s1,Bring me my shoes,bring,shoes,none\n\
+         2,wavs/speakers/s1/c.wav,s1,Kitchen lights off,deactivate,lights,kitchen\n",
+    );
+    let ds = load_tsv(&csv, Task::Classification, OnBad::Fail).unwrap();
+    let got: Vec<(&str, &str)> = ds
+        .utterances
+        .iter()
+        .map(|u| (u.id.as_str(), u.label[0].as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("wavs/speakers/s1/a.wav", "activate+lights+none"),
+            ("wavs/speakers/s1/b.wav", "bring+shoes+none"),
+            ("wavs/speakers/s1/c.wav", "deactivate+lights+kitchen"),
+        ]
+    );
+    assert_eq!(ds.utterances[2].path, root.join("wavs/speakers/s1/c.wav"));
+    assert_eq!(
+        load_audio_only(&csv, OnBad::Fail).unwrap().utterances.len(),
+        3
+    );
+    let err = load_tsv(&csv, Task::Characters, OnBad::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("for --task classify"), "{err}");
+    write(
+        &root.join("data"),
+        "bad.csv",
+        "path,action,object\nwavs/speakers/s1/a.wav,x,y\n",
+    );
+    let err = load_tsv(
+        &root.join("data/bad.csv"),
+        Task::Classification,
+        OnBad::Fail,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no 'location' column"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -687,7 +687,115 @@ pub fn load_tsv(manifest: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
     load_manifest(manifest, Some(task), on_bad)
 }
 
+/// The fields of one CSV line (RFC 4180: commas; a quoted field may hold commas and doubled
+/// quotes).
+fn csv_fields(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        let field = fields.last_mut().expect("one field at least");
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(String::new()),
+            _ => field.push(c),
+        }
+    }
+    fields
+}
+
+/// Fluent Speech Commands as it ships: data/{train,valid,test}_data.csv with a header naming
+/// `path` (relative to the corpus root, the folder above data/) and the `action`, `object` and
+/// `location` slots, which make one class "action+object+location" for intent classification
+/// (s3prl scores the three slots together: an utterance is right when all three are). Without a
+/// task, the audio only.
+fn load_csv_manifest(manifest: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> {
+    if let Some(t @ (Task::Units | Task::Characters | Task::Speaker)) = task {
+        return Err(io_err(
+            manifest,
+            format!(
+                "a .csv manifest is read as Fluent Speech Commands' (path, action, object, \
+                 location) for --task classify, not {t:?}: use a TSV manifest (path<TAB>label) or \
+                 a Kaldi folder"
+            ),
+        ));
+    }
+    let lines = read_lines(manifest)?;
+    let Some((_, header)) = lines.first() else {
+        return Err(io_err(manifest, "is empty"));
+    };
+    let names = csv_fields(header);
+    let column = |name: &str| {
+        names.iter().position(|n| n.trim() == name).ok_or_else(|| {
+            io_err(
+                manifest,
+                format!(
+                    "its header has no '{name}' column (Fluent Speech Commands' has path, action, \
+                     object, location)"
+                ),
+            )
+        })
+    };
+    let path_col = column("path")?;
+    let slots = match task {
+        Some(_) => Some([column("action")?, column("object")?, column("location")?]),
+        None => None,
+    };
+    let base = manifest.parent().unwrap_or(Path::new("."));
+    let root = base.parent().unwrap_or(base);
+    let mut entries = Vec::new();
+    let mut seen = HashSet::new();
+    for (no, line) in &lines[1..] {
+        let f = csv_fields(line);
+        let field = |i: usize| {
+            f.get(i).map(|v| v.trim()).ok_or_else(|| {
+                io_err(
+                    manifest,
+                    format!(
+                        "line {no}: {} fields, the header has {}",
+                        f.len(),
+                        names.len()
+                    ),
+                )
+            })
+        };
+        let path = field(path_col)?;
+        if !seen.insert(path.to_string()) {
+            return Err(io_err(
+                manifest,
+                format!("line {no}: '{path}' appears twice"),
+            ));
+        }
+        let label = match slots {
+            Some(cols) => vec![cols
+                .iter()
+                .map(|&c| field(c))
+                .collect::<Result<Vec<_>>>()?
+                .join("+")],
+            None => Vec::new(),
+        };
+        // The corpus root first (where FSC's paths start), then beside the manifest.
+        let file = if root.join(path).exists() || !base.join(path).exists() {
+            resolve(root, path)
+        } else {
+            base.join(path)
+        };
+        entries.push((path.to_string(), file, label));
+    }
+    build(entries, on_bad, task.is_some(), 400)
+}
+
 fn load_manifest(manifest: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dataset> {
+    if manifest
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+    {
+        return load_csv_manifest(manifest, task, on_bad);
+    }
     let base = manifest.parent().unwrap_or(Path::new("."));
     let mut entries = Vec::new();
     let mut seen = HashSet::new();

@@ -34,8 +34,9 @@ pub const USAGE: &str = "usage: strata demo [--steps N] [--seed S] [--lr X] [--d
   train  trains one or several interfaces, each with its head, side by side from ONE upstream pass
          per batch. DATA is a Kaldi-style folder (wav.scp + text, or utt2label for classify, or
          utt2spk for sv), a LibriSpeech folder as it ships (*.trans.txt beside the .flac files;
-         units or chars), a VoxCeleb folder as it ships (wav/SPEAKER/VIDEO/UTT.wav; sv) or a TSV
-         manifest (path<TAB>label); an sv dev or test set is a folder with wav.scp and trials
+         units or chars), a VoxCeleb folder as it ships (wav/SPEAKER/VIDEO/UTT.wav; sv), Fluent
+         Speech Commands' data/*.csv (classify: action+object+location) or a TSV manifest
+         (path<TAB>label); an sv dev or test set is a folder with wav.scp and trials
          (\"1 idA idB\" / \"0 idA idB\", or Kaldi's \"idA idB target|nontarget\"), or VoxCeleb's
          audio with its trial list (veri_test2.txt, entries paths below wav/) saved as trials.
          Writes OUT/run.json, OUT/vocab.txt, OUT/log.jsonl (loss per pair per step, dev metric per
