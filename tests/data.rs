@@ -26,6 +26,14 @@ fn wav(dir: &Path, name: &str, samples: usize, rate: u32, channels: u16) {
     w.finalize().unwrap();
 }
 
+/// Each utterance's id and its (one) class, in order.
+fn ids_and_classes(ds: &strata::train::data::Dataset) -> Vec<(&str, &str)> {
+    ds.utterances
+        .iter()
+        .map(|u| (u.id.as_str(), u.label[0].as_str()))
+        .collect()
+}
+
 fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
@@ -378,13 +386,8 @@ fn voxceleb_folders_as_they_ship_train_and_score_speakers() {
     assert_eq!(audio.utterances[3].id, "id10002/vidC/00001.wav");
     for root in [d.join("dev"), d.join("dev/wav")] {
         let ds = load_kaldi_dir(&root, Task::Speaker, OnBad::Fail).unwrap();
-        let got: Vec<(&str, &str)> = ds
-            .utterances
-            .iter()
-            .map(|u| (u.id.as_str(), u.label[0].as_str()))
-            .collect();
         assert_eq!(
-            got,
+            ids_and_classes(&ds),
             [
                 ("id10001/vidA/00001.wav", "id10001"),
                 ("id10001/vidA/00002.wav", "id10001"),
@@ -459,13 +462,8 @@ fn fluent_speech_commands_csv_manifests_classify_intents() {
          2,wavs/speakers/s1/c.wav,s1,Kitchen lights off,deactivate,lights,kitchen\n",
     );
     let ds = load_tsv(&csv, Task::Classification, OnBad::Fail).unwrap();
-    let got: Vec<(&str, &str)> = ds
-        .utterances
-        .iter()
-        .map(|u| (u.id.as_str(), u.label[0].as_str()))
-        .collect();
     assert_eq!(
-        got,
+        ids_and_classes(&ds),
         [
             ("wavs/speakers/s1/a.wav", "activate+lights+none"),
             ("wavs/speakers/s1/b.wav", "bring+shoes+none"),
