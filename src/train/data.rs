@@ -1,10 +1,12 @@
 //! Training data: Kaldi-style directories (`wav.scp` + `text`, `utt2label` or `utt2spk`; a
-//! verification set: `wav.scp` + `trials`) and TSV
-//! manifests (`path<TAB>label`), checked up front: every audio file must be a readable 16 kHz mono
-//! WAV of at least one frame (400 samples) and every label non-empty. A bad utterance is an error
-//! naming it, or, when the caller asks for [`OnBad::Skip`], a counted skip with its reason.
-//! Also the vocabulary (built from the training labels or read from a file) and length-bucketed
-//! batching by total audio length.
+//! verification set: `wav.scp` + `trials`), TSV manifests (`path<TAB>label`), and three corpora
+//! as they ship: LibriSpeech (`*.trans.txt` beside the `.flac` files), VoxCeleb
+//! (`wav/SPEAKER/VIDEO/UTT.wav`, trials by path) and Fluent Speech Commands (`data/*.csv`). All
+//! are checked up front: every audio file must be a readable 16 kHz mono WAV or FLAC of at least
+//! one frame (400 samples) and every label non-empty. A bad utterance is an error naming it, or,
+//! when the caller asks for [`OnBad::Skip`], a counted skip with its reason. Also the vocabulary
+//! (built from the training labels or read from a file), the pronunciation [`Lexicon`] (words to
+//! phones, as s3prl's PR), and length-bucketed batching by total audio length.
 //!
 //! Relative audio paths are resolved against the data directory (Kaldi) or the manifest's folder;
 //! where no file is there but one is at the path taken from the current directory (Kaldi recipes
