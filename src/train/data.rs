@@ -325,7 +325,7 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 
 /// A Kaldi-style directory: `wav.scp` ("id path") and `text` ("id tokens...") for CTC tasks or
 /// `utt2label` ("id class") for classification. Of piped wav.scp entries ("cmd |") only a FLAC
-/// decode to stdout is read (as its file: [`scp_audio_path`]).
+/// decode to stdout is read (as its file).
 pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
     if is_librispeech(dir) {
         return load_librispeech(dir, Some(task), on_bad);
