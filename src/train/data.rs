@@ -323,9 +323,10 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
-/// A Kaldi-style directory: `wav.scp` ("id path") and `text` ("id tokens...") for CTC tasks or
-/// `utt2label` ("id class") for classification. Of piped wav.scp entries ("cmd |") only a FLAC
-/// decode to stdout is read (as its file).
+/// A Kaldi-style directory: `wav.scp` ("id path") and `text` ("id tokens...") for CTC tasks,
+/// `utt2label` ("id class") for classification or `utt2spk` for speakers. Of piped wav.scp
+/// entries ("cmd |") only a FLAC decode to stdout is read (as its file). Without wav.scp, a
+/// LibriSpeech folder (CTC tasks) or a VoxCeleb folder (speakers) as it ships.
 pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
     if is_librispeech(dir) {
         return load_librispeech(dir, Some(task), on_bad);
