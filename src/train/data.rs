@@ -328,15 +328,30 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 /// entries ("cmd |") only a FLAC decode to stdout is read (as its file). Without wav.scp, a
 /// LibriSpeech folder (CTC tasks) or a VoxCeleb folder (speakers) as it ships.
 pub fn load_kaldi_dir(dir: &Path, task: Task, on_bad: OnBad) -> Result<Dataset> {
-    if is_librispeech(dir) {
-        return load_librispeech(dir, Some(task), on_bad);
+    match shipped_layout(dir) {
+        Some(Shipped::VoxCeleb(root)) if task == Task::Speaker => load_voxceleb(&root, on_bad),
+        Some(Shipped::LibriSpeech) => load_librispeech(dir, Some(task), on_bad),
+        _ => load_kaldi(dir, Some(task), on_bad),
     }
-    if task == Task::Speaker && !dir.join("wav.scp").exists() {
-        if let Some(root) = voxceleb_root(dir) {
-            return load_voxceleb(&root, on_bad);
-        }
+}
+
+/// A corpus folder as it ships, read without a wav.scp.
+enum Shipped {
+    /// Its speakers' folder (`wav/` or the folder itself).
+    VoxCeleb(PathBuf),
+    LibriSpeech,
+}
+
+/// Which corpus layout a folder without wav.scp has: VoxCeleb first (two folder listings), then
+/// LibriSpeech (a walk to its first transcript).
+fn shipped_layout(dir: &Path) -> Option<Shipped> {
+    if !dir.is_dir() || dir.join("wav.scp").exists() {
+        return None;
     }
-    load_kaldi(dir, Some(task), on_bad)
+    if let Some(root) = voxceleb_root(dir) {
+        return Some(Shipped::VoxCeleb(root));
+    }
+    (!librispeech_transcripts(dir, 1).is_empty()).then_some(Shipped::LibriSpeech)
 }
 
 /// Where a VoxCeleb folder as it ships keeps its speakers (`wav/` below `dir`, or `dir`
@@ -395,12 +410,6 @@ fn load_voxceleb(root: &Path, on_bad: OnBad) -> Result<Dataset> {
         }
     }
     build(entries, on_bad, true, SPEAKER_MIN_SAMPLES)
-}
-
-/// A folder of LibriSpeech as it ships (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt beside the
-/// utterances' .flac files), not a Kaldi folder: no wav.scp, a transcript file somewhere below.
-fn is_librispeech(dir: &Path) -> bool {
-    !dir.join("wav.scp").exists() && !librispeech_transcripts(dir, 1).is_empty()
 }
 
 /// The `*.trans.txt` files below `dir` in path order (at most `limit`), at most four levels down
@@ -470,15 +479,11 @@ fn load_librispeech(dir: &Path, task: Option<Task>, on_bad: OnBad) -> Result<Dat
 /// The audio of a data set (Kaldi folder or TSV manifest) without its labels: for feature
 /// extraction, which needs only ids and files.
 pub fn load_audio_only(path: &Path, on_bad: OnBad) -> Result<Dataset> {
-    let voxceleb = || path.is_dir() && !path.join("wav.scp").exists();
-    if path.is_dir() && is_librispeech(path) {
-        load_librispeech(path, None, on_bad)
-    } else if let Some(root) = voxceleb().then(|| voxceleb_root(path)).flatten() {
-        load_voxceleb(&root, on_bad)
-    } else if path.is_dir() {
-        load_kaldi(path, None, on_bad)
-    } else {
-        load_manifest(path, None, on_bad)
+    match shipped_layout(path) {
+        Some(Shipped::VoxCeleb(root)) => load_voxceleb(&root, on_bad),
+        Some(Shipped::LibriSpeech) => load_librispeech(path, None, on_bad),
+        None if path.is_dir() => load_kaldi(path, None, on_bad),
+        None => load_manifest(path, None, on_bad),
     }
 }
 
